@@ -1,0 +1,46 @@
+"""fastnorm: fast, framework-agnostic kernels for detection and segmentation models.
+
+Functions take NumPy arrays (CPU: Cython + OpenMP), CuPy arrays (CUDA: RawKernels) or any
+DLPack tensor (torch, JAX, ...) and return the same kind of array.
+"""
+__version__ = "0.1.0"
+
+from ._threads import get_num_threads, set_num_threads, threads
+from .group_norm import group_norm, group_norm_backward
+
+__all__ = [
+    "__version__", "info", "get_num_threads", "set_num_threads", "threads",
+    "group_norm", "group_norm_backward",
+]
+
+
+def info():
+    """Version, available backends, OpenMP threads, and the CUDA device/CuPy version if any.
+
+    Returns a dict; importing CuPy happens only here (and on the first CuPy input).
+    """
+    import importlib.util
+    import numpy as np
+    from ._threads import openmp_available
+    d = {"version": __version__, "numpy": np.__version__, "openmp": openmp_available(),
+         "num_threads": get_num_threads()}
+    try:
+        from ._cpu import _omp  # noqa: F401
+        d["cpu_backend"] = True
+    except ImportError:
+        d["cpu_backend"] = False
+    d["cupy"] = None
+    d["cuda_device"] = None
+    if importlib.util.find_spec("cupy") is not None:
+        try:
+            import cupy
+            d["cupy"] = cupy.__version__
+            if cupy.cuda.runtime.getDeviceCount() > 0:
+                dev = cupy.cuda.Device()
+                props = cupy.cuda.runtime.getDeviceProperties(dev.id)
+                name = props["name"]
+                d["cuda_device"] = f"{dev.id}: {name.decode() if isinstance(name, bytes) else name}"
+        except Exception as e:  # CuPy present but no usable GPU/driver
+            d["cuda_device"] = f"unavailable ({type(e).__name__}: {e})"
+    d["cuda_backend"] = bool(d["cuda_device"]) and not str(d["cuda_device"]).startswith("unavail")
+    return d

@@ -1,0 +1,119 @@
+"""Benchmark harness shared by ``bench/`` and ``python -m fastnorm``.
+
+Times callables (best-of-N after warm-up, CUDA-synchronised when asked), measures the machine's
+copy-bandwidth ceiling, and renders result tables with ratios and GB/s or GFLOP/s.
+"""
+import datetime
+import os
+import platform
+import time
+
+import numpy as np
+
+
+def timeit(fn, *, repeat=7, min_time=0.05, sync=None):
+    """Median seconds per call of ``fn()`` (inner loops until ``min_time``; ``sync`` after each)."""
+    fn()
+    if sync:
+        sync()
+    t0 = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    one = max(time.perf_counter() - t0, 1e-7)
+    inner = max(1, int(min_time / one))
+    samples = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        if sync:
+            sync()
+        samples.append((time.perf_counter() - t0) / inner)
+    return float(np.median(samples))
+
+
+def copy_bandwidth(nbytes=256 << 20, xp=np, sync=None):
+    """Measured copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    src = xp.ones(nbytes // 4, dtype=xp.float32)
+    dst = xp.empty_like(src)
+    t = timeit(lambda: xp.copyto(dst, src), repeat=5, sync=sync)
+    return 2 * nbytes / t / 1e9
+
+
+def machine():
+    """A one-line description of the machine and software."""
+    import fastnorm
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, fastnorm {fastnorm.__version__} "
+            f"({fastnorm.get_num_threads()} threads), numpy {np.__version__}, "
+            f"python {platform.python_version()}")
+
+
+def peer_versions():
+    out = {}
+    for mod in ("torch", "torchvision", "onnxruntime", "cv2", "cupy"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            pass
+    return out
+
+
+class Table:
+    """Rows of (case, impl, seconds, work units); ratios are peer time / fastnorm time."""
+
+    def __init__(self, title, unit="GB/s", ceiling=None):
+        self.title, self.unit, self.ceiling = title, unit, ceiling
+        self.rows = []
+
+    def add(self, case, impl, seconds, work=None):
+        """``work``: bytes (GB/s tables) or flops (GFLOP/s tables) moved/done by one call."""
+        self.rows.append((case, impl, seconds, work))
+
+    def markdown(self):
+        head = f"| case | impl | time (ms) | speed-up of fastnorm | {self.unit} |"
+        if self.ceiling:
+            head += " % of ceiling |"
+        lines = [f"### {self.title}", "", head,
+                 "|" + "---|" * (head.count("|") - 1)]
+        ours = {case: s for case, impl, s, _ in self.rows if impl == "fastnorm"}
+        for case, impl, s, work in self.rows:
+            ratio = f"{s / ours[case]:.2f}x" if case in ours and impl != "fastnorm" else ""
+            rate = work / s / 1e9 if work else None
+            line = f"| {case} | {impl} | {s * 1e3:.3f} | {ratio} | " + \
+                (f"{rate:.1f}" if rate else "") + " |"
+            if self.ceiling:
+                line += (f" {100 * rate / self.ceiling:.0f}% |" if rate else " |")
+            lines.append(line)
+        if self.ceiling:
+            lines.append("")
+            lines.append(f"Ceiling: {self.ceiling:.1f} {self.unit} (measured).")
+        return "\n".join(lines)
+
+
+def write_results(name, tables, notes=""):
+    """Write ``bench/results/<date>-<name>.md`` (when run from a source tree) and return the text."""
+    text = [f"# {name}", "", f"Date: {datetime.date.today().isoformat()}", "",
+            f"Machine: {machine()}", "",
+            "Peers: " + ", ".join(f"{k} {v}" for k, v in peer_versions().items()), ""]
+    if notes:
+        text += [notes, ""]
+    for t in tables:
+        text += [t.markdown(), ""]
+    text = "\n".join(text)
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                        "results")
+    if os.path.isdir(root):
+        path = os.path.join(root, f"{datetime.date.today().isoformat()}-{name}.md")
+        with open(path, "w") as f:
+            f.write(text)
+    return text

@@ -1,0 +1,179 @@
+"""Which backend serves the arrays of one call; DLPack in, the same framework out.
+
+The public op modules use exactly two things from here::
+
+    call, (x, weight) = resolve(x=x, weight=weight)    # None entries pass through
+    y = call.run("group_norm", "forward", x, weight, ...)  # kernel fastnorm._cpu/_cuda.group_norm
+    return call.wrap(y)
+
+* NumPy arrays go to the CPU kernels, CuPy arrays to the CUDA kernels (on the arrays' device, on
+  CuPy's current stream), and any other object with ``__dlpack__``/``__dlpack_device__`` (torch,
+  JAX, ...) is imported zero-copy, computed on, and handed back through its own framework.
+* Arrays reach the kernels C-contiguous (a copy is made only when they are not); inputs are
+  never written to.
+* Importing this module does not import CuPy.
+"""
+import importlib
+import sys
+
+import numpy as np
+
+from ._threads import get_num_threads
+
+_DL_CPU, _DL_CUDA, _DL_CUDA_MANAGED = 1, 2, 13
+
+
+def _type_name(obj):
+    t = type(obj)
+    mod = t.__module__.split(".")[0]
+    return f"{mod}.{t.__qualname__}"
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as e:
+        raise RuntimeError(
+            "fastnorm: CUDA arrays need CuPy, which is not installed: "
+            "`pip install 'fastnorm[cuda]'` (or the cupy-cudaXXx wheel matching your CUDA)") from e
+    return cupy
+
+
+class _Arg:
+    """What one array argument is: its framework, its device and how to import it."""
+
+    __slots__ = ("name", "obj", "framework", "device")
+
+    def __init__(self, name, obj):
+        self.name, self.obj = name, obj
+        if isinstance(obj, np.ndarray):
+            self.framework, self.device = "numpy", "cpu"
+            return
+        tname = _type_name(obj)
+        if tname == "cupy.ndarray":
+            self.framework, self.device = "cupy", f"cuda:{obj.device.id}"
+            return
+        if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
+            dev_type, dev_id = obj.__dlpack_device__()
+            dev_type = int(dev_type)
+            if dev_type == _DL_CPU:
+                self.device = "cpu"
+            elif dev_type in (_DL_CUDA, _DL_CUDA_MANAGED):
+                self.device = f"cuda:{int(dev_id)}"
+            else:
+                raise TypeError(f"`{name}` lives on DLPack device type {dev_type}; fastnorm "
+                                f"supports CPU and CUDA arrays only")
+            self.framework = type(obj).__module__.split(".")[0]
+            return
+        raise TypeError(f"`{name}` must be a NumPy array, a CuPy array or a DLPack tensor "
+                        f"(torch, JAX, ...), got {tname}")
+
+    def describe(self):
+        return f"`{self.name}` is a {_type_name(self.obj)} on {self.device}"
+
+    def native(self):
+        """The argument as a C-contiguous NumPy (CPU) or CuPy (CUDA) array."""
+        obj = self.obj
+        if self.framework not in ("numpy", "cupy"):
+            if getattr(obj, "requires_grad", False) and hasattr(obj, "detach"):
+                obj = obj.detach()          # torch refuses to export tensors that need grad
+            try:
+                obj = np.from_dlpack(obj) if self.device == "cpu" else _cupy().from_dlpack(obj)
+            except (BufferError, TypeError, ValueError, RuntimeError) as e:
+                dtype = getattr(self.obj, "dtype", "?")
+                raise TypeError(f"`{self.name}` ({_type_name(self.obj)} of dtype {dtype} on "
+                                f"{self.device}) cannot be imported through DLPack: {e}") from e
+        if not obj.flags.c_contiguous:
+            obj = obj.copy(order="C")
+        return obj
+
+
+class Call:
+    """The backend resolved for one call: runs kernels there and wraps results back."""
+
+    def __init__(self, backend, framework, device, like):
+        self.backend = backend        # "cpu" or "cuda"
+        self.framework = framework    # "numpy", "cupy", "torch", "jax", ...
+        self.device = device          # "cpu" or "cuda:<id>"
+        self._like = like             # one original argument, for the framework's from_dlpack
+
+    @property
+    def xp(self):
+        """The array module of the native arrays (numpy or cupy)."""
+        return np if self.backend == "cpu" else _cupy()
+
+    def kernel(self, op):
+        """The kernel module for ``op`` on this backend."""
+        if self.backend == "cpu":
+            try:
+                return importlib.import_module(f"fastnorm._cpu.{op}")
+            except ImportError as e:
+                raise RuntimeError(
+                    f"fastnorm: the CPU kernels are not built (fastnorm._cpu.{op} is missing): "
+                    f"install fastnorm from source with a C compiler, e.g. `pip install .`") from e
+        _cupy()
+        return importlib.import_module(f"fastnorm._cuda.{op}")
+
+    def run(self, op, fn, *args):
+        """Call ``fn`` of kernel module ``op`` with ``args`` and the thread count (CPU) or on the
+        arrays' device (CUDA)."""
+        func = getattr(self.kernel(op), fn)
+        if self.backend == "cpu":
+            return func(*args, get_num_threads())
+        with _cupy().cuda.Device(int(self.device.split(":")[1])):
+            return func(*args, 0)
+
+    def wrap(self, result):
+        """Native result(s) -> the caller's framework (tuples, lists and None pass through)."""
+        if isinstance(result, (tuple, list)):
+            return type(result)(self.wrap(r) for r in result)
+        if result is None or self.framework in ("numpy", "cupy"):
+            return result
+        from_dlpack = _from_dlpack_of(self._like)
+        return result if from_dlpack is None else from_dlpack(result)
+
+
+def _from_dlpack_of(obj):
+    """The ``from_dlpack`` of ``obj``'s framework, or None if it has none (then NumPy/CuPy come back)."""
+    try:
+        from array_api_compat import array_namespace
+        return array_namespace(obj).from_dlpack
+    except Exception:
+        pass
+    top = type(obj).__module__.split(".")[0]
+    for modname in (top, top + ".numpy"):
+        mod = sys.modules.get(modname)
+        if mod is None:
+            try:
+                mod = importlib.import_module(modname)
+            except ImportError:
+                continue
+        if hasattr(mod, "from_dlpack"):
+            return mod.from_dlpack
+    return None
+
+
+def resolve(**arrays):
+    """Resolve the backend of one call from its array arguments (keyword order = argument order).
+
+    Returns ``(call, natives)`` where ``natives`` lists the arguments, in order, as C-contiguous
+    NumPy/CuPy arrays (``None`` stays ``None``). All arrays must come from one framework
+    (``TypeError`` otherwise) on one device (``ValueError`` otherwise).
+    """
+    args = [_Arg(name, obj) for name, obj in arrays.items() if obj is not None]
+    if not args:
+        raise TypeError("fastnorm: no array argument given")
+    first = args[0]
+    for a in args[1:]:
+        if a.framework != first.framework:
+            raise TypeError(f"{first.describe()} but {a.describe()}: pass arrays of one "
+                            f"framework in one call")
+        if a.device != first.device:
+            raise ValueError(f"{first.describe()} but {a.describe()}: fastnorm makes no implicit "
+                             f"transfers, move them to one device first")
+    backend = "cpu" if first.device == "cpu" else "cuda"
+    call = Call(backend, first.framework, first.device, first.obj)
+    by_name = {a.name: a for a in args}
+    natives = tuple(by_name[name].native() if obj is not None else None
+                    for name, obj in arrays.items())
+    return call, natives

@@ -1,0 +1,4 @@
+# Shared Cython types for the CPU kernels.
+ctypedef fused floating:
+    float
+    double

@@ -1,0 +1,580 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False, embedsignature=True
+"""GroupNorm forward and backward on the CPU (OpenMP, GIL released).
+
+Work is cut into *units* whose boundaries depend only on the shape, never on the thread count:
+NCHW: a unit is a chunk of at most ``CHUNK`` elements of one (n, c) row; channels-last: a block of
+spatial positions of one image with at most about ``CHUNK`` elements. Each unit computes its
+moments with a two-pass (mean, then squared deviations) sum in float64, and the units of a group
+are merged in a fixed order with Chan's formula. So statistics are exact to float64 rounding, have
+no E[x^2]-E[x]^2 cancellation, and results are bitwise identical for any thread count.
+
+When a group fits in cache and there are at least as many groups as threads, each thread takes
+whole groups and normalises them while they are still in cache ("fused"); otherwise statistics and
+normalisation are two parallel sweeps over all units. Both paths do the same arithmetic.
+"""
+import numpy as np
+cimport numpy as cnp
+from cython.parallel cimport prange, parallel
+from libc.math cimport sqrt, exp, expf
+from libc.stdlib cimport malloc, free
+
+from _types cimport floating
+
+cnp.import_array()
+
+cdef enum:
+    LANES = 8
+cdef Py_ssize_t CHUNK = 16384          # elements per statistics unit
+cdef Py_ssize_t FUSE_BYTES = 1 << 20   # groups up to this size are normalised while in cache
+
+ACT_NONE, ACT_RELU, ACT_SILU = 0, 1, 2
+
+
+# ---------------------------------------------------------------- scalar helpers
+
+cdef inline floating _act(floating z, int act) noexcept nogil:
+    if act == 1:
+        return z if z > 0 else 0
+    if act == 2:
+        if floating is float:
+            return z / (1.0 + expf(-z))
+        else:
+            return z / (1.0 + exp(-z))
+    return z
+
+
+cdef inline floating _act_grad(floating z, int act) noexcept nogil:
+    """d act(z) / dz."""
+    cdef floating s
+    if act == 1:
+        return 1 if z > 0 else 0
+    if act == 2:
+        if floating is float:
+            s = 1.0 / (1.0 + expf(-z))
+        else:
+            s = 1.0 / (1.0 + exp(-z))
+        return s * (1 + z * (1 - s))
+    return 1
+
+
+cdef inline void _moments(const floating* x, Py_ssize_t n, double* mean, double* m2) noexcept nogil:
+    """Two-pass mean and sum of squared deviations of x[0:n] in float64 (LANES-way, fixed order)."""
+    cdef double acc[LANES]
+    cdef Py_ssize_t i, j, q, nv = n - n % LANES
+    cdef double s = 0, mu, d
+    for j in range(LANES):
+        acc[j] = 0
+    for q in range(nv // LANES):
+        i = q * LANES
+        for j in range(LANES):
+            acc[j] += x[i + j]
+    for j in range(LANES):
+        s += acc[j]
+    for i in range(nv, n):
+        s += x[i]
+    mu = s / n
+    for j in range(LANES):
+        acc[j] = 0
+    for q in range(nv // LANES):
+        i = q * LANES
+        for j in range(LANES):
+            d = x[i + j] - mu
+            acc[j] += d * d
+    s = 0
+    for j in range(LANES):
+        s += acc[j]
+    for i in range(nv, n):
+        d = x[i] - mu
+        s += d * d
+    mean[0] = mu
+    m2[0] = s
+
+
+cdef inline void _merge(const double* pmean, const double* pm2, const double* pcnt, Py_ssize_t k,
+                        double* mean, double* m2, double* cnt) noexcept nogil:
+    """Chan's pairwise merge of k partial moments, in order."""
+    cdef double na = 0, ma = 0, sa = 0, nb, nn, delta
+    cdef Py_ssize_t i
+    for i in range(k):
+        nb = pcnt[i]
+        if nb == 0:
+            continue
+        nn = na + nb
+        delta = pmean[i] - ma
+        ma = ma + delta * (nb / nn)
+        sa = sa + pm2[i] + delta * delta * (na * nb / nn)
+        na = nn
+    mean[0] = ma
+    m2[0] = sa
+    cnt[0] = na
+
+
+cdef inline void _finish(double mean, double m2, double cnt, double eps,
+                         floating* out_mean, floating* out_rstd) noexcept nogil:
+    cdef double var = m2 / cnt if cnt > 0 else 0
+    out_mean[0] = <floating>mean
+    out_rstd[0] = <floating>(1.0 / sqrt(var + eps))
+
+
+cdef inline void _normalize_row(const floating* x, floating* y, Py_ssize_t n, floating mean,
+                                floating scale, floating shift, int act) noexcept nogil:
+    cdef Py_ssize_t i
+    if act == 0:
+        for i in range(n):
+            y[i] = (x[i] - mean) * scale + shift
+    else:
+        for i in range(n):
+            y[i] = _act((x[i] - mean) * scale + shift, act)
+
+
+# ---------------------------------------------------------------- NCHW forward
+
+cdef void _nchw_unit_stats(const floating* x, Py_ssize_t u, Py_ssize_t S, Py_ssize_t nch,
+                           double* pmean, double* pm2, double* pcnt) noexcept nogil:
+    cdef Py_ssize_t row = u // nch, k = u % nch
+    cdef Py_ssize_t start = k * CHUNK
+    cdef Py_ssize_t n = min(CHUNK, S - start)
+    _moments(x + row * S + start, n, &pmean[u], &pm2[u])
+    pcnt[u] = n
+
+
+cdef void _nchw_group_finish(Py_ssize_t ng, Py_ssize_t units_per_group, double eps,
+                             double* pmean, double* pm2, double* pcnt,
+                             floating* mean, floating* rstd) noexcept nogil:
+    cdef double mu, m2, cnt
+    cdef Py_ssize_t u0 = ng * units_per_group
+    _merge(&pmean[u0], &pm2[u0], &pcnt[u0], units_per_group, &mu, &m2, &cnt)
+    _finish(mu, m2, cnt, eps, &mean[ng], &rstd[ng])
+
+
+cdef void _nchw_unit_normalize(const floating* x, floating* y, Py_ssize_t u, Py_ssize_t C,
+                               Py_ssize_t S, Py_ssize_t nch, Py_ssize_t Cg,
+                               const floating* w, const floating* b,
+                               const floating* mean, const floating* rstd, int act) noexcept nogil:
+    cdef Py_ssize_t row = u // nch, k = u % nch
+    cdef Py_ssize_t c = row % C, ng = row // Cg       # row = n*C + c, so row // Cg = n*G + g
+    cdef Py_ssize_t start = row * S + k * CHUNK
+    cdef Py_ssize_t n = min(CHUNK, S - k * CHUNK)
+    _normalize_row(x + start, y + start, n, mean[ng], rstd[ng] * w[c], b[c], act)
+
+
+cdef int _forward_nchw(const floating* x, floating* y, const floating* w, const floating* b,
+                       floating* mean, floating* rstd, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                       Py_ssize_t G, double eps, int act, int nthreads) noexcept nogil:
+    cdef Py_ssize_t Cg = C // G, nch = (S + CHUNK - 1) // CHUNK
+    cdef Py_ssize_t units = N * C * nch, upg = Cg * nch, ng, u
+    cdef double* pmean = <double*>malloc(3 * units * sizeof(double))
+    cdef double* pm2 = pmean + units
+    cdef double* pcnt = pm2 + units
+    cdef bint fused = Cg * S * sizeof(floating) <= FUSE_BYTES and N * G >= nthreads
+    if pmean == NULL:
+        return -1
+    if fused:
+        for ng in prange(N * G, num_threads=nthreads, schedule="dynamic"):
+            for u in range(ng * upg, (ng + 1) * upg):
+                _nchw_unit_stats(x, u, S, nch, pmean, pm2, pcnt)
+            _nchw_group_finish(ng, upg, eps, pmean, pm2, pcnt, mean, rstd)
+            for u in range(ng * upg, (ng + 1) * upg):
+                _nchw_unit_normalize(x, y, u, C, S, nch, Cg, w, b, mean, rstd, act)
+    else:
+        for u in prange(units, num_threads=nthreads, schedule="static"):
+            _nchw_unit_stats(x, u, S, nch, pmean, pm2, pcnt)
+        for ng in prange(N * G, num_threads=nthreads, schedule="static"):
+            _nchw_group_finish(ng, upg, eps, pmean, pm2, pcnt, mean, rstd)
+        for u in prange(units, num_threads=nthreads, schedule="static"):
+            _nchw_unit_normalize(x, y, u, C, S, nch, Cg, w, b, mean, rstd, act)
+    free(pmean)
+    return 0
+
+
+# ---------------------------------------------------------------- channels-last forward
+
+cdef inline Py_ssize_t _block_positions(Py_ssize_t C) noexcept nogil:
+    return max(1, CHUNK // max(C, 1))
+
+
+cdef void _nhwc_unit_stats(const floating* x, Py_ssize_t u, Py_ssize_t C, Py_ssize_t S,
+                           Py_ssize_t G, Py_ssize_t T, Py_ssize_t nb, double* acc,
+                           double* pmean, double* pm2, double* pcnt) noexcept nogil:
+    """Block u = (n, blk): per-group two-pass moments, accumulated per channel (vectorised on C)."""
+    cdef Py_ssize_t n = u // nb, blk = u % nb, Cg = C // G
+    cdef Py_ssize_t p0 = blk * T, P = min(T, S - p0), p, c, g, idx
+    cdef const floating* xb = x + (n * S + p0) * C
+    cdef double* gm = acc + C                 # per-channel copy of the block's group mean
+    cdef double s, d, cnt = <double>(P * Cg)
+    for c in range(C):
+        acc[c] = 0
+    for p in range(P):
+        for c in range(C):
+            acc[c] += xb[p * C + c]
+    for g in range(G):
+        s = 0
+        for c in range(g * Cg, (g + 1) * Cg):
+            s += acc[c]
+        for c in range(g * Cg, (g + 1) * Cg):
+            gm[c] = s / cnt
+    for c in range(C):
+        acc[c] = 0
+    for p in range(P):
+        for c in range(C):
+            d = xb[p * C + c] - gm[c]
+            acc[c] += d * d
+    for g in range(G):
+        s = 0
+        for c in range(g * Cg, (g + 1) * Cg):
+            s += acc[c]
+        idx = (n * G + g) * nb + blk                # a group's blocks are contiguous
+        pmean[idx] = gm[g * Cg]
+        pm2[idx] = s
+        pcnt[idx] = cnt
+
+
+cdef void _nhwc_unit_normalize(const floating* x, floating* y, Py_ssize_t u, Py_ssize_t C,
+                               Py_ssize_t S, Py_ssize_t T, Py_ssize_t nb,
+                               const floating* cmean, const floating* cscale, const floating* b,
+                               int act) noexcept nogil:
+    cdef Py_ssize_t n = u // nb, blk = u % nb, p0 = blk * T, P = min(T, S - p0), p, c
+    cdef Py_ssize_t off = (n * S + p0) * C
+    cdef const floating* xb = x + off
+    cdef floating* yb = y + off
+    cdef const floating* m = cmean + n * C
+    cdef const floating* sc = cscale + n * C
+    for p in range(P):
+        if act == 0:
+            for c in range(C):
+                yb[p * C + c] = (xb[p * C + c] - m[c]) * sc[c] + b[c]
+        else:
+            for c in range(C):
+                yb[p * C + c] = _act((xb[p * C + c] - m[c]) * sc[c] + b[c], act)
+
+
+cdef void _channel_coeffs(Py_ssize_t N, Py_ssize_t C, Py_ssize_t G, const floating* w,
+                          const floating* mean, const floating* rstd,
+                          floating* cmean, floating* cscale) noexcept nogil:
+    cdef Py_ssize_t n, c, Cg = C // G
+    for n in range(N):
+        for c in range(C):
+            cmean[n * C + c] = mean[n * G + c // Cg]
+            cscale[n * C + c] = rstd[n * G + c // Cg] * w[c]
+
+
+cdef int _forward_nhwc(const floating* x, floating* y, const floating* w, const floating* b,
+                       floating* mean, floating* rstd, floating* cmean, floating* cscale,
+                       Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G, double eps,
+                       int act, int nthreads) noexcept nogil:
+    cdef Py_ssize_t T = _block_positions(C), nb = (S + T - 1) // T, units = N * nb, u, ng
+    cdef double* pmean = <double*>malloc(3 * N * G * nb * sizeof(double))
+    cdef double* pm2 = pmean + N * G * nb
+    cdef double* pcnt = pm2 + N * G * nb
+    cdef double* acc
+    if pmean == NULL:
+        return -1
+    with parallel(num_threads=nthreads):
+        acc = <double*>malloc(2 * C * sizeof(double))
+        for u in prange(units, schedule="static"):
+            _nhwc_unit_stats(x, u, C, S, G, T, nb, acc, pmean, pm2, pcnt)
+        free(acc)
+    for ng in prange(N * G, num_threads=nthreads, schedule="static"):
+        _nchw_group_finish(ng, nb, eps, pmean, pm2, pcnt, mean, rstd)
+    free(pmean)
+    _channel_coeffs(N, C, G, w, mean, rstd, cmean, cscale)
+    for u in prange(units, num_threads=nthreads, schedule="static"):
+        _nhwc_unit_normalize(x, y, u, C, S, T, nb, cmean, cscale, b, act)
+    return 0
+
+
+# ---------------------------------------------------------------- backward
+
+cdef inline void _row_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,
+                                floating mean, floating rstd, floating w, floating b, int act,
+                                double* sdz, double* sdzx) noexcept nogil:
+    """sum(dz) and sum(dz * xhat) over one row segment, dz = dy * act'(z)."""
+    cdef double a1[LANES]
+    cdef double a2[LANES]
+    cdef Py_ssize_t i, j, q, nv = n - n % LANES
+    cdef floating xh, dz
+    for j in range(LANES):
+        a1[j] = 0
+        a2[j] = 0
+    for q in range(nv // LANES):
+        i = q * LANES
+        for j in range(LANES):
+            xh = (x[i + j] - mean) * rstd
+            dz = dy[i + j] if act == 0 else dy[i + j] * _act_grad(xh * w + b, act)
+            a1[j] += dz
+            a2[j] += dz * xh
+    for i in range(nv, n):
+        xh = (x[i] - mean) * rstd
+        dz = dy[i] if act == 0 else dy[i] * _act_grad(xh * w + b, act)
+        a1[0] += dz
+        a2[0] += dz * xh
+    sdz[0] = 0
+    sdzx[0] = 0
+    for j in range(LANES):
+        sdz[0] += a1[j]
+        sdzx[0] += a2[j]
+
+
+cdef inline void _row_grad_x(const floating* dy, const floating* x, floating* gx, Py_ssize_t n,
+                             floating mean, floating rstd, floating w, floating b,
+                             floating k1, floating k2, floating k3, int act) noexcept nogil:
+    """gx = k1 * dz + k2 * (x - mean) + k3."""
+    cdef Py_ssize_t i
+    cdef floating dz, d
+    if act == 0:
+        for i in range(n):
+            gx[i] = k1 * dy[i] + k2 * (x[i] - mean) + k3
+    else:
+        for i in range(n):
+            d = x[i] - mean
+            dz = dy[i] * _act_grad(d * rstd * w + b, act)
+            gx[i] = k1 * dz + k2 * d + k3
+
+
+cdef void _backward_coeffs(Py_ssize_t N, Py_ssize_t C, Py_ssize_t G, double M,
+                           const double* sdz, const double* sdzx, const floating* w,
+                           const floating* rstd, floating* gw, floating* gb,
+                           floating* k1, floating* k2, floating* k3) noexcept nogil:
+    """From per-(n, c) sums: grad_weight/grad_bias and the per-(n, c) coefficients of grad_x.
+
+    grad_x = rstd * (w dz - A/M - xhat B/M), A = sum_g w dz, B = sum_g w dz xhat.
+    """
+    cdef Py_ssize_t n, c, g, Cg = C // G
+    cdef double A, B, r, sw, sb
+    for c in range(C):
+        sw = 0
+        sb = 0
+        for n in range(N):
+            sw += sdzx[n * C + c]
+            sb += sdz[n * C + c]
+        gw[c] = <floating>sw
+        gb[c] = <floating>sb
+    for n in range(N):
+        for g in range(G):
+            A = 0
+            B = 0
+            for c in range(g * Cg, (g + 1) * Cg):
+                A += w[c] * sdz[n * C + c]
+                B += w[c] * sdzx[n * C + c]
+            r = rstd[n * G + g]
+            for c in range(g * Cg, (g + 1) * Cg):
+                k1[n * C + c] = <floating>(w[c] * r)
+                k2[n * C + c] = <floating>(-B * r * r / M)
+                k3[n * C + c] = <floating>(-A * r / M)
+
+
+cdef int _backward_nchw(const floating* dy, const floating* x, const floating* mean,
+                        const floating* rstd, const floating* w, const floating* b,
+                        floating* gx, floating* gw, floating* gb, floating* k,
+                        Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G, int act,
+                        int nthreads) noexcept nogil:
+    cdef Py_ssize_t Cg = C // G, nch = (S + CHUNK - 1) // CHUNK, units = N * C * nch
+    cdef Py_ssize_t u, row, kk, c, ng, start, n, i
+    cdef double* part = <double*>malloc((2 * units + 2 * N * C) * sizeof(double))
+    cdef double* sdz = part + 2 * units
+    cdef double* sdzx = sdz + N * C
+    if part == NULL:
+        return -1
+    for u in prange(units, num_threads=nthreads, schedule="static"):
+        row = u // nch
+        kk = u % nch
+        c = row % C
+        ng = row // Cg
+        start = kk * CHUNK
+        n = min(CHUNK, S - start)
+        _row_grad_sums(dy + row * S + start, x + row * S + start, n, mean[ng], rstd[ng],
+                       w[c], b[c], act, &part[2 * u], &part[2 * u + 1])
+    for row in range(N * C):
+        sdz[row] = 0
+        sdzx[row] = 0
+        for i in range(nch):
+            sdz[row] += part[2 * (row * nch + i)]
+            sdzx[row] += part[2 * (row * nch + i) + 1]
+    _backward_coeffs(N, C, G, <double>(Cg * S), sdz, sdzx, w, rstd, gw, gb,
+                     k, k + N * C, k + 2 * N * C)
+    free(part)
+    for u in prange(units, num_threads=nthreads, schedule="static"):
+        row = u // nch
+        kk = u % nch
+        c = row % C
+        ng = row // Cg
+        start = row * S + kk * CHUNK
+        n = min(CHUNK, S - kk * CHUNK)
+        _row_grad_x(dy + start, x + start, gx + start, n, mean[ng], rstd[ng], w[c], b[c],
+                    k[row], k[N * C + row], k[2 * N * C + row], act)
+    return 0
+
+
+cdef int _backward_nhwc(const floating* dy, const floating* x, const floating* mean,
+                        const floating* rstd, const floating* w, const floating* b,
+                        floating* gx, floating* gw, floating* gb, floating* k, floating* cmean,
+                        floating* crstd, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
+                        int act, int nthreads) noexcept nogil:
+    cdef Py_ssize_t Cg = C // G, T = _block_positions(C), nb = (S + T - 1) // T
+    cdef Py_ssize_t units = N * nb, u, n, blk, p0, P, p, c, i, off
+    cdef double* part = <double*>malloc((2 * units * C + 2 * N * C) * sizeof(double))
+    cdef double* sdz = part + 2 * units * C
+    cdef double* sdzx = sdz + N * C
+    cdef double* a1
+    cdef double* a2
+    cdef floating xh, dz, d
+    cdef const floating* m
+    cdef const floating* r
+    cdef const floating* k1
+    cdef const floating* k2
+    cdef const floating* k3
+    if part == NULL:
+        return -1
+    for n in range(N):
+        for c in range(C):
+            cmean[n * C + c] = mean[n * G + c // Cg]
+            crstd[n * C + c] = rstd[n * G + c // Cg]
+    for u in prange(units, num_threads=nthreads, schedule="static"):
+        n = u // nb
+        blk = u % nb
+        p0 = blk * T
+        P = min(T, S - p0)
+        off = (n * S + p0) * C
+        a1 = part + 2 * u * C
+        a2 = a1 + C
+        m = cmean + n * C
+        r = crstd + n * C
+        for c in range(C):
+            a1[c] = 0
+            a2[c] = 0
+        for p in range(P):
+            for c in range(C):
+                xh = (x[off + p * C + c] - m[c]) * r[c]
+                dz = dy[off + p * C + c]
+                if act != 0:
+                    dz = dz * _act_grad(xh * w[c] + b[c], act)
+                a1[c] += dz
+                a2[c] += dz * xh
+    for n in range(N):
+        for c in range(C):
+            sdz[n * C + c] = 0
+            sdzx[n * C + c] = 0
+            for i in range(nb):
+                sdz[n * C + c] += part[2 * (n * nb + i) * C + c]
+                sdzx[n * C + c] += part[(2 * (n * nb + i) + 1) * C + c]
+    _backward_coeffs(N, C, G, <double>(Cg * S), sdz, sdzx, w, rstd, gw, gb,
+                     k, k + N * C, k + 2 * N * C)
+    free(part)
+    for u in prange(units, num_threads=nthreads, schedule="static"):
+        n = u // nb
+        blk = u % nb
+        p0 = blk * T
+        P = min(T, S - p0)
+        off = (n * S + p0) * C
+        m = cmean + n * C
+        r = crstd + n * C
+        k1 = k + n * C
+        k2 = k + N * C + n * C
+        k3 = k + 2 * N * C + n * C
+        for p in range(P):
+            if act == 0:
+                for c in range(C):
+                    gx[off + p * C + c] = (k1[c] * dy[off + p * C + c]
+                                           + k2[c] * (x[off + p * C + c] - m[c]) + k3[c])
+            else:
+                for c in range(C):
+                    d = x[off + p * C + c] - m[c]
+                    dz = dy[off + p * C + c] * _act_grad(d * r[c] * w[c] + b[c], act)
+                    gx[off + p * C + c] = k1[c] * dz + k2[c] * d + k3[c]
+    return 0
+
+
+# ---------------------------------------------------------------- Python entry points
+
+def _dims(x, bint channels_last):
+    cdef Py_ssize_t N = x.shape[0]
+    cdef Py_ssize_t C = x.shape[x.ndim - 1] if channels_last else x.shape[1]
+    cdef Py_ssize_t S = x.size // (N * C) if N * C > 0 else 0
+    return N, C, S
+
+
+def forward(x, weight, bias, int num_groups, double eps, bint channels_last, int activation,
+            int nthreads):
+    """y, mean, rstd = forward(x, weight, bias, G, eps, channels_last, act, nthreads).
+
+    ``x`` C-contiguous float32/float64 of shape (N, C, *S) or (N, *S, C); weight/bias (C,) of the
+    same dtype. mean/rstd come back as (N, G) arrays of x's dtype.
+    """
+    N, C, S = _dims(x, channels_last)
+    y = np.empty_like(x)
+    mean = np.zeros((N, num_groups), dtype=x.dtype)
+    rstd = np.zeros((N, num_groups), dtype=x.dtype)
+    if N * C * S == 0:
+        if N * C > 0:
+            rstd[...] = 1.0 / np.sqrt(eps)
+        return y, mean, rstd
+    if x.dtype == np.float32:
+        _forward_f[float](x.reshape(-1), weight, bias, y.reshape(-1), mean.reshape(-1),
+                          rstd.reshape(-1), N, C, S, num_groups, eps, channels_last,
+                          activation, nthreads)
+    else:
+        _forward_f[double](x.reshape(-1), weight, bias, y.reshape(-1), mean.reshape(-1),
+                           rstd.reshape(-1), N, C, S, num_groups, eps, channels_last,
+                           activation, nthreads)
+    return y, mean, rstd
+
+
+cdef _forward_f(const floating[::1] x, const floating[::1] w, const floating[::1] b,
+                floating[::1] y, floating[::1] mean, floating[::1] rstd, Py_ssize_t N,
+                Py_ssize_t C, Py_ssize_t S, Py_ssize_t G, double eps, bint channels_last,
+                int act, int nthreads):
+    cdef floating[::1] cm, cs
+    cdef int rc = 0
+    if channels_last:
+        cm = np.empty(N * C, dtype=np.asarray(y).dtype)
+        cs = np.empty(N * C, dtype=np.asarray(y).dtype)
+        with nogil:
+            rc = _forward_nhwc(&x[0], &y[0], &w[0], &b[0], &mean[0], &rstd[0], &cm[0], &cs[0],
+                               N, C, S, G, eps, act, nthreads)
+    else:
+        with nogil:
+            rc = _forward_nchw(&x[0], &y[0], &w[0], &b[0], &mean[0], &rstd[0], N, C, S, G, eps,
+                          act, nthreads)
+    if rc != 0:
+        raise MemoryError("group_norm: out of memory for the workspace")
+
+
+def backward(grad_out, x, mean, rstd, weight, bias, int num_groups, bint channels_last,
+             int activation, int nthreads):
+    """grad_x, grad_weight, grad_bias = backward(dy, x, mean, rstd, w, b, G, channels_last, act, nthreads)."""
+    N, C, S = _dims(x, channels_last)
+    gx = np.empty_like(x)
+    gw = np.zeros(C, dtype=x.dtype)
+    gb = np.zeros(C, dtype=x.dtype)
+    if N * C * S == 0:
+        return gx, gw, gb
+    if x.dtype == np.float32:
+        _backward_f[float](grad_out.reshape(-1), x.reshape(-1), mean.reshape(-1),
+                           rstd.reshape(-1), weight, bias, gx.reshape(-1), gw, gb,
+                           N, C, S, num_groups, channels_last, activation, nthreads)
+    else:
+        _backward_f[double](grad_out.reshape(-1), x.reshape(-1), mean.reshape(-1),
+                            rstd.reshape(-1), weight, bias, gx.reshape(-1), gw, gb,
+                            N, C, S, num_groups, channels_last, activation, nthreads)
+    return gx, gw, gb
+
+
+cdef _backward_f(const floating[::1] dy, const floating[::1] x, const floating[::1] mean,
+                 const floating[::1] rstd, const floating[::1] w, const floating[::1] b,
+                 floating[::1] gx, floating[::1] gw, floating[::1] gb, Py_ssize_t N, Py_ssize_t C,
+                 Py_ssize_t S, Py_ssize_t G, bint channels_last, int act, int nthreads):
+    dtype = np.asarray(gx).dtype
+    cdef floating[::1] k = np.empty(3 * N * C, dtype=dtype)
+    cdef floating[::1] cm = np.empty(N * C, dtype=dtype)
+    cdef floating[::1] cr = np.empty(N * C, dtype=dtype)
+    cdef int rc
+    with nogil:
+        if channels_last:
+            rc = _backward_nhwc(&dy[0], &x[0], &mean[0], &rstd[0], &w[0], &b[0], &gx[0], &gw[0],
+                                &gb[0], &k[0], &cm[0], &cr[0], N, C, S, G, act, nthreads)
+        else:
+            rc = _backward_nchw(&dy[0], &x[0], &mean[0], &rstd[0], &w[0], &b[0], &gx[0], &gw[0],
+                                &gb[0], &k[0], N, C, S, G, act, nthreads)
+    if rc != 0:
+        raise MemoryError("group_norm: out of memory for the workspace")

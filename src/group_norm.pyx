@@ -15,7 +15,7 @@ normalisation are two parallel sweeps over all units. Both paths do the same ari
 """
 import numpy as np
 cimport numpy as cnp
-from cython.parallel cimport prange, parallel
+from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport sqrt, exp, expf
 from libc.stdlib cimport malloc, free
 
@@ -110,22 +110,27 @@ cdef inline void _merge(const double* pmean, const double* pm2, const double* pc
     cnt[0] = na
 
 
-cdef inline void _finish(double mean, double m2, double cnt, double eps,
+cdef inline void _finish(double mean, double m2, double cnt, double eps, double* out_dmean,
                          floating* out_mean, floating* out_rstd) noexcept nogil:
     cdef double var = m2 / cnt if cnt > 0 else 0
+    out_dmean[0] = mean
     out_mean[0] = <floating>mean
     out_rstd[0] = <floating>(1.0 / sqrt(var + eps))
 
 
-cdef inline void _normalize_row(const floating* x, floating* y, Py_ssize_t n, floating mean,
+cdef inline void _normalize_row(const floating* x, floating* y, Py_ssize_t n, double mean,
                                 floating scale, floating shift, int act) noexcept nogil:
+    """y = act((x - mean) * scale + shift); the mean is split into a rounded part and its
+    remainder so that x - mean stays exact-ish in float32 even with a large common offset."""
     cdef Py_ssize_t i
+    cdef floating hi = <floating>mean
+    cdef floating lo = <floating>(mean - hi)
     if act == 0:
         for i in range(n):
-            y[i] = (x[i] - mean) * scale + shift
+            y[i] = ((x[i] - hi) - lo) * scale + shift
     else:
         for i in range(n):
-            y[i] = _act((x[i] - mean) * scale + shift, act)
+            y[i] = _act(((x[i] - hi) - lo) * scale + shift, act)
 
 
 # ---------------------------------------------------------------- NCHW forward
@@ -139,24 +144,25 @@ cdef void _nchw_unit_stats(const floating* x, Py_ssize_t u, Py_ssize_t S, Py_ssi
     pcnt[u] = n
 
 
-cdef void _nchw_group_finish(Py_ssize_t ng, Py_ssize_t units_per_group, double eps,
-                             double* pmean, double* pm2, double* pcnt,
-                             floating* mean, floating* rstd) noexcept nogil:
+cdef void _group_finish(Py_ssize_t ng, Py_ssize_t units_per_group, double eps,
+                        double* pmean, double* pm2, double* pcnt, double* dmean,
+                        floating* mean, floating* rstd) noexcept nogil:
+    """Merge the units of group ng (contiguous in the partial arrays) into its statistics."""
     cdef double mu, m2, cnt
     cdef Py_ssize_t u0 = ng * units_per_group
     _merge(&pmean[u0], &pm2[u0], &pcnt[u0], units_per_group, &mu, &m2, &cnt)
-    _finish(mu, m2, cnt, eps, &mean[ng], &rstd[ng])
+    _finish(mu, m2, cnt, eps, &dmean[ng], &mean[ng], &rstd[ng])
 
 
 cdef void _nchw_unit_normalize(const floating* x, floating* y, Py_ssize_t u, Py_ssize_t C,
                                Py_ssize_t S, Py_ssize_t nch, Py_ssize_t Cg,
                                const floating* w, const floating* b,
-                               const floating* mean, const floating* rstd, int act) noexcept nogil:
+                               const double* dmean, const floating* rstd, int act) noexcept nogil:
     cdef Py_ssize_t row = u // nch, k = u % nch
     cdef Py_ssize_t c = row % C, ng = row // Cg       # row = n*C + c, so row // Cg = n*G + g
     cdef Py_ssize_t start = row * S + k * CHUNK
     cdef Py_ssize_t n = min(CHUNK, S - k * CHUNK)
-    _normalize_row(x + start, y + start, n, mean[ng], rstd[ng] * w[c], b[c], act)
+    _normalize_row(x + start, y + start, n, dmean[ng], rstd[ng] * w[c], b[c], act)
 
 
 cdef int _forward_nchw(const floating* x, floating* y, const floating* w, const floating* b,
@@ -164,9 +170,10 @@ cdef int _forward_nchw(const floating* x, floating* y, const floating* w, const 
                        Py_ssize_t G, double eps, int act, int nthreads) noexcept nogil:
     cdef Py_ssize_t Cg = C // G, nch = (S + CHUNK - 1) // CHUNK
     cdef Py_ssize_t units = N * C * nch, upg = Cg * nch, ng, u
-    cdef double* pmean = <double*>malloc(3 * units * sizeof(double))
+    cdef double* pmean = <double*>malloc((3 * units + N * G) * sizeof(double))
     cdef double* pm2 = pmean + units
     cdef double* pcnt = pm2 + units
+    cdef double* dmean = pcnt + units
     cdef bint fused = Cg * S * sizeof(floating) <= FUSE_BYTES and N * G >= nthreads
     if pmean == NULL:
         return -1
@@ -174,16 +181,16 @@ cdef int _forward_nchw(const floating* x, floating* y, const floating* w, const 
         for ng in prange(N * G, num_threads=nthreads, schedule="dynamic"):
             for u in range(ng * upg, (ng + 1) * upg):
                 _nchw_unit_stats(x, u, S, nch, pmean, pm2, pcnt)
-            _nchw_group_finish(ng, upg, eps, pmean, pm2, pcnt, mean, rstd)
+            _group_finish(ng, upg, eps, pmean, pm2, pcnt, dmean, mean, rstd)
             for u in range(ng * upg, (ng + 1) * upg):
-                _nchw_unit_normalize(x, y, u, C, S, nch, Cg, w, b, mean, rstd, act)
+                _nchw_unit_normalize(x, y, u, C, S, nch, Cg, w, b, dmean, rstd, act)
     else:
         for u in prange(units, num_threads=nthreads, schedule="static"):
             _nchw_unit_stats(x, u, S, nch, pmean, pm2, pcnt)
         for ng in prange(N * G, num_threads=nthreads, schedule="static"):
-            _nchw_group_finish(ng, upg, eps, pmean, pm2, pcnt, mean, rstd)
+            _group_finish(ng, upg, eps, pmean, pm2, pcnt, dmean, mean, rstd)
         for u in prange(units, num_threads=nthreads, schedule="static"):
-            _nchw_unit_normalize(x, y, u, C, S, nch, Cg, w, b, mean, rstd, act)
+            _nchw_unit_normalize(x, y, u, C, S, nch, Cg, w, b, dmean, rstd, act)
     free(pmean)
     return 0
 
@@ -234,28 +241,33 @@ cdef void _nhwc_unit_normalize(const floating* x, floating* y, Py_ssize_t u, Py_
                                Py_ssize_t S, Py_ssize_t T, Py_ssize_t nb,
                                const floating* cmean, const floating* cscale, const floating* b,
                                int act) noexcept nogil:
+    """cmean holds per channel the rounded group mean (N*C) followed by its remainder (N*C)."""
     cdef Py_ssize_t n = u // nb, blk = u % nb, p0 = blk * T, P = min(T, S - p0), p, c
     cdef Py_ssize_t off = (n * S + p0) * C
     cdef const floating* xb = x + off
     cdef floating* yb = y + off
-    cdef const floating* m = cmean + n * C
+    cdef const floating* m = cmean + 2 * n * C
+    cdef const floating* lo = m + C
     cdef const floating* sc = cscale + n * C
     for p in range(P):
         if act == 0:
             for c in range(C):
-                yb[p * C + c] = (xb[p * C + c] - m[c]) * sc[c] + b[c]
+                yb[p * C + c] = ((xb[p * C + c] - m[c]) - lo[c]) * sc[c] + b[c]
         else:
             for c in range(C):
-                yb[p * C + c] = _act((xb[p * C + c] - m[c]) * sc[c] + b[c], act)
+                yb[p * C + c] = _act(((xb[p * C + c] - m[c]) - lo[c]) * sc[c] + b[c], act)
 
 
 cdef void _channel_coeffs(Py_ssize_t N, Py_ssize_t C, Py_ssize_t G, const floating* w,
-                          const floating* mean, const floating* rstd,
+                          const double* dmean, const floating* rstd,
                           floating* cmean, floating* cscale) noexcept nogil:
     cdef Py_ssize_t n, c, Cg = C // G
+    cdef floating hi
     for n in range(N):
         for c in range(C):
-            cmean[n * C + c] = mean[n * G + c // Cg]
+            hi = <floating>dmean[n * G + c // Cg]
+            cmean[2 * n * C + c] = hi
+            cmean[2 * n * C + C + c] = <floating>(dmean[n * G + c // Cg] - hi)
             cscale[n * C + c] = rstd[n * G + c // Cg] * w[c]
 
 
@@ -264,21 +276,25 @@ cdef int _forward_nhwc(const floating* x, floating* y, const floating* w, const 
                        Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G, double eps,
                        int act, int nthreads) noexcept nogil:
     cdef Py_ssize_t T = _block_positions(C), nb = (S + T - 1) // T, units = N * nb, u, ng
-    cdef double* pmean = <double*>malloc(3 * N * G * nb * sizeof(double))
+    cdef double* pmean = <double*>malloc((3 * nb + 1) * N * G * sizeof(double))
     cdef double* pm2 = pmean + N * G * nb
     cdef double* pcnt = pm2 + N * G * nb
+    cdef double* dmean = pcnt + N * G * nb
     cdef double* acc
-    if pmean == NULL:
+    cdef double* accs = <double*>malloc(nthreads * 2 * C * sizeof(double))
+    if pmean == NULL or accs == NULL:
+        free(pmean)
+        free(accs)
         return -1
     with parallel(num_threads=nthreads):
-        acc = <double*>malloc(2 * C * sizeof(double))
+        acc = accs + threadid() * 2 * C          # per-thread scratch
         for u in prange(units, schedule="static"):
             _nhwc_unit_stats(x, u, C, S, G, T, nb, acc, pmean, pm2, pcnt)
-        free(acc)
+    free(accs)
     for ng in prange(N * G, num_threads=nthreads, schedule="static"):
-        _nchw_group_finish(ng, nb, eps, pmean, pm2, pcnt, mean, rstd)
+        _group_finish(ng, nb, eps, pmean, pm2, pcnt, dmean, mean, rstd)
+    _channel_coeffs(N, C, G, w, dmean, rstd, cmean, cscale)
     free(pmean)
-    _channel_coeffs(N, C, G, w, mean, rstd, cmean, cscale)
     for u in prange(units, num_threads=nthreads, schedule="static"):
         _nhwc_unit_normalize(x, y, u, C, S, T, nb, cmean, cscale, b, act)
     return 0
@@ -527,7 +543,7 @@ cdef _forward_f(const floating[::1] x, const floating[::1] w, const floating[::1
     cdef floating[::1] cm, cs
     cdef int rc = 0
     if channels_last:
-        cm = np.empty(N * C, dtype=np.asarray(y).dtype)
+        cm = np.empty(2 * N * C, dtype=np.asarray(y).dtype)
         cs = np.empty(N * C, dtype=np.asarray(y).dtype)
         with nogil:
             rc = _forward_nhwc(&x[0], &y[0], &w[0], &b[0], &mean[0], &rstd[0], &cm[0], &cs[0],

@@ -1,0 +1,191 @@
+"""GroupNorm benchmark: fastnorm vs PyTorch (F.group_norm, autograd) and ONNX Runtime
+(GroupNormalization, opset 21), same inputs, same thread count, NCHW and channels-last, float32.
+
+    python bench/bench_group_norm.py [--threads 2] [--quick] [--no-write]
+
+Reports time, speed-up of fastnorm over each peer, achieved GB/s (bytes read + written by one
+call) and the percentage of the measured copy bandwidth, then checks the issue's CPU targets.
+On a machine with CuPy and a GPU the CUDA table (vs torch CUDA) is added.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+import fastnorm
+from fastnorm._bench import Table, copy_bandwidth, timeit, write_results
+
+SHAPES = [((8, 256, 64, 64), 32), ((1, 512, 128, 128), 32), ((2, 64, 8, 56, 56), 32),
+          ((1, 64, 256, 256), 2)]
+LARGE = SHAPES[:2]
+
+
+def _name(shape, G, cl):
+    return f"{'x'.join(map(str, shape))} G{G} {'NHWC' if cl else 'NCHW'}"
+
+
+def _onnx_session(G, threads):
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    node = helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=G,
+                            epsilon=1e-5)
+    f = TensorProto.FLOAT
+    graph = helper.make_graph([node], "gn", [helper.make_tensor_value_info("x", f, None),
+                                             helper.make_tensor_value_info("s", f, None),
+                                             helper.make_tensor_value_info("b", f, None)],
+                              [helper.make_tensor_value_info("y", f, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def cpu_tables(threads, quick=False):
+    try:
+        import torch
+        torch.set_num_threads(threads)
+    except ImportError:
+        torch = None
+    fastnorm.set_num_threads(threads)
+    ceiling = copy_bandwidth()
+    fwd = Table(f"GroupNorm forward, float32, CPU, {threads} threads", "GB/s", ceiling)
+    fb = Table(f"GroupNorm forward+backward, float32, CPU, {threads} threads", "GB/s", ceiling)
+    rng = np.random.default_rng(0)
+    checks = []
+    for shape, G in (SHAPES[:1] if quick else SHAPES):
+        C = shape[1]
+        x = rng.standard_normal(shape, dtype=np.float32)
+        w = rng.standard_normal(C, dtype=np.float32)
+        b = rng.standard_normal(C, dtype=np.float32)
+        dy = rng.standard_normal(shape, dtype=np.float32)
+        for cl in (False, True):
+            xs = np.ascontiguousarray(np.moveaxis(x, 1, -1)) if cl else x
+            dys = np.ascontiguousarray(np.moveaxis(dy, 1, -1)) if cl else dy
+            case = _name(shape, G, cl)
+            t_ours = timeit(lambda: fastnorm.group_norm(xs, G, w, b, channels_last=cl))
+            fwd.add(case, "fastnorm", t_ours, 2 * x.nbytes)
+
+            def fb_ours():
+                y, m, r = fastnorm.group_norm(xs, G, w, b, channels_last=cl, return_stats=True)
+                fastnorm.group_norm_backward(dys, xs, m, r, G, w, b, channels_last=cl)
+            t_ours_fb = timeit(fb_ours)
+            fb.add(case, "fastnorm", t_ours_fb, 5 * x.nbytes)
+            if torch is not None:
+                fmt = (torch.channels_last if x.ndim == 4 else torch.channels_last_3d) if cl \
+                    else torch.contiguous_format
+                xt = torch.from_numpy(x).contiguous(memory_format=fmt)
+                wt, bt = torch.from_numpy(w), torch.from_numpy(b)
+                dyt = torch.from_numpy(dy).contiguous(memory_format=fmt)
+                with torch.no_grad():
+                    t_torch = timeit(lambda: torch.nn.functional.group_norm(xt, G, wt, bt))
+                fwd.add(case, "torch", t_torch, 2 * x.nbytes)
+                xg = xt.clone().requires_grad_()
+                wg, bg = wt.clone().requires_grad_(), bt.clone().requires_grad_()
+
+                def fb_torch():
+                    torch.nn.functional.group_norm(xg, G, wg, bg).backward(dyt)
+                    xg.grad = wg.grad = bg.grad = None
+                t_torch_fb = timeit(fb_torch)
+                fb.add(case, "torch autograd", t_torch_fb, 5 * x.nbytes)
+                big = (shape, G) in LARGE
+                checks.append((f"fwd {case}: >= {'2' if big else '1'}x torch",
+                               t_torch / t_ours >= (2.0 if big else 1.0)))
+                checks.append((f"fwd+bwd {case}: >= 2x torch autograd",
+                               t_torch_fb / t_ours_fb >= 2.0))
+                if big:
+                    checks.append((f"fwd {case}: >= 60% of copy bandwidth",
+                                   2 * x.nbytes / t_ours / 1e9 >= 0.6 * ceiling))
+            sess = None if cl else _onnx_session(G, threads)
+            if sess is not None:
+                feeds = {"x": x, "s": w, "b": b}
+                fwd.add(case, "onnxruntime", timeit(lambda: sess.run(None, feeds)), 2 * x.nbytes)
+    return [fwd, fb], checks
+
+
+def cuda_tables(quick=False):
+    try:
+        import cupy as cp
+        import torch
+        if cp.cuda.runtime.getDeviceCount() == 0 or not torch.cuda.is_available():
+            return [], []
+    except Exception:
+        return [], []
+    sync = cp.cuda.Device().synchronize
+    ceiling = copy_bandwidth(1 << 30, xp=cp, sync=sync)
+    tables, checks = [], []
+    for dtype in ("float32", "float16", "bfloat16"):
+        tdt = getattr(torch, dtype)
+        fwd = Table(f"GroupNorm forward, {dtype}, CUDA", "GB/s", ceiling)
+        fb = Table(f"GroupNorm forward+backward, {dtype}, CUDA", "GB/s", ceiling)
+        for shape, G in (SHAPES[:1] if quick else SHAPES):
+            for cl in (False, True):
+                fmt = (torch.channels_last if len(shape) == 4 else torch.channels_last_3d) \
+                    if cl else torch.contiguous_format
+                xt = torch.randn(shape, device="cuda", dtype=tdt).contiguous(memory_format=fmt)
+                wt = torch.randn(shape[1], device="cuda", dtype=tdt)
+                bt = torch.randn(shape[1], device="cuda", dtype=tdt)
+                dyt = torch.randn_like(xt)
+                xs = xt.movedim(1, -1) if cl else xt     # the (N, *S, C) view of the same memory
+                dys = dyt.movedim(1, -1) if cl else dyt
+                nbytes = xt.numel() * xt.element_size()
+                case = _name(shape, G, cl)
+                t_ours = timeit(lambda: fastnorm.group_norm(xs, G, wt, bt, channels_last=cl),
+                                sync=sync)
+                with torch.no_grad():
+                    t_torch = timeit(lambda: torch.nn.functional.group_norm(xt, G, wt, bt),
+                                     sync=sync)
+                fwd.add(case, "fastnorm", t_ours, 2 * nbytes)
+                fwd.add(case, "torch", t_torch, 2 * nbytes)
+
+                def fb_ours():
+                    y, m, r = fastnorm.group_norm(xs, G, wt, bt, channels_last=cl,
+                                                  return_stats=True)
+                    fastnorm.group_norm_backward(dys, xs, m, r, G, wt, bt, channels_last=cl)
+                xg = xt.clone().requires_grad_()
+                wg, bg = wt.clone().requires_grad_(), bt.clone().requires_grad_()
+
+                def fb_torch():
+                    torch.nn.functional.group_norm(xg, G, wg, bg).backward(dyt)
+                    xg.grad = wg.grad = bg.grad = None
+                t_ours_fb = timeit(fb_ours, sync=sync)
+                t_torch_fb = timeit(fb_torch, sync=sync)
+                fb.add(case, "fastnorm", t_ours_fb, 5 * nbytes)
+                fb.add(case, "torch autograd", t_torch_fb, 5 * nbytes)
+                checks.append((f"CUDA {dtype} fwd {case}: >= torch", t_torch >= t_ours))
+                checks.append((f"CUDA {dtype} fwd+bwd {case}: >= torch", t_torch_fb >= t_ours_fb))
+                if (shape, G) in LARGE:
+                    checks.append((f"CUDA {dtype} fwd {case}: >= 75% of DRAM bandwidth",
+                                   2 * nbytes / t_ours / 1e9 >= 0.75 * ceiling))
+        tables += [fwd, fb]
+    return tables, checks
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="one shape only")
+    p.add_argument("--no-write", action="store_true", help="do not write bench/results/")
+    args = p.parse_args(argv)
+    tables, checks = cpu_tables(args.threads, args.quick)
+    t2, c2 = cuda_tables(args.quick)
+    tables += t2
+    checks += c2
+    notes = "Targets:\n\n" + "\n".join(f"- {'PASS' if ok else 'MISS'} {what}"
+                                       for what, ok in checks)
+    if args.no_write:
+        from fastnorm._bench import machine
+        print(machine())
+        print("\n\n".join(t.markdown() for t in tables))
+        print(notes)
+    else:
+        print(write_results(f"group_norm-{'cuda' if t2 else 'cpu'}", tables, notes))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()

@@ -1,0 +1,170 @@
+"""Dispatch, DLPack interop, thread control, info() and missing-backend errors."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastnorm
+from fastnorm import _dispatch
+
+
+class Producer:
+    """A minimal third-party DLPack producer (not NumPy, not torch)."""
+
+    def __init__(self, a):
+        self._a = a
+
+    def __dlpack__(self, **kwargs):
+        return self._a.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()
+
+
+def test_generic_dlpack_producer(rng):
+    x = rng.standard_normal((2, 4, 3))
+    y = fastnorm.group_norm(Producer(x), 2)
+    assert isinstance(y, np.ndarray)       # its framework has no from_dlpack: NumPy comes back
+    np.testing.assert_array_equal(y, fastnorm.group_norm(x, 2))
+
+
+def test_torch_cpu_zero_copy_import(rng):
+    torch = pytest.importorskip("torch")
+    t = torch.randn(2, 4, 3, dtype=torch.float32)
+    call, (a,) = _dispatch.resolve(x=t)
+    assert call.backend == "cpu" and call.framework == "torch"
+    assert a.ctypes.data == t.data_ptr()   # no copy for contiguous input
+    out = call.wrap(np.ones(3, np.float32))
+    assert isinstance(out, torch.Tensor)
+
+
+def test_mixed_frameworks_and_devices_are_rejected():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="`x` is a torch.Tensor on cpu but `weight` is a "
+                                        "numpy.ndarray"):
+        _dispatch.resolve(x=torch.zeros(2), weight=np.zeros(2))
+
+    class FakeCuda(Producer):
+        def __dlpack_device__(self):
+            return (2, 1)
+    with pytest.raises(ValueError, match="no implicit transfers"):
+        _dispatch.resolve(x=Producer(np.zeros(2)), weight=FakeCuda(np.zeros(2)))
+
+
+def test_unsupported_objects():
+    with pytest.raises(TypeError, match="`x` must be a NumPy array, a CuPy array or a DLPack"):
+        fastnorm.group_norm(3.0, 1)
+
+    class Weird(Producer):
+        def __dlpack_device__(self):
+            return (14, 0)   # OneAPI
+    with pytest.raises(TypeError, match="DLPack device type 14"):
+        fastnorm.group_norm(Weird(np.zeros((1, 2))), 1)
+
+
+def test_bfloat16_cpu_tensor_gives_a_clear_error():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="`x`"):
+        fastnorm.group_norm(torch.zeros(2, 4, dtype=torch.bfloat16), 2)
+
+
+def test_missing_cpu_extension_message(monkeypatch):
+    call, _ = _dispatch.resolve(x=np.zeros(2))
+    with pytest.raises(RuntimeError, match="CPU kernels are not built"):
+        call.kernel("no_such_op")
+
+
+def test_missing_cupy_message(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    with pytest.raises(RuntimeError, match="need CuPy"):
+        _dispatch._cupy()
+
+
+def _run(code, tmp_path, **env):
+    """Run code in a fresh interpreter outside the source tree (so the installed package loads)."""
+    import os
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd=tmp_path, env=dict(os.environ, **env)).stdout
+
+
+def test_import_does_not_import_cupy(tmp_path):
+    code = "import sys, fastnorm; fastnorm.group_norm(__import__('numpy').ones((1, 2)), 1); " \
+           "print('cupy' in sys.modules)"
+    assert _run(code, tmp_path).strip() == "False"
+
+
+def test_thread_control():
+    default = fastnorm.get_num_threads()
+    assert default >= 1
+    with fastnorm.threads(1):
+        assert fastnorm.get_num_threads() == 1
+        with fastnorm.threads(3):
+            assert fastnorm.get_num_threads() == 3
+        assert fastnorm.get_num_threads() == 1
+    assert fastnorm.get_num_threads() == default
+    fastnorm.set_num_threads(2)
+    try:
+        assert fastnorm.get_num_threads() == 2
+    finally:
+        fastnorm.set_num_threads(None)
+    assert fastnorm.get_num_threads() == default
+    with pytest.raises(ValueError, match="`n`"):
+        fastnorm.set_num_threads(0)
+    with pytest.raises(TypeError, match="`n`"):
+        fastnorm.threads(1.5).__enter__()
+
+
+def test_omp_num_threads_is_honoured(tmp_path):
+    code = "import fastnorm; print(fastnorm.get_num_threads(), fastnorm.info()['openmp'])"
+    n, omp = _run(code, tmp_path, OMP_NUM_THREADS="3").split()
+    assert omp == "False" or n == "3"
+
+
+def test_info():
+    d = fastnorm.info()
+    assert d["version"] == fastnorm.__version__
+    assert d["cpu_backend"] is True
+    assert isinstance(d["num_threads"], int)
+    assert "cuda_backend" in d
+
+
+def test_gil_is_released_during_kernels(rng):
+    # two Python threads running a long kernel overlap: wall time < 1.6x one call
+    import threading
+    import time
+    x = rng.standard_normal((1, 8, 1500, 1500)).astype(np.float32)
+    with fastnorm.threads(1):
+        fastnorm.group_norm(x, 2)
+        t0 = time.perf_counter()
+        fastnorm.group_norm(x, 2)
+        one = time.perf_counter() - t0
+
+    def work():
+        with fastnorm.threads(1):
+            fastnorm.group_norm(x, 2)
+    ts = [threading.Thread(target=work) for _ in range(2)]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    both = time.perf_counter() - t0
+    import os
+    if (os.cpu_count() or 1) >= 2:
+        assert both < 1.6 * one + 0.02
+
+
+@pytest.mark.cuda
+def test_cupy_round_trip_and_torch_cuda(rng):
+    import cupy as cp
+    x = rng.standard_normal((2, 4, 8)).astype(np.float32)
+    y = fastnorm.group_norm(cp.asarray(x), 2)
+    assert isinstance(y, cp.ndarray)
+    np.testing.assert_allclose(cp.asnumpy(y), fastnorm.group_norm(x, 2), rtol=1e-5, atol=1e-5)
+    torch = pytest.importorskip("torch")
+    t = torch.from_numpy(x).cuda()
+    yt = fastnorm.group_norm(t, 2)
+    assert isinstance(yt, torch.Tensor) and yt.is_cuda
+    with pytest.raises(ValueError, match="no implicit transfers"):
+        fastnorm.group_norm(t, 2, torch.ones(4))

@@ -313,13 +313,21 @@ cdef inline void _row_grad_sums(const floating* dy, const floating* x, Py_ssize_
     for j in range(LANES):
         a1[j] = 0
         a2[j] = 0
-    for q in range(nv // LANES):
-        i = q * LANES
-        for j in range(LANES):
-            xh = (x[i + j] - mean) * rstd
-            dz = dy[i + j] if act == 0 else dy[i + j] * _act_grad(xh * w + b, act)
-            a1[j] += dz
-            a2[j] += dz * xh
+    if act == 0:                           # separate loop so that it vectorises
+        for q in range(nv // LANES):
+            i = q * LANES
+            for j in range(LANES):
+                xh = (x[i + j] - mean) * rstd
+                a1[j] += dy[i + j]
+                a2[j] += dy[i + j] * xh
+    else:
+        for q in range(nv // LANES):
+            i = q * LANES
+            for j in range(LANES):
+                xh = (x[i + j] - mean) * rstd
+                dz = dy[i + j] * _act_grad(xh * w + b, act)
+                a1[j] += dz
+                a2[j] += dz * xh
     for i in range(nv, n):
         xh = (x[i] - mean) * rstd
         dz = dy[i] if act == 0 else dy[i] * _act_grad(xh * w + b, act)
@@ -460,13 +468,17 @@ cdef int _backward_nhwc(const floating* dy, const floating* x, const floating* m
             a1[c] = 0
             a2[c] = 0
         for p in range(P):
-            for c in range(C):
-                xh = (x[off + p * C + c] - m[c]) * r[c]
-                dz = dy[off + p * C + c]
-                if act != 0:
-                    dz = dz * _act_grad(xh * w[c] + b[c], act)
-                a1[c] += dz
-                a2[c] += dz * xh
+            if act == 0:
+                for c in range(C):
+                    xh = (x[off + p * C + c] - m[c]) * r[c]
+                    a1[c] += dy[off + p * C + c]
+                    a2[c] += dy[off + p * C + c] * xh
+            else:
+                for c in range(C):
+                    xh = (x[off + p * C + c] - m[c]) * r[c]
+                    dz = dy[off + p * C + c] * _act_grad(xh * w[c] + b[c], act)
+                    a1[c] += dz
+                    a2[c] += dz * xh
     for n in range(N):
         for c in range(C):
             sdz[n * C + c] = 0

@@ -1,0 +1,224 @@
+"""GroupNorm on CUDA: launchers for the kernels of ``group_norm.cu``.
+
+Exposes the same functions and signatures as ``fastnorm._cpu.group_norm`` (``nthreads`` is
+ignored). Inputs are C-contiguous CuPy arrays that the public module has validated; mean/rstd are
+float64 for float64 input and float32 otherwise.
+
+Forward: partial moments (NCHW: chunks of each contiguous group; channels-last: per-channel
+partials of position tiles) -> ``gn_finalize`` (one block per (n, g), fixed-order Chan merge) ->
+``gn_apply`` (vectorised elementwise pass). Backward: per-(n, c) partial sums -> ``gn_bwd_coeffs``
+and ``gn_bwd_wb`` -> ``gn_apply``. Work is split so that a few groups still fill the GPU, and every
+reduction has a fixed order, so results are deterministic.
+"""
+import functools
+import math
+
+import numpy as np
+
+from . import ctype, function
+
+_NS = "fastnorm::gn::"
+_TILE = 256              # threads of the channels-last kernels (TILE_THREADS in the .cu)
+_MAX_PARTS = 16384       # partials merged per group by gn_finalize
+
+
+def _exprs(t, vec):
+    """All kernel instantiations for C++ type t (vector width vec and 1)."""
+    out = []
+    for v in sorted({vec, 1}):
+        out += [f"{_NS}gn_stats_nchw<{t}, {v}>", f"{_NS}gn_stats_nhwc<{t}, {v}>",
+                f"{_NS}gn_grad_nchw<{t}, {v}>", f"{_NS}gn_grad_nhwc<{t}, {v}>",
+                f"{_NS}gn_apply<{t}, {v}, false>", f"{_NS}gn_apply<{t}, {v}, true>"]
+    return out + [f"{_NS}gn_finalize<{t}>", f"{_NS}gn_bwd_coeffs<{t}>", f"{_NS}gn_bwd_wb<{t}>"]
+
+
+def _kernel(dtype, name, v=None):
+    t = ctype(dtype)
+    vec = 16 // np.dtype(dtype).itemsize
+    if name == "gn_apply":
+        expr = f"{_NS}gn_apply<{t}, {v[0]}, {'true' if v[1] else 'false'}>"
+    elif v is None:
+        expr = f"{_NS}{name}<{t}>"
+    else:
+        expr = f"{_NS}{name}<{t}, {v}>"
+    return function("group_norm", expr, _exprs(t, vec))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_id):
+    import cupy
+    return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
+
+
+def _sms():
+    import cupy
+    return _sm_count(cupy.cuda.Device().id)
+
+
+def _i(v):
+    return np.int64(v)
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _grid(n, cap=2**31 - 1):
+    return (int(max(1, min(n, cap))),)
+
+
+def _pow2_block(n):
+    """Smallest power of two >= n in [32, 256] (threads for a reduction over n batches)."""
+    b = 32
+    while b < 256 and b < n:
+        b *= 2
+    return b
+
+
+def _vec_width(dtype, arrays, extent):
+    """16-byte vectors when every array is 16-byte aligned and ``extent`` splits into them."""
+    vec = 16 // np.dtype(dtype).itemsize
+    if extent % vec == 0 and all(a.data.ptr % 16 == 0 for a in arrays):
+        return vec
+    return 1
+
+
+def _dims(x, channels_last):
+    N = x.shape[0]
+    C = x.shape[-1] if channels_last else x.shape[1]
+    S = x.size // (N * C) if N * C > 0 else 0
+    return int(N), int(C), int(S)
+
+
+def _stats_dtype(dtype):
+    return np.float64 if dtype == np.float64 else np.float32
+
+
+def _split(length, n_rows, v, block, r):
+    """Chunk length L (a multiple of block*v) and chunk count of rows of ``length`` elements, so
+    that n_rows * chunks blocks fill the GPU while each thread keeps at least one batch."""
+    target = _sms() * (2048 // block)
+    unit = block * v
+    max_chunks = max(1, length // (unit * r))
+    chunks = max(1, min(_cdiv(target, n_rows), max_chunks, _MAX_PARTS))
+    L = _cdiv(_cdiv(length, chunks), unit) * unit
+    return L, _cdiv(length, L)
+
+
+def _tiles(N, S, C, Cg, v):
+    """Channels-last position tiles: (positions per tile TP, number of tiles per sample)."""
+    tcols = min(C // v, _TILE)
+    trows = _TILE // tcols
+    r = 8 if v == 1 else 4
+    target = _sms() * 4
+    nptile = max(1, min(_cdiv(target, N), _cdiv(S, 2 * trows * r), max(1, _MAX_PARTS // Cg)))
+    TP = _cdiv(S, nptile)
+    return TP, _cdiv(S, TP)
+
+
+def _apply(x, dy, out, cm, cs, k2, k3, b, N, C, S, channels_last, act, bwd):
+    extent = C if channels_last else S
+    arrays = (x, out) if dy is None else (x, out, dy)
+    v = _vec_width(x.dtype, arrays, extent)
+    nvec = N * C * S // v
+    kern = _kernel(x.dtype, "gn_apply", (v, bwd))
+    kern(_grid(min(_cdiv(nvec, 256), _sms() * 8)), (256,),
+         (x, x if dy is None else dy, out, cm, cs, k2, k3, b, _i(nvec), _i(S), _i(C),
+          np.float64(1.0 / S), np.float64(1.0 / C), np.int32(channels_last), np.int32(act)))
+
+
+def forward(x, weight, bias, num_groups, eps, channels_last, activation, nthreads):
+    """y, mean, rstd = forward(x, weight, bias, G, eps, channels_last, act, nthreads)."""
+    import cupy as cp
+    N, C, S = _dims(x, channels_last)
+    G = int(num_groups)
+    sdt = _stats_dtype(x.dtype)
+    y = cp.empty_like(x)
+    mean = cp.zeros((N, G), dtype=sdt)
+    rstd = cp.zeros((N, G), dtype=sdt)
+    if N * C * S == 0:
+        if N * C > 0:
+            rstd[...] = 1.0 / math.sqrt(eps)
+        return y, mean, rstd
+    Cg, NG = C // G, N * G
+    if channels_last:
+        v = _vec_width(x.dtype, (x,), C)
+        TP, nptile = _tiles(N, S, C, Cg, v)
+        pmean = cp.empty(N * nptile * C, dtype=sdt)
+        pm2 = cp.empty_like(pmean)
+        _kernel(x.dtype, "gn_stats_nhwc", v)(
+            _grid(N * nptile), (_TILE,),
+            (x, pmean, pm2, _i(S), _i(C), _i(TP), _i(nptile), _i(N * nptile)))
+        L, nparts = TP, nptile * Cg
+    else:
+        M = Cg * S
+        v = _vec_width(x.dtype, (x,), M)
+        r = 8 if v == 1 else 4
+        block = _pow2_block(_cdiv(M, v * r))
+        L, nsplit = _split(M, NG, v, block, r)
+        pmean = cp.empty(NG * nsplit, dtype=sdt)
+        pm2 = cp.empty_like(pmean)
+        _kernel(x.dtype, "gn_stats_nchw", v)(
+            _grid(NG * nsplit), (block,),
+            (x, pmean, pm2, _i(M), _i(L), _i(nsplit), _i(NG * nsplit)))
+        nparts = nsplit
+    cm = cp.empty(N * C, dtype=sdt)
+    cs = cp.empty_like(cm)
+    _kernel(x.dtype, "gn_finalize")(
+        _grid(NG), (_pow2_block(nparts),),
+        (pmean, pm2, weight, mean, rstd, cm, cs, _i(NG), _i(G), _i(C), _i(S), _i(L),
+         _i(nparts), np.int32(channels_last), np.float64(eps)))
+    _apply(x, None, y, cm, cs, cm, cs, bias, N, C, S, channels_last, activation, False)
+    return y, mean, rstd
+
+
+def backward(grad_out, x, mean, rstd, weight, bias, num_groups, channels_last, activation,
+             nthreads):
+    """grad_x, grad_weight, grad_bias = backward(dy, x, mean, rstd, w, b, G, channels_last, act, nthreads)."""
+    import cupy as cp
+    N, C, S = _dims(x, channels_last)
+    G = int(num_groups)
+    sdt = _stats_dtype(x.dtype)
+    gx = cp.empty_like(x)
+    gw = cp.zeros(C, dtype=x.dtype)
+    gb = cp.zeros(C, dtype=x.dtype)
+    if N * C * S == 0:
+        return gx, gw, gb
+    Cg, NG = C // G, N * G
+    act = np.int32(activation)
+    if channels_last:
+        v = _vec_width(x.dtype, (x, grad_out), C)
+        TP, nk = _tiles(N, S, C, Cg, v)
+        p1 = cp.empty(N * nk * C, dtype=sdt)
+        p2 = cp.empty_like(p1)
+        _kernel(x.dtype, "gn_grad_nhwc", v)(
+            _grid(N * nk), (_TILE,),
+            (grad_out, x, mean, rstd, weight, bias, p1, p2, _i(S), _i(C), _i(G), _i(TP),
+             _i(nk), _i(N * nk), act))
+    else:
+        v = _vec_width(x.dtype, (x, grad_out), S)
+        r = 8 if v == 1 else 4
+        block = _pow2_block(_cdiv(S, v * r))
+        L, nk = _split(S, N * C, v, block, r)
+        p1 = cp.empty(N * C * nk, dtype=sdt)
+        p2 = cp.empty_like(p1)
+        _kernel(x.dtype, "gn_grad_nchw", v)(
+            _grid(N * C * nk), (block,),
+            (grad_out, x, mean, rstd, weight, bias, p1, p2, _i(C), _i(S), _i(Cg), _i(L),
+             _i(nk), _i(N * C * nk), act))
+    sdz = cp.empty(N * C, dtype=np.float64)
+    sdzx = cp.empty_like(sdz)
+    cm, cs, k2, k3 = (cp.empty(N * C, dtype=sdt) for _ in range(4))
+    _kernel(x.dtype, "gn_bwd_coeffs")(
+        _grid(NG), (min(256, 32 * Cg),),
+        (p1, p2, mean, rstd, weight, sdz, sdzx, cm, cs, k2, k3, _i(NG), _i(G), _i(C), _i(S),
+         _i(nk), np.int32(channels_last)))
+    _kernel(x.dtype, "gn_bwd_wb")(
+        _grid(_cdiv(C * 32, 256)), (256,), (sdz, sdzx, gw, gb, _i(N), _i(C)))
+    _apply(x, grad_out, gx, cm, cs, k2, k3, bias, N, C, S, channels_last, activation, True)
+    return gx, gw, gb
+
+
+# Every instantiation CuPy may request (used by .ci/nvcc_check.py to compile them all with nvcc).
+_WIDTH = {"float": 4, "double": 2, "__half": 8, "__nv_bfloat16": 8}
+NAME_EXPRESSIONS = [e for t, vec in _WIDTH.items() for e in _exprs(t, vec)]

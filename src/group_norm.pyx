@@ -23,8 +23,6 @@ from _types cimport floating
 
 cnp.import_array()
 
-cdef enum:
-    LANES = 8
 cdef Py_ssize_t CHUNK = 16384          # elements per statistics unit
 cdef Py_ssize_t FUSE_BYTES = 1 << 20   # groups up to this size are normalised while in cache
 
@@ -58,37 +56,46 @@ cdef inline floating _act_grad(floating z, int act) noexcept nogil:
     return 1
 
 
+cdef extern from "_simd.h" nogil:
+    void fn_colsum_f(const float* x, Py_ssize_t P, Py_ssize_t C, const float* unused,
+                     double* s1, double* s2)
+    void fn_colsum_d(const double* x, Py_ssize_t P, Py_ssize_t C, const double* unused,
+                     double* s1, double* s2)
+    void fn_coldev_f(const float* x, Py_ssize_t P, Py_ssize_t C, const float* k,
+                     double* s1, double* s2)
+    void fn_coldev_d(const double* x, Py_ssize_t P, Py_ssize_t C, const double* k,
+                     double* s1, double* s2)
+    void fn_colgrad_f(const float* dy, Py_ssize_t P, Py_ssize_t C, const float* x,
+                      const float* m, const float* r, double* s1, double* s2)
+    void fn_colgrad_d(const double* dy, Py_ssize_t P, Py_ssize_t C, const double* x,
+                      const double* m, const double* r, double* s1, double* s2)
+    double fn_sum_f(const float* x, Py_ssize_t n)
+    double fn_sum_d(const double* x, Py_ssize_t n)
+    void fn_dev_sums_f(const float* x, Py_ssize_t n, float k, double* sd, double* sq)
+    void fn_dev_sums_d(const double* x, Py_ssize_t n, double k, double* sd, double* sq)
+    void fn_grad_sums_f(const float* dy, const float* x, Py_ssize_t n, float mean, float rstd,
+                        double* s_dy, double* s_dyx)
+    void fn_grad_sums_d(const double* dy, const double* x, Py_ssize_t n, double mean, double rstd,
+                        double* s_dy, double* s_dyx)
+
+
 cdef inline void _moments(const floating* x, Py_ssize_t n, double* mean, double* m2) noexcept nogil:
-    """Two-pass mean and sum of squared deviations of x[0:n] in float64 (LANES-way, fixed order)."""
-    cdef double acc[LANES]
-    cdef Py_ssize_t i, j, q, nv = n - n % LANES
-    cdef double s = 0, mu, d
-    for j in range(LANES):
-        acc[j] = 0
-    for q in range(nv // LANES):
-        i = q * LANES
-        for j in range(LANES):
-            acc[j] += x[i + j]
-    for j in range(LANES):
-        s += acc[j]
-    for i in range(nv, n):
-        s += x[i]
-    mu = s / n
-    for j in range(LANES):
-        acc[j] = 0
-    for q in range(nv // LANES):
-        i = q * LANES
-        for j in range(LANES):
-            d = x[i + j] - mu
-            acc[j] += d * d
-    s = 0
-    for j in range(LANES):
-        s += acc[j]
-    for i in range(nv, n):
-        d = x[i] - mu
-        s += d * d
-    mean[0] = mu
-    m2[0] = s
+    """Mean and sum of squared deviations of x[0:n], robustly.
+
+    Pass 1 gives an approximate mean K; pass 2 sums d = x - K and d*d and corrects:
+    mean = K + sum(d)/n, M2 = sum(d^2) - sum(d)^2/n, exact for any K and well conditioned
+    because K is close to the mean (no E[x^2]-E[x]^2 cancellation).
+    """
+    cdef floating K
+    cdef double sd, sq
+    if floating is float:
+        K = <float>(fn_sum_f(x, n) / n)
+        fn_dev_sums_f(x, n, K, &sd, &sq)
+    else:
+        K = fn_sum_d(x, n) / n
+        fn_dev_sums_d(x, n, K, &sd, &sq)
+    mean[0] = K + sd / n
+    m2[0] = max(sq - sd * sd / n, 0.0)
 
 
 cdef inline void _merge(const double* pmean, const double* pm2, const double* pcnt, Py_ssize_t k,
@@ -202,38 +209,43 @@ cdef inline Py_ssize_t _block_positions(Py_ssize_t C) noexcept nogil:
 
 
 cdef void _nhwc_unit_stats(const floating* x, Py_ssize_t u, Py_ssize_t C, Py_ssize_t S,
-                           Py_ssize_t G, Py_ssize_t T, Py_ssize_t nb, double* acc,
+                           Py_ssize_t G, Py_ssize_t T, Py_ssize_t nb, double* scratch,
                            double* pmean, double* pm2, double* pcnt) noexcept nogil:
-    """Block u = (n, blk): per-group two-pass moments, accumulated per channel (vectorised on C)."""
+    """Block u = (n, blk): per-group moments as in ``_moments`` (approximate mean K, then
+    corrected sums of d = x - K), from per-channel column sums along the contiguous channel
+    axis. ``scratch`` holds 3*C doubles."""
     cdef Py_ssize_t n = u // nb, blk = u % nb, Cg = C // G
-    cdef Py_ssize_t p0 = blk * T, P = min(T, S - p0), p, c, g, idx
+    cdef Py_ssize_t p0 = blk * T, P = min(T, S - p0), c, g, idx
     cdef const floating* xb = x + (n * S + p0) * C
-    cdef double* gm = acc + C                 # per-channel copy of the block's group mean
-    cdef double s, d, cnt = <double>(P * Cg)
-    for c in range(C):
-        acc[c] = 0
-    for p in range(P):
-        for c in range(C):
-            acc[c] += xb[p * C + c]
+    cdef double* s1 = scratch
+    cdef double* s2 = scratch + C
+    cdef floating* k = <floating*>(scratch + 2 * C)
+    cdef double sd, sq, cnt = <double>(P * Cg)
+    cdef floating K
+    if floating is float:
+        fn_colsum_f(xb, P, C, NULL, s1, s2)
+    else:
+        fn_colsum_d(xb, P, C, NULL, s1, s2)
     for g in range(G):
-        s = 0
+        sd = 0
         for c in range(g * Cg, (g + 1) * Cg):
-            s += acc[c]
+            sd += s1[c]
+        K = <floating>(sd / cnt)
         for c in range(g * Cg, (g + 1) * Cg):
-            gm[c] = s / cnt
-    for c in range(C):
-        acc[c] = 0
-    for p in range(P):
-        for c in range(C):
-            d = xb[p * C + c] - gm[c]
-            acc[c] += d * d
+            k[c] = K
+    if floating is float:
+        fn_coldev_f(xb, P, C, k, s1, s2)
+    else:
+        fn_coldev_d(xb, P, C, k, s1, s2)
     for g in range(G):
-        s = 0
+        sd = 0
+        sq = 0
         for c in range(g * Cg, (g + 1) * Cg):
-            s += acc[c]
+            sd += s1[c]
+            sq += s2[c]
         idx = (n * G + g) * nb + blk                # a group's blocks are contiguous
-        pmean[idx] = gm[g * Cg]
-        pm2[idx] = s
+        pmean[idx] = k[g * Cg] + sd / cnt
+        pm2[idx] = max(sq - sd * sd / cnt, 0.0)
         pcnt[idx] = cnt
 
 
@@ -281,13 +293,13 @@ cdef int _forward_nhwc(const floating* x, floating* y, const floating* w, const 
     cdef double* pcnt = pm2 + N * G * nb
     cdef double* dmean = pcnt + N * G * nb
     cdef double* acc
-    cdef double* accs = <double*>malloc(nthreads * 2 * C * sizeof(double))
+    cdef double* accs = <double*>malloc(nthreads * 3 * C * sizeof(double))
     if pmean == NULL or accs == NULL:
         free(pmean)
         free(accs)
         return -1
     with parallel(num_threads=nthreads):
-        acc = accs + threadid() * 2 * C          # per-thread scratch
+        acc = accs + threadid() * 3 * C          # per-thread scratch
         for u in prange(units, schedule="static"):
             _nhwc_unit_stats(x, u, C, S, G, T, nb, acc, pmean, pm2, pcnt)
     free(accs)
@@ -306,38 +318,22 @@ cdef inline void _row_grad_sums(const floating* dy, const floating* x, Py_ssize_
                                 floating mean, floating rstd, floating w, floating b, int act,
                                 double* sdz, double* sdzx) noexcept nogil:
     """sum(dz) and sum(dz * xhat) over one row segment, dz = dy * act'(z)."""
-    cdef double a1[LANES]
-    cdef double a2[LANES]
-    cdef Py_ssize_t i, j, q, nv = n - n % LANES
+    cdef Py_ssize_t i
     cdef floating xh, dz
-    for j in range(LANES):
-        a1[j] = 0
-        a2[j] = 0
-    if act == 0:                           # separate loop so that it vectorises
-        for q in range(nv // LANES):
-            i = q * LANES
-            for j in range(LANES):
-                xh = (x[i + j] - mean) * rstd
-                a1[j] += dy[i + j]
-                a2[j] += dy[i + j] * xh
-    else:
-        for q in range(nv // LANES):
-            i = q * LANES
-            for j in range(LANES):
-                xh = (x[i + j] - mean) * rstd
-                dz = dy[i + j] * _act_grad(xh * w + b, act)
-                a1[j] += dz
-                a2[j] += dz * xh
-    for i in range(nv, n):
+    cdef double s1 = 0, s2 = 0
+    if act == 0:
+        if floating is float:
+            fn_grad_sums_f(dy, x, n, mean, rstd, sdz, sdzx)
+        else:
+            fn_grad_sums_d(dy, x, n, mean, rstd, sdz, sdzx)
+        return
+    for i in range(n):
         xh = (x[i] - mean) * rstd
-        dz = dy[i] if act == 0 else dy[i] * _act_grad(xh * w + b, act)
-        a1[0] += dz
-        a2[0] += dz * xh
-    sdz[0] = 0
-    sdzx[0] = 0
-    for j in range(LANES):
-        sdz[0] += a1[j]
-        sdzx[0] += a2[j]
+        dz = dy[i] * _act_grad(xh * w + b, act)
+        s1 += dz
+        s2 += dz * xh
+    sdz[0] = s1
+    sdzx[0] = s2
 
 
 cdef inline void _row_grad_x(const floating* dy, const floating* x, floating* gx, Py_ssize_t n,
@@ -464,16 +460,16 @@ cdef int _backward_nhwc(const floating* dy, const floating* x, const floating* m
         a2 = a1 + C
         m = cmean + n * C
         r = crstd + n * C
-        for c in range(C):
-            a1[c] = 0
-            a2[c] = 0
-        for p in range(P):
-            if act == 0:
-                for c in range(C):
-                    xh = (x[off + p * C + c] - m[c]) * r[c]
-                    a1[c] += dy[off + p * C + c]
-                    a2[c] += dy[off + p * C + c] * xh
+        if act == 0:
+            if floating is float:
+                fn_colgrad_f(dy + off, P, C, x + off, m, r, a1, a2)
             else:
+                fn_colgrad_d(dy + off, P, C, x + off, m, r, a1, a2)
+        else:
+            for c in range(C):
+                a1[c] = 0
+                a2[c] = 0
+            for p in range(P):
                 for c in range(C):
                     xh = (x[off + p * C + c] - m[c]) * r[c]
                     dz = dy[off + p * C + c] * _act_grad(xh * w[c] + b[c], act)

@@ -59,17 +59,23 @@ FN_DEFINE(double, d)
  * with the partial sums held in registers; positions are summed in the input precision over
  * FN_SUBP rows and flushed to double. */
 #define FN_SUBP 16
+#if defined(__GNUC__) || defined(__clang__)
+#define FN_PREFETCH(p) __builtin_prefetch((p), 0, 3)
+#else
+#define FN_PREFETCH(p) ((void)0)
+#endif
 
 #define FN_COLS(T, SFX, NAME, PARAMS, DECL, F1, F2)                                                \
 static inline void fn_##NAME##_##SFX(const T* x, ptrdiff_t P, ptrdiff_t C, PARAMS,               \
                                      double* s1, double* s2) {                                   \
     enum { W = 64 / sizeof(T) };                                                                 \
-    ptrdiff_t c0 = 0;                                                                            \
-    for (; c0 + W <= C; c0 += W) {                                                               \
-        double d1[W], d2[W];                                                                     \
-        for (int j = 0; j < W; j++) { d1[j] = 0; d2[j] = 0; }                                    \
-        for (ptrdiff_t p0 = 0; p0 < P; p0 += FN_SUBP) {                                           \
-            ptrdiff_t pe = p0 + FN_SUBP < P ? p0 + FN_SUBP : P;                                   \
+    for (ptrdiff_t c = 0; c < C; c++) { s1[c] = 0; s2[c] = 0; }                                   \
+    for (ptrdiff_t p0 = 0; p0 < P; p0 += FN_SUBP) {       /* rows in order: streams memory */    \
+        const ptrdiff_t pe = p0 + FN_SUBP < P ? p0 + FN_SUBP : P;                                 \
+        const ptrdiff_t pn = pe + FN_SUBP < P ? pe + FN_SUBP : P;                                 \
+        for (ptrdiff_t q = pe * C; q < pn * C; q += W) FN_PREFETCH(x + q); /* next rows */     \
+        ptrdiff_t c0 = 0;                                                                        \
+        for (; c0 + W <= C; c0 += W) {                    /* W channels in registers */          \
             T a1[W], a2[W];                                                                      \
             for (int j = 0; j < W; j++) { a1[j] = 0; a2[j] = 0; }                                \
             for (ptrdiff_t p = p0; p < pe; p++) {                                                 \
@@ -79,20 +85,14 @@ static inline void fn_##NAME##_##SFX(const T* x, ptrdiff_t P, ptrdiff_t C, PARAM
                     a1[j] += F1; a2[j] += F2;                                                    \
                 }                                                                                \
             }                                                                                    \
-            for (int j = 0; j < W; j++) { d1[j] += a1[j]; d2[j] += a2[j]; }                       \
+            for (int j = 0; j < W; j++) { s1[c0 + j] += a1[j]; s2[c0 + j] += a2[j]; }             \
         }                                                                                        \
-        for (int j = 0; j < W; j++) { s1[c0 + j] = d1[j]; s2[c0 + j] = d2[j]; }                  \
-    }                                                                                            \
-    for (ptrdiff_t c = c0; c < C; c++) {                                                          \
-        double e1 = 0, e2 = 0;                                                                   \
-        for (ptrdiff_t p0 = 0; p0 < P; p0 += FN_SUBP) {                                           \
-            ptrdiff_t pe = p0 + FN_SUBP < P ? p0 + FN_SUBP : P;                                   \
+        for (ptrdiff_t c = c0; c < C; c++) {                                                      \
             T a1 = 0, a2 = 0;                                                                    \
             for (ptrdiff_t p = p0; p < pe; p++) { const ptrdiff_t i = p * C + c; DECL;            \
                                                   a1 += F1; a2 += F2; }                          \
-            e1 += a1; e2 += a2;                                                                  \
+            s1[c] += a1; s2[c] += a2;                                                            \
         }                                                                                        \
-        s1[c] = e1; s2[c] = e2;                                                                  \
     }                                                                                            \
 }
 

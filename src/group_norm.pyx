@@ -79,23 +79,38 @@ cdef extern from "_simd.h" nogil:
                         double* s_dy, double* s_dyx)
 
 
-cdef inline void _moments(const floating* x, Py_ssize_t n, double* mean, double* m2) noexcept nogil:
-    """Mean and sum of squared deviations of x[0:n], robustly.
+cdef enum:
+    PILOT = 256     # elements (NCHW) whose mean is the shift of the deviation sums
+    PILOT_ROWS = 8  # positions (channels-last) likewise
 
-    Pass 1 gives an approximate mean K; pass 2 sums d = x - K and d*d and corrects:
-    mean = K + sum(d)/n, M2 = sum(d^2) - sum(d)^2/n, exact for any K and well conditioned
-    because K is close to the mean (no E[x^2]-E[x]^2 cancellation).
+
+cdef inline void _moments(const floating* x, Py_ssize_t n, double* mean, double* m2) noexcept nogil:
+    """Mean and sum of squared deviations of x[0:n], robustly, in one pass over memory.
+
+    Sums of d = x - K and d*d give mean = K + sum(d)/n and M2 = sum(d^2) - sum(d)^2/n, exact for
+    any shift K and well conditioned when K is near the mean. K is the mean of the first PILOT
+    elements; if it turns out farther from the mean than one standard deviation (a pathological
+    layout), the sums are redone around the mean just found (the data is then in cache).
     """
     cdef floating K
-    cdef double sd, sq
+    cdef double sd, sq, mu, M2
+    cdef Py_ssize_t n0 = min(n, <Py_ssize_t>PILOT), attempt
     if floating is float:
-        K = <float>(fn_sum_f(x, n) / n)
-        fn_dev_sums_f(x, n, K, &sd, &sq)
+        K = <float>(fn_sum_f(x, n0) / n0)
     else:
-        K = fn_sum_d(x, n) / n
-        fn_dev_sums_d(x, n, K, &sd, &sq)
-    mean[0] = K + sd / n
-    m2[0] = max(sq - sd * sd / n, 0.0)
+        K = fn_sum_d(x, n0) / n0
+    for attempt in range(2):
+        if floating is float:
+            fn_dev_sums_f(x, n, K, &sd, &sq)
+        else:
+            fn_dev_sums_d(x, n, K, &sd, &sq)
+        mu = K + sd / n
+        M2 = max(sq - sd * sd / n, 0.0)
+        if not (sd * sd / n > M2):      # (mean - K)^2 <= variance: accurate
+            break
+        K = <floating>mu
+    mean[0] = mu
+    m2[0] = M2
 
 
 cdef inline void _merge(const double* pmean, const double* pm2, const double* pcnt, Py_ssize_t k,
@@ -220,33 +235,43 @@ cdef void _nhwc_unit_stats(const floating* x, Py_ssize_t u, Py_ssize_t C, Py_ssi
     cdef double* s1 = scratch
     cdef double* s2 = scratch + C
     cdef floating* k = <floating*>(scratch + 2 * C)
-    cdef double sd, sq, cnt = <double>(P * Cg)
-    cdef floating K
+    cdef double sd, sq, mu, M2, cnt = <double>(P * Cg)
+    cdef Py_ssize_t P0 = min(P, <Py_ssize_t>PILOT_ROWS), attempt
+    cdef bint redo
     if floating is float:
-        fn_colsum_f(xb, P, C, NULL, s1, s2)
+        fn_colsum_f(xb, P0, C, NULL, s1, s2)
     else:
-        fn_colsum_d(xb, P, C, NULL, s1, s2)
+        fn_colsum_d(xb, P0, C, NULL, s1, s2)
     for g in range(G):
         sd = 0
         for c in range(g * Cg, (g + 1) * Cg):
             sd += s1[c]
-        K = <floating>(sd / cnt)
         for c in range(g * Cg, (g + 1) * Cg):
-            k[c] = K
-    if floating is float:
-        fn_coldev_f(xb, P, C, k, s1, s2)
-    else:
-        fn_coldev_d(xb, P, C, k, s1, s2)
-    for g in range(G):
-        sd = 0
-        sq = 0
-        for c in range(g * Cg, (g + 1) * Cg):
-            sd += s1[c]
-            sq += s2[c]
-        idx = (n * G + g) * nb + blk                # a group's blocks are contiguous
-        pmean[idx] = k[g * Cg] + sd / cnt
-        pm2[idx] = max(sq - sd * sd / cnt, 0.0)
-        pcnt[idx] = cnt
+            k[c] = <floating>(sd / (P0 * Cg))
+    for attempt in range(2):
+        if floating is float:
+            fn_coldev_f(xb, P, C, k, s1, s2)
+        else:
+            fn_coldev_d(xb, P, C, k, s1, s2)
+        redo = False
+        for g in range(G):
+            sd = 0
+            sq = 0
+            for c in range(g * Cg, (g + 1) * Cg):
+                sd += s1[c]
+                sq += s2[c]
+            mu = k[g * Cg] + sd / cnt
+            M2 = max(sq - sd * sd / cnt, 0.0)
+            idx = (n * G + g) * nb + blk                # a group's blocks are contiguous
+            pmean[idx] = mu
+            pm2[idx] = M2
+            pcnt[idx] = cnt
+            if sd * sd / cnt > M2:                      # shift too far from the mean: redo
+                redo = True
+                for c in range(g * Cg, (g + 1) * Cg):
+                    k[c] = <floating>mu
+        if not redo:
+            break
 
 
 cdef void _nhwc_unit_normalize(const floating* x, floating* y, Py_ssize_t u, Py_ssize_t C,

@@ -12,7 +12,9 @@ import numpy as np
 
 
 def timeit(fn, *, repeat=7, min_time=0.05, sync=None):
-    """Median seconds per call of ``fn()`` (inner loops until ``min_time``; ``sync`` after each)."""
+    """Best (minimum) seconds per call of ``fn()`` over ``repeat`` samples, each looping until
+    ``min_time``; ``sync`` (e.g. a CUDA synchronise) ends each sample. The minimum is the least
+    disturbed by other load, and every implementation is timed the same way."""
     fn()
     if sync:
         sync()
@@ -30,7 +32,7 @@ def timeit(fn, *, repeat=7, min_time=0.05, sync=None):
         if sync:
             sync()
         samples.append((time.perf_counter() - t0) / inner)
-    return float(np.median(samples))
+    return float(min(samples))
 
 
 def copy_bandwidth(nbytes=256 << 20, xp=np, sync=None):

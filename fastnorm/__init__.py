@@ -7,10 +7,12 @@ __version__ = "0.1.0"
 
 from ._threads import get_num_threads, set_num_threads, threads
 from .group_norm import group_norm, group_norm_backward
+from .nms import nms, batched_nms, soft_nms, diou_nms, weighted_nms, matrix_nms, box_iou
 
 __all__ = [
     "__version__", "info", "get_num_threads", "set_num_threads", "threads",
     "group_norm", "group_norm_backward",
+    "nms", "batched_nms", "soft_nms", "diou_nms", "weighted_nms", "matrix_nms", "box_iou",
 ]
 
 

@@ -1,0 +1,182 @@
+"""Benchmark: fastnorm nms / batched_nms vs torchvision, ONNX Runtime NonMaxSuppression and
+OpenCV cv2.dnn.NMSBoxes, float32, 2 threads, clustered random boxes.
+
+Run: ``python bench/bench_nms.py`` (in the venv that has fastnorm built, onnxruntime, onnx and
+opencv-python-headless). torchvision is timed in a subprocess with the interpreter named by
+``FASTNORM_TV_PYTHON`` (default /work/venv-tv/bin/python, if present; otherwise the current one if
+it has torchvision) on the very same inputs, saved as .npy files -- the simplest robust way to
+use a torch/torchvision build that lives in another environment. Every peer's output is checked
+against fastnorm's (same kept indices) before it is timed.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+import fastnorm
+from fastnorm._bench import Table, timeit, write_results
+
+THREADS = 2
+IOU = 0.5
+SIZES = (1000, 10_000, 50_000, 100_000)
+TARGETS = {("nms", 10_000): {"torchvision": 10, "onnxruntime": 3},
+           ("nms", 50_000): {"torchvision": 10, "onnxruntime": 3},
+           ("batched", 20_000): {"torchvision": 2}}
+
+
+def clustered_boxes(n, seed=0, per_cluster=16):
+    """Detector-like output: clusters of ~16 jittered boxes (16..120 px) around random objects in
+    an image whose side grows as sqrt(n) (constant density); uniform scores."""
+    rng = np.random.default_rng(seed)
+    k = max(1, n // per_cluster)
+    side = 32.0 * np.sqrt(n)
+    centres = rng.uniform(0, side, (k, 2))
+    sizes = rng.uniform(16, 96, (k, 2))
+    c = rng.integers(0, k, n)
+    ctr = centres[c] + rng.normal(0, 0.1, (n, 2)) * sizes[c]
+    wh = sizes[c] * rng.uniform(0.8, 1.25, (n, 2))
+    boxes = np.concatenate([ctr - wh / 2, ctr + wh / 2], 1).astype(np.float32)
+    return boxes, rng.random(n).astype(np.float32)
+
+
+def _timer(n):
+    return dict(repeat=3, min_time=0.0) if n >= 50_000 else dict(repeat=7, min_time=0.05)
+
+
+_TV_SCRIPT = r"""
+import json, sys, time, numpy as np, torch, torchvision
+torch.set_num_threads(int(sys.argv[2]))
+d = sys.argv[1]; out = {}
+def t(fn, n):
+    fn(); best = []
+    reps = 3 if n >= 50000 else 7
+    for _ in range(reps):
+        t0 = time.perf_counter(); fn(); best.append(time.perf_counter() - t0)
+    return float(np.median(best))
+for case in json.loads(sys.argv[3]):
+    b = torch.from_numpy(np.load(f"{d}/{case}_b.npy")); s = torch.from_numpy(np.load(f"{d}/{case}_s.npy"))
+    if case.startswith("batched"):
+        i = torch.from_numpy(np.load(f"{d}/{case}_i.npy"))
+        fn = lambda: torchvision.ops.batched_nms(b, s, i, %(iou)r)
+    else:
+        fn = lambda: torchvision.ops.nms(b, s, %(iou)r)
+    np.save(f"{d}/{case}_tvkeep.npy", fn().numpy())
+    out[case] = t(fn, len(s))
+print(json.dumps({"versions": [torch.__version__, torchvision.__version__], "times": out}))
+""" % {"iou": IOU}
+
+
+def torchvision_times(cases, tmp):
+    py = os.environ.get("FASTNORM_TV_PYTHON", "/work/venv-tv/bin/python")
+    if not os.path.exists(py):
+        py = sys.executable
+    with open(os.path.join(tmp, "tv.py"), "w") as f:
+        f.write(_TV_SCRIPT)
+    r = subprocess.run([py, os.path.join(tmp, "tv.py"), tmp, str(THREADS), json.dumps(cases)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        print("torchvision unavailable:", r.stderr.strip().splitlines()[-1:], file=sys.stderr)
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def ort_session(n):
+    try:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    node = helper.make_node("NonMaxSuppression", ["boxes", "scores", "max", "iou"], ["sel"])
+    graph = helper.make_graph(
+        [node], "nms",
+        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, n, 4]),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, n])],
+        [helper.make_tensor_value_info("sel", TensorProto.INT64, [None, 3])],
+        [helper.make_tensor("max", TensorProto.INT64, [1], [n]),
+         helper.make_tensor("iou", TensorProto.FLOAT, [1], [IOU])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = THREADS
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def main():
+    fastnorm.set_num_threads(THREADS)
+    try:
+        import cv2
+        cv2.setNumThreads(THREADS)
+    except ImportError:
+        cv2 = None
+    table = Table(f"nms / batched_nms, float32, IoU {IOU}, {THREADS} threads, clustered boxes",
+                  unit="Mbox/s")
+    tmp = tempfile.mkdtemp()
+    inputs = {}
+    for n in SIZES:
+        inputs[f"nms_{n}"] = clustered_boxes(n)
+    b, s = clustered_boxes(20_000, seed=1)
+    inputs["batched_20000"] = (b, s, np.random.default_rng(2).integers(0, 80, 20_000))
+    for case, arrs in inputs.items():
+        for suffix, a in zip("bsi", arrs):
+            np.save(os.path.join(tmp, f"{case}_{suffix}.npy"), a)
+    tv = torchvision_times(list(inputs), tmp)
+    ratios = {}
+    for case, arrs in inputs.items():
+        n = len(arrs[1])
+        work = n * 1e3          # Mbox/s column: boxes per second / 1e6, via work/1e9
+        if case.startswith("batched"):
+            b, s, i = arrs
+            ours = fastnorm.batched_nms(b, s, i, IOU)
+            t_ours = timeit(lambda: fastnorm.batched_nms(b, s, i, IOU), **_timer(n))
+        else:
+            b, s = arrs
+            ours = fastnorm.nms(b, s, IOU)
+            t_ours = timeit(lambda: fastnorm.nms(b, s, IOU), **_timer(n))
+        label = f"{case} ({len(ours)} kept)"
+        table.add(label, "fastnorm", t_ours, work)
+        peers = {}
+        if tv is not None:
+            theirs = np.load(os.path.join(tmp, f"{case}_tvkeep.npy"))
+            # torchvision's final merge sort in batched_nms is not stable: compare as sets
+            assert np.array_equal(np.sort(theirs), np.sort(ours)), case
+            peers["torchvision"] = tv["times"][case]
+        if not case.startswith("batched"):
+            sess = ort_session(n)
+            if sess is not None:
+                feed = {"boxes": b[None], "scores": s[None, None]}
+                sel = sess.run(None, feed)[0][:, 2]
+                assert np.array_equal(np.sort(sel), np.sort(ours)), case
+                peers["onnxruntime"] = timeit(lambda: sess.run(None, feed), **_timer(n))
+        if cv2 is not None:
+            xywh = np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], 1).astype(np.float64)
+            if case.startswith("batched"):
+                fn = lambda: cv2.dnn.NMSBoxesBatched(xywh, s, i.astype(np.int32), 0.0, IOU)
+            else:
+                fn = lambda: cv2.dnn.NMSBoxes(xywh, s, 0.0, IOU)
+            peers["opencv"] = timeit(fn, **_timer(n))
+        for name, t in peers.items():
+            table.add(label, name, t, work)
+            ratios[(case.split("_")[0], n, name)] = t / t_ours
+    lines = []
+    for (kind, n), want in TARGETS.items():
+        for peer, x in want.items():
+            got = ratios.get((kind, n, peer))
+            status = "n/a" if got is None else ("PASS" if got >= x else "MISS")
+            lines.append(f"- {kind} {n}: >= {x}x {peer}: {status}"
+                         + ("" if got is None else f" ({got:.1f}x)"))
+    notes = ("Speed-up = peer time / fastnorm time (same inputs, identical kept index sets checked "
+             "for torchvision and ONNX Runtime). OpenCV NMSBoxes is timed on xywh float64 input "
+             "prepared outside the timing (its IoU convention differs slightly; not checked). "
+             "torchvision " + (" ".join(tv["versions"]) if tv else "unavailable") +
+             " timed in a subprocess. 'Mbox/s' = input boxes per second / 1e6.\n\nTargets:\n"
+             + "\n".join(lines))
+    print(write_results("nms", [table], notes))
+
+
+if __name__ == "__main__":
+    main()

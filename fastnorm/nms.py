@@ -1,0 +1,403 @@
+"""Non-maximum suppression family (greedy, class-aware, soft, DIoU, weighted, matrix) and box IoU
+metrics.
+
+Conventions shared by every function here
+-----------------------------------------
+* ``boxes`` are (N, 4) ``[x1, y1, x2, y2]`` of a floating dtype (float32/float64; float16 and
+  bfloat16 on CUDA). Integer boxes are rejected with ``TypeError`` (cast them yourself: an
+  implicit cast would hide a copy and a rounding choice). ``scores`` are (N,) of the same dtype.
+* Ranking: decreasing score; equal scores keep the lower index first (a stable sort); NaN scores
+  rank below every number.
+* A box with ``x2 <= x1`` or ``y2 <= y1`` has area 0 and overlaps nothing; a box with a NaN
+  coordinate overlaps nothing either. Such boxes are never suppressed and suppress nothing.
+* Suppression is strict: IoU (or the criterion) ``> iou_threshold``.
+* ``score_threshold`` (greedy variants): only boxes with ``score > score_threshold`` take part
+  (as ONNX ``NonMaxSuppression``); NaN scores are then dropped.
+* Batches of images, two ways:
+
+  - ``batch_idx=`` an integer (N,) array giving each box's image (>= 0). Images never interact;
+    the result holds indices into the input, grouped by image in increasing image index, in
+    decreasing score order within an image; ``max_output`` caps each image.
+  - lists/tuples of per-image arrays (``boxes=[b0, b1, ...]``, ``scores=[s0, s1, ...]``, and
+    ``idxs=[...]`` for :func:`batched_nms`): the result is a list with one entry per image,
+    holding indices local to that image (as if called once per image), computed in one call.
+
+CPU kernels compute IoU in float64 (exact decisions for float32 boxes); CUDA kernels compute in
+float32 for float32/float16/bfloat16 and float64 for float64.
+"""
+from . import _validation as v
+from ._dispatch import resolve
+
+_METRICS = {"iou": 0, "giou": 1, "diou": 2, "ciou": 3}
+_SOFT = {"gaussian": 0, "linear": 1}
+_MATRIX = {"gaussian": 0, "linear": 1}
+
+
+# ---------------------------------------------------------------- argument handling
+
+def _int_array(call, name, a, n):
+    if a is None:
+        return None
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"`{name}` must be an integer array, got dtype {a.dtype}")
+    if a.ndim != 1 or a.shape[0] != n:
+        raise ValueError(f"`{name}` must have shape ({n},) to match `boxes`, got {tuple(a.shape)}")
+    return a.astype("int64", copy=False)
+
+
+def _boxes_scores(call, boxes, scores, bname="boxes", sname="scores"):
+    v.float_array(call, bname, boxes)
+    v.shape(bname, boxes, (None, 4), "(N, 4)")
+    if scores is not None:
+        v.float_array(call, sname, scores)
+        v.same_dtype(sname, scores, bname, boxes)
+        v.shape(sname, scores, (boxes.shape[0],), f"({boxes.shape[0]},) to match `{bname}`")
+
+
+def _prepare(boxes, scores, idxs=None, batch_idx=None):
+    """Resolve and validate; lists of per-image arrays are concatenated.
+
+    Returns (call, boxes, scores, idxs, batch, num_images, split).
+    """
+    if isinstance(boxes, (list, tuple)):
+        if batch_idx is not None:
+            raise ValueError("`batch_idx` cannot be combined with lists of per-image `boxes`")
+        B = len(boxes)
+        if not isinstance(scores, (list, tuple)) or len(scores) != B:
+            raise ValueError(f"`scores` must be a list of {B} arrays like `boxes`")
+        if idxs is not None and (not isinstance(idxs, (list, tuple)) or len(idxs) != B):
+            raise ValueError(f"`idxs` must be a list of {B} arrays like `boxes`")
+        if B == 0:
+            raise ValueError("`boxes` must be a non-empty list of per-image arrays")
+        arrays = {}
+        for i in range(B):
+            arrays[f"boxes[{i}]"] = boxes[i]
+            arrays[f"scores[{i}]"] = scores[i]
+            if idxs is not None:
+                arrays[f"idxs[{i}]"] = idxs[i]
+        call, nat = resolve(**arrays)
+        step = 2 if idxs is None else 3
+        bl, sl = list(nat[0::step]), list(nat[1::step])
+        il = list(nat[2::step]) if idxs is not None else None
+        for i in range(B):
+            _boxes_scores(call, bl[i], sl[i], f"boxes[{i}]", f"scores[{i}]")
+            v.same_dtype(f"boxes[{i}]", bl[i], "boxes[0]", bl[0])
+            if il is not None:
+                il[i] = _int_array(call, f"idxs[{i}]", il[i], bl[i].shape[0])
+        xp = call.xp
+        lengths = [b.shape[0] for b in bl]
+        batch = xp.repeat(xp.arange(B, dtype="int64"), xp.asarray(lengths, dtype="int64"))
+        cat = (xp.concatenate(bl).reshape(-1, 4), xp.concatenate(sl),
+               xp.concatenate(il) if il is not None else None)
+        return (call,) + cat + (batch, B, True)
+    call, (boxes, scores, idxs, batch_idx) = resolve(boxes=boxes, scores=scores, idxs=idxs,
+                                                     batch_idx=batch_idx)
+    _boxes_scores(call, boxes, scores)
+    n = boxes.shape[0]
+    idxs = _int_array(call, "idxs", idxs, n)
+    batch = _int_array(call, "batch_idx", batch_idx, n)
+    if batch is not None and n and bool((batch < 0).any()):
+        raise ValueError("`batch_idx` must be >= 0 (the image index of each box)")
+    return call, boxes, scores, idxs, batch, -1, False
+
+
+def _threshold(name, t):
+    return v.number(name, t, min=0)
+
+
+def _score_threshold(t):
+    if t is None:
+        return False, 0.0
+    return True, v.number("score_threshold", t)
+
+
+def _max_output(m):
+    return -1 if m is None else v.integer("max_output", m, min=0)
+
+
+# ---------------------------------------------------------------- public functions
+
+def nms(boxes, scores, iou_threshold, *, score_threshold=None, max_output=None, batch_idx=None):
+    """Greedy non-maximum suppression (torchvision ``nms`` semantics).
+
+    Boxes are visited in decreasing score order; a box is kept unless its IoU with an already
+    kept box is ``> iou_threshold``.
+
+    Parameters
+    ----------
+    boxes : array (N, 4), or list of (N_i, 4) arrays (one per image)
+        ``[x1, y1, x2, y2]``, float32/float64 (float16/bfloat16 on CUDA). NumPy, CuPy or DLPack.
+    scores : array (N,), or list of (N_i,) arrays
+        Same dtype as boxes. NaN ranks below every number.
+    iou_threshold : float
+        Finite, >= 0; suppression when IoU > iou_threshold.
+    score_threshold : float, optional
+        Only boxes with ``score > score_threshold`` take part (NaN scores are then dropped).
+    max_output : int, optional
+        Keep at most this many boxes (per image with a batch).
+    batch_idx : integer array (N,), optional
+        Image index (>= 0) of each box; images are suppressed independently in one call.
+
+    Returns
+    -------
+    keep : int64 array (K,)
+        Indices into ``boxes``, in decreasing score order (ties: lower index first); with
+        ``batch_idx``, grouped by increasing image index. With list input, a list of per-image
+        int64 arrays of image-local indices.
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]], np.float32)
+    >>> scores = np.array([0.9, 0.8, 0.7], np.float32)
+    >>> fastnorm.nms(boxes, scores, 0.5)
+    array([0, 2])
+    >>> fastnorm.nms(boxes, scores, 0.5, batch_idx=np.array([0, 1, 1]))
+    array([0, 1, 2])
+    >>> fastnorm.nms([boxes, boxes[:2]], [scores, scores[:2]], 0.5)
+    [array([0, 2]), array([0])]
+    """
+    call, boxes, scores, _, batch, nimg, split = _prepare(boxes, scores, None, batch_idx)
+    thr = _threshold("iou_threshold", iou_threshold)
+    use_st, st = _score_threshold(score_threshold)
+    res = call.run("nms", "nms", boxes, scores, batch, None, thr, use_st, st,
+                   _max_output(max_output), 0, 1.0, nimg, split)
+    return call.wrap(res)
+
+
+def batched_nms(boxes, scores, idxs, iou_threshold, *, score_threshold=None, max_output=None,
+                batch_idx=None):
+    """Class-aware NMS: boxes of different ``idxs`` (classes) never suppress each other.
+
+    Exact: the result equals running :func:`nms` on each class and merging the kept boxes by
+    decreasing score (ties: lower index first) -- no coordinate-offset trick, so no precision is
+    lost with huge coordinates or half precision. Classes run in parallel.
+
+    Parameters
+    ----------
+    boxes : array (N, 4), or list of per-image arrays
+    scores : array (N,), or list of per-image arrays
+    idxs : integer array (N,), or list of per-image arrays
+        Class label of each box (any integers).
+    iou_threshold : float
+        Finite, >= 0.
+    score_threshold : float, optional
+        Only boxes with ``score > score_threshold`` take part.
+    max_output : int, optional
+        At most this many boxes in total (over all classes) per image.
+    batch_idx : integer array (N,), optional
+        Image index of each box (see :func:`nms`).
+
+    Returns
+    -------
+    keep : int64 array (K,) (list of arrays for list input)
+        Indices in decreasing score order (grouped by image with ``batch_idx``).
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 10, 10]], np.float64)
+    >>> scores = np.array([0.9, 0.8, 0.7])
+    >>> fastnorm.batched_nms(boxes, scores, np.array([0, 0, 1]), 0.5)
+    array([0, 2])
+    """
+    call, boxes, scores, idxs, batch, nimg, split = _prepare(boxes, scores, idxs, batch_idx)
+    if idxs is None:
+        raise TypeError("`idxs` must be an integer array of class labels, got None")
+    thr = _threshold("iou_threshold", iou_threshold)
+    use_st, st = _score_threshold(score_threshold)
+    res = call.run("nms", "nms", boxes, scores, batch, idxs, thr, use_st, st,
+                   _max_output(max_output), 0, 1.0, nimg, split)
+    return call.wrap(res)
+
+
+def diou_nms(boxes, scores, iou_threshold, *, beta=1.0, score_threshold=None, max_output=None,
+             batch_idx=None):
+    """DIoU-NMS (Zheng et al., AAAI 2020): suppress when ``IoU - (d^2 / c^2)**beta >
+    iou_threshold``, d the distance between the box centres and c the diagonal of their
+    enclosing box. Boxes that do not overlap never suppress each other (iou_threshold >= 0).
+
+    Parameters
+    ----------
+    boxes, scores, iou_threshold, score_threshold, max_output, batch_idx
+        As in :func:`nms`.
+    beta : float
+        Exponent of the centre-distance penalty, > 0.
+
+    Returns
+    -------
+    keep : int64 array (K,) (list of arrays for list input)
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> boxes = np.array([[0, 0, 10, 10], [2.4, 0, 12.4, 10], [20, 20, 30, 30]], np.float32)
+    >>> scores = np.array([0.9, 0.8, 0.7], np.float32)
+    >>> fastnorm.nms(boxes, scores, 0.6), fastnorm.diou_nms(boxes, scores, 0.6)
+    (array([0, 2]), array([0, 1, 2]))
+    >>> fastnorm.diou_nms(boxes, scores, 0.6, beta=2.0)
+    array([0, 2])
+    """
+    call, boxes, scores, _, batch, nimg, split = _prepare(boxes, scores, None, batch_idx)
+    thr = _threshold("iou_threshold", iou_threshold)
+    beta = v.number("beta", beta, min=0, min_exclusive=True)
+    use_st, st = _score_threshold(score_threshold)
+    res = call.run("nms", "nms", boxes, scores, batch, None, thr, use_st, st,
+                   _max_output(max_output), 1, beta, nimg, split)
+    return call.wrap(res)
+
+
+def weighted_nms(boxes, scores, iou_threshold, *, score_threshold=None, max_output=None,
+                 batch_idx=None):
+    """Weighted NMS: greedy NMS whose kept boxes become the score-weighted mean of themselves
+    and the boxes they suppress.
+
+    A suppressed box joins the cluster of the first (highest-scored) kept box that suppresses it.
+    Weights are the scores (use non-negative scores); a cluster whose weights sum to 0 keeps its
+    box unchanged.
+
+    Parameters
+    ----------
+    boxes, scores, iou_threshold, score_threshold, max_output, batch_idx
+        As in :func:`nms`.
+
+    Returns
+    -------
+    keep : int64 array (K,)
+        As :func:`nms`.
+    fused : array (K, 4) of boxes' dtype
+        The fused box of each kept index. With list input, a list of per-image [keep, fused].
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> boxes = np.array([[0, 0, 10, 10], [2, 2, 12, 12], [20, 20, 30, 30]], np.float64)
+    >>> scores = np.array([3.0, 1.0, 0.5])
+    >>> keep, fused = fastnorm.weighted_nms(boxes, scores, 0.3)
+    >>> keep, fused[0]
+    (array([0, 2]), array([ 0.5,  0.5, 10.5, 10.5]))
+    """
+    call, boxes, scores, _, batch, nimg, split = _prepare(boxes, scores, None, batch_idx)
+    thr = _threshold("iou_threshold", iou_threshold)
+    use_st, st = _score_threshold(score_threshold)
+    res = call.run("nms", "weighted_nms", boxes, scores, batch, None, thr, use_st, st,
+                   _max_output(max_output), nimg, split)
+    return call.wrap(res)
+
+
+def soft_nms(boxes, scores, *, method="gaussian", sigma=0.5, iou_threshold=0.3,
+             score_threshold=0.001, batch_idx=None):
+    """Soft-NMS (Bodla et al., 2017), as in OpenCV ``softNMSBoxes`` / ensemble-boxes.
+
+    Repeatedly select the remaining box of highest current score (ties: lower index first), then
+    decay every remaining box j by ``exp(-IoU^2 / sigma)`` ("gaussian") or, when IoU >
+    iou_threshold, by ``1 - IoU`` ("linear"). Boxes whose score is (or falls) below
+    ``score_threshold`` are dropped (NaN scores too).
+
+    Parameters
+    ----------
+    boxes, scores : arrays (N, 4), (N,) or lists of per-image arrays
+    method : {"gaussian", "linear"}
+    sigma : float
+        Gaussian width, > 0.
+    iou_threshold : float
+        Linear method only, finite, >= 0.
+    score_threshold : float
+        Finite.
+    batch_idx : integer array (N,), optional
+        Image index of each box (images run in parallel).
+
+    Returns
+    -------
+    keep : int64 array (K,)
+        Indices in selection order (grouped by image with ``batch_idx``).
+    new_scores : array (K,) of scores' dtype
+        The decayed score of each selected box at selection. With list input, a list of
+        per-image [keep, new_scores].
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 5], [20, 20, 30, 30]], np.float64)
+    >>> scores = np.array([0.9, 0.8, 0.7])
+    >>> keep, s = fastnorm.soft_nms(boxes, scores, method="linear", iou_threshold=0.3)
+    >>> keep, s.round(3)
+    (array([0, 2, 1]), array([0.9, 0.7, 0.4]))
+    """
+    call, boxes, scores, _, batch, nimg, split = _prepare(boxes, scores, None, batch_idx)
+    m = _SOFT[v.choice("method", method, tuple(_SOFT))]
+    sigma = v.number("sigma", sigma, min=0, min_exclusive=True)
+    thr = _threshold("iou_threshold", iou_threshold)
+    st = v.number("score_threshold", score_threshold)
+    res = call.run("nms", "soft_nms", boxes, scores, batch, m, sigma, thr, st, nimg, split)
+    return call.wrap(res)
+
+
+def matrix_nms(boxes, scores, *, kernel="gaussian", sigma=2.0, batch_idx=None):
+    """Matrix NMS (SOLOv2, Wang et al., 2020): every box's score decayed in parallel.
+
+    With boxes ranked by score, ``decay_j = min(1, min_{i ranked above j} f(IoU_ij) /
+    f(comp_i))`` where ``comp_i`` is the largest IoU of box i with a box ranked above it and
+    ``f(x) = exp(-sigma x^2)`` ("gaussian") or ``1 - x`` ("linear"; a ratio whose denominator is
+    0 imposes no decay). Returns ``scores * decay``.
+
+    Parameters
+    ----------
+    boxes, scores : arrays (N, 4), (N,) or lists of per-image arrays
+    kernel : {"gaussian", "linear"}
+    sigma : float
+        Gaussian kernel strength, > 0.
+    batch_idx : integer array (N,), optional
+        Image index of each box; only boxes of one image interact.
+
+    Returns
+    -------
+    decayed : array (N,) of scores' dtype, aligned with the input (list for list input)
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 5], [20, 20, 30, 30]], np.float64)
+    >>> fastnorm.matrix_nms(boxes, np.array([0.9, 0.8, 0.7]), kernel="linear")
+    array([0.9, 0.4, 0.7])
+    """
+    call, boxes, scores, _, batch, nimg, split = _prepare(boxes, scores, None, batch_idx)
+    k = _MATRIX[v.choice("kernel", kernel, tuple(_MATRIX))]
+    sigma = v.number("sigma", sigma, min=0, min_exclusive=True)
+    res = call.run("nms", "matrix_nms", boxes, scores, batch, k, sigma, nimg, split)
+    return call.wrap(res)
+
+
+def box_iou(a, b, *, metric="iou"):
+    """Pairwise IoU / GIoU / DIoU / CIoU of two sets of boxes (torchvision's ``box_iou``,
+    ``generalized_box_iou``, ``distance_box_iou``, ``complete_box_iou``, eps=1e-7).
+
+    Widths and heights are clamped at 0 (an inverted box has area 0), and a pair with zero union
+    has IoU 0 rather than NaN; a NaN coordinate gives NaN. Computed in float64 on the CPU.
+
+    Parameters
+    ----------
+    a : array (N, 4)
+    b : array (M, 4), same dtype as ``a``
+    metric : {"iou", "giou", "diou", "ciou"}
+
+    Returns
+    -------
+    out : array (N, M) of the boxes' dtype
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> a = np.array([[0, 0, 2, 2]], np.float32)
+    >>> b = np.array([[1, 1, 3, 3], [4, 4, 5, 5]], np.float32)
+    >>> fastnorm.box_iou(a, b)
+    array([[0.14285715, 0.        ]], dtype=float32)
+    >>> fastnorm.box_iou(a, b, metric="giou").round(3)
+    array([[-0.079, -0.8  ]], dtype=float32)
+    """
+    call, (a, b) = resolve(a=a, b=b)
+    _boxes_scores(call, a, None, "a")
+    _boxes_scores(call, b, None, "b")
+    v.same_dtype("b", b, "a", a)
+    m = _METRICS[v.choice("metric", metric, tuple(_METRICS))]
+    return call.wrap(call.run("nms", "box_iou", a, b, m))

@@ -1,0 +1,232 @@
+"""Independent float64 oracles for the NMS family and box metrics: plain scalar loops straight
+from the definitions (numba-jitted). Shares no code with fastnorm.
+
+Conventions (the documented ones): boxes xyxy; a box with x2 <= x1 or y2 <= y1 (or NaN) has
+area 0 and overlaps nothing; ranking by decreasing score, ties by lower index, NaN last.
+"""
+import math
+
+import numpy as np
+from numba import njit
+
+
+def rank(scores, keep_mask=None):
+    """Indices by decreasing score, ties lower index first, NaN last (plain stable sort)."""
+    s = np.asarray(scores, dtype=np.float64)
+    idx = [i for i in range(len(s)) if keep_mask is None or keep_mask[i]]
+    return np.array(sorted(idx, key=lambda i: (math.isnan(s[i]), -s[i] if not math.isnan(s[i])
+                                               else 0.0, i)), dtype=np.int64)
+
+
+@njit(cache=True)
+def _area(b):
+    if b[2] > b[0] and b[3] > b[1]:
+        return (b[2] - b[0]) * (b[3] - b[1])
+    return 0.0
+
+
+@njit(cache=True)
+def _inter(a, b):
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w > 0 and h > 0:
+        return w * h
+    return 0.0
+
+
+@njit(cache=True)
+def iou_pair(a, b):
+    inter = _inter(a, b)
+    if inter > 0:
+        return inter / (_area(a) + _area(b) - inter)
+    return 0.0
+
+
+@njit(cache=True)
+def _iou_scalar(boxes, i, j):
+    w = min(boxes[i, 2], boxes[j, 2]) - max(boxes[i, 0], boxes[j, 0])
+    h = min(boxes[i, 3], boxes[j, 3]) - max(boxes[i, 1], boxes[j, 1])
+    if w > 0 and h > 0:
+        ai = (boxes[i, 2] - boxes[i, 0]) * (boxes[i, 3] - boxes[i, 1])
+        aj = (boxes[j, 2] - boxes[j, 0]) * (boxes[j, 3] - boxes[j, 1])
+        return w * h / (ai + aj - w * h)      # w, h > 0 implies both boxes are proper
+    return 0.0
+
+
+@njit(cache=True)
+def _criterion(a, b, crit, beta):
+    iou = iou_pair(a, b)
+    if crit == 0 or iou <= 0:
+        return iou
+    d2 = ((a[0] + a[2]) / 2 - (b[0] + b[2]) / 2) ** 2 + ((a[1] + a[3]) / 2 - (b[1] + b[3]) / 2) ** 2
+    c2 = (max(a[2], b[2]) - min(a[0], b[0])) ** 2 + (max(a[3], b[3]) - min(a[1], b[1])) ** 2
+    return iou - (d2 / c2) ** beta
+
+
+@njit(cache=True)
+def _greedy(boxes, order, thr, crit, beta, max_output, suppressor):
+    n = order.shape[0]
+    removed = np.zeros(n, dtype=np.bool_)
+    keep = []
+    for a in range(n):
+        if len(keep) >= max_output:
+            break
+        if removed[a]:
+            continue
+        i = order[a]
+        keep.append(i)
+        for c in range(a + 1, n):
+            if removed[c]:
+                continue
+            j = order[c]
+            if crit == 0:
+                c_ij = _iou_scalar(boxes, i, j)
+            else:
+                c_ij = _criterion(boxes[i], boxes[j], crit, beta)
+            if c_ij > thr:
+                removed[c] = True
+                suppressor[j] = i
+    out = np.empty(len(keep), dtype=np.int64)
+    for k in range(len(keep)):
+        out[k] = keep[k]
+    return out
+
+
+def greedy_nms(boxes, scores, thr, *, crit=0, beta=1.0, score_threshold=None, max_output=None,
+               return_suppressor=False):
+    """Greedy NMS: visit by rank; keep a box unless criterion(kept, box) > thr."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    mask = None if score_threshold is None else scores > score_threshold
+    order = rank(scores, mask)
+    sup = np.full(len(scores), -1, dtype=np.int64)
+    keep = _greedy(boxes, order, float(thr), crit, float(beta),
+                   len(scores) + 1 if max_output is None else max_output, sup)
+    return (keep, sup) if return_suppressor else keep
+
+
+def merge_by_score(idx, scores):
+    s = np.asarray(scores, dtype=np.float64)
+    return np.array(sorted(idx, key=lambda i: (math.isnan(s[i]), -s[i] if not math.isnan(s[i])
+                                               else 0.0, i)), dtype=np.int64)
+
+
+def batched(boxes, scores, idxs, thr, *, score_threshold=None, max_output=None):
+    """Per-class greedy NMS, merged by score."""
+    kept = []
+    for c in np.unique(idxs):
+        sel = np.flatnonzero(idxs == c)
+        k = greedy_nms(boxes[sel], scores[sel], thr, score_threshold=score_threshold)
+        kept.extend(sel[k].tolist())
+    out = merge_by_score(kept, scores)
+    return out if max_output is None else out[:max_output]
+
+
+def weighted(boxes, scores, thr):
+    keep, sup = greedy_nms(boxes, scores, thr, return_suppressor=True)
+    b = np.asarray(boxes, np.float64)
+    s = np.asarray(scores, np.float64)
+    fused = np.empty((len(keep), 4))
+    for k, i in enumerate(keep):
+        members = [i] + [j for j in range(len(s)) if sup[j] == i]
+        w = sum(s[j] for j in members)
+        fused[k] = sum(s[j] * b[j] for j in members) / w if w != 0 else b[i]
+    return keep, fused
+
+
+@njit(cache=True)
+def _soft(boxes, scores, index, method, sigma, thr, score_thr, out_i, out_s):
+    n = scores.shape[0]
+    cur = scores.copy()
+    alive = np.zeros(n, dtype=np.bool_)
+    for i in range(n):
+        alive[i] = cur[i] >= score_thr
+    count = 0
+    while True:
+        best = -1
+        for i in range(n):
+            if alive[i] and (best < 0 or cur[i] > cur[best]):   # index order: ties -> lower
+                best = i
+        if best < 0:
+            break
+        alive[best] = False
+        out_i[count] = index[best]
+        out_s[count] = cur[best]
+        count += 1
+        for j in range(n):
+            if alive[j]:
+                iou = iou_pair(boxes[best], boxes[j])
+                if method == 0:
+                    cur[j] *= math.exp(-iou * iou / sigma)
+                elif iou > thr:
+                    cur[j] *= 1 - iou
+                if not cur[j] >= score_thr:
+                    alive[j] = False
+    return count
+
+
+def soft(boxes, scores, method, sigma, thr, score_thr):
+    n = len(scores)
+    oi = np.empty(n, np.int64)
+    os_ = np.empty(n)
+    c = _soft(np.asarray(boxes, np.float64), np.asarray(scores, np.float64),
+              np.arange(n), 0 if method == "gaussian" else 1, sigma, thr, score_thr, oi, os_)
+    return oi[:c], os_[:c]
+
+
+def matrix(boxes, scores, kernel, sigma):
+    b = np.asarray(boxes, np.float64)
+    s = np.asarray(scores, np.float64)
+    order = rank(s)
+    n = len(order)
+    f = (lambda x: math.exp(-sigma * x * x)) if kernel == "gaussian" else (lambda x: 1 - x)
+    comp = np.zeros(n)
+    for a in range(n):
+        for c in range(a):
+            comp[a] = max(comp[a], iou_pair(b[order[c]], b[order[a]]))
+    out = np.empty(n)
+    for a in range(n):
+        d = 1.0
+        for c in range(a):
+            fc = f(comp[c])
+            if fc > 0:
+                d = min(d, f(iou_pair(b[order[c]], b[order[a]])) / fc)
+        out[order[a]] = s[order[a]] * d
+    return out
+
+
+@njit(cache=True)
+def box_metric(a, b, metric):
+    """torchvision box_iou / generalized / distance / complete (eps 1e-7), areas clamped at 0,
+    zero union -> IoU 0."""
+    N, M = a.shape[0], b.shape[0]
+    out = np.empty((N, M))
+    for i in range(N):
+        for j in range(M):
+            x, y = a[i], b[j]
+            wa = max(x[2] - x[0], 0.0)
+            ha = max(x[3] - x[1], 0.0)
+            wb = max(y[2] - y[0], 0.0)
+            hb = max(y[3] - y[1], 0.0)
+            inter = max(min(x[2], y[2]) - max(x[0], y[0]), 0.0) * \
+                max(min(x[3], y[3]) - max(x[1], y[1]), 0.0)
+            union = wa * ha + wb * hb - inter
+            iou = inter / union if union > 0 else 0.0
+            cw = max(x[2], y[2]) - min(x[0], y[0])
+            ch = max(x[3], y[3]) - min(x[1], y[1])
+            if metric == 0:
+                out[i, j] = iou
+            elif metric == 1:
+                c = max(cw, 0.0) * max(ch, 0.0)
+                out[i, j] = iou - (c - union) / c if c > 0 else iou
+            else:
+                d2 = ((x[0] + x[2]) / 2 - (y[0] + y[2]) / 2) ** 2 + \
+                    ((x[1] + x[3]) / 2 - (y[1] + y[3]) / 2) ** 2
+                diou = iou - d2 / (cw * cw + ch * ch + 1e-7)
+                if metric == 2:
+                    out[i, j] = diou
+                else:
+                    v = 4 / math.pi ** 2 * (math.atan2(wb, hb) - math.atan2(wa, ha)) ** 2
+                    alpha = v / (1 - iou + v + 1e-7)
+                    out[i, j] = diou - alpha * v
+    return out

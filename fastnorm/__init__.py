@@ -7,11 +7,15 @@ __version__ = "0.1.0"
 
 from ._threads import get_num_threads, set_num_threads, threads
 from .group_norm import group_norm, group_norm_backward
+from .roi_ops import (roi_align, roi_align_backward, roi_pool, roi_pool_backward, ps_roi_align,
+                      ps_roi_align_backward, deform_roi_pool, deform_roi_pool_backward)
 from .nms import nms, batched_nms, soft_nms, diou_nms, weighted_nms, matrix_nms, box_iou
 
 __all__ = [
     "__version__", "info", "get_num_threads", "set_num_threads", "threads",
     "group_norm", "group_norm_backward",
+    "roi_align", "roi_align_backward", "roi_pool", "roi_pool_backward", "ps_roi_align",
+    "ps_roi_align_backward", "deform_roi_pool", "deform_roi_pool_backward",
     "nms", "batched_nms", "soft_nms", "diou_nms", "weighted_nms", "matrix_nms", "box_iou",
 ]
 

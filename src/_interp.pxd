@@ -68,3 +68,30 @@ cdef inline bint zero_pad_bilinear(floating y, floating x, Py_ssize_t H, Py_ssiz
     if y1 <= H - 1 and x1 <= W - 1:
         o[3] = y1 * W + x1; wt[3] = ly * lx
     return True
+
+
+# ---- roi_linear (appended for fastnorm._cpu.roi_ops) ----------------------------------------
+# One axis of `roi_bilinear`: the RoIAlign bilinear weight is the product of two of these factors,
+# so per-axis tables of (index, weight) give the same samples. Returns 0 when the coordinate is
+# outside [-1, L] (or NaN) -> the sample contributes 0; 1 when inside but clamped (coordinate
+# <= 0 or >= L - 1: the value does not depend on it there); 2 when strictly interior.
+# i0/i1 are the two neighbouring indices and l the weight of i1 (the weight of i0 is 1 - l).
+cdef inline int roi_linear(floating y, Py_ssize_t L, Py_ssize_t* i0, Py_ssize_t* i1,
+                           floating* l) noexcept nogil:
+    cdef int kind = 2
+    if not (y >= -1 and y <= L) or L <= 0:
+        i0[0] = 0; i1[0] = 0; l[0] = 0
+        return 0
+    if y <= 0:
+        y = 0
+        kind = 1
+    i0[0] = <Py_ssize_t>y
+    if i0[0] >= L - 1:
+        i0[0] = L - 1
+        i1[0] = L - 1
+        y = <floating>(L - 1)
+        kind = 1
+    else:
+        i1[0] = i0[0] + 1
+    l[0] = y - i0[0]
+    return kind

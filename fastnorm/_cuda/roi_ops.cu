@@ -1,0 +1,409 @@
+// RoIAlign (avg/max), PS-RoIAlign, deformable RoI pooling and RoIPool on CUDA.
+//
+// One thread per output element computes its RoI geometry and samples (torchvision / mmcv
+// semantics, see fastnorm/roi_ops.py). Backward:
+//  * default: one thread per grad_out element, atomics into an accumulation buffer of type
+//    acc<T> (float for float/half types, double for double) that the launcher casts to T;
+//  * deterministic: one thread per (image, channel, block of RB rows) owns those rows of grad_x
+//    and visits the RoIs of its image in index order (order/seg), adding only the corners that
+//    fall into its rows: no atomics, bitwise reproducible; every thread scans its image's RoIs.
+// The grad_offset / grad_mask of deformable pooling are always one thread per (RoI, bin).
+#include "common.cuh"
+
+using namespace fastnorm;
+
+#define KIND_ALIGN 0
+#define KIND_PS 1
+#define KIND_DEFORM 2
+
+template <typename A> struct Geo {
+    A ys, xs, bh, bw, rh, rw;
+    int gh, gw;
+    i64 n;
+};
+
+__device__ __forceinline__ int grid_of(double size, int P, int sr, i64 L) {
+    double g = sr > 0 ? double(sr) : ceil(size / P);
+    if (!(g >= 0)) return 0;
+    if (g > double(2 * L + 64)) return int(2 * L + 64);
+    return int(g);
+}
+
+// false for a non-finite RoI or an empty sample grid
+template <typename T, typename A>
+__device__ bool roi_geom(const T* roi, double scale, double off, bool clamp1, int PH, int PW,
+                         int sr, i64 H, i64 W, Geo<A>& g) {
+    A r[5];
+    for (int i = 0; i < 5; ++i) r[i] = load(roi + i);
+    for (int i = 1; i < 5; ++i)
+        if (!isfinite(double(r[i]))) return false;
+    g.n = (i64)r[0];
+    g.xs = A(double(r[1]) * scale - off);
+    g.ys = A(double(r[2]) * scale - off);
+    A xe = A(double(r[3]) * scale - off), ye = A(double(r[4]) * scale - off);
+    g.rw = xe - g.xs;
+    g.rh = ye - g.ys;
+    if (clamp1) {
+        g.rw = g.rw > A(1) ? g.rw : A(1);
+        g.rh = g.rh > A(1) ? g.rh : A(1);
+    }
+    g.bh = g.rh / A(PH);
+    g.bw = g.rw / A(PW);
+    g.gh = grid_of(double(g.rh), PH, sr, H);
+    g.gw = grid_of(double(g.rw), PW, sr, W);
+    return g.gh > 0 && g.gw > 0;
+}
+
+struct Params {
+    i64 K, N, C, CO, H, W;
+    int PH, PW, sr, kind, mode, aligned, has_offset, has_mask;
+    double scale, gamma;
+};
+// kernels take the parameters as scalars (launcher: roi_ops.py `_params`)
+#define PARAM_ARGS i64 K, i64 N, i64 C, i64 CO, i64 H, i64 W, int PH, int PW, int sr, int kind, \
+    int mode, int aligned, int has_offset, int has_mask, double scale, double gamma
+#define PARAM_INIT const Params p{K, N, C, CO, H, W, PH, PW, sr, kind, mode, aligned, has_offset, \
+    has_mask, scale, gamma}
+#define NEG_FLT_MAX (-3.402823466e+38f)
+
+// geometry + per-bin shift (deformable) for RoI k, bin (ph, pw)
+template <typename T, typename A>
+__device__ bool bin_geom(const T* rois, const T* offset, const Params& p, i64 k, int ph, int pw,
+                         Geo<A>& g, A& sy, A& sx) {
+    const bool al = p.kind != KIND_ALIGN || p.aligned;
+    if (!roi_geom<T, A>(rois + 5 * k, p.scale, al ? 0.5 : 0.0, !al, p.PH, p.PW, p.sr, p.H, p.W, g))
+        return false;
+    sy = A(0);
+    sx = A(0);
+    if (p.kind == KIND_DEFORM && p.has_offset) {
+        const i64 nb = (i64)p.PH * p.PW, b = (i64)ph * p.PW + pw;
+        sx = A(p.gamma) * g.rw * load(offset + (2 * k) * nb + b);
+        sy = A(p.gamma) * g.rh * load(offset + (2 * k + 1) * nb + b);
+    }
+    return true;
+}
+
+template <typename A>
+__device__ __forceinline__ void sample_pos(const Geo<A>& g, int ph, int pw, A sy, A sx, int s,
+                                           A& y, A& x) {
+    const int iy = s / g.gw, ix = s % g.gw;
+    y = g.ys + sy + A(ph) * g.bh + A(iy + 0.5f) * g.bh / A(g.gh);
+    x = g.xs + sx + A(pw) * g.bw + A(ix + 0.5f) * g.bw / A(g.gw);
+}
+
+// average (mode 0) or max (mode 1, *arg = argmax sample, first on ties) over a bin's samples
+template <typename T, typename A>
+__device__ A bin_value(const T* plane, const Geo<A>& g, int ph, int pw, A sy, A sx, i64 H, i64 W,
+                       int mode, int* arg) {
+    A acc = A(0), best = A(0);
+    int a = 0;
+    const int ns = g.gh * g.gw;
+    for (int s = 0; s < ns; ++s) {
+        A y, x, wt[4];
+        i64 o[4];
+        sample_pos(g, ph, pw, sy, sx, s, y, x);
+        A v = A(0);
+        if (roi_bilinear(y, x, H, W, o, wt))
+            v = wt[0] * load(plane + o[0]) + wt[1] * load(plane + o[1]) +
+                wt[2] * load(plane + o[2]) + wt[3] * load(plane + o[3]);
+        acc += v;
+        if (s == 0 || v > best) { best = v; a = s; }
+    }
+    if (arg) *arg = a;
+    return mode == 1 ? best : acc / A(ns);
+}
+
+// input channel read by output channel co at bin (ph, pw)
+__device__ __forceinline__ i64 in_channel(const Params& p, i64 co, int ph, int pw) {
+    return p.kind == KIND_PS ? (co * p.PH + ph) * p.PW + pw : co;
+}
+
+template <typename T>
+__global__ void align_fwd(const T* __restrict__ x, const T* __restrict__ rois,
+                          const T* __restrict__ offset, const T* __restrict__ mask,
+                          T* __restrict__ out, PARAM_ARGS) {
+    PARAM_INIT;
+    typedef typename acc<T>::type A;
+    const i64 total = p.K * p.CO * p.PH * p.PW;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total;
+         i += (i64)blockDim.x * gridDim.x) {
+        const int pw = int(i % p.PW), ph = int((i / p.PW) % p.PH);
+        const i64 co = (i / ((i64)p.PW * p.PH)) % p.CO, k = i / ((i64)p.PW * p.PH * p.CO);
+        Geo<A> g;
+        A sy, sx, v = A(0);
+        if (bin_geom<T, A>(rois, offset, p, k, ph, pw, g, sy, sx)) {
+            const T* plane = x + (g.n * p.C + in_channel(p, co, ph, pw)) * p.H * p.W;
+            v = bin_value<T, A>(plane, g, ph, pw, sy, sx, p.H, p.W, p.mode, nullptr);
+            if (p.kind == KIND_DEFORM && p.has_mask)
+                v *= load(mask + k * p.PH * p.PW + (i64)ph * p.PW + pw);
+        }
+        store(out + i, v);
+    }
+}
+
+// Scatter one bin's gradient gv to its bilinear corners through add(offset_in_plane, value);
+// max mode: only the argmax sample's corners.
+template <typename T, typename A, typename F>
+__device__ void bin_scatter(const T* xplane, const Geo<A>& g, int ph, int pw, A sy, A sx, i64 H,
+                            i64 W, int mode, A gv, F add) {
+    const int ns = g.gh * g.gw;
+    int s0 = 0, s1 = ns;
+    if (mode == 1) {
+        int arg;
+        bin_value<T, A>(xplane, g, ph, pw, sy, sx, H, W, 1, &arg);
+        s0 = arg;
+        s1 = arg + 1;
+    } else {
+        gv = gv / A(ns);
+    }
+    for (int s = s0; s < s1; ++s) {
+        A y, x, wt[4];
+        i64 o[4];
+        sample_pos(g, ph, pw, sy, sx, s, y, x);
+        if (!roi_bilinear(y, x, H, W, o, wt)) continue;
+        for (int c = 0; c < 4; ++c) add(o[c], gv * wt[c]);
+    }
+}
+
+template <typename T>
+__global__ void align_bwd(const T* __restrict__ dy, const T* __restrict__ x,
+                          const T* __restrict__ rois, const T* __restrict__ offset,
+                          const T* __restrict__ mask, typename acc<T>::type* __restrict__ gx,
+                          PARAM_ARGS) {
+    PARAM_INIT;
+    typedef typename acc<T>::type A;
+    const i64 total = p.K * p.CO * p.PH * p.PW;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total;
+         i += (i64)blockDim.x * gridDim.x) {
+        const int pw = int(i % p.PW), ph = int((i / p.PW) % p.PH);
+        const i64 co = (i / ((i64)p.PW * p.PH)) % p.CO, k = i / ((i64)p.PW * p.PH * p.CO);
+        Geo<A> g;
+        A sy, sx;
+        if (!bin_geom<T, A>(rois, offset, p, k, ph, pw, g, sy, sx)) continue;
+        A gv = load(dy + i);
+        if (p.kind == KIND_DEFORM && p.has_mask)
+            gv *= load(mask + k * p.PH * p.PW + (i64)ph * p.PW + pw);
+        const i64 base = (g.n * p.C + in_channel(p, co, ph, pw)) * p.H * p.W;
+        A* gp = gx + base;
+        bin_scatter<T, A>(x + base, g, ph, pw, sy, sx, p.H, p.W, p.mode, gv,
+                          [&](i64 o, A v) { atomic_add(gp + o, v); });
+    }
+}
+
+// deterministic: thread = (image n, input channel ci, rows [r0, r0 + RB))
+template <typename T>
+__global__ void align_bwd_det(const T* __restrict__ dy, const T* __restrict__ x,
+                              const T* __restrict__ rois, const T* __restrict__ offset,
+                              const T* __restrict__ mask, const i64* __restrict__ order,
+                              const i64* __restrict__ seg, typename acc<T>::type* __restrict__ gx,
+                              int RB, PARAM_ARGS) {
+    PARAM_INIT;
+    typedef typename acc<T>::type A;
+    const i64 nrb = (p.H + RB - 1) / RB, total = p.N * p.C * nrb;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total;
+         i += (i64)blockDim.x * gridDim.x) {
+        const i64 rb = i % nrb, ci = (i / nrb) % p.C, n = i / (nrb * p.C);
+        const i64 r0 = rb * RB, r1 = min(r0 + RB, p.H);
+        const i64 base = (n * p.C + ci) * p.H * p.W;
+        A* gp = gx + base;
+        const i64 nb = (i64)p.PH * p.PW;
+        // bins that read channel ci
+        i64 co = ci;
+        int b0 = 0, b1 = (int)nb;
+        if (p.kind == KIND_PS) {
+            co = ci / nb;
+            b0 = int(ci % nb);
+            b1 = b0 + 1;
+            if (co >= p.CO) continue;
+        }
+        auto add = [&](i64 o, A v) {
+            const i64 r = o / p.W;
+            if (r >= r0 && r < r1) gp[o] += v;
+        };
+        for (i64 j = seg[n]; j < seg[n + 1]; ++j) {
+            const i64 k = order[j];
+            for (int b = b0; b < b1; ++b) {
+                const int ph = b / p.PW, pw = b % p.PW;
+                Geo<A> g;
+                A sy, sx;
+                if (!bin_geom<T, A>(rois, offset, p, k, ph, pw, g, sy, sx)) break;
+                // rows this bin can touch: [y_first - 1, y_last + 1]
+                const A ya = g.ys + sy + A(ph) * g.bh, yb = ya + g.bh;
+                const A lo = (ya < yb ? ya : yb) - A(2), hi = (ya < yb ? yb : ya) + A(2);
+                if (!(hi >= A(r0) - A(1)) || !(lo <= A(r1))) continue;
+                A gv = load(dy + ((k * p.CO + co) * nb + b));
+                if (p.kind == KIND_DEFORM && p.has_mask) gv *= load(mask + k * nb + b);
+                bin_scatter<T, A>(x + base, g, ph, pw, sy, sx, p.H, p.W, p.mode, gv, add);
+            }
+        }
+    }
+}
+
+// deformable pooling: grad_offset and grad_mask, one thread per (RoI, bin), exact derivative
+// of the computed forward (coordinates that clamp contribute 0)
+template <typename A>
+__device__ __forceinline__ int axis1(A y, i64 L, i64& i0, i64& i1, A& l) {
+    int kind = 2;
+    if (!(y >= A(-1) && y <= A(L)) || L <= 0) return 0;
+    if (y <= A(0)) { y = A(0); kind = 1; }
+    i0 = (i64)y;
+    if (i0 >= L - 1) { i0 = i1 = L - 1; y = A(i0); kind = 1; } else i1 = i0 + 1;
+    l = y - A(i0);
+    return kind;
+}
+
+template <typename T>
+__global__ void deform_bwd_offmask(const T* __restrict__ dy, const T* __restrict__ x,
+                                   const T* __restrict__ rois, const T* __restrict__ offset,
+                                   const T* __restrict__ mask, T* __restrict__ goff,
+                                   T* __restrict__ gmask, PARAM_ARGS) {
+    PARAM_INIT;
+    typedef typename acc<T>::type A;
+    const i64 nb = (i64)p.PH * p.PW, total = p.K * nb;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total;
+         i += (i64)blockDim.x * gridDim.x) {
+        const i64 k = i / nb, b = i % nb;
+        const int ph = int(b / p.PW), pw = int(b % p.PW);
+        Geo<A> g;
+        A sy, sx, gy = A(0), gxo = A(0), gm = A(0);
+        if (bin_geom<T, A>(rois, offset, p, k, ph, pw, g, sy, sx)) {
+            const int ns = g.gh * g.gw;
+            for (i64 c = 0; c < p.C; ++c) {
+                const T* plane = x + (g.n * p.C + c) * p.H * p.W;
+                const A gv = load(dy + (k * p.C + c) * nb + b);
+                A val = A(0), dvy = A(0), dvx = A(0);
+                for (int s = 0; s < ns; ++s) {
+                    A y, xx, ly, lx;
+                    i64 y0, y1, x0, x1;
+                    sample_pos(g, ph, pw, sy, sx, s, y, xx);
+                    const int ky = axis1(y, p.H, y0, y1, ly), kx = axis1(xx, p.W, x0, x1, lx);
+                    if (!ky || !kx) continue;
+                    const A v00 = load(plane + y0 * p.W + x0), v01 = load(plane + y0 * p.W + x1);
+                    const A v10 = load(plane + y1 * p.W + x0), v11 = load(plane + y1 * p.W + x1);
+                    const A hy = A(1) - ly, hx = A(1) - lx;
+                    val += hy * (hx * v00 + lx * v01) + ly * (hx * v10 + lx * v11);
+                    if (ky == 2) dvy += hx * (v10 - v00) + lx * (v11 - v01);
+                    if (kx == 2) dvx += hy * (v01 - v00) + ly * (v11 - v10);
+                }
+                gm += gv * val;
+                gy += gv * dvy;
+                gxo += gv * dvx;
+            }
+            const A m = p.has_mask ? load(mask + i) : A(1);
+            gm /= A(ns);
+            gy = m * A(p.gamma) * g.rh * gy / A(ns);
+            gxo = m * A(p.gamma) * g.rw * gxo / A(ns);
+        }
+        if (p.has_mask) store(gmask + i, gm);
+        if (p.has_offset) {
+            store(goff + (2 * k) * nb + b, gxo);
+            store(goff + (2 * k + 1) * nb + b, gy);
+        }
+    }
+}
+
+// ------------------------------------------------------------------ RoIPool (torchvision)
+
+// window [h0, h1) x [w0, w1) of bin (ph, pw); false for a non-finite RoI
+template <typename T>
+__device__ bool pool_window(const T* roi, double scale, int ph, int pw, int PH, int PW, i64 H,
+                            i64 W, i64& n, i64 win[4]) {
+    typedef typename acc<T>::type A;
+    double v[4];
+    for (int i = 0; i < 4; ++i) {
+        const double c = double(load(roi + i + 1));
+        if (!isfinite(c)) return false;
+        v[i] = fmin(fmax(round(c * scale), -1e15), 1e15);
+    }
+    n = (i64)double(load(roi));
+    const i64 xs = (i64)v[0], ys = (i64)v[1], xe = (i64)v[2], ye = (i64)v[3];
+    const A bh = A(ye - ys + 1 > 1 ? ye - ys + 1 : 1) / A(PH);
+    const A bw = A(xe - xs + 1 > 1 ? xe - xs + 1 : 1) / A(PW);
+    win[0] = min(max((i64)floor(A(ph) * bh) + ys, (i64)0), H);
+    win[1] = min(max((i64)ceil(A(ph + 1) * bh) + ys, (i64)0), H);
+    win[2] = min(max((i64)floor(A(pw) * bw) + xs, (i64)0), W);
+    win[3] = min(max((i64)ceil(A(pw + 1) * bw) + xs, (i64)0), W);
+    return true;
+}
+
+template <typename T>
+__device__ i64 pool_argmax(const T* plane, i64 W, const i64 win[4], typename acc<T>::type& best) {
+    typedef typename acc<T>::type A;
+    const bool empty = win[1] <= win[0] || win[3] <= win[2];
+    A m = empty ? A(0) : A(NEG_FLT_MAX);
+    i64 arg = -1;
+    for (i64 h = win[0]; h < win[1]; ++h)
+        for (i64 w = win[2]; w < win[3]; ++w) {
+            const A v = load(plane + h * W + w);
+            if (v > m) { m = v; arg = h * W + w; }
+        }
+    best = m;
+    return arg;
+}
+
+template <typename T>
+__global__ void pool_fwd(const T* __restrict__ x, const T* __restrict__ rois, T* __restrict__ out,
+                         PARAM_ARGS) {
+    PARAM_INIT;
+    typedef typename acc<T>::type A;
+    const i64 total = p.K * p.C * p.PH * p.PW;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total;
+         i += (i64)blockDim.x * gridDim.x) {
+        const int pw = int(i % p.PW), ph = int((i / p.PW) % p.PH);
+        const i64 c = (i / ((i64)p.PW * p.PH)) % p.C, k = i / ((i64)p.PW * p.PH * p.C);
+        i64 n, win[4];
+        A best = A(0);
+        if (pool_window(rois + 5 * k, p.scale, ph, pw, p.PH, p.PW, p.H, p.W, n, win))
+            pool_argmax(x + (n * p.C + c) * p.H * p.W, p.W, win, best);
+        store(out + i, best);
+    }
+}
+
+template <typename T>
+__global__ void pool_bwd(const T* __restrict__ dy, const T* __restrict__ x,
+                         const T* __restrict__ rois, typename acc<T>::type* __restrict__ gx,
+                         PARAM_ARGS) {
+    PARAM_INIT;
+    typedef typename acc<T>::type A;
+    const i64 total = p.K * p.C * p.PH * p.PW;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total;
+         i += (i64)blockDim.x * gridDim.x) {
+        const int pw = int(i % p.PW), ph = int((i / p.PW) % p.PH);
+        const i64 c = (i / ((i64)p.PW * p.PH)) % p.C, k = i / ((i64)p.PW * p.PH * p.C);
+        i64 n, win[4];
+        A best;
+        if (!pool_window(rois + 5 * k, p.scale, ph, pw, p.PH, p.PW, p.H, p.W, n, win)) continue;
+        const i64 base = (n * p.C + c) * p.H * p.W;
+        const i64 arg = pool_argmax(x + base, p.W, win, best);
+        if (arg >= 0) atomic_add(gx + base + arg, load(dy + i));
+    }
+}
+
+template <typename T>
+__global__ void pool_bwd_det(const T* __restrict__ dy, const T* __restrict__ x,
+                             const T* __restrict__ rois, const i64* __restrict__ order,
+                             const i64* __restrict__ seg, typename acc<T>::type* __restrict__ gx,
+                             int RB, PARAM_ARGS) {
+    PARAM_INIT;
+    typedef typename acc<T>::type A;
+    const i64 nrb = (p.H + RB - 1) / RB, total = p.N * p.C * nrb;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total;
+         i += (i64)blockDim.x * gridDim.x) {
+        const i64 rb = i % nrb, c = (i / nrb) % p.C, n = i / (nrb * p.C);
+        const i64 r0 = rb * RB, r1 = min(r0 + RB, p.H), base = (n * p.C + c) * p.H * p.W;
+        for (i64 j = seg[n]; j < seg[n + 1]; ++j) {
+            const i64 k = order[j];
+            for (int ph = 0; ph < p.PH; ++ph)
+                for (int pw = 0; pw < p.PW; ++pw) {
+                    i64 nn, win[4];
+                    A best;
+                    if (!pool_window(rois + 5 * k, p.scale, ph, pw, p.PH, p.PW, p.H, p.W, nn, win))
+                        continue;
+                    if (win[1] <= r0 || win[0] >= r1) continue;
+                    const i64 arg = pool_argmax(x + base, p.W, win, best);
+                    if (arg >= 0 && arg / p.W >= r0 && arg / p.W < r1)
+                        gx[base + arg] += load(dy + ((k * p.C + c) * p.PH + ph) * p.PW + pw);
+                }
+        }
+    }
+}

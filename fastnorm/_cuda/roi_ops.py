@@ -1,0 +1,159 @@
+"""CUDA launchers of roi_ops.cu: the same functions and signatures as ``fastnorm._cpu.roi_ops``
+(the trailing ``nthreads`` is ignored; ``channels_last`` is always False here: the op module
+transposes channels-last arrays around the NCHW kernels)."""
+import numpy as np
+
+from . import ctype, function, i64, instantiate, launch
+
+_KERNELS = ("align_fwd", "align_bwd", "align_bwd_det", "deform_bwd_offmask", "pool_fwd",
+            "pool_bwd", "pool_bwd_det")
+_EXPRS = tuple(e for k in _KERNELS for e in instantiate(k + "<{}>"))
+KIND_ALIGN, KIND_PS, KIND_DEFORM = 0, 1, 2
+RB = 8      # rows of grad_x owned by one thread of the deterministic backward
+
+
+def _k(name, dtype):
+    return function("roi_ops", f"{name}<{ctype(dtype)}>", _EXPRS)
+
+
+def _params(K, N, C, CO, H, W, PH, PW, sr=0, kind=0, mode=0, aligned=0, has_offset=0,
+            has_mask=0, scale=1.0, gamma=0.0):
+    i32 = np.int32
+    return (i64(K), i64(N), i64(C), i64(CO), i64(H), i64(W), i32(PH), i32(PW), i32(sr),
+            i32(kind), i32(mode), i32(aligned), i32(has_offset), i32(has_mask),
+            np.float64(scale), np.float64(gamma))
+
+
+def _acc_dtype(dtype):
+    return np.float64 if str(dtype) == "float64" else np.float32
+
+
+def _segments(cp, rois, N):
+    """RoI indices grouped by image, in index order within an image (unique sort keys, so the
+    order does not depend on the sort's stability), and the per-image bounds."""
+    K = rois.shape[0]
+    b = rois[:, 0].astype(cp.int64)
+    order = cp.argsort(b * K + cp.arange(K, dtype=cp.int64))
+    order = cp.ascontiguousarray(order.astype(cp.int64))
+    seg = cp.searchsorted(b[order], cp.arange(N + 1, dtype=cp.int64)).astype(cp.int64)
+    return order, cp.ascontiguousarray(seg)
+
+
+def _dummy(cp, dtype):
+    return cp.zeros(1, dtype=dtype)
+
+
+def _align_forward(x, rois, offset, mask, PH, PW, CO, prm):
+    import cupy as cp
+    K = rois.shape[0]
+    out = cp.empty((K, CO, PH, PW), dtype=x.dtype)
+    if out.size == 0:
+        return out
+    if x.shape[2] * x.shape[3] == 0:
+        out[...] = 0
+        return out
+    d = _dummy(cp, x.dtype)
+    launch(_k("align_fwd", x.dtype), out.size,
+           (x, rois, d if offset is None else offset, d if mask is None else mask, out) + prm)
+    return out
+
+
+def _align_backward(dy, x, rois, offset, mask, N, C, H, W, prm, deterministic):
+    import cupy as cp
+    dtype = dy.dtype
+    gacc = cp.zeros((N, C, H, W), dtype=_acc_dtype(dtype))
+    if gacc.size == 0 or rois.shape[0] == 0:
+        return gacc.astype(dtype, copy=False)
+    d = _dummy(cp, dtype)
+    xa = d if x is None else x
+    off = d if offset is None else offset
+    msk = d if mask is None else mask
+    if deterministic:
+        order, seg = _segments(cp, rois, N)
+        nrb = (H + RB - 1) // RB
+        launch(_k("align_bwd_det", dtype), N * C * nrb,
+               (dy, xa, rois, off, msk, order, seg, gacc, np.int32(RB)) + prm)
+    else:
+        launch(_k("align_bwd", dtype), dy.size, (dy, xa, rois, off, msk, gacc) + prm)
+    return gacc.astype(dtype, copy=False)
+
+
+def roi_align_forward(x, rois, PH, PW, scale, sr, aligned, mode, channels_last, nthreads):
+    N, C, H, W = x.shape
+    prm = _params(rois.shape[0], N, C, C, H, W, PH, PW, sr, KIND_ALIGN, mode, int(aligned),
+                  scale=scale)
+    return _align_forward(x, rois, None, None, PH, PW, C, prm)
+
+
+def roi_align_backward(grad_out, rois, x, N, C, H, W, PH, PW, scale, sr, aligned, mode,
+                       channels_last, deterministic, nthreads):
+    prm = _params(rois.shape[0], N, C, C, H, W, PH, PW, sr, KIND_ALIGN, mode, int(aligned),
+                  scale=scale)
+    return _align_backward(grad_out, x, rois, None, None, N, C, H, W, prm, deterministic)
+
+
+def ps_roi_align_forward(x, rois, PH, PW, scale, sr, nthreads):
+    N, C, H, W = x.shape
+    CO = C // (PH * PW)
+    prm = _params(rois.shape[0], N, C, CO, H, W, PH, PW, sr, KIND_PS, 0, 1, scale=scale)
+    return _align_forward(x, rois, None, None, PH, PW, CO, prm)
+
+
+def ps_roi_align_backward(grad_out, rois, N, C, H, W, PH, PW, scale, sr, deterministic,
+                          nthreads):
+    prm = _params(rois.shape[0], N, C, C // (PH * PW), H, W, PH, PW, sr, KIND_PS, 0, 1,
+                  scale=scale)
+    return _align_backward(grad_out, None, rois, None, None, N, C, H, W, prm, deterministic)
+
+
+def deform_roi_pool_forward(x, rois, offset, mask, PH, PW, scale, sr, gamma, nthreads):
+    N, C, H, W = x.shape
+    prm = _params(rois.shape[0], N, C, C, H, W, PH, PW, sr, KIND_DEFORM, 0, 1,
+                  offset is not None, mask is not None, scale, gamma)
+    return _align_forward(x, rois, offset, mask, PH, PW, C, prm)
+
+
+def deform_roi_pool_backward(grad_out, x, rois, offset, mask, PH, PW, scale, sr, gamma,
+                             deterministic, nthreads):
+    import cupy as cp
+    N, C, H, W = x.shape
+    K = rois.shape[0]
+    prm = _params(K, N, C, C, H, W, PH, PW, sr, KIND_DEFORM, 0, 1, offset is not None,
+                  mask is not None, scale, gamma)
+    gx = _align_backward(grad_out, x, rois, offset, mask, N, C, H, W, prm, deterministic)
+    goff = None if offset is None else cp.zeros((K, 2, PH, PW), dtype=x.dtype)
+    gm = None if mask is None else cp.zeros((K, 1, PH, PW), dtype=x.dtype)
+    if (goff is not None or gm is not None) and K > 0 and H * W > 0:
+        d = _dummy(cp, x.dtype)
+        launch(_k("deform_bwd_offmask", x.dtype), K * PH * PW,
+               (grad_out, x, rois, d if offset is None else offset, d if mask is None else mask,
+                d if goff is None else goff, d if gm is None else gm) + prm)
+    return gx, goff, gm
+
+
+def roi_pool_forward(x, rois, PH, PW, scale, nthreads):
+    import cupy as cp
+    N, C, H, W = x.shape
+    K = rois.shape[0]
+    out = cp.empty((K, C, PH, PW), dtype=x.dtype)
+    if out.size:
+        launch(_k("pool_fwd", x.dtype), out.size,
+               (x, rois, out) + _params(K, N, C, C, H, W, PH, PW, scale=scale))
+    return out
+
+
+def roi_pool_backward(grad_out, rois, x, PH, PW, scale, deterministic, nthreads):
+    import cupy as cp
+    N, C, H, W = x.shape
+    K = rois.shape[0]
+    gacc = cp.zeros((N, C, H, W), dtype=_acc_dtype(x.dtype))
+    if gacc.size and K:
+        prm = _params(K, N, C, C, H, W, PH, PW, scale=scale)
+        if deterministic:
+            order, seg = _segments(cp, rois, N)
+            launch(_k("pool_bwd_det", x.dtype), N * C * ((H + RB - 1) // RB),
+                   (grad_out, x, rois, order, seg, gacc, np.int32(RB)) + prm)
+        else:
+            launch(_k("pool_bwd", x.dtype), grad_out.size, (grad_out, x, rois, gacc) + prm)
+    return gacc.astype(x.dtype, copy=False)
+NAME_EXPRESSIONS = list(_EXPRS)   # every instantiation CuPy may request (.ci/nvcc_check.py)

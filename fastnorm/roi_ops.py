@@ -1,0 +1,475 @@
+"""RoI feature extractors: RoIAlign (avg/max), RoIPool, PS-RoIAlign and deformable RoI pooling.
+
+Common conventions
+------------------
+* ``rois`` is a (K, 5) array ``[batch_index, x1, y1, x2, y2]`` of x's dtype, or a list of
+  per-image (K_i, 4) arrays ``[x1, y1, x2, y2]`` (image i gets batch index i). Batch indices must
+  be integers in [0, N): anything else raises ``ValueError`` naming `rois` before a kernel runs.
+* A RoI with a NaN/inf coordinate gives zeros in the forward and no gradient.
+* K = 0 gives a (0, C, PH, PW) result (and a zero gradient).
+* Adaptive sampling (``sampling_ratio <= 0``) uses ``ceil(roi_size / output_size)`` samples per bin
+  and axis, capped at ``2 * L + 64`` for an axis of length L (H or W): RoIs inside the map never
+  reach the cap, huge ones cannot make a call loop or allocate without bound. An explicit
+  ``sampling_ratio`` is capped the same way.
+* Backward passes are deterministic on the CPU (each thread owns whole channel planes of grad_x
+  and visits the RoIs in index order: bitwise identical for any thread count). On CUDA the default
+  accumulates with atomics; ``deterministic=True`` gives bitwise reproducible gradients by letting
+  each thread own a block of grad_x rows and visit the RoIs of its image in order (slower: every
+  thread scans all RoIs of its image).
+"""
+from . import _validation as v
+from ._dispatch import resolve
+
+_MODES = {"avg": 0, "max": 1}
+
+
+# ---------------------------------------------------------------- argument handling
+
+def _resolve(rois, **arrays):
+    """resolve() with rois given as one array or a list of per-image arrays."""
+    if isinstance(rois, (list, tuple)):
+        parts = {f"rois[{i}]": r for i, r in enumerate(rois)}
+        call, nat = resolve(**arrays, **parts)
+        n = len(arrays)
+        return call, nat[:n], list(nat[n:])
+    call, nat = resolve(**arrays, rois=rois)
+    return call, nat[:-1], nat[-1]
+
+
+def _rois(call, rois, ref, ref_name, N):
+    """(K, 5) native rois of ref's dtype with validated batch indices."""
+    xp = call.xp
+    if isinstance(rois, list):
+        parts = []
+        for i, r in enumerate(rois):
+            if r.ndim != 2 or r.shape[1] != 4:
+                raise ValueError(f"`rois` entry {i} must have shape (K_{i}, 4), got "
+                                 f"{tuple(r.shape)}")
+            if r.dtype != ref.dtype:
+                raise TypeError(f"`rois` entry {i} must have the dtype of `{ref_name}` "
+                                f"({ref.dtype}), got {r.dtype}")
+            if i >= N:
+                raise ValueError(f"`rois` has {len(rois)} per-image entries but `{ref_name}` "
+                                 f"has only {N} images")
+            parts.append(xp.concatenate([xp.full((r.shape[0], 1), i, dtype=r.dtype), r], axis=1))
+        rois = xp.concatenate(parts, axis=0) if parts else xp.zeros((0, 5), dtype=ref.dtype)
+        return xp.ascontiguousarray(rois)
+    v.shape("rois", rois, (None, 5), "(K, 5)")
+    if rois.dtype != ref.dtype:
+        raise TypeError(f"`rois` must have the dtype of `{ref_name}` ({ref.dtype}), "
+                        f"got {rois.dtype}")
+    if rois.shape[0]:
+        b = rois[:, 0]
+        ok = (b == xp.floor(b)) & (b >= 0) & (b < N)
+        if not bool(ok.all()):
+            raise ValueError(f"`rois` batch indices (column 0) must be integers in [0, {N}) "
+                             f"(the batch size of `{ref_name}`)")
+    return rois
+
+
+def _input_shape(input_shape):
+    try:
+        shape = tuple(int(s) for s in input_shape)
+        ok = len(shape) == 4 and all(s >= 0 for s in shape) and \
+            all(int(s) == s for s in input_shape)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"`input_shape` must be 4 non-negative ints (the shape of x), "
+                         f"got {input_shape!r}")
+    return shape
+
+
+def _common(output_size, spatial_scale, sampling_ratio=0):
+    PH, PW = v.pair("output_size", output_size, min=1)
+    scale = v.number("spatial_scale", spatial_scale)
+    sr = v.integer("sampling_ratio", sampling_ratio, min=-2**31, max=2**31 - 1)
+    return PH, PW, scale, sr
+
+
+def _grad_out(call, grad_out, K, shape4):
+    v.float_array(call, "grad_out", grad_out, ndim=4)
+    v.shape("grad_out", grad_out, (K,) + tuple(shape4))
+
+
+def _nchw(call, a, channels_last):
+    """CUDA kernels are NCHW only: channels-last arrays are transposed around them."""
+    if channels_last and call.backend == "cuda":
+        return call.xp.ascontiguousarray(a.transpose(0, 3, 1, 2))
+    return a
+
+
+def _nhwc(call, a, channels_last):
+    if channels_last and call.backend == "cuda":
+        return call.xp.ascontiguousarray(a.transpose(0, 2, 3, 1))
+    return a
+
+
+# ---------------------------------------------------------------- RoIAlign
+
+def roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, *,
+              mode="avg", channels_last=False):
+    """RoIAlign (He et al., Mask R-CNN) with torchvision's semantics, plus mmcv's max mode.
+
+    Each RoI ``[x1, y1, x2, y2] * spatial_scale`` (minus 0.5 when ``aligned``) is cut into
+    PH x PW bins; a bin samples ``gh x gw`` points on a regular grid (``sampling_ratio`` per axis,
+    or ``ceil(roi_size / output_size)`` when ``sampling_ratio <= 0``), bilinearly interpolated
+    (samples outside (-1, H) x (-1, W) are 0), and averages them (``mode="avg"``, dividing by
+    gh * gw) or takes their maximum (``mode="max"``, ties: the first sample in row-major order).
+    Without ``aligned`` RoI sizes are clamped to >= 1.
+
+    Parameters
+    ----------
+    x : array (N, C, H, W), or (N, H, W, C) with ``channels_last=True``
+        float32/float64 (and float16/bfloat16 on CUDA).
+    rois : array (K, 5) ``[batch_index, x1, y1, x2, y2]`` or list of (K_i, 4) arrays
+        Same dtype as x.
+    output_size : int or (int, int)
+        (PH, PW).
+    spatial_scale : float
+        Scale from RoI coordinates to x's pixels (e.g. 1/4 for FPN level P2).
+    sampling_ratio : int
+        Samples per bin and axis; <= 0 for adaptive (see the module notes for the cap).
+    aligned : bool
+        Half-pixel shift (torchvision ``aligned=True``, ONNX ``half_pixel``).
+    mode : {"avg", "max"}
+    channels_last : bool
+        x is (N, H, W, C) and the result is (K, PH, PW, C).
+
+    Returns
+    -------
+    out : array (K, C, PH, PW), or (K, PH, PW, C) with ``channels_last=True``
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    >>> rois = np.array([[0, 0, 0, 2, 2]], dtype=np.float32)
+    >>> fastnorm.roi_align(x, rois, 1, sampling_ratio=2, aligned=True)[0, 0, 0, 0]
+    np.float32(2.5)
+    >>> fastnorm.roi_align(x, [rois[:, 1:]], (2, 2), aligned=True).shape
+    (1, 1, 2, 2)
+    """
+    call, (x,), rois = _resolve(rois, x=x)
+    v.float_array(call, "x", x, ndim=4)
+    PH, PW, scale, sr = _common(output_size, spatial_scale, sampling_ratio)
+    v.choice("mode", mode, tuple(_MODES))
+    rois = _rois(call, rois, x, "x", x.shape[0])
+    out = call.run("roi_ops", "roi_align_forward", _nchw(call, x, channels_last), rois, PH, PW,
+                   scale, sr, bool(aligned), _MODES[mode],
+                   bool(channels_last) and call.backend == "cpu")
+    return call.wrap(_nhwc(call, out, channels_last))
+
+
+def roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale=1.0,
+                       sampling_ratio=-1, aligned=False, *, mode="avg", x=None,
+                       channels_last=False, deterministic=False):
+    """Gradient of :func:`roi_align` with respect to x.
+
+    Parameters
+    ----------
+    grad_out : array (K, C, PH, PW), or (K, PH, PW, C) with ``channels_last=True``
+    rois : as in :func:`roi_align`
+    input_shape : tuple of 4 ints
+        The shape of x as laid out ((N, H, W, C) with ``channels_last=True``).
+    output_size, spatial_scale, sampling_ratio, aligned, mode, channels_last :
+        As in the forward call.
+    x : array, shape ``input_shape``, optional
+        The forward input; required for ``mode="max"`` (the argmax sample is recomputed, and the
+        gradient goes to its four bilinear corners).
+    deterministic : bool
+        CUDA only (the CPU is always deterministic): bitwise reproducible gradients.
+
+    Returns
+    -------
+    grad_x : array of shape ``input_shape``
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> rois = np.array([[0, 0, 0, 2, 2]], dtype=np.float64)
+    >>> g = fastnorm.roi_align_backward(np.ones((1, 1, 1, 1)), rois, (1, 1, 4, 4), 1,
+    ...                                 sampling_ratio=2, aligned=True)
+    >>> float(g.sum())
+    1.0
+    """
+    call, (grad_out, x), rois = _resolve(rois, grad_out=grad_out, x=x)
+    shape = _input_shape(input_shape)
+    PH, PW, scale, sr = _common(output_size, spatial_scale, sampling_ratio)
+    v.choice("mode", mode, tuple(_MODES))
+    if channels_last:
+        N, H, W, C = shape
+        gshape = (PH, PW, C)
+    else:
+        N, C, H, W = shape
+        gshape = (C, PH, PW)
+    rois = _rois(call, rois, grad_out, "grad_out", N)
+    _grad_out(call, grad_out, rois.shape[0], gshape)
+    if mode == "max":
+        if x is None:
+            raise ValueError("`x` is required by roi_align_backward with mode='max'")
+        v.same_dtype("x", x, "grad_out", grad_out)
+        v.shape("x", x, shape)
+    else:
+        x = None
+    gx = call.run("roi_ops", "roi_align_backward", _nchw(call, grad_out, channels_last), rois,
+                  None if x is None else _nchw(call, x, channels_last), N, C, H, W, PH, PW,
+                  scale, sr, bool(aligned), _MODES[mode],
+                  bool(channels_last) and call.backend == "cpu", bool(deterministic))
+    return call.wrap(_nhwc(call, gx, channels_last))
+
+
+# ---------------------------------------------------------------- RoIPool
+
+def roi_pool(x, rois, output_size, spatial_scale=1.0):
+    """RoIPool (Fast R-CNN) with torchvision's rounding: max over integer bins.
+
+    RoI corners are rounded (``round(c * spatial_scale)``, half away from zero), the RoI size is
+    ``max(end - start + 1, 1)``, bin (ph, pw) covers rows ``floor(ph * bin_h) .. ceil((ph+1) *
+    bin_h)`` (clipped to the map) and the output is the maximum there (0 for an empty bin).
+
+    Parameters
+    ----------
+    x : array (N, C, H, W)
+    rois : array (K, 5) or list of (K_i, 4) arrays
+    output_size : int or (int, int)
+    spatial_scale : float
+
+    Returns
+    -------
+    out : array (K, C, PH, PW)
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    >>> fastnorm.roi_pool(x, np.array([[0, 0, 0, 3, 3]], np.float32), 2)[0, 0]
+    array([[ 5.,  7.],
+           [13., 15.]], dtype=float32)
+    """
+    call, (x,), rois = _resolve(rois, x=x)
+    v.float_array(call, "x", x, ndim=4)
+    PH, PW, scale, _ = _common(output_size, spatial_scale)
+    rois = _rois(call, rois, x, "x", x.shape[0])
+    return call.wrap(call.run("roi_ops", "roi_pool_forward", x, rois, PH, PW, scale))
+
+
+def roi_pool_backward(grad_out, rois, input_shape, output_size, spatial_scale=1.0, *, x=None,
+                      deterministic=False):
+    """Gradient of :func:`roi_pool`: each output's gradient goes to its bin's argmax in x.
+
+    Parameters
+    ----------
+    grad_out : array (K, C, PH, PW)
+    rois, output_size, spatial_scale : as in the forward call
+    input_shape : tuple (N, C, H, W)
+    x : array (N, C, H, W)
+        The forward input (required: the argmax is recomputed from it; ties go to the first
+        maximum in row-major order, as in torchvision).
+    deterministic : bool
+        CUDA only (the CPU is always deterministic).
+
+    Returns
+    -------
+    grad_x : array (N, C, H, W)
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    >>> rois = np.array([[0, 0, 0, 3, 3]], np.float32)
+    >>> g = fastnorm.roi_pool_backward(np.ones((1, 1, 1, 1), np.float32), rois, x.shape, 1, x=x)
+    >>> float(g[0, 0, 3, 3])
+    1.0
+    """
+    call, (grad_out, x), rois = _resolve(rois, grad_out=grad_out, x=x)
+    shape = _input_shape(input_shape)
+    PH, PW, scale, _ = _common(output_size, spatial_scale)
+    if x is None:
+        raise ValueError("`x` is required by roi_pool_backward (the argmax is recomputed)")
+    v.same_dtype("x", x, "grad_out", grad_out)
+    v.shape("x", x, shape)
+    rois = _rois(call, rois, grad_out, "grad_out", shape[0])
+    _grad_out(call, grad_out, rois.shape[0], (shape[1], PH, PW))
+    return call.wrap(call.run("roi_ops", "roi_pool_backward", grad_out, rois, x, PH, PW, scale,
+                              bool(deterministic)))
+
+
+# ---------------------------------------------------------------- PS-RoIAlign
+
+def ps_roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1):
+    """Position-sensitive RoIAlign (R-FCN) with torchvision's semantics.
+
+    Output channel c, bin (ph, pw) averages the bilinear samples of input channel
+    ``(c * PH + ph) * PW + pw``; RoIs are half-pixel aligned (``* spatial_scale - 0.5``) and not
+    clamped. A bin with no samples (a RoI of negative size with adaptive sampling) is 0.
+
+    Parameters
+    ----------
+    x : array (N, C, H, W) with C a multiple of PH * PW
+    rois : array (K, 5) or list of (K_i, 4) arrays
+    output_size : int or (int, int)
+    spatial_scale : float
+    sampling_ratio : int
+
+    Returns
+    -------
+    out : array (K, C // (PH * PW), PH, PW)
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> x = np.ones((1, 8, 5, 5), np.float32)
+    >>> fastnorm.ps_roi_align(x, np.array([[0, 1, 1, 3, 3]], np.float32), 2).shape
+    (1, 2, 2, 2)
+    """
+    call, (x,), rois = _resolve(rois, x=x)
+    v.float_array(call, "x", x, ndim=4)
+    PH, PW, scale, sr = _common(output_size, spatial_scale, sampling_ratio)
+    if x.shape[1] % (PH * PW):
+        raise ValueError(f"`x` must have a multiple of PH * PW = {PH * PW} channels for "
+                         f"ps_roi_align, got {x.shape[1]}")
+    rois = _rois(call, rois, x, "x", x.shape[0])
+    return call.wrap(call.run("roi_ops", "ps_roi_align_forward", x, rois, PH, PW, scale, sr))
+
+
+def ps_roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale=1.0,
+                          sampling_ratio=-1, *, deterministic=False):
+    """Gradient of :func:`ps_roi_align` with respect to x.
+
+    Parameters
+    ----------
+    grad_out : array (K, C // (PH * PW), PH, PW)
+    rois, output_size, spatial_scale, sampling_ratio : as in the forward call
+    input_shape : tuple (N, C, H, W)
+    deterministic : bool
+        CUDA only (the CPU is always deterministic).
+
+    Returns
+    -------
+    grad_x : array (N, C, H, W)
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> rois = np.array([[0, 1, 1, 3, 3]], np.float64)
+    >>> g = fastnorm.ps_roi_align_backward(np.ones((1, 2, 2, 2)), rois, (1, 8, 5, 5), 2)
+    >>> float(g.sum())
+    8.0
+    """
+    call, (grad_out,), rois = _resolve(rois, grad_out=grad_out)
+    N, C, H, W = _input_shape(input_shape)
+    PH, PW, scale, sr = _common(output_size, spatial_scale, sampling_ratio)
+    if C % (PH * PW):
+        raise ValueError(f"`input_shape` must have a multiple of PH * PW = {PH * PW} channels, "
+                         f"got {C}")
+    rois = _rois(call, rois, grad_out, "grad_out", N)
+    _grad_out(call, grad_out, rois.shape[0], (C // (PH * PW), PH, PW))
+    return call.wrap(call.run("roi_ops", "ps_roi_align_backward", grad_out, rois, N, C, H, W,
+                              PH, PW, scale, sr, bool(deterministic)))
+
+
+# ---------------------------------------------------------------- deformable RoI pooling
+
+def _deform_args(call, x, offset, mask, K, PH, PW):
+    if offset is not None:
+        v.same_dtype("offset", offset, "x", x)
+        v.shape("offset", offset, (K, 2, PH, PW))
+    if mask is not None:
+        v.same_dtype("mask", mask, "x", x)
+        v.shape("mask", mask, (K, 1, PH, PW))
+
+
+def deform_roi_pool(x, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0,
+                    gamma=0.1, *, mask=None):
+    """Deformable RoI pooling (Dai et al., DCN; mmcv ``DeformRoIPool`` semantics).
+
+    Aligned RoIAlign averaging (``* spatial_scale - 0.5``, no size clamp, adaptive sampling for
+    ``sampling_ratio <= 0``) where bin (ph, pw) is shifted by
+    ``(gamma * roi_w * offset[k, 0, ph, pw], gamma * roi_h * offset[k, 1, ph, pw])`` in (x, y).
+    With ``mask`` (modulated variant, mmcv ``ModulatedDeformRoIPoolPack``), the result is
+    multiplied by ``mask[k, 0, ph, pw]``.
+
+    Parameters
+    ----------
+    x : array (N, C, H, W)
+    rois : array (K, 5) or list of (K_i, 4) arrays
+    offset : array (K, 2, PH, PW), optional
+        Normalised (dx, dy) per bin; None: plain aligned RoIAlign.
+    output_size : int or (int, int)
+    spatial_scale : float
+    sampling_ratio : int
+    gamma : float
+        Offset scale.
+    mask : array (K, 1, PH, PW), optional
+        Modulation (usually a sigmoid output).
+
+    Returns
+    -------
+    out : array (K, C, PH, PW)
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> x = np.ones((1, 3, 8, 8), np.float32)
+    >>> rois = np.array([[0, 1, 1, 6, 6]], np.float32)
+    >>> off = np.zeros((1, 2, 2, 2), np.float32)
+    >>> fastnorm.deform_roi_pool(x, rois, off, 2, sampling_ratio=2)[0, 0]
+    array([[1., 1.],
+           [1., 1.]], dtype=float32)
+    """
+    call, (x, offset, mask), rois = _resolve(rois, x=x, offset=offset, mask=mask)
+    v.float_array(call, "x", x, ndim=4)
+    PH, PW, scale, sr = _common(output_size, spatial_scale, sampling_ratio)
+    gamma = v.number("gamma", gamma)
+    rois = _rois(call, rois, x, "x", x.shape[0])
+    _deform_args(call, x, offset, mask, rois.shape[0], PH, PW)
+    return call.wrap(call.run("roi_ops", "deform_roi_pool_forward", x, rois, offset, mask, PH,
+                              PW, scale, sr, gamma))
+
+
+def deform_roi_pool_backward(grad_out, x, rois, offset=None, output_size=7, spatial_scale=1.0,
+                             sampling_ratio=0, gamma=0.1, *, mask=None, deterministic=False):
+    """Gradients of :func:`deform_roi_pool` with respect to x, offset and mask.
+
+    The offset gradient is the exact derivative of the computed forward (sample coordinates that
+    clamp at the map border contribute 0), so it matches finite differences; mmcv's CUDA kernel
+    extrapolates there instead.
+
+    Parameters
+    ----------
+    grad_out : array (K, C, PH, PW)
+    x, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask :
+        As in the forward call.
+    deterministic : bool
+        CUDA only (the CPU is always deterministic); grad_offset and grad_mask are always
+        deterministic (one writer per element).
+
+    Returns
+    -------
+    grad_x : array (N, C, H, W)
+    grad_offset : array (K, 2, PH, PW), or None without offset
+    grad_mask : array (K, 1, PH, PW), or None without mask
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.standard_normal((1, 2, 8, 8))
+    >>> rois = np.array([[0, 1, 1, 6, 6]], np.float64)
+    >>> off = np.zeros((1, 2, 2, 2))
+    >>> gx, goff, gm = fastnorm.deform_roi_pool_backward(np.ones((1, 2, 2, 2)), x, rois, off, 2)
+    >>> gx.shape, goff.shape, gm is None
+    ((1, 2, 8, 8), (1, 2, 2, 2), True)
+    """
+    call, (grad_out, x, offset, mask), rois = _resolve(rois, grad_out=grad_out, x=x,
+                                                       offset=offset, mask=mask)
+    v.float_array(call, "x", x, ndim=4)
+    v.same_dtype("grad_out", grad_out, "x", x)
+    PH, PW, scale, sr = _common(output_size, spatial_scale, sampling_ratio)
+    gamma = v.number("gamma", gamma)
+    rois = _rois(call, rois, x, "x", x.shape[0])
+    _deform_args(call, x, offset, mask, rois.shape[0], PH, PW)
+    _grad_out(call, grad_out, rois.shape[0], (x.shape[1], PH, PW))
+    return call.wrap(call.run("roi_ops", "deform_roi_pool_backward", grad_out, x, rois, offset,
+                              mask, PH, PW, scale, sr, gamma, bool(deterministic)))

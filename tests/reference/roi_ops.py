@@ -1,0 +1,202 @@
+"""Float64 oracles for the RoI ops, written as plain scalar loops straight from the formulas
+(torchvision RoIAlign / RoIPool / PS-RoIAlign, mmcv max-mode RoIAlign and DeformRoIPool).
+
+rois are (K, 5) [batch, x1, y1, x2, y2]; everything is computed in float64."""
+import math
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def bilinear(plane, y, x):
+    """torchvision's RoIAlign bilinear_interpolate (0 outside (-1, H) x (-1, W))."""
+    H, W = plane.shape
+    if y < -1.0 or y > H or x < -1.0 or x > W or not (y == y) or not (x == x):
+        return 0.0
+    if y <= 0:
+        y = 0.0
+    if x <= 0:
+        x = 0.0
+    yl = int(y)
+    xl = int(x)
+    if yl >= H - 1:
+        yh = yl = H - 1
+        y = float(yl)
+    else:
+        yh = yl + 1
+    if xl >= W - 1:
+        xh = xl = W - 1
+        x = float(xl)
+    else:
+        xh = xl + 1
+    ly = y - yl
+    lx = x - xl
+    hy = 1.0 - ly
+    hx = 1.0 - lx
+    return (hy * hx * plane[yl, xl] + hy * lx * plane[yl, xh] + ly * hx * plane[yh, xl]
+            + ly * lx * plane[yh, xh])
+
+
+@njit(cache=True)
+def _grid(size, P, sr):
+    if sr > 0:
+        return sr
+    g = math.ceil(size / P)
+    return max(int(g), 0)
+
+
+@njit(cache=True)
+def roi_align(x, rois, PH, PW, scale, sr, aligned, mode_max):
+    K = rois.shape[0]
+    C = x.shape[1]
+    out = np.zeros((K, C, PH, PW))
+    off = 0.5 if aligned else 0.0
+    for k in range(K):
+        n = int(rois[k, 0])
+        xs = rois[k, 1] * scale - off
+        ys = rois[k, 2] * scale - off
+        rw = rois[k, 3] * scale - off - xs
+        rh = rois[k, 4] * scale - off - ys
+        if not (np.isfinite(xs) and np.isfinite(ys) and np.isfinite(rw) and np.isfinite(rh)):
+            continue
+        if not aligned:
+            rw = max(rw, 1.0)
+            rh = max(rh, 1.0)
+        bh = rh / PH
+        bw = rw / PW
+        gh = _grid(rh, PH, sr)
+        gw = _grid(rw, PW, sr)
+        if gh * gw == 0:
+            continue
+        for c in range(C):
+            for ph in range(PH):
+                for pw in range(PW):
+                    acc = 0.0
+                    best = 0.0
+                    for iy in range(gh):
+                        y = ys + ph * bh + (iy + 0.5) * bh / gh
+                        for ix in range(gw):
+                            xx = xs + pw * bw + (ix + 0.5) * bw / gw
+                            val = bilinear(x[n, c], y, xx)
+                            acc += val
+                            if (iy == 0 and ix == 0) or val > best:
+                                best = val
+                    out[k, c, ph, pw] = best if mode_max else acc / (gh * gw)
+    return out
+
+
+@njit(cache=True)
+def roi_pool(x, rois, PH, PW, scale):
+    K = rois.shape[0]
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    out = np.zeros((K, C, PH, PW))
+    for k in range(K):
+        n = int(rois[k, 0])
+        if not np.all(np.isfinite(rois[k, 1:])):
+            continue
+        # C round(): half away from zero
+        v = np.empty(4)
+        for i in range(4):
+            t = rois[k, i + 1] * scale
+            v[i] = math.floor(abs(t) + 0.5) * (1.0 if t >= 0 else -1.0)
+        xs, ys, xe, ye = int(v[0]), int(v[1]), int(v[2]), int(v[3])
+        bh = max(ye - ys + 1, 1) / PH
+        bw = max(xe - xs + 1, 1) / PW
+        for ph in range(PH):
+            h0 = min(max(int(math.floor(ph * bh)) + ys, 0), H)
+            h1 = min(max(int(math.ceil((ph + 1) * bh)) + ys, 0), H)
+            for pw in range(PW):
+                w0 = min(max(int(math.floor(pw * bw)) + xs, 0), W)
+                w1 = min(max(int(math.ceil((pw + 1) * bw)) + xs, 0), W)
+                for c in range(C):
+                    if h1 <= h0 or w1 <= w0:
+                        out[k, c, ph, pw] = 0.0
+                        continue
+                    m = -np.inf
+                    for h in range(h0, h1):
+                        for w in range(w0, w1):
+                            m = max(m, x[n, c, h, w])
+                    out[k, c, ph, pw] = m
+    return out
+
+
+@njit(cache=True)
+def ps_roi_align(x, rois, PH, PW, scale, sr):
+    K = rois.shape[0]
+    CO = x.shape[1] // (PH * PW)
+    out = np.zeros((K, CO, PH, PW))
+    for k in range(K):
+        n = int(rois[k, 0])
+        xs = rois[k, 1] * scale - 0.5
+        ys = rois[k, 2] * scale - 0.5
+        rw = rois[k, 3] * scale - 0.5 - xs
+        rh = rois[k, 4] * scale - 0.5 - ys
+        if not (np.isfinite(xs) and np.isfinite(ys) and np.isfinite(rw) and np.isfinite(rh)):
+            continue
+        bh = rh / PH
+        bw = rw / PW
+        gh = _grid(rh, PH, sr)
+        gw = _grid(rw, PW, sr)
+        if gh * gw == 0:
+            continue
+        for co in range(CO):
+            for ph in range(PH):
+                for pw in range(PW):
+                    ci = (co * PH + ph) * PW + pw
+                    acc = 0.0
+                    for iy in range(gh):
+                        y = ys + ph * bh + (iy + 0.5) * bh / gh
+                        for ix in range(gw):
+                            xx = xs + pw * bw + (ix + 0.5) * bw / gw
+                            acc += bilinear(x[n, ci], y, xx)
+                    out[k, co, ph, pw] = acc / (gh * gw)
+    return out
+
+
+@njit(cache=True)
+def deform_roi_pool(x, rois, offset, mask, PH, PW, scale, sr, gamma):
+    """offset (K, 2, PH, PW) [dx, dy] (zeros for none), mask (K, 1, PH, PW) (ones for none)."""
+    K = rois.shape[0]
+    C = x.shape[1]
+    out = np.zeros((K, C, PH, PW))
+    for k in range(K):
+        n = int(rois[k, 0])
+        xs = rois[k, 1] * scale - 0.5
+        ys = rois[k, 2] * scale - 0.5
+        rw = rois[k, 3] * scale - 0.5 - xs
+        rh = rois[k, 4] * scale - 0.5 - ys
+        if not (np.isfinite(xs) and np.isfinite(ys) and np.isfinite(rw) and np.isfinite(rh)):
+            continue
+        bh = rh / PH
+        bw = rw / PW
+        gh = _grid(rh, PH, sr)
+        gw = _grid(rw, PW, sr)
+        if gh * gw == 0:
+            continue
+        for c in range(C):
+            for ph in range(PH):
+                for pw in range(PW):
+                    sx = xs + gamma * rw * offset[k, 0, ph, pw]
+                    sy = ys + gamma * rh * offset[k, 1, ph, pw]
+                    acc = 0.0
+                    for iy in range(gh):
+                        y = sy + ph * bh + (iy + 0.5) * bh / gh
+                        for ix in range(gw):
+                            xx = sx + pw * bw + (ix + 0.5) * bw / gw
+                            acc += bilinear(x[n, c], y, xx)
+                    out[k, c, ph, pw] = mask[k, 0, ph, pw] * acc / (gh * gw)
+    return out
+
+
+def random_rois(rng, K, N, H, W, scale=1.0, lo=-0.3, hi=1.3, max_size=None):
+    """K random RoIs in image coordinates (x's pixels / scale), partly outside the map,
+    including tiny and degenerate (x2 < x1) ones."""
+    Wi, Hi = W / scale, H / scale
+    x1 = rng.uniform(lo * Wi, hi * Wi, K)
+    y1 = rng.uniform(lo * Hi, hi * Hi, K)
+    ms = max_size or max(Wi, Hi)
+    w = rng.uniform(-0.05, 1.0, K) * ms * rng.choice([0.05, 0.3, 1.0], K)
+    h = rng.uniform(-0.05, 1.0, K) * ms * rng.choice([0.05, 0.3, 1.0], K)
+    b = rng.integers(0, N, K)
+    return np.stack([b, x1, y1, x1 + w, y1 + h], 1).astype(np.float64)

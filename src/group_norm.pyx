@@ -377,16 +377,11 @@ cdef inline void _row_grad_x(const floating* dy, const floating* x, floating* gx
             gx[i] = k1 * dz + k2 * d + k3
 
 
-cdef void _backward_coeffs(Py_ssize_t N, Py_ssize_t C, Py_ssize_t G, double M,
-                           const double* sdz, const double* sdzx, const floating* w,
-                           const floating* rstd, floating* gw, floating* gb,
-                           floating* k1, floating* k2, floating* k3) noexcept nogil:
-    """From per-(n, c) sums: grad_weight/grad_bias and the per-(n, c) coefficients of grad_x.
-
-    grad_x = rstd * (w dz - A/M - xhat B/M), A = sum_g w dz, B = sum_g w dz xhat.
-    """
-    cdef Py_ssize_t n, c, g, Cg = C // G
-    cdef double A, B, r, sw, sb
+cdef void _grad_weight_bias(Py_ssize_t N, Py_ssize_t C, const double* sdz, const double* sdzx,
+                            floating* gw, floating* gb) noexcept nogil:
+    """grad_weight[c] = sum_n sum(dz xhat), grad_bias[c] = sum_n sum(dz), in batch order."""
+    cdef Py_ssize_t n, c
+    cdef double sw, sb
     for c in range(C):
         sw = 0
         sb = 0
@@ -395,18 +390,55 @@ cdef void _backward_coeffs(Py_ssize_t N, Py_ssize_t C, Py_ssize_t G, double M,
             sb += sdz[n * C + c]
         gw[c] = <floating>sw
         gb[c] = <floating>sb
-    for n in range(N):
-        for g in range(G):
-            A = 0
-            B = 0
-            for c in range(g * Cg, (g + 1) * Cg):
-                A += w[c] * sdz[n * C + c]
-                B += w[c] * sdzx[n * C + c]
-            r = rstd[n * G + g]
-            for c in range(g * Cg, (g + 1) * Cg):
-                k1[n * C + c] = <floating>(w[c] * r)
-                k2[n * C + c] = <floating>(-B * r * r / M)
-                k3[n * C + c] = <floating>(-A * r / M)
+
+
+cdef void _group_coeffs(Py_ssize_t ng, Py_ssize_t C, Py_ssize_t G, double M,
+                        const double* sdz, const double* sdzx, const floating* w,
+                        const floating* rstd, floating* k1, floating* k2,
+                        floating* k3) noexcept nogil:
+    """Per-(n, c) coefficients of grad_x = k1 dz + k2 (x - mean) + k3 for group ng = n*G + g,
+    from grad_x = rstd (w dz - A/M - xhat B/M), A = sum_g w dz, B = sum_g w dz xhat."""
+    cdef Py_ssize_t Cg = C // G, n = ng // G, g = ng % G, c
+    cdef double A = 0, B = 0, r = rstd[ng]
+    for c in range(g * Cg, (g + 1) * Cg):
+        A += w[c] * sdz[n * C + c]
+        B += w[c] * sdzx[n * C + c]
+    for c in range(g * Cg, (g + 1) * Cg):
+        k1[n * C + c] = <floating>(w[c] * r)
+        k2[n * C + c] = <floating>(-B * r * r / M)
+        k3[n * C + c] = <floating>(-A * r / M)
+
+
+cdef void _nchw_unit_grad_sums(const floating* dy, const floating* x, Py_ssize_t u,
+                               Py_ssize_t C, Py_ssize_t S, Py_ssize_t nch, Py_ssize_t Cg,
+                               const floating* mean, const floating* rstd, const floating* w,
+                               const floating* b, int act, double* part) noexcept nogil:
+    cdef Py_ssize_t row = u // nch, k = u % nch, c = row % C, ng = row // Cg
+    cdef Py_ssize_t start = row * S + k * CHUNK, n = min(CHUNK, S - k * CHUNK)
+    _row_grad_sums(dy + start, x + start, n, mean[ng], rstd[ng], w[c], b[c], act,
+                   &part[2 * u], &part[2 * u + 1])
+
+
+cdef void _nchw_row_sums(Py_ssize_t row, Py_ssize_t nch, const double* part, double* sdz,
+                         double* sdzx) noexcept nogil:
+    """Merge the chunks of one (n, c) row, in order."""
+    cdef Py_ssize_t i
+    sdz[row] = 0
+    sdzx[row] = 0
+    for i in range(nch):
+        sdz[row] += part[2 * (row * nch + i)]
+        sdzx[row] += part[2 * (row * nch + i) + 1]
+
+
+cdef void _nchw_unit_grad_x(const floating* dy, const floating* x, floating* gx, Py_ssize_t u,
+                            Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t nch,
+                            Py_ssize_t Cg, const floating* mean, const floating* rstd,
+                            const floating* w, const floating* b, const floating* k,
+                            int act) noexcept nogil:
+    cdef Py_ssize_t row = u // nch, kk = u % nch, c = row % C, ng = row // Cg
+    cdef Py_ssize_t start = row * S + kk * CHUNK, n = min(CHUNK, S - kk * CHUNK)
+    _row_grad_x(dy + start, x + start, gx + start, n, mean[ng], rstd[ng], w[c], b[c],
+                k[row], k[N * C + row], k[2 * N * C + row], act)
 
 
 cdef int _backward_nchw(const floating* dy, const floating* x, const floating* mean,
@@ -414,40 +446,39 @@ cdef int _backward_nchw(const floating* dy, const floating* x, const floating* m
                         floating* gx, floating* gw, floating* gb, floating* k,
                         Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G, int act,
                         int nthreads) noexcept nogil:
+    """Like the forward: whole groups per thread while they fit in cache (dy and x read from
+    memory once), else parallel sweeps over all units. Both paths do the same arithmetic."""
     cdef Py_ssize_t Cg = C // G, nch = (S + CHUNK - 1) // CHUNK, units = N * C * nch
-    cdef Py_ssize_t u, row, kk, c, ng, start, n, i
+    cdef Py_ssize_t upg = Cg * nch, u, row, ng
+    cdef double M = <double>(Cg * S)
     cdef double* part = <double*>malloc((2 * units + 2 * N * C) * sizeof(double))
     cdef double* sdz = part + 2 * units
     cdef double* sdzx = sdz + N * C
+    cdef floating* k2 = k + N * C
+    cdef floating* k3 = k + 2 * N * C
+    cdef bint fused = 2 * Cg * S * sizeof(floating) <= FUSE_BYTES and N * G >= nthreads
     if part == NULL:
         return -1
-    for u in prange(units, num_threads=nthreads, schedule="static"):
-        row = u // nch
-        kk = u % nch
-        c = row % C
-        ng = row // Cg
-        start = kk * CHUNK
-        n = min(CHUNK, S - start)
-        _row_grad_sums(dy + row * S + start, x + row * S + start, n, mean[ng], rstd[ng],
-                       w[c], b[c], act, &part[2 * u], &part[2 * u + 1])
-    for row in range(N * C):
-        sdz[row] = 0
-        sdzx[row] = 0
-        for i in range(nch):
-            sdz[row] += part[2 * (row * nch + i)]
-            sdzx[row] += part[2 * (row * nch + i) + 1]
-    _backward_coeffs(N, C, G, <double>(Cg * S), sdz, sdzx, w, rstd, gw, gb,
-                     k, k + N * C, k + 2 * N * C)
+    if fused:
+        for ng in prange(N * G, num_threads=nthreads, schedule="dynamic"):
+            for u in range(ng * upg, (ng + 1) * upg):
+                _nchw_unit_grad_sums(dy, x, u, C, S, nch, Cg, mean, rstd, w, b, act, part)
+            for row in range(ng * Cg, (ng + 1) * Cg):
+                _nchw_row_sums(row, nch, part, sdz, sdzx)
+            _group_coeffs(ng, C, G, M, sdz, sdzx, w, rstd, k, k2, k3)
+            for u in range(ng * upg, (ng + 1) * upg):
+                _nchw_unit_grad_x(dy, x, gx, u, N, C, S, nch, Cg, mean, rstd, w, b, k, act)
+    else:
+        for u in prange(units, num_threads=nthreads, schedule="static"):
+            _nchw_unit_grad_sums(dy, x, u, C, S, nch, Cg, mean, rstd, w, b, act, part)
+        for row in range(N * C):
+            _nchw_row_sums(row, nch, part, sdz, sdzx)
+        for ng in range(N * G):
+            _group_coeffs(ng, C, G, M, sdz, sdzx, w, rstd, k, k2, k3)
+        for u in prange(units, num_threads=nthreads, schedule="static"):
+            _nchw_unit_grad_x(dy, x, gx, u, N, C, S, nch, Cg, mean, rstd, w, b, k, act)
+    _grad_weight_bias(N, C, sdz, sdzx, gw, gb)
     free(part)
-    for u in prange(units, num_threads=nthreads, schedule="static"):
-        row = u // nch
-        kk = u % nch
-        c = row % C
-        ng = row // Cg
-        start = row * S + kk * CHUNK
-        n = min(CHUNK, S - kk * CHUNK)
-        _row_grad_x(dy + start, x + start, gx + start, n, mean[ng], rstd[ng], w[c], b[c],
-                    k[row], k[N * C + row], k[2 * N * C + row], act)
     return 0
 
 
@@ -507,8 +538,9 @@ cdef int _backward_nhwc(const floating* dy, const floating* x, const floating* m
             for i in range(nb):
                 sdz[n * C + c] += part[2 * (n * nb + i) * C + c]
                 sdzx[n * C + c] += part[(2 * (n * nb + i) + 1) * C + c]
-    _backward_coeffs(N, C, G, <double>(Cg * S), sdz, sdzx, w, rstd, gw, gb,
-                     k, k + N * C, k + 2 * N * C)
+    for ng in range(N * G):
+        _group_coeffs(ng, C, G, <double>(Cg * S), sdz, sdzx, w, rstd, k, k + N * C, k + 2 * N * C)
+    _grad_weight_bias(N, C, sdz, sdzx, gw, gb)
     free(part)
     for u in prange(units, num_threads=nthreads, schedule="static"):
         n = u // nb

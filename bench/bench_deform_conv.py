@@ -1,0 +1,228 @@
+"""Deformable convolution (DCN v1/v2) benchmark, float32, 2 threads for every implementation.
+
+Workloads: x (2, 64, 64, 64) with weight (64, 64, 3, 3), padding 1 (a DCN layer of a detector
+neck) and a ResNet stage x (8, 256, 28, 28) with weight (256, 256, 3, 3), padding 1; offsets
+N(0, 2^2), mask U(0, 1) for v2; forward and forward+backward.
+
+Peers
+-----
+* ONNX Runtime ``DeformConv`` (opset 19), forward only, ``intra_op_num_threads=2``.
+* torchvision CPU ``deform_conv2d`` forward and forward+backward (autograd, all five gradients).
+  torchvision is not installed in fastnorm's environment, so it runs in a subprocess with the
+  interpreter in ``$FASTNORM_TV_PYTHON`` (default ``/work/venv-tv/bin/python``),
+  ``torch.set_num_threads(2)``, on the same inputs saved to .npy files, timed the same way; the
+  script also reports its max deviation from fastnorm's output.
+* torch ``conv2d`` of the same shape (no offsets): the physical yardstick.
+* On a GPU (CuPy present): fastnorm CUDA.
+
+fastnorm's GEMMs run in NumPy's BLAS; this script sets ``OPENBLAS_NUM_THREADS=2`` (and
+``OMP_NUM_THREADS``) before NumPy loads so the BLAS uses the same 2 threads. Run it with
+``OPENBLAS_THREAD_TIMEOUT=4`` to stop idle OpenBLAS workers from spinning against fastnorm's
+OpenMP threads (see fastnorm.deform_conv); the results file records the setting.
+The GFLOP/s column counts the convolution's multiply-adds (2 * N * C_out * Ho * Wo * C_in * kh * kw
+per forward; 3x that for forward+backward).
+"""
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "2")
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fastnorm  # noqa: E402
+from fastnorm._bench import Table, timeit, write_results  # noqa: E402
+
+THREADS = 2
+TV_PYTHON = os.environ.get("FASTNORM_TV_PYTHON", "/work/venv-tv/bin/python")
+CASES = [("2x64x64x64", (2, 64, 64, 64)), ("8x256x28x28", (8, 256, 28, 28))]
+
+
+def workload(shape, seed=0):
+    N, C, H, W = shape
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    w = (rng.standard_normal((C, C, 3, 3)) / np.sqrt(9 * C)).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32)
+    off = (2 * rng.standard_normal((N, 18, H, W))).astype(np.float32)
+    mask = rng.random((N, 9, H, W), dtype=np.float32)
+    gy = rng.standard_normal((N, C, H, W), dtype=np.float32)
+    return x, w, b, off, mask, gy
+
+
+TV_SCRIPT = r"""
+import json, sys, time
+import numpy as np, torch, torchvision
+torch.set_num_threads(%(threads)d)
+d = sys.argv[1]
+L = lambda n: torch.from_numpy(np.load(d + "/" + n + ".npy"))
+x, w, b, off, mask, gy = (L(n) for n in ("x", "w", "b", "off", "mask", "gy"))
+
+def timeit(fn, repeat=5, min_time=0.05):
+    fn(); t0 = time.perf_counter(); fn(); one = max(time.perf_counter() - t0, 1e-7)
+    inner = max(1, int(min_time / one)); s = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        s.append((time.perf_counter() - t0) / inner)
+    return float(np.median(s))
+
+out = {"version": torchvision.__version__}
+for v, m in (("v1", None), ("v2", mask)):
+    f = lambda: torchvision.ops.deform_conv2d(x, off, w, b, padding=1, mask=m)
+    out[v + "_err"] = float(np.abs(f().numpy() - np.load(d + "/y_" + v + ".npy")).max())
+    out[v + "_fwd"] = timeit(f)
+    leaves = [t.clone().requires_grad_(True) for t in (x, off, w, b)] + \
+        ([m.clone().requires_grad_(True)] if m is not None else [])
+    def fb():
+        y = torchvision.ops.deform_conv2d(*leaves[:4], padding=1,
+                                          mask=leaves[4] if m is not None else None)
+        torch.autograd.grad(y, leaves, gy)
+    out[v + "_fwdbwd"] = timeit(fb)
+print(json.dumps(out))
+"""
+
+
+def torchvision_cpu(x, w, b, off, mask, gy, y1, y2):
+    """torchvision CPU timings from a subprocess, or None when it is unavailable."""
+    if not os.path.exists(TV_PYTHON):
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        for n, a in dict(x=x, w=w, b=b, off=off, mask=mask, gy=gy, y_v1=y1, y_v2=y2).items():
+            np.save(f"{d}/{n}.npy", a)
+        r = subprocess.run([TV_PYTHON, "-c", TV_SCRIPT % dict(threads=THREADS), d],
+                           capture_output=True, text=True)
+    if r.returncode != 0:
+        print("torchvision subprocess failed:", r.stderr[-800:], file=sys.stderr)
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def onnxruntime_session(x, w, b, off, mask):
+    """A DeformConv (opset 19) session and its feeds for v1 and v2, or None."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    out = {}
+    for v, m in (("v1", None), ("v2", mask)):
+        inputs = ["X", "W", "offset", "B"] + (["mask"] if m is not None else [])
+        node = helper.make_node("DeformConv", inputs, ["Y"], kernel_shape=[3, 3],
+                                pads=[1, 1, 1, 1], strides=[1, 1], dilations=[1, 1], group=1,
+                                offset_group=1)
+        feeds = dict(X=x, W=w, offset=off, B=b, **({"mask": m} if m is not None else {}))
+        graph = helper.make_graph(
+            [node], "deform_conv",
+            [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(a.shape))
+             for k, a in feeds.items()],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = THREADS
+        so.inter_op_num_threads = 1
+        try:
+            sess = ort.InferenceSession(model.SerializeToString(), so,
+                                        providers=["CPUExecutionProvider"])
+            sess.run(None, feeds)
+        except Exception as e:  # DeformConv missing in this onnxruntime build
+            print(f"onnxruntime DeformConv unavailable: {type(e).__name__}: {e}", file=sys.stderr)
+            return None
+        out[v] = (sess, feeds)
+    return out
+
+
+def main():
+    import torch
+    torch.set_num_threads(THREADS)
+    fastnorm.set_num_threads(THREADS)
+    fwd = Table("deform_conv2d forward, float32, CPU, 2 threads", unit="GFLOP/s")
+    fb = Table("deform_conv2d forward + backward, float32, CPU, 2 threads", unit="GFLOP/s")
+    checks, tv_version = [], None
+    for name, shape in CASES:
+        x, w, b, off, mask, gy = workload(shape)
+        N, C, H, W = shape
+        flops = 2.0 * N * C * H * W * C * 9
+        y = {"v1": fastnorm.deform_conv2d(x, off, w, b, padding=1),
+             "v2": fastnorm.deform_conv2d(x, off, w, b, padding=1, mask=mask)}
+        tv = torchvision_cpu(x, w, b, off, mask, gy, y["v1"], y["v2"])
+        # fastnorm first, before any peer thread pool of this process exists or spins
+        t_f, t_fb = {}, {}
+        for v, m in (("v1", None), ("v2", mask)):
+            t_f[v] = timeit(lambda: fastnorm.deform_conv2d(x, off, w, b, padding=1, mask=m))
+
+            def fwd_bwd():
+                fastnorm.deform_conv2d(x, off, w, b, padding=1, mask=m)
+                fastnorm.deform_conv2d_backward(gy, x, off, w, padding=1, mask=m)
+            t_fb[v] = timeit(fwd_bwd, repeat=5)
+        tx, tw, tb = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)
+        t_conv = timeit(lambda: torch.nn.functional.conv2d(tx, tw, tb, padding=1))
+        ort_s = onnxruntime_session(x, w, b, off, mask)
+        for v in ("v1", "v2"):
+            case = f"{name} {v}"
+            fwd.add(case, "fastnorm", t_f[v], flops)
+            fb.add(case, "fastnorm", t_fb[v], 3 * flops)
+            checks.append((f"{case} fwd within 1.5x of torch conv2d", t_f[v] <= 1.5 * t_conv))
+            if ort_s is not None:
+                sess, feeds = ort_s[v]
+                err = float(np.abs(sess.run(None, feeds)[0] - y[v]).max())
+                t_o = timeit(lambda: sess.run(None, feeds))
+                fwd.add(case, f"onnxruntime DeformConv (max diff {err:.1e})", t_o, flops)
+                checks.append((f"{case} fwd >= 1.2x onnxruntime", t_o >= 1.2 * t_f[v]))
+            if tv is not None:
+                tv_version = tv["version"]
+                fwd.add(case, f"torchvision CPU (max diff {tv[v + '_err']:.1e})", tv[v + "_fwd"],
+                        flops)
+                fb.add(case, "torchvision CPU", tv[v + "_fwdbwd"], 3 * flops)
+                checks.append((f"{case} fwd >= 8x torchvision", tv[v + "_fwd"] >= 8 * t_f[v]))
+                checks.append((f"{case} fwd+bwd >= 5x torchvision",
+                               tv[v + "_fwdbwd"] >= 5 * t_fb[v]))
+            fwd.add(case, "torch conv2d (no offsets, yardstick)", t_conv, flops)
+        del ort_s                      # join the session's thread pool before the next case
+    tables = [fwd, fb]
+    notes = [f"torchvision: {tv_version or 'unavailable'} (CPU, subprocess, 2 threads)",
+             "BLAS: OPENBLAS_NUM_THREADS=" + os.environ.get("OPENBLAS_NUM_THREADS", "?")
+             + ", OPENBLAS_THREAD_TIMEOUT=" + os.environ.get("OPENBLAS_THREAD_TIMEOUT", "unset")
+             + " (OpenBLAS workers spin for up to 2^timeout cycles after a GEMM, competing with "
+             "fastnorm's OpenMP sampling threads on a 2-core machine; 4 avoids that)"]
+    gpu = cuda_tables()
+    if gpu is not None:
+        tables.append(gpu)
+    notes.append("Targets: " + "; ".join(f"{c}: {'PASS' if ok else 'MISS'}" for c, ok in checks))
+    text = write_results("deform_conv", tables, "\n\n".join(notes))
+    print(text)
+    for c, ok in checks:
+        print(("PASS " if ok else "MISS ") + c)
+
+
+def cuda_tables():
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            return None
+    except Exception:
+        return None
+    sync = cupy.cuda.Device().synchronize
+    t = Table("deform_conv2d on CUDA, float32", unit="GFLOP/s")
+    for name, shape in CASES:
+        x, w, b, off, mask, gy = (cupy.asarray(a) for a in workload(shape))
+        N, C, H, W = shape
+        flops = 2.0 * N * C * H * W * C * 9
+        for v, m in (("v1", None), ("v2", mask)):
+            t.add(f"{name} {v} fwd", "fastnorm",
+                  timeit(lambda: fastnorm.deform_conv2d(x, off, w, b, padding=1, mask=m),
+                         sync=sync), flops)
+            t.add(f"{name} {v} bwd", "fastnorm",
+                  timeit(lambda: fastnorm.deform_conv2d_backward(gy, x, off, w, padding=1,
+                                                                 mask=m), sync=sync), 2 * flops)
+    return t
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,581 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False, embedsignature=True
+"""Deformable convolution (DCN v1/v2) forward and backward on the CPU.
+
+Forward, per chunk of samples: the input is copied channels-last (OpenMP), then a deformable
+im2col (bilinear sampling with zero padding; OpenMP over (sample, offset group, output row))
+fills a position-major column buffer (nb, rows * Wo, groups, kh * kw, C_in / groups), and one GEMM
+per weight group covers the whole chunk through NumPy's ``matmul`` (the platform BLAS; the GIL is
+held only around these calls; the weight is reordered to (C_out, kh, kw, C_in / groups) to
+match). The corners and weights of one (kernel point, output position) are computed once per unit
+and used for every channel of the offset group, whose values are contiguous (vectorised loops).
+
+Backward: columns are recomputed; grad_weight += grad_out @ columns and grad_columns =
+grad_out^T @ weight (GEMMs); grad_x by col2im into a channels-last buffer, parallel over (sample,
+offset group, block of input channels) -- each unit owns its channels, so it is race-free and
+deterministic -- then added back to (N, C, H, W); grad_offset / grad_mask by a
+coordinate-gradient pass over output rows (float64 across runs of channels).
+
+The work is chunked so the column buffer holds at most ``chunk_rows`` output rows (whole samples
+when a sample fits, else blocks of rows of one sample): peak extra memory is bounded for any batch
+size (columns + the chunk's samples channels-last). Unit boundaries depend on the shape only, so
+results are bitwise identical for any thread count (the BLAS uses its own threads; see
+fastnorm.deform_conv).
+"""
+import contextlib
+
+import numpy as np
+cimport numpy as cnp
+from cython.parallel cimport prange, parallel, threadid
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+
+from _types cimport floating
+from _interp cimport zero_pad_bilinear
+
+cnp.import_array()
+
+try:                                  # optional: limit the BLAS to fastnorm's thread count
+    from threadpoolctl import ThreadpoolController
+    _BLAS = ThreadpoolController()
+except Exception:                     # not installed: the BLAS keeps its own thread count
+    _BLAS = None
+
+
+def _blas_threads(int nthreads):
+    """Context limiting the BLAS thread pool to ``nthreads`` when threadpoolctl is available."""
+    if _BLAS is None:
+        return contextlib.nullcontext()
+    return _BLAS.limit(limits=nthreads, user_api="blas")
+
+
+cdef enum:
+    COL2IM_BLOCK = 32   # input channels per col2im unit
+
+
+cdef struct Geo:
+    Py_ssize_t N, C, H, W, Ho, Wo, kh, kw, K, sh, sw, ph, pw, dh, dw, G, Cpg
+    Py_ssize_t Cw           # input channels per weight group (C_in / groups)
+    bint has_mask
+
+
+# ---------------------------------------------------------------- sampling of one output row
+
+cdef inline int _corners(floating y, floating x, Py_ssize_t H, Py_ssize_t W, Py_ssize_t* o,
+                         floating* wt, floating* dwy, floating* dwx) noexcept nogil:
+    """zero_pad_bilinear plus which corners lie inside the map (bit j for corner j, 0 when the
+    sample is outside) and, when dwy is not NULL, d wt_j / dy and d wt_j / dx (0 for outside
+    corners)."""
+    cdef Py_ssize_t y0, x0
+    cdef floating ly, lx
+    cdef int b
+    if not zero_pad_bilinear(y, x, H, W, o, wt):
+        if dwy != NULL:
+            dwy[0] = 0; dwy[1] = 0; dwy[2] = 0; dwy[3] = 0
+            dwx[0] = 0; dwx[1] = 0; dwx[2] = 0; dwx[3] = 0
+        return 0
+    y0 = <Py_ssize_t>y if y >= 0 else -1
+    x0 = <Py_ssize_t>x if x >= 0 else -1
+    b = ((y0 >= 0 and x0 >= 0) | ((y0 >= 0 and x0 + 1 < W) << 1)
+         | ((y0 + 1 < H and x0 >= 0) << 2) | ((y0 + 1 < H and x0 + 1 < W) << 3))
+    if dwy != NULL:
+        ly = y - y0
+        lx = x - x0
+        dwy[0] = -(1 - lx) if b & 1 else 0
+        dwy[1] = -lx if b & 2 else 0
+        dwy[2] = (1 - lx) if b & 4 else 0
+        dwy[3] = lx if b & 8 else 0
+        dwx[0] = -(1 - ly) if b & 1 else 0
+        dwx[1] = (1 - ly) if b & 2 else 0
+        dwx[2] = -ly if b & 4 else 0
+        dwx[3] = ly if b & 8 else 0
+    return b
+
+
+cdef inline void _row_meta(const Geo* g, const floating* off, const floating* msk,
+                           Py_ssize_t n, Py_ssize_t go, Py_ssize_t k, Py_ssize_t ho,
+                           Py_ssize_t* o, floating* wt, floating* dwy, floating* dwx,
+                           int* bits, Py_ssize_t es) noexcept nogil:
+    """Corners/weights of kernel point k of offset group go for the output row (n, ho), entry of
+    position wo at wo * es; the weights are multiplied by the mask when ``msk`` is not NULL."""
+    cdef Py_ssize_t HoWo = g.Ho * g.Wo, wo, q, e
+    cdef const floating* offy = off + ((n * g.G + go) * 2 * g.K + 2 * k) * HoWo + ho * g.Wo
+    cdef const floating* offx = offy + HoWo
+    cdef const floating* m = NULL
+    cdef floating y0 = <floating>(ho * g.sh - g.ph + (k // g.kw) * g.dh)
+    cdef floating xb = <floating>((k % g.kw) * g.dw - g.pw)
+    cdef floating mk
+    if msk != NULL:
+        m = msk + ((n * g.G + go) * g.K + k) * HoWo + ho * g.Wo
+    for wo in range(g.Wo):
+        e = wo * es
+        bits[e] = _corners(y0 + offy[wo], xb + <floating>(wo * g.sw) + offx[wo], g.H, g.W,
+                           &o[4 * e], &wt[4 * e],
+                           &dwy[4 * e] if dwy != NULL else NULL,
+                           &dwx[4 * e] if dwx != NULL else NULL)
+        if m != NULL:
+            mk = m[wo]
+            for q in range(4):
+                wt[4 * e + q] = wt[4 * e + q] * mk
+
+
+cdef inline Py_ssize_t _meta_bytes(Py_ssize_t n) noexcept nogil:
+    return n * (4 * sizeof(Py_ssize_t) + 12 * sizeof(double) + sizeof(int))
+
+
+cdef struct Meta:
+    Py_ssize_t* o
+    void* wt
+    void* dwy
+    void* dwx
+    int* bits
+
+
+cdef inline Meta _meta(char* buf, Py_ssize_t n) noexcept nogil:
+    """Views of a thread's buffer for the sampling of n (kernel point, position) pairs."""
+    cdef Meta m
+    m.o = <Py_ssize_t*>buf
+    m.wt = <void*>(buf + 4 * n * sizeof(Py_ssize_t))
+    m.dwy = <void*>(buf + 4 * n * sizeof(Py_ssize_t) + 4 * n * sizeof(double))
+    m.dwx = <void*>(buf + 4 * n * sizeof(Py_ssize_t) + 8 * n * sizeof(double))
+    m.bits = <int*>(buf + 4 * n * sizeof(Py_ssize_t) + 12 * n * sizeof(double))
+    return m
+
+
+cdef inline void _unit_meta(const Geo* g, const floating* off, const floating* msk,
+                            Py_ssize_t n, Py_ssize_t go, Py_ssize_t ho, Meta* m,
+                            bint grads) noexcept nogil:
+    """Sampling of all kernel points of one output row, laid out [wo][k]."""
+    cdef Py_ssize_t k
+    for k in range(g.K):
+        _row_meta(g, off, msk, n, go, k, ho, &m.o[4 * k], &(<floating*>m.wt)[4 * k],
+                  &(<floating*>m.dwy)[4 * k] if grads else NULL,
+                  &(<floating*>m.dwx)[4 * k] if grads else NULL, &m.bits[k], g.K)
+
+
+# ---------------------------------------------------------------- kernels
+# Layouts of one chunk (nb samples, hb output rows, L = hb * Wo positions):
+#   xt, gxt   (nb, H, W, C_in)           the chunk's input / its gradient, channels-last, so the
+#                                        channels of one corner are contiguous (vector loads)
+#   columns   (nb, L, groups, K, C_w)    position-major; the (K, C_w) block of one weight group is
+#                                        one GEMM operand (the weight is reordered to match)
+# A unit first computes the sampling of its output row for all kernel points once (_unit_meta,
+# laid out [wo][k]); then, per (position, kernel point), the corners and weights are reused for
+# every channel of the offset group, walked in runs that stay inside one weight group.
+
+cdef inline Py_ssize_t _run_end(const Geo* g, Py_ssize_t c, Py_ssize_t cend) noexcept nogil:
+    """End of the run of channels from c that stays in c's weight group (and below cend)."""
+    return min(cend, (c // g.Cw + 1) * g.Cw)
+
+
+cdef inline Py_ssize_t _col(const Geo* g, Py_ssize_t c, Py_ssize_t k) noexcept nogil:
+    """Index of (channel c, kernel point k) inside one position's C_in * K columns."""
+    return (c // g.Cw) * g.K * g.Cw + k * g.Cw + c % g.Cw
+
+
+cdef void _im2col_unit(const Geo* g, const floating* xt, const floating* off,
+                       const floating* msk, floating* cols, Py_ssize_t n0, Py_ssize_t ho0,
+                       Py_ssize_t hb, Py_ssize_t u, char* buf) noexcept nogil:
+    """Columns of one (sample, offset group, output row)."""
+    cdef Py_ssize_t r = u % hb, go = (u // hb) % g.G, nl = u // hb // g.G
+    cdef Py_ssize_t CK = g.C * g.K, c, cend, i, n, k, e, wo
+    cdef Meta m = _meta(buf, g.K * g.Wo)
+    cdef floating* wt = <floating*>m.wt
+    cdef const floating* xs = xt + nl * g.H * g.W * g.C
+    cdef floating* row
+    cdef floating* dst
+    cdef const floating* p0
+    cdef const floating* p1
+    cdef const floating* p2
+    cdef const floating* p3
+    cdef floating w0, w1, w2, w3, acc
+    cdef int b
+    _unit_meta(g, off, msk, n0 + nl, go, ho0 + r, &m, False)
+    for wo in range(g.Wo):
+        row = cols + (nl * hb * g.Wo + r * g.Wo + wo) * CK
+        for k in range(g.K):
+            e = wo * g.K + k
+            b = m.bits[e]
+            w0 = wt[4 * e]; w1 = wt[4 * e + 1]; w2 = wt[4 * e + 2]; w3 = wt[4 * e + 3]
+            c = go * g.Cpg
+            while c < (go + 1) * g.Cpg:
+                cend = _run_end(g, c, (go + 1) * g.Cpg)
+                n = cend - c
+                dst = row + _col(g, c, k)
+                p0 = xs + m.o[4 * e] * g.C + c
+                p1 = xs + m.o[4 * e + 1] * g.C + c
+                p2 = xs + m.o[4 * e + 2] * g.C + c
+                p3 = xs + m.o[4 * e + 3] * g.C + c
+                if b == 15:
+                    for i in range(n):
+                        dst[i] = w0 * p0[i] + w1 * p1[i] + w2 * p2[i] + w3 * p3[i]
+                elif b == 0:
+                    for i in range(n):
+                        dst[i] = 0
+                else:                       # corners outside the map are never read
+                    for i in range(n):
+                        acc = 0
+                        if b & 1:
+                            acc = acc + w0 * p0[i]
+                        if b & 2:
+                            acc = acc + w1 * p1[i]
+                        if b & 4:
+                            acc = acc + w2 * p2[i]
+                        if b & 8:
+                            acc = acc + w3 * p3[i]
+                        dst[i] = acc
+                c = cend
+
+
+cdef void _col2im_unit(const Geo* g, const floating* off, const floating* msk,
+                       const floating* gcols, floating* gxt, Py_ssize_t n0, Py_ssize_t ho0,
+                       Py_ssize_t hb, Py_ssize_t u, char* buf) noexcept nogil:
+    """grad_x of one block of input channels of one sample: scatter of the column gradients
+    (this unit owns these channels of the sample, so there are no races)."""
+    cdef Py_ssize_t nblk = (g.Cpg + COL2IM_BLOCK - 1) // COL2IM_BLOCK
+    cdef Py_ssize_t cb = u % nblk, go = (u // nblk) % g.G, nl = u // nblk // g.G
+    cdef Py_ssize_t c0 = go * g.Cpg + cb * COL2IM_BLOCK
+    cdef Py_ssize_t c1 = min((go + 1) * g.Cpg, c0 + COL2IM_BLOCK)
+    cdef Py_ssize_t CK = g.C * g.K, k, e, r, c, cend, i, n, wo, q
+    cdef Meta m = _meta(buf, g.K * g.Wo)
+    cdef floating* wt = <floating*>m.wt
+    cdef floating* gxs = gxt + nl * g.H * g.W * g.C
+    cdef const floating* src
+    cdef floating* d
+    cdef floating w
+    cdef int b
+    for r in range(hb):
+        _unit_meta(g, off, msk, n0 + nl, go, ho0 + r, &m, False)
+        for wo in range(g.Wo):
+            for k in range(g.K):
+                e = wo * g.K + k
+                b = m.bits[e]
+                if b == 0:
+                    continue
+                c = c0
+                while c < c1:
+                    cend = _run_end(g, c, c1)
+                    n = cend - c
+                    src = gcols + (nl * hb * g.Wo + r * g.Wo + wo) * CK + _col(g, c, k)
+                    for q in range(4):
+                        if (b >> q) & 1:
+                            w = wt[4 * e + q]
+                            d = gxs + m.o[4 * e + q] * g.C + c
+                            for i in range(n):
+                                d[i] += w * src[i]
+                    c = cend
+
+
+cdef void _coord_unit(const Geo* g, const floating* xt, const floating* off, const floating* msk,
+                      const floating* gcols, floating* goff, floating* gmask, Py_ssize_t n0,
+                      Py_ssize_t ho0, Py_ssize_t hb, Py_ssize_t u, char* buf) noexcept nogil:
+    """grad_offset (and grad_mask) of one (sample, offset group, output row): sums over the
+    group's channels of grad_column * d(mask * sample) / d(dy, dx, mask)."""
+    cdef Py_ssize_t r = u % hb, go = (u // hb) % g.G, nl = u // hb // g.G
+    cdef Py_ssize_t n = n0 + nl, ho = ho0 + r
+    cdef Py_ssize_t HoWo = g.Ho * g.Wo, CK = g.C * g.K, c, cend, i, k, e, wo, q
+    cdef Meta m = _meta(buf, g.K * g.Wo)
+    cdef floating* wt = <floating*>m.wt
+    cdef floating* dwy = <floating*>m.dwy
+    cdef floating* dwx = <floating*>m.dwx
+    cdef const floating* xs = xt + nl * g.H * g.W * g.C
+    cdef const floating* gc
+    cdef const floating* pq[4]
+    cdef floating v[4]
+    cdef floating gv, sy, sx, sm, lx, ly, t0, t1, top, bot
+    cdef double ay, ax, am, mk
+    cdef int b
+    cdef Py_ssize_t oy, om
+    _unit_meta(g, off, NULL, n, go, ho, &m, True)
+    for wo in range(g.Wo):
+        for k in range(g.K):
+            e = wo * g.K + k
+            b = m.bits[e]
+            ay = 0
+            ax = 0
+            am = 0
+            if b != 0:
+                c = go * g.Cpg
+                while c < (go + 1) * g.Cpg:
+                    cend = _run_end(g, c, (go + 1) * g.Cpg)
+                    gc = gcols + (nl * hb * g.Wo + r * g.Wo + wo) * CK + _col(g, c, k)
+                    for q in range(4):
+                        pq[q] = xs + m.o[4 * e + q] * g.C + c
+                    sy = 0
+                    sx = 0
+                    sm = 0
+                    if b == 15:             # interior: lx = dwy[3], ly = dwx[3]
+                        lx = dwy[4 * e + 3]
+                        ly = dwx[4 * e + 3]
+                        for i in range(cend - c):
+                            gv = gc[i]
+                            t0 = pq[1][i] - pq[0][i]
+                            t1 = pq[3][i] - pq[2][i]
+                            top = pq[0][i] + lx * t0
+                            bot = pq[2][i] + lx * t1
+                            sy = sy + gv * (bot - top)
+                            sx = sx + gv * (t0 + ly * (t1 - t0))
+                            sm = sm + gv * (top + ly * (bot - top))
+                    for i in range(cend - c if b != 15 else 0):
+                        for q in range(4):
+                            v[q] = pq[q][i] if (b >> q) & 1 else 0
+                        gv = gc[i]
+                        sy = sy + gv * (dwy[4 * e] * v[0] + dwy[4 * e + 1] * v[1]
+                                        + dwy[4 * e + 2] * v[2] + dwy[4 * e + 3] * v[3])
+                        sx = sx + gv * (dwx[4 * e] * v[0] + dwx[4 * e + 1] * v[1]
+                                        + dwx[4 * e + 2] * v[2] + dwx[4 * e + 3] * v[3])
+                        sm = sm + gv * (wt[4 * e] * v[0] + wt[4 * e + 1] * v[1]
+                                        + wt[4 * e + 2] * v[2] + wt[4 * e + 3] * v[3])
+                    ay += sy                 # float64 across runs of channels
+                    ax += sx
+                    am += sm
+                    c = cend
+            oy = ((n * g.G + go) * 2 * g.K + 2 * k) * HoWo + ho * g.Wo + wo
+            om = ((n * g.G + go) * g.K + k) * HoWo + ho * g.Wo + wo
+            mk = msk[om] if g.has_mask else 1.0
+            goff[oy] = <floating>(ay * mk)
+            goff[oy + HoWo] = <floating>(ax * mk)
+            if g.has_mask:
+                gmask[om] = <floating>am
+
+
+# ---------------------------------------------------------------- parallel drivers
+
+cdef int _run(int which, const Geo* g, const floating* x, const floating* off,
+              const floating* msk, floating* cols, floating* gx, floating* goff,
+              floating* gmask, Py_ssize_t n0, Py_ssize_t nb, Py_ssize_t ho0, Py_ssize_t hb,
+              int nthreads) noexcept nogil:
+    """which: 0 im2col (x -> cols), 1 col2im (cols -> gx), 2 coordinate gradients; x and gx are
+    the chunk's samples, channels-last (nb, H, W, C)."""
+    cdef Py_ssize_t units, u, mb = _meta_bytes(g.K * g.Wo)
+    cdef char* buf = <char*>malloc(nthreads * mb)
+    cdef int tid
+    if buf == NULL:
+        return -1
+    if which == 1:
+        units = nb * g.G * ((g.Cpg + COL2IM_BLOCK - 1) // COL2IM_BLOCK)
+    else:
+        units = nb * g.G * hb
+    for u in prange(units, num_threads=nthreads, schedule="dynamic", chunksize=1):
+        tid = threadid()
+        if which == 0:
+            _im2col_unit(g, x, off, msk, cols, n0, ho0, hb, u, buf + tid * mb)
+        elif which == 1:
+            _col2im_unit(g, off, msk, cols, gx, n0, ho0, hb, u, buf + tid * mb)
+        else:
+            _coord_unit(g, x, off, msk, cols, goff, gmask, n0, ho0, hb, u, buf + tid * mb)
+    free(buf)
+    return 0
+
+
+cdef void _relayout(bint to_nhwc, const floating* src, floating* dst, Py_ssize_t N,
+                    Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, int nthreads) noexcept nogil:
+    """to_nhwc: dst (N, H, W, C) = src (N, C, H, W); else dst (N, C, H, W) += src (N, H, W, C).
+    Parallel over (n, h) rows, each row owned by one thread."""
+    cdef Py_ssize_t u, n, h, c, w
+    for u in prange(N * H, num_threads=nthreads, schedule="static"):
+        n = u // H
+        h = u % H
+        for c in range(C):
+            if to_nhwc:
+                for w in range(W):
+                    dst[(u * W + w) * C + c] = src[((n * C + c) * H + h) * W + w]
+            else:
+                for w in range(W):
+                    dst[((n * C + c) * H + h) * W + w] += src[(u * W + w) * C + c]
+
+
+cdef _relayout_f(bint to_nhwc, const floating[::1] src, floating[::1] dst, Py_ssize_t N,
+                 Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, int nthreads):
+    with nogil:
+        _relayout(to_nhwc, &src[0], &dst[0], N, C, H, W, max(nthreads, 1))
+
+
+def _to_channels_last(x, int nthreads):
+    """(N, C, H, W) -> new C-contiguous (N, H, W, C)."""
+    N, C, H, W = x.shape
+    xt = np.empty((N, H, W, C), dtype=x.dtype)
+    if xt.size:
+        if x.dtype == np.float32:
+            _relayout_f[float](True, x.reshape(-1), xt.reshape(-1), N, C, H, W, nthreads)
+        else:
+            _relayout_f[double](True, x.reshape(-1), xt.reshape(-1), N, C, H, W, nthreads)
+    return xt
+
+
+def _add_channels_first(gx, gxt, int nthreads):
+    """gx (N, C, H, W) += gxt (N, H, W, C); gx is a C-contiguous block of samples."""
+    N, C, H, W = gx.shape
+    if gx.size:
+        if gx.dtype == np.float32:
+            _relayout_f[float](False, gxt.reshape(-1), gx.reshape(-1), N, C, H, W, nthreads)
+        else:
+            _relayout_f[double](False, gxt.reshape(-1), gx.reshape(-1), N, C, H, W, nthreads)
+
+
+cdef _dispatch(int which, Geo g, const floating[::1] x, const floating[::1] off,
+               const floating[::1] msk, floating[::1] cols, floating[::1] gx,
+               floating[::1] goff, floating[::1] gmask, Py_ssize_t n0, Py_ssize_t nb,
+               Py_ssize_t ho0, Py_ssize_t hb, int nthreads):
+    cdef int rc
+    with nogil:
+        rc = _run(which, &g, &x[0], &off[0], &msk[0] if g.has_mask else NULL, &cols[0],
+                  &gx[0], &goff[0], &gmask[0], n0, nb, ho0, hb, max(nthreads, 1))
+    if rc != 0:
+        raise MemoryError("deform_conv2d: out of memory for the sampling workspace")
+
+
+# ---------------------------------------------------------------- Python entry points
+
+def _geometry(x, offset, mask, weight, int sh, int sw, int ph, int pw, int dh, int dw):
+    cdef Geo g
+    g.N, g.C, g.H, g.W = x.shape
+    g.kh, g.kw = weight.shape[2], weight.shape[3]
+    g.K = g.kh * g.kw
+    g.Ho, g.Wo = offset.shape[2], offset.shape[3]
+    g.sh, g.sw, g.ph, g.pw, g.dh, g.dw = sh, sw, ph, pw, dh, dw
+    g.G = offset.shape[1] // (2 * g.K)
+    g.Cpg = g.C // g.G
+    g.has_mask = mask is not None
+    g.Cw = weight.shape[1]
+    return g
+
+
+def _chunks(Py_ssize_t N, Py_ssize_t Ho, Py_ssize_t chunk_rows):
+    """(n0, nb, ho0, hb) blocks of at most ``chunk_rows`` output rows: whole samples when one
+    fits, else row blocks of one sample."""
+    chunk_rows = max(chunk_rows, 1)
+    if chunk_rows >= Ho:
+        nb = chunk_rows // Ho
+        return [(n0, min(nb, N - n0), 0, Ho) for n0 in range(0, N, nb)]
+    return [(n, 1, h0, min(chunk_rows, Ho - h0)) for n in range(N) for h0 in range(0, Ho, chunk_rows)]
+
+
+cdef _call(int which, Geo g, x, off, msk, cols, gx, goff, gmask, Py_ssize_t n0, Py_ssize_t nb,
+           Py_ssize_t ho0, Py_ssize_t hb, int nthreads):
+    """Run kernel ``which`` on one chunk; None arrays are replaced by a dummy that is never read."""
+    dummy = off.reshape(-1)[:1]
+    a = [x, off, msk, cols, gx, goff, gmask]
+    a = [dummy if v is None else v.reshape(-1) for v in a]
+    if x.dtype == np.float32:
+        _dispatch[float](which, g, a[0], a[1], a[2], a[3], a[4], a[5], a[6], n0, nb, ho0, hb,
+                         nthreads)
+    else:
+        _dispatch[double](which, g, a[0], a[1], a[2], a[3], a[4], a[5], a[6], n0, nb, ho0, hb,
+                          nthreads)
+
+
+def _columns(cols_buf, nb, L, groups, KCw):
+    """The chunk's columns (nb, L, groups, K * C_w) at the start of the workspace."""
+    return cols_buf[:nb * L * groups * KCw].reshape(nb, L, groups, KCw)
+
+
+def _weight_matrix(weight, groups):
+    """weight (C_out, C_w, kh, kw) -> (groups, C_out/groups, kh * kw * C_w), the column order."""
+    Cout = weight.shape[0]
+    return np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(groups, Cout // groups, -1)
+
+
+def forward(x, offset, mask, weight, bias, int sh, int sw, int ph, int pw, int dh, int dw,
+            Py_ssize_t chunk_rows, int nthreads):
+    """y = forward(x, offset, mask|None, weight, bias|None, stride, padding, dilation (h, w each),
+    chunk_rows, nthreads); shapes already validated (see fastnorm.deform_conv)."""
+    cdef Geo g = _geometry(x, offset, mask, weight, sh, sw, ph, pw, dh, dw)
+    Cout = weight.shape[0]
+    groups = g.C // weight.shape[1]
+    y = np.zeros((g.N, Cout, g.Ho, g.Wo), dtype=x.dtype) if g.N * Cout == 0 or g.H * g.W == 0 \
+        else np.empty((g.N, Cout, g.Ho, g.Wo), dtype=x.dtype)      # every element is written
+    if y.size == 0 or g.H * g.W == 0:
+        if bias is not None:
+            y += bias.reshape(-1, 1, 1)
+        return y
+    wmat = _weight_matrix(weight, groups)
+    y3 = y.reshape(g.N, groups, Cout // groups, g.Ho * g.Wo)
+    with _blas_threads(nthreads):
+        _forward_chunks(g, x, offset, mask, wmat, y3, chunk_rows, nthreads)
+    if bias is not None:
+        y += bias.reshape(-1, 1, 1)
+    return y
+
+
+class _ChannelsLast:
+    """x[n0:n0 + nb] as (nb, H, W, C), recomputed only when the chunk's samples change."""
+
+    def __init__(self, x, nthreads):
+        self.x, self.nthreads, self.key, self.xt = x, nthreads, None, None
+
+    def get(self, n0, nb):
+        if self.key != (n0, nb):
+            self.key = (n0, nb)
+            self.xt = _to_channels_last(self.x[n0:n0 + nb], self.nthreads)
+        return self.xt
+
+
+cdef _forward_chunks(Geo g, x, offset, mask, wmat, y3, Py_ssize_t chunk_rows, int nthreads):
+    groups, Cout = wmat.shape[0], wmat.shape[0] * wmat.shape[1]
+    plan = _chunks(g.N, g.Ho, chunk_rows)
+    cols_buf = np.empty(max(nb * hb for _, nb, _, hb in plan) * g.C * g.K * g.Wo, dtype=x.dtype)
+    xt = _ChannelsLast(x, nthreads)
+    for n0, nb, ho0, hb in plan:
+        cols = _columns(cols_buf, nb, hb * g.Wo, groups, g.Cw * g.K)
+        _call(0, g, xt.get(n0, nb), offset, mask, cols, None, None, None, n0, nb, ho0, hb,
+              nthreads)
+        out = y3[n0:n0 + nb, :, :, ho0 * g.Wo:(ho0 + hb) * g.Wo]
+        cols2 = cols.reshape(nb * hb * g.Wo, groups, -1)
+        # one GEMM per weight group over the whole chunk (few BLAS calls: each one wakes the
+        # BLAS threads), then the (C_out, nb, L) product is laid out as (nb, C_out, L)
+        prod = out[0] if nb == 1 else np.empty((groups, Cout // groups, nb * hb * g.Wo), x.dtype)
+        for gi in range(groups):
+            np.matmul(wmat[gi], cols2[:, gi].T, out=prod[gi])
+        if nb > 1:
+            out[...] = prod.reshape(groups, Cout // groups, nb, -1).transpose(2, 0, 1, 3)
+
+
+def backward(grad_out, x, offset, mask, weight, int sh, int sw, int ph, int pw, int dh, int dw,
+             Py_ssize_t chunk_rows, int nthreads):
+    """(grad_x, grad_offset, grad_mask|None, grad_weight, grad_bias) of :func:`forward`."""
+    cdef Geo g = _geometry(x, offset, mask, weight, sh, sw, ph, pw, dh, dw)
+    Cout = weight.shape[0]
+    groups = g.C // weight.shape[1]
+    gx = np.zeros_like(x)
+    goff = np.zeros_like(offset)
+    gmask = None if mask is None else np.zeros_like(mask)
+    gb = grad_out.sum(axis=(0, 2, 3), dtype=np.float64).astype(x.dtype)
+    if g.N * Cout * g.Ho * g.Wo == 0 or g.H * g.W == 0:
+        return gx, goff, gmask, np.zeros_like(weight), gb
+    wmat = _weight_matrix(weight, groups)
+    gwk = np.zeros_like(wmat)                       # grad of the reordered weight matrix
+    go3 = grad_out.reshape(g.N, groups, Cout // groups, g.Ho * g.Wo)
+    with _blas_threads(nthreads):
+        _backward_chunks(g, x, offset, mask, wmat, go3, gx, goff, gmask, gwk, chunk_rows,
+                         nthreads)
+    gw = np.ascontiguousarray(gwk.reshape(Cout, g.kh, g.kw, g.Cw).transpose(0, 3, 1, 2))
+    return gx, goff, gmask, gw, gb
+
+
+cdef _backward_chunks(Geo g, x, offset, mask, wmat, go3, gx, goff, gmask, gw3,
+                      Py_ssize_t chunk_rows, int nthreads):
+    groups, Cout = wmat.shape[0], wmat.shape[0] * wmat.shape[1]
+    tmp = np.empty_like(gw3[0])
+    plan = _chunks(g.N, g.Ho, chunk_rows)
+    cols_buf = np.empty(max(nb * hb for _, nb, _, hb in plan) * g.C * g.K * g.Wo, dtype=x.dtype)
+    gxt_buf = np.empty(max(nb for _, nb, _, _ in plan) * g.H * g.W * g.C, dtype=x.dtype)
+    xt = _ChannelsLast(x, nthreads)
+    for n0, nb, ho0, hb in plan:
+        cols = _columns(cols_buf, nb, hb * g.Wo, groups, g.Cw * g.K)
+        xtc = xt.get(n0, nb)
+        _call(0, g, xtc, offset, mask, cols, None, None, None, n0, nb, ho0, hb, nthreads)
+        # grad_out of the chunk as (groups, C_out/groups, nb * L), for one GEMM per group
+        gout = np.ascontiguousarray(go3[n0:n0 + nb, :, :, ho0 * g.Wo:(ho0 + hb) * g.Wo]
+                                    .transpose(1, 2, 0, 3)).reshape(groups, Cout // groups, -1)
+        cols2 = cols.reshape(nb * hb * g.Wo, groups, -1)
+        for gi in range(groups):
+            np.matmul(gout[gi], cols2[:, gi], out=tmp)
+            gw3[gi] += tmp
+            # the columns are replaced by their gradient
+            np.matmul(gout[gi].T, wmat[gi], out=cols2[:, gi])
+        gxt = gxt_buf[:nb * g.H * g.W * g.C].reshape(nb, g.H, g.W, g.C)
+        gxt[...] = 0
+        _call(1, g, xtc, offset, mask, cols, gxt, None, None, n0, nb, ho0, hb, nthreads)
+        _add_channels_first(gx[n0:n0 + nb], gxt, nthreads)
+        _call(2, g, xtc, offset, mask, cols, None, goff, gmask, n0, nb, ho0, hb, nthreads)

@@ -4,7 +4,10 @@ Environment switches:
 
 * ``FASTNORM_NO_OPENMP=1``   build serial kernels even when the compiler has OpenMP.
 * ``FASTNORM_BUILD_ONLY=a,b`` build only these modules (development convenience).
-* ``FASTNORM_NATIVE=1``       add ``-march=native`` (do not use for wheels you ship elsewhere).
+* ``FASTNORM_PORTABLE=1``     do not add ``-march=native``: set this when the build will run on
+                              other machines (wheels, container images built elsewhere).
+* ``FASTNORM_SANITIZE=1``     AddressSanitizer + UBSan build (``-O1 -g``) for ``.ci/sanitize``;
+  the result only loads with libasan preloaded (``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``).
 """
 import os
 import shutil
@@ -21,24 +24,21 @@ from setuptools import Extension, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _compiler_has_openmp():
-    if os.environ.get("FASTNORM_NO_OPENMP"):
+def _compiles(flags, src="int main(void){return 0;}\n"):
+    """True when the C compiler builds ``src`` with ``flags``."""
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
+    if not shutil.which(cc[0]):
         return False
-    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    cc = cc.split()
-    src = "#include <omp.h>\nint main(void){return omp_get_max_threads() > 0 ? 0 : 1;}\n"
     with tempfile.TemporaryDirectory() as tmp:
         c = os.path.join(tmp, "t.c")
         with open(c, "w") as f:
             f.write(src)
-        if not shutil.which(cc[0]):
-            return False
-        r = subprocess.run(cc + ["-fopenmp", c, "-o", os.path.join(tmp, "t")],
-                           capture_output=True)
+        r = subprocess.run(cc + flags + [c, "-o", os.path.join(tmp, "t")], capture_output=True)
         return r.returncode == 0
 
 
-OPENMP = _compiler_has_openmp()
+OPENMP = not os.environ.get("FASTNORM_NO_OPENMP") and _compiles(
+    ["-fopenmp"], "#include <omp.h>\nint main(void){return omp_get_max_threads() > 0 ? 0 : 1;}\n")
 if not OPENMP:
     print("fastnorm: WARNING: the C compiler has no OpenMP support; building SERIAL kernels. "
           "Install a compiler with OpenMP (gcc, or clang + libomp) for multi-threaded kernels.",
@@ -49,8 +49,14 @@ link_args = []
 if OPENMP:
     compile_args.append("-fopenmp")
     link_args.append("-fopenmp")
-if os.environ.get("FASTNORM_NATIVE"):
+# Source builds target the building machine's instruction set (AVX2/AVX-512 where present),
+# unless FASTNORM_PORTABLE is set.
+if not os.environ.get("FASTNORM_PORTABLE") and _compiles(["-march=native"]):
     compile_args.append("-march=native")
+if os.environ.get("FASTNORM_SANITIZE"):
+    san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
+    compile_args = [a for a in compile_args if a != "-O3"] + san
+    link_args += san
 
 only = {s.strip() for s in os.environ.get("FASTNORM_BUILD_ONLY", "").split(",") if s.strip()}
 extensions = []

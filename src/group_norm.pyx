@@ -25,6 +25,7 @@ cnp.import_array()
 
 cdef Py_ssize_t CHUNK = 16384          # elements per statistics unit
 cdef Py_ssize_t FUSE_BYTES = 1 << 20   # groups up to this size are normalised while in cache
+cdef Py_ssize_t CACHE_BYTES = 4 << 20  # images per batch: input bytes kept in the last-level cache
 
 ACT_NONE, ACT_RELU, ACT_SILU = 0, 1, 2
 
@@ -443,7 +444,7 @@ cdef void _nchw_unit_grad_x(const floating* dy, const floating* x, floating* gx,
 
 cdef int _backward_nchw(const floating* dy, const floating* x, const floating* mean,
                         const floating* rstd, const floating* w, const floating* b,
-                        floating* gx, floating* gw, floating* gb, floating* k,
+                        floating* gx, double* sdz, double* sdzx, floating* k,
                         Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G, int act,
                         int nthreads) noexcept nogil:
     """Like the forward: whole groups per thread while they fit in cache (dy and x read from
@@ -451,9 +452,7 @@ cdef int _backward_nchw(const floating* dy, const floating* x, const floating* m
     cdef Py_ssize_t Cg = C // G, nch = (S + CHUNK - 1) // CHUNK, units = N * C * nch
     cdef Py_ssize_t upg = Cg * nch, u, row, ng
     cdef double M = <double>(Cg * S)
-    cdef double* part = <double*>malloc((2 * units + 2 * N * C) * sizeof(double))
-    cdef double* sdz = part + 2 * units
-    cdef double* sdzx = sdz + N * C
+    cdef double* part = <double*>malloc(2 * units * sizeof(double))
     cdef floating* k2 = k + N * C
     cdef floating* k3 = k + 2 * N * C
     cdef bint fused = 2 * Cg * S * sizeof(floating) <= FUSE_BYTES and N * G >= nthreads
@@ -477,21 +476,18 @@ cdef int _backward_nchw(const floating* dy, const floating* x, const floating* m
             _group_coeffs(ng, C, G, M, sdz, sdzx, w, rstd, k, k2, k3)
         for u in prange(units, num_threads=nthreads, schedule="static"):
             _nchw_unit_grad_x(dy, x, gx, u, N, C, S, nch, Cg, mean, rstd, w, b, k, act)
-    _grad_weight_bias(N, C, sdz, sdzx, gw, gb)
     free(part)
     return 0
 
 
 cdef int _backward_nhwc(const floating* dy, const floating* x, const floating* mean,
                         const floating* rstd, const floating* w, const floating* b,
-                        floating* gx, floating* gw, floating* gb, floating* k, floating* cmean,
+                        floating* gx, double* sdz, double* sdzx, floating* k, floating* cmean,
                         floating* crstd, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
                         int act, int nthreads) noexcept nogil:
     cdef Py_ssize_t Cg = C // G, T = _block_positions(C), nb = (S + T - 1) // T
     cdef Py_ssize_t units = N * nb, u, n, blk, p0, P, p, c, i, off
-    cdef double* part = <double*>malloc((2 * units * C + 2 * N * C) * sizeof(double))
-    cdef double* sdz = part + 2 * units * C
-    cdef double* sdzx = sdz + N * C
+    cdef double* part = <double*>malloc(2 * units * C * sizeof(double))
     cdef double* a1
     cdef double* a2
     cdef floating xh, dz, d
@@ -540,7 +536,6 @@ cdef int _backward_nhwc(const floating* dy, const floating* x, const floating* m
                 sdzx[n * C + c] += part[(2 * (n * nb + i) + 1) * C + c]
     for ng in range(N * G):
         _group_coeffs(ng, C, G, <double>(Cg * S), sdz, sdzx, w, rstd, k, k + N * C, k + 2 * N * C)
-    _grad_weight_bias(N, C, sdz, sdzx, gw, gb)
     free(part)
     for u in prange(units, num_threads=nthreads, schedule="static"):
         n = u // nb
@@ -601,22 +596,35 @@ def forward(x, weight, bias, int num_groups, double eps, bint channels_last, int
     return y, mean, rstd
 
 
+cdef inline Py_ssize_t _images_per_batch(Py_ssize_t N, Py_ssize_t image_bytes) noexcept nogil:
+    """Images processed together: as many as keep a batch's input within CACHE_BYTES, so that
+    the second pass over it (normalise, grad_x) finds it in the last-level cache."""
+    return max(1, min(N, CACHE_BYTES // max(image_bytes, 1)))
+
+
 cdef _forward_f(const floating[::1] x, const floating[::1] w, const floating[::1] b,
                 floating[::1] y, floating[::1] mean, floating[::1] rstd, Py_ssize_t N,
                 Py_ssize_t C, Py_ssize_t S, Py_ssize_t G, double eps, bint channels_last,
                 int act, int nthreads):
     cdef floating[::1] cm, cs
     cdef int rc = 0
+    cdef Py_ssize_t bi, n0, nn, B = _images_per_batch(N, C * S * sizeof(floating))
     if channels_last:
         cm = np.empty(2 * N * C, dtype=np.asarray(y).dtype)
         cs = np.empty(N * C, dtype=np.asarray(y).dtype)
-        with nogil:
-            rc = _forward_nhwc(&x[0], &y[0], &w[0], &b[0], &mean[0], &rstd[0], &cm[0], &cs[0],
-                               N, C, S, G, eps, act, nthreads)
-    else:
-        with nogil:
-            rc = _forward_nchw(&x[0], &y[0], &w[0], &b[0], &mean[0], &rstd[0], N, C, S, G, eps,
-                          act, nthreads)
+    with nogil:
+        for bi in range((N + B - 1) // B):
+            n0 = bi * B
+            nn = min(B, N - n0)
+            if channels_last:
+                rc = _forward_nhwc(&x[n0 * S * C], &y[n0 * S * C], &w[0], &b[0], &mean[n0 * G],
+                                   &rstd[n0 * G], &cm[0], &cs[0], nn, C, S, G,
+                                   eps, act, nthreads)
+            else:
+                rc = _forward_nchw(&x[n0 * S * C], &y[n0 * S * C], &w[0], &b[0], &mean[n0 * G],
+                                   &rstd[n0 * G], nn, C, S, G, eps, act, nthreads)
+            if rc != 0:
+                break
     if rc != 0:
         raise MemoryError("group_norm: out of memory for the workspace")
 
@@ -649,13 +657,26 @@ cdef _backward_f(const floating[::1] dy, const floating[::1] x, const floating[:
     cdef floating[::1] k = np.empty(3 * N * C, dtype=dtype)
     cdef floating[::1] cm = np.empty(N * C, dtype=dtype)
     cdef floating[::1] cr = np.empty(N * C, dtype=dtype)
-    cdef int rc
+    cdef double[::1] sums = np.empty(2 * N * C, dtype=np.float64)   # per (n, c): dz, dz*xhat
+    cdef int rc = 0
+    cdef Py_ssize_t bi, n0, nn, NC = N * C, o
+    cdef Py_ssize_t B = _images_per_batch(N, 2 * C * S * sizeof(floating))   # dy and x
     with nogil:
-        if channels_last:
-            rc = _backward_nhwc(&dy[0], &x[0], &mean[0], &rstd[0], &w[0], &b[0], &gx[0], &gw[0],
-                                &gb[0], &k[0], &cm[0], &cr[0], N, C, S, G, act, nthreads)
-        else:
-            rc = _backward_nchw(&dy[0], &x[0], &mean[0], &rstd[0], &w[0], &b[0], &gx[0], &gw[0],
-                                &gb[0], &k[0], N, C, S, G, act, nthreads)
+        for bi in range((N + B - 1) // B):
+            n0 = bi * B
+            nn = min(B, N - n0)
+            o = n0 * S * C
+            if channels_last:
+                rc = _backward_nhwc(&dy[o], &x[o], &mean[n0 * G], &rstd[n0 * G], &w[0], &b[0],
+                                    &gx[o], &sums[n0 * C], &sums[NC + n0 * C], &k[0],
+                                    &cm[0], &cr[0], nn, C, S, G, act, nthreads)
+            else:
+                rc = _backward_nchw(&dy[o], &x[o], &mean[n0 * G], &rstd[n0 * G], &w[0], &b[0],
+                                    &gx[o], &sums[n0 * C], &sums[NC + n0 * C], &k[0],
+                                    nn, C, S, G, act, nthreads)
+            if rc != 0:
+                break
+        if rc == 0:
+            _grad_weight_bias(N, C, &sums[0], &sums[NC], &gw[0], &gb[0])
     if rc != 0:
         raise MemoryError("group_norm: out of memory for the workspace")

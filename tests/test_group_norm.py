@@ -140,6 +140,24 @@ def test_bitwise_identical_across_thread_counts(rng, shape, G, channels_last):
             assert np.array_equal(a, b_)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_images_processed_in_cache_sized_batches(rng, channels_last):
+    # 3 images of 2 MiB: the kernels work on batches of images (4 MiB of input at a time), so
+    # this crosses a batch boundary; grad_weight/grad_bias still sum over the whole batch
+    N, C, spatial, G = 3, 32, (128, 128), 4
+    x, w, b = _case(rng, N, C, spatial, G, channels_last, np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    y, m, r = fastnorm.group_norm(x, G, w, b, channels_last=channels_last, return_stats=True)
+    ey, em, er = ref.group_norm(x, G, w, b, channels_last=channels_last)
+    assert np.max(np.abs(y - ey)) < 1e-4
+    np.testing.assert_allclose(m, em, atol=1e-6)
+    gx, gw, gb = fastnorm.group_norm_backward(dy, x, m, r, G, w, b, channels_last=channels_last)
+    egx, egw, egb = ref.group_norm_backward(dy, x, G, w, b, channels_last=channels_last)
+    assert np.max(np.abs(gx - egx)) < 1e-4 * np.abs(egx).max() + 1e-5
+    np.testing.assert_allclose(gw, egw, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(gb, egb, rtol=1e-4, atol=1e-3)
+
+
 def test_empty_inputs():
     x = np.zeros((0, 8, 4, 4), np.float32)
     y, m, r = fastnorm.group_norm(x, 4, return_stats=True)

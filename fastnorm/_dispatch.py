@@ -133,6 +133,10 @@ class Call:
         return result if from_dlpack is None else from_dlpack(result)
 
 
+# array types defined in a module other than their framework's public one
+_FRAMEWORK_OF_MODULE = {"jaxlib": "jax"}
+
+
 def _from_dlpack_of(obj):
     """The ``from_dlpack`` of ``obj``'s framework, or None if it has none (then NumPy/CuPy come back)."""
     try:
@@ -141,6 +145,7 @@ def _from_dlpack_of(obj):
     except Exception:
         pass
     top = type(obj).__module__.split(".")[0]
+    top = _FRAMEWORK_OF_MODULE.get(top, top)
     for modname in (top, top + ".numpy"):
         mod = sys.modules.get(modname)
         if mod is None:

@@ -168,3 +168,11 @@ def test_cupy_round_trip_and_torch_cuda(rng):
     assert isinstance(yt, torch.Tensor) and yt.is_cuda
     with pytest.raises(ValueError, match="no implicit transfers"):
         fastnorm.group_norm(t, 2, torch.ones(4))
+
+
+def test_jax_arrays_round_trip(rng):
+    jnp = pytest.importorskip("jax.numpy")
+    x = jnp.asarray(rng.standard_normal((2, 4, 3)).astype(np.float32))
+    y = fastnorm.group_norm(x, 2)
+    assert type(y) is type(x)
+    np.testing.assert_allclose(np.asarray(y), fastnorm.group_norm(np.asarray(x), 2), rtol=1e-6)

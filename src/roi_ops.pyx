@@ -182,19 +182,20 @@ cdef inline void _tab_build(Tab* t, const floating* g, const Py_ssize_t* grid, P
             t.cp[b + 1] = nc
 
 
-cdef inline floating _bin_dot(const floating* plane, Py_ssize_t W, const Tab* t, Py_ssize_t rb,
-                              Py_ssize_t cb) noexcept nogil:
-    """sum_r Wy[r] sum_c Wx[c] plane[r, c] with the row table of bin rb and column table of cb."""
-    cdef const floating* rw = <const floating*>t.rw
-    cdef const floating* cw = <const floating*>t.cw
+cdef inline floating _bin_dot(const floating* plane, Py_ssize_t W, const Tab* tr, Py_ssize_t rb,
+                              const Tab* tc, Py_ssize_t cb) noexcept nogil:
+    """sum_r Wy[r] sum_c Wx[c] plane[r, c] with the row table of bin rb in ``tr`` and the column
+    table of bin cb in ``tc``."""
+    cdef const floating* rw = <const floating*>tr.rw
+    cdef const floating* cw = <const floating*>tc.cw
     cdef Py_ssize_t a, b
     cdef floating s = 0, u
     cdef const floating* row
-    for a in range(t.rp[rb], t.rp[rb + 1]):
-        row = plane + t.ri[a] * W
+    for a in range(tr.rp[rb], tr.rp[rb + 1]):
+        row = plane + tr.ri[a] * W
         u = 0
-        for b in range(t.cp[cb], t.cp[cb + 1]):
-            u = u + cw[b] * row[t.ci[b]]
+        for b in range(tc.cp[cb], tc.cp[cb + 1]):
+            u = u + cw[b] * row[tc.ci[b]]
         s = s + rw[a] * u
     return s
 
@@ -369,7 +370,7 @@ cdef void _avg_fwd_unit(const floating* x, floating* out, const Tab* t, Py_ssize
             continue
         for ph in range(PH):
             for pw in range(PW):
-                o[ph * PW + pw] = _bin_dot(plane, W, t, ph, pw) * inv
+                o[ph * PW + pw] = _bin_dot(plane, W, t, ph, t, pw) * inv
 
 
 cdef void _vpass_fwd(const floating* plane, floating* o, const Tab* t, Py_ssize_t W,
@@ -658,7 +659,7 @@ cdef void _ps_unit(const floating* x, const floating* dy, floating* out, floatin
                                  dy[(k * CO + co) * nb + bn] / cnt)
                 else:
                     out[(k * CO + co) * nb + bn] = _bin_dot(x + (n * C + ci) * H * W, W, &t,
-                                                            bn, bn) / cnt
+                                                            bn, &t, bn) / cnt
         free(t.mem)
 
 
@@ -832,12 +833,12 @@ cdef void _deform_unit(const floating* x, const floating* dy, const floating* ro
                     plane = x + (n * C + c) * H * W
                     gg = dy[(k * C + c) * nb + bn]
                     if mask != NULL:
-                        sm = sm + gg * _bin_dot(plane, W, &t, bn, bn)
+                        sm = sm + gg * _bin_dot(plane, W, &t, bn, &t, bn)
                     if offset != NULL:
                         # d/dy: derivative rows x weight columns; d/dx: weight rows x derivative
                         # columns (row tables of ty, column tables of tx are the derivatives)
-                        sy = sy + gg * _bin_dot2(plane, W, &ty, &t, bn)
-                        sx = sx + gg * _bin_dot2(plane, W, &t, &tx, bn)
+                        sy = sy + gg * _bin_dot(plane, W, &ty, bn, &t, bn)
+                        sx = sx + gg * _bin_dot(plane, W, &t, bn, &tx, bn)
                 if mask != NULL:
                     gmask[k * nb + bn] = sm / cnt
                 if offset != NULL:
@@ -851,29 +852,12 @@ cdef void _deform_unit(const floating* x, const floating* dy, const floating* ro
                 for bn in range(nb):
                     m = mask[k * nb + bn] if mask != NULL else 1
                     if what == 0:
-                        out[(k * C + c) * nb + bn] = m * (_bin_dot(plane, W, &t, bn, bn) / cnt)
+                        out[(k * C + c) * nb + bn] = m * (_bin_dot(plane, W, &t, bn, &t, bn) / cnt)
                     else:
                         _bin_scatter(gx + (n * C + c) * H * W, W, &t, bn, bn,
                                      dy[(k * C + c) * nb + bn] * m / cnt)
         free(t.mem)
     free(dyx)
-
-
-cdef inline floating _bin_dot2(const floating* plane, Py_ssize_t W, const Tab* tr, const Tab* tc,
-                               Py_ssize_t bn) noexcept nogil:
-    """Like _bin_dot with the row table of ``tr`` and the column table of ``tc``."""
-    cdef const floating* rw = <const floating*>tr.rw
-    cdef const floating* cw = <const floating*>tc.cw
-    cdef Py_ssize_t a, b
-    cdef floating s = 0, u
-    cdef const floating* row
-    for a in range(tr.rp[bn], tr.rp[bn + 1]):
-        row = plane + tr.ri[a] * W
-        u = 0
-        for b in range(tc.cp[bn], tc.cp[bn + 1]):
-            u = u + cw[b] * row[tc.ci[b]]
-        s = s + rw[a] * u
-    return s
 
 
 cdef void _deform(const floating* x, const floating* dy, const floating* rois,

@@ -4,6 +4,7 @@ Environment switches:
 
 * ``FASTNORM_NO_OPENMP=1``   build serial kernels even when the compiler has OpenMP.
 * ``FASTNORM_BUILD_ONLY=a,b`` build only these modules (development convenience).
+* ``FASTNORM_BUILD_JOBS=n``    parallel Cython/C compile jobs (default: all cores).
 * ``FASTNORM_PORTABLE=1``     do not add ``-march=native``: set this when the build will run on
                               other machines (wheels, container images built elsewhere).
 * ``FASTNORM_SANITIZE=1``     AddressSanitizer + UBSan build (``-O1 -g``) for ``.ci/sanitize``;
@@ -72,11 +73,13 @@ for path in sorted(glob(os.path.join("src", "*.pyx"))):
         extra_link_args=link_args,
     ))
 
+jobs = int(os.environ.get("FASTNORM_BUILD_JOBS", "0")) or os.cpu_count() or 1
 setup(
     ext_modules=cythonize(
         extensions,
         include_path=["src"],
         compiler_directives={"language_level": 3},
-        nthreads=int(os.environ.get("FASTNORM_CYTHON_JOBS", "0")) or None,
+        nthreads=jobs,
     ),
+    options={"build_ext": {"parallel": jobs}},    # compile the extensions concurrently
 )

@@ -38,17 +38,40 @@ def test_nms_matches_oracle(rng, dtype, n, thr):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_nms_large_single_segment_blocked_path(rng, dtype, monkeypatch):
-    # a large single segment with 2 threads takes the blocked, parallel sweep
+@pytest.mark.parametrize("cell", [0.05, 1.0, 8.0])
+def test_nms_large_single_segment_grid(rng, dtype, cell, monkeypatch):
+    # the spatial grid at several cell sizes (tiny cells hit the cell-count cap), with outliers
+    # that widen the window (one huge box), boxes in no cell (degenerate, NaN, infinite area),
+    # far-away boxes and ties; 1 and 2 threads, with and without max_output
     from fastnorm._cpu import nms as kernels
-    monkeypatch.setattr(kernels, "BLOCKED_MIN", 4096)
+    monkeypatch.setattr(kernels, "CELL", cell)
     b, s = clusters(rng, 20000, dtype, side=600.0, tie_levels=50)
+    b[5] = [-1000, -1000, 2000, 2000]
+    b[6] = [10, 10, 5, 5]
+    b[7] = [np.nan, 0, 10, 10]
+    b[8] = [0, 0, np.inf, 10]
+    b[9] = [1e6, 1e6, 1e6 + 30, 1e6 + 30]
+    b[10] = [1e6 + 1, 1e6, 1e6 + 31, 1e6 + 30]
+    s[5:11] = [0.999, 0.998, 0.997, 0.996, 0.7, 0.6]
     ref = greedy_nms(b, s, 0.5)
-    with fastnorm.threads(2):
-        np.testing.assert_array_equal(fastnorm.nms(b, s, 0.5), ref)
-        np.testing.assert_array_equal(fastnorm.nms(b, s, 0.5, max_output=777), ref[:777])
-    with fastnorm.threads(1):
-        np.testing.assert_array_equal(fastnorm.nms(b, s, 0.5), ref)
+    assert 9 in ref and 10 not in ref
+    for t in (1, 2):
+        with fastnorm.threads(t):
+            np.testing.assert_array_equal(fastnorm.nms(b, s, 0.5), ref)
+            np.testing.assert_array_equal(fastnorm.nms(b, s, 0.5, max_output=777), ref[:777])
+    np.testing.assert_array_equal(fastnorm.diou_nms(b[:3000], s[:3000], 0.4),
+                                  greedy_nms(b[:3000], s[:3000], 0.4, crit=1, beta=1.0))
+
+
+def test_nms_window_is_exact_at_touching_edges():
+    # boxes whose overlap is a hair's width (and exactly zero) at large coordinates: the grid
+    # window must not drop a pair that the IoU formula would suppress
+    x = 1e7
+    b = np.array([[x, 0, x + 1, 1], [x + 1 - 2 ** -29, 0, x + 2, 1], [x + 1, 0, x + 2, 1],
+                  [x - 1 + 2 ** -29, 0, x + 2 ** -29, 1]], np.float64)
+    for thr in (0.0, 1e-12):
+        s = np.array([0.9, 0.8, 0.7, 0.6])
+        np.testing.assert_array_equal(fastnorm.nms(b, s, thr), greedy_nms(b, s, thr))
 
 
 def test_nms_100k(rng):
@@ -334,8 +357,40 @@ def test_cuda_half_and_variants(rng):
     gb, gs = cupy.asarray(b), cupy.asarray(s)
     k = fastnorm.nms(gb.astype(cupy.float16), gs.astype(cupy.float16), 0.5)
     assert k.dtype == cupy.int64 and len(k) > 0
-    for fn in (fastnorm.weighted_nms, fastnorm.soft_nms):    # CPU-only for now
-        with pytest.raises(RuntimeError, match="CUDA"):
-            fn(gb, gs, 0.5) if fn is fastnorm.weighted_nms else fn(gb, gs)
+    kh, fh = fastnorm.weighted_nms(gb.astype(cupy.float16), gs.astype(cupy.float16), 0.5)
+    assert fh.dtype == cupy.float16 and fh.shape == (len(kh), 4)
+    kh, sh = fastnorm.soft_nms(gb.astype(cupy.float16), gs.astype(cupy.float16))
+    assert sh.dtype == cupy.float16 and len(kh) == len(sh) > 0
     np.testing.assert_allclose(fastnorm.matrix_nms(gb[:200], gs[:200]).get(),
                                fastnorm.matrix_nms(b[:200], s[:200]), rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cuda_weighted_and_soft_parity(rng, dtype):
+    import cupy
+    b, s = clusters(rng, 3000, np.dtype(dtype), side=300.0)
+    bi = rng.integers(0, 3, 3000)
+    idxs = rng.integers(0, 4, 3000)
+    gb, gs, gbi = cupy.asarray(b), cupy.asarray(s), cupy.asarray(bi)
+    tol = 1e-6 if dtype == "float32" else 1e-12
+    for kw in ({}, {"max_output": 50}, {"score_threshold": 0.4}, {"batch_idx": None}):
+        kw = {"batch_idx": bi} if "batch_idx" in kw else kw
+        gkw = {k: (gbi if k == "batch_idx" else x) for k, x in kw.items()}
+        kc, fc = fastnorm.weighted_nms(b, s, 0.5, **kw)
+        kg, fg = fastnorm.weighted_nms(gb, gs, 0.5, **gkw)
+        np.testing.assert_array_equal(kg.get(), kc)
+        np.testing.assert_allclose(fg.get(), fc, rtol=tol)
+    for method, thr in (("gaussian", 0.3), ("linear", 0.3)):
+        kc, sc = fastnorm.soft_nms(b[:800], s[:800], method=method, iou_threshold=thr,
+                                   score_threshold=0.05, batch_idx=bi[:800])
+        kg, sg = fastnorm.soft_nms(gb[:800], gs[:800], method=method, iou_threshold=thr,
+                                   score_threshold=0.05, batch_idx=gbi[:800])
+        np.testing.assert_array_equal(kg.get(), kc)
+        np.testing.assert_allclose(sg.get(), sc, rtol=1e-9)
+    # list input on the device, like the CPU
+    kl = fastnorm.soft_nms([gb[:100], gb[100:250]], [gs[:100], gs[100:250]])
+    kc = fastnorm.soft_nms([b[:100], b[100:250]], [s[:100], s[100:250]])
+    for (g1, g2), (c1, c2) in zip(kl, kc):
+        np.testing.assert_array_equal(g1.get(), c1)
+        np.testing.assert_allclose(g2.get(), c2, rtol=1e-9)

@@ -167,3 +167,108 @@ __global__ void matrix_decay(const T* __restrict__ boxes, const long long* __res
         decay[r] = d;
     }
 }
+
+// Weighted NMS, step 1: assign[j] = the first kept rank of j's segment that suppresses j (mask
+// bit), j itself when j is kept, -1 otherwise (segstart[j]: first rank of j's segment).
+__global__ void nms_assign(const u64* __restrict__ mask, const unsigned char* __restrict__ keep,
+                           const long long* __restrict__ segstart, i64 m, i64 colblocks,
+                           long long* __restrict__ assign) {
+    for (i64 j = blockIdx.x * (i64)blockDim.x + threadIdx.x; j < m; j += (i64)gridDim.x * blockDim.x) {
+        long long a = -1;
+        if (keep[j]) {
+            a = j;
+        } else {
+            for (i64 i = segstart[j]; i < j; ++i)
+                if (keep[i] && ((mask[i * colblocks + (j >> 6)] >> (j & 63)) & 1ULL)) { a = i; break; }
+        }
+        assign[j] = a;
+    }
+}
+
+// Weighted NMS, step 2: kept box t (rank kept[t]) becomes the w-weighted mean of the ranks
+// members[lo[t]:hi[t]] (its cluster, in rank order: the CPU's summation order, in double);
+// a cluster whose weights sum to 0 or a non-finite value keeps its box.
+template <typename T>
+__global__ void weighted_fuse(const T* __restrict__ boxes, const double* __restrict__ w,
+                              const long long* __restrict__ members, const long long* __restrict__ lo,
+                              const long long* __restrict__ hi, const long long* __restrict__ kept,
+                              i64 k, T* __restrict__ out) {
+    typedef typename acc<T>::type A;
+    for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < k; t += (i64)gridDim.x * blockDim.x) {
+        double s[4] = {0, 0, 0, 0}, ws = 0;
+        for (i64 p = lo[t]; p < hi[t]; ++p) {
+            const i64 j = members[p];
+            for (int c = 0; c < 4; ++c) s[c] += w[j] * (double)load(boxes + 4 * j + c);
+            ws += w[j];
+        }
+        const bool good = ws != 0 && isfinite(ws);
+        for (int c = 0; c < 4; ++c)
+            store(out + 4 * t + c, good ? (A)(s[c] / ws) : load(boxes + 4 * kept[t] + c));
+    }
+}
+
+// Soft-NMS, one block (SOFT_THREADS threads) per segment [rstart[b], rstart[b+1]) of ranked
+// boxes: repeatedly select the live box of highest current score (ties: lower input index
+// orig), then decay the other live boxes (IoU in double, as on the CPU) and drop those below
+// score_thr. cur: current scores (double, updated in place); out_rank/out_score: selection
+// order, written from the segment's first rank on; count[b]: how many were selected.
+#define SOFT_THREADS 256
+template <typename T>
+__global__ void __launch_bounds__(SOFT_THREADS)
+soft_nms_seg(const T* __restrict__ boxes, const long long* __restrict__ rstart,
+             const long long* __restrict__ orig, double* __restrict__ cur,
+             unsigned char* __restrict__ alive, int method, double sigma, double thr,
+             double score_thr, long long* __restrict__ out_rank, double* __restrict__ out_score,
+             long long* __restrict__ count) {
+    __shared__ double bs[SOFT_THREADS];
+    __shared__ long long bo[SOFT_THREADS], br[SOFT_THREADS];
+    const i64 r0 = rstart[blockIdx.x], r1 = rstart[blockIdx.x + 1];
+    const int t = threadIdx.x;
+    for (i64 r = r0 + t; r < r1; r += SOFT_THREADS) alive[r] = cur[r] >= score_thr;
+    __syncthreads();
+    i64 n = 0;
+    while (true) {
+        long long b = -1, bor = 0;
+        double bsc = 0;
+        for (i64 r = r0 + t; r < r1; r += SOFT_THREADS)
+            if (alive[r] && (b < 0 || cur[r] > bsc || (cur[r] == bsc && orig[r] < bor))) {
+                b = r; bsc = cur[r]; bor = orig[r];
+            }
+        bs[t] = bsc; bo[t] = bor; br[t] = b;
+        __syncthreads();
+        for (int h = SOFT_THREADS / 2; h > 0; h >>= 1) {
+            if (t < h && br[t + h] >= 0 &&
+                (br[t] < 0 || bs[t + h] > bs[t] || (bs[t + h] == bs[t] && bo[t + h] < bo[t]))) {
+                bs[t] = bs[t + h]; bo[t] = bo[t + h]; br[t] = br[t + h];
+            }
+            __syncthreads();
+        }
+        b = br[0];
+        bsc = bs[0];
+        __syncthreads();                       // everyone has read the winner
+        if (b < 0) break;
+        if (t == 0) {
+            alive[b] = 0;
+            out_rank[r0 + n] = b;
+            out_score[r0 + n] = bsc;
+        }
+        ++n;
+        double p[4];
+        for (int c = 0; c < 4; ++c) p[c] = (double)load(boxes + 4 * b + c);
+        const double pa = box_area(p[0], p[1], p[2], p[3]);
+        for (i64 j = r0 + t; j < r1; j += SOFT_THREADS) {
+            if (j == b || !alive[j]) continue;
+            double q[4];
+            for (int c = 0; c < 4; ++c) q[c] = (double)load(boxes + 4 * j + c);
+            const double inter = box_inter(p, q);
+            if (!(inter > 0)) continue;
+            const double iou = inter / (pa + box_area(q[0], q[1], q[2], q[3]) - inter);
+            if (!(iou > 0)) continue;
+            const double f = method == 0 ? exp(-iou * iou / sigma) : (iou > thr ? 1.0 - iou : 1.0);
+            cur[j] *= f;
+            if (!(cur[j] >= score_thr)) alive[j] = 0;
+        }
+        __syncthreads();
+    }
+    if (t == 0) count[blockIdx.x] = n;
+}

@@ -1,0 +1,297 @@
+"""Dask adapter: fastnorm's ops on dask arrays chunked along the batch axis, so a stack of
+feature maps larger than one machine's memory is processed chunk by chunk on a Dask cluster.
+
+``import fastnorm.dask`` needs ``dask[array]`` (and ``distributed`` for a cluster). Every
+function builds a lazy graph; ``.compute()`` (or ``dask.compute(...)``) runs it, and the result
+equals the in-memory call on the concatenated data.
+
+* :func:`group_norm` and :func:`deform_conv2d`: one task per batch chunk
+  (``dask.array.map_blocks``). Non-batch axes are merged into one chunk first (a sample is
+  normalised/convolved as a whole).
+* :func:`roi_align`, :func:`roi_pool`, :func:`ps_roi_align`, :func:`deform_roi_pool`: one task per
+  batch chunk of x with the RoIs of that chunk's images. ``rois`` is a list of per-image
+  (K_i, 4) arrays (NumPy or dask) or a (K, 5) array with batch indices; the result has the
+  in-memory call's RoI order.
+* The NMS family (:func:`nms`, :func:`batched_nms`, :func:`diou_nms`, :func:`soft_nms`,
+  :func:`weighted_nms`, :func:`matrix_nms`): images are independent, so they are grouped
+  ``images_per_task`` at a time. Boxes come as lists of per-image arrays (the result is a list
+  of per-image dask arrays, like the in-memory list call) or as (N, 4) arrays with a
+  ``batch_idx`` (one dask array of indices into the input, grouped by image, like the in-memory
+  call). Kept-box counts are unknown until computed, so those arrays have unknown (NaN) chunk
+  sizes.
+
+Inside each task the CPU kernels use :func:`fastnorm.set_num_threads` threads of the worker
+(``OMP_NUM_THREADS`` of the worker processes); give each worker process as many threads as the
+cores it owns and one Dask thread (``threads_per_worker=1``). Small arrays such as weights and
+biases are passed to every task.
+
+Example
+-------
+>>> import numpy as np, dask.array as da, fastnorm, fastnorm.dask as fd
+>>> x = np.random.default_rng(0).standard_normal((4, 8, 6, 6)).astype(np.float32)
+>>> y = fd.group_norm(da.from_array(x, chunks=(2, 8, 6, 6)), 4)
+>>> bool(np.array_equal(y.compute(), fastnorm.group_norm(x, 4)))
+True
+"""
+import functools
+
+import dask
+import dask.array as da
+import numpy as np
+
+import fastnorm as _fn
+
+__all__ = ["group_norm", "deform_conv2d", "roi_align", "roi_pool", "ps_roi_align",
+           "deform_roi_pool", "nms", "batched_nms", "diou_nms", "soft_nms", "weighted_nms",
+           "matrix_nms"]
+
+
+def _small(a):
+    """Parameters (weights, biases): materialised once on the client."""
+    if a is None:
+        return None
+    return np.asarray(a.compute() if isinstance(a, da.Array) else a)
+
+
+def _batched(a, name, chunks0=None):
+    """A dask array chunked along axis 0 only (rechunked to ``chunks0`` if given)."""
+    if not isinstance(a, da.Array):
+        if chunks0 is None:
+            raise TypeError(f"`{name}` must be a dask array chunked along the batch axis, got "
+                            f"{type(a).__name__}")
+        a = da.from_array(np.asarray(a), chunks=-1)
+    target = {i: -1 for i in range(1, a.ndim)}
+    if chunks0 is not None:
+        target[0] = chunks0
+    return a.rechunk(target)
+
+
+# ---------------------------------------------------------------- per batch chunk
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, channels_last=False,
+               activation=None):
+    """:func:`fastnorm.group_norm` of a dask array x (N, C, *spatial), one task per batch chunk."""
+    x = _batched(x, "x")
+    fn = functools.partial(_fn.group_norm, num_groups=num_groups, weight=_small(weight),
+                           bias=_small(bias), eps=eps, channels_last=channels_last,
+                           activation=activation)
+    return x.map_blocks(fn, dtype=x.dtype, meta=np.empty((0,) * x.ndim, x.dtype))
+
+
+def _dcn_block(x, offset, mask=None, *, weight, bias, **kw):
+    return _fn.deform_conv2d(x, offset, weight, bias, mask=mask, **kw)
+
+
+def deform_conv2d(x, offset, weight, bias=None, *, mask=None, stride=1, padding=0, dilation=1):
+    """:func:`fastnorm.deform_conv2d` of dask arrays x, offset (and mask) chunked along the
+    batch axis (offset/mask are rechunked to x's batch chunks); one task per batch chunk."""
+    x = _batched(x, "x")
+    offset = _batched(offset, "offset", x.chunks[0])
+    arrays = [x, offset] + ([_batched(mask, "mask", x.chunks[0])] if mask is not None else [])
+    weight = _small(weight)
+    fn = functools.partial(_dcn_block, weight=weight, bias=_small(bias), stride=stride,
+                           padding=padding, dilation=dilation)
+    chunks = (x.chunks[0], (weight.shape[0],), offset.chunks[2], offset.chunks[3])
+    return da.map_blocks(fn, *arrays, chunks=chunks, dtype=x.dtype,
+                         meta=np.empty((0, 0, 0, 0), x.dtype))
+
+
+# ---------------------------------------------------------------- per image: RoI ops
+
+def _roi_parts(rois, bounds, extra):
+    """Split the RoIs (and per-RoI arrays ``extra``) by the batch chunks ``bounds``.
+
+    Returns per chunk (rois in the kernel's form with chunk-local image indices, extras), and the
+    permutation that restores the caller's RoI order (None when already in order).
+    """
+    if isinstance(rois, (list, tuple)):
+        parts, start = [], 0
+        for a, b in bounds:
+            k = sum(int(r.shape[0]) for r in rois[a:b])
+            parts.append((list(rois[a:b]), [None if e is None else e[start:start + k]
+                                            for e in extra]))
+            start += k
+        return parts, None
+    rois = _small(rois)
+    batch = rois[:, 0]
+    order = np.argsort(batch, kind="stable")
+    parts = []
+    for a, b in bounds:
+        sel = order[(batch[order] >= a) & (batch[order] < b)]
+        local = rois[sel].copy()
+        local[:, 0] -= a
+        parts.append((local, [None if e is None else e[sel] for e in extra]))
+    return parts, (None if np.array_equal(order, np.arange(len(order))) else np.argsort(order))
+
+
+def _per_image_rois(fn, x, rois, out_channels, output_size, extra=()):
+    x = _batched(x, "x")
+    PH, PW = (output_size, output_size) if np.ndim(output_size) == 0 else tuple(output_size)
+    edges = np.cumsum((0,) + x.chunks[0])
+    bounds = list(zip(edges[:-1], edges[1:]))
+    parts, inverse = _roi_parts(rois, bounds, extra)
+    blocks = x.to_delayed().ravel()
+    outs = []
+    for blk, (r, ex) in zip(blocks, parts):
+        K = len(r) if isinstance(r, np.ndarray) else sum(int(a.shape[0]) for a in r)
+        outs.append(da.from_delayed(dask.delayed(fn)(blk, r, *ex),
+                                    (K, out_channels, PH, PW), dtype=x.dtype))
+    out = da.concatenate(outs, axis=0) if outs else da.zeros((0, out_channels, PH, PW), x.dtype)
+    return out if inverse is None else out[inverse]
+
+
+def roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, *,
+              mode="avg"):
+    """:func:`fastnorm.roi_align` of a dask x (N, C, H, W) chunked along the batch axis, with
+    ``rois`` a list of per-image (K_i, 4) arrays or a (K, 5) array (image index first)."""
+    fn = functools.partial(_fn.roi_align, output_size=output_size, spatial_scale=spatial_scale,
+                           sampling_ratio=sampling_ratio, aligned=aligned, mode=mode)
+    return _per_image_rois(fn, x, rois, x.shape[1], output_size)
+
+
+def roi_pool(x, rois, output_size, spatial_scale=1.0):
+    """:func:`fastnorm.roi_pool`, per batch chunk (see :func:`roi_align`)."""
+    fn = functools.partial(_fn.roi_pool, output_size=output_size, spatial_scale=spatial_scale)
+    return _per_image_rois(fn, x, rois, x.shape[1], output_size)
+
+
+def ps_roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1):
+    """:func:`fastnorm.ps_roi_align`, per batch chunk (see :func:`roi_align`)."""
+    PH, PW = (output_size, output_size) if np.ndim(output_size) == 0 else tuple(output_size)
+    fn = functools.partial(_fn.ps_roi_align, output_size=output_size,
+                           spatial_scale=spatial_scale, sampling_ratio=sampling_ratio)
+    return _per_image_rois(fn, x, rois, x.shape[1] // (PH * PW), output_size)
+
+
+def _deform_roi_pool_block(x, rois, offset=None, mask=None, **kw):
+    return _fn.deform_roi_pool(x, rois, offset, mask=mask, **kw)
+
+
+def deform_roi_pool(x, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0,
+                    gamma=0.1, *, mask=None):
+    """:func:`fastnorm.deform_roi_pool`, per batch chunk; ``offset``/``mask`` (K, ...) follow
+    the RoIs (see :func:`roi_align`)."""
+    fn = functools.partial(_deform_roi_pool_block, output_size=output_size,
+                           spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+                           gamma=gamma)
+    return _per_image_rois(fn, x, rois, x.shape[1], output_size, (offset, mask))
+
+
+# ---------------------------------------------------------------- per image: NMS family
+
+def _nms_task(fn, members, *arrays, **kw):
+    """Run ``fn`` on a group of images given as lists; map kept indices back to global ones."""
+    B = len(arrays[0])
+    res = fn(*[list(a) for a in arrays], **kw)
+    if members is None:
+        return res
+    out = []
+    for i in range(B):
+        r = res[i]
+        if isinstance(r, list):          # [keep, values] of soft_nms / weighted_nms
+            out.append([members[i][r[0]], r[1]])
+        elif fn is _fn.matrix_nms:       # decayed scores aligned with the input
+            out.append(r)
+        else:
+            out.append(members[i][r])
+    return out
+
+
+_TWO = {"soft_nms", "weighted_nms"}
+
+
+def _nms_family(name, boxes, scores, idxs=None, *, batch_idx=None, images_per_task=8, **kw):
+    fn = getattr(_fn, name)
+    if isinstance(boxes, (list, tuple)):
+        if batch_idx is not None:
+            raise ValueError("`batch_idx` cannot be combined with lists of per-image `boxes`")
+        members = None
+        lists = [list(boxes), list(scores)] + ([list(idxs)] if idxs is not None else [])
+        lengths = [int(b.shape[0]) for b in boxes]
+    else:
+        if batch_idx is None:
+            batch = np.zeros(int(boxes.shape[0]), np.int64)
+        else:
+            batch = np.asarray(_small(batch_idx)).astype(np.int64)
+        order = np.argsort(batch, kind="stable")
+        images, starts = np.unique(batch[order], return_index=True)
+        members = np.split(order, starts[1:]) if len(order) else []
+        lists = [[a[m] for m in members] for a in (boxes, scores) + ((idxs,) if idxs is not None
+                                                                      else ())]
+        lengths = [len(m) for m in members]
+    dtype = np.dtype(str(scores[0].dtype if isinstance(scores, (list, tuple)) else scores.dtype))
+    per_image = []
+    for s in range(0, len(lengths), images_per_task):
+        e = min(s + images_per_task, len(lengths))
+        task = dask.delayed(_nms_task, nout=e - s)(
+            fn, None if members is None else members[s:e], *[lst[s:e] for lst in lists], **kw)
+        for i in range(e - s):
+            r = task[i]
+            if name in _TWO:
+                second = (np.nan, 4) if name == "weighted_nms" else (np.nan,)
+                per_image.append([da.from_delayed(r[0], (np.nan,), np.int64),
+                                  da.from_delayed(r[1], second, dtype)])
+            elif name == "matrix_nms":
+                per_image.append(da.from_delayed(r, (lengths[s + i],), dtype))
+            else:
+                per_image.append(da.from_delayed(r, (np.nan,), np.int64))
+    if members is None:
+        return per_image
+    # one array (two for soft/weighted) over all images, grouped by increasing image index
+    if name in _TWO:
+        empty = [np.zeros(0, np.int64), np.zeros((0, 4) if name == "weighted_nms" else 0, dtype)]
+        return [da.concatenate([p[j] for p in per_image]) if per_image else da.from_array(empty[j])
+                for j in range(2)]
+    if name == "matrix_nms":
+        flat = da.concatenate(per_image) if per_image else da.zeros(0, dtype)
+        return flat[np.argsort(np.concatenate(members))] if members else flat
+    return da.concatenate(per_image) if per_image else da.from_array(np.zeros(0, np.int64))
+
+
+def nms(boxes, scores, iou_threshold, *, score_threshold=None, max_output=None, batch_idx=None,
+        images_per_task=8):
+    """:func:`fastnorm.nms` per image: ``boxes``/``scores`` as lists of per-image arrays (result:
+    list of per-image dask arrays) or (N, 4)/(N,) arrays with ``batch_idx`` (result: one dask
+    array of input indices, grouped by image, as the in-memory call)."""
+    return _nms_family("nms", boxes, scores, batch_idx=batch_idx, images_per_task=images_per_task,
+                       iou_threshold=iou_threshold, score_threshold=score_threshold,
+                       max_output=max_output)
+
+
+def batched_nms(boxes, scores, idxs, iou_threshold, *, score_threshold=None, max_output=None,
+                batch_idx=None, images_per_task=8):
+    """:func:`fastnorm.batched_nms` per image (see :func:`nms`)."""
+    return _nms_family("batched_nms", boxes, scores, idxs, batch_idx=batch_idx,
+                       images_per_task=images_per_task, iou_threshold=iou_threshold,
+                       score_threshold=score_threshold, max_output=max_output)
+
+
+def diou_nms(boxes, scores, iou_threshold, *, beta=1.0, score_threshold=None, max_output=None,
+             batch_idx=None, images_per_task=8):
+    """:func:`fastnorm.diou_nms` per image (see :func:`nms`)."""
+    return _nms_family("diou_nms", boxes, scores, batch_idx=batch_idx,
+                       images_per_task=images_per_task, iou_threshold=iou_threshold, beta=beta,
+                       score_threshold=score_threshold, max_output=max_output)
+
+
+def weighted_nms(boxes, scores, iou_threshold, *, score_threshold=None, max_output=None,
+                 batch_idx=None, images_per_task=8):
+    """:func:`fastnorm.weighted_nms` per image: ``[keep, fused]`` (per image for list input)."""
+    return _nms_family("weighted_nms", boxes, scores, batch_idx=batch_idx,
+                       images_per_task=images_per_task, iou_threshold=iou_threshold,
+                       score_threshold=score_threshold, max_output=max_output)
+
+
+def soft_nms(boxes, scores, *, method="gaussian", sigma=0.5, iou_threshold=0.3,
+             score_threshold=0.001, batch_idx=None, images_per_task=8):
+    """:func:`fastnorm.soft_nms` per image: ``[keep, new_scores]`` (per image for list input)."""
+    return _nms_family("soft_nms", boxes, scores, batch_idx=batch_idx,
+                       images_per_task=images_per_task, method=method, sigma=sigma,
+                       iou_threshold=iou_threshold, score_threshold=score_threshold)
+
+
+def matrix_nms(boxes, scores, *, kernel="gaussian", sigma=2.0, batch_idx=None,
+               images_per_task=8):
+    """:func:`fastnorm.matrix_nms` per image: decayed scores aligned with the input."""
+    return _nms_family("matrix_nms", boxes, scores, batch_idx=batch_idx,
+                       images_per_task=images_per_task, kernel=kernel, sigma=sigma)

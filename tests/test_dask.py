@@ -1,0 +1,135 @@
+"""fastnorm.dask on a dask.distributed LocalCluster with two worker processes: every op equals
+the in-memory call (skips when dask/distributed are not installed)."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+da = pytest.importorskip("dask.array")
+distributed = pytest.importorskip("distributed")
+
+import dask  # noqa: E402
+
+import fastnorm  # noqa: E402
+import fastnorm.dask as fd  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def client():
+    """Two single-threaded worker processes that import this source tree's fastnorm."""
+    root = str(Path(fastnorm.__file__).resolve().parent.parent)
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_NUM_THREADS")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, saved["PYTHONPATH"]) if p)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                      dashboard_address=None) as cluster, \
+                distributed.Client(cluster) as c:
+            yield c
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _boxes(rng, n, size=100.0):
+    xy = rng.uniform(0, size, (n, 2))
+    wh = rng.uniform(5, 30, (n, 2))
+    return np.concatenate([xy, xy + wh], 1), rng.random(n)
+
+
+def _ran_on_workers(client):
+    """Work really went to the worker processes (not the client's threads)."""
+    return sum(client.run(lambda dask_worker: dask_worker.state.executed_count).values()) > 0
+
+
+def test_group_norm_and_deform_conv2d(client, rng):
+    x = rng.standard_normal((5, 8, 6, 6)).astype(np.float32)
+    w, b = rng.standard_normal(8).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    xd = da.from_array(x, chunks=(2, 4, 6, 6))              # channel chunks get merged
+    y = fd.group_norm(xd, 4, w, b, activation="silu")
+    assert y.chunks[0] == (2, 2, 1)
+    np.testing.assert_array_equal(y.compute(), fastnorm.group_norm(x, 4, w, b,
+                                                                   activation="silu"))
+    wc = rng.standard_normal((3, 8, 3, 3)).astype(np.float32)
+    off = rng.uniform(-2, 2, (5, 18, 3, 3)).astype(np.float32)
+    mask = rng.random((5, 9, 3, 3)).astype(np.float32)
+    yd = fd.deform_conv2d(xd, da.from_array(off, chunks=(5, 18, 3, 3)), wc, b[:3],
+                          mask=da.from_array(mask, chunks=(1, 9, 3, 3)), stride=2, padding=1)
+    assert yd.shape == (5, 3, 3, 3) and yd.chunks[0] == (2, 2, 1)
+    ref = fastnorm.deform_conv2d(x, off, wc, b[:3], mask=mask, stride=2, padding=1)
+    np.testing.assert_allclose(yd.compute(), ref, rtol=1e-5, atol=1e-5)
+    assert _ran_on_workers(client)
+
+
+def test_roi_ops_per_image(client, rng):
+    N = 5
+    x = rng.standard_normal((N, 8, 10, 10))
+    xd = da.from_array(x, chunks=(2, 8, 10, 10))
+    per_image = [_boxes(rng, int(rng.integers(0, 4)), 8.0)[0] for _ in range(N)]
+    per_image[1] = per_image[1][:0]                          # an image without RoIs
+    ref = fastnorm.roi_align(x, per_image, 2, 1.0, 2, True)
+    np.testing.assert_array_equal(fd.roi_align(xd, per_image, 2, 1.0, 2, True).compute(), ref)
+    # (K, 5) form in a shuffled order: the result keeps the caller's RoI order
+    rois = np.concatenate([np.concatenate([np.full((len(r), 1), i), r], 1)
+                           for i, r in enumerate(per_image)])
+    rois = rois[rng.permutation(len(rois))]
+    for name, args in (("roi_align", (2, 0.5, 2, True)), ("roi_pool", (2, 0.5)),
+                       ("ps_roi_align", (2, 0.5, 2))):
+        got = getattr(fd, name)(xd, rois, *args).compute()
+        np.testing.assert_array_equal(got, getattr(fastnorm, name)(x, rois, *args), err_msg=name)
+    off = rng.uniform(-0.2, 0.2, (len(rois), 2, 2, 2))
+    m = rng.random((len(rois), 1, 2, 2))
+    np.testing.assert_array_equal(
+        fd.deform_roi_pool(xd, rois, off, 2, 1.0, 2, mask=m).compute(),
+        fastnorm.deform_roi_pool(x, rois, off, 2, 1.0, 2, mask=m))
+
+
+def test_nms_family_lists(client, rng):
+    B = 5
+    boxes, scores = zip(*[_boxes(rng, int(rng.integers(0, 40))) for _ in range(B)])
+    labels = [rng.integers(0, 3, len(s)) for s in scores]
+    got = dask.compute(fd.nms(list(boxes), list(scores), 0.5, images_per_task=2))[0]
+    for g, r in zip(got, fastnorm.nms(list(boxes), list(scores), 0.5)):
+        np.testing.assert_array_equal(g, r)
+    got = dask.compute(fd.batched_nms(list(boxes), list(scores), labels, 0.5))[0]
+    for g, r in zip(got, fastnorm.batched_nms(list(boxes), list(scores), labels, 0.5)):
+        np.testing.assert_array_equal(g, r)
+    got = dask.compute(fd.soft_nms(list(boxes), list(scores), images_per_task=3))[0]
+    for (gk, gs), (rk, rs) in zip(got, fastnorm.soft_nms(list(boxes), list(scores))):
+        np.testing.assert_array_equal(gk, rk)
+        np.testing.assert_array_equal(gs, rs)
+
+
+def test_nms_family_batch_idx(client, rng):
+    n = 300
+    b, s = _boxes(rng, n)
+    batch = rng.integers(0, 7, n)
+    batch[batch == 3] = 4                                   # an image index without boxes
+    labels = rng.integers(0, 4, n)
+    bd, sd = da.from_array(b, chunks=100), da.from_array(s, chunks=100)
+    kw = dict(batch_idx=batch, images_per_task=2)
+    np.testing.assert_array_equal(fd.nms(bd, sd, 0.4, **kw).compute(),
+                                  fastnorm.nms(b, s, 0.4, batch_idx=batch))
+    np.testing.assert_array_equal(fd.batched_nms(b, s, labels, 0.4, **kw).compute(),
+                                  fastnorm.batched_nms(b, s, labels, 0.4, batch_idx=batch))
+    np.testing.assert_array_equal(fd.diou_nms(bd, sd, 0.4, max_output=5, **kw).compute(),
+                                  fastnorm.diou_nms(b, s, 0.4, max_output=5, batch_idx=batch))
+    np.testing.assert_array_equal(fd.matrix_nms(bd, sd, **kw).compute(),
+                                  fastnorm.matrix_nms(b, s, batch_idx=batch))
+    for name in ("weighted_nms", "soft_nms"):
+        args = (0.4,) if name == "weighted_nms" else ()
+        got = dask.compute(*getattr(fd, name)(bd, sd, *args, **kw))
+        ref = getattr(fastnorm, name)(b, s, *args, batch_idx=batch)
+        for g, r in zip(got, ref):
+            np.testing.assert_array_equal(g, r, err_msg=name)
+    # no batch_idx: one image
+    np.testing.assert_array_equal(fd.nms(bd, sd, 0.4).compute(), fastnorm.nms(b, s, 0.4))
+
+
+def test_needs_dask_input():
+    with pytest.raises(TypeError, match="`x`"):
+        fd.group_norm(np.zeros((2, 4, 3)), 2)

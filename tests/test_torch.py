@@ -1,0 +1,279 @@
+"""fastnorm.torch: autograd Functions (gradcheck in float64), drop-in modules (state_dict
+compatibility, equality with the PyTorch layers they replace) and a tiny model that trains."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ft = pytest.importorskip("fastnorm.torch")
+
+import fastnorm  # noqa: E402
+
+D = torch.float64
+
+
+def _t(a, grad=False):
+    return torch.from_numpy(np.ascontiguousarray(a)).requires_grad_(grad)
+
+
+def _rois(rng, K, N, size, dtype=np.float64):
+    """Boxes strictly inside a size x size map (fractional corners)."""
+    xy = rng.uniform(0.3, size / 2, (K, 2))
+    wh = rng.uniform(1.2, size / 2 - 0.3, (K, 2))
+    return np.concatenate([rng.integers(0, N, (K, 1)), xy, xy + wh], 1).astype(dtype)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP wake-up costs on a loaded machine (thread-count
+    independence of the kernels is tested in each op's own test file)."""
+    with fastnorm.threads(1):
+        yield
+
+
+def _gradcheck(fn, *inputs, fast=True):
+    """float64 gradcheck; ``fast`` compares random projections u^T J v of the analytical and the
+    numerical Jacobian (torch's fast_mode), which needs far fewer calls than the full Jacobian."""
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=fast)
+
+
+# ---------------------------------------------------------------- gradcheck of every Function
+
+@pytest.mark.parametrize("activation", [None, "silu", "relu"])
+def test_gradcheck_group_norm(rng, activation):
+    x = _t(rng.standard_normal((2, 6, 3, 4)), True)
+    w = _t(rng.standard_normal(6), True)
+    b = _t(rng.standard_normal(6), True)
+    _gradcheck(lambda x, w, b: ft.group_norm(x, 3, w, b, activation=activation), x, w, b,
+               fast=False)
+    _gradcheck(lambda x: ft.group_norm(x, 2), x)          # no affine parameters
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_gradcheck_deform_conv2d(rng, v2):
+    x = _t(rng.standard_normal((2, 4, 5, 5)), True)
+    w = _t(rng.standard_normal((4, 2, 3, 3)), True)        # groups = 2
+    b = _t(rng.standard_normal(4), True)
+    off = _t(rng.uniform(-1.5, 1.5, (2, 18, 3, 3)), True)
+    mask = _t(rng.random((2, 9, 3, 3)), True) if v2 else None
+    if v2:
+        _gradcheck(lambda x, o, m, w, b: ft.deform_conv2d(x, o, w, b, stride=(2, 2),
+                                                          padding=(1, 1), mask=m),
+                   x, off, mask, w, b)
+    else:
+        _gradcheck(lambda x, o, w, b: ft.deform_conv2d(x, o, w, b, stride=2, padding=1),
+                   x, off, w, b)
+
+
+@pytest.mark.parametrize("mode,aligned", [("avg", True), ("avg", False), ("max", True)])
+def test_gradcheck_roi_align(rng, mode, aligned):
+    x = _t(rng.standard_normal((2, 3, 8, 8)), True)
+    rois = _t(_rois(rng, 4, 2, 8))
+    _gradcheck(lambda x: ft.roi_align(x, rois, (2, 3), 1.0, 2, aligned, mode=mode), x)
+
+
+def test_gradcheck_roi_pool(rng):
+    x = _t(rng.standard_normal((2, 3, 8, 8)), True)
+    rois = _t(_rois(rng, 4, 2, 8))
+    _gradcheck(lambda x: ft.roi_pool(x, rois, 2, 1.0), x)
+
+
+def test_gradcheck_ps_roi_align(rng):
+    x = _t(rng.standard_normal((2, 8, 8, 8)), True)
+    rois = _t(_rois(rng, 3, 2, 8))
+    _gradcheck(lambda x: ft.ps_roi_align(x, rois, 2, 1.0, 2), x)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_gradcheck_deform_roi_pool(rng, with_mask):
+    x = _t(rng.standard_normal((2, 3, 10, 10)), True)
+    rois = _t(_rois(rng, 3, 2, 8))
+    off = _t(rng.uniform(-0.3, 0.3, (3, 2, 2, 2)), True)
+    mask = _t(rng.random((3, 1, 2, 2)), True)
+    if with_mask:
+        _gradcheck(lambda x, o, m: ft.deform_roi_pool(x, rois, o, 2, 1.0, 2, 0.1, mask=m),
+                   x, off, mask)
+    else:
+        _gradcheck(lambda x, o: ft.deform_roi_pool(x, rois, o, 2, 1.0, 2, 0.1), x, off)
+
+
+def test_gradcheck_modulated_deform_conv_module(rng):
+    torch.manual_seed(0)
+    m = ft.ModulatedDeformConv2d(4, 3, 3, padding=1, dtype=D)
+    with torch.no_grad():                   # non-zero offsets/mask so every path is exercised
+        m.conv_offset.weight.normal_(0, 0.1)
+        m.conv_offset.bias.normal_(0, 0.3)
+    x = _t(rng.standard_normal((1, 4, 5, 5)), True)
+    _gradcheck(m, x)
+    # parameters get gradients too, including the offset branch
+    m(x).square().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
+
+
+# ---------------------------------------------------------------- forward agreement
+
+def test_functions_match_fastnorm_and_torch(rng):
+    x = rng.standard_normal((2, 8, 6, 6)).astype(np.float32)
+    w = rng.standard_normal(8).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    y = ft.group_norm(_t(x), 4, _t(w), _t(b))
+    ref = torch.nn.functional.group_norm(_t(x), 4, _t(w), _t(b))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    ys = ft.group_norm(_t(x), 4, _t(w), _t(b), activation="silu")
+    torch.testing.assert_close(ys, torch.nn.functional.silu(ref), rtol=1e-5, atol=1e-5)
+    rois = _rois(rng, 5, 2, 6, np.float32)
+    out = ft.roi_align(_t(x), _t(rois), 3, 0.5, 2, True)
+    np.testing.assert_array_equal(out.numpy(), fastnorm.roi_align(x, rois, 3, 0.5, 2, True))
+    # torchvision's list-of-boxes form is accepted and means the same RoIs
+    order = np.argsort(rois[:, 0], kind="stable")
+    per_image = [_t(rois[order][rois[order, 0] == i, 1:]) for i in range(2)]
+    np.testing.assert_array_equal(ft.roi_align(_t(x), per_image, 3, 0.5, 2, True).numpy(),
+                                  out.numpy()[order])
+
+
+def test_grad_of_expanded_and_strided_grad_out(rng):
+    """Incoming gradients with zero strides (from .sum()) or transposed layouts work."""
+    x = _t(rng.standard_normal((2, 4, 3, 3)), True)
+    ft.group_norm(x, 2).sum().backward()
+    assert torch.allclose(x.grad, torch.zeros_like(x), atol=1e-12)   # sum of a normalised group
+    x.grad = None
+    y = ft.group_norm(x, 2)
+    gy = torch.randn(2, 3, 3, 4, dtype=D).permute(0, 3, 1, 2)         # non-contiguous
+    y.backward(gy)
+    x2 = x.detach().clone().requires_grad_()
+    torch.nn.functional.group_norm(x2, 2).backward(gy)
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+# ---------------------------------------------------------------- modules: drop-in compatibility
+
+def test_group_norm_state_dict_round_trip():
+    torch.manual_seed(0)
+    ref = torch.nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+    ours = ft.GroupNorm(4, 16)
+    assert isinstance(ours, torch.nn.GroupNorm)
+    ours.load_state_dict(ref.state_dict())              # strict: same keys and shapes
+    sd = ours.state_dict()
+    assert list(sd) == list(ref.state_dict())
+    assert all(sd[k].shape == v.shape for k, v in ref.state_dict().items())
+    back = torch.nn.GroupNorm(4, 16)
+    back.load_state_dict(sd)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v)
+    x = torch.randn(3, 16, 5, 7)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    # no affine: no parameters, like torch
+    assert list(ft.GroupNorm(2, 4, affine=False).state_dict()) == \
+        list(torch.nn.GroupNorm(2, 4, affine=False).state_dict()) == []
+
+
+def test_deform_conv2d_module_matches_conv2d_with_zero_offsets():
+    torch.manual_seed(0)
+    m = ft.DeformConv2d(4, 6, 3, stride=1, padding=1, groups=2)
+    assert list(m.state_dict()) == ["weight", "bias"]
+    assert m.weight.shape == (6, 2, 3, 3) and m.bias.shape == (6,)
+    assert list(ft.DeformConv2d(4, 6, 3, bias=False).state_dict()) == ["weight"]
+    x = torch.randn(2, 4, 7, 7)
+    off = torch.zeros(2, 18, 7, 7)
+    ref = torch.nn.functional.conv2d(x, m.weight, m.bias, padding=1, groups=2)
+    torch.testing.assert_close(m(x, off), ref, rtol=1e-4, atol=1e-4)
+    half = torch.full((2, 9, 7, 7), 0.5)
+    torch.testing.assert_close(m(x, off, half) - m.bias[:, None, None],
+                               0.5 * (ref - m.bias[:, None, None]), rtol=1e-4, atol=1e-4)
+
+
+def test_modulated_deform_conv2d_mmcv_layout():
+    torch.manual_seed(0)
+    m = ft.ModulatedDeformConv2d(4, 6, 3, padding=1, deform_groups=2)
+    assert list(m.state_dict()) == ["weight", "bias", "conv_offset.weight", "conv_offset.bias"]
+    assert m.conv_offset.weight.shape == (3 * 2 * 9, 4, 3, 3)
+    # zero-initialised offset branch: offset 0, mask sigmoid(0) = 0.5
+    x = torch.randn(2, 4, 6, 6)
+    ref = 0.5 * torch.nn.functional.conv2d(x, m.weight, None, padding=1)
+    torch.testing.assert_close(m(x) - m.bias[:, None, None], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_torchvision_state_dict_compatible():
+    tv = pytest.importorskip("torchvision")
+    ref = tv.ops.DeformConv2d(4, 6, 3, padding=1)
+    ours = ft.DeformConv2d(4, 6, 3, padding=1)
+    ours.load_state_dict(ref.state_dict())
+    x, off = torch.randn(1, 4, 5, 5), torch.randn(1, 18, 5, 5)
+    torch.testing.assert_close(ours(x, off), ref(x, off), rtol=1e-4, atol=1e-4)
+    assert ft.RoIAlign(7, 0.25, 2, True).state_dict() == \
+        tv.ops.RoIAlign(7, 0.25, 2, True).state_dict()
+
+
+def test_roi_modules(rng):
+    x = rng.standard_normal((2, 8, 9, 9)).astype(np.float32)
+    rois = _rois(rng, 6, 2, 9, np.float32)
+    m = ft.RoIAlign((2, 2), 0.5, 2, aligned=True)
+    assert not list(m.state_dict()) and "aligned=True" in repr(m)
+    np.testing.assert_array_equal(m(_t(x), _t(rois)).numpy(),
+                                  fastnorm.roi_align(x, rois, 2, 0.5, 2, True))
+    np.testing.assert_array_equal(ft.RoIPool(2, 0.5)(_t(x), _t(rois)).numpy(),
+                                  fastnorm.roi_pool(x, rois, 2, 0.5))
+    np.testing.assert_array_equal(ft.PSRoIAlign(2, 0.5, 2)(_t(x), _t(rois)).numpy(),
+                                  fastnorm.ps_roi_align(x, rois, 2, 0.5, 2))
+
+
+# ---------------------------------------------------------------- a tiny model trains
+
+def test_tiny_detection_head_trains():
+    torch.manual_seed(0)
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.norm = ft.GroupNorm(4, 8, activation="silu")
+            self.dcn = ft.ModulatedDeformConv2d(8, 8, 3, padding=1)
+            self.pool = ft.RoIAlign(3, 1.0, 2, aligned=True)
+            self.fc = torch.nn.Linear(8 * 9, 2)
+
+        def forward(self, x, rois):
+            f = self.dcn(self.norm(self.stem(x)))
+            return self.fc(self.pool(f, rois).flatten(1))
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 12, 12, generator=g)
+    rois = torch.tensor([[0, 1, 1, 6, 7], [0, 4, 2, 11, 9], [1, 0, 3, 8, 8], [1, 5, 5, 10, 11]],
+                        dtype=torch.float32)
+    target = torch.randn(4, 2, generator=g)
+    model = Head()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x, rois), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], losses
+    assert model.dcn.conv_offset.weight.grad.abs().sum() > 0      # the offset branch learns
+
+
+# ---------------------------------------------------------------- CUDA (skips without a GPU)
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu(rng):
+    x = rng.standard_normal((2, 8, 9, 9)).astype(np.float32)
+    rois = _rois(rng, 5, 2, 9, np.float32)
+    gn = ft.GroupNorm(4, 8, activation="silu")
+    xc = _t(x, True)
+    gn(xc).square().sum().backward()
+    gn_cuda = ft.GroupNorm(4, 8, activation="silu").cuda()
+    gn_cuda.load_state_dict(gn.state_dict())
+    xg = _t(x).cuda().requires_grad_()
+    gn_cuda(xg).square().sum().backward()
+    torch.testing.assert_close(xg.grad.cpu(), xc.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gn_cuda.weight.grad.cpu(), gn.weight.grad, rtol=1e-4, atol=1e-3)
+    xr = _t(x, True)
+    ft.roi_align(xr, _t(rois), 3, 0.5, 2, True).sum().backward()
+    xrg = _t(x).cuda().requires_grad_()
+    y = ft.roi_align(xrg, _t(rois).cuda(), 3, 0.5, 2, True)
+    assert y.is_cuda
+    y.sum().backward()
+    torch.testing.assert_close(xrg.grad.cpu(), xr.grad, rtol=1e-4, atol=1e-4)

@@ -71,10 +71,15 @@ cdef inline double _inter(double ax1, double ay1, double ax2, double ay2,
 
 cdef inline double _iou(double ax1, double ay1, double ax2, double ay2, double aa,
                         double bx1, double by1, double bx2, double by2, double ba) noexcept nogil:
-    """IoU with precomputed areas; 0 when the boxes do not overlap (degenerate, NaN)."""
-    cdef double inter = _inter(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2)
-    if inter > 0:
-        return inter / (aa + ba - inter)
+    """IoU with precomputed areas; 0 when the boxes do not overlap, and for a box of area 0
+    (degenerate or with a NaN coordinate: NaN compares false, so _inter alone can see overlap)."""
+    cdef double inter, r
+    if aa > 0 and ba > 0:
+        inter = _inter(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2)
+        if inter > 0:
+            r = inter / (aa + ba - inter)
+            if r > 0:          # not NaN (infinite boxes)
+                return r
     return 0.0
 
 
@@ -852,8 +857,10 @@ def box_iou(a, b, int metric, int nthreads):
     out = np.empty((N, M), dtype=a.dtype)
     if N == 0 or M == 0:
         return out
-    cdef float[:, ::1] af, bf, of
-    cdef double[:, ::1] ad, bd, od
+    cdef const float[:, ::1] af, bf
+    cdef const double[:, ::1] ad, bd
+    cdef float[:, ::1] of
+    cdef double[:, ::1] od
     if a.dtype == np.float32:
         af, bf, of = a, b, out
         with nogil:

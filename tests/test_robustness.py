@@ -1,0 +1,682 @@
+"""Property-based hostile-input tests (hypothesis) for every public function.
+
+Every example either corrupts exactly one argument -- then the call must raise the expected
+ValueError/TypeError with that argument's name in backticks -- or is valid, and then the result
+must be correct: compared with the float64 oracles of tests/reference/ where that is cheap, else
+checked through exact identities (the backward of a function linear in x is its adjoint:
+``<f(x), g> == <x, f^T(g)>``) and invariants (shape, dtype, finite where the inputs are finite,
+zeros for non-finite RoIs, kept indices unique and in score order). Inputs include zero sizes,
+non-contiguous and negative-stride views, Fortran order, NaN, +-inf, huge and denormal values.
+No other exception is allowed, inputs must come back unmodified, and the process must not crash
+(run under .ci/sanitize for out-of-bounds reads).
+
+Budget: the "fastnorm-ci" settings profile (derandomized, so CI is reproducible), about 40
+examples per test; ``FASTNORM_HYPOTHESIS_PROFILE=fastnorm-fuzz`` runs 1000 per test with a
+random seed for local fuzzing.
+"""
+import os
+import re
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import fastnorm
+from reference import deform_conv as ref_dc
+from reference import group_norm as ref_gn
+from reference import nms as ref_nms
+from reference import roi_ops as ref_roi
+
+settings.register_profile(
+    "fastnorm-ci", max_examples=int(os.environ.get("FASTNORM_HYPOTHESIS_EXAMPLES", "40")),
+    deadline=None, derandomize=True, database=None, print_blob=True,
+    suppress_health_check=list(HealthCheck))
+settings.register_profile(
+    "fastnorm-fuzz", max_examples=1000, deadline=None, database=None, print_blob=True,
+    suppress_health_check=list(HealthCheck))
+PROFILE = settings.get_profile(os.environ.get("FASTNORM_HYPOTHESIS_PROFILE", "fastnorm-ci"))
+fuzz = settings(PROFILE)
+
+DTYPES = st.sampled_from([np.float32, np.float64])
+NAMED = re.compile(r"`[A-Za-z_][\w\[\]]*`")
+FLAVOURS = ["plain", "plain", "ties", "offset", "huge", "tiny", "denormal", "special", "special"]
+
+
+# ---------------------------------------------------------------- value and layout generators
+
+def _huge(dtype):
+    return 1e30 if dtype == np.float32 else 1e150
+
+
+def _fill(rng, shape, dtype, flavour):
+    """Values of one flavour; 'special' sprinkles NaN, +-inf, huge, denormal and -0."""
+    a = rng.standard_normal(shape)
+    if flavour == "ties":
+        a = np.round(a * 2) / 2
+    elif flavour == "offset":
+        a = a + 1e4
+    elif flavour == "huge":
+        a = a * _huge(dtype)
+    elif flavour == "tiny":
+        a = a * 1e-30
+    elif flavour == "denormal":
+        a = a * float(np.finfo(dtype).smallest_subnormal) * 64
+    elif flavour == "special" and a.size:
+        sp = np.array([np.nan, np.inf, -np.inf, _huge(dtype), -_huge(dtype),
+                       float(np.finfo(dtype).smallest_subnormal), -0.0])
+        hit = rng.random(shape) < rng.choice([0.05, 0.3])
+        a = np.where(hit, sp[rng.integers(0, len(sp), shape)], a)
+    return a.astype(dtype)
+
+
+def _layout(a, how):
+    """The same values as a C-contiguous, Fortran, strided or negative-stride array."""
+    if how == "f":
+        return np.asfortranarray(a)
+    if how == "strided" and a.ndim:
+        big = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
+        big[..., ::2] = a
+        return big[..., ::2]
+    if how == "reversed" and a.ndim:
+        return np.ascontiguousarray(a[..., ::-1])[..., ::-1]
+    return a
+
+
+@st.composite
+def arrays(draw, shape, dtype, flavour=None):
+    flavour = flavour or draw(st.sampled_from(FLAVOURS))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    a = _fill(rng, tuple(shape), dtype, flavour)
+    return _layout(a, draw(st.sampled_from(["c", "c", "f", "strided", "reversed"])))
+
+
+def _finite(*arrays):
+    return all(a is None or bool(np.isfinite(a).all()) for a in arrays)
+
+
+def _run(fn, args, kwargs, bad):
+    """Call fn; with ``bad = (exc, name)`` it must raise exc naming `name`, otherwise succeed.
+    Array arguments must come back unmodified either way."""
+    arrs = [a for a in list(args) + list(kwargs.values()) if isinstance(a, np.ndarray)]
+    arrs += [r for a in list(args) + list(kwargs.values()) if isinstance(a, list)
+             for r in a if isinstance(r, np.ndarray)]
+    before = [a.copy() for a in arrs]
+    try:
+        if bad is not None:
+            exc, name = bad
+            with pytest.raises(exc) as info:
+                fn(*args, **kwargs)
+            msg = str(info.value)
+            assert f"`{name}" in msg, f"{exc.__name__} should name `{name}`: {msg}"
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, TypeError) as e:   # unexpected, but at least say which
+            assert NAMED.search(str(e)), f"error without a named argument: {e!r}"
+            raise
+    finally:
+        for a, b in zip(arrs, before):
+            np.testing.assert_array_equal(a, b, err_msg="an input was modified")
+
+
+def _tol(dtype):
+    return 2e-4 if dtype == np.float32 else 1e-9
+
+
+def _adjoint(lhs, rhs, scale, dtype):
+    """<f(x), g> == <x, f^T(g)> up to rounding of sums of |terms| ~ scale."""
+    assert abs(lhs - rhs) <= _tol(dtype) * 10 * (scale + 1e-300), (lhs, rhs, scale)
+
+
+def _dot(a, b):
+    return float(np.sum(np.asarray(a, np.float64) * np.asarray(b, np.float64)))
+
+
+def _absdot(a, b):
+    return float(np.sum(np.abs(np.asarray(a, np.float64) * np.asarray(b, np.float64))))
+
+
+# ---------------------------------------------------------------- GroupNorm
+
+@st.composite
+def gn_case(draw):
+    dtype = draw(DTYPES)
+    G = draw(st.integers(1, 4))
+    C = G * draw(st.integers(0, 3))
+    N = draw(st.integers(0, 3))
+    spatial = draw(st.one_of(st.lists(st.integers(0, 5), max_size=3),
+                             st.just([16384 + 3])))          # longer than one stats chunk
+    cl = draw(st.booleans())
+    shape = (N, *spatial, C) if cl else (N, C, *spatial)
+    flavour = draw(st.sampled_from(FLAVOURS))
+    x = draw(arrays(shape, dtype, flavour))
+    w = draw(st.none() | arrays((C,), dtype, "plain"))
+    b = draw(st.none() | arrays((C,), dtype, "plain"))
+    kw = dict(eps=draw(st.sampled_from([1e-5, 1e-3, 1.0, 1e-20])), channels_last=cl,
+              activation=draw(st.sampled_from([None, "relu", "silu"])))
+    bad = draw(st.sampled_from([None] * 10 + list(range(9))))
+    args = [x, G, w, b]
+    err = None
+    if bad == 0 and C:
+        args[1], err = C + 1, (ValueError, "num_groups")
+    elif bad == 1:
+        args[1], err = draw(st.sampled_from([0, -1])), (ValueError, "num_groups")
+    elif bad == 2:
+        args[1], err = draw(st.sampled_from([1.5, "2", None, True])), (TypeError, "num_groups")
+    elif bad == 3:
+        kw["eps"], err = draw(st.sampled_from([0.0, -1e-5, np.nan, np.inf])), (ValueError, "eps")
+    elif bad == 4:
+        args[2], err = np.ones(C + 1, dtype), (ValueError, "weight")
+    elif bad == 5:
+        args[3], err = np.zeros(C, np.float16 if dtype == np.float32 else np.float32), \
+            (TypeError, "bias")
+    elif bad == 6:
+        args[0], err = x.astype(draw(st.sampled_from([np.int32, np.float16, np.complex64,
+                                                      np.bool_]))), (TypeError, "x")
+    elif bad == 7:
+        args[0], err = x.reshape(-1), (ValueError, "x")
+    elif bad == 8:
+        kw["activation"], err = draw(st.sampled_from(["gelu", "", 1])), (ValueError, "activation")
+    return args, kw, err, flavour
+
+
+def _groups(a, G, cl):
+    """(N, C, S) -> (N, G, Cg*S) view of an (N, C, *S) / (N, *S, C) array."""
+    a = np.moveaxis(a, -1, 1) if cl else a
+    return a.reshape(a.shape[0], G, -1)
+
+
+@fuzz
+@given(gn_case())
+def test_group_norm_hostile(case):
+    (x, G, w, b), kw, err, flavour = case
+    res = _run(fastnorm.group_norm, (x, G, w, b), dict(kw, return_stats=True), err)
+    if res is None:
+        return
+    y, mean, rstd = res
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert mean.shape == rstd.shape == (x.shape[0], G)
+    if y.size == 0:
+        return
+    yr, mr, rr = ref_gn.group_norm(x, G, w, b, kw["eps"], kw["channels_last"], kw["activation"])
+    ok = np.isfinite(_groups(x, G, kw["channels_last"])).all(-1)       # (N, G) finite groups
+    if flavour == "huge" and x.dtype == np.float64:
+        ok &= np.isfinite(rr)                      # sum of squares overflows float64 too
+    tol = _tol(x.dtype)
+    yg, yrg = _groups(y, G, kw["channels_last"]), _groups(yr, G, kw["channels_last"])
+    scale = 1 + np.nanmax(np.abs(np.where(np.isfinite(yrg), yrg, 0)))
+    np.testing.assert_allclose(yg[ok], yrg[ok], rtol=tol, atol=tol * scale)
+    np.testing.assert_allclose(mean[ok], mr[ok], rtol=tol, atol=tol * np.abs(mr[ok]).max(
+        initial=1e-300))
+    np.testing.assert_allclose(rstd[ok], rr[ok], rtol=tol)
+
+    # backward on the same (valid) case: float64 against the oracle, float32 invariants
+    rng = np.random.default_rng(0)
+    dy = rng.standard_normal(x.shape).astype(x.dtype)
+    gx, gw, gb = _run(fastnorm.group_norm_backward, (dy, x, mean, rstd, G, w, b),
+                      dict(channels_last=kw["channels_last"], activation=kw["activation"]), None)
+    assert gx.shape == x.shape and gx.dtype == x.dtype
+    assert (gw is None) == (w is None) and (gb is None) == (b is None)
+    if x.dtype == np.float64 and flavour in ("plain", "ties") and ok.all():
+        gxr, gwr, gbr = ref_gn.group_norm_backward(dy, x, G, w, b, kw["eps"],
+                                                   kw["channels_last"], kw["activation"])
+        s = 1 + np.abs(gxr).max()
+        np.testing.assert_allclose(gx, gxr, rtol=1e-7, atol=1e-7 * s)
+        if w is not None:
+            np.testing.assert_allclose(gw, gwr, rtol=1e-7, atol=1e-7 * (1 + np.abs(gwr).max()))
+    elif ok.all() and flavour not in ("huge",):
+        assert np.isfinite(gx).all()
+
+
+# ---------------------------------------------------------------- RoI ops
+
+ROI_OPS = ["roi_align", "roi_pool", "ps_roi_align", "deform_roi_pool"]
+
+
+@st.composite
+def roi_case(draw, op):
+    dtype = draw(DTYPES)
+    N, H, W = draw(st.integers(0, 2)), draw(st.integers(0, 6)), draw(st.integers(0, 6))
+    PH, PW = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    C = draw(st.integers(0, 2)) * PH * PW if op == "ps_roi_align" else draw(st.integers(0, 3))
+    cl = op == "roi_align" and draw(st.booleans())
+    xflav = draw(st.sampled_from(FLAVOURS))
+    x = draw(arrays((N, H, W, C) if cl else (N, C, H, W), dtype, xflav))
+    K = draw(st.integers(0, 5)) if N else 0
+    scale = draw(st.sampled_from([1.0, 0.5, 2.0, 0.25, 0.0, -1.0]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    L = max(H, W, 1) / (abs(scale) or 1.0)
+    r = np.empty((K, 5))
+    r[:, 0] = rng.integers(0, max(N, 1), K)
+    r[:, 1:3] = rng.uniform(-0.5 * L, 1.2 * L, (K, 2))
+    r[:, 3:5] = r[:, 1:3] + rng.uniform(-0.2 * L, 1.2 * L, (K, 2))
+    rflav = draw(st.sampled_from(["plain", "plain", "special", "huge"]))
+    if rflav == "special" and K:
+        hit = rng.random((K, 4)) < 0.3
+        r[:, 1:] = np.where(hit, rng.choice([np.nan, np.inf, -np.inf, 1e30], (K, 4)), r[:, 1:])
+    elif rflav == "huge" and K:
+        r[:, 1:] = r[:, 1:] * rng.choice([1e6, 1e15, -1e30], (K, 1))
+    rois = _layout(r.astype(dtype), draw(st.sampled_from(["c", "f", "strided"])))
+    kw = dict(output_size=(PH, PW) if draw(st.booleans()) else None, spatial_scale=scale)
+    if kw["output_size"] is None:
+        kw["output_size"] = PH if PH == PW else (PH, PW)
+    if op != "roi_pool":
+        kw["sampling_ratio"] = draw(st.sampled_from([-1, 0, 1, 2, 3, 10**6, 2**31 - 1, -5]))
+    if op == "roi_align":
+        kw.update(aligned=draw(st.booleans()), mode=draw(st.sampled_from(["avg", "max"])),
+                  channels_last=cl)
+    offset = mask = None
+    if op == "deform_roi_pool":
+        offset = draw(st.none() | arrays((K, 2, PH, PW), dtype))
+        mask = draw(st.none() | arrays((K, 1, PH, PW), dtype, "plain"))
+        kw.update(offset=offset, mask=mask, gamma=draw(st.sampled_from([0.1, 0.0, 1.0, -2.0])))
+    as_list = draw(st.booleans()) and K
+    if as_list:
+        rois = [np.ascontiguousarray(r[r[:, 0] == i, 1:]).astype(dtype) for i in range(N)]
+    err = None
+    bad = draw(st.sampled_from([None] * 8 + list(range(7))))
+    if bad == 0:
+        kw["output_size"], err = draw(st.sampled_from([0, (2, 0), -1, (1, 2, 3)])), \
+            (ValueError, "output_size")
+    elif bad == 1:
+        kw["spatial_scale"], err = draw(st.sampled_from([np.nan, np.inf])), \
+            (ValueError, "spatial_scale")
+    elif bad == 2 and K and not as_list:
+        rois = rois.copy()
+        rois[rng.integers(0, K), 0] = draw(st.sampled_from([-1, N, 0.5, np.nan, np.inf]))
+        err = (ValueError, "rois")
+    elif bad == 3 and not as_list:
+        rois, err = np.zeros((K, draw(st.sampled_from([4, 6]))), dtype), (ValueError, "rois")
+    elif bad == 4 and not as_list:
+        rois, err = rois.astype(np.float32 if dtype == np.float64 else np.float64), \
+            (TypeError, "rois")
+    elif bad == 5:
+        x, err = x.astype(draw(st.sampled_from([np.int64, np.float16]))), (TypeError, "x")
+    elif bad == 6:
+        x, err = np.zeros(x.shape[:3], x.dtype), (ValueError, "x")
+    return x, rois, kw, err, xflav
+
+
+def _roi_nonfinite(rois):
+    rois = np.concatenate([np.c_[np.full(len(r), i), r] for i, r in enumerate(rois)]
+                          or [np.zeros((0, 5))]) if isinstance(rois, list) else rois
+    return ~np.isfinite(np.asarray(rois, np.float64)[:, 1:]).all(1), rois
+
+
+def _forward_ref(op, x, rois, kw, PH, PW):
+    sr = kw.get("sampling_ratio", 0)
+    if op == "roi_align":
+        xx = np.moveaxis(x, -1, 1) if kw["channels_last"] else x
+        out = ref_roi.roi_align(np.asarray(xx, np.float64), np.asarray(rois, np.float64), PH, PW,
+                                kw["spatial_scale"], sr, kw["aligned"], kw["mode"] == "max")
+        return np.moveaxis(out, 1, -1) if kw["channels_last"] else out
+    x64, r64 = np.asarray(x, np.float64), np.asarray(rois, np.float64)
+    if op == "roi_pool":
+        return ref_roi.roi_pool(x64, r64, PH, PW, kw["spatial_scale"])
+    if op == "ps_roi_align":
+        return ref_roi.ps_roi_align(x64, r64, PH, PW, kw["spatial_scale"], sr)
+    K = len(r64)
+    off = np.zeros((K, 2, PH, PW)) if kw["offset"] is None else np.asarray(kw["offset"], float)
+    mask = np.ones((K, 1, PH, PW)) if kw["mask"] is None else np.asarray(kw["mask"], float)
+    return ref_roi.deform_roi_pool(x64, r64, off, mask, PH, PW, kw["spatial_scale"], sr,
+                                   kw["gamma"])
+
+
+def _backward(op, g, x, rois, kw):
+    common = {k: kw[k] for k in ("output_size", "spatial_scale")}
+    if op == "roi_align":
+        return fastnorm.roi_align_backward(g, rois, x.shape, sampling_ratio=kw["sampling_ratio"],
+                                           aligned=kw["aligned"], mode=kw["mode"], x=x,
+                                           channels_last=kw["channels_last"], **common)
+    if op == "roi_pool":
+        return fastnorm.roi_pool_backward(g, rois, x.shape, x=x, **common)
+    if op == "ps_roi_align":
+        return fastnorm.ps_roi_align_backward(g, rois, x.shape,
+                                              sampling_ratio=kw["sampling_ratio"], **common)
+    return fastnorm.deform_roi_pool_backward(g, x, rois, kw["offset"], kw["output_size"],
+                                             kw["spatial_scale"], kw["sampling_ratio"],
+                                             kw["gamma"], mask=kw["mask"])
+
+
+@pytest.mark.parametrize("op", ROI_OPS)
+@fuzz
+@given(data=st.data())
+def test_roi_ops_hostile(op, data):
+    x, rois, kw, err, xflav = data.draw(roi_case(op))
+    fn = getattr(fastnorm, op)
+    if op == "deform_roi_pool":
+        kw = dict(kw)
+        args = (x, rois, kw.pop("offset"), kw.pop("output_size"), kw.pop("spatial_scale"),
+                kw.pop("sampling_ratio"), kw.pop("gamma"))
+        out = _run(fn, args, kw, err)
+        kw.update(zip(("offset", "output_size", "spatial_scale", "sampling_ratio", "gamma"),
+                      args[2:]))
+    else:
+        out = _run(fn, (x, rois), kw, err)
+    if out is None:
+        return
+    PH, PW = (kw["output_size"],) * 2 if np.isscalar(kw["output_size"]) else kw["output_size"]
+    bad_roi, r5 = _roi_nonfinite(rois)
+    K = len(r5)
+    cl = kw.get("channels_last", False)
+    Cout = x.shape[1] // (PH * PW) if op == "ps_roi_align" else x.shape[-1 if cl else 1]
+    assert out.shape == ((K, PH, PW, Cout) if cl else (K, Cout, PH, PW))
+    assert out.dtype == x.dtype
+    assert not out[bad_roi].any(), "a RoI with a non-finite coordinate must give zeros"
+    if op == "deform_roi_pool":
+        x_ok = _finite(x, kw["offset"], kw["mask"])
+    else:
+        x_ok = _finite(x)
+    if x_ok:
+        assert np.isfinite(out).all()
+    if 0 in x.shape[2:4] or 0 in x.shape[1:3] and cl:
+        assert not out.any(), "an empty feature map must give zeros"
+    r64 = np.asarray(r5, np.float64)
+    cheap = (x_ok and 0 not in x.shape and -5 <= kw.get("sampling_ratio", 0) <= 3
+             and np.isfinite(r64).all()
+             and np.abs(r64[:, 1:] * kw["spatial_scale"]).max(initial=0) < 60
+             and (kw.get("offset") is None or np.abs(kw["offset"]).max(initial=0) < 1e3))
+    if cheap:
+        ref = _forward_ref(op, x, r5, kw, PH, PW)
+        s = 1 + np.abs(ref).max(initial=0)
+        np.testing.assert_allclose(out, ref, rtol=_tol(x.dtype), atol=_tol(x.dtype) * s)
+
+    # backward: the adjoint identity <f(x), g> == <x, df^T g> (exact for these ops in x)
+    g = np.random.default_rng(K).standard_normal(out.shape).astype(x.dtype)
+    res = _run(_backward, (op, g, x, rois, kw), {}, None)
+    gx = res[0] if op == "deform_roi_pool" else res
+    assert gx.shape == x.shape and gx.dtype == x.dtype
+    if not x_ok or not np.isfinite(out).all():
+        return
+    assert np.isfinite(gx).all()
+    if xflav in ("huge",):
+        return
+    _adjoint(_dot(out, g), _dot(x, gx), _absdot(out, g) + _absdot(x, gx), x.dtype)
+    if op == "deform_roi_pool":
+        goff, gmask = res[1], res[2]
+        assert (goff is None) == (kw["offset"] is None) and (gmask is None) == (kw["mask"] is None)
+        if gmask is not None:
+            _adjoint(_dot(out, g), _dot(kw["mask"], gmask),
+                     _absdot(out, g) + _absdot(kw["mask"], gmask), x.dtype)
+
+
+# ---------------------------------------------------------------- NMS family and box_iou
+
+@st.composite
+def boxes_case(draw, n_max=24):
+    dtype = draw(DTYPES)
+    n = draw(st.integers(0, n_max))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    xy = rng.integers(0, 12, (n, 2))
+    wh = rng.integers(-2, 9, (n, 2))
+    b = np.concatenate([xy, xy + wh], 1).astype(np.float64)
+    flav = draw(st.sampled_from(["plain", "plain", "huge", "denormal", "special"]))
+    if flav == "huge":        # powers of two keep every coordinate and area exact
+        b *= 2.0 ** (100 if dtype == np.float32 else 400)
+    elif flav == "denormal":
+        b *= 2.0 ** (-140 if dtype == np.float32 else -1060)
+    elif flav == "special" and n:
+        hit = rng.random((n, 4)) < 0.15
+        b = np.where(hit, rng.choice([np.nan, np.inf, -np.inf], (n, 4)), b)
+    s = rng.choice([0.1, 0.5, 0.9, 0.5], n) if draw(st.booleans()) else rng.random(n)
+    if draw(st.booleans()) and n:
+        s = np.where(rng.random(n) < 0.2, rng.choice([np.nan, np.inf, -np.inf, -1.0], n), s)
+    boxes = _layout(b.astype(dtype), draw(st.sampled_from(["c", "f", "strided", "reversed"])))
+    scores = _layout(s.astype(dtype), draw(st.sampled_from(["c", "strided", "reversed"])))
+    return boxes, scores, flav, rng
+
+
+def _box_errors(draw, boxes, scores, kw, thr_name="iou_threshold"):
+    """One corrupted argument (or None) for the NMS functions."""
+    bad = draw(st.sampled_from([None] * 8 + list(range(6))))
+    args = [boxes, scores]
+    if bad == 0 and thr_name in kw:
+        kw[thr_name] = draw(st.sampled_from([np.nan, -0.1, np.inf]))
+        return args, (ValueError, thr_name)
+    if bad == 1:
+        args[0] = np.zeros((len(boxes), draw(st.sampled_from([3, 5]))), boxes.dtype)
+        return args, (ValueError, "boxes")
+    if bad == 2:
+        args[1] = np.zeros(len(scores) + 1, scores.dtype)
+        return args, (ValueError, "scores")
+    if bad == 3:
+        args[0] = boxes.astype(np.int64)
+        return args, (TypeError, "boxes")
+    if bad == 4:
+        args[1] = scores.astype(np.float32 if scores.dtype == np.float64 else np.float64)
+        return args, (TypeError, "scores")
+    if bad == 5:
+        kw["batch_idx"] = np.full(len(boxes), -1) if len(boxes) else np.zeros(1, np.int64)
+        return args, (ValueError, "batch_idx")
+    return args, None
+
+
+def _check_keep(keep, scores, n, max_output=None):
+    assert keep.dtype == np.int64 and keep.ndim == 1
+    assert len(np.unique(keep)) == len(keep) and ((keep >= 0) & (keep < n)).all()
+    if max_output is not None:
+        assert len(keep) <= max_output
+
+
+GREEDY = ["nms", "batched_nms", "diou_nms", "weighted_nms"]
+
+
+@pytest.mark.parametrize("op", GREEDY)
+@fuzz
+@given(data=st.data())
+def test_greedy_nms_hostile(op, data):
+    boxes, scores, flav, rng = data.draw(boxes_case())
+    n = len(boxes)
+    kw = dict(iou_threshold=data.draw(st.sampled_from([0.0, 0.3, 0.5, 0.7, 1.0, 2.0])),
+              score_threshold=data.draw(st.sampled_from([None, None, 0.2, -np.inf, 0.9])),
+              max_output=data.draw(st.sampled_from([None, None, 0, 1, 3])))
+    if op == "diou_nms":
+        kw["beta"] = data.draw(st.sampled_from([1.0, 0.5, 3.0]))
+    idxs = rng.integers(-1, 3, n) if op == "batched_nms" else None
+    if kw["score_threshold"] == -np.inf:
+        kw["score_threshold"] = float("-inf")
+        err_st = True
+    else:
+        err_st = False
+    use_batch = data.draw(st.booleans())
+    if use_batch:
+        kw["batch_idx"] = rng.integers(0, 3, n)
+    (boxes, scores), err = _box_errors(data.draw, boxes, scores, kw)
+    if err is None and err_st:
+        err = (ValueError, "score_threshold")
+    if err is None and op == "diou_nms" and data.draw(st.booleans()):
+        kw["beta"], err = data.draw(st.sampled_from([0.0, -1.0, np.nan])), (ValueError, "beta")
+    if err is None and op == "batched_nms" and data.draw(st.booleans()):
+        idxs, err = np.zeros(n, np.float32), (TypeError, "idxs")
+    fn = getattr(fastnorm, op)
+    thr = kw.pop("iou_threshold")
+    args = (boxes, scores, idxs, thr) if op == "batched_nms" else (boxes, scores, thr)
+    res = _run(fn, args, kw, err)
+    if res is None:
+        return
+    keep, fused = res if op == "weighted_nms" else (res, None)
+    nimg = len(np.unique(kw["batch_idx"])) if "batch_idx" in kw else 1
+    _check_keep(keep, scores, n, None if kw["max_output"] is None else kw["max_output"] * nimg)
+    if fused is not None:
+        assert fused.shape == (len(keep), 4) and fused.dtype == boxes.dtype
+    if np.isinf(np.asarray(boxes, np.float64)).any() or (
+            flav == "denormal" and boxes.dtype == np.float64):   # areas underflow to 0
+        return
+    # oracle: per image (batch_idx), per class (batched), greedy on the rest
+    images = kw.get("batch_idx", np.zeros(n, np.int64))
+    expected = []
+    for im in np.unique(images):
+        sel = np.flatnonzero(images == im)
+        b, s = np.asarray(boxes, np.float64)[sel], np.asarray(scores, np.float64)[sel]
+        if op == "batched_nms":
+            k = ref_nms.batched(b, s, idxs[sel], thr, score_threshold=kw["score_threshold"],
+                                max_output=kw["max_output"])
+        elif op == "weighted_nms" and kw["score_threshold"] is None:
+            k, fz = ref_nms.weighted(b, s, thr)
+            k = k[:kw["max_output"]] if kw["max_output"] is not None else k
+        else:
+            k = ref_nms.greedy_nms(b, s, thr, crit=1 if op == "diou_nms" else 0,
+                                   beta=kw.get("beta", 1.0), score_threshold=kw["score_threshold"],
+                                   max_output=kw["max_output"])
+        expected.extend(sel[k].tolist())
+    np.testing.assert_array_equal(keep, expected)
+
+
+@pytest.mark.parametrize("op", ["soft_nms", "matrix_nms", "box_iou"])
+@fuzz
+@given(data=st.data())
+def test_score_decay_and_iou_hostile(op, data):
+    boxes, scores, flav, rng = data.draw(boxes_case())
+    n = len(boxes)
+    finite = _finite(boxes)
+    no_inf = not np.isinf(np.asarray(boxes, np.float64)).any()   # NaN boxes overlap nothing
+    if op == "box_iou":
+        b2 = data.draw(boxes_case(8))[0].astype(boxes.dtype)
+        metric = data.draw(st.sampled_from(["iou", "giou", "diou", "ciou", "dice"]))
+        err = (ValueError, "metric") if metric == "dice" else None
+        if err is None and data.draw(st.integers(0, 4)) == 0:
+            b2, err = b2.astype(np.float32 if b2.dtype == np.float64 else np.float64), \
+                (TypeError, "b")
+        out = _run(fastnorm.box_iou, (boxes, b2), dict(metric=metric), err)
+        if out is None:
+            return
+        assert out.shape == (n, len(b2)) and out.dtype == boxes.dtype
+        if finite and _finite(b2) and flav == "plain":
+            ref = ref_nms.box_metric(np.asarray(boxes, float), np.asarray(b2, float),
+                                     ["iou", "giou", "diou", "ciou"].index(metric))
+            np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+        if finite and _finite(b2):
+            assert not np.isnan(out).any() or flav != "plain"
+        return
+    kw = {}
+    if op == "soft_nms":
+        kw = dict(method=data.draw(st.sampled_from(["gaussian", "linear"])),
+                  sigma=data.draw(st.sampled_from([0.5, 0.01, 10.0])),
+                  iou_threshold=data.draw(st.sampled_from([0.0, 0.3, 1.0])),
+                  score_threshold=data.draw(st.sampled_from([0.001, 0.0, -1.0, 0.5])))
+    else:
+        kw = dict(kernel=data.draw(st.sampled_from(["gaussian", "linear"])),
+                  sigma=data.draw(st.sampled_from([2.0, 0.1, 50.0])))
+    (boxes, scores), err = _box_errors(data.draw, boxes, scores, kw)
+    if err is None and data.draw(st.integers(0, 3)) == 0:
+        kw["sigma"], err = data.draw(st.sampled_from([0.0, -1.0, np.nan])), (ValueError, "sigma")
+    if err is None and data.draw(st.integers(0, 5)) == 0:
+        name = "method" if op == "soft_nms" else "kernel"
+        kw[name], err = "box", (ValueError, name)
+    res = _run(getattr(fastnorm, op), (boxes, scores), kw, err)
+    if res is None:
+        return
+    s64 = np.asarray(scores, np.float64)
+    b64 = np.asarray(boxes, np.float64)
+    if op == "matrix_nms":
+        assert res.shape == (n,) and res.dtype == scores.dtype
+        if no_inf and not np.isinf(s64).any() and flav in ("plain", "special"):
+            ref = ref_nms.matrix(b64, s64, kw["kernel"], kw["sigma"])
+            np.testing.assert_allclose(res, ref, rtol=_tol(scores.dtype) * 10, atol=1e-7)
+        return
+    keep, new = res
+    _check_keep(keep, scores, n)
+    assert new.shape == keep.shape and new.dtype == scores.dtype
+    assert (new >= kw["score_threshold"]).all()
+    if no_inf and scores.dtype == np.float64 and flav in ("plain", "special") \
+            and "batch_idx" not in kw:
+        ki, ks = ref_nms.soft(b64, s64, kw["method"], kw["sigma"], kw["iou_threshold"],
+                              kw["score_threshold"])
+        np.testing.assert_array_equal(keep, ki)
+        np.testing.assert_allclose(new, ks, rtol=1e-12)
+
+
+# ---------------------------------------------------------------- deformable convolution
+
+@st.composite
+def dc_case(draw):
+    dtype = draw(DTYPES)
+    N = draw(st.integers(0, 2))
+    groups, Goff = draw(st.sampled_from([(1, 1), (2, 1), (1, 2), (2, 2)]))
+    C = max(groups, Goff) * draw(st.integers(1, 2))
+    Cout = groups * draw(st.integers(1, 2))
+    kh, kw_ = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    H, W = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    stride, pad, dil = (draw(st.integers(1, 2)), draw(st.integers(0, 2)),
+                        draw(st.integers(1, 2)))
+    Ho = (H + 2 * pad - dil * (kh - 1) - 1) // stride + 1
+    Wo = (W + 2 * pad - dil * (kw_ - 1) - 1) // stride + 1
+    flav = draw(st.sampled_from(FLAVOURS))
+    x = draw(arrays((N, C, H, W), dtype, flav))
+    weight = draw(arrays((Cout, C // groups, kh, kw_), dtype, "plain"))
+    oshape = (N, 2 * Goff * kh * kw_, max(Ho, 1), max(Wo, 1))
+    oflav = draw(st.sampled_from(["plain", "huge", "special", "offset"]))
+    offset = draw(arrays(oshape, dtype, oflav))
+    mask = draw(st.none() | arrays((N, Goff * kh * kw_) + oshape[2:], dtype, "plain"))
+    bias = draw(st.none() | arrays((Cout,), dtype, "plain"))
+    kw = dict(mask=mask, stride=stride, padding=pad, dilation=dil)
+    err = None if Ho > 0 and Wo > 0 else (ValueError, "x")
+    bad = draw(st.sampled_from([None] * 8 + list(range(6))))
+    if err is None and bad == 0:
+        offset, err = offset[:, :-1], (ValueError, "offset")
+    elif err is None and bad == 1:
+        kw["stride"], err = draw(st.sampled_from([0, (1, 0), -1])), (ValueError, "stride")
+    elif err is None and bad == 2:
+        kw["padding"], err = -1, (ValueError, "padding")
+    elif err is None and bad == 3:
+        weight, err = weight.astype(np.float16), (TypeError, "weight")
+    elif err is None and bad == 4 and mask is not None:
+        kw["mask"], err = mask[:, :, :-1], (ValueError, "mask")
+    elif err is None and bad == 5:
+        bias, err = np.zeros(Cout + 1, dtype), (ValueError, "bias")
+    return x, offset, weight, bias, kw, err, flav
+
+
+@fuzz
+@given(dc_case())
+def test_deform_conv2d_hostile(case):
+    x, offset, weight, bias, kw, err, flav = case
+    y = _run(fastnorm.deform_conv2d, (x, offset, weight, bias), kw, err)
+    if y is None:
+        return
+    N, Cout = x.shape[0], weight.shape[0]
+    assert y.shape == (N, Cout) + offset.shape[2:] and y.dtype == x.dtype
+    ok = _finite(x, weight, bias, kw["mask"])
+    if ok:
+        assert np.isfinite(y).all(), "non-finite offsets must sample as outside (0)"
+    if ok and flav != "huge":
+        ref = ref_dc.deform_conv2d_ref(x, offset, weight, bias, kw["mask"], kw["stride"],
+                                       kw["padding"], kw["dilation"])
+        s = 1 + (np.abs(weight).sum((1, 2, 3)).max() * np.abs(x).max(initial=0)
+                 * (1 if kw["mask"] is None else np.abs(kw["mask"]).max(initial=0)))
+        np.testing.assert_allclose(y, ref, rtol=_tol(x.dtype), atol=_tol(x.dtype) * s)
+    # backward: y - bias is linear in x, in weight and in mask: all three adjoints agree
+    g = np.random.default_rng(0).standard_normal(y.shape).astype(x.dtype)
+    gx, goff, gm, gw, gb = _run(fastnorm.deform_conv2d_backward, (g, x, offset, weight), kw,
+                                None)
+    assert gx.shape == x.shape and goff.shape == offset.shape and gw.shape == weight.shape
+    assert (gm is None) == (kw["mask"] is None) and gb.shape == (Cout,)
+    np.testing.assert_allclose(gb, np.asarray(g, np.float64).sum((0, 2, 3)),
+                               rtol=_tol(x.dtype), atol=_tol(x.dtype) * (1 + np.abs(g).sum()))
+    if not ok or flav == "huge":
+        return
+    assert np.isfinite(gx).all() and np.isfinite(gw).all()
+    y0 = np.asarray(y, np.float64) - (0 if bias is None else np.asarray(bias, float)[:, None, None])
+    lhs, s = _dot(y0, g), _absdot(y0, g)
+    _adjoint(lhs, _dot(x, gx), s + _absdot(x, gx), x.dtype)
+    _adjoint(lhs, _dot(weight, gw), s + _absdot(weight, gw), x.dtype)
+    if gm is not None:
+        _adjoint(lhs, _dot(kw["mask"], gm), s + _absdot(kw["mask"], gm), x.dtype)
+
+
+def test_matrix_nms_nan_box_overlaps_nothing():
+    """Found by the fuzzer: a box with a NaN coordinate ranked first decays the others to 0
+    (documented: it overlaps nothing, so no decay)."""
+    boxes = np.array([[0, 0, 1, 1], [0, 0, np.nan, 1]])
+    np.testing.assert_array_equal(fastnorm.matrix_nms(boxes, np.array([0.5, 0.9])), [0.5, 0.9])
+
+
+def test_every_public_function_is_fuzzed():
+    """A new public op must get a property test here."""
+    covered = {"group_norm", "group_norm_backward", "deform_conv2d", "deform_conv2d_backward",
+               "box_iou", "soft_nms", "matrix_nms", *GREEDY, *ROI_OPS,
+               *(f"{op}_backward" for op in ROI_OPS)}
+    public = {n for n in fastnorm.__all__ if callable(getattr(fastnorm, n))} - {
+        "info", "get_num_threads", "set_num_threads", "threads"}
+    assert public <= covered, sorted(public - covered)

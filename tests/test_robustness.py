@@ -441,7 +441,8 @@ def _box_errors(draw, boxes, scores, kw, thr_name="iou_threshold"):
         args[1] = np.zeros(len(scores) + 1, scores.dtype)
         return args, (ValueError, "scores")
     if bad == 3:
-        args[0] = boxes.astype(np.int64)
+        with np.errstate(invalid="ignore"):     # NaN/inf coordinates: any integer will do
+            args[0] = boxes.astype(np.int64)
         return args, (TypeError, "boxes")
     if bad == 4:
         args[1] = scores.astype(np.float32 if scores.dtype == np.float64 else np.float64)

@@ -6,6 +6,7 @@ DLPack tensor (torch, JAX, ...) and return the same kind of array.
 __version__ = "0.1.0"
 
 from ._threads import get_num_threads, set_num_threads, threads
+from ._memory import cached_bytes, empty_cache, set_cache_limit
 from .group_norm import group_norm, group_norm_backward
 from .roi_ops import (roi_align, roi_align_backward, roi_pool, roi_pool_backward, ps_roi_align,
                       ps_roi_align_backward, deform_roi_pool, deform_roi_pool_backward)
@@ -14,6 +15,7 @@ from .nms import nms, batched_nms, soft_nms, diou_nms, weighted_nms, matrix_nms,
 
 __all__ = [
     "__version__", "info", "get_num_threads", "set_num_threads", "threads",
+    "empty_cache", "set_cache_limit", "cached_bytes",
     "group_norm", "group_norm_backward",
     "roi_align", "roi_align_backward", "roi_pool", "roi_pool_backward", "ps_roi_align",
     "ps_roi_align_backward", "deform_roi_pool", "deform_roi_pool_backward",

@@ -26,6 +26,7 @@ from libc.float cimport FLT_MAX
 from libc.stdlib cimport malloc, free
 
 from _types cimport floating
+from fastnorm._cpu import _pool as _cache   # output arrays from the caching allocator
 from _interp cimport roi_linear
 
 cnp.import_array()
@@ -908,10 +909,10 @@ def roi_align_forward(x, rois, Py_ssize_t PH, Py_ssize_t PW, double scale, int s
     cdef Py_ssize_t K = rois.shape[0], N, C, H, W
     if channels_last:
         N, H, W, C = x.shape
-        out = np.empty((K, PH, PW, C), dtype=x.dtype)
+        out = _cache.empty((K, PH, PW, C), x.dtype)
     else:
         N, C, H, W = x.shape
-        out = np.empty((K, C, PH, PW), dtype=x.dtype)
+        out = _cache.empty((K, C, PH, PW), x.dtype)
     if out.size == 0:
         return out
     if H * W == 0:

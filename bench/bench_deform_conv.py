@@ -15,10 +15,11 @@ Peers
 * torch ``conv2d`` of the same shape (no offsets): the physical yardstick.
 * On a GPU (CuPy present): fastnorm CUDA.
 
-fastnorm's GEMMs run in NumPy's BLAS; this script sets ``OPENBLAS_NUM_THREADS=2`` (and
+fastnorm's forward is fused (sampling + its own GEMM micro-kernel on fastnorm's OpenMP threads);
+its backward's GEMMs run in NumPy's BLAS: this script sets ``OPENBLAS_NUM_THREADS=2`` (and
 ``OMP_NUM_THREADS``) before NumPy loads so the BLAS uses the same 2 threads. Run it with
 ``OPENBLAS_THREAD_TIMEOUT=4`` to stop idle OpenBLAS workers from spinning against fastnorm's
-OpenMP threads (see fastnorm.deform_conv); the results file records the setting.
+OpenMP threads in the backward (see fastnorm.deform_conv); the results file records the setting.
 The GFLOP/s column counts the convolution's multiply-adds (2 * N * C_out * Ho * Wo * C_in * kh * kw
 per forward; 3x that for forward+backward).
 """
@@ -189,8 +190,9 @@ def main():
     notes = [f"torchvision: {tv_version or 'unavailable'} (CPU, subprocess, 2 threads)",
              "BLAS: OPENBLAS_NUM_THREADS=" + os.environ.get("OPENBLAS_NUM_THREADS", "?")
              + ", OPENBLAS_THREAD_TIMEOUT=" + os.environ.get("OPENBLAS_THREAD_TIMEOUT", "unset")
-             + " (OpenBLAS workers spin for up to 2^timeout cycles after a GEMM, competing with "
-             "fastnorm's OpenMP sampling threads on a 2-core machine; 4 avoids that)"]
+             + " (used by fastnorm's backward only; OpenBLAS workers spin for up to 2^timeout "
+             "cycles after a GEMM, competing with fastnorm's OpenMP threads on a 2-core machine; "
+             "4 avoids that)"]
     gpu = cuda_tables()
     if gpu is not None:
         tables.append(gpu)

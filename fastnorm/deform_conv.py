@@ -2,20 +2,25 @@
 
 Semantics are torchvision's ``torchvision.ops.deform_conv2d`` (= ONNX ``DeformConv``).
 
-Memory: the kernels sample into an im2col workspace of ``C_in * kh * kw`` rows that is filled
-chunk by chunk, whole samples at a time when a sample fits in :data:`WORKSPACE_BYTES`, otherwise
-blocks of output rows of one sample. Any batch size works and the extra memory stays about
-``WORKSPACE_BYTES`` (at least one output row's columns), plus on the CPU a channels-last copy
-of the chunk's samples (and of their gradient in the backward) and, when a chunk holds several
-samples, one chunk of output for the GEMM result.
+Memory: the CUDA kernels and the CPU backward sample into an im2col workspace of
+``C_in * kh * kw`` rows that is filled chunk by chunk, whole samples at a time when a sample fits
+in :data:`WORKSPACE_BYTES`, otherwise blocks of output rows of one sample. Any batch size works
+and the extra memory stays about ``WORKSPACE_BYTES`` (at least one output row's columns), plus on
+the CPU a channels-last copy of the chunk's samples (and of their gradient in the backward). The
+CPU forward is fused: each thread samples a block of output positions into its own column tile
+(about 512 KiB) and multiplies it by the weight at once, so it needs only those tiles, a packed
+copy of the weight and the channels-last copy of a chunk of samples; this workspace is kept per
+Python thread between calls when it is at most ``fastnorm._cpu.deform_conv.WORKSPACE_CACHE_BYTES``
+(64 MiB), so that repeated calls do not page fresh memory in.
 
-Threads: the sampling kernels use :func:`fastnorm.set_num_threads` threads (OpenMP). The GEMMs run
-through NumPy's ``matmul`` (the platform BLAS) on the CPU and CuPy's (cuBLAS) on CUDA; the BLAS
-uses its own thread pool (e.g. ``OPENBLAS_NUM_THREADS``) unless ``threadpoolctl`` is installed,
-in which case it is limited to fastnorm's thread count during the call. The two pools alternate;
-on a machine with few, busy cores, BLAS threads that spin after a GEMM can slow the next sampling
-pass: setting ``OPENBLAS_THREAD_TIMEOUT=4`` before NumPy is imported (idle OpenBLAS workers then
-sleep at once) or ``OPENBLAS_NUM_THREADS=1`` avoids that.
+Threads: the CPU kernels use :func:`fastnorm.set_num_threads` threads (OpenMP); the forward's
+matrix products run on these threads too (fastnorm's own micro-kernel, AVX2+FMA when the CPU has
+it). The backward's GEMMs run through NumPy's ``matmul`` (the platform BLAS) on the CPU and
+CuPy's (cuBLAS) on CUDA; the BLAS uses its own thread pool (e.g. ``OPENBLAS_NUM_THREADS``) unless
+``threadpoolctl`` is installed, in which case it is limited to fastnorm's thread count during the
+call. The two pools alternate; on a machine with few, busy cores, BLAS threads that spin after a
+GEMM can slow the next sampling pass: setting ``OPENBLAS_THREAD_TIMEOUT=4`` before NumPy is
+imported (idle OpenBLAS workers then sleep at once) or ``OPENBLAS_NUM_THREADS=1`` avoids that.
 
 On CUDA, grad_x is accumulated with atomics, so it is not bitwise reproducible run to run.
 """

@@ -2,27 +2,32 @@
 # cython: initializedcheck=False, nonecheck=False, embedsignature=True
 """Deformable convolution (DCN v1/v2) forward and backward on the CPU.
 
-Forward, per chunk of samples: the input is copied channels-last (OpenMP), then a deformable
-im2col (bilinear sampling with zero padding; OpenMP over (sample, offset group, output row))
-fills a position-major column buffer (nb, rows * Wo, groups, kh * kw, C_in / groups), and one GEMM
-per weight group covers the whole chunk through NumPy's ``matmul`` (the platform BLAS; the GIL is
-held only around these calls; the weight is reordered to (C_out, kh, kw, C_in / groups) to
-match). The corners and weights of one (kernel point, output position) are computed once per unit
-and used for every channel of the offset group, whose values are contiguous (vectorised loops).
+Forward (fused, no im2col buffer): per chunk of whole samples the input is copied channels-last
+(OpenMP); then OpenMP over (sample, block of output positions) units: a unit samples its
+columns (bilinear with zero padding) into a thread-local tile (positions, groups, kh * kw,
+C_in / groups) of about TILE_BYTES, and while the tile is in cache multiplies it by the weight
+with the register-blocked micro-kernel of deform_conv_gemm.h (weight packed once per call into
+panels of output channels), writing y (+ bias) directly. No BLAS thread pool is involved, so
+nothing competes with the OpenMP threads. The corners and weights of one (kernel point, output
+position) are computed once per unit and used for every channel of the offset group, whose values
+are contiguous (vectorised blend).
 
-Backward: columns are recomputed; grad_weight += grad_out @ columns and grad_columns =
-grad_out^T @ weight (GEMMs); grad_x by col2im into a channels-last buffer, parallel over (sample,
-offset group, block of input channels) -- each unit owns its channels, so it is race-free and
-deterministic -- then added back to (N, C, H, W); grad_offset / grad_mask by a
-coordinate-gradient pass over output rows (float64 across runs of channels).
+Backward: columns are recomputed (deformable im2col, OpenMP over (sample, offset group, output
+row)) into a position-major buffer (nb, rows * Wo, groups, kh * kw, C_in / groups);
+grad_weight += grad_out @ columns and grad_columns = grad_out^T @ weight (GEMMs through NumPy's
+``matmul``, the platform BLAS, GIL held only around these calls); grad_x by col2im into a
+channels-last buffer, parallel over (sample, offset group, block of input channels) -- each unit
+owns its channels, so it is race-free and deterministic -- then added back to (N, C, H, W);
+grad_offset / grad_mask by a coordinate-gradient pass over output rows (float64 across runs of
+channels). The backward's work is chunked so the column buffer holds at most ``chunk_rows`` output
+rows (whole samples when a sample fits, else blocks of rows of one sample): peak extra memory is
+bounded for any batch size.
 
-The work is chunked so the column buffer holds at most ``chunk_rows`` output rows (whole samples
-when a sample fits, else blocks of rows of one sample): peak extra memory is bounded for any batch
-size (columns + the chunk's samples channels-last). Unit boundaries depend on the shape only, so
-results are bitwise identical for any thread count (the BLAS uses its own threads; see
-fastnorm.deform_conv).
+Unit boundaries depend on the shape only, so results are bitwise identical for any thread count
+(the backward's BLAS uses its own threads; see fastnorm.deform_conv).
 """
 import contextlib
+import threading
 
 import numpy as np
 cimport numpy as cnp
@@ -47,6 +52,23 @@ def _blas_threads(int nthreads):
     if _BLAS is None:
         return contextlib.nullcontext()
     return _BLAS.limit(limits=nthreads, user_api="blas")
+
+
+cdef extern from "deform_conv_gemm.h" nogil:
+    # out[o * ldo + p] = (bias[o] +) sum_k Wp[o, k] * tile[p * ldt + k], o < M, p < n
+    void dc_gemm_f32(const float* tile, Py_ssize_t ldt, Py_ssize_t n, Py_ssize_t K,
+                     const float* Wp, Py_ssize_t M, const float* bias, float* out, Py_ssize_t ldo)
+    void dc_gemm_f64(const double* tile, Py_ssize_t ldt, Py_ssize_t n, Py_ssize_t K,
+                     const double* Wp, Py_ssize_t M, const double* bias, double* out,
+                     Py_ssize_t ldo)
+    void dc_blend_f32(float* dst, const float* p0, const float* p1, const float* p2,
+                      const float* p3, float w0, float w1, float w2, float w3, Py_ssize_t n)
+    void dc_blend_f64(double* dst, const double* p0, const double* p1, const double* p2,
+                      const double* p3, double w0, double w1, double w2, double w3,
+                      Py_ssize_t n)
+    enum:
+        DC_NR_BYTES
+        DC_MR_MAX
 
 
 cdef enum:
@@ -93,30 +115,37 @@ cdef inline int _corners(floating y, floating x, Py_ssize_t H, Py_ssize_t W, Py_
 
 
 cdef inline void _row_meta(const Geo* g, const floating* off, const floating* msk,
-                           Py_ssize_t n, Py_ssize_t go, Py_ssize_t k, Py_ssize_t ho,
-                           Py_ssize_t* o, floating* wt, floating* dwy, floating* dwx,
-                           int* bits, Py_ssize_t es) noexcept nogil:
-    """Corners/weights of kernel point k of offset group go for the output row (n, ho), entry of
-    position wo at wo * es; the weights are multiplied by the mask when ``msk`` is not NULL."""
-    cdef Py_ssize_t HoWo = g.Ho * g.Wo, wo, q, e
-    cdef const floating* offy = off + ((n * g.G + go) * 2 * g.K + 2 * k) * HoWo + ho * g.Wo
+                           Py_ssize_t n, Py_ssize_t go, Py_ssize_t k, Py_ssize_t p0,
+                           Py_ssize_t np_, Py_ssize_t* o, floating* wt, floating* dwy,
+                           floating* dwx, int* bits, Py_ssize_t es) noexcept nogil:
+    """Corners/weights of kernel point k of offset group go for the output positions
+    p0 .. p0 + np_ - 1 (flat ho * Wo + wo) of sample n, entry of position p0 + j at j * es; the
+    weights are multiplied by the mask when ``msk`` is not NULL."""
+    cdef Py_ssize_t HoWo = g.Ho * g.Wo, j, q, e, ho, wo
+    cdef const floating* offy = off + ((n * g.G + go) * 2 * g.K + 2 * k) * HoWo + p0
     cdef const floating* offx = offy + HoWo
     cdef const floating* m = NULL
-    cdef floating y0 = <floating>(ho * g.sh - g.ph + (k // g.kw) * g.dh)
-    cdef floating xb = <floating>((k % g.kw) * g.dw - g.pw)
+    cdef Py_ssize_t yk = (k // g.kw) * g.dh - g.ph, xk = (k % g.kw) * g.dw - g.pw
     cdef floating mk
     if msk != NULL:
-        m = msk + ((n * g.G + go) * g.K + k) * HoWo + ho * g.Wo
-    for wo in range(g.Wo):
-        e = wo * es
-        bits[e] = _corners(y0 + offy[wo], xb + <floating>(wo * g.sw) + offx[wo], g.H, g.W,
+        m = msk + ((n * g.G + go) * g.K + k) * HoWo + p0
+    ho = p0 // g.Wo
+    wo = p0 - ho * g.Wo
+    for j in range(np_):
+        e = j * es
+        bits[e] = _corners(<floating>(ho * g.sh + yk) + offy[j],
+                           <floating>(wo * g.sw + xk) + offx[j], g.H, g.W,
                            &o[4 * e], &wt[4 * e],
                            &dwy[4 * e] if dwy != NULL else NULL,
                            &dwx[4 * e] if dwx != NULL else NULL)
         if m != NULL:
-            mk = m[wo]
+            mk = m[j]
             for q in range(4):
                 wt[4 * e + q] = wt[4 * e + q] * mk
+        wo += 1
+        if wo == g.Wo:
+            wo = 0
+            ho += 1
 
 
 cdef inline Py_ssize_t _meta_bytes(Py_ssize_t n) noexcept nogil:
@@ -143,12 +172,12 @@ cdef inline Meta _meta(char* buf, Py_ssize_t n) noexcept nogil:
 
 
 cdef inline void _unit_meta(const Geo* g, const floating* off, const floating* msk,
-                            Py_ssize_t n, Py_ssize_t go, Py_ssize_t ho, Meta* m,
+                            Py_ssize_t n, Py_ssize_t go, Py_ssize_t p0, Py_ssize_t np_, Meta* m,
                             bint grads) noexcept nogil:
-    """Sampling of all kernel points of one output row, laid out [wo][k]."""
+    """Sampling of all kernel points of the positions p0 .. p0 + np_ - 1, laid out [j][k]."""
     cdef Py_ssize_t k
     for k in range(g.K):
-        _row_meta(g, off, msk, n, go, k, ho, &m.o[4 * k], &(<floating*>m.wt)[4 * k],
+        _row_meta(g, off, msk, n, go, k, p0, np_, &m.o[4 * k], &(<floating*>m.wt)[4 * k],
                   &(<floating*>m.dwy)[4 * k] if grads else NULL,
                   &(<floating*>m.dwx)[4 * k] if grads else NULL, &m.bits[k], g.K)
 
@@ -173,50 +202,51 @@ cdef inline Py_ssize_t _col(const Geo* g, Py_ssize_t c, Py_ssize_t k) noexcept n
     return (c // g.Cw) * g.K * g.Cw + k * g.Cw + c % g.Cw
 
 
-cdef void _im2col_unit(const Geo* g, const floating* xt, const floating* off,
-                       const floating* msk, floating* cols, Py_ssize_t n0, Py_ssize_t ho0,
-                       Py_ssize_t hb, Py_ssize_t u, char* buf) noexcept nogil:
-    """Columns of one (sample, offset group, output row)."""
-    cdef Py_ssize_t r = u % hb, go = (u // hb) % g.G, nl = u // hb // g.G
-    cdef Py_ssize_t CK = g.C * g.K, c, cend, i, n, k, e, wo
-    cdef Meta m = _meta(buf, g.K * g.Wo)
+cdef void _sample(const Geo* g, const floating* xs, const floating* off, const floating* msk,
+                  Py_ssize_t n, Py_ssize_t go, Py_ssize_t p0, Py_ssize_t np_, floating* rows,
+                  Meta* m) noexcept nogil:
+    """Columns of offset group go for the positions p0 .. p0 + np_ - 1 of sample n (whose
+    channels-last input is xs): position p0 + j fills row j (C_in * K values) of ``rows``."""
+    cdef Py_ssize_t CK = g.C * g.K, c, cend, i, n_, k, e, j, col
     cdef floating* wt = <floating*>m.wt
-    cdef const floating* xs = xt + nl * g.H * g.W * g.C
     cdef floating* row
     cdef floating* dst
-    cdef const floating* p0
+    cdef const floating* p0_
     cdef const floating* p1
     cdef const floating* p2
     cdef const floating* p3
     cdef floating w0, w1, w2, w3, acc
     cdef int b
-    _unit_meta(g, off, msk, n0 + nl, go, ho0 + r, &m, False)
-    for wo in range(g.Wo):
-        row = cols + (nl * hb * g.Wo + r * g.Wo + wo) * CK
-        for k in range(g.K):
-            e = wo * g.K + k
-            b = m.bits[e]
-            w0 = wt[4 * e]; w1 = wt[4 * e + 1]; w2 = wt[4 * e + 2]; w3 = wt[4 * e + 3]
-            c = go * g.Cpg
-            while c < (go + 1) * g.Cpg:
-                cend = _run_end(g, c, (go + 1) * g.Cpg)
-                n = cend - c
-                dst = row + _col(g, c, k)
-                p0 = xs + m.o[4 * e] * g.C + c
+    _unit_meta(g, off, msk, n, go, p0, np_, m, False)
+    c = go * g.Cpg
+    while c < (go + 1) * g.Cpg:         # runs of channels inside one weight group
+        cend = _run_end(g, c, (go + 1) * g.Cpg)
+        n_ = cend - c
+        col = _col(g, c, 0)             # + k * C_w for kernel point k
+        for j in range(np_):
+            row = rows + j * CK + col
+            for k in range(g.K):
+                e = j * g.K + k
+                b = m.bits[e]
+                w0 = wt[4 * e]; w1 = wt[4 * e + 1]; w2 = wt[4 * e + 2]; w3 = wt[4 * e + 3]
+                dst = row + k * g.Cw
+                p0_ = xs + m.o[4 * e] * g.C + c
                 p1 = xs + m.o[4 * e + 1] * g.C + c
                 p2 = xs + m.o[4 * e + 2] * g.C + c
                 p3 = xs + m.o[4 * e + 3] * g.C + c
                 if b == 15:
-                    for i in range(n):
-                        dst[i] = w0 * p0[i] + w1 * p1[i] + w2 * p2[i] + w3 * p3[i]
+                    if floating is float:
+                        dc_blend_f32(dst, p0_, p1, p2, p3, w0, w1, w2, w3, n_)
+                    else:
+                        dc_blend_f64(dst, p0_, p1, p2, p3, w0, w1, w2, w3, n_)
                 elif b == 0:
-                    for i in range(n):
+                    for i in range(n_):
                         dst[i] = 0
                 else:                       # corners outside the map are never read
-                    for i in range(n):
+                    for i in range(n_):
                         acc = 0
                         if b & 1:
-                            acc = acc + w0 * p0[i]
+                            acc = acc + w0 * p0_[i]
                         if b & 2:
                             acc = acc + w1 * p1[i]
                         if b & 4:
@@ -224,7 +254,17 @@ cdef void _im2col_unit(const Geo* g, const floating* xt, const floating* off,
                         if b & 8:
                             acc = acc + w3 * p3[i]
                         dst[i] = acc
-                c = cend
+        c = cend
+
+
+cdef void _im2col_unit(const Geo* g, const floating* xt, const floating* off,
+                       const floating* msk, floating* cols, Py_ssize_t n0, Py_ssize_t ho0,
+                       Py_ssize_t hb, Py_ssize_t u, char* buf) noexcept nogil:
+    """Columns of one (sample, offset group, output row) of the chunk."""
+    cdef Py_ssize_t r = u % hb, go = (u // hb) % g.G, nl = u // hb // g.G
+    cdef Meta m = _meta(buf, g.K * g.Wo)
+    _sample(g, xt + nl * g.H * g.W * g.C, off, msk, n0 + nl, go, (ho0 + r) * g.Wo, g.Wo,
+            cols + (nl * hb + r) * g.Wo * g.C * g.K, &m)
 
 
 cdef void _col2im_unit(const Geo* g, const floating* off, const floating* msk,
@@ -245,7 +285,7 @@ cdef void _col2im_unit(const Geo* g, const floating* off, const floating* msk,
     cdef floating w
     cdef int b
     for r in range(hb):
-        _unit_meta(g, off, msk, n0 + nl, go, ho0 + r, &m, False)
+        _unit_meta(g, off, msk, n0 + nl, go, (ho0 + r) * g.Wo, g.Wo, &m, False)
         for wo in range(g.Wo):
             for k in range(g.K):
                 e = wo * g.K + k
@@ -286,7 +326,7 @@ cdef void _coord_unit(const Geo* g, const floating* xt, const floating* off, con
     cdef double ay, ax, am, mk
     cdef int b
     cdef Py_ssize_t oy, om
-    _unit_meta(g, off, NULL, n, go, ho, &m, True)
+    _unit_meta(g, off, NULL, n, go, ho * g.Wo, g.Wo, &m, True)
     for wo in range(g.Wo):
         for k in range(g.K):
             e = wo * g.K + k
@@ -368,21 +408,146 @@ cdef int _run(int which, const Geo* g, const floating* x, const floating* off,
     return 0
 
 
+cdef inline Py_ssize_t _align64(Py_ssize_t b) noexcept nogil:
+    return (b + 63) // 64 * 64
+
+
+cdef void _pack_weight(const floating* w, floating* wp, Py_ssize_t Cout, Py_ssize_t groups,
+                       Py_ssize_t Cw, Py_ssize_t K, int nthreads) noexcept nogil:
+    """weight (C_out, C_w, kh, kw) -> per weight group, panels of NR output channels
+    wp[group][panel][k * C_w + c][NR] in the columns' order (zero beyond the group's channels)."""
+    cdef Py_ssize_t NR = DC_NR_BYTES // sizeof(floating), Cog = Cout // groups, KCw = K * Cw
+    cdef Py_ssize_t npan = (Cog + NR - 1) // NR, u, gi, j, r, o, kk, c
+    cdef floating* dst
+    for u in prange(groups * npan, num_threads=nthreads, schedule="static"):
+        gi = u // npan
+        j = u % npan
+        dst = wp + u * KCw * NR
+        for r in range(NR):
+            o = j * NR + r
+            if o < Cog:
+                o = o + gi * Cog
+                for kk in range(K):
+                    for c in range(Cw):
+                        dst[(kk * Cw + c) * NR + r] = w[(o * Cw + c) * K + kk]
+            else:
+                for kk in range(KCw):
+                    dst[kk * NR + r] = 0
+
+
+cdef void _forward_fused(const Geo* g, const floating* xt, const floating* off,
+                         const floating* msk, const floating* wp, const floating* bias,
+                         floating* y, Py_ssize_t n0, Py_ssize_t nb, Py_ssize_t Cout,
+                         Py_ssize_t groups, Py_ssize_t nblk, char* buf,
+                         int nthreads) noexcept nogil:
+    """y[n0:n0 + nb] of the chunk (channels-last input xt), parallel over (sample, block of
+    output positions; nblk blocks per sample of whole micro-tiles, sizes differing by at most
+    one micro-tile): a unit samples its columns into a thread-local tile (P, groups, K * C_w)
+    and, while it is in cache, multiplies it by each weight group's packed panels wp (register-
+    blocked micro-kernel, deform_conv_gemm.h), writing y (+ bias) directly. Each output is one
+    sum over k in a fixed order whatever thread computes it: any thread count gives the same
+    bits."""
+    cdef Py_ssize_t HoWo = g.Ho * g.Wo, CK = g.C * g.K, KCw = g.K * g.Cw, Cog = Cout // groups
+    cdef Py_ssize_t NR = DC_NR_BYTES // sizeof(floating), npan = (Cog + NR - 1) // NR
+    cdef Py_ssize_t mt = (HoWo + DC_MR_MAX - 1) // DC_MR_MAX          # micro-tiles per sample
+    cdef Py_ssize_t P = (mt + nblk - 1) // nblk * DC_MR_MAX            # positions per block, max
+    cdef Py_ssize_t mb = _align64(_meta_bytes(g.K * P))
+    cdef Py_ssize_t per = _fused_bytes(g, nblk, sizeof(floating))
+    cdef Py_ssize_t u, nl, b, p0, np_, go, gi, i
+    cdef char* base
+    cdef floating* tile
+    cdef floating* out
+    cdef Meta m
+    for u in prange(nb * nblk, num_threads=nthreads, schedule="dynamic", chunksize=1):
+        base = buf + threadid() * per
+        m = _meta(base, g.K * P)
+        tile = <floating*>(base + mb)
+        nl = u // nblk
+        b = u % nblk
+        p0 = b * mt // nblk * DC_MR_MAX
+        np_ = min((b + 1) * mt // nblk * DC_MR_MAX, HoWo) - p0
+        for go in range(g.G):
+            _sample(g, xt + nl * g.H * g.W * g.C, off, msk, n0 + nl, go, p0, np_, tile, &m)
+        for i in range(np_ * CK, (np_ + DC_MR_MAX - 1) // DC_MR_MAX * DC_MR_MAX * CK):
+            tile[i] = 0                  # rows the last micro-tile reads but does not store
+        for gi in range(groups):
+            out = y + ((n0 + nl) * Cout + gi * Cog) * HoWo + p0
+            if floating is float:
+                dc_gemm_f32(tile + gi * KCw, CK, np_, KCw, wp + gi * npan * KCw * NR, Cog,
+                            bias + gi * Cog if bias != NULL else NULL, out, HoWo)
+            else:
+                dc_gemm_f64(tile + gi * KCw, CK, np_, KCw, wp + gi * npan * KCw * NR, Cog,
+                            bias + gi * Cog if bias != NULL else NULL, out, HoWo)
+
+
+cdef inline Py_ssize_t _fused_bytes(const Geo* g, Py_ssize_t nblk,
+                                    Py_ssize_t itemsize) noexcept nogil:
+    """Bytes of one thread's workspace in the fused forward (sampling metadata + column tile)."""
+    cdef Py_ssize_t P = ((g.Ho * g.Wo + DC_MR_MAX - 1) // DC_MR_MAX + nblk - 1) // nblk * DC_MR_MAX
+    return _align64(_meta_bytes(g.K * P)) + _align64(P * g.C * g.K * itemsize)
+
+
+cdef _forward_fused_f(Geo g, const floating[::1] x, floating[::1] xt, const floating[::1] off,
+                      const floating[::1] msk, const floating[::1] w, floating[::1] wp,
+                      const floating[::1] bias, floating[::1] y, unsigned char[::1] tiles,
+                      Py_ssize_t nbmax, Py_ssize_t Cout, Py_ssize_t groups, Py_ssize_t nblk,
+                      bint has_bias, int nthreads):
+    """All chunks of nbmax samples: channels-last copy into xt, then the fused kernel."""
+    cdef Py_ssize_t n0, nb, chw = g.C * g.H * g.W
+    nthreads = max(nthreads, 1)
+    with nogil:
+        _pack_weight(&w[0], &wp[0], Cout, groups, g.Cw, g.K, nthreads)
+        n0 = 0
+        while n0 < g.N:
+            nb = min(nbmax, g.N - n0)
+            _relayout(True, &x[n0 * chw], &xt[0], nb, g.C, g.H, g.W, nthreads)
+            _forward_fused(&g, &xt[0], &off[0], &msk[0] if g.has_mask else NULL, &wp[0],
+                           &bias[0] if has_bias else NULL, &y[0], n0, nb, Cout, groups, nblk,
+                           <char*>&tiles[0], nthreads)
+            n0 += nb
+
+
+cdef enum:
+    RELAYOUT_C = 16      # channels per relayout unit (one cache line of float32)
+    RELAYOUT_P = 1024    # positions per relayout unit
+    RELAYOUT_Q = 64      # positions per transposed tile
+
+
+cdef inline void _move(bint to_nhwc, const floating* src, floating* dst, Py_ssize_t i_nhwc,
+                       Py_ssize_t i_nchw) noexcept nogil:
+    if to_nhwc:
+        dst[i_nhwc] = src[i_nchw]
+    else:
+        dst[i_nchw] += src[i_nhwc]
+
+
 cdef void _relayout(bint to_nhwc, const floating* src, floating* dst, Py_ssize_t N,
                     Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, int nthreads) noexcept nogil:
     """to_nhwc: dst (N, H, W, C) = src (N, C, H, W); else dst (N, C, H, W) += src (N, H, W, C).
-    Parallel over (n, h) rows, each row owned by one thread."""
-    cdef Py_ssize_t u, n, h, c, w
-    for u in prange(N * H, num_threads=nthreads, schedule="static"):
-        n = u // H
-        h = u % H
-        for c in range(C):
-            if to_nhwc:
-                for w in range(W):
-                    dst[(u * W + w) * C + c] = src[((n * C + c) * H + h) * W + w]
+    Parallel over (sample, block of RELAYOUT_C channels, block of positions), each unit owning
+    its elements. The block's channel planes are walked together position by position (whole
+    cache lines on the channels-last side) -- unless the plane size is a multiple of 4 KiB,
+    where those RELAYOUT_C streams would share cache sets: then in RELAYOUT_Q-position runs
+    per channel instead."""
+    cdef Py_ssize_t HW = H * W, ncb = (C + RELAYOUT_C - 1) // RELAYOUT_C
+    cdef Py_ssize_t npb = (HW + RELAYOUT_P - 1) // RELAYOUT_P, u, n, c0, c1, p0, p1, p, c, q, q1
+    cdef bint runs = (HW * sizeof(floating)) % 4096 == 0
+    for u in prange(N * ncb * npb, num_threads=nthreads, schedule="static"):
+        n = u // (ncb * npb)
+        c0 = (u // npb) % ncb * RELAYOUT_C
+        c1 = min(C, c0 + RELAYOUT_C)
+        p0 = u % npb * RELAYOUT_P
+        p1 = min(HW, p0 + RELAYOUT_P)
+        for q in range(p0 // RELAYOUT_Q, (p1 + RELAYOUT_Q - 1) // RELAYOUT_Q):
+            q1 = min(p1, (q + 1) * RELAYOUT_Q)   # positions q * RELAYOUT_Q .. q1
+            if runs:
+                for c in range(c0, c1):
+                    for p in range(q * RELAYOUT_Q, q1):
+                        _move(to_nhwc, src, dst, (n * HW + p) * C + c, (n * C + c) * HW + p)
             else:
-                for w in range(W):
-                    dst[((n * C + c) * H + h) * W + w] += src[(u * W + w) * C + c]
+                for p in range(q * RELAYOUT_Q, q1):
+                    for c in range(c0, c1):
+                        _move(to_nhwc, src, dst, (n * HW + p) * C + c, (n * C + c) * HW + p)
 
 
 cdef _relayout_f(bint to_nhwc, const floating[::1] src, floating[::1] dst, Py_ssize_t N,
@@ -391,10 +556,11 @@ cdef _relayout_f(bint to_nhwc, const floating[::1] src, floating[::1] dst, Py_ss
         _relayout(to_nhwc, &src[0], &dst[0], N, C, H, W, max(nthreads, 1))
 
 
-def _to_channels_last(x, int nthreads):
-    """(N, C, H, W) -> new C-contiguous (N, H, W, C)."""
+def _to_channels_last(x, int nthreads, out=None):
+    """(N, C, H, W) -> C-contiguous (N, H, W, C): new, or written into the flat buffer out."""
     N, C, H, W = x.shape
-    xt = np.empty((N, H, W, C), dtype=x.dtype)
+    xt = np.empty((N, H, W, C), dtype=x.dtype) if out is None else \
+        out[:N * H * W * C].reshape(N, H, W, C)
     if xt.size:
         if x.dtype == np.float32:
             _relayout_f[float](True, x.reshape(-1), xt.reshape(-1), N, C, H, W, nthreads)
@@ -454,7 +620,7 @@ def _chunks(Py_ssize_t N, Py_ssize_t Ho, Py_ssize_t chunk_rows):
 cdef _call(int which, Geo g, x, off, msk, cols, gx, goff, gmask, Py_ssize_t n0, Py_ssize_t nb,
            Py_ssize_t ho0, Py_ssize_t hb, int nthreads):
     """Run kernel ``which`` on one chunk; None arrays are replaced by a dummy that is never read."""
-    dummy = off.reshape(-1)[:1]
+    dummy = np.zeros(1, dtype=x.dtype)     # writable: it may stand for an output
     a = [x, off, msk, cols, gx, goff, gmask]
     a = [dummy if v is None else v.reshape(-1) for v in a]
     if x.dtype == np.float32:
@@ -489,13 +655,63 @@ def forward(x, offset, mask, weight, bias, int sh, int sw, int ph, int pw, int d
         if bias is not None:
             y += bias.reshape(-1, 1, 1)
         return y
-    wmat = _weight_matrix(weight, groups)
-    y3 = y.reshape(g.N, groups, Cout // groups, g.Ho * g.Wo)
-    with _blas_threads(nthreads):
-        _forward_chunks(g, x, offset, mask, wmat, y3, chunk_rows, nthreads)
-    if bias is not None:
-        y += bias.reshape(-1, 1, 1)
+    cdef Py_ssize_t item = x.dtype.itemsize, NR = DC_NR_BYTES // item
+    nblk = _blocks(g, item)
+    nbmax = min(g.N, max(1, chunk_rows // g.Ho))  # whole samples per channels-last copy
+    nthreads = max(nthreads, 1)
+    sizes = [nbmax * g.C * g.H * g.W * item,                                 # channels-last x
+             groups * -(-(Cout // groups) // NR) * NR * g.K * g.Cw * item,    # packed weight
+             nthreads * _fused_bytes(&g, nblk, item)]                         # per-thread tiles
+    xt, wp, tiles = _workspace(sizes)
+    xt, wp = xt.view(x.dtype), wp.view(x.dtype)
+    dummy = offset.reshape(-1)[:1]
+    a = [x, offset, dummy if mask is None else mask, weight, dummy if bias is None else bias, y]
+    a = [v.reshape(-1) for v in a]
+    if x.dtype == np.float32:
+        _forward_fused_f[float](g, a[0], xt, a[1], a[2], a[3], wp, a[4], a[5], tiles, nbmax,
+                                Cout, groups, nblk, bias is not None, nthreads)
+    else:
+        _forward_fused_f[double](g, a[0], xt, a[1], a[2], a[3], wp, a[4], a[5], tiles, nbmax,
+                                 Cout, groups, nblk, bias is not None, nthreads)
     return y
+
+
+_tls = threading.local()
+
+#: The forward's workspace (channels-last copy of a chunk, packed weight, per-thread column tiles)
+#: is kept per Python thread between calls when it is at most this large, so repeated calls do not
+#: page-fault fresh memory in; larger workspaces are freed after the call.
+WORKSPACE_CACHE_BYTES = 64 << 20
+
+
+def _workspace(sizes):
+    """64-byte-aligned flat uint8 views of the given sizes, carved from this thread's cached
+    buffer (grown when too small; not cached beyond WORKSPACE_CACHE_BYTES)."""
+    sizes = [(s + 63) // 64 * 64 for s in sizes]
+    total = sum(sizes) + 64
+    buf = getattr(_tls, "buf", None)
+    if buf is None or buf.size < total:
+        buf = np.empty(total, dtype=np.uint8)
+        _tls.buf = buf if total <= WORKSPACE_CACHE_BYTES else None
+    o = -buf.ctypes.data % 64
+    views = []
+    for s in sizes:
+        views.append(buf[o:o + s])
+        o += s
+    return views
+
+
+#: Target bytes of one thread's column tile in the fused forward (positions per block follow):
+#: the tile and one weight panel should stay in a core's L2 while the panels sweep over it.
+TILE_BYTES = 512 << 10
+
+
+def _blocks(Geo g, Py_ssize_t itemsize):
+    """Blocks of output positions per sample in the fused forward: about TILE_BYTES of columns
+    per block (between 1 and 64 micro-tiles)."""
+    cdef Py_ssize_t mt = (g.Ho * g.Wo + DC_MR_MAX - 1) // DC_MR_MAX
+    per = min(64, max(1, TILE_BYTES // max(1, DC_MR_MAX * g.C * g.K * itemsize)))
+    return (mt + per - 1) // per
 
 
 class _ChannelsLast:
@@ -509,26 +725,6 @@ class _ChannelsLast:
             self.key = (n0, nb)
             self.xt = _to_channels_last(self.x[n0:n0 + nb], self.nthreads)
         return self.xt
-
-
-cdef _forward_chunks(Geo g, x, offset, mask, wmat, y3, Py_ssize_t chunk_rows, int nthreads):
-    groups, Cout = wmat.shape[0], wmat.shape[0] * wmat.shape[1]
-    plan = _chunks(g.N, g.Ho, chunk_rows)
-    cols_buf = np.empty(max(nb * hb for _, nb, _, hb in plan) * g.C * g.K * g.Wo, dtype=x.dtype)
-    xt = _ChannelsLast(x, nthreads)
-    for n0, nb, ho0, hb in plan:
-        cols = _columns(cols_buf, nb, hb * g.Wo, groups, g.Cw * g.K)
-        _call(0, g, xt.get(n0, nb), offset, mask, cols, None, None, None, n0, nb, ho0, hb,
-              nthreads)
-        out = y3[n0:n0 + nb, :, :, ho0 * g.Wo:(ho0 + hb) * g.Wo]
-        cols2 = cols.reshape(nb * hb * g.Wo, groups, -1)
-        # one GEMM per weight group over the whole chunk (few BLAS calls: each one wakes the
-        # BLAS threads), then the (C_out, nb, L) product is laid out as (nb, C_out, L)
-        prod = out[0] if nb == 1 else np.empty((groups, Cout // groups, nb * hb * g.Wo), x.dtype)
-        for gi in range(groups):
-            np.matmul(wmat[gi], cols2[:, gi].T, out=prod[gi])
-        if nb > 1:
-            out[...] = prod.reshape(groups, Cout // groups, nb, -1).transpose(2, 0, 1, 3)
 
 
 def backward(grad_out, x, offset, mask, weight, int sh, int sw, int ph, int pw, int dh, int dw,

@@ -162,6 +162,26 @@ def test_chunked_workspace_gives_same_results(rng, monkeypatch, cap_rows):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("tile_bytes", [1, 3000, 1 << 20])
+def test_forward_position_blocks_and_weight_panels(rng, monkeypatch, tile_bytes):
+    # the fused forward splits each sample's positions into blocks of whole 6-position
+    # micro-tiles (tile_bytes=1: one micro-tile per block) and the output channels of each
+    # weight group into panels of 16 float32 / 8 float64: 11 * 7 = 77 positions (a partial
+    # micro-tile) and 2 groups of 19 output channels (a partial panel)
+    from fastnorm._cpu import deform_conv as kernel
+    monkeypatch.setattr(kernel, "TILE_BYTES", tile_bytes)
+    d, geo = _case(rng, N=2, C=6, H=11, W=7, Cout=38, groups=2, goff=3)
+    np.testing.assert_allclose(_fwd(d, geo), _ref(d, geo), rtol=1e-12, atol=1e-12)
+    d32 = {k: None if a is None else a.astype(np.float32) for k, a in d.items()}
+    ys = []
+    for n in (1, 2, 3):
+        with fastnorm.threads(n):
+            ys.append(_fwd(d32, geo))
+    np.testing.assert_allclose(ys[0], _ref(d32, geo), rtol=1e-4, atol=1e-4)
+    for y in ys[1:]:
+        np.testing.assert_array_equal(y, ys[0])
+
+
 def test_deterministic_across_thread_counts(rng):
     d, geo = _case(rng, N=3, C=16, H=12, W=11, Cout=8, goff=2, dtype=np.float32)
     gy = rng.standard_normal(_fwd(d, geo).shape).astype(np.float32)
@@ -184,6 +204,24 @@ def test_inputs_not_modified(rng):
     for k, a in d.items():
         if a is not None:
             np.testing.assert_array_equal(a, copies[k])
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_read_only_inputs(rng, with_mask):
+    d, geo = _case(rng, with_mask=with_mask)
+    y = _fwd(d, geo)
+    gy = rng.standard_normal(y.shape)
+    g = fastnorm.deform_conv2d_backward(gy, d["x"], d["offset"], d["weight"], mask=d["mask"],
+                                        **geo)
+    for a in list(d.values()) + [gy]:
+        if a is not None:
+            a.flags.writeable = False
+    np.testing.assert_array_equal(_fwd(d, geo), y)
+    g_ro = fastnorm.deform_conv2d_backward(gy, d["x"], d["offset"], d["weight"], mask=d["mask"],
+                                           **geo)
+    for a, b in zip(g_ro, g):
+        if b is not None:
+            np.testing.assert_array_equal(a, b)
 
 
 def test_empty_batch_and_empty_output_channels(rng):

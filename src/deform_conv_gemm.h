@@ -1,0 +1,124 @@
+/* Register-blocked GEMM micro-kernels for the fused deformable-convolution forward (fastnorm),
+ * and the sampler's bilinear blend.
+ *
+ *   out[o * ldo + p] = (bias[o] +) sum_k W[o, k] * Tt[p * ldt + k]       (o < M, p < np)
+ *
+ * Tt is a thread's column tile as the sampler writes it (position-major rows of ldt values,
+ * read in place; rows up to a multiple of DC_MR_MAX must be readable). W is packed once per call
+ * into panels of NR = DC_NR_BYTES / sizeof(T) output channels, Wp[panel][k][NR], zero padded. Every
+ * output is one sequential sum over k, in the same order whichever thread or block computes it,
+ * so results do not depend on the thread count. With GCC/clang on x86-64 the kernel is compiled
+ * for AVX2+FMA (32-byte vectors, 6 x 16 float or 6 x 8 double tiles) and for the baseline
+ * (16-byte vectors, 3 x 16 / 3 x 8 tiles), and dc_gemm_* picks one per CPU (so the bits may
+ * differ between CPUs, never between runs or thread counts).
+ */
+#ifndef FASTNORM_DEFORM_CONV_GEMM_H
+#define FASTNORM_DEFORM_CONV_GEMM_H
+
+#include <stddef.h>
+#include <string.h>
+
+#define DC_NR_BYTES 64   /* output channels per panel: 16 float / 8 double */
+#define DC_MR_MAX 6      /* positions per micro-tile (at most) */
+
+/* One kernel: T element, V vector of VB bytes, MR positions per micro-tile. */
+#define DC_KERNEL(T, VB, MR, ATTR, NAME)                                                       \
+typedef T NAME##_v __attribute__((vector_size(VB)));                                           \
+ATTR static void NAME(const T* Tt, ptrdiff_t ldt, ptrdiff_t np, ptrdiff_t K, const T* Wp,      \
+                      ptrdiff_t M, const T* bias, T* out, ptrdiff_t ldo)                       \
+{                                                                                              \
+    enum { NR = DC_NR_BYTES / sizeof(T), VL = VB / sizeof(T), NV = NR / VL };                  \
+    for (ptrdiff_t j = 0; j * NR < M; j++) {                                                   \
+        const T* wp = Wp + j * K * NR;                                                         \
+        ptrdiff_t mo = M - j * NR < NR ? M - j * NR : NR;                                      \
+        for (ptrdiff_t p0 = 0; p0 < np; p0 += MR) {                                            \
+            const T* t0 = Tt + p0 * ldt;                                                       \
+            NAME##_v acc[MR][NV];                                                              \
+            for (int r = 0; r < MR; r++)                                                       \
+                for (int v = 0; v < NV; v++)                                                   \
+                    acc[r][v] = (NAME##_v){0};                                                 \
+            for (ptrdiff_t k = 0; k < K; k++) {                                                \
+                NAME##_v w[NV];                                                                \
+                for (int v = 0; v < NV; v++)                                                   \
+                    memcpy(&w[v], wp + k * NR + v * VL, VB);                                   \
+                for (int r = 0; r < MR; r++) {                                                 \
+                    T t = t0[r * ldt + k];                                                     \
+                    for (int v = 0; v < NV; v++)                                               \
+                        acc[r][v] += t * w[v];                                                 \
+                }                                                                              \
+            }                                                                                  \
+            T res[MR][NR];                                                                     \
+            memcpy(res, acc, sizeof res);                                                      \
+            ptrdiff_t pr = np - p0 < MR ? np - p0 : MR;                                        \
+            for (ptrdiff_t r = 0; r < mo; r++) {                                               \
+                ptrdiff_t o = j * NR + r;                                                      \
+                T* dst = out + o * ldo + p0;                                                   \
+                for (ptrdiff_t q = 0; q < pr; q++)                                             \
+                    dst[q] = bias ? res[q][r] + bias[o] : res[q][r];                           \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+}
+
+DC_KERNEL(float, 16, 3, , dc_gemm_f32_base)
+DC_KERNEL(double, 16, 3, , dc_gemm_f64_base)
+
+/* dst[i] = w0 * p0[i] + w1 * p1[i] + w2 * p2[i] + w3 * p3[i] (the sampler's interior case),
+ * dispatched like the GEMM so the bilinear blend runs at the CPU's vector width. */
+#define DC_BLEND(T, ATTR, NAME)                                                                \
+ATTR static void NAME(T* dst, const T* p0, const T* p1, const T* p2, const T* p3, T w0, T w1, \
+                      T w2, T w3, ptrdiff_t n)                                                 \
+{                                                                                              \
+    for (ptrdiff_t i = 0; i < n; i++)                                                          \
+        dst[i] = w0 * p0[i] + w1 * p1[i] + w2 * p2[i] + w3 * p3[i];                            \
+}
+DC_BLEND(float, , dc_blend_f32_base)
+DC_BLEND(double, , dc_blend_f64_base)
+
+#if defined(__x86_64__) && defined(__GNUC__)
+DC_BLEND(float, __attribute__((target("avx2,fma"))), dc_blend_f32_avx2)
+DC_BLEND(double, __attribute__((target("avx2,fma"))), dc_blend_f64_avx2)
+DC_KERNEL(float, 32, 6, __attribute__((target("avx2,fma"))), dc_gemm_f32_avx2)
+DC_KERNEL(double, 32, 6, __attribute__((target("avx2,fma"))), dc_gemm_f64_avx2)
+static int dc_has_avx2(void)
+{
+    static int has = -1;
+    if (has < 0) {
+        __builtin_cpu_init();
+        has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+    return has;
+}
+#define DC_DISPATCH(F, ...) (dc_has_avx2() ? F##_avx2(__VA_ARGS__) : F##_base(__VA_ARGS__))
+#else
+#define DC_DISPATCH(F, ...) F##_base(__VA_ARGS__)
+#endif
+
+static void dc_blend_f32(float* dst, const float* p0, const float* p1, const float* p2,
+                         const float* p3, float w0, float w1, float w2, float w3, ptrdiff_t n)
+{
+    DC_DISPATCH(dc_blend_f32, dst, p0, p1, p2, p3, w0, w1, w2, w3, n);
+}
+
+static void dc_blend_f64(double* dst, const double* p0, const double* p1, const double* p2,
+                         const double* p3, double w0, double w1, double w2, double w3,
+                         ptrdiff_t n)
+{
+    DC_DISPATCH(dc_blend_f64, dst, p0, p1, p2, p3, w0, w1, w2, w3, n);
+}
+
+static void dc_gemm_f32(const float* Tt, ptrdiff_t ldt, ptrdiff_t np, ptrdiff_t K,
+                        const float* Wp, ptrdiff_t M, const float* bias, float* out,
+                        ptrdiff_t ldo)
+{
+    DC_DISPATCH(dc_gemm_f32, Tt, ldt, np, K, Wp, M, bias, out, ldo);
+}
+
+static void dc_gemm_f64(const double* Tt, ptrdiff_t ldt, ptrdiff_t np, ptrdiff_t K,
+                        const double* Wp, ptrdiff_t M, const double* bias, double* out,
+                        ptrdiff_t ldo)
+{
+    DC_DISPATCH(dc_gemm_f64, Tt, ldt, np, K, Wp, M, bias, out, ldo);
+}
+
+#endif

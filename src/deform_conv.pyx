@@ -148,8 +148,14 @@ cdef inline void _row_meta(const Geo* g, const floating* off, const floating* ms
             ho += 1
 
 
+cdef inline Py_ssize_t _align64(Py_ssize_t b) noexcept nogil:
+    return (b + 63) // 64 * 64
+
+
 cdef inline Py_ssize_t _meta_bytes(Py_ssize_t n) noexcept nogil:
-    return n * (4 * sizeof(Py_ssize_t) + 12 * sizeof(double) + sizeof(int))
+    """Bytes of a thread's sampling buffer (see _meta), rounded up to 64 so that the buffers
+    of consecutive threads stay aligned."""
+    return _align64(n * (4 * sizeof(Py_ssize_t) + 12 * sizeof(double) + sizeof(int)))
 
 
 cdef struct Meta:
@@ -408,10 +414,6 @@ cdef int _run(int which, const Geo* g, const floating* x, const floating* off,
     return 0
 
 
-cdef inline Py_ssize_t _align64(Py_ssize_t b) noexcept nogil:
-    return (b + 63) // 64 * 64
-
-
 cdef void _pack_weight(const floating* w, floating* wp, Py_ssize_t Cout, Py_ssize_t groups,
                        Py_ssize_t Cw, Py_ssize_t K, int nthreads) noexcept nogil:
     """weight (C_out, C_w, kh, kw) -> per weight group, panels of NR output channels
@@ -451,7 +453,7 @@ cdef void _forward_fused(const Geo* g, const floating* xt, const floating* off,
     cdef Py_ssize_t NR = DC_NR_BYTES // sizeof(floating), npan = (Cog + NR - 1) // NR
     cdef Py_ssize_t mt = (HoWo + DC_MR_MAX - 1) // DC_MR_MAX          # micro-tiles per sample
     cdef Py_ssize_t P = (mt + nblk - 1) // nblk * DC_MR_MAX            # positions per block, max
-    cdef Py_ssize_t mb = _align64(_meta_bytes(g.K * P))
+    cdef Py_ssize_t mb = _meta_bytes(g.K * P)
     cdef Py_ssize_t per = _fused_bytes(g, nblk, sizeof(floating))
     cdef Py_ssize_t u, nl, b, p0, np_, go, gi, i
     cdef char* base
@@ -484,7 +486,7 @@ cdef inline Py_ssize_t _fused_bytes(const Geo* g, Py_ssize_t nblk,
                                     Py_ssize_t itemsize) noexcept nogil:
     """Bytes of one thread's workspace in the fused forward (sampling metadata + column tile)."""
     cdef Py_ssize_t P = ((g.Ho * g.Wo + DC_MR_MAX - 1) // DC_MR_MAX + nblk - 1) // nblk * DC_MR_MAX
-    return _align64(_meta_bytes(g.K * P)) + _align64(P * g.C * g.K * itemsize)
+    return _meta_bytes(g.K * P) + _align64(P * g.C * g.K * itemsize)
 
 
 cdef _forward_fused_f(Geo g, const floating[::1] x, floating[::1] xt, const floating[::1] off,

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 
-def timeit(fn, *, repeat=7, min_time=0.05, sync=None):
+def timeit(fn, *, repeat=11, min_time=0.1, sync=None):
     """Best (minimum) seconds per call of ``fn()`` over ``repeat`` samples, each looping until
     ``min_time``; ``sync`` (e.g. a CUDA synchronise) ends each sample. The minimum is the least
     disturbed by other load, and every implementation is timed the same way."""

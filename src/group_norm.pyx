@@ -16,7 +16,7 @@ normalisation are two parallel sweeps over all units. Both paths do the same ari
 import numpy as np
 cimport numpy as cnp
 from cython.parallel cimport prange, parallel, threadid
-from libc.math cimport sqrt, exp, expf
+from libc.math cimport sqrt, exp, expf, fabs
 from libc.stdlib cimport malloc, free
 
 from _types cimport floating
@@ -142,14 +142,31 @@ cdef inline void _finish(double mean, double m2, double cnt, double eps, double*
     out_rstd[0] = <floating>(1.0 / sqrt(var + eps))
 
 
+cdef enum:
+    SHIFT_FORM_LIMIT = 64   # |mean| * rstd up to which y = x * scale + shift is accurate enough
+
+
 cdef inline void _normalize_row(const floating* x, floating* y, Py_ssize_t n, double mean,
-                                floating scale, floating shift, int act) noexcept nogil:
-    """y = act((x - mean) * scale + shift); the mean is split into a rounded part and its
-    remainder so that x - mean stays exact-ish in float32 even with a large common offset."""
+                                double rstd, floating scale, floating shift, int act) noexcept nogil:
+    """y = act((x - mean) * scale + shift).
+
+    When the mean is within SHIFT_FORM_LIMIT standard deviations of 0 this is one FMA,
+    x * scale + (shift - mean * scale) (rounding error <= ~70 ulp of the output scale). Otherwise
+    (a large common offset) the mean is split into a rounded part and its remainder so that
+    x - mean stays exact-ish in float32.
+    """
     cdef Py_ssize_t i
     cdef floating hi = <floating>mean
     cdef floating lo = <floating>(mean - hi)
-    if act == 0:
+    cdef floating t = <floating>(<double>shift - mean * <double>scale)
+    if fabs(mean) * rstd <= SHIFT_FORM_LIMIT:
+        if act == 0:
+            for i in range(n):
+                y[i] = x[i] * scale + t
+        else:
+            for i in range(n):
+                y[i] = _act(x[i] * scale + t, act)
+    elif act == 0:
         for i in range(n):
             y[i] = ((x[i] - hi) - lo) * scale + shift
     else:
@@ -186,7 +203,7 @@ cdef void _nchw_unit_normalize(const floating* x, floating* y, Py_ssize_t u, Py_
     cdef Py_ssize_t c = row % C, ng = row // Cg       # row = n*C + c, so row // Cg = n*G + g
     cdef Py_ssize_t start = row * S + k * CHUNK
     cdef Py_ssize_t n = min(CHUNK, S - k * CHUNK)
-    _normalize_row(x + start, y + start, n, dmean[ng], rstd[ng] * w[c], b[c], act)
+    _normalize_row(x + start, y + start, n, dmean[ng], rstd[ng], rstd[ng] * w[c], b[c], act)
 
 
 cdef int _forward_nchw(const floating* x, floating* y, const floating* w, const floating* b,
@@ -279,8 +296,9 @@ cdef void _nhwc_unit_stats(const floating* x, Py_ssize_t u, Py_ssize_t C, Py_ssi
 cdef void _nhwc_unit_normalize(const floating* x, floating* y, Py_ssize_t u, Py_ssize_t C,
                                Py_ssize_t S, Py_ssize_t T, Py_ssize_t nb,
                                const floating* cmean, const floating* cscale, const floating* b,
-                               int act) noexcept nogil:
-    """cmean holds per channel the rounded group mean (N*C) followed by its remainder (N*C)."""
+                               const double* shift_form, int act) noexcept nogil:
+    """Per channel: cmean holds the rounded group mean (N*C) then its remainder (N*C), or, for
+    an image in shift form (see _normalize_row), the shift b - mean * scale then zeros."""
     cdef Py_ssize_t n = u // nb, blk = u % nb, p0 = blk * T, P = min(T, S - p0), p, c
     cdef Py_ssize_t off = (n * S + p0) * C
     cdef const floating* xb = x + off
@@ -288,8 +306,15 @@ cdef void _nhwc_unit_normalize(const floating* x, floating* y, Py_ssize_t u, Py_
     cdef const floating* m = cmean + 2 * n * C
     cdef const floating* lo = m + C
     cdef const floating* sc = cscale + n * C
+    cdef bint fma = shift_form[n] != 0
     for p in range(P):
-        if act == 0:
+        if fma and act == 0:
+            for c in range(C):
+                yb[p * C + c] = xb[p * C + c] * sc[c] + m[c]
+        elif fma:
+            for c in range(C):
+                yb[p * C + c] = _act(xb[p * C + c] * sc[c] + m[c], act)
+        elif act == 0:
             for c in range(C):
                 yb[p * C + c] = ((xb[p * C + c] - m[c]) - lo[c]) * sc[c] + b[c]
         else:
@@ -298,16 +323,27 @@ cdef void _nhwc_unit_normalize(const floating* x, floating* y, Py_ssize_t u, Py_
 
 
 cdef void _channel_coeffs(Py_ssize_t N, Py_ssize_t C, Py_ssize_t G, const floating* w,
-                          const double* dmean, const floating* rstd,
-                          floating* cmean, floating* cscale) noexcept nogil:
-    cdef Py_ssize_t n, c, Cg = C // G
+                          const floating* b, const double* dmean, const floating* rstd,
+                          floating* cmean, floating* cscale, double* shift_form) noexcept nogil:
+    """Per-channel normalisation coefficients of each image (see _nhwc_unit_normalize)."""
+    cdef Py_ssize_t n, c, g, Cg = C // G
     cdef floating hi
+    cdef double mu
     for n in range(N):
+        shift_form[n] = 1
+        for g in range(G):
+            if not (fabs(dmean[n * G + g]) * rstd[n * G + g] <= SHIFT_FORM_LIMIT):
+                shift_form[n] = 0
         for c in range(C):
-            hi = <floating>dmean[n * G + c // Cg]
-            cmean[2 * n * C + c] = hi
-            cmean[2 * n * C + C + c] = <floating>(dmean[n * G + c // Cg] - hi)
+            mu = dmean[n * G + c // Cg]
             cscale[n * C + c] = rstd[n * G + c // Cg] * w[c]
+            if shift_form[n] != 0:
+                cmean[2 * n * C + c] = <floating>(<double>b[c] - mu * <double>cscale[n * C + c])
+                cmean[2 * n * C + C + c] = 0
+            else:
+                hi = <floating>mu
+                cmean[2 * n * C + c] = hi
+                cmean[2 * n * C + C + c] = <floating>(mu - hi)
 
 
 cdef int _forward_nhwc(const floating* x, floating* y, const floating* w, const floating* b,
@@ -315,10 +351,11 @@ cdef int _forward_nhwc(const floating* x, floating* y, const floating* w, const 
                        Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G, double eps,
                        int act, int nthreads) noexcept nogil:
     cdef Py_ssize_t T = _block_positions(C), nb = (S + T - 1) // T, units = N * nb, u, ng
-    cdef double* pmean = <double*>malloc((3 * nb + 1) * N * G * sizeof(double))
+    cdef double* pmean = <double*>malloc(((3 * nb + 1) * N * G + N) * sizeof(double))
     cdef double* pm2 = pmean + N * G * nb
     cdef double* pcnt = pm2 + N * G * nb
     cdef double* dmean = pcnt + N * G * nb
+    cdef double* shift_form = dmean + N * G
     cdef double* acc
     cdef double* accs = <double*>malloc(nthreads * 3 * C * sizeof(double))
     if pmean == NULL or accs == NULL:
@@ -332,10 +369,10 @@ cdef int _forward_nhwc(const floating* x, floating* y, const floating* w, const 
     free(accs)
     for ng in prange(N * G, num_threads=nthreads, schedule="static"):
         _group_finish(ng, nb, eps, pmean, pm2, pcnt, dmean, mean, rstd)
-    _channel_coeffs(N, C, G, w, dmean, rstd, cmean, cscale)
-    free(pmean)
+    _channel_coeffs(N, C, G, w, b, dmean, rstd, cmean, cscale, shift_form)
     for u in prange(units, num_threads=nthreads, schedule="static"):
-        _nhwc_unit_normalize(x, y, u, C, S, T, nb, cmean, cscale, b, act)
+        _nhwc_unit_normalize(x, y, u, C, S, T, nb, cmean, cscale, b, shift_form, act)
+    free(pmean)
     return 0
 
 

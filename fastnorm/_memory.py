@@ -1,6 +1,6 @@
 """The CPU kernels' output cache.
 
-Large outputs (>= 32 MiB) of the CPU kernels come from a caching allocator: when such an array is
+Large outputs (>= 1 MiB) of the CPU kernels come from a caching allocator: when such an array is
 freed its memory is kept and reused by the next call, instead of being unmapped and, on the next
 call, mapped and zeroed again by the OS (which costs more than a memory-bound kernel itself).
 The cache holds at most 512 MiB by default (``FASTNORM_OUTPUT_CACHE_MB`` sets the limit at

@@ -13,9 +13,7 @@
 #include <pthread.h>
 #include <numpy/ndarraytypes.h>
 
-/* 32 MiB: glibc serves smaller blocks from its heap and recycles them without new page faults
- * once its dynamic mmap threshold has adapted; larger ones it always maps and unmaps anew. */
-#define FN_POOL_MIN ((size_t)32 << 20)
+#define FN_POOL_MIN (1 << 20)
 #define FN_POOL_SLOTS 16
 
 typedef struct { void* p; size_t n; } fn_block;

@@ -4,13 +4,16 @@
  * and zeroes every page on first touch. Blocks of at least FN_POOL_MIN bytes freed by NumPy are
  * kept (up to a byte limit, oldest evicted first) and handed out again for requests of the same
  * or slightly smaller size, so repeated calls reuse resident memory, as a GPU caching allocator
- * does. Smaller blocks, calloc and realloc go straight to the C library. Thread-safe.
+ * does. New pooled blocks are 2 MiB aligned and advised for transparent huge pages (fewer TLB
+ * misses when streamed; measured faster than glibc's heap blocks, slower without). Smaller
+ * blocks, calloc and realloc go straight to the C library. Thread-safe.
  */
 #ifndef FASTNORM_POOL_H
 #define FASTNORM_POOL_H
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
+#include <sys/mman.h>
 #include <numpy/ndarraytypes.h>
 
 #define FN_POOL_MIN (1 << 20)
@@ -43,6 +46,15 @@ static void* fn_pool_malloc(void* ctx, size_t n) {
         pthread_mutex_unlock(&fn_pool_lock);
         if (p)
             return p;
+    }
+    if (n >= FN_POOL_MIN) {            /* new pooled block: 2 MiB aligned, huge pages if offered */
+        void* p = NULL;
+        if (posix_memalign(&p, (size_t)1 << 21, n) != 0)
+            return NULL;
+#ifdef MADV_HUGEPAGE
+        madvise(p, (n + ((size_t)1 << 21) - 1) & ~(((size_t)1 << 21) - 1), MADV_HUGEPAGE);
+#endif
+        return p;
     }
     return malloc(n ? n : 1);
 }

@@ -1,44 +1,9 @@
-# Shared CPU geometry: bilinear sampling in the two conventions the ops use.
-# Each fills four element offsets (into one H x W plane) and four weights; weights are 0 and
-# offsets 0 for samples/corners outside the map, so reads always stay in bounds. NaN -> outside.
+# Shared CPU geometry: bilinear sampling in the conventions the ops use (RoIAlign's as per-axis
+# factors, roi_linear below; deformable convolution's as zero_pad_bilinear).
+# zero_pad_bilinear fills four element offsets (into one H x W plane) and four weights; weights
+# are 0 and offsets 0 for samples/corners outside the map, so reads always stay in bounds.
+# NaN coordinates count as outside in both.
 from _types cimport floating
-
-
-cdef inline bint roi_bilinear(floating y, floating x, Py_ssize_t H, Py_ssize_t W,
-                              Py_ssize_t* o, floating* wt) noexcept nogil:
-    """RoIAlign convention (torchvision): a sample outside (-1, H) x (-1, W) contributes 0;
-    coordinates in (-1, 0] clamp to 0 and the last row/column clamps. False when outside."""
-    cdef Py_ssize_t y0, x0, y1, x1
-    cdef floating ly, lx, hy, hx
-    if not (y >= -1 and y <= H and x >= -1 and x <= W):
-        o[0] = 0; o[1] = 0; o[2] = 0; o[3] = 0
-        wt[0] = 0; wt[1] = 0; wt[2] = 0; wt[3] = 0
-        return False
-    if y <= 0:
-        y = 0
-    if x <= 0:
-        x = 0
-    y0 = <Py_ssize_t>y
-    x0 = <Py_ssize_t>x
-    if y0 >= H - 1:
-        y0 = H - 1
-        y1 = y0
-        y = <floating>y0
-    else:
-        y1 = y0 + 1
-    if x0 >= W - 1:
-        x0 = W - 1
-        x1 = x0
-        x = <floating>x0
-    else:
-        x1 = x0 + 1
-    ly = y - y0
-    lx = x - x0
-    hy = 1 - ly
-    hx = 1 - lx
-    o[0] = y0 * W + x0; o[1] = y0 * W + x1; o[2] = y1 * W + x0; o[3] = y1 * W + x1
-    wt[0] = hy * hx; wt[1] = hy * lx; wt[2] = ly * hx; wt[3] = ly * lx
-    return True
 
 
 cdef inline bint zero_pad_bilinear(floating y, floating x, Py_ssize_t H, Py_ssize_t W,

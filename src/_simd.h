@@ -65,7 +65,7 @@ FN_DEFINE(double, d)
 #define FN_PREFETCH(p) ((void)0)
 #endif
 
-#define FN_COLS(T, SFX, NAME, PARAMS, DECL, F1, F2)                                                \
+#define FN_COLS(T, SFX, NAME, PARAMS, X2, DECL, F1, F2)                                            \
 static inline void fn_##NAME##_##SFX(const T* x, ptrdiff_t P, ptrdiff_t C, PARAMS,               \
                                      double* s1, double* s2) {                                   \
     enum { W = 64 / sizeof(T) };                                                                 \
@@ -73,7 +73,10 @@ static inline void fn_##NAME##_##SFX(const T* x, ptrdiff_t P, ptrdiff_t C, PARAM
     for (ptrdiff_t p0 = 0; p0 < P; p0 += FN_SUBP) {       /* rows in order: streams memory */    \
         const ptrdiff_t pe = p0 + FN_SUBP < P ? p0 + FN_SUBP : P;                                 \
         const ptrdiff_t pn = pe + FN_SUBP < P ? pe + FN_SUBP : P;                                 \
-        for (ptrdiff_t q = pe * C; q < pn * C; q += W) FN_PREFETCH(x + q); /* next rows */     \
+        for (ptrdiff_t q = pe * C; q < pn * C; q += W) {  /* prefetch the next rows */         \
+            FN_PREFETCH(x + q);                                                                  \
+            if (X2) FN_PREFETCH((const T*)(X2) + q);                                              \
+        }                                                                                        \
         ptrdiff_t c0 = 0;                                                                        \
         for (; c0 + W <= C; c0 += W) {                    /* W channels in registers */          \
             T a1[W], a2[W];                                                                      \
@@ -98,14 +101,14 @@ static inline void fn_##NAME##_##SFX(const T* x, ptrdiff_t P, ptrdiff_t C, PARAM
 
 #define FN_COMMA ,
 /* s1 = sum x, s2 unused (0) */
-FN_COLS(float, f, colsum, const float* unused_, (void)0, x[i], 0)
-FN_COLS(double, d, colsum, const double* unused_, (void)0, x[i], 0)
+FN_COLS(float, f, colsum, const float* unused_, NULL, (void)0, x[i], 0)
+FN_COLS(double, d, colsum, const double* unused_, NULL, (void)0, x[i], 0)
 /* s1 = sum d, s2 = sum d*d, d = x - k[c] */
-FN_COLS(float, f, coldev, const float* k, const float dv = x[i] - k[c], dv, dv * dv)
-FN_COLS(double, d, coldev, const double* k, const double dv = x[i] - k[c], dv, dv * dv)
+FN_COLS(float, f, coldev, const float* k, NULL, const float dv = x[i] - k[c], dv, dv * dv)
+FN_COLS(double, d, coldev, const double* k, NULL, const double dv = x[i] - k[c], dv, dv * dv)
 /* s1 = sum dy, s2 = sum dy * (x - m[c]) * r[c]   (x is the dy argument here, see below) */
 #define FN_GRAD_PARAMS(T) const T* xx, const T* m, const T* r
-FN_COLS(float, f, colgrad, FN_GRAD_PARAMS(float), (void)0, x[i], x[i] * ((xx[i] - m[c]) * r[c]))
-FN_COLS(double, d, colgrad, FN_GRAD_PARAMS(double), (void)0, x[i], x[i] * ((xx[i] - m[c]) * r[c]))
+FN_COLS(float, f, colgrad, FN_GRAD_PARAMS(float), xx, (void)0, x[i], x[i] * ((xx[i] - m[c]) * r[c]))
+FN_COLS(double, d, colgrad, FN_GRAD_PARAMS(double), xx, (void)0, x[i], x[i] * ((xx[i] - m[c]) * r[c]))
 
 #endif

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastnorm  # noqa: E402
-from fastnorm._bench import Table, timeit, write_results  # noqa: E402
+from fastnorm._bench import Table, onnx_op, timeit, write_results  # noqa: E402
 
 THREADS = 2
 TV_PYTHON = os.environ.get("FASTNORM_TV_PYTHON", "/work/venv-tv/bin/python")
@@ -106,36 +106,16 @@ def torchvision_cpu(x, w, b, off, mask, gy, y1, y2):
 
 
 def onnxruntime_session(x, w, b, off, mask):
-    """A DeformConv (opset 19) session and its feeds for v1 and v2, or None."""
-    try:
-        import onnxruntime as ort
-        from onnx import TensorProto, helper
-    except ImportError:
-        return None
+    """ONNX Runtime DeformConv (opset 19) runs for v1 and v2, or None if unavailable."""
     out = {}
     for v, m in (("v1", None), ("v2", mask)):
-        inputs = ["X", "W", "offset", "B"] + (["mask"] if m is not None else [])
-        node = helper.make_node("DeformConv", inputs, ["Y"], kernel_shape=[3, 3],
-                                pads=[1, 1, 1, 1], strides=[1, 1], dilations=[1, 1], group=1,
-                                offset_group=1)
         feeds = dict(X=x, W=w, offset=off, B=b, **({"mask": m} if m is not None else {}))
-        graph = helper.make_graph(
-            [node], "deform_conv",
-            [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(a.shape))
-             for k, a in feeds.items()],
-            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = THREADS
-        so.inter_op_num_threads = 1
-        try:
-            sess = ort.InferenceSession(model.SerializeToString(), so,
-                                        providers=["CPUExecutionProvider"])
-            sess.run(None, feeds)
-        except Exception as e:  # DeformConv missing in this onnxruntime build
-            print(f"onnxruntime DeformConv unavailable: {type(e).__name__}: {e}", file=sys.stderr)
+        run = onnx_op("DeformConv", feeds,
+                      dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1],
+                           dilations=[1, 1], group=1, offset_group=1), 19, THREADS)
+        if run is None:
             return None
-        out[v] = (sess, feeds)
+        out[v] = run
     return out
 
 
@@ -171,9 +151,8 @@ def main():
             fb.add(case, "fastnorm", t_fb[v], 3 * flops)
             checks.append((f"{case} fwd within 1.5x of torch conv2d", t_f[v] <= 1.5 * t_conv))
             if ort_s is not None:
-                sess, feeds = ort_s[v]
-                err = float(np.abs(sess.run(None, feeds)[0] - y[v]).max())
-                t_o = timeit(lambda: sess.run(None, feeds))
+                err = float(np.abs(ort_s[v]() - y[v]).max())
+                t_o = timeit(ort_s[v])
                 fwd.add(case, f"onnxruntime DeformConv (max diff {err:.1e})", t_o, flops)
                 checks.append((f"{case} fwd >= 1.2x onnxruntime", t_o >= 1.2 * t_f[v]))
             if tv is not None:

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 import fastnorm
-from fastnorm._bench import Table, copy_bandwidth, timeit, write_results
+from fastnorm._bench import Table, copy_bandwidth, onnx_op, timeit, write_results
 
 SHAPES = [((8, 256, 64, 64), 32), ((1, 512, 128, 128), 32), ((2, 64, 8, 56, 56), 32),
           ((1, 64, 256, 256), 2)]
@@ -26,26 +26,6 @@ LARGE = SHAPES[:2]
 
 def _name(shape, G, cl):
     return f"{'x'.join(map(str, shape))} G{G} {'NHWC' if cl else 'NCHW'}"
-
-
-def _onnx_session(G, threads):
-    try:
-        import onnxruntime as ort
-        from onnx import TensorProto, helper
-    except ImportError:
-        return None
-    node = helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=G,
-                            epsilon=1e-5)
-    f = TensorProto.FLOAT
-    graph = helper.make_graph([node], "gn", [helper.make_tensor_value_info("x", f, None),
-                                             helper.make_tensor_value_info("s", f, None),
-                                             helper.make_tensor_value_info("b", f, None)],
-                              [helper.make_tensor_value_info("y", f, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def cpu_tables(threads, quick=False):
@@ -109,10 +89,10 @@ def cpu_tables(threads, quick=False):
                 if big:
                     checks.append((f"fwd {case}: >= 60% of copy bandwidth",
                                    2 * x.nbytes / t_ours / 1e9 >= 0.6 * ceiling))
-            sess = None if cl else _onnx_session(G, threads)
-            if sess is not None:
-                feeds = {"x": x, "s": w, "b": b}
-                fwd.add(case, "onnxruntime", timeit(lambda: sess.run(None, feeds)), 2 * x.nbytes)
+            run = None if cl else onnx_op("GroupNormalization", {"x": x, "s": w, "b": b},
+                                          dict(num_groups=G, epsilon=1e-5), 21, threads)
+            if run is not None:
+                fwd.add(case, "onnxruntime", timeit(run), 2 * x.nbytes)
     return [fwd, fb], checks
 
 

@@ -17,7 +17,7 @@ import tempfile
 import numpy as np
 
 import fastnorm
-from fastnorm._bench import Table, timeit, write_results
+from fastnorm._bench import Table, onnx_op, timeit, write_results
 
 THREADS = 2
 IOU = 0.5
@@ -83,29 +83,6 @@ def torchvision_times(cases, tmp):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def ort_session(n):
-    try:
-        import onnx
-        import onnxruntime as ort
-        from onnx import TensorProto, helper
-    except ImportError:
-        return None
-    node = helper.make_node("NonMaxSuppression", ["boxes", "scores", "max", "iou"], ["sel"])
-    graph = helper.make_graph(
-        [node], "nms",
-        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, n, 4]),
-         helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, n])],
-        [helper.make_tensor_value_info("sel", TensorProto.INT64, [None, 3])],
-        [helper.make_tensor("max", TensorProto.INT64, [1], [n]),
-         helper.make_tensor("iou", TensorProto.FLOAT, [1], [IOU])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
-
-
 def main():
     fastnorm.set_num_threads(THREADS)
     try:
@@ -146,12 +123,14 @@ def main():
             assert np.array_equal(np.sort(theirs), np.sort(ours)), case
             peers["torchvision"] = tv["times"][case]
         if not case.startswith("batched"):
-            sess = ort_session(n)
-            if sess is not None:
-                feed = {"boxes": b[None], "scores": s[None, None]}
-                sel = sess.run(None, feed)[0][:, 2]
+            run = onnx_op("NonMaxSuppression",
+                          {"boxes": b[None], "scores": s[None, None],
+                           "max": np.array([n], np.int64), "iou": np.array([IOU], np.float32)},
+                          {}, 13, THREADS, np.int64)
+            if run is not None:
+                sel = run()[:, 2]
                 assert np.array_equal(np.sort(sel), np.sort(ours)), case
-                peers["onnxruntime"] = timeit(lambda: sess.run(None, feed), **_timer(n))
+                peers["onnxruntime"] = timeit(run, **_timer(n))
         if cv2 is not None:
             xywh = np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], 1).astype(np.float64)
             if case.startswith("batched"):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import fastnorm
-from fastnorm._bench import Table, machine, timeit
+from fastnorm._bench import Table, machine, onnx_op, timeit
 
 OPS = ("group_norm", "nms", "roi_ops", "deform_conv")
 
@@ -99,30 +99,7 @@ def demo(N=2, C=64, S=64, stride=8, per_image=500, classes=10):
 # ---------------------------------------------------------------- quick benchmark
 
 def _ort(op, feeds, attrs, opset, out_type=np.float32):
-    """A one-node ONNX Runtime session running ``op`` on ``feeds``; None if unavailable."""
-    try:
-        import onnxruntime as ort
-        from onnx import TensorProto, helper
-    except ImportError:
-        return None
-    types = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int64): TensorProto.INT64}
-    try:
-        node = helper.make_node(op, list(feeds), ["y"], **attrs)
-        graph = helper.make_graph(
-            [node], op, [helper.make_tensor_value_info(k, types[v.dtype], list(v.shape))
-                         for k, v in feeds.items()],
-            [helper.make_tensor_value_info("y", types[np.dtype(out_type)], None)])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = fastnorm.get_num_threads()
-        so.inter_op_num_threads = 1
-        sess = ort.InferenceSession(model.SerializeToString(), so,
-                                    providers=["CPUExecutionProvider"])
-        sess.run(None, feeds)
-    except Exception as e:  # an old runtime without the op
-        print(f"  (onnxruntime {op} skipped: {type(e).__name__})", file=sys.stderr)
-        return None
-    return lambda: sess.run(None, feeds)
+    return onnx_op(op, feeds, attrs, opset, fastnorm.get_num_threads(), out_type)
 
 
 def quick_bench():

@@ -43,6 +43,40 @@ def copy_bandwidth(nbytes=256 << 20, xp=np, sync=None):
     return 2 * nbytes / t / 1e9
 
 
+def onnx_op(op, feeds, attrs, opset, threads, out_type=np.float32):
+    """A one-node ONNX Runtime model running ``op`` on ``feeds`` (input name -> array, in the
+    op's input order) with ``attrs``, on ``threads`` intra-op threads.
+
+    Returns ``run()``, which returns the op's output, or None when ONNX Runtime (or this op in
+    it) is unavailable.
+    """
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    types = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE,
+             np.dtype(np.int64): TensorProto.INT64}
+    try:
+        node = helper.make_node(op, list(feeds), ["y"], **attrs)
+        graph = helper.make_graph(
+            [node], op, [helper.make_tensor_value_info(k, types[v.dtype], list(v.shape))
+                         for k, v in feeds.items()],
+            [helper.make_tensor_value_info("y", types[np.dtype(out_type)], None)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(model.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+        sess.run(None, feeds)
+    except Exception as e:  # an onnxruntime without this op
+        import sys
+        print(f"  (onnxruntime {op} unavailable: {type(e).__name__}: {e})", file=sys.stderr)
+        return None
+    return lambda: sess.run(None, feeds)[0]
+
+
 def machine():
     """A one-line description of the machine and software."""
     import fastnorm

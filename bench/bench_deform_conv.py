@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastnorm  # noqa: E402
-from fastnorm._bench import Table, onnx_op, timeit, write_results  # noqa: E402
+from fastnorm._bench import Table, onnx_op, timeit, timeit_source, write_results  # noqa: E402
 
 THREADS = 2
 TV_PYTHON = os.environ.get("FASTNORM_TV_PYTHON", "/work/venv-tv/bin/python")
@@ -57,22 +57,12 @@ def workload(shape, seed=0):
 
 
 TV_SCRIPT = r"""
-import json, sys, time
+import json, sys
 import numpy as np, torch, torchvision
 torch.set_num_threads(%(threads)d)
 d = sys.argv[1]
 L = lambda n: torch.from_numpy(np.load(d + "/" + n + ".npy"))
 x, w, b, off, mask, gy = (L(n) for n in ("x", "w", "b", "off", "mask", "gy"))
-
-def timeit(fn, repeat=11, min_time=0.1):
-    fn(); t0 = time.perf_counter(); fn(); one = max(time.perf_counter() - t0, 1e-7)
-    inner = max(1, int(min_time / one)); s = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        s.append((time.perf_counter() - t0) / inner)
-    return float(min(s))          # best of N, as fastnorm._bench.timeit
 
 out = {"version": torchvision.__version__}
 for v, m in (("v1", None), ("v2", mask)):
@@ -97,7 +87,7 @@ def torchvision_cpu(x, w, b, off, mask, gy, y1, y2):
     with tempfile.TemporaryDirectory() as d:
         for n, a in dict(x=x, w=w, b=b, off=off, mask=mask, gy=gy, y_v1=y1, y_v2=y2).items():
             np.save(f"{d}/{n}.npy", a)
-        r = subprocess.run([TV_PYTHON, "-c", TV_SCRIPT % dict(threads=THREADS), d],
+        r = subprocess.run([TV_PYTHON, "-c", timeit_source() + TV_SCRIPT % dict(threads=THREADS), d],
                            capture_output=True, text=True)
     if r.returncode != 0:
         print("torchvision subprocess failed:", r.stderr[-800:], file=sys.stderr)

@@ -17,7 +17,7 @@ import tempfile
 import numpy as np
 
 import fastnorm
-from fastnorm._bench import Table, onnx_op, timeit, write_results
+from fastnorm._bench import Table, onnx_op, timeit, timeit_source, write_results
 
 THREADS = 2
 IOU = 0.5
@@ -47,16 +47,10 @@ def _timer(n):
 
 
 _TV_SCRIPT = r"""
-import json, sys, time, numpy as np, torch, torchvision
+import json, sys, numpy as np, torch, torchvision
 torch.set_num_threads(int(sys.argv[2]))
 d = sys.argv[1]; out = {}
-def t(fn, n):
-    fn(); best = []
-    reps = 3 if n >= 50000 else 7
-    for _ in range(reps):
-        t0 = time.perf_counter(); fn(); best.append(time.perf_counter() - t0)
-    return float(min(best))     # best of N, as fastnorm._bench.timeit
-for case in json.loads(sys.argv[3]):
+for case, timer in json.loads(sys.argv[3]).items():
     b = torch.from_numpy(np.load(f"{d}/{case}_b.npy")); s = torch.from_numpy(np.load(f"{d}/{case}_s.npy"))
     if case.startswith("batched"):
         i = torch.from_numpy(np.load(f"{d}/{case}_i.npy"))
@@ -64,17 +58,18 @@ for case in json.loads(sys.argv[3]):
     else:
         fn = lambda: torchvision.ops.nms(b, s, %(iou)r)
     np.save(f"{d}/{case}_tvkeep.npy", fn().numpy())
-    out[case] = t(fn, len(s))
+    out[case] = timeit(fn, **timer)
 print(json.dumps({"versions": [torch.__version__, torchvision.__version__], "times": out}))
 """ % {"iou": IOU}
 
 
 def torchvision_times(cases, tmp):
+    """torchvision's times for ``cases`` (name -> timeit keyword arguments), from a subprocess."""
     py = os.environ.get("FASTNORM_TV_PYTHON", "/work/venv-tv/bin/python")
     if not os.path.exists(py):
         py = sys.executable
     with open(os.path.join(tmp, "tv.py"), "w") as f:
-        f.write(_TV_SCRIPT)
+        f.write(timeit_source() + _TV_SCRIPT)
     r = subprocess.run([py, os.path.join(tmp, "tv.py"), tmp, str(THREADS), json.dumps(cases)],
                        capture_output=True, text=True)
     if r.returncode != 0:
@@ -101,7 +96,7 @@ def main():
     for case, arrs in inputs.items():
         for suffix, a in zip("bsi", arrs):
             np.save(os.path.join(tmp, f"{case}_{suffix}.npy"), a)
-    tv = torchvision_times(list(inputs), tmp)
+    tv = torchvision_times({case: _timer(len(arrs[1])) for case, arrs in inputs.items()}, tmp)
     ratios = {}
     for case, arrs in inputs.items():
         n = len(arrs[1])

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastnorm  # noqa: E402
-from fastnorm._bench import Table, onnx_op, timeit, write_results  # noqa: E402
+from fastnorm._bench import Table, onnx_op, timeit, timeit_source, write_results  # noqa: E402
 
 THREADS = 2
 PH = PW = 7
@@ -47,22 +47,12 @@ def workload(seed=0, K=1000):
 
 
 TV_SCRIPT = r"""
-import json, sys, time
+import json, sys
 import numpy as np, torch, torchvision
 torch.set_num_threads(%(threads)d)
 d = sys.argv[1]
 x = torch.from_numpy(np.load(d + "/x.npy")); rois = torch.from_numpy(np.load(d + "/rois.npy"))
 ref = np.load(d + "/y.npy")
-
-def timeit(fn, repeat=11, min_time=0.1):
-    fn(); t0 = time.perf_counter(); fn(); one = max(time.perf_counter() - t0, 1e-7)
-    inner = max(1, int(min_time / one)); s = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        s.append((time.perf_counter() - t0) / inner)
-    return float(min(s))          # best of N, as fastnorm._bench.timeit
 
 f = lambda: torchvision.ops.roi_align(x, rois, %(ph)d, %(scale)r, %(sr)d, %(aligned)r)
 err = float(np.abs(f().numpy() - ref).max())
@@ -85,7 +75,7 @@ def torchvision_cpu(x, rois, y, g):
         np.save(f"{d}/rois.npy", rois)
         np.save(f"{d}/y.npy", y)
         np.save(f"{d}/g.npy", g)
-        code = TV_SCRIPT % dict(threads=THREADS, ph=PH, scale=SCALE, sr=SR, aligned=ALIGNED)
+        code = timeit_source() + TV_SCRIPT % dict(threads=THREADS, ph=PH, scale=SCALE, sr=SR, aligned=ALIGNED)
         r = subprocess.run([TV_PYTHON, "-c", code, d], capture_output=True, text=True)
     if r.returncode != 0:
         print("torchvision subprocess failed:", r.stderr[-500:], file=sys.stderr)

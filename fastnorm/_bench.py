@@ -35,6 +35,17 @@ def timeit(fn, *, repeat=11, min_time=0.1, sync=None):
     return float(min(samples))
 
 
+def timeit_source():
+    """Python source defining ``timeit`` (this module's) for a peer timed in another interpreter,
+    e.g. torchvision in its own environment run as a subprocess: it loads this file by path and
+    needs only NumPy there. Prepend it to the subprocess's script."""
+    return ("import importlib.util as _iu\n"
+            f"_spec = _iu.spec_from_file_location('fastnorm_bench', {os.path.abspath(__file__)!r})\n"
+            "_bench = _iu.module_from_spec(_spec)\n"
+            "_spec.loader.exec_module(_bench)\n"
+            "timeit = _bench.timeit\n")
+
+
 def copy_bandwidth(nbytes=256 << 20, xp=np, sync=None):
     """Measured copy bandwidth in GB/s, counting bytes read plus bytes written."""
     src = xp.ones(nbytes // 4, dtype=xp.float32)

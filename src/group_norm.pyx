@@ -647,9 +647,9 @@ cdef _forward_f(const floating[::1] x, const floating[::1] w, const floating[::1
     cdef floating[::1] cm, cs
     cdef int rc = 0
     cdef Py_ssize_t bi, n0, nn, B = _images_per_batch(N, C * S * sizeof(floating))
-    if channels_last:
-        cm = np.empty(2 * N * C, dtype=np.asarray(y).dtype)
-        cs = np.empty(N * C, dtype=np.asarray(y).dtype)
+    if channels_last:                                           # per-batch scratch
+        cm = np.empty(2 * B * C, dtype=np.asarray(y).dtype)
+        cs = np.empty(B * C, dtype=np.asarray(y).dtype)
     with nogil:
         for bi in range((N + B - 1) // B):
             n0 = bi * B
@@ -692,13 +692,13 @@ cdef _backward_f(const floating[::1] dy, const floating[::1] x, const floating[:
                  floating[::1] gx, floating[::1] gw, floating[::1] gb, Py_ssize_t N, Py_ssize_t C,
                  Py_ssize_t S, Py_ssize_t G, bint channels_last, int act, int nthreads):
     dtype = np.asarray(gx).dtype
-    cdef floating[::1] k = np.empty(3 * N * C, dtype=dtype)
-    cdef floating[::1] cm = np.empty(N * C, dtype=dtype)
-    cdef floating[::1] cr = np.empty(N * C, dtype=dtype)
+    cdef Py_ssize_t B = _images_per_batch(N, 2 * C * S * sizeof(floating))   # dy and x
+    cdef floating[::1] k = np.empty(3 * B * C, dtype=dtype)     # per-batch scratch
+    cdef floating[::1] cm = np.empty(B * C, dtype=dtype)
+    cdef floating[::1] cr = np.empty(B * C, dtype=dtype)
     cdef double[::1] sums = np.empty(2 * N * C, dtype=np.float64)   # per (n, c): dz, dz*xhat
     cdef int rc = 0
     cdef Py_ssize_t bi, n0, nn, NC = N * C, o
-    cdef Py_ssize_t B = _images_per_batch(N, 2 * C * S * sizeof(floating))   # dy and x
     with nogil:
         for bi in range((N + B - 1) // B):
             n0 = bi * B

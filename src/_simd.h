@@ -1,114 +1,227 @@
 /* Vectorised reductions for the CPU kernels.
  *
- * `#pragma omp simd reduction` lets the compiler keep one partial sum per vector lane; sums run in
- * the input precision over blocks of FN_BLOCK elements and are flushed to double, so float32 data
- * is summed at full vector width without losing accuracy. For a given binary the order is fixed,
- * so results are deterministic. Without OpenMP the pragmas are ignored (plain loops).
+ * Written with GCC/Clang vector extensions so that the accumulators are explicit registers:
+ * contiguous sums keep FN_U independent vector accumulators (one would make the loop wait on the
+ * add latency), and the channels-last column sums keep a tile of up to FN_NV vectors of channels
+ * in registers while they stream down the rows. Partial sums run in the input precision over
+ * short blocks and are flushed to double, so float32 data is summed at full vector width without
+ * losing accuracy. The order of operations depends only on the shape (and the binary's vector
+ * width), never on the thread count, so results are deterministic.
  */
 #ifndef FASTNORM_SIMD_H
 #define FASTNORM_SIMD_H
 #include <stddef.h>
 
-#define FN_BLOCK 512
+#if defined(__AVX512F__)
+#define FN_VB 64          /* vector bytes */
+#define FN_NV 8           /* vectors per column tile (x2 accumulators: 16 of 32 registers) */
+#else
+#define FN_VB 32
+#define FN_NV 4           /* 8 of 16 registers */
+#endif
+#define FN_U 4            /* accumulators per contiguous reduction */
+#define FN_BLOCK 1024     /* elements per input-precision partial sum (contiguous) */
+#define FN_SUBP 32        /* rows per input-precision partial sum (columns) */
 
-#define FN_DEFINE(T, SFX)                                                                        \
-/* sum of x[0:n] */                                                                              \
-static inline double fn_sum_##SFX(const T* x, ptrdiff_t n) {                                      \
-    double s = 0;                                                                                \
+typedef float fn_vf __attribute__((vector_size(FN_VB), aligned(4), may_alias));
+typedef double fn_vd __attribute__((vector_size(FN_VB), aligned(8), may_alias));
+
+#define FN_INLINE static inline __attribute__((always_inline))
+#define FN_CLAMP(n) ((n) < FN_NV ? (n) : FN_NV)
+
+/* ---------------------------------------------------------------- contiguous reductions
+ * FN_REDUCE defines fn_NAME_SFX(x, n, PARAMS, double* s1, double* s2): s1 = sum F1(i),
+ * s2 = sum F2(i) over i in [0, n), with BODY computing the vector terms f1, f2 at offset i. */
+#define FN_REDUCE(T, V, SFX, NAME, PARAMS, BODY, SCALAR)                                          \
+static inline void fn_##NAME##_##SFX(const T* x, ptrdiff_t n, PARAMS, double* s1, double* s2) {   \
+    enum { W = FN_VB / sizeof(T) };                                                              \
+    double r1 = 0, r2 = 0;                                                                       \
     for (ptrdiff_t i0 = 0; i0 < n; i0 += FN_BLOCK) {                                              \
-        ptrdiff_t e = i0 + FN_BLOCK < n ? i0 + FN_BLOCK : n;                                      \
-        T a = 0;                                                                                 \
-        _Pragma("omp simd reduction(+:a)")                                                       \
-        for (ptrdiff_t i = i0; i < e; i++) a += x[i];                                              \
-        s += a;                                                                                  \
+        const ptrdiff_t e = i0 + FN_BLOCK < n ? i0 + FN_BLOCK : n;                                \
+        V a1[FN_U], a2[FN_U];                                                                    \
+        for (int u = 0; u < FN_U; u++) { a1[u] = (V){0}; a2[u] = (V){0}; }                       \
+        ptrdiff_t i = i0;                                                                        \
+        for (; i + FN_U * W <= e; i += FN_U * W) {                                                \
+            _Pragma("GCC unroll 4")                                                              \
+            for (int u = 0; u < FN_U; u++) {                                                     \
+                const ptrdiff_t o = i + u * W; V f1, f2; BODY;                                   \
+                a1[u] += f1; a2[u] += f2;                                                        \
+            }                                                                                    \
+        }                                                                                        \
+        V b1 = (a1[0] + a1[1]) + (a1[2] + a1[3]), b2 = (a2[0] + a2[1]) + (a2[2] + a2[3]);         \
+        T t1 = 0, t2 = 0;                                                                        \
+        for (int l = 0; l < W; l++) { t1 += b1[l]; t2 += b2[l]; }                                 \
+        for (; i < e; i++) { T f1, f2; SCALAR; t1 += f1; t2 += f2; }                              \
+        r1 += t1; r2 += t2;                                                                      \
     }                                                                                            \
-    return s;                                                                                    \
+    *s1 = r1; *s2 = r2;                                                                          \
+}
+
+#define FN_LOAD(V, p) (*(const V*)(p))
+
+#define FN_DEFINE(T, V, SFX)                                                                     \
+/* sum of x (s2 unused) */                                                                       \
+FN_REDUCE(T, V, SFX, sum2, int unused_,                                                           \
+          (f1 = FN_LOAD(V, x + o), f2 = (V){0}), (f1 = x[i], f2 = 0))                             \
+static inline double fn_sum_##SFX(const T* x, ptrdiff_t n) {                                      \
+    double s, unused; fn_sum2_##SFX(x, n, 0, &s, &unused); return s;                              \
 }                                                                                                \
 /* sum of d and of d*d, d = x - k */                                                             \
-static inline void fn_dev_sums_##SFX(const T* x, ptrdiff_t n, T k, double* sd, double* sq) {     \
-    double s1 = 0, s2 = 0;                                                                       \
-    for (ptrdiff_t i0 = 0; i0 < n; i0 += FN_BLOCK) {                                              \
-        ptrdiff_t e = i0 + FN_BLOCK < n ? i0 + FN_BLOCK : n;                                      \
-        T a = 0, b = 0;                                                                          \
-        _Pragma("omp simd reduction(+:a,b)")                                                     \
-        for (ptrdiff_t i = i0; i < e; i++) { T d = x[i] - k; a += d; b += d * d; }                 \
-        s1 += a; s2 += b;                                                                        \
-    }                                                                                            \
-    *sd = s1; *sq = s2;                                                                          \
-}                                                                                                \
-/* sum of dy and of dy * (x - mean) * rstd */                                                    \
-static inline void fn_grad_sums_##SFX(const T* dy, const T* x, ptrdiff_t n, T mean, T rstd,      \
-                                      double* s_dy, double* s_dyx) {                             \
-    double s1 = 0, s2 = 0;                                                                       \
-    for (ptrdiff_t i0 = 0; i0 < n; i0 += FN_BLOCK) {                                              \
-        ptrdiff_t e = i0 + FN_BLOCK < n ? i0 + FN_BLOCK : n;                                      \
-        T a = 0, b = 0;                                                                          \
-        _Pragma("omp simd reduction(+:a,b)")                                                     \
-        for (ptrdiff_t i = i0; i < e; i++) { a += dy[i]; b += dy[i] * ((x[i] - mean) * rstd); }    \
-        s1 += a; s2 += b;                                                                        \
-    }                                                                                            \
-    *s_dy = s1; *s_dyx = s2;                                                                     \
-}
-
-FN_DEFINE(float, f)
-FN_DEFINE(double, d)
-#undef FN_DEFINE
-
-/* Column sums over a (P, C) row-major block, for channels-last layouts: per channel c,
- * s1[c] = sum_p f1(p, c) and s2[c] = sum_p f2(p, c). Channels go W at a time (one 64-byte vector)
- * with the partial sums held in registers; positions are summed in the input precision over
- * FN_SUBP rows and flushed to double. */
-#define FN_SUBP 16
-#if defined(__GNUC__) || defined(__clang__)
-#define FN_PREFETCH(p) __builtin_prefetch((p), 0, 3)
-#else
-#define FN_PREFETCH(p) ((void)0)
-#endif
-
-#define FN_COLS(T, SFX, NAME, PARAMS, X2, DECL, F1, F2)                                            \
-static inline void fn_##NAME##_##SFX(const T* x, ptrdiff_t P, ptrdiff_t C, PARAMS,               \
-                                     double* s1, double* s2) {                                   \
-    enum { W = 64 / sizeof(T) };                                                                 \
-    for (ptrdiff_t c = 0; c < C; c++) { s1[c] = 0; s2[c] = 0; }                                   \
-    for (ptrdiff_t p0 = 0; p0 < P; p0 += FN_SUBP) {       /* rows in order: streams memory */    \
-        const ptrdiff_t pe = p0 + FN_SUBP < P ? p0 + FN_SUBP : P;                                 \
-        const ptrdiff_t pn = pe + FN_SUBP < P ? pe + FN_SUBP : P;                                 \
-        for (ptrdiff_t q = pe * C; q < pn * C; q += W) {  /* prefetch the next rows */         \
-            FN_PREFETCH(x + q);                                                                  \
-            if (X2) FN_PREFETCH((const T*)(X2) + q);                                              \
-        }                                                                                        \
-        ptrdiff_t c0 = 0;                                                                        \
-        for (; c0 + W <= C; c0 += W) {                    /* W channels in registers */          \
-            T a1[W], a2[W];                                                                      \
-            for (int j = 0; j < W; j++) { a1[j] = 0; a2[j] = 0; }                                \
-            for (ptrdiff_t p = p0; p < pe; p++) {                                                 \
-                _Pragma("omp simd")                                                              \
-                for (int j = 0; j < W; j++) {                                                    \
-                    const ptrdiff_t c = c0 + j, i = p * C + c; DECL;                             \
-                    a1[j] += F1; a2[j] += F2;                                                    \
-                }                                                                                \
-            }                                                                                    \
-            for (int j = 0; j < W; j++) { s1[c0 + j] += a1[j]; s2[c0 + j] += a2[j]; }             \
-        }                                                                                        \
-        for (ptrdiff_t c = c0; c < C; c++) {                                                      \
-            T a1 = 0, a2 = 0;                                                                    \
-            for (ptrdiff_t p = p0; p < pe; p++) { const ptrdiff_t i = p * C + c; DECL;            \
-                                                  a1 += F1; a2 += F2; }                          \
-            s1[c] += a1; s2[c] += a2;                                                            \
-        }                                                                                        \
-    }                                                                                            \
-}
+FN_REDUCE(T, V, SFX, dev_sums, T k,                                                               \
+          (f1 = FN_LOAD(V, x + o) - k, f2 = f1 * f1), (f1 = x[i] - k, f2 = f1 * f1))              \
+/* sum of dy and of dy * (x - mean) * rstd   (x is dy here, xx is the forward input) */          \
+FN_REDUCE(T, V, SFX, grad_sums, const T* xx FN_COMMA T mean FN_COMMA T rstd,                      \
+          (f1 = FN_LOAD(V, x + o), f2 = f1 * ((FN_LOAD(V, xx + o) - mean) * rstd)),                \
+          (f1 = x[i], f2 = f1 * ((xx[i] - mean) * rstd)))
 
 #define FN_COMMA ,
-/* s1 = sum x, s2 unused (0) */
-FN_COLS(float, f, colsum, const float* unused_, NULL, (void)0, x[i], 0)
-FN_COLS(double, d, colsum, const double* unused_, NULL, (void)0, x[i], 0)
-/* s1 = sum d, s2 = sum d*d, d = x - k[c] */
-FN_COLS(float, f, coldev, const float* k, NULL, const float dv = x[i] - k[c], dv, dv * dv)
-FN_COLS(double, d, coldev, const double* k, NULL, const double dv = x[i] - k[c], dv, dv * dv)
-/* s1 = sum dy, s2 = sum dy * (x - m[c]) * r[c]   (x is the dy argument here, see below) */
-#define FN_GRAD_PARAMS(T) const T* xx, const T* m, const T* r
-FN_COLS(float, f, colgrad, FN_GRAD_PARAMS(float), xx, (void)0, x[i], x[i] * ((xx[i] - m[c]) * r[c]))
-FN_COLS(double, d, colgrad, FN_GRAD_PARAMS(double), xx, (void)0, x[i], x[i] * ((xx[i] - m[c]) * r[c]))
+FN_DEFINE(float, fn_vf, f)
+FN_DEFINE(double, fn_vd, d)
+#undef FN_DEFINE
+
+/* ---------------------------------------------------------------- channels-last column sums
+ * Over a (P, C) row-major block, per channel c: s1[c] = sum_p F1(p, c), s2[c] = sum_p F2(p, c).
+ * Channels go in tiles of NV vectors whose partial sums stay in registers while the tile streams
+ * down the rows (for C <= FN_NV vectors that is the whole row: memory is read in order); partial
+ * sums are flushed to double every FN_SUBP rows. Channels past the last whole vector are summed
+ * one by one. FN_COLS(T, V, SFX, NAME, PARAMS, ARGS, SETUP, BODY, SCALAR): SETUP loads the tile's
+ * per-channel vectors (index j, channel offset cj), BODY computes f1, f2 at element offset o,
+ * SCALAR the same for one element i of channel c. */
+#define FN_COLS(T, V, SFX, NAME, PARAMS, ARGS, SETUP_DECL, SETUP, BODY, SCALAR)                   \
+FN_INLINE void fn_##NAME##_tile_##SFX(const T* x, ptrdiff_t P, ptrdiff_t C, ptrdiff_t c0,         \
+                                      const int nv, PARAMS, double* s1, double* s2) {            \
+    enum { W = FN_VB / sizeof(T) };                                                              \
+    SETUP_DECL;                                                                                  \
+    _Pragma("GCC unroll 8")                                                                      \
+    for (int j = 0; j < nv; j++) { const ptrdiff_t cj = c0 + j * W; (void)cj; SETUP; }           \
+    for (ptrdiff_t p0 = 0; p0 < P; p0 += FN_SUBP) {                                               \
+        const ptrdiff_t pe = p0 + FN_SUBP < P ? p0 + FN_SUBP : P;                                 \
+        V a1[FN_NV], a2[FN_NV];                                                                  \
+        _Pragma("GCC unroll 8")                                                                  \
+        for (int j = 0; j < nv; j++) { a1[j] = (V){0}; a2[j] = (V){0}; }                         \
+        for (ptrdiff_t p = p0; p < pe; p++) {                                                     \
+            _Pragma("GCC unroll 8")                                                              \
+            for (int j = 0; j < nv; j++) {                                                       \
+                const ptrdiff_t o = p * C + c0 + j * W; V f1, f2; BODY;                          \
+                a1[j] += f1; a2[j] += f2;                                                        \
+            }                                                                                    \
+        }                                                                                        \
+        for (int j = 0; j < nv; j++)                                                             \
+            for (int l = 0; l < W; l++) { s1[c0 + j * W + l] += a1[j][l];                        \
+                                          s2[c0 + j * W + l] += a2[j][l]; }                      \
+    }                                                                                            \
+}                                                                                                \
+static inline void fn_##NAME##_##SFX(const T* x, ptrdiff_t P, ptrdiff_t C, PARAMS,               \
+                                     double* s1, double* s2) {                                   \
+    enum { W = FN_VB / sizeof(T) };                                                              \
+    for (ptrdiff_t c = 0; c < C; c++) { s1[c] = 0; s2[c] = 0; }                                   \
+    ptrdiff_t c0 = 0;                                                                            \
+    while (c0 + W <= C) {                                                                        \
+        const ptrdiff_t nv = (C - c0) / W;                                                       \
+        switch (FN_CLAMP(nv)) {   /* a constant tile width per case: registers */                                                      \
+        case 8: fn_##NAME##_tile_##SFX(x, P, C, c0, FN_CLAMP(8), ARGS, s1, s2); break;           \
+        case 7: fn_##NAME##_tile_##SFX(x, P, C, c0, FN_CLAMP(7), ARGS, s1, s2); break;           \
+        case 6: fn_##NAME##_tile_##SFX(x, P, C, c0, FN_CLAMP(6), ARGS, s1, s2); break;           \
+        case 5: fn_##NAME##_tile_##SFX(x, P, C, c0, FN_CLAMP(5), ARGS, s1, s2); break;           \
+        case 4: fn_##NAME##_tile_##SFX(x, P, C, c0, 4, ARGS, s1, s2); break;                     \
+        case 3: fn_##NAME##_tile_##SFX(x, P, C, c0, 3, ARGS, s1, s2); break;                     \
+        case 2: fn_##NAME##_tile_##SFX(x, P, C, c0, 2, ARGS, s1, s2); break;                     \
+        default: fn_##NAME##_tile_##SFX(x, P, C, c0, 1, ARGS, s1, s2); break;                    \
+        }                                                                                        \
+        c0 += FN_CLAMP(nv) * W;                                                    \
+    }                                                                                            \
+    for (ptrdiff_t c = c0; c < C; c++) {                                                          \
+        double r1 = 0, r2 = 0;                                                                   \
+        for (ptrdiff_t p0 = 0; p0 < P; p0 += FN_SUBP) {                                           \
+            const ptrdiff_t pe = p0 + FN_SUBP < P ? p0 + FN_SUBP : P;                             \
+            T t1 = 0, t2 = 0;                                                                    \
+            for (ptrdiff_t p = p0; p < pe; p++) { const ptrdiff_t i = p * C + c; T f1, f2;        \
+                                                  SCALAR; t1 += f1; t2 += f2; }                  \
+            r1 += t1; r2 += t2;                                                                  \
+        }                                                                                        \
+        s1[c] = r1; s2[c] = r2;                                                                  \
+    }                                                                                            \
+}
+
+#define FN_DEFINE(T, V, SFX)                                                                     \
+/* s1 = sum x, s2 unused (0) */                                                                  \
+FN_COLS(T, V, SFX, colsum, const T* unused_, unused_, (void)0, (void)0,                          \
+        (f1 = FN_LOAD(V, x + o), f2 = (V){0}), (f1 = x[i], f2 = 0))                               \
+/* s1 = sum d, s2 = sum d*d, d = x - k[c] */                                                     \
+FN_COLS(T, V, SFX, coldev, const T* k, k, V kv[FN_NV], kv[j] = FN_LOAD(V, k + cj),               \
+        (f1 = FN_LOAD(V, x + o) - kv[j], f2 = f1 * f1), (f1 = x[i] - k[c], f2 = f1 * f1))         \
+/* s1 = sum dy, s2 = sum dy * (x - m[c]) * r[c]   (x is dy here, xx is the forward input) */    \
+FN_COLS(T, V, SFX, colgrad, const T* xx FN_COMMA const T* m FN_COMMA const T* r,                  \
+        xx FN_COMMA m FN_COMMA r, V mv[FN_NV]; V rv[FN_NV],                                       \
+        (mv[j] = FN_LOAD(V, m + cj), rv[j] = FN_LOAD(V, r + cj)),                                \
+        (f1 = FN_LOAD(V, x + o), f2 = f1 * ((FN_LOAD(V, xx + o) - mv[j]) * rv[j])),              \
+        (f1 = x[i], f2 = f1 * ((xx[i] - m[c]) * r[c])))
+
+FN_DEFINE(float, fn_vf, f)
+FN_DEFINE(double, fn_vd, d)
+#undef FN_DEFINE
+
+/* ---------------------------------------------------------------- channels-last maps
+ * Over a (P, C) row-major block: out[p, c] = F(inputs at [p, c], per-channel coefficients of c),
+ * with the coefficients of a tile of NV channel vectors held in registers while the tile walks
+ * down the rows. FN_CMAP(T, V, SFX, NAME, PARAMS, ARGS, SETUP_DECL, SETUP, BODY, SCALAR): SETUP
+ * loads tile vector j (channel offset cj), BODY stores the result at element offset o, SCALAR does
+ * one element i of channel c. */
+#define FN_CMAP(T, V, SFX, NAME, PARAMS, ARGS, SETUP_DECL, SETUP, BODY, SCALAR)                   \
+FN_INLINE void fn_##NAME##_tile_##SFX(ptrdiff_t P, ptrdiff_t C, ptrdiff_t c0, const int nv,      \
+                                      PARAMS) {                                                  \
+    enum { W = FN_VB / sizeof(T) };                                                              \
+    SETUP_DECL;                                                                                  \
+    _Pragma("GCC unroll 8")                                                                      \
+    for (int j = 0; j < nv; j++) { const ptrdiff_t cj = c0 + j * W; SETUP; }                     \
+    for (ptrdiff_t p = 0; p < P; p++) {                                                           \
+        _Pragma("GCC unroll 8")                                                                  \
+        for (int j = 0; j < nv; j++) { const ptrdiff_t o = p * C + c0 + j * W; BODY; }           \
+    }                                                                                            \
+}                                                                                                \
+static inline void fn_##NAME##_##SFX(ptrdiff_t P, ptrdiff_t C, PARAMS) {                          \
+    enum { W = FN_VB / sizeof(T) };                                                              \
+    ptrdiff_t c0 = 0;                                                                            \
+    while (c0 + W <= C) {                                                                        \
+        const ptrdiff_t nv = (C - c0) / W;                                                       \
+        switch (FN_CLAMP(nv)) {                                                                  \
+        case 8: fn_##NAME##_tile_##SFX(P, C, c0, FN_CLAMP(8), ARGS); break;                      \
+        case 7: fn_##NAME##_tile_##SFX(P, C, c0, FN_CLAMP(7), ARGS); break;                      \
+        case 6: fn_##NAME##_tile_##SFX(P, C, c0, FN_CLAMP(6), ARGS); break;                      \
+        case 5: fn_##NAME##_tile_##SFX(P, C, c0, FN_CLAMP(5), ARGS); break;                      \
+        case 4: fn_##NAME##_tile_##SFX(P, C, c0, 4, ARGS); break;                                \
+        case 3: fn_##NAME##_tile_##SFX(P, C, c0, 3, ARGS); break;                                \
+        case 2: fn_##NAME##_tile_##SFX(P, C, c0, 2, ARGS); break;                                \
+        default: fn_##NAME##_tile_##SFX(P, C, c0, 1, ARGS); break;                               \
+        }                                                                                        \
+        c0 += FN_CLAMP(nv) * W;                                                                  \
+    }                                                                                            \
+    for (ptrdiff_t p = 0; p < P; p++)                                                             \
+        for (ptrdiff_t c = c0; c < C; c++) { const ptrdiff_t i = p * C + c; SCALAR; }             \
+}
+
+#define FN_RELU(V, VI, z) ((V)((VI)(z) & (VI)((z) > 0)))
+typedef int fn_vi __attribute__((vector_size(FN_VB)));
+typedef long long fn_vl __attribute__((vector_size(FN_VB)));
+
+#define FN_DEFINE(T, V, VI, SFX)                                                                 \
+/* y = x * a[c] + b[c], then relu when relu != 0 */                                              \
+FN_CMAP(T, V, SFX, axpb, const T* x FN_COMMA T* y FN_COMMA const T* a FN_COMMA const T* b        \
+        FN_COMMA int relu, x FN_COMMA y FN_COMMA a FN_COMMA b FN_COMMA relu,                     \
+        V av[FN_NV]; V bv[FN_NV], (av[j] = FN_LOAD(V, a + cj), bv[j] = FN_LOAD(V, b + cj)),      \
+        { V z = FN_LOAD(V, x + o) * av[j] + bv[j]; if (relu) z = FN_RELU(V, VI, z);              \
+          *(V*)(y + o) = z; },                                                                   \
+        { T z = x[i] * a[c] + b[c]; y[i] = relu ? (z > 0 ? z : 0) : z; })                        \
+/* gx = dy * a[c] + x * b[c] + d[c] */                                                           \
+FN_CMAP(T, V, SFX, gradx, const T* dy FN_COMMA const T* x FN_COMMA T* gx FN_COMMA const T* a     \
+        FN_COMMA const T* b FN_COMMA const T* d, dy FN_COMMA x FN_COMMA gx FN_COMMA a FN_COMMA b \
+        FN_COMMA d, V av[FN_NV]; V bv[FN_NV]; V dv[FN_NV],                                       \
+        (av[j] = FN_LOAD(V, a + cj), bv[j] = FN_LOAD(V, b + cj), dv[j] = FN_LOAD(V, d + cj)),    \
+        *(V*)(gx + o) = FN_LOAD(V, dy + o) * av[j] + (FN_LOAD(V, x + o) * bv[j] + dv[j]),        \
+        gx[i] = dy[i] * a[c] + (x[i] * b[c] + d[c]))
+
+FN_DEFINE(float, fn_vf, fn_vi, f)
+FN_DEFINE(double, fn_vd, fn_vl, d)
+#undef FN_DEFINE
 
 #endif

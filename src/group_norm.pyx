@@ -75,9 +75,17 @@ cdef extern from "_simd.h" nogil:
     double fn_sum_d(const double* x, Py_ssize_t n)
     void fn_dev_sums_f(const float* x, Py_ssize_t n, float k, double* sd, double* sq)
     void fn_dev_sums_d(const double* x, Py_ssize_t n, double k, double* sd, double* sq)
-    void fn_grad_sums_f(const float* dy, const float* x, Py_ssize_t n, float mean, float rstd,
+    void fn_axpb_f(Py_ssize_t P, Py_ssize_t C, const float* x, float* y, const float* a,
+                   const float* b, int relu)
+    void fn_axpb_d(Py_ssize_t P, Py_ssize_t C, const double* x, double* y, const double* a,
+                   const double* b, int relu)
+    void fn_gradx_f(Py_ssize_t P, Py_ssize_t C, const float* dy, const float* x, float* gx,
+                    const float* a, const float* b, const float* d)
+    void fn_gradx_d(Py_ssize_t P, Py_ssize_t C, const double* dy, const double* x, double* gx,
+                    const double* a, const double* b, const double* d)
+    void fn_grad_sums_f(const float* dy, Py_ssize_t n, const float* x, float mean, float rstd,
                         double* s_dy, double* s_dyx)
-    void fn_grad_sums_d(const double* dy, const double* x, Py_ssize_t n, double mean, double rstd,
+    void fn_grad_sums_d(const double* dy, Py_ssize_t n, const double* x, double mean, double rstd,
                         double* s_dy, double* s_dyx)
 
 
@@ -307,11 +315,14 @@ cdef void _nhwc_unit_normalize(const floating* x, floating* y, Py_ssize_t u, Py_
     cdef const floating* lo = m + C
     cdef const floating* sc = cscale + n * C
     cdef bint fma = shift_form[n] != 0
+    if fma and act <= 1:                     # identity or relu: vector tiles
+        if floating is float:
+            fn_axpb_f(P, C, xb, yb, sc, m, act)
+        else:
+            fn_axpb_d(P, C, xb, yb, sc, m, act)
+        return
     for p in range(P):
-        if fma and act == 0:
-            for c in range(C):
-                yb[p * C + c] = xb[p * C + c] * sc[c] + m[c]
-        elif fma:
+        if fma:
             for c in range(C):
                 yb[p * C + c] = _act(xb[p * C + c] * sc[c] + m[c], act)
         elif act == 0:
@@ -387,9 +398,9 @@ cdef inline void _row_grad_sums(const floating* dy, const floating* x, Py_ssize_
     cdef double s1 = 0, s2 = 0
     if act == 0:
         if floating is float:
-            fn_grad_sums_f(dy, x, n, mean, rstd, sdz, sdzx)
+            fn_grad_sums_f(dy, n, x, mean, rstd, sdz, sdzx)
         else:
-            fn_grad_sums_d(dy, x, n, mean, rstd, sdz, sdzx)
+            fn_grad_sums_d(dy, n, x, mean, rstd, sdz, sdzx)
         return
     for i in range(n):
         xh = (x[i] - mean) * rstd
@@ -525,7 +536,8 @@ cdef int _backward_nhwc(const floating* dy, const floating* x, const floating* m
                         int act, int nthreads) noexcept nogil:
     cdef Py_ssize_t Cg = C // G, T = _block_positions(C), nb = (S + T - 1) // T
     cdef Py_ssize_t units = N * nb, u, n, blk, p0, P, p, c, i, off
-    cdef double* part = <double*>malloc(2 * units * C * sizeof(double))
+    cdef double* part = <double*>malloc((2 * units * C + N) * sizeof(double))
+    cdef double* shift_form = part + 2 * units * C
     cdef double* a1
     cdef double* a2
     cdef floating xh, dz, d
@@ -574,7 +586,15 @@ cdef int _backward_nhwc(const floating* dy, const floating* x, const floating* m
                 sdzx[n * C + c] += part[(2 * (n * nb + i) + 1) * C + c]
     for ng in range(N * G):
         _group_coeffs(ng, C, G, <double>(Cg * S), sdz, sdzx, w, rstd, k, k + N * C, k + 2 * N * C)
-    free(part)
+    for n in range(N):       # shift form (see _normalize_row): gx = k1 dy + k2 x + (k3 - k2 mean)
+        shift_form[n] = act == 0
+        for c in range(C):
+            if not (fabs(cmean[n * C + c]) * crstd[n * C + c] <= SHIFT_FORM_LIMIT):
+                shift_form[n] = 0
+        if shift_form[n] != 0:
+            for c in range(C):
+                k[2 * N * C + n * C + c] = <floating>(k[2 * N * C + n * C + c]
+                                                      - <double>k[N * C + n * C + c] * cmean[n * C + c])
     for u in prange(units, num_threads=nthreads, schedule="static"):
         n = u // nb
         blk = u % nb
@@ -586,6 +606,12 @@ cdef int _backward_nhwc(const floating* dy, const floating* x, const floating* m
         k1 = k + n * C
         k2 = k + N * C + n * C
         k3 = k + 2 * N * C + n * C
+        if shift_form[n] != 0:
+            if floating is float:
+                fn_gradx_f(P, C, dy + off, x + off, gx + off, k1, k2, k3)
+            else:
+                fn_gradx_d(P, C, dy + off, x + off, gx + off, k1, k2, k3)
+            continue
         for p in range(P):
             if act == 0:
                 for c in range(C):
@@ -596,6 +622,7 @@ cdef int _backward_nhwc(const floating* dy, const floating* x, const floating* m
                     d = x[off + p * C + c] - m[c]
                     dz = dy[off + p * C + c] * _act_grad(d * r[c] * w[c] + b[c], act)
                     gx[off + p * C + c] = k1[c] * dz + k2[c] * d + k3[c]
+    free(part)
     return 0
 
 

@@ -25,6 +25,11 @@ SHAPES = [  # (N, C, spatial, G)
     (2, 32, (6, 6), 32),
     (1, 4, (130, 131), 2),      # several statistics units per row (S > 16384)
     (1, 3, (40, 41, 11), 3),    # channels-last: many position blocks
+    # channels-last vector tiles: whole tiles plus a partial tile plus single channels, and
+    # more rows than one input-precision partial sum
+    (2, 144, (9, 11), 12),
+    (1, 40, (33, 7), 5),
+    (1, 264, (6, 11), 4),
 ]
 
 
@@ -60,7 +65,7 @@ def test_offset_1e4_is_robust(rng):
     assert np.max(np.abs(y - ey)) < 2e-3
 
 
-@pytest.mark.parametrize("N,C,spatial,G", SHAPES[:6] + [(1, 4, (140, 130), 2)])
+@pytest.mark.parametrize("N,C,spatial,G", SHAPES[:6] + SHAPES[-3:] + [(1, 4, (140, 130), 2)])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("activation", ACTS)
 def test_backward_matches_oracle(rng, N, C, spatial, G, channels_last, activation):

@@ -37,7 +37,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastnorm  # noqa: E402
-from fastnorm._bench import Table, onnx_op, timeit, timeit_source, write_results  # noqa: E402
+from fastnorm._bench import (Table, bench_args, onnx_op, timeit, timeit_source,  # noqa: E402
+                             write_results)
 
 THREADS = 2
 TV_PYTHON = os.environ.get("FASTNORM_TV_PYTHON", "/work/venv-tv/bin/python")
@@ -109,7 +110,8 @@ def onnxruntime_session(x, w, b, off, mask):
     return out
 
 
-def main():
+def main(argv=None):
+    args = bench_args(__doc__, argv)
     import torch
     torch.set_num_threads(THREADS)
     fastnorm.set_num_threads(THREADS)
@@ -166,7 +168,7 @@ def main():
     if gpu is not None:
         tables.append(gpu)
     notes.append("Targets: " + "; ".join(f"{c}: {'PASS' if ok else 'MISS'}" for c, ok in checks))
-    text = write_results("deform_conv", tables, "\n\n".join(notes))
+    text = write_results("deform_conv", tables, "\n\n".join(notes), write=not args.no_write)
     print(text)
     for c, ok in checks:
         print(("PASS " if ok else "MISS ") + c)

@@ -17,7 +17,8 @@ import tempfile
 import numpy as np
 
 import fastnorm
-from fastnorm._bench import Table, onnx_op, timeit, timeit_source, write_results
+from fastnorm._bench import (Table, bench_args, onnx_op, timeit, timeit_source,
+                             write_results)
 
 THREADS = 2
 IOU = 0.5
@@ -78,7 +79,8 @@ def torchvision_times(cases, tmp):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def main():
+def main(argv=None):
+    args = bench_args(__doc__, argv)
     fastnorm.set_num_threads(THREADS)
     try:
         import cv2
@@ -149,7 +151,7 @@ def main():
              "torchvision " + (" ".join(tv["versions"]) if tv else "unavailable") +
              " timed in a subprocess. 'Mbox/s' = input boxes per second / 1e6.\n\nTargets:\n"
              + "\n".join(lines))
-    print(write_results("nms", [table], notes))
+    print(write_results("nms", [table], notes, write=not args.no_write))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastnorm  # noqa: E402
-from fastnorm._bench import Table, onnx_op, timeit, timeit_source, write_results  # noqa: E402
+from fastnorm._bench import (Table, bench_args, onnx_op, timeit, timeit_source,  # noqa: E402
+                             write_results)
 
 THREADS = 2
 PH = PW = 7
@@ -93,7 +94,8 @@ def onnxruntime_fwd(x, rois):
                         else "output_half_pixel"), 16, THREADS)
 
 
-def main():
+def main(argv=None):
+    args = bench_args(__doc__, argv)
     x, rois = workload()
     K, C = rois.shape[0], x.shape[1]
     rng = np.random.default_rng(1)
@@ -152,7 +154,7 @@ def main():
              "docstring). Load average during the run: "
              + ", ".join(f"{v:.2f}" for v in os.getloadavg()) +
              " (on a shared 2-core machine the 2-thread rows only scale when the load is low).")
-    text = write_results("roi_ops", tables, notes)
+    text = write_results("roi_ops", tables, notes, write=not args.no_write)
     print(text)
 
 

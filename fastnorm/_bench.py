@@ -147,8 +147,19 @@ class Table:
         return "\n".join(lines)
 
 
-def write_results(name, tables, notes=""):
-    """Write ``bench/results/<date>-<name>.md`` (when run from a source tree) and return the text."""
+def bench_args(doc, argv=None):
+    """The suites' command line: ``--help`` shows the script's docstring; ``--no-write`` prints
+    the tables without writing bench/results/."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--no-write", action="store_true", help="do not write bench/results/")
+    return p.parse_args(argv)
+
+
+def write_results(name, tables, notes="", write=True):
+    """Write ``bench/results/<date>-<name>.md`` (when run from a source tree and ``write``) and
+    return the text."""
     text = [f"# {name}", "", f"Date: {datetime.date.today().isoformat()}", "",
             f"Machine: {machine()}", "",
             "Peers: " + ", ".join(f"{k} {v}" for k, v in peer_versions().items()), ""]
@@ -159,7 +170,7 @@ def write_results(name, tables, notes=""):
     text = "\n".join(text)
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
                         "results")
-    if os.path.isdir(root):
+    if write and os.path.isdir(root):
         path = os.path.join(root, f"{datetime.date.today().isoformat()}-{name}.md")
         with open(path, "w") as f:
             f.write(text)

@@ -118,7 +118,7 @@ static inline void fn_##NAME##_##SFX(const T* x, ptrdiff_t P, ptrdiff_t C, PARAM
     ptrdiff_t c0 = 0;                                                                            \
     while (c0 + W <= C) {                                                                        \
         const ptrdiff_t nv = (C - c0) / W;                                                       \
-        switch (FN_CLAMP(nv)) {   /* a constant tile width per case: registers */                                                      \
+        switch (FN_CLAMP(nv)) {     /* a constant tile width per case: registers */         \
         case 8: fn_##NAME##_tile_##SFX(x, P, C, c0, FN_CLAMP(8), ARGS, s1, s2); break;           \
         case 7: fn_##NAME##_tile_##SFX(x, P, C, c0, FN_CLAMP(7), ARGS, s1, s2); break;           \
         case 6: fn_##NAME##_tile_##SFX(x, P, C, c0, FN_CLAMP(6), ARGS, s1, s2); break;           \

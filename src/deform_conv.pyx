@@ -66,9 +66,9 @@ cdef extern from "deform_conv_gemm.h" nogil:
     void dc_blend_f64(double* dst, const double* p0, const double* p1, const double* p2,
                       const double* p3, double w0, double w1, double w2, double w3,
                       Py_ssize_t n)
-    enum:
-        DC_NR_BYTES
-        DC_MR_MAX
+    # the selected kernel's tile: mr positions (tile rows are read in blocks of mr) by nr output
+    # channels (the packed weight's panel width)
+    void dc_gemm_shape(Py_ssize_t itemsize, Py_ssize_t* mr, Py_ssize_t* nr)
 
 
 cdef enum:
@@ -415,10 +415,11 @@ cdef int _run(int which, const Geo* g, const floating* x, const floating* off,
 
 
 cdef void _pack_weight(const floating* w, floating* wp, Py_ssize_t Cout, Py_ssize_t groups,
-                       Py_ssize_t Cw, Py_ssize_t K, int nthreads) noexcept nogil:
-    """weight (C_out, C_w, kh, kw) -> per weight group, panels of NR output channels
-    wp[group][panel][k * C_w + c][NR] in the columns' order (zero beyond the group's channels)."""
-    cdef Py_ssize_t NR = DC_NR_BYTES // sizeof(floating), Cog = Cout // groups, KCw = K * Cw
+                       Py_ssize_t Cw, Py_ssize_t K, Py_ssize_t NR, int nthreads) noexcept nogil:
+    """weight (C_out, C_w, kh, kw) -> per weight group, panels of NR output channels (the GEMM
+    kernel's) wp[group][panel][k * C_w + c][NR] in the columns' order (zero beyond the group's
+    channels)."""
+    cdef Py_ssize_t Cog = Cout // groups, KCw = K * Cw
     cdef Py_ssize_t npan = (Cog + NR - 1) // NR, u, gi, j, r, o, kk, c
     cdef floating* dst
     for u in prange(groups * npan, num_threads=nthreads, schedule="static"):
@@ -440,21 +441,21 @@ cdef void _pack_weight(const floating* w, floating* wp, Py_ssize_t Cout, Py_ssiz
 cdef void _forward_fused(const Geo* g, const floating* xt, const floating* off,
                          const floating* msk, const floating* wp, const floating* bias,
                          floating* y, Py_ssize_t n0, Py_ssize_t nb, Py_ssize_t Cout,
-                         Py_ssize_t groups, Py_ssize_t nblk, char* buf,
-                         int nthreads) noexcept nogil:
+                         Py_ssize_t groups, Py_ssize_t nblk, Py_ssize_t MR, Py_ssize_t NR,
+                         char* buf, int nthreads) noexcept nogil:
     """y[n0:n0 + nb] of the chunk (channels-last input xt), parallel over (sample, block of
-    output positions; nblk blocks per sample of whole micro-tiles, sizes differing by at most
-    one micro-tile): a unit samples its columns into a thread-local tile (P, groups, K * C_w)
-    and, while it is in cache, multiplies it by each weight group's packed panels wp (register-
-    blocked micro-kernel, deform_conv_gemm.h), writing y (+ bias) directly. Each output is one
-    sum over k in a fixed order whatever thread computes it: any thread count gives the same
-    bits."""
+    output positions; nblk blocks per sample of whole micro-tiles of MR positions, sizes
+    differing by at most one micro-tile): a unit samples its columns into a thread-local tile
+    (P, groups, K * C_w) and, while it is in cache, multiplies it by each weight group's packed
+    panels wp (register-blocked micro-kernel, deform_conv_gemm.h), writing y (+ bias) directly.
+    Each output is one sum over k in a fixed order whatever thread computes it: any thread count
+    gives the same bits."""
     cdef Py_ssize_t HoWo = g.Ho * g.Wo, CK = g.C * g.K, KCw = g.K * g.Cw, Cog = Cout // groups
-    cdef Py_ssize_t NR = DC_NR_BYTES // sizeof(floating), npan = (Cog + NR - 1) // NR
-    cdef Py_ssize_t mt = (HoWo + DC_MR_MAX - 1) // DC_MR_MAX          # micro-tiles per sample
-    cdef Py_ssize_t P = (mt + nblk - 1) // nblk * DC_MR_MAX            # positions per block, max
+    cdef Py_ssize_t npan = (Cog + NR - 1) // NR
+    cdef Py_ssize_t mt = (HoWo + MR - 1) // MR                         # micro-tiles per sample
+    cdef Py_ssize_t P = (mt + nblk - 1) // nblk * MR                   # positions per block, max
     cdef Py_ssize_t mb = _meta_bytes(g.K * P)
-    cdef Py_ssize_t per = _fused_bytes(g, nblk, sizeof(floating))
+    cdef Py_ssize_t per = _fused_bytes(g, nblk, sizeof(floating), MR)
     cdef Py_ssize_t u, nl, b, p0, np_, go, gi, i
     cdef char* base
     cdef floating* tile
@@ -466,11 +467,11 @@ cdef void _forward_fused(const Geo* g, const floating* xt, const floating* off,
         tile = <floating*>(base + mb)
         nl = u // nblk
         b = u % nblk
-        p0 = b * mt // nblk * DC_MR_MAX
-        np_ = min((b + 1) * mt // nblk * DC_MR_MAX, HoWo) - p0
+        p0 = b * mt // nblk * MR
+        np_ = min((b + 1) * mt // nblk * MR, HoWo) - p0
         for go in range(g.G):
             _sample(g, xt + nl * g.H * g.W * g.C, off, msk, n0 + nl, go, p0, np_, tile, &m)
-        for i in range(np_ * CK, (np_ + DC_MR_MAX - 1) // DC_MR_MAX * DC_MR_MAX * CK):
+        for i in range(np_ * CK, (np_ + MR - 1) // MR * MR * CK):
             tile[i] = 0                  # rows the last micro-tile reads but does not store
         for gi in range(groups):
             out = y + ((n0 + nl) * Cout + gi * Cog) * HoWo + p0
@@ -482,10 +483,10 @@ cdef void _forward_fused(const Geo* g, const floating* xt, const floating* off,
                             bias + gi * Cog if bias != NULL else NULL, out, HoWo)
 
 
-cdef inline Py_ssize_t _fused_bytes(const Geo* g, Py_ssize_t nblk,
-                                    Py_ssize_t itemsize) noexcept nogil:
+cdef inline Py_ssize_t _fused_bytes(const Geo* g, Py_ssize_t nblk, Py_ssize_t itemsize,
+                                    Py_ssize_t MR) noexcept nogil:
     """Bytes of one thread's workspace in the fused forward (sampling metadata + column tile)."""
-    cdef Py_ssize_t P = ((g.Ho * g.Wo + DC_MR_MAX - 1) // DC_MR_MAX + nblk - 1) // nblk * DC_MR_MAX
+    cdef Py_ssize_t P = ((g.Ho * g.Wo + MR - 1) // MR + nblk - 1) // nblk * MR
     return _meta_bytes(g.K * P) + _align64(P * g.C * g.K * itemsize)
 
 
@@ -493,19 +494,19 @@ cdef _forward_fused_f(Geo g, const floating[::1] x, floating[::1] xt, const floa
                       const floating[::1] msk, const floating[::1] w, floating[::1] wp,
                       const floating[::1] bias, floating[::1] y, unsigned char[::1] tiles,
                       Py_ssize_t nbmax, Py_ssize_t Cout, Py_ssize_t groups, Py_ssize_t nblk,
-                      bint has_bias, int nthreads):
+                      Py_ssize_t MR, Py_ssize_t NR, bint has_bias, int nthreads):
     """All chunks of nbmax samples: channels-last copy into xt, then the fused kernel."""
     cdef Py_ssize_t n0, nb, chw = g.C * g.H * g.W
     nthreads = max(nthreads, 1)
     with nogil:
-        _pack_weight(&w[0], &wp[0], Cout, groups, g.Cw, g.K, nthreads)
+        _pack_weight(&w[0], &wp[0], Cout, groups, g.Cw, g.K, NR, nthreads)
         n0 = 0
         while n0 < g.N:
             nb = min(nbmax, g.N - n0)
             _relayout(True, &x[n0 * chw], &xt[0], nb, g.C, g.H, g.W, nthreads)
             _forward_fused(&g, &xt[0], &off[0], &msk[0] if g.has_mask else NULL, &wp[0],
                            &bias[0] if has_bias else NULL, &y[0], n0, nb, Cout, groups, nblk,
-                           <char*>&tiles[0], nthreads)
+                           MR, NR, <char*>&tiles[0], nthreads)
             n0 += nb
 
 
@@ -657,13 +658,14 @@ def forward(x, offset, mask, weight, bias, int sh, int sw, int ph, int pw, int d
         if bias is not None:
             y += bias.reshape(-1, 1, 1)
         return y
-    cdef Py_ssize_t item = x.dtype.itemsize, NR = DC_NR_BYTES // item
-    nblk = _blocks(g, item)
+    cdef Py_ssize_t item = x.dtype.itemsize, MR, NR
+    dc_gemm_shape(item, &MR, &NR)
+    nblk = _blocks(g, item, MR)
     nbmax = min(g.N, max(1, chunk_rows // g.Ho))  # whole samples per channels-last copy
     nthreads = max(nthreads, 1)
     sizes = [nbmax * g.C * g.H * g.W * item,                                 # channels-last x
              groups * -(-(Cout // groups) // NR) * NR * g.K * g.Cw * item,    # packed weight
-             nthreads * _fused_bytes(&g, nblk, item)]                         # per-thread tiles
+             nthreads * _fused_bytes(&g, nblk, item, MR)]                     # per-thread tiles
     xt, wp, tiles = _workspace(sizes)
     xt, wp = xt.view(x.dtype), wp.view(x.dtype)
     dummy = offset.reshape(-1)[:1]
@@ -671,10 +673,10 @@ def forward(x, offset, mask, weight, bias, int sh, int sw, int ph, int pw, int d
     a = [v.reshape(-1) for v in a]
     if x.dtype == np.float32:
         _forward_fused_f[float](g, a[0], xt, a[1], a[2], a[3], wp, a[4], a[5], tiles, nbmax,
-                                Cout, groups, nblk, bias is not None, nthreads)
+                                Cout, groups, nblk, MR, NR, bias is not None, nthreads)
     else:
         _forward_fused_f[double](g, a[0], xt, a[1], a[2], a[3], wp, a[4], a[5], tiles, nbmax,
-                                 Cout, groups, nblk, bias is not None, nthreads)
+                                 Cout, groups, nblk, MR, NR, bias is not None, nthreads)
     return y
 
 
@@ -708,11 +710,11 @@ def _workspace(sizes):
 TILE_BYTES = 512 << 10
 
 
-def _blocks(Geo g, Py_ssize_t itemsize):
+def _blocks(Geo g, Py_ssize_t itemsize, Py_ssize_t MR):
     """Blocks of output positions per sample in the fused forward: about TILE_BYTES of columns
-    per block (between 1 and 64 micro-tiles)."""
-    cdef Py_ssize_t mt = (g.Ho * g.Wo + DC_MR_MAX - 1) // DC_MR_MAX
-    per = min(64, max(1, TILE_BYTES // max(1, DC_MR_MAX * g.C * g.K * itemsize)))
+    per block (between 1 and 64 micro-tiles of MR positions)."""
+    cdef Py_ssize_t mt = (g.Ho * g.Wo + MR - 1) // MR
+    per = min(64, max(1, TILE_BYTES // max(1, MR * g.C * g.K * itemsize)))
     return (mt + per - 1) // per
 
 

@@ -236,7 +236,7 @@ cdef int _forward_nchw(const floating* x, floating* y, const floating* w, const 
     else:
         for u in prange(units, num_threads=nthreads, schedule="static"):
             _nchw_unit_stats(x, u, S, nch, pmean, pm2, pcnt)
-        for ng in prange(N * G, num_threads=nthreads, schedule="static"):
+        for ng in range(N * G):          # cheap: serial, no fork/join
             _group_finish(ng, upg, eps, pmean, pm2, pcnt, dmean, mean, rstd)
         for u in prange(units, num_threads=nthreads, schedule="static"):
             _nchw_unit_normalize(x, y, u, C, S, nch, Cg, w, b, dmean, rstd, act)
@@ -378,7 +378,7 @@ cdef int _forward_nhwc(const floating* x, floating* y, const floating* w, const 
         for u in prange(units, schedule="static"):
             _nhwc_unit_stats(x, u, C, S, G, T, nb, acc, pmean, pm2, pcnt)
     free(accs)
-    for ng in prange(N * G, num_threads=nthreads, schedule="static"):
+    for ng in range(N * G):              # cheap: serial, no fork/join
         _group_finish(ng, nb, eps, pmean, pm2, pcnt, dmean, mean, rstd)
     _channel_coeffs(N, C, G, w, b, dmean, rstd, cmean, cscale, shift_form)
     for u in prange(units, num_threads=nthreads, schedule="static"):
@@ -592,9 +592,8 @@ cdef int _backward_nhwc(const floating* dy, const floating* x, const floating* m
             if not (fabs(cmean[n * C + c]) * crstd[n * C + c] <= SHIFT_FORM_LIMIT):
                 shift_form[n] = 0
         if shift_form[n] != 0:
-            for c in range(C):
-                k[2 * N * C + n * C + c] = <floating>(k[2 * N * C + n * C + c]
-                                                      - <double>k[N * C + n * C + c] * cmean[n * C + c])
+            for i in range(n * C, (n + 1) * C):
+                k[2 * N * C + i] = <floating>(k[2 * N * C + i] - <double>k[N * C + i] * cmean[i])
     for u in prange(units, num_threads=nthreads, schedule="static"):
         n = u // nb
         blk = u % nb

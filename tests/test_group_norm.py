@@ -30,6 +30,8 @@ SHAPES = [  # (N, C, spatial, G)
     (2, 144, (9, 11), 12),
     (1, 40, (33, 7), 5),
     (1, 264, (6, 11), 4),
+    # channels-last image over the 4 MiB cache batch: one image per sweep
+    (1, 64, (160, 128), 8),
 ]
 
 
@@ -65,7 +67,7 @@ def test_offset_1e4_is_robust(rng):
     assert np.max(np.abs(y - ey)) < 2e-3
 
 
-@pytest.mark.parametrize("N,C,spatial,G", SHAPES[:6] + SHAPES[-3:] + [(1, 4, (140, 130), 2)])
+@pytest.mark.parametrize("N,C,spatial,G", SHAPES[:6] + SHAPES[-4:] + [(1, 4, (140, 130), 2)])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("activation", ACTS)
 def test_backward_matches_oracle(rng, N, C, spatial, G, channels_last, activation):

@@ -82,8 +82,10 @@ FN_DEFINE(double, fn_vd, d)
 /* ---------------------------------------------------------------- channels-last column sums
  * Over a (P, C) row-major block, per channel c: s1[c] = sum_p F1(p, c), s2[c] = sum_p F2(p, c).
  * Channels go in tiles of NV vectors whose partial sums stay in registers while the tile streams
- * down the rows (for C <= FN_NV vectors that is the whole row: memory is read in order); partial
- * sums are flushed to double every FN_SUBP rows. Channels past the last whole vector are summed
+ * down the rows (for C <= FN_NV vectors that is the whole row: memory is read in order; wider rows
+ * read partial rows, at ~60% of the contiguous sums' bandwidth from DRAM -- parking the partial
+ * sums in L1 to walk windows of whole rows measured no better); partial sums are flushed to
+ * double every FN_SUBP rows. Channels past the last whole vector are summed
  * one by one. FN_COLS(T, V, SFX, NAME, PARAMS, ARGS, SETUP, BODY, SCALAR): SETUP loads the tile's
  * per-channel vectors (index j, channel offset cj), BODY computes f1, f2 at element offset o,
  * SCALAR the same for one element i of channel c. */
@@ -162,9 +164,10 @@ FN_DEFINE(double, fn_vd, d)
 #undef FN_DEFINE
 
 /* ---------------------------------------------------------------- channels-last maps
- * Over a (P, C) row-major block: out[p, c] = F(inputs at [p, c], per-channel coefficients of c),
- * with the coefficients of a tile of NV channel vectors held in registers while the tile walks
- * down the rows. FN_CMAP(T, V, SFX, NAME, PARAMS, ARGS, SETUP_DECL, SETUP, BODY, SCALAR): SETUP
+ * Over a (P, C) row-major block: out[p, c] = F(inputs at [p, c], per-channel coefficients of c).
+ * When a row is at most FN_NV vectors its coefficients stay in registers while the rows stream by;
+ * wider rows go row by row with the coefficients from L1 (a tile walking a partial row down the
+ * block would read and write memory out of order, measured ~1.5x slower). FN_CMAP(T, V, SFX, NAME, PARAMS, ARGS, SETUP_DECL, SETUP, BODY, SCALAR): SETUP
  * loads tile vector j (channel offset cj), BODY stores the result at element offset o, SCALAR does
  * one element i of channel c. */
 #define FN_CMAP(T, V, SFX, NAME, PARAMS, ARGS, SETUP_DECL, SETUP, BODY, SCALAR)                   \
@@ -182,6 +185,16 @@ FN_INLINE void fn_##NAME##_tile_##SFX(ptrdiff_t P, ptrdiff_t C, ptrdiff_t c0, co
 static inline void fn_##NAME##_##SFX(ptrdiff_t P, ptrdiff_t C, PARAMS) {                          \
     enum { W = FN_VB / sizeof(T) };                                                              \
     ptrdiff_t c0 = 0;                                                                            \
+    if (C > FN_NV * W) {          /* wide rows: row by row, in memory order */                   \
+        for (ptrdiff_t p = 0; p < P; p++) {                                                       \
+            for (c0 = 0; c0 + W <= C; c0 += W) {                                                  \
+                const int j = 0; const ptrdiff_t cj = c0, o = p * C + c0;                         \
+                SETUP_DECL; SETUP; BODY;                                                         \
+            }                                                                                    \
+            for (ptrdiff_t c = c0; c < C; c++) { const ptrdiff_t i = p * C + c; SCALAR; }         \
+        }                                                                                        \
+        return;                                                                                  \
+    }                                                                                            \
     while (c0 + W <= C) {                                                                        \
         const ptrdiff_t nv = (C - c0) / W;                                                       \
         switch (FN_CLAMP(nv)) {                                                                  \

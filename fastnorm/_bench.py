@@ -35,6 +35,17 @@ def timeit(fn, *, repeat=11, min_time=0.1, sync=None):
     return float(min(samples))
 
 
+def timeit_many(fns, *, rounds=4, repeat=3, min_time=0.1, sync=None):
+    """Best seconds per call of each ``fns[name]()``, timed in interleaved rounds (each round
+    times every function with ``timeit(repeat=repeat)``): on a shared machine, slow periods then
+    hit every implementation alike instead of whichever happened to run during them."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(best[name], timeit(fn, repeat=repeat, min_time=min_time, sync=sync))
+    return best
+
+
 def timeit_source():
     """Python source defining ``timeit`` (this module's) for a peer timed in another interpreter,
     e.g. torchvision in its own environment run as a subprocess: it loads this file by path and

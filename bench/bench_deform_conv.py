@@ -37,8 +37,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastnorm  # noqa: E402
-from fastnorm._bench import (Table, bench_args, onnx_op, timeit, timeit_source,  # noqa: E402
-                             write_results)
+from fastnorm._bench import (Table, bench_args, onnx_op, timeit, timeit_many,  # noqa: E402
+                             timeit_source, write_results)
 
 THREADS = 2
 TV_PYTHON = os.environ.get("FASTNORM_TV_PYTHON", "/work/venv-tv/bin/python")
@@ -125,17 +125,20 @@ def main(argv=None):
         y = {"v1": fastnorm.deform_conv2d(x, off, w, b, padding=1),
              "v2": fastnorm.deform_conv2d(x, off, w, b, padding=1, mask=mask)}
         tv = torchvision_cpu(x, w, b, off, mask, gy, y["v1"], y["v2"])
-        # fastnorm first, before any peer thread pool of this process exists or spins
-        t_f, t_fb = {}, {}
+        t_fb = {}
         for v, m in (("v1", None), ("v2", mask)):
-            t_f[v] = timeit(lambda: fastnorm.deform_conv2d(x, off, w, b, padding=1, mask=m))
-
             def fwd_bwd():
                 fastnorm.deform_conv2d(x, off, w, b, padding=1, mask=m)
                 fastnorm.deform_conv2d_backward(gy, x, off, w, padding=1, mask=m)
             t_fb[v] = timeit(fwd_bwd, repeat=5)
+        # fastnorm's forwards and the conv2d yardstick in interleaved rounds (fastnorm._bench);
+        # ONNX Runtime after them, since its thread pool spins between runs
         tx, tw, tb = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)
-        t_conv = timeit(lambda: torch.nn.functional.conv2d(tx, tw, tb, padding=1))
+        t_f = timeit_many({
+            "v1": lambda: fastnorm.deform_conv2d(x, off, w, b, padding=1),
+            "v2": lambda: fastnorm.deform_conv2d(x, off, w, b, padding=1, mask=mask),
+            "conv2d": lambda: torch.nn.functional.conv2d(tx, tw, tb, padding=1)})
+        t_conv = t_f["conv2d"]
         ort_s = onnxruntime_session(x, w, b, off, mask)
         for v in ("v1", "v2"):
             case = f"{name} {v}"

@@ -18,6 +18,7 @@
 #define FASTNORM_DEFORM_CONV_GEMM_H
 
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* One kernel: T element, vectors of VB bytes, MR positions x NR output channels per tile. */
@@ -98,17 +99,25 @@ DC_KERNEL(double, 32, DC_AVX2_MR, DC_AVX2_NR(double), DC_AVX2, dc_gemm_f64_avx2)
 DC_KERNEL(float, 64, DC_AVX512_MR, DC_AVX512_NR(float), DC_AVX512, dc_gemm_f32_avx512)
 DC_KERNEL(double, 64, DC_AVX512_MR, DC_AVX512_NR(double), DC_AVX512, dc_gemm_f64_avx512)
 
-/* The CPU's kernel family: 2 AVX-512 (F, VL, BW), 1 AVX2 + FMA, 0 baseline. */
+/* The CPU's kernel family: 2 AVX-512 (F, VL, BW), 1 AVX2 + FMA, 0 baseline. The environment
+ * variable FASTNORM_GEMM_ISA=avx2|baseline caps it (read once per process), so that the tests
+ * can run every family on one machine. */
 static int dc_isa(void)
 {
     static int isa = -1;
     if (isa < 0) {
         __builtin_cpu_init();
         int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-        isa = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
-                      && __builtin_cpu_supports("avx512bw")
-                  ? 2
-                  : avx2;
+        int best = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
+                           && __builtin_cpu_supports("avx512bw")
+                       ? 2
+                       : avx2;
+        const char* cap = getenv("FASTNORM_GEMM_ISA");
+        if (cap && strcmp(cap, "baseline") == 0)
+            best = 0;
+        else if (cap && strcmp(cap, "avx2") == 0 && best > 1)
+            best = 1;
+        isa = best;
     }
     return isa;
 }

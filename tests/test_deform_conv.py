@@ -164,10 +164,11 @@ def test_chunked_workspace_gives_same_results(rng, monkeypatch, cap_rows):
 
 @pytest.mark.parametrize("tile_bytes", [1, 3000, 1 << 20])
 def test_forward_position_blocks_and_weight_panels(rng, monkeypatch, tile_bytes):
-    # the fused forward splits each sample's positions into blocks of whole 6-position
-    # micro-tiles (tile_bytes=1: one micro-tile per block) and the output channels of each
-    # weight group into panels of 16 float32 / 8 float64: 11 * 7 = 77 positions (a partial
-    # micro-tile) and 2 groups of 19 output channels (a partial panel)
+    # the fused forward splits each sample's positions into blocks of whole micro-tiles of MR
+    # positions (tile_bytes=1: one micro-tile per block) and the output channels of each weight
+    # group into panels of NR (MR x NR = 8 x 32 float32 with AVX-512, 6 x 16 AVX2, 3 x 16
+    # baseline; half the NR for float64): 11 * 7 = 77 positions (a partial micro-tile) and 2
+    # groups of 19 output channels (a partial panel)
     from fastnorm._cpu import deform_conv as kernel
     monkeypatch.setattr(kernel, "TILE_BYTES", tile_bytes)
     d, geo = _case(rng, N=2, C=6, H=11, W=7, Cout=38, groups=2, goff=3)
@@ -180,6 +181,30 @@ def test_forward_position_blocks_and_weight_panels(rng, monkeypatch, tile_bytes)
     np.testing.assert_allclose(ys[0], _ref(d32, geo), rtol=1e-4, atol=1e-4)
     for y in ys[1:]:
         np.testing.assert_array_equal(y, ys[0])
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_every_gemm_kernel_family(rng, tmp_path, isa):
+    # the GEMM micro-kernel is picked per CPU (AVX-512, AVX2, baseline); FASTNORM_GEMM_ISA caps
+    # the choice so that the narrower kernels run here too (in a fresh process: read once)
+    import os
+    import subprocess
+    import sys
+    d, geo = _case(rng, N=2, C=6, H=11, W=7, Cout=38, groups=2, goff=3)
+    np.savez(tmp_path / "in.npz", **{k: a for k, a in d.items() if a is not None})
+    code = ("import sys, numpy as np, fastnorm\n"
+            "d = dict(np.load(sys.argv[1])); geo = eval(sys.argv[2])\n"
+            "ys = [fastnorm.deform_conv2d(d['x'].astype(t), d['offset'].astype(t),\n"
+            "      d['weight'].astype(t), d['bias'].astype(t), mask=d['mask'].astype(t), **geo)\n"
+            "      for t in (np.float64, np.float32)]\n"
+            "np.savez(sys.argv[3], y64=ys[0], y32=ys[1])\n")
+    out = tmp_path / "out.npz"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.npz"), repr(geo), str(out)],
+                   check=True, env=dict(os.environ, FASTNORM_GEMM_ISA=isa))
+    got = np.load(out)
+    np.testing.assert_allclose(got["y64"], _ref(d, geo), rtol=1e-12, atol=1e-12)
+    d32 = {k: a.astype(np.float32) for k, a in d.items()}
+    np.testing.assert_allclose(got["y32"], _ref(d32, geo), rtol=1e-4, atol=1e-4)
 
 
 def test_deterministic_across_thread_counts(rng):

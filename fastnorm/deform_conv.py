@@ -14,8 +14,9 @@ Python thread between calls when it is at most ``fastnorm._cpu.deform_conv.WORKS
 (64 MiB), so that repeated calls do not page fresh memory in.
 
 Threads: the CPU kernels use :func:`fastnorm.set_num_threads` threads (OpenMP); the forward's
-matrix products run on these threads too (fastnorm's own micro-kernel, AVX2+FMA when the CPU has
-it). The backward's GEMMs run through NumPy's ``matmul`` (the platform BLAS) on the CPU and
+matrix products run on these threads too (fastnorm's own micro-kernel, chosen at run time:
+AVX-512, else AVX2+FMA, else a baseline; ``FASTNORM_GEMM_ISA=avx2|baseline`` caps the choice).
+The backward's GEMMs run through NumPy's ``matmul`` (the platform BLAS) on the CPU and
 CuPy's (cuBLAS) on CUDA; the BLAS uses its own thread pool (e.g. ``OPENBLAS_NUM_THREADS``) unless
 ``threadpoolctl`` is installed, in which case it is limited to fastnorm's thread count during the
 call. The two pools alternate; on a machine with few, busy cores, BLAS threads that spin after a

@@ -48,7 +48,8 @@ static inline void fn_##NAME##_##SFX(const T* x, ptrdiff_t n, PARAMS, double* s1
                 a1[u] += f1; a2[u] += f2;                                                        \
             }                                                                                    \
         }                                                                                        \
-        V b1 = (a1[0] + a1[1]) + (a1[2] + a1[3]), b2 = (a2[0] + a2[1]) + (a2[2] + a2[3]);         \
+        V b1 = a1[0], b2 = a2[0];                                                                \
+        for (int u = 1; u < FN_U; u++) { b1 += a1[u]; b2 += a2[u]; }                             \
         T t1 = 0, t2 = 0;                                                                        \
         for (int l = 0; l < W; l++) { t1 += b1[l]; t2 += b2[l]; }                                 \
         for (; i < e; i++) { T f1, f2; SCALAR; t1 += f1; t2 += f2; }                              \

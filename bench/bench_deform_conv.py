@@ -15,25 +15,17 @@ Peers
 * torch ``conv2d`` of the same shape (no offsets): the physical yardstick.
 * On a GPU (CuPy present): fastnorm CUDA.
 
-fastnorm's forward is fused (sampling + its own GEMM micro-kernel on fastnorm's OpenMP threads);
-its backward's GEMMs run in NumPy's BLAS: this script sets ``OPENBLAS_NUM_THREADS=2`` (and
-``OMP_NUM_THREADS``) before NumPy loads so the BLAS uses the same 2 threads. Run it with
-``OPENBLAS_THREAD_TIMEOUT=4`` to stop idle OpenBLAS workers from spinning against fastnorm's
-OpenMP threads in the backward (see fastnorm.deform_conv); the results file records the setting.
-The GFLOP/s column counts the convolution's multiply-adds (2 * N * C_out * Ho * Wo * C_in * kh * kw
+fastnorm's forward is fused (sampling + its own GEMM micro-kernel) and its backward's GEMMs use
+the same micro-kernel, all on fastnorm's OpenMP threads (no BLAS). The GFLOP/s column counts the convolution's multiply-adds (2 * N * C_out * Ho * Wo * C_in * kh * kw
 per forward; 3x that for forward+backward).
 """
+import json
 import os
+import subprocess
+import sys
+import tempfile
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "2")
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastnorm  # noqa: E402
@@ -161,12 +153,7 @@ def main(argv=None):
             fwd.add(case, "torch conv2d (no offsets, yardstick)", t_conv, flops)
         del ort_s                      # join the session's thread pool before the next case
     tables = [fwd, fb]
-    notes = [f"torchvision: {tv_version or 'unavailable'} (CPU, subprocess, 2 threads)",
-             "BLAS: OPENBLAS_NUM_THREADS=" + os.environ.get("OPENBLAS_NUM_THREADS", "?")
-             + ", OPENBLAS_THREAD_TIMEOUT=" + os.environ.get("OPENBLAS_THREAD_TIMEOUT", "unset")
-             + " (used by fastnorm's backward only; OpenBLAS workers spin for up to 2^timeout "
-             "cycles after a GEMM, competing with fastnorm's OpenMP threads on a 2-core machine; "
-             "4 avoids that)"]
+    notes = [f"torchvision: {tv_version or 'unavailable'} (CPU, subprocess, 2 threads)"]
     gpu = cuda_tables()
     if gpu is not None:
         tables.append(gpu)

@@ -16,12 +16,9 @@ Python thread between calls when it is at most ``fastnorm._cpu.deform_conv.WORKS
 Threads: the CPU kernels use :func:`fastnorm.set_num_threads` threads (OpenMP); the forward's
 matrix products run on these threads too (fastnorm's own micro-kernel, chosen at run time:
 AVX-512, else AVX2+FMA, else a baseline; ``FASTNORM_GEMM_ISA=avx2|baseline`` caps the choice).
-The backward's GEMMs run through NumPy's ``matmul`` (the platform BLAS) on the CPU and
-CuPy's (cuBLAS) on CUDA; the BLAS uses its own thread pool (e.g. ``OPENBLAS_NUM_THREADS``) unless
-``threadpoolctl`` is installed, in which case it is limited to fastnorm's thread count during the
-call. The two pools alternate; on a machine with few, busy cores, BLAS threads that spin after a
-GEMM can slow the next sampling pass: setting ``OPENBLAS_THREAD_TIMEOUT=4`` before NumPy is
-imported (idle OpenBLAS workers then sleep at once) or ``OPENBLAS_NUM_THREADS=1`` avoids that.
+The backward's two GEMMs use the same micro-kernel on the same threads (blocked along the
+reduction in a fixed order, so no BLAS thread pool competes with the OpenMP threads and the
+result does not depend on the thread count); on CUDA they run through CuPy (cuBLAS).
 
 On CUDA, grad_x is accumulated with atomics, so it is not bitwise reproducible run to run.
 """

@@ -14,8 +14,8 @@ are contiguous (vectorised blend).
 
 Backward: columns are recomputed (deformable im2col, OpenMP over (sample, offset group, output
 row)) into a position-major buffer (nb, rows * Wo, groups, kh * kw, C_in / groups);
-grad_weight += grad_out @ columns and grad_columns = grad_out^T @ weight (GEMMs through NumPy's
-``matmul``, the platform BLAS, GIL held only around these calls); grad_x by col2im into a
+grad_weight += grad_out @ columns and grad_columns = grad_out^T @ weight (_gemm: the forward's
+micro-kernel on packed panels, blocked along the reduction, GIL released); grad_x by col2im into a
 channels-last buffer, parallel over (sample, offset group, block of input channels) -- each unit
 owns its channels, so it is race-free and deterministic -- then added back to (N, C, H, W);
 grad_offset / grad_mask by a coordinate-gradient pass over output rows (float64 across runs of
@@ -23,10 +23,8 @@ channels). The backward's work is chunked so the column buffer holds at most ``c
 rows (whole samples when a sample fits, else blocks of rows of one sample): peak extra memory is
 bounded for any batch size.
 
-Unit boundaries depend on the shape only, so results are bitwise identical for any thread count
-(the backward's BLAS uses its own threads; see fastnorm.deform_conv).
+Unit boundaries depend on the shape only, so results are bitwise identical for any thread count.
 """
-import contextlib
 import threading
 
 import numpy as np
@@ -40,27 +38,14 @@ from _interp cimport zero_pad_bilinear
 
 cnp.import_array()
 
-try:                                  # optional: limit the BLAS to fastnorm's thread count
-    from threadpoolctl import ThreadpoolController
-    _BLAS = ThreadpoolController()
-except Exception:                     # not installed: the BLAS keeps its own thread count
-    _BLAS = None
-
-
-def _blas_threads(int nthreads):
-    """Context limiting the BLAS thread pool to ``nthreads`` when threadpoolctl is available."""
-    if _BLAS is None:
-        return contextlib.nullcontext()
-    return _BLAS.limit(limits=nthreads, user_api="blas")
-
-
 cdef extern from "deform_conv_gemm.h" nogil:
-    # out[o * ldo + p] = (bias[o] +) sum_k Wp[o, k] * tile[p * ldt + k], o < M, p < n
+    # out[o * ldo + p] (+= when accum) (bias[o] +) sum_k Wp[o, k] * tile[p * ldt + k], o < M, p < n
     void dc_gemm_f32(const float* tile, Py_ssize_t ldt, Py_ssize_t n, Py_ssize_t K,
-                     const float* Wp, Py_ssize_t M, const float* bias, float* out, Py_ssize_t ldo)
+                     const float* Wp, Py_ssize_t M, const float* bias, float* out, Py_ssize_t ldo,
+                     int accum)
     void dc_gemm_f64(const double* tile, Py_ssize_t ldt, Py_ssize_t n, Py_ssize_t K,
                      const double* Wp, Py_ssize_t M, const double* bias, double* out,
-                     Py_ssize_t ldo)
+                     Py_ssize_t ldo, int accum)
     void dc_blend_f32(float* dst, const float* p0, const float* p1, const float* p2,
                       const float* p3, float w0, float w1, float w2, float w3, Py_ssize_t n)
     void dc_blend_f64(double* dst, const double* p0, const double* p1, const double* p2,
@@ -477,10 +462,10 @@ cdef void _forward_fused(const Geo* g, const floating* xt, const floating* off,
             out = y + ((n0 + nl) * Cout + gi * Cog) * HoWo + p0
             if floating is float:
                 dc_gemm_f32(tile + gi * KCw, CK, np_, KCw, wp + gi * npan * KCw * NR, Cog,
-                            bias + gi * Cog if bias != NULL else NULL, out, HoWo)
+                            bias + gi * Cog if bias != NULL else NULL, out, HoWo, 0)
             else:
                 dc_gemm_f64(tile + gi * KCw, CK, np_, KCw, wp + gi * npan * KCw * NR, Cog,
-                            bias + gi * Cog if bias != NULL else NULL, out, HoWo)
+                            bias + gi * Cog if bias != NULL else NULL, out, HoWo, 0)
 
 
 cdef inline Py_ssize_t _fused_bytes(const Geo* g, Py_ssize_t nblk, Py_ssize_t itemsize,
@@ -746,36 +731,125 @@ def backward(grad_out, x, offset, mask, weight, int sh, int sw, int ph, int pw, 
     wmat = _weight_matrix(weight, groups)
     gwk = np.zeros_like(wmat)                       # grad of the reordered weight matrix
     go3 = grad_out.reshape(g.N, groups, Cout // groups, g.Ho * g.Wo)
-    with _blas_threads(nthreads):
-        _backward_chunks(g, x, offset, mask, wmat, go3, gx, goff, gmask, gwk, chunk_rows,
-                         nthreads)
+    _backward_chunks(g, x, offset, mask, wmat, go3, gx, goff, gmask, gwk, chunk_rows, nthreads)
     gw = np.ascontiguousarray(gwk.reshape(Cout, g.kh, g.kw, g.Cw).transpose(0, 3, 1, 2))
     return gx, goff, gmask, gw, gb
+
+
+# ---------------------------------------------------------------- the backward's GEMMs
+
+cdef enum:
+    GEMM_KB = 256   # reduction block of the backward's GEMMs (rows of a packed panel)
+
+
+cdef void _gemm(const floating* A, Py_ssize_t a_rs, Py_ssize_t a_cs, const floating* B,
+                Py_ssize_t b_rs, Py_ssize_t b_cs, floating* Cm, Py_ssize_t c_rs, Py_ssize_t M,
+                Py_ssize_t Nn, Py_ssize_t Kd, bint accumulate, Py_ssize_t MR, Py_ssize_t NR,
+                floating* Wp, floating* Tt, int nthreads) noexcept nogil:
+    """Cm[m * c_rs + n] (+)= sum_k A[m, k] * B[k, n] for m < M, n < Nn, with X[i, j] at
+    X[i * x_rs + j * x_cs], on the forward's micro-kernel: per block of GEMM_KB k, A is packed
+    into panels of NR rows (Wp) and B transposed into rows of n (Tt, padded to a multiple of MR),
+    then each panel of C is one kernel call (parallel over panels). The k blocks are added in
+    order, so the result does not depend on the thread count. Wp holds ceil(M / NR) * NR *
+    min(Kd, GEMM_KB) values, Tt ceil(Nn / MR) * MR * min(Kd, GEMM_KB)."""
+    cdef Py_ssize_t npan = (M + NR - 1) // NR, Np = (Nn + MR - 1) // MR * MR
+    cdef Py_ssize_t nkb = (Kd + GEMM_KB - 1) // GEMM_KB, ib, k0, kb, j, r, k, n, n1, m
+    for ib in range(nkb):
+        k0 = ib * GEMM_KB
+        kb = min(<Py_ssize_t>GEMM_KB, Kd - k0)
+        with parallel(num_threads=nthreads):
+            for j in prange(npan, schedule="static"):          # A's panels: Wp[j][k][r]
+                if a_cs == 1:
+                    for r in range(NR):
+                        m = j * NR + r
+                        for k in range(kb):
+                            Wp[(j * kb + k) * NR + r] = A[m * a_rs + k0 + k] if m < M else 0
+                else:
+                    for k in range(kb):
+                        for r in range(NR):
+                            m = j * NR + r
+                            Wp[(j * kb + k) * NR + r] = A[m * a_rs + (k0 + k) * a_cs] if m < M else 0
+            for n1 in prange((Np + 15) // 16, schedule="static"):   # B transposed: Tt[n][k]
+                if b_rs == 1:
+                    for n in range(n1 * 16, min(Np, n1 * 16 + 16)):
+                        for k in range(kb):
+                            Tt[n * kb + k] = B[k0 + k + n * b_cs] if n < Nn else 0
+                else:
+                    for k in range(kb):
+                        for n in range(n1 * 16, min(Np, n1 * 16 + 16)):
+                            Tt[n * kb + k] = B[(k0 + k) * b_rs + n * b_cs] if n < Nn else 0
+            for j in prange(npan, schedule="static"):
+                if floating is float:
+                    dc_gemm_f32(Tt, kb, Nn, kb, Wp + j * kb * NR, min(NR, M - j * NR), NULL,
+                                Cm + j * NR * c_rs, c_rs, accumulate or ib > 0)
+                else:
+                    dc_gemm_f64(Tt, kb, Nn, kb, Wp + j * kb * NR, min(NR, M - j * NR), NULL,
+                                Cm + j * NR * c_rs, c_rs, accumulate or ib > 0)
+
+
+cdef _gemm_f(const floating[::1] A, Py_ssize_t a_rs, Py_ssize_t a_cs, const floating[::1] B,
+             Py_ssize_t b_rs, Py_ssize_t b_cs, floating[::1] Cm, Py_ssize_t c_rs, Py_ssize_t M,
+             Py_ssize_t Nn, Py_ssize_t Kd, bint accumulate, Py_ssize_t MR, Py_ssize_t NR,
+             floating[::1] Wp, floating[::1] Tt, int nthreads):
+    with nogil:
+        _gemm(&A[0], a_rs, a_cs, &B[0], b_rs, b_cs, &Cm[0], c_rs, M, Nn, Kd, accumulate, MR, NR,
+              &Wp[0], &Tt[0], max(nthreads, 1))
+
+
+def _gemm_call(A, a_rs, a_cs, B, b_rs, b_cs, Cm, c_rs, M, Nn, Kd, accumulate, MR, NR, Wp, Tt,
+               nthreads):
+    """_gemm on flat NumPy arrays (views starting at the operands' first elements)."""
+    if A.dtype == np.float32:
+        _gemm_f[float](A, a_rs, a_cs, B, b_rs, b_cs, Cm, c_rs, M, Nn, Kd, accumulate, MR, NR, Wp,
+                       Tt, nthreads)
+    else:
+        _gemm_f[double](A, a_rs, a_cs, B, b_rs, b_cs, Cm, c_rs, M, Nn, Kd, accumulate, MR, NR,
+                        Wp, Tt, nthreads)
+
+
+def _gemm_buffers(Py_ssize_t M, Py_ssize_t Nn, Py_ssize_t Kd, Py_ssize_t MR, Py_ssize_t NR):
+    """Sizes of _gemm's packing buffers (Wp, Tt)."""
+    cdef Py_ssize_t kb = min(Kd, <Py_ssize_t>GEMM_KB)
+    return (M + NR - 1) // NR * NR * kb, (Nn + MR - 1) // MR * MR * kb
 
 
 cdef _backward_chunks(Geo g, x, offset, mask, wmat, go3, gx, goff, gmask, gw3,
                       Py_ssize_t chunk_rows, int nthreads):
     groups, Cout = wmat.shape[0], wmat.shape[0] * wmat.shape[1]
-    tmp = np.empty_like(gw3[0])
+    cdef Py_ssize_t Cog = Cout // groups, KCw = g.K * g.Cw, L, MR, NR, gi
+    dc_gemm_shape(x.dtype.itemsize, &MR, &NR)
     plan = _chunks(g.N, g.Ho, chunk_rows)
-    cols_buf = np.empty(max(nb * hb for _, nb, _, hb in plan) * g.C * g.K * g.Wo, dtype=x.dtype)
+    Lmax = max(nb * hb for _, nb, _, hb in plan) * g.Wo
+    cols_buf = np.empty(Lmax * g.C * g.K, dtype=x.dtype)
     gxt_buf = np.empty(max(nb for _, nb, _, _ in plan) * g.H * g.W * g.C, dtype=x.dtype)
+    sizes = [_gemm_buffers(KCw, Cog, Lmax, MR, NR), _gemm_buffers(Lmax, KCw, Cog, MR, NR)]
+    Wp = np.empty(max(s[0] for s in sizes), dtype=x.dtype)
+    Tt = np.empty(max(s[1] for s in sizes), dtype=x.dtype)
+    wflat = wmat.reshape(-1)
+    gwt = np.zeros((groups, KCw, Cog), dtype=x.dtype)   # grad of the weight matrix, transposed
+    gwflat = gwt.reshape(-1)
     xt = _ChannelsLast(x, nthreads)
     for n0, nb, ho0, hb in plan:
-        cols = _columns(cols_buf, nb, hb * g.Wo, groups, g.Cw * g.K)
+        L = nb * hb * g.Wo
+        cols = _columns(cols_buf, nb, hb * g.Wo, groups, KCw)
         xtc = xt.get(n0, nb)
         _call(0, g, xtc, offset, mask, cols, None, None, None, n0, nb, ho0, hb, nthreads)
-        # grad_out of the chunk as (groups, C_out/groups, nb * L), for one GEMM per group
+        # grad_out of the chunk as (groups, C_out/groups, L), for two GEMMs per group
         gout = np.ascontiguousarray(go3[n0:n0 + nb, :, :, ho0 * g.Wo:(ho0 + hb) * g.Wo]
-                                    .transpose(1, 2, 0, 3)).reshape(groups, Cout // groups, -1)
-        cols2 = cols.reshape(nb * hb * g.Wo, groups, -1)
+                                    .transpose(1, 2, 0, 3)).reshape(-1)
+        cflat = cols.reshape(-1)
         for gi in range(groups):
-            np.matmul(gout[gi], cols2[:, gi], out=tmp)
-            gw3[gi] += tmp
-            # the columns are replaced by their gradient
-            np.matmul(gout[gi].T, wmat[gi], out=cols2[:, gi])
+            # grad_weight[gi]^T (K C_w, C_out/groups) += columns[:, gi]^T @ grad_out[gi]^T: packs
+            # rows of the columns and of grad_out as they lie
+            _gemm_call(cflat[gi * KCw:], 1, groups * KCw, gout[gi * Cog * L:], 1, L,
+                       gwflat[gi * KCw * Cog:], Cog, KCw, Cog, L, True, MR, NR, Wp, Tt, nthreads)
+            # then the columns are replaced by their gradient grad_out[gi]^T @ wmat[gi]
+            _gemm_call(gout[gi * Cog * L:], 1, L, wflat[gi * Cog * KCw:], KCw, 1,
+                       cflat[gi * KCw:], groups * KCw, L, KCw, Cog, False, MR, NR, Wp, Tt,
+                       nthreads)
         gxt = gxt_buf[:nb * g.H * g.W * g.C].reshape(nb, g.H, g.W, g.C)
         gxt[...] = 0
         _call(1, g, xtc, offset, mask, cols, gxt, None, None, n0, nb, ho0, hb, nthreads)
         _add_channels_first(gx[n0:n0 + nb], gxt, nthreads)
         _call(2, g, xtc, offset, mask, cols, None, goff, gmask, n0, nb, ho0, hb, nthreads)
+    gw3 += gwt.transpose(0, 2, 1)

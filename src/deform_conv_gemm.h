@@ -1,7 +1,9 @@
-/* Register-blocked GEMM micro-kernels for the fused deformable-convolution forward (fastnorm),
- * and the sampler's bilinear blend.
+/* Register-blocked GEMM micro-kernels for deformable convolution (fastnorm): the fused forward
+ * and the backward's two GEMMs (deform_conv.pyx, _gemm), and the sampler's bilinear blend.
  *
- *   out[o * ldo + p] = (bias[o] +) sum_k W[o, k] * Tt[p * ldt + k]       (o < M, p < np)
+ *   out[o * ldo + p] (+)= (bias[o] +) sum_k W[o, k] * Tt[p * ldt + k]    (o < M, p < np)
+ *
+ * (the += form, accum != 0, serves the backward's GEMMs, blocked along k).
  *
  * Tt is a thread's column tile as the sampler writes it (position-major rows of ldt values,
  * read in place; rows up to a multiple of the kernel's MR must be readable). W is packed once per
@@ -25,7 +27,7 @@
 #define DC_KERNEL(T, VB, MR, NR, ATTR, NAME)                                                   \
 typedef T NAME##_v __attribute__((vector_size(VB)));                                           \
 ATTR static void NAME(const T* Tt, ptrdiff_t ldt, ptrdiff_t np, ptrdiff_t K, const T* Wp,      \
-                      ptrdiff_t M, const T* bias, T* out, ptrdiff_t ldo)                       \
+                      ptrdiff_t M, const T* bias, T* out, ptrdiff_t ldo, int accum)            \
 {                                                                                              \
     enum { VL = VB / sizeof(T), NV = NR / VL };                                                \
     for (ptrdiff_t j = 0; j * NR < M; j++) {                                                   \
@@ -53,8 +55,10 @@ ATTR static void NAME(const T* Tt, ptrdiff_t ldt, ptrdiff_t np, ptrdiff_t K, con
             for (ptrdiff_t r = 0; r < mo; r++) {                                               \
                 ptrdiff_t o = j * NR + r;                                                      \
                 T* dst = out + o * ldo + p0;                                                   \
-                for (ptrdiff_t q = 0; q < pr; q++)                                             \
-                    dst[q] = bias ? res[q][r] + bias[o] : res[q][r];                           \
+                for (ptrdiff_t q = 0; q < pr; q++) {                                           \
+                    T v = bias ? res[q][r] + bias[o] : res[q][r];                              \
+                    dst[q] = accum ? dst[q] + v : v;                                           \
+                }                                                                              \
             }                                                                                  \
         }                                                                                      \
     }                                                                                          \
@@ -158,16 +162,16 @@ static void dc_blend_f64(double* dst, const double* p0, const double* p1, const 
 
 static void dc_gemm_f32(const float* Tt, ptrdiff_t ldt, ptrdiff_t np, ptrdiff_t K,
                         const float* Wp, ptrdiff_t M, const float* bias, float* out,
-                        ptrdiff_t ldo)
+                        ptrdiff_t ldo, int accum)
 {
-    DC_DISPATCH(dc_gemm_f32, Tt, ldt, np, K, Wp, M, bias, out, ldo);
+    DC_DISPATCH(dc_gemm_f32, Tt, ldt, np, K, Wp, M, bias, out, ldo, accum);
 }
 
 static void dc_gemm_f64(const double* Tt, ptrdiff_t ldt, ptrdiff_t np, ptrdiff_t K,
                         const double* Wp, ptrdiff_t M, const double* bias, double* out,
-                        ptrdiff_t ldo)
+                        ptrdiff_t ldo, int accum)
 {
-    DC_DISPATCH(dc_gemm_f64, Tt, ldt, np, K, Wp, M, bias, out, ldo);
+    DC_DISPATCH(dc_gemm_f64, Tt, ldt, np, K, Wp, M, bias, out, ldo, accum);
 }
 
 #endif

@@ -207,6 +207,23 @@ def test_every_gemm_kernel_family(rng, tmp_path, isa):
     np.testing.assert_allclose(got["y32"], _ref(d32, geo), rtol=1e-4, atol=1e-4)
 
 
+def test_backward_is_the_adjoint_at_gemm_scale(rng):
+    # y is linear in x and in the weight (offsets and mask fixed), so <grad_x, dx> and
+    # <grad_weight, dw> must equal <grad_out, y(dx, weight)> and <grad_out, y(x, dw)> for any dx, dw,
+    # checked against the oracle's forward. The sizes make the backward's two GEMMs block the
+    # reduction (800 positions > 256 per block), leave partial panels (36 output channels per
+    # group, 180 columns) and run two weight groups.
+    d, geo = _case(rng, N=2, C=40, H=20, W=20, Cout=72, groups=2, goff=2, with_bias=False)
+    gy = rng.standard_normal(_ref(d, geo).shape)
+    gx, _, _, gw, _ = fastnorm.deform_conv2d_backward(gy, d["x"], d["offset"], d["weight"],
+                                                       mask=d["mask"], **geo)
+    dx, dw = rng.standard_normal(d["x"].shape), rng.standard_normal(d["weight"].shape)
+    lin_x = np.vdot(gy, _ref(dict(d, x=dx), geo))
+    lin_w = np.vdot(gy, _ref(dict(d, weight=dw), geo))
+    assert abs(np.vdot(gx, dx) - lin_x) <= 1e-10 * (1 + abs(lin_x))
+    assert abs(np.vdot(gw, dw) - lin_w) <= 1e-10 * (1 + abs(lin_w))
+
+
 def test_deterministic_across_thread_counts(rng):
     d, geo = _case(rng, N=3, C=16, H=12, W=11, Cout=8, goff=2, dtype=np.float32)
     gy = rng.standard_normal(_fwd(d, geo).shape).astype(np.float32)

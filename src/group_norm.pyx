@@ -75,6 +75,11 @@ cdef extern from "_simd.h" nogil:
     double fn_sum_d(const double* x, Py_ssize_t n)
     void fn_dev_sums_f(const float* x, Py_ssize_t n, float k, double* sd, double* sq)
     void fn_dev_sums_d(const double* x, Py_ssize_t n, double k, double* sd, double* sq)
+    void fn_act_f(float* y, Py_ssize_t n, int act)       # in place: 1 relu, 2 silu
+    void fn_dz_f(const float* dy, const float* x, float* dz, Py_ssize_t n, float mean,
+                 float rstd, float w, float b, int act)
+    void fn_dzcols_f(Py_ssize_t P, Py_ssize_t C, const float* dy, const float* x, float* dz,
+                     const float* m, const float* r, const float* w, const float* b, int act)
     void fn_axpb_f(Py_ssize_t P, Py_ssize_t C, const float* x, float* y, const float* a,
                    const float* b, int relu)
     void fn_axpb_d(Py_ssize_t P, Py_ssize_t C, const double* x, double* y, const double* a,
@@ -167,19 +172,23 @@ cdef inline void _normalize_row(const floating* x, floating* y, Py_ssize_t n, do
     cdef floating hi = <floating>mean
     cdef floating lo = <floating>(mean - hi)
     cdef floating t = <floating>(<double>shift - mean * <double>scale)
+    cdef int inner = 0 if floating is float else act    # float: activation vectorised after
     if fabs(mean) * rstd <= SHIFT_FORM_LIMIT:
-        if act == 0:
+        if inner == 0:
             for i in range(n):
                 y[i] = x[i] * scale + t
         else:
             for i in range(n):
-                y[i] = _act(x[i] * scale + t, act)
-    elif act == 0:
+                y[i] = _act(x[i] * scale + t, inner)
+    elif inner == 0:
         for i in range(n):
             y[i] = ((x[i] - hi) - lo) * scale + shift
     else:
         for i in range(n):
-            y[i] = _act(((x[i] - hi) - lo) * scale + shift, act)
+            y[i] = _act(((x[i] - hi) - lo) * scale + shift, inner)
+    if floating is float:
+        if act != 0:
+            fn_act_f(y, n, act)
 
 
 # ---------------------------------------------------------------- NCHW forward
@@ -315,22 +324,26 @@ cdef void _nhwc_unit_normalize(const floating* x, floating* y, Py_ssize_t u, Py_
     cdef const floating* lo = m + C
     cdef const floating* sc = cscale + n * C
     cdef bint fma = shift_form[n] != 0
-    if fma and act <= 1:                     # identity or relu: vector tiles
+    cdef int inner = 0 if floating is float else act    # float: activation vectorised after
+    if fma and inner <= 1:                   # identity or relu: vector tiles
         if floating is float:
-            fn_axpb_f(P, C, xb, yb, sc, m, act)
+            fn_axpb_f(P, C, xb, yb, sc, m, 0)
         else:
-            fn_axpb_d(P, C, xb, yb, sc, m, act)
-        return
-    for p in range(P):
-        if fma:
-            for c in range(C):
-                yb[p * C + c] = _act(xb[p * C + c] * sc[c] + m[c], act)
-        elif act == 0:
-            for c in range(C):
-                yb[p * C + c] = ((xb[p * C + c] - m[c]) - lo[c]) * sc[c] + b[c]
-        else:
-            for c in range(C):
-                yb[p * C + c] = _act(((xb[p * C + c] - m[c]) - lo[c]) * sc[c] + b[c], act)
+            fn_axpb_d(P, C, xb, yb, sc, m, inner)
+    else:
+        for p in range(P):
+            if fma:
+                for c in range(C):
+                    yb[p * C + c] = _act(xb[p * C + c] * sc[c] + m[c], inner)
+            elif inner == 0:
+                for c in range(C):
+                    yb[p * C + c] = ((xb[p * C + c] - m[c]) - lo[c]) * sc[c] + b[c]
+            else:
+                for c in range(C):
+                    yb[p * C + c] = _act(((xb[p * C + c] - m[c]) - lo[c]) * sc[c] + b[c], inner)
+    if floating is float:
+        if act != 0:
+            fn_act_f(yb, P * C, act)
 
 
 cdef void _channel_coeffs(Py_ssize_t N, Py_ssize_t C, Py_ssize_t G, const floating* w,
@@ -389,42 +402,41 @@ cdef int _forward_nhwc(const floating* x, floating* y, const floating* w, const 
 
 # ---------------------------------------------------------------- backward
 
-cdef inline void _row_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,
-                                floating mean, floating rstd, floating w, floating b, int act,
-                                double* sdz, double* sdzx) noexcept nogil:
-    """sum(dz) and sum(dz * xhat) over one row segment, dz = dy * act'(z)."""
+cdef inline void _row_dz(const floating* dy, const floating* x, floating* dz, Py_ssize_t n,
+                         floating mean, floating rstd, floating w, floating b,
+                         int act) noexcept nogil:
+    """dz = dy * act'(z), z = xhat * w + b, over one row segment (float: vectorised)."""
     cdef Py_ssize_t i
-    cdef floating xh, dz
-    cdef double s1 = 0, s2 = 0
-    if act == 0:
-        if floating is float:
-            fn_grad_sums_f(dy, n, x, mean, rstd, sdz, sdzx)
-        else:
-            fn_grad_sums_d(dy, n, x, mean, rstd, sdz, sdzx)
-        return
-    for i in range(n):
-        xh = (x[i] - mean) * rstd
-        dz = dy[i] * _act_grad(xh * w + b, act)
-        s1 += dz
-        s2 += dz * xh
-    sdz[0] = s1
-    sdzx[0] = s2
+    if floating is float:
+        fn_dz_f(dy, x, dz, n, mean, rstd, w, b, act)
+    else:
+        for i in range(n):
+            dz[i] = dy[i] * _act_grad((x[i] - mean) * rstd * w + b, act)
+
+
+cdef inline void _row_grad_sums(const floating* dy, const floating* x, floating* gx,
+                                Py_ssize_t n, floating mean, floating rstd, floating w,
+                                floating b, int act, double* sdz, double* sdzx) noexcept nogil:
+    """sum(dz) and sum(dz * xhat) over one row segment, dz = dy * act'(z); with an activation
+    dz is first written to gx (the grad_x pass then reads it there, see _row_grad_x)."""
+    if act != 0:
+        _row_dz(dy, x, gx, n, mean, rstd, w, b, act)
+        dy = gx
+    if floating is float:
+        fn_grad_sums_f(dy, n, x, mean, rstd, sdz, sdzx)
+    else:
+        fn_grad_sums_d(dy, n, x, mean, rstd, sdz, sdzx)
 
 
 cdef inline void _row_grad_x(const floating* dy, const floating* x, floating* gx, Py_ssize_t n,
-                             floating mean, floating rstd, floating w, floating b,
-                             floating k1, floating k2, floating k3, int act) noexcept nogil:
-    """gx = k1 * dz + k2 * (x - mean) + k3."""
+                             floating mean, floating k1, floating k2, floating k3,
+                             int act) noexcept nogil:
+    """gx = k1 * dz + k2 * (x - mean) + k3 (dz = dy, or with an activation already in gx)."""
     cdef Py_ssize_t i
-    cdef floating dz, d
-    if act == 0:
-        for i in range(n):
-            gx[i] = k1 * dy[i] + k2 * (x[i] - mean) + k3
-    else:
-        for i in range(n):
-            d = x[i] - mean
-            dz = dy[i] * _act_grad(d * rstd * w + b, act)
-            gx[i] = k1 * dz + k2 * d + k3
+    if act != 0:
+        dy = gx
+    for i in range(n):
+        gx[i] = k1 * dy[i] + k2 * (x[i] - mean) + k3
 
 
 cdef void _grad_weight_bias(Py_ssize_t N, Py_ssize_t C, const double* sdz, const double* sdzx,
@@ -459,13 +471,14 @@ cdef void _group_coeffs(Py_ssize_t ng, Py_ssize_t C, Py_ssize_t G, double M,
         k3[n * C + c] = <floating>(-A * r / M)
 
 
-cdef void _nchw_unit_grad_sums(const floating* dy, const floating* x, Py_ssize_t u,
-                               Py_ssize_t C, Py_ssize_t S, Py_ssize_t nch, Py_ssize_t Cg,
-                               const floating* mean, const floating* rstd, const floating* w,
-                               const floating* b, int act, double* part) noexcept nogil:
+cdef void _nchw_unit_grad_sums(const floating* dy, const floating* x, floating* gx,
+                               Py_ssize_t u, Py_ssize_t C, Py_ssize_t S, Py_ssize_t nch,
+                               Py_ssize_t Cg, const floating* mean, const floating* rstd,
+                               const floating* w, const floating* b, int act,
+                               double* part) noexcept nogil:
     cdef Py_ssize_t row = u // nch, k = u % nch, c = row % C, ng = row // Cg
     cdef Py_ssize_t start = row * S + k * CHUNK, n = min(CHUNK, S - k * CHUNK)
-    _row_grad_sums(dy + start, x + start, n, mean[ng], rstd[ng], w[c], b[c], act,
+    _row_grad_sums(dy + start, x + start, gx + start, n, mean[ng], rstd[ng], w[c], b[c], act,
                    &part[2 * u], &part[2 * u + 1])
 
 
@@ -482,13 +495,12 @@ cdef void _nchw_row_sums(Py_ssize_t row, Py_ssize_t nch, const double* part, dou
 
 cdef void _nchw_unit_grad_x(const floating* dy, const floating* x, floating* gx, Py_ssize_t u,
                             Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t nch,
-                            Py_ssize_t Cg, const floating* mean, const floating* rstd,
-                            const floating* w, const floating* b, const floating* k,
+                            Py_ssize_t Cg, const floating* mean, const floating* k,
                             int act) noexcept nogil:
-    cdef Py_ssize_t row = u // nch, kk = u % nch, c = row % C, ng = row // Cg
+    cdef Py_ssize_t row = u // nch, kk = u % nch, ng = row // Cg
     cdef Py_ssize_t start = row * S + kk * CHUNK, n = min(CHUNK, S - kk * CHUNK)
-    _row_grad_x(dy + start, x + start, gx + start, n, mean[ng], rstd[ng], w[c], b[c],
-                k[row], k[N * C + row], k[2 * N * C + row], act)
+    _row_grad_x(dy + start, x + start, gx + start, n, mean[ng], k[row], k[N * C + row],
+                k[2 * N * C + row], act)
 
 
 cdef int _backward_nchw(const floating* dy, const floating* x, const floating* mean,
@@ -510,21 +522,21 @@ cdef int _backward_nchw(const floating* dy, const floating* x, const floating* m
     if fused:
         for ng in prange(N * G, num_threads=nthreads, schedule="dynamic"):
             for u in range(ng * upg, (ng + 1) * upg):
-                _nchw_unit_grad_sums(dy, x, u, C, S, nch, Cg, mean, rstd, w, b, act, part)
+                _nchw_unit_grad_sums(dy, x, gx, u, C, S, nch, Cg, mean, rstd, w, b, act, part)
             for row in range(ng * Cg, (ng + 1) * Cg):
                 _nchw_row_sums(row, nch, part, sdz, sdzx)
             _group_coeffs(ng, C, G, M, sdz, sdzx, w, rstd, k, k2, k3)
             for u in range(ng * upg, (ng + 1) * upg):
-                _nchw_unit_grad_x(dy, x, gx, u, N, C, S, nch, Cg, mean, rstd, w, b, k, act)
+                _nchw_unit_grad_x(dy, x, gx, u, N, C, S, nch, Cg, mean, k, act)
     else:
         for u in prange(units, num_threads=nthreads, schedule="static"):
-            _nchw_unit_grad_sums(dy, x, u, C, S, nch, Cg, mean, rstd, w, b, act, part)
+            _nchw_unit_grad_sums(dy, x, gx, u, C, S, nch, Cg, mean, rstd, w, b, act, part)
         for row in range(N * C):
             _nchw_row_sums(row, nch, part, sdz, sdzx)
         for ng in range(N * G):
             _group_coeffs(ng, C, G, M, sdz, sdzx, w, rstd, k, k2, k3)
         for u in prange(units, num_threads=nthreads, schedule="static"):
-            _nchw_unit_grad_x(dy, x, gx, u, N, C, S, nch, Cg, mean, rstd, w, b, k, act)
+            _nchw_unit_grad_x(dy, x, gx, u, N, C, S, nch, Cg, mean, k, act)
     free(part)
     return 0
 
@@ -540,7 +552,7 @@ cdef int _backward_nhwc(const floating* dy, const floating* x, const floating* m
     cdef double* shift_form = part + 2 * units * C
     cdef double* a1
     cdef double* a2
-    cdef floating xh, dz, d
+    cdef const floating* g
     cdef const floating* m
     cdef const floating* r
     cdef const floating* k1
@@ -562,21 +574,20 @@ cdef int _backward_nhwc(const floating* dy, const floating* x, const floating* m
         a2 = a1 + C
         m = cmean + n * C
         r = crstd + n * C
-        if act == 0:
+        g = dy + off
+        if act != 0:                     # dz = dy * act'(z) into gx, read there again below
             if floating is float:
-                fn_colgrad_f(dy + off, P, C, x + off, m, r, a1, a2)
+                fn_dzcols_f(P, C, dy + off, x + off, gx + off, m, r, w, b, act)
             else:
-                fn_colgrad_d(dy + off, P, C, x + off, m, r, a1, a2)
+                for p in range(P):
+                    for c in range(C):
+                        i = off + p * C + c
+                        gx[i] = dy[i] * _act_grad((x[i] - m[c]) * r[c] * w[c] + b[c], act)
+            g = gx + off
+        if floating is float:
+            fn_colgrad_f(g, P, C, x + off, m, r, a1, a2)
         else:
-            for c in range(C):
-                a1[c] = 0
-                a2[c] = 0
-            for p in range(P):
-                for c in range(C):
-                    xh = (x[off + p * C + c] - m[c]) * r[c]
-                    dz = dy[off + p * C + c] * _act_grad(xh * w[c] + b[c], act)
-                    a1[c] += dz
-                    a2[c] += dz * xh
+            fn_colgrad_d(g, P, C, x + off, m, r, a1, a2)
     for n in range(N):
         for c in range(C):
             sdz[n * C + c] = 0
@@ -587,7 +598,7 @@ cdef int _backward_nhwc(const floating* dy, const floating* x, const floating* m
     for ng in range(N * G):
         _group_coeffs(ng, C, G, <double>(Cg * S), sdz, sdzx, w, rstd, k, k + N * C, k + 2 * N * C)
     for n in range(N):       # shift form (see _normalize_row): gx = k1 dy + k2 x + (k3 - k2 mean)
-        shift_form[n] = act == 0
+        shift_form[n] = 1
         for c in range(C):
             if not (fabs(cmean[n * C + c]) * crstd[n * C + c] <= SHIFT_FORM_LIMIT):
                 shift_form[n] = 0
@@ -605,22 +616,19 @@ cdef int _backward_nhwc(const floating* dy, const floating* x, const floating* m
         k1 = k + n * C
         k2 = k + N * C + n * C
         k3 = k + 2 * N * C + n * C
+        g = dy + off
+        if act != 0:
+            g = gx + off                 # dz, in place
         if shift_form[n] != 0:
             if floating is float:
-                fn_gradx_f(P, C, dy + off, x + off, gx + off, k1, k2, k3)
+                fn_gradx_f(P, C, g, x + off, gx + off, k1, k2, k3)
             else:
-                fn_gradx_d(P, C, dy + off, x + off, gx + off, k1, k2, k3)
+                fn_gradx_d(P, C, g, x + off, gx + off, k1, k2, k3)
             continue
         for p in range(P):
-            if act == 0:
-                for c in range(C):
-                    gx[off + p * C + c] = (k1[c] * dy[off + p * C + c]
-                                           + k2[c] * (x[off + p * C + c] - m[c]) + k3[c])
-            else:
-                for c in range(C):
-                    d = x[off + p * C + c] - m[c]
-                    dz = dy[off + p * C + c] * _act_grad(d * r[c] * w[c] + b[c], act)
-                    gx[off + p * C + c] = k1[c] * dz + k2[c] * d + k3[c]
+            for c in range(C):
+                gx[off + p * C + c] = (k1[c] * g[p * C + c]
+                                       + k2[c] * (x[off + p * C + c] - m[c]) + k3[c])
     free(part)
     return 0
 

@@ -53,6 +53,29 @@ def test_forward_matches_oracle(rng, N, C, spatial, G, channels_last, activation
         np.testing.assert_allclose(rstd, erstd, rtol=tol * 10)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_saturated_activations(rng, channels_last):
+    # |z| up to ~1000: the vectorised float32 exp saturates (silu -> z or -0) without inf/NaN
+    x, _, _ = _case(rng, 2, 24, (7, 9), 6, channels_last, np.float32)
+    w = np.full(24, 300.0, np.float32)
+    b = rng.standard_normal(24).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    for act in ("relu", "silu"):
+        y, mean, rstd = fastnorm.group_norm(x, 6, w, b, channels_last=channels_last,
+                                            activation=act, return_stats=True)
+        ey, _, _ = ref.group_norm(x, 6, w, b, channels_last=channels_last, activation=act)
+        assert np.isfinite(y).all()
+        assert np.max(np.abs(y - ey) / (1 + np.abs(ey))) < 1e-5
+        gx, gw, gb = fastnorm.group_norm_backward(dy, x, mean, rstd, 6, w, b,
+                                                  channels_last=channels_last, activation=act)
+        egx, egw, egb = ref.group_norm_backward(dy, x, 6, w, b, channels_last=channels_last,
+                                                activation=act)
+        assert np.isfinite(gx).all() and np.isfinite(gw).all()
+        np.testing.assert_allclose(gb, egb, rtol=1e-4, atol=1e-3)
+        if act == "silu":                # (relu: float32 z may round across the kink)
+            assert np.max(np.abs(gx - egx)) < 2e-4 * np.abs(egx).max()
+
+
 def test_offset_1e4_is_robust(rng):
     # float32 data with a common offset: E[x^2]-E[x]^2 would lose everything here
     for channels_last in (False, True):

@@ -106,7 +106,41 @@ def cpu_tables(threads, quick=False):
                 if big:
                     checks.append((f"fwd {case}: >= 60% of copy bandwidth",
                                    2 * x.nbytes / t_ours / 1e9 >= 0.6 * ceiling))
+    if torch is not None:
+        _silu_rows(torch, fwd, fb, rng)
     return [fwd, fb], checks
+
+
+def _silu_rows(torch, fwd, fb, rng):
+    """GroupNorm + SiLU (the diffusion-UNet block): fastnorm's fused activation vs torch's
+    group_norm followed by silu, forward and forward+backward, on the first shape."""
+    (shape, G), F = SHAPES[0], torch.nn.functional
+    x = rng.standard_normal(shape, dtype=np.float32)
+    w, b = rng.standard_normal(shape[1], dtype=np.float32), rng.standard_normal(shape[1],
+                                                                                dtype=np.float32)
+    dy = rng.standard_normal(shape, dtype=np.float32)
+    case = _name(shape, G, False) + " + SiLU"
+
+    def fb_ours():
+        y, m, r = fastnorm.group_norm(x, G, w, b, activation="silu", return_stats=True)
+        fastnorm.group_norm_backward(dy, x, m, r, G, w, b, activation="silu")
+    xt, wt, bt, dyt = (torch.from_numpy(a) for a in (x, w, b, dy))
+    xg, wg, bg = (t.clone().requires_grad_() for t in (xt, wt, bt))
+
+    def fwd_torch():
+        with torch.no_grad():
+            return F.silu(F.group_norm(xt, G, wt, bt))
+
+    def fb_torch():
+        F.silu(F.group_norm(xg, G, wg, bg)).backward(dyt)
+        xg.grad = wg.grad = bg.grad = None
+    t_fwd = timeit_many({"fastnorm": lambda: fastnorm.group_norm(x, G, w, b, activation="silu"),
+                         "torch": fwd_torch})
+    t_fb = timeit_many({"fastnorm": fb_ours, "torch autograd": fb_torch})
+    for name, t in t_fwd.items():
+        fwd.add(case, name, t, 2 * x.nbytes)
+    for name, t in t_fb.items():
+        fb.add(case, name, t, 5 * x.nbytes)
 
 
 def cuda_tables(quick=False):

@@ -1,6 +1,8 @@
-"""The README's NumPy quickstart runs as written."""
+"""The README's NumPy quickstart and its main job (`python -m fastnorm`) run as written."""
 import pathlib
 import re
+import subprocess
+import sys
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -12,3 +14,12 @@ def test_numpy_quickstart_runs():
     assert ns["y"].shape == (8, 64, 64, 256)
     assert ns["feats"].shape == (1000, 256, 7, 7)
     assert ns["keep"].dtype.name == "int64" and 0 < len(ns["keep"]) <= 1000
+
+
+def test_main_job_runs(tmp_path):
+    # report + demo pipeline + quick benchmark, in a fresh interpreter outside the source tree
+    out = subprocess.run([sys.executable, "-m", "fastnorm"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for part in ("demo: detection head", "total", "quick benchmark", "group_norm", "nms"):
+        assert part in out.stdout, part

@@ -16,8 +16,9 @@ Peers
 * On a GPU (CuPy present): fastnorm CUDA.
 
 fastnorm's forward is fused (sampling + its own GEMM micro-kernel) and its backward's GEMMs use
-the same micro-kernel, all on fastnorm's OpenMP threads (no BLAS). The GFLOP/s column counts the convolution's multiply-adds (2 * N * C_out * Ho * Wo * C_in * kh * kw
-per forward; 3x that for forward+backward).
+the same micro-kernel, all on fastnorm's OpenMP threads (no BLAS). The GFLOP/s column counts the
+convolution's multiply-adds (2 * N * C_out * Ho * Wo * C_in * kh * kw per forward; 3x that for
+forward+backward).
 """
 import json
 import os

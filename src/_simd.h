@@ -171,9 +171,10 @@ FN_DEFINE(double, fn_vd, d)
  * Over a (P, C) row-major block: out[p, c] = F(inputs at [p, c], per-channel coefficients of c).
  * When a row is at most FN_NV vectors its coefficients stay in registers while the rows stream by;
  * wider rows go row by row with the coefficients from L1 (a tile walking a partial row down the
- * block would read and write memory out of order, measured ~1.5x slower). FN_CMAP(T, V, SFX, NAME, PARAMS, ARGS, SETUP_DECL, SETUP, BODY, SCALAR): SETUP
- * loads tile vector j (channel offset cj), BODY stores the result at element offset o, SCALAR does
- * one element i of channel c. */
+ * block would read and write memory out of order, measured ~1.5x slower).
+ * FN_CMAP(T, V, SFX, NAME, PARAMS, ARGS, SETUP_DECL, SETUP, BODY, SCALAR): SETUP loads tile vector
+ * j (channel offset cj), BODY stores the result at element offset o, SCALAR does one element i of
+ * channel c. */
 #define FN_CMAP(T, V, SFX, NAME, PARAMS, ARGS, SETUP_DECL, SETUP, BODY, SCALAR)                   \
 FN_INLINE void fn_##NAME##_tile_##SFX(ptrdiff_t P, ptrdiff_t C, ptrdiff_t c0, const int nv,      \
                                       PARAMS) {                                                  \
@@ -288,7 +289,8 @@ static inline void fn_act_f(float* y, ptrdiff_t n, int act) {
     }
 }
 
-/* g * act'(z): 1 relu (g * 0 or g * 1, as the scalar path), 2 silu, s (1 + z (1 - s)), s = sigmoid */
+/* g * act'(z): 1 relu (g * 0 or g * 1, as the scalar path); 2 silu, s (1 + z (1 - s)) with
+ * s = sigmoid(z) */
 FN_INLINE fn_vf fn_act_grad_vf(fn_vf z, fn_vf g, int act) {
     if (act == 1)
         return g * (fn_vf)((fn_vi)((fn_vf){0} + 1.0f) & (fn_vi)(z > 0));

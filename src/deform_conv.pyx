@@ -39,7 +39,8 @@ from _interp cimport zero_pad_bilinear
 cnp.import_array()
 
 cdef extern from "deform_conv_gemm.h" nogil:
-    # out[o * ldo + p] (+= when accum) (bias[o] +) sum_k Wp[o, k] * tile[p * ldt + k], o < M, p < n
+    # out[o * ldo + p] = (out[o * ldo + p] when accum +) (bias[o] +)
+    #                    sum_k Wp[o, k] * tile[p * ldt + k]          for o < M, p < n
     void dc_gemm_f32(const float* tile, Py_ssize_t ldt, Py_ssize_t n, Py_ssize_t K,
                      const float* Wp, Py_ssize_t M, const float* bias, float* out, Py_ssize_t ldo,
                      int accum)
@@ -768,7 +769,8 @@ cdef void _gemm(const floating* A, Py_ssize_t a_rs, Py_ssize_t a_cs, const float
                     for k in range(kb):
                         for r in range(NR):
                             m = j * NR + r
-                            Wp[(j * kb + k) * NR + r] = A[m * a_rs + (k0 + k) * a_cs] if m < M else 0
+                            Wp[(j * kb + k) * NR + r] = (A[m * a_rs + (k0 + k) * a_cs] if m < M
+                                                         else 0)
             for n1 in prange((Np + 15) // 16, schedule="static"):   # B transposed: Tt[n][k]
                 if b_rs == 1:
                     for n in range(n1 * 16, min(Np, n1 * 16 + 16)):

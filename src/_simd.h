@@ -134,7 +134,7 @@ static inline void fn_##NAME##_##SFX(const T* x, ptrdiff_t P, ptrdiff_t C, PARAM
         case 2: fn_##NAME##_tile_##SFX(x, P, C, c0, 2, ARGS, s1, s2); break;                     \
         default: fn_##NAME##_tile_##SFX(x, P, C, c0, 1, ARGS, s1, s2); break;                    \
         }                                                                                        \
-        c0 += FN_CLAMP(nv) * W;                                                    \
+        c0 += FN_CLAMP(nv) * W;                                                                  \
     }                                                                                            \
     for (ptrdiff_t c = c0; c < C; c++) {                                                          \
         double r1 = 0, r2 = 0;                                                                   \

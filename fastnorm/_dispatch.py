@@ -11,8 +11,15 @@ The public op modules use exactly two things from here::
   JAX, ...) is imported zero-copy, computed on, and handed back through its own framework.
 * Arrays reach the kernels C-contiguous (a copy is made only when they are not); inputs are
   never written to.
+* Every public op is decorated with :func:`op`: once ``resolve`` has found the arrays' CUDA
+  device, that device (and the CuPy module serving it: CuPy, or the CUDA emulator's stand-in
+  for emulated arrays) stays current for the rest of the call -- layout copies, default
+  arguments, validation and kernels all run there, whatever device the caller had current.
 * Importing this module does not import CuPy.
 """
+import contextlib
+import contextvars
+import functools
 import importlib
 import sys
 
@@ -39,19 +46,30 @@ def _cupy():
     return cupy
 
 
+def _emulated(obj):
+    """The CUDA emulator's module if ``obj`` is one of its arrays (it is imported only by those
+    who make them)."""
+    emu = sys.modules.get("fastnorm._cuda.emulator")
+    return emu if emu is not None and isinstance(obj, emu.ndarray) else None
+
+
 class _Arg:
     """What one array argument is: its framework, its device and how to import it."""
 
-    __slots__ = ("name", "obj", "framework", "device")
+    __slots__ = ("name", "obj", "framework", "device", "cupy")
 
     def __init__(self, name, obj):
-        self.name, self.obj = name, obj
+        self.name, self.obj, self.cupy = name, obj, None
         if isinstance(obj, np.ndarray):
             self.framework, self.device = "numpy", "cpu"
             return
         tname = _type_name(obj)
         if tname == "cupy.ndarray":
             self.framework, self.device = "cupy", f"cuda:{obj.device.id}"
+            return
+        emu = _emulated(obj)
+        if emu is not None:
+            self.framework, self.device, self.cupy = "cupy (emulated)", f"cuda:{obj.device.id}", emu
             return
         if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
             dev_type, dev_id = obj.__dlpack_device__()
@@ -74,7 +92,7 @@ class _Arg:
     def native(self):
         """The argument as a C-contiguous NumPy (CPU) or CuPy (CUDA) array."""
         obj = self.obj
-        if self.framework not in ("numpy", "cupy"):
+        if self.framework not in _NATIVE:
             if getattr(obj, "requires_grad", False) and hasattr(obj, "detach"):
                 obj = obj.detach()          # torch refuses to export tensors that need grad
             try:
@@ -88,19 +106,37 @@ class _Arg:
         return obj
 
 
+# frameworks whose arrays the kernels take as they are
+_NATIVE = ("numpy", "cupy", "cupy (emulated)")
+
+
 class Call:
     """The backend resolved for one call: runs kernels there and wraps results back."""
 
-    def __init__(self, backend, framework, device, like):
+    def __init__(self, backend, framework, device, like, cupy=None):
         self.backend = backend        # "cpu" or "cuda"
-        self.framework = framework    # "numpy", "cupy", "torch", "jax", ...
+        self.framework = framework    # "numpy", "cupy", "cupy (emulated)", "torch", "jax", ...
         self.device = device          # "cpu" or "cuda:<id>"
         self._like = like             # one original argument, for the framework's from_dlpack
+        self._cupy = cupy             # the CUDA emulator's module for emulated arrays
 
     @property
     def xp(self):
-        """The array module of the native arrays (numpy or cupy)."""
-        return np if self.backend == "cpu" else _cupy()
+        """The array module of the native arrays (numpy, cupy or the emulator's stand-in)."""
+        if self.backend == "cpu":
+            return np
+        return self._cupy if self._cupy is not None else _cupy()
+
+    @contextlib.contextmanager
+    def on_device(self):
+        """Make this call's CUDA device (and CuPy module) current inside the block."""
+        if self.backend == "cpu":
+            yield
+            return
+        from . import _cuda
+        xp = self.xp
+        with xp.cuda.Device(int(self.device.split(":")[1])), _cuda.using(xp):
+            yield
 
     def kernel(self, op):
         """The kernel module for ``op`` on this backend."""
@@ -111,7 +147,7 @@ class Call:
                 raise RuntimeError(
                     f"fastnorm: the CPU kernels are not built (fastnorm._cpu.{op} is missing): "
                     f"install fastnorm from source with a C compiler, e.g. `pip install .`") from e
-        _cupy()
+        self.xp                      # CuPy must be installed (unless emulated)
         return importlib.import_module(f"fastnorm._cuda.{op}")
 
     def run(self, op, fn, *args):
@@ -120,14 +156,14 @@ class Call:
         func = getattr(self.kernel(op), fn)
         if self.backend == "cpu":
             return func(*args, get_num_threads())
-        with _cupy().cuda.Device(int(self.device.split(":")[1])):
+        with self.on_device():
             return func(*args, 0)
 
     def wrap(self, result):
         """Native result(s) -> the caller's framework (tuples, lists and None pass through)."""
         if isinstance(result, (tuple, list)):
             return type(result)(self.wrap(r) for r in result)
-        if result is None or self.framework in ("numpy", "cupy"):
+        if result is None or self.framework in _NATIVE:
             return result
         from_dlpack = _from_dlpack_of(self._like)
         return result if from_dlpack is None else from_dlpack(result)
@@ -177,8 +213,29 @@ def resolve(**arrays):
             raise ValueError(f"{first.describe()} but {a.describe()}: fastnorm makes no implicit "
                              f"transfers, move them to one device first")
     backend = "cpu" if first.device == "cpu" else "cuda"
-    call = Call(backend, first.framework, first.device, first.obj)
+    call = Call(backend, first.framework, first.device, first.obj, first.cupy)
+    scope = _scope.get()
+    if scope is not None:
+        scope.enter_context(call.on_device())      # current until the op returns
     by_name = {a.name: a for a in args}
-    natives = tuple(by_name[name].native() if obj is not None else None
-                    for name, obj in arrays.items())
+    with contextlib.nullcontext() if scope is not None else call.on_device():
+        natives = tuple(by_name[name].native() if obj is not None else None
+                        for name, obj in arrays.items())
     return call, natives
+
+
+_scope = contextvars.ContextVar("fastnorm_op_scope", default=None)
+
+
+def op(func):
+    """Decorator of the public ops: the device that ``resolve`` finds stays current until the op
+    returns (see the module docstring)."""
+    @functools.wraps(func)
+    def call_op(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            token = _scope.set(stack)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                _scope.reset(token)
+    return call_op

@@ -23,7 +23,7 @@ result does not depend on the thread count); on CUDA they run through CuPy (cuBL
 On CUDA, grad_x is accumulated with atomics, so it is not bitwise reproducible run to run.
 """
 from . import _validation as v
-from ._dispatch import resolve
+from ._dispatch import op, resolve
 
 #: Upper bound, in bytes, of the im2col workspace of one call (at least one output row).
 WORKSPACE_BYTES = 256 << 20
@@ -73,6 +73,7 @@ def _check(call, x, offset, weight, bias, mask, stride, padding, dilation):
     return (sh, sw, ph, pw, dh, dw, rows), (N, Cout, Ho, Wo)
 
 
+@op
 def deform_conv2d(x, offset, weight, bias=None, *, mask=None, stride=1, padding=0, dilation=1):
     """Deformable 2-D convolution (DCN v1; v2 with ``mask``), torchvision/ONNX semantics.
 
@@ -117,6 +118,7 @@ def deform_conv2d(x, offset, weight, bias=None, *, mask=None, stride=1, padding=
     return call.wrap(y)
 
 
+@op
 def deform_conv2d_backward(grad_out, x, offset, weight, *, mask=None, stride=1, padding=0,
                            dilation=1):
     """Gradients of :func:`deform_conv2d` with respect to all its inputs.

@@ -1,6 +1,6 @@
 """Group normalisation (Wu & He, 2018), forward and backward, with a fused activation."""
 from . import _validation as v
-from ._dispatch import resolve
+from ._dispatch import op, resolve
 
 _ACTIVATIONS = {None: 0, "relu": 1, "silu": 2}
 
@@ -30,6 +30,7 @@ def _stats_dtype(x):
     return "float64" if str(x.dtype) == "float64" else "float32"
 
 
+@op
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, channels_last=False,
                activation=None, return_stats=False):
     """Group normalisation: normalise each group of channels of each sample, then scale and shift.
@@ -80,6 +81,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, channels_last
     return call.wrap((y, mean, rstd) if return_stats else y)
 
 
+@op
 def group_norm_backward(grad_out, x, mean, rstd, num_groups, weight=None, bias=None, *,
                         channels_last=False, activation=None):
     """Gradients of :func:`group_norm` with respect to x, weight and bias.

@@ -26,7 +26,7 @@ CPU kernels compute IoU in float64 (exact decisions for float32 boxes); CUDA ker
 float32 for float32/float16/bfloat16 and float64 for float64.
 """
 from . import _validation as v
-from ._dispatch import resolve
+from ._dispatch import op, resolve
 
 _METRICS = {"iou": 0, "giou": 1, "diou": 2, "ciou": 3}
 _SOFT = {"gaussian": 0, "linear": 1}
@@ -117,6 +117,7 @@ def _max_output(m):
 
 # ---------------------------------------------------------------- public functions
 
+@op
 def nms(boxes, scores, iou_threshold, *, score_threshold=None, max_output=None, batch_idx=None):
     """Greedy non-maximum suppression (torchvision ``nms`` semantics).
 
@@ -165,6 +166,7 @@ def nms(boxes, scores, iou_threshold, *, score_threshold=None, max_output=None, 
     return call.wrap(res)
 
 
+@op
 def batched_nms(boxes, scores, idxs, iou_threshold, *, score_threshold=None, max_output=None,
                 batch_idx=None):
     """Class-aware NMS: boxes of different ``idxs`` (classes) never suppress each other.
@@ -211,6 +213,7 @@ def batched_nms(boxes, scores, idxs, iou_threshold, *, score_threshold=None, max
     return call.wrap(res)
 
 
+@op
 def diou_nms(boxes, scores, iou_threshold, *, beta=1.0, score_threshold=None, max_output=None,
              batch_idx=None):
     """DIoU-NMS (Zheng et al., AAAI 2020): suppress when ``IoU - (d^2 / c^2)**beta >
@@ -247,6 +250,7 @@ def diou_nms(boxes, scores, iou_threshold, *, beta=1.0, score_threshold=None, ma
     return call.wrap(res)
 
 
+@op
 def weighted_nms(boxes, scores, iou_threshold, *, score_threshold=None, max_output=None,
                  batch_idx=None):
     """Weighted NMS: greedy NMS whose kept boxes become the score-weighted mean of themselves
@@ -285,6 +289,7 @@ def weighted_nms(boxes, scores, iou_threshold, *, score_threshold=None, max_outp
     return call.wrap(res)
 
 
+@op
 def soft_nms(boxes, scores, *, method="gaussian", sigma=0.5, iou_threshold=0.3,
              score_threshold=0.001, batch_idx=None):
     """Soft-NMS (Bodla et al., 2017), as in OpenCV ``softNMSBoxes`` / ensemble-boxes.
@@ -333,6 +338,7 @@ def soft_nms(boxes, scores, *, method="gaussian", sigma=0.5, iou_threshold=0.3,
     return call.wrap(res)
 
 
+@op
 def matrix_nms(boxes, scores, *, kernel="gaussian", sigma=2.0, batch_idx=None):
     """Matrix NMS (SOLOv2, Wang et al., 2020): every box's score decayed in parallel.
 
@@ -368,6 +374,7 @@ def matrix_nms(boxes, scores, *, kernel="gaussian", sigma=2.0, batch_idx=None):
     return call.wrap(res)
 
 
+@op
 def box_iou(a, b, *, metric="iou"):
     """Pairwise IoU / GIoU / DIoU / CIoU of two sets of boxes (torchvision's ``box_iou``,
     ``generalized_box_iou``, ``distance_box_iou``, ``complete_box_iou``, eps=1e-7).

@@ -18,7 +18,7 @@ Common conventions
   thread scans all RoIs of its image).
 """
 from . import _validation as v
-from ._dispatch import resolve
+from ._dispatch import op, resolve
 
 _MODES = {"avg": 0, "max": 1}
 
@@ -107,6 +107,7 @@ def _nhwc(call, a, channels_last):
 
 # ---------------------------------------------------------------- RoIAlign
 
+@op
 def roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, *,
               mode="avg", channels_last=False):
     """RoIAlign (He et al., Mask R-CNN) with torchvision's semantics, plus mmcv's max mode.
@@ -161,6 +162,7 @@ def roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligne
     return call.wrap(_nhwc(call, out, channels_last))
 
 
+@op
 def roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale=1.0,
                        sampling_ratio=-1, aligned=False, *, mode="avg", x=None,
                        channels_last=False, deterministic=False):
@@ -221,6 +223,7 @@ def roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale=1
 
 # ---------------------------------------------------------------- RoIPool
 
+@op
 def roi_pool(x, rois, output_size, spatial_scale=1.0):
     """RoIPool (Fast R-CNN) with torchvision's rounding: max over integer bins.
 
@@ -254,6 +257,7 @@ def roi_pool(x, rois, output_size, spatial_scale=1.0):
     return call.wrap(call.run("roi_ops", "roi_pool_forward", x, rois, PH, PW, scale))
 
 
+@op
 def roi_pool_backward(grad_out, rois, input_shape, output_size, spatial_scale=1.0, *, x=None,
                       deterministic=False):
     """Gradient of :func:`roi_pool`: each output's gradient goes to its bin's argmax in x.
@@ -297,6 +301,7 @@ def roi_pool_backward(grad_out, rois, input_shape, output_size, spatial_scale=1.
 
 # ---------------------------------------------------------------- PS-RoIAlign
 
+@op
 def ps_roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1):
     """Position-sensitive RoIAlign (R-FCN) with torchvision's semantics.
 
@@ -333,6 +338,7 @@ def ps_roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1):
     return call.wrap(call.run("roi_ops", "ps_roi_align_forward", x, rois, PH, PW, scale, sr))
 
 
+@op
 def ps_roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale=1.0,
                           sampling_ratio=-1, *, deterministic=False):
     """Gradient of :func:`ps_roi_align` with respect to x.
@@ -380,6 +386,7 @@ def _deform_args(call, x, offset, mask, K, PH, PW):
         v.shape("mask", mask, (K, 1, PH, PW))
 
 
+@op
 def deform_roi_pool(x, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0,
                     gamma=0.1, *, mask=None):
     """Deformable RoI pooling (Dai et al., DCN; mmcv ``DeformRoIPool`` semantics).
@@ -428,6 +435,7 @@ def deform_roi_pool(x, rois, offset=None, output_size=7, spatial_scale=1.0, samp
                               PW, scale, sr, gamma))
 
 
+@op
 def deform_roi_pool_backward(grad_out, x, rois, offset=None, output_size=7, spatial_scale=1.0,
                              sampling_ratio=0, gamma=0.1, *, mask=None, deterministic=False):
     """Gradients of :func:`deform_roi_pool` with respect to x, offset and mask.

@@ -6,9 +6,17 @@ Each op has ``<op>.cu`` (kernels templated on the scalar type, instantiated thro
 signatures, as the CPU module ``fastnorm._cpu.<op>``; the trailing ``nthreads`` argument is
 ignored here. Launchers run on the current CuPy device and stream; the dispatcher has already made
 the arrays' device current. Importing this package does not import CuPy.
+
+Launchers reach CuPy only through :func:`cupy`: real CuPy, or, inside a call on emulated arrays,
+the CUDA emulator's stand-in (``fastnorm._cuda.emulator``), which runs the same ``.cu`` sources on
+the host. The launchers cannot tell the two apart.
 """
+import contextlib
+import contextvars
 import functools
+import hashlib
 import os
+import re
 
 import numpy as np
 
@@ -16,6 +24,27 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # dtype name -> C++ type in the .cu files
 CTYPES = {"float32": "float", "float64": "double", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+
+# the module standing in for CuPy in the current call (None: CuPy itself)
+_backend = contextvars.ContextVar("fastnorm_cuda_backend", default=None)
+
+
+def cupy():
+    """The CuPy module the launchers run on in this call."""
+    module = _backend.get()
+    if module is None:
+        import cupy as module
+    return module
+
+
+@contextlib.contextmanager
+def using(module):
+    """Run the launchers on ``module`` (real CuPy or the emulator) inside this block."""
+    token = _backend.set(module)
+    try:
+        yield
+    finally:
+        _backend.reset(token)
 
 
 def ctype(dtype):
@@ -28,19 +57,44 @@ def instantiate(template, types=CTYPES.values()):
     return [template.format(t) for t in types]
 
 
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
+
+
 @functools.lru_cache(maxsize=None)
-def _module(name, device_id, name_expressions):
-    import cupy
+def source(name):
+    """The text of ``<name>.cu`` as handed to the compiler: CuPy keys its kernel cache on this
+    text alone, so it ends with a digest of the local headers it includes (an edit of
+    ``common.cuh`` must not load a stale binary)."""
     with open(os.path.join(HERE, name + ".cu")) as f:
         code = f.read()
-    return cupy.RawModule(code=code, options=("--std=c++17", f"-I{HERE}"),
-                          name_expressions=name_expressions)
+    digest, seen, todo = hashlib.sha256(), set(), _INCLUDE.findall(code)
+    while todo:
+        header = todo.pop(0)
+        path = os.path.join(HERE, header)
+        if header in seen or not os.path.exists(path):
+            continue
+        seen.add(header)
+        with open(path) as f:
+            text = f.read()
+        digest.update(header.encode() + b"\0" + text.encode())
+        todo += _INCLUDE.findall(text)
+    return code + f"\n// local headers: {digest.hexdigest()}\n"
+
+
+# CuPy's compile options for every module (the NVRTC gate compiles with exactly these)
+OPTIONS = ("--std=c++17", f"-I{HERE}")
+
+
+@functools.lru_cache(maxsize=None)
+def _module(backend, name, device_id, name_expressions):
+    return backend.RawModule(code=source(name), options=OPTIONS,
+                             name_expressions=name_expressions)
 
 
 def function(name, expr, name_expressions):
     """Kernel ``expr`` (e.g. ``"gn_stats<float>"``) of ``<name>.cu`` on the current device."""
-    import cupy
-    return _module(name, cupy.cuda.Device().id, tuple(name_expressions)).get_function(expr)
+    cp = cupy()
+    return _module(cp, name, cp.cuda.Device().id, tuple(name_expressions)).get_function(expr)
 
 
 def launch(kernel, n_threads, args, block=256, shared_mem=0):

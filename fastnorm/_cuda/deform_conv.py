@@ -7,7 +7,7 @@ atomics, so it is not bitwise reproducible run to run (the other results are).
 """
 import numpy as np
 
-from . import ctype, function, i64, instantiate, launch
+from . import ctype, cupy, function, i64, instantiate, launch
 
 _KERNELS = ("dc_im2col", "dc_col2im", "dc_coord")
 _EXPRS = {k: instantiate("fastnorm::" + k + "<{}>") for k in _KERNELS}
@@ -30,16 +30,15 @@ class _Setup:
     """Geometry of one call and the launch helper shared by forward and backward."""
 
     def __init__(self, x, offset, mask, weight, sh, sw, ph, pw, dh, dw):
-        import cupy
-        self.cp = cupy
+        self.cp = cp = cupy()
         self.N, self.C, self.H, self.W = (int(s) for s in x.shape)
         self.Cout, Cg, self.kh, self.kw = (int(s) for s in weight.shape)
         self.K = self.kh * self.kw
         self.Ho, self.Wo = int(offset.shape[2]), int(offset.shape[3])
         self.G = int(offset.shape[1]) // (2 * self.K)
         self.groups = self.C // Cg
-        self.acc = cupy.float64 if x.dtype == cupy.float64 else cupy.float32
-        self.geo = cupy.asarray(np.array(
+        self.acc = cp.float64 if x.dtype == cp.float64 else cp.float32
+        self.geo = cp.asarray(np.array(
             [self.C, self.H, self.W, self.Ho, self.Wo, self.kh, self.kw, self.K, sh, sw, ph, pw,
              dh, dw, self.G, self.C // self.G], dtype=np.int64))
         self.has_mask = mask is not None

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from . import ctype, function
+from . import ctype, cupy, function
 
 _NS = "fastnorm::gn::"
 _TILE = 256              # threads of the channels-last kernels (TILE_THREADS in the .cu)
@@ -45,14 +45,13 @@ def _kernel(dtype, name, v=None):
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_id):
-    import cupy
-    return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
+def _sm_count(backend, device_id):
+    return int(backend.cuda.Device(device_id).attributes["MultiProcessorCount"])
 
 
 def _sms():
-    import cupy
-    return _sm_count(cupy.cuda.Device().id)
+    cp = cupy()
+    return _sm_count(cp, cp.cuda.Device().id)
 
 
 def _i(v):
@@ -129,7 +128,7 @@ def _apply(x, dy, out, cm, cs, k2, k3, b, N, C, S, channels_last, act, bwd):
 
 def forward(x, weight, bias, num_groups, eps, channels_last, activation, nthreads):
     """y, mean, rstd = forward(x, weight, bias, G, eps, channels_last, act, nthreads)."""
-    import cupy as cp
+    cp = cupy()
     N, C, S = _dims(x, channels_last)
     G = int(num_groups)
     sdt = _stats_dtype(x.dtype)
@@ -175,7 +174,7 @@ def forward(x, weight, bias, num_groups, eps, channels_last, activation, nthread
 def backward(grad_out, x, mean, rstd, weight, bias, num_groups, channels_last, activation,
              nthreads):
     """grad_x, grad_weight, grad_bias = backward(dy, x, mean, rstd, w, b, G, channels_last, act, nthreads)."""
-    import cupy as cp
+    cp = cupy()
     N, C, S = _dims(x, channels_last)
     G = int(num_groups)
     sdt = _stats_dtype(x.dtype)

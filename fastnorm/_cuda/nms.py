@@ -10,7 +10,7 @@ image, which selects (block argmax) and decays on the device.
 """
 import numpy as np
 
-from . import ctype, function, i64, instantiate, launch
+from . import ctype, cupy, function, i64, instantiate, launch
 
 _KERNELS = ("nms_mask<{}>", "box_metric<{}>", "matrix_comp<{}>", "matrix_decay<{}>",
             "weighted_fuse<{}>", "soft_nms_seg<{}>")
@@ -102,7 +102,7 @@ def _greedy(cp, boxes, scores, batch, classes, iou_threshold, use_score_threshol
 
 def nms(boxes, scores, batch, classes, iou_threshold, use_score_threshold, score_threshold,
         max_output, criterion, beta, num_images, split, nthreads):
-    import cupy as cp
+    cp = cupy()
     cap = max_output if max_output >= 0 else scores.shape[0] + 1
     order, _, keep, _, _ = _greedy(cp, boxes, scores, batch, classes, iou_threshold,
                                    use_score_threshold, score_threshold, cap, criterion, beta)
@@ -112,7 +112,7 @@ def nms(boxes, scores, batch, classes, iou_threshold, use_score_threshold, score
 
 def weighted_nms(boxes, scores, batch, classes, iou_threshold, use_score_threshold,
                  score_threshold, max_output, num_images, split, nthreads):
-    import cupy as cp
+    cp = cupy()
     cap = max_output if max_output >= 0 else scores.shape[0] + 1
     order, seg, keep, mask, cb = _greedy(cp, boxes, scores, batch, classes, iou_threshold,
                                          use_score_threshold, score_threshold, cap, 0, 1.0)
@@ -139,7 +139,7 @@ def weighted_nms(boxes, scores, batch, classes, iou_threshold, use_score_thresho
 
 def soft_nms(boxes, scores, batch, method, sigma, iou_threshold, score_threshold, num_images,
              split, nthreads):
-    import cupy as cp
+    cp = cupy()
     n = scores.shape[0]
     order, seg = _rank(cp, scores, batch, None, False, 0.0)
     m = order.shape[0]
@@ -167,7 +167,7 @@ def soft_nms(boxes, scores, batch, method, sigma, iou_threshold, score_threshold
 
 
 def matrix_nms(boxes, scores, batch, kernel, sigma, num_images, split, nthreads):
-    import cupy as cp
+    cp = cupy()
     order, seg = _rank(cp, scores, batch, None, False, 0.0)
     m = order.shape[0]
     out = cp.empty_like(scores)
@@ -188,7 +188,7 @@ def matrix_nms(boxes, scores, batch, kernel, sigma, num_images, split, nthreads)
 
 
 def box_iou(a, b, metric, nthreads):
-    import cupy as cp
+    cp = cupy()
     out = cp.empty((a.shape[0], b.shape[0]), dtype=a.dtype)
     launch(_fn("box_metric<{}>", a.dtype), out.size,
            (a, b, i64(a.shape[0]), i64(b.shape[0]), np.int32(metric), out))

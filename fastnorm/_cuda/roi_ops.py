@@ -3,7 +3,7 @@
 transposes channels-last arrays around the NCHW kernels)."""
 import numpy as np
 
-from . import ctype, function, i64, instantiate, launch
+from . import ctype, cupy, function, i64, instantiate, launch
 
 _KERNELS = ("align_fwd", "align_bwd", "align_bwd_det", "deform_bwd_offmask", "pool_fwd",
             "pool_bwd", "pool_bwd_det")
@@ -44,7 +44,7 @@ def _dummy(cp, dtype):
 
 
 def _align_forward(x, rois, offset, mask, PH, PW, CO, prm):
-    import cupy as cp
+    cp = cupy()
     K = rois.shape[0]
     out = cp.empty((K, CO, PH, PW), dtype=x.dtype)
     if out.size == 0:
@@ -59,7 +59,7 @@ def _align_forward(x, rois, offset, mask, PH, PW, CO, prm):
 
 
 def _align_backward(dy, x, rois, offset, mask, N, C, H, W, prm, deterministic):
-    import cupy as cp
+    cp = cupy()
     dtype = dy.dtype
     gacc = cp.zeros((N, C, H, W), dtype=_acc_dtype(dtype))
     if gacc.size == 0 or rois.shape[0] == 0:
@@ -115,7 +115,7 @@ def deform_roi_pool_forward(x, rois, offset, mask, PH, PW, scale, sr, gamma, nth
 
 def deform_roi_pool_backward(grad_out, x, rois, offset, mask, PH, PW, scale, sr, gamma,
                              deterministic, nthreads):
-    import cupy as cp
+    cp = cupy()
     N, C, H, W = x.shape
     K = rois.shape[0]
     prm = _params(K, N, C, C, H, W, PH, PW, sr, KIND_DEFORM, 0, 1, offset is not None,
@@ -132,7 +132,7 @@ def deform_roi_pool_backward(grad_out, x, rois, offset, mask, PH, PW, scale, sr,
 
 
 def roi_pool_forward(x, rois, PH, PW, scale, nthreads):
-    import cupy as cp
+    cp = cupy()
     N, C, H, W = x.shape
     K = rois.shape[0]
     out = cp.empty((K, C, PH, PW), dtype=x.dtype)
@@ -143,7 +143,7 @@ def roi_pool_forward(x, rois, PH, PW, scale, nthreads):
 
 
 def roi_pool_backward(grad_out, rois, x, PH, PW, scale, deterministic, nthreads):
-    import cupy as cp
+    cp = cupy()
     N, C, H, W = x.shape
     K = rois.shape[0]
     gacc = cp.zeros((N, C, H, W), dtype=_acc_dtype(x.dtype))

@@ -1,0 +1,535 @@
+"""fastnorm's CUDA emulator: the CUDA kernels run on the host, without a GPU.
+
+This module stands in for the part of CuPy that fastnorm's CUDA launchers use, backed by NumPy:
+device arrays (:class:`ndarray`, host memory that fastnorm treats as device memory), ``Device``
+contexts (two emulated devices shaped like an H100: 132 SMs, 48 KiB of shared memory per block),
+array functions, and ``RawModule``. A ``RawModule`` compiles the *unmodified* ``.cu`` source with
+the host C++ compiler against a small CUDA header (``fnemu.h``) and runs every CUDA thread of a
+block as a fiber, so ``__syncthreads()`` and warp shuffles keep their meaning. Every launch is
+checked for what CuPy never checks (see :mod:`._module`): launch limits, argument types against
+the kernel's parameters, out-of-bounds accesses (guard pages and canaries around copies of the
+buffers), races (a second run in reverse block and thread order must give the same bits, unless
+the kernel does floating-point atomics), barrier and warp misuse. Failures raise
+:class:`EmulatorError`.
+
+Arrays made here go through fastnorm's public functions like CuPy arrays, on the CUDA backend::
+
+    import numpy as np, fastnorm
+    from fastnorm._cuda import emulator as cp          # the stand-in for cupy
+    x = cp.asarray(np.random.rand(2, 32, 8, 8).astype(np.float32))
+    y = fastnorm.group_norm(x, 8)                       # the CUDA kernels, emulated
+    y.get()                                             # back to NumPy
+
+Needs a C++17 compiler (g++ or clang++, ``CXX``); builds are cached (``FASTNORM_EMULATOR_CACHE``).
+``FASTNORM_EMULATOR_RACECHECK=0`` skips the second, reverse-order run of each launch.
+What the emulator cannot check (the GPU memory model, FMA contraction, fast-math intrinsics and
+flush-to-zero, occupancy, register limits, speed) is listed in docs/robustness.md.
+"""
+import contextlib
+import functools
+import math
+import os
+import threading
+import types
+
+import numpy as np
+from numpy.lib.mixins import NDArrayOperatorsMixin
+
+from ._module import EmulatorError, Module
+
+__version__ = "14.0.0+fastnorm.emulator"      # the CuPy API level this stands in for
+
+NUM_DEVICES = 2
+DEVICE_NAME = "fastnorm CUDA emulator (H100-shaped)"
+ATTRIBUTES = {"MultiProcessorCount": 132, "MaxThreadsPerBlock": 1024,
+              "MaxSharedMemoryPerBlock": 48 << 10, "WarpSize": 32,
+              "ComputeCapabilityMajor": 9, "ComputeCapabilityMinor": 0}
+ALIGNMENT = 256                                # CuPy's allocations are at least this aligned
+
+inf, nan, newaxis, pi = np.inf, np.nan, np.newaxis, np.pi
+(bool_, int8, int16, int32, int64, uint8, uint16, uint32, uint64, float16, float32, float64,
+ intp, complex64, complex128) = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8,
+                                 np.uint16, np.uint32, np.uint64, np.float16, np.float32,
+                                 np.float64, np.intp, np.complex64, np.complex128)
+dtype = np.dtype
+
+__all__ = ["EmulatorError", "ndarray", "Device", "RawModule", "asarray", "asnumpy", "cuda",
+           "counting"]
+
+
+def _race_check():
+    return os.environ.get("FASTNORM_EMULATOR_RACECHECK", "1") != "0"
+
+
+# ---------------------------------------------------------------- devices
+
+_local = threading.local()           # the current device is per thread, as in CUDA
+
+
+def _current():
+    return getattr(_local, "device", 0)
+
+
+class Device:
+    """An emulated CUDA device; ``with Device(1):`` makes it current, as in CuPy."""
+
+    def __init__(self, device=None):
+        self.id = _current() if device is None else int(device)
+        if not 0 <= self.id < NUM_DEVICES:
+            raise EmulatorError(f"invalid device ordinal {self.id} (the emulator has "
+                                f"{NUM_DEVICES} devices)")
+        self._prev = []
+
+    def __enter__(self):
+        self._prev.append(_current())
+        _local.device = self.id
+        return self
+
+    def __exit__(self, *exc):
+        _local.device = self._prev.pop()
+
+    def use(self):
+        _local.device = self.id
+
+    def synchronize(self):
+        pass
+
+    @property
+    def attributes(self):
+        return dict(ATTRIBUTES)
+
+    @property
+    def compute_capability(self):
+        return f"{ATTRIBUTES['ComputeCapabilityMajor']}{ATTRIBUTES['ComputeCapabilityMinor']}"
+
+    def __eq__(self, other):
+        return isinstance(other, Device) and other.id == self.id
+
+    def __hash__(self):
+        return hash(self.id)
+
+    def __repr__(self):
+        return f"<emulated CUDA Device {self.id}>"
+
+
+class _Stream:
+    """Streams are accepted and ignored: the emulator runs every launch synchronously."""
+
+    null = None
+
+    def __init__(self, *args, **kwargs):
+        self.ptr = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def use(self):
+        return self
+
+
+_Stream.null = _Stream()
+
+
+def _properties(i):
+    Device(i)                                  # validates the ordinal
+    return {"name": DEVICE_NAME.encode(), "multiProcessorCount": ATTRIBUTES["MultiProcessorCount"],
+            "major": 9, "minor": 0, "maxThreadsPerBlock": 1024, "sharedMemPerBlock": 48 << 10,
+            "warpSize": 32, "totalGlobalMem": 80 << 30}
+
+
+cuda = types.ModuleType(__name__ + ".cuda", "The emulated cupy.cuda namespace.")
+cuda.Device = Device
+cuda.Stream = cuda.ExternalStream = _Stream
+cuda.get_current_stream = lambda device=None: _Stream.null
+cuda.runtime = types.SimpleNamespace(
+    getDeviceCount=lambda: NUM_DEVICES, getDevice=_current, getDeviceProperties=_properties,
+    deviceSynchronize=lambda: None, CUDARuntimeError=EmulatorError)
+
+
+# ---------------------------------------------------------------- counters (for tests)
+
+class Counts:
+    """Launches and host synchronisations seen inside a :func:`counting` block."""
+
+    def __init__(self):
+        self.launches = 0
+        self.syncs = 0
+        self.kernels = []
+
+    def __repr__(self):
+        return f"Counts(launches={self.launches}, syncs={self.syncs})"
+
+
+_counters = []
+
+
+@contextlib.contextmanager
+def counting():
+    """Count kernel launches and device-to-host synchronisations (``.get()``, ``bool()``,
+    ``int()``, ``float()``, ``.item()``, ``.tolist()``) in this block."""
+    c = Counts()
+    _counters.append(c)
+    try:
+        yield c
+    finally:
+        _counters.remove(c)
+
+
+def _note_sync():
+    for c in _counters:
+        c.syncs += 1
+
+
+# ---------------------------------------------------------------- arrays
+
+def _alloc(shape, dtype, poison):
+    """Host memory standing in for a fresh device allocation (256-byte aligned, like CuPy's;
+    ``empty`` is filled with 0xFF bytes: NaN for floats, -1 for integers)."""
+    dtype = np.dtype(dtype)
+    shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(s) for s in shape)
+    n = math.prod(shape) * dtype.itemsize
+    raw = np.empty(n + ALIGNMENT, np.uint8)
+    off = (-raw.__array_interface__["data"][0]) % ALIGNMENT
+    buf = raw[off:off + n]
+    if poison:
+        buf.fill(0xFF)
+    return buf.view(dtype).reshape(shape)
+
+
+class _MemoryPointer:
+    def __init__(self, ptr, device_id):
+        self.ptr = ptr
+        self.device_id = device_id
+
+    @property
+    def device(self):
+        return Device(self.device_id)
+
+
+def _check_device(dev, what="array"):
+    cur = _current()
+    if dev != cur:
+        raise ValueError(f"Array device must be same as the current device: array device = "
+                         f"{dev} while current = {cur} (emulated CuPy: a kernel runs on the "
+                         f"current device)")
+
+
+def _unwrap(obj):
+    """Emulated arrays -> their NumPy memory, checking they live on the current device."""
+    if isinstance(obj, ndarray):
+        _check_device(obj._dev)
+        return obj._a
+    if isinstance(obj, np.ndarray):
+        raise TypeError(f"Unsupported type {type(obj)}: NumPy arrays are host memory (emulated "
+                        f"CuPy: use asarray() to copy them to the device)")
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_unwrap(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _unwrap(v) for k, v in obj.items()}
+    return obj
+
+
+def _wrap(r, dev=None):
+    """NumPy results -> emulated arrays on ``dev`` (default: the current device); reductions
+    give 0-d arrays, as CuPy's do."""
+    if isinstance(r, np.ndarray):
+        return ndarray._of(r, _current() if dev is None else dev)
+    if isinstance(r, np.generic):
+        return ndarray._of(np.asarray(r), _current() if dev is None else dev)
+    if isinstance(r, (list, tuple)):
+        return type(r)(_wrap(x, dev) for x in r)
+    return r
+
+
+class ndarray(NDArrayOperatorsMixin):
+    """An emulated CuPy array: host memory that fastnorm treats as memory of an emulated device.
+
+    Operations that would launch a CuPy kernel (arithmetic, reductions, copies, fancy indexing)
+    require the array's device to be the current one, as CuPy does; views do not. Implicit
+    conversion to NumPy raises, as in CuPy: use :meth:`get`.
+    """
+
+    __array_priority__ = 100
+
+    def __init__(self, shape, dtype=float, memptr=None, strides=None, order="C"):
+        if memptr is not None or strides is not None or order != "C":
+            raise NotImplementedError("emulated ndarray(): only shape and dtype")
+        self._a = _alloc(shape, dtype, poison=True)
+        self._dev = _current()
+
+    @classmethod
+    def _of(cls, a, dev):
+        self = cls.__new__(cls)
+        self._a = a
+        self._dev = dev
+        return self
+
+    # --- attributes
+    shape = property(lambda self: self._a.shape)
+    dtype = property(lambda self: self._a.dtype)
+    ndim = property(lambda self: self._a.ndim)
+    size = property(lambda self: self._a.size)
+    nbytes = property(lambda self: self._a.nbytes)
+    itemsize = property(lambda self: self._a.itemsize)
+    strides = property(lambda self: self._a.strides)
+    flags = property(lambda self: self._a.flags)
+    T = property(lambda self: ndarray._of(self._a.T, self._dev))
+
+    @property
+    def data(self):
+        ptr = self._a.__array_interface__["data"][0] if self._a.nbytes else 0
+        return _MemoryPointer(ptr, self._dev)
+
+    @property
+    def device(self):
+        return Device(self._dev)
+
+    # --- host transfers (explicit only)
+    def get(self, stream=None, order="C", out=None, blocking=True):
+        _note_sync()
+        a = np.array(self._a, order=order, copy=True)
+        if out is not None:
+            out[...] = a
+            return out
+        return a
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed. Please use "
+                        "`.get()` to construct a NumPy array explicitly (emulated CuPy).")
+
+    def _scalar(self):
+        _note_sync()
+        return self._a
+
+    def __bool__(self):
+        return bool(self._scalar())
+
+    def __int__(self):
+        return int(self._scalar())
+
+    def __float__(self):
+        return float(self._scalar())
+
+    def __index__(self):
+        return self._scalar().__index__()
+
+    def item(self, *args):
+        return self._scalar().item(*args)
+
+    def tolist(self):
+        return self._scalar().tolist()
+
+    def __len__(self):
+        return len(self._a)
+
+    def __iter__(self):
+        for i in range(len(self._a)):
+            yield self[i]
+
+    def __repr__(self):
+        return f"emulated cupy.ndarray({self._a!r}, device={self._dev})"
+
+    # --- NumPy protocols: every operation runs "on the current device"
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        out = kwargs.get("out")
+        r = getattr(ufunc, method)(*_unwrap(inputs), **_unwrap(kwargs))
+        if out is not None:
+            return out[0] if len(out) == 1 else out
+        return _wrap(r)
+
+    def __array_function__(self, func, types, args, kwargs):
+        if func in (np.argsort, np.sort) and kwargs.get("kind") is None:
+            kwargs = dict(kwargs, kind="stable")        # CuPy's sorts are stable
+        return _wrap(func(*_unwrap(args), **_unwrap(kwargs)))
+
+    def __getitem__(self, key):
+        r = self._a[_unwrap(key)]
+        if np.may_share_memory(r, self._a):             # a view: no kernel, stays put
+            return ndarray._of(r, self._dev)
+        _check_device(self._dev)
+        return _wrap(r)
+
+    def __setitem__(self, key, value):
+        _check_device(self._dev)
+        self._a[_unwrap(key)] = _unwrap(value)
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        attr = getattr(self._a, name)
+        if not callable(attr):
+            return _wrap(attr, self._dev)
+
+        @functools.wraps(attr)
+        def method(*args, **kwargs):
+            if name in ("argsort", "sort") and kwargs.get("kind") is None:
+                kwargs["kind"] = "stable"
+            r = attr(*_unwrap(args), **_unwrap(kwargs))
+            if isinstance(r, np.ndarray) and np.may_share_memory(r, self._a):
+                return ndarray._of(r, self._dev)        # reshape, view, transpose, ...
+            if r is not None:
+                _check_device(self._dev)
+            return _wrap(r)
+        return method
+
+
+ndarray.__module__ = "cupy (emulated)"
+
+
+# ---------------------------------------------------------------- array creation
+
+def empty(shape, dtype=float, order="C"):
+    return ndarray._of(_alloc(shape, dtype, poison=True), _current())
+
+
+def zeros(shape, dtype=float, order="C"):
+    a = _alloc(shape, dtype, poison=False)
+    a.fill(0)
+    return ndarray._of(a, _current())
+
+
+def ones(shape, dtype=float, order="C"):
+    return full(shape, 1, dtype)
+
+
+def full(shape, fill_value, dtype=None, order="C"):
+    if dtype is None:
+        dtype = np.asarray(fill_value).dtype
+    a = _alloc(shape, dtype, poison=False)
+    a.fill(_unwrap(fill_value))
+    return ndarray._of(a, _current())
+
+
+def empty_like(a, dtype=None, order="K", shape=None):
+    return empty(a.shape if shape is None else shape, a.dtype if dtype is None else dtype)
+
+
+def zeros_like(a, dtype=None, order="K", shape=None):
+    return zeros(a.shape if shape is None else shape, a.dtype if dtype is None else dtype)
+
+
+def ones_like(a, dtype=None, order="K", shape=None):
+    return ones(a.shape if shape is None else shape, a.dtype if dtype is None else dtype)
+
+
+def full_like(a, fill_value, dtype=None, order="K", shape=None):
+    return full(a.shape if shape is None else shape, fill_value,
+                a.dtype if dtype is None else dtype)
+
+
+def _to_device(a, dtype=None):
+    """Host data -> a fresh emulated array on the current device (an explicit transfer)."""
+    a = np.asarray(a, dtype=dtype)
+    out = _alloc(a.shape, a.dtype, poison=False)
+    out[...] = a
+    return ndarray._of(out, _current())
+
+
+def array(obj, dtype=None, copy=True, order="K", ndmin=0):
+    if isinstance(obj, ndarray):
+        if not copy and (dtype is None or np.dtype(dtype) == obj.dtype):
+            return obj
+        _check_device(obj._dev)
+        r = _to_device(obj._a, dtype)
+    else:
+        r = _to_device(obj, dtype)
+    return r if r.ndim >= ndmin else r.reshape((1,) * (ndmin - r.ndim) + r.shape)
+
+
+def asarray(a, dtype=None, order=None):
+    """Host data (NumPy, lists, scalars) is copied to the current device; emulated arrays are
+    returned as they are (cast if ``dtype`` differs)."""
+    if isinstance(a, ndarray):
+        return a if dtype is None or np.dtype(dtype) == a.dtype else a.astype(dtype)
+    return _to_device(a, dtype)
+
+
+def ascontiguousarray(a, dtype=None):
+    if not isinstance(a, ndarray):
+        return _to_device(np.ascontiguousarray(a), dtype)
+    if a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
+        return a
+    _check_device(a._dev)
+    return _wrap(np.ascontiguousarray(a._a, dtype=dtype))
+
+
+def asnumpy(a, stream=None, order="C", out=None):
+    if isinstance(a, ndarray):
+        return a.get(order=order, out=out)
+    return np.asarray(a, order=order)
+
+
+def get_array_module(*args):
+    import sys
+    return sys.modules[__name__]
+
+
+def from_dlpack(obj):
+    raise TypeError("the CUDA emulator cannot import DLPack tensors (their memory is on a real "
+                    "device or the host): use emulator.asarray() on host data")
+
+
+def _sorted(name):
+    f = getattr(np, name)
+
+    @functools.wraps(f)
+    def sort(a, axis=-1, kind=None, order=None):
+        return _wrap(f(_unwrap(a), axis=axis, kind="stable" if kind is None else kind))
+    return sort
+
+
+argsort = _sorted("argsort")          # CuPy's sorts are stable
+sort = _sorted("sort")
+
+
+def __getattr__(name):
+    """Any other NumPy function, run "on the current device" (array arguments must live there)."""
+    f = getattr(np, name, None)
+    if f is None or not callable(f):
+        raise AttributeError(f"the CUDA emulator has no {name!r}")
+
+    @functools.wraps(f)
+    def kernel(*args, **kwargs):
+        return _wrap(f(*_unwrap(args), **_unwrap(kwargs)))
+    return kernel
+
+
+# ---------------------------------------------------------------- kernels
+
+class RawModule:
+    """``cupy.RawModule(code=..., options=..., name_expressions=...)``, built with the host C++
+    compiler (see the module docstring)."""
+
+    def __init__(self, code=None, path=None, options=(), backend="nvrtc",
+                 translate_cucomplex=False, enable_cooperative_groups=False,
+                 name_expressions=None, jitify=False):
+        if code is None:
+            with open(path) as f:
+                code = f.read()
+        self._module = Module(code, tuple(options), tuple(name_expressions or ()))
+
+    def get_function(self, name):
+        return RawKernel(self._module.get(name))
+
+
+class RawKernel:
+    """A kernel of a :class:`RawModule`: ``kernel(grid, block, args, shared_mem=0)``."""
+
+    def __init__(self, kernel):
+        self._kernel = kernel
+        self.name = kernel.name
+
+    def __call__(self, grid, block, args, *, shared_mem=0, stream=None,
+                 enable_cooperative_groups=False):
+        for c in _counters:
+            c.launches += 1
+            c.kernels.append(self.name)
+        self._kernel.launch(grid, block, tuple(args), shared_mem, _current(),
+                            check_races=_race_check())
+

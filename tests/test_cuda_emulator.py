@@ -1,0 +1,317 @@
+"""The CUDA emulator itself: CUDA semantics (barriers, shuffles, votes, atomics, half types) on
+small kernels, and a deliberately broken kernel for every detector, which must fire."""
+import numpy as np
+import pytest
+
+emu = pytest.importorskip("fastnorm._cuda.emulator")
+pytestmark = pytest.mark.emulated
+
+HEADER = "#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n"
+
+
+def kernel(code, name, *more):
+    """Kernel ``name`` of a small CUDA source (all ``names`` instantiated)."""
+    mod = emu.RawModule(code=HEADER + code, options=("--std=c++17",),
+                        name_expressions=(name,) + more)
+    return mod.get_function(name)
+
+
+def fails(match, f, *args, **kwargs):
+    with pytest.raises(emu.EmulatorError, match=match):
+        f(*args, **kwargs)
+
+
+# ---------------------------------------------------------------- CUDA semantics
+
+def test_block_reduction_with_barriers_and_shuffles(rng):
+    k = kernel(r"""
+    __global__ void block_sum(const float* x, float* out, int n) {
+        __shared__ float part[32];
+        float v = 0;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) v += x[blockIdx.x * n + i];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float s = 0;
+            for (int w = 0; w < (int)(blockDim.x >> 5); ++w) s += part[w];
+            out[blockIdx.x] = s;
+        }
+    }""", "block_sum")
+    x = rng.integers(-8, 8, (5, 1000)).astype(np.float32)    # exact sums
+    out = emu.empty(5, np.float32)
+    k((5,), (256,), (emu.asarray(x), out, np.int32(1000)))
+    np.testing.assert_array_equal(out.get(), x.sum(1))
+
+
+def test_shuffle_variants_and_votes():
+    k = kernel(r"""
+    __global__ void lanes(int* out) {
+        const int l = threadIdx.x;
+        out[0 * 64 + l] = __shfl_down_sync(0xffffffffu, l, 3);
+        out[1 * 64 + l] = __shfl_up_sync(0xffffffffu, l, 5);
+        out[2 * 64 + l] = __shfl_sync(0xffffffffu, l, 7);
+        out[3 * 64 + l] = __shfl_xor_sync(0xffffffffu, l * 10, 4, 8);
+        out[4 * 64 + l] = (int)__ballot_sync(0xffffffffu, (l & 3) == 0);
+        out[5 * 64 + l] = __any_sync(0xffffffffu, l == 40) + 2 * __all_sync(0xffffffffu, l < 64);
+        const double d = __shfl_down_sync(0xffffffffu, 0.5 * l, 1);
+        out[6 * 64 + l] = (int)(4 * d);
+    }""", "lanes")
+    out = emu.zeros(7 * 64, np.int32)
+    k((1,), (64,), (out,))
+    o = out.get().reshape(7, 2, 32)
+    lane = np.arange(32)
+    for w in range(2):
+        base = 32 * w
+        np.testing.assert_array_equal(o[0, w], base + np.where(lane + 3 < 32, lane + 3, lane))
+        np.testing.assert_array_equal(o[1, w], base + np.where(lane >= 5, lane - 5, lane))
+        np.testing.assert_array_equal(o[2, w], np.full(32, base + 7))
+        np.testing.assert_array_equal(o[3, w], 10 * (base + (lane ^ 4)))
+        np.testing.assert_array_equal(o[4, w].view(np.uint32), np.full(32, 0x11111111, np.uint32))
+        np.testing.assert_array_equal(o[5, w], np.full(32, (1 if w == 1 else 0) + 2))
+        np.testing.assert_array_equal(o[6, w], 2 * (base + np.where(lane + 1 < 32, lane + 1, lane)))
+
+
+def test_multidimensional_indices_and_atomics():
+    k = kernel(r"""
+    __global__ void count(unsigned int* hits, float* total) {
+        const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+        const unsigned b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+        atomicAdd(&hits[b * blockDim.x * blockDim.y * blockDim.z + t], 1u);
+        atomicAdd(total, 1.0f);
+    }""", "count")
+    grid, block = (2, 3, 2), (4, 2, 3)
+    hits = emu.zeros(12 * 24, np.uint32)
+    total = emu.zeros(1, np.float32)
+    k(grid, block, (hits, total))
+    assert (hits.get() == 1).all() and total.get()[0] == 12 * 24
+
+
+def test_half_conversions_match_numpy_and_ml_dtypes(rng):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    k = kernel(r"""
+    __global__ void conv(const float* x, __half* h, __nv_bfloat16* b, float* back, int n) {
+        const int i = blockIdx.x * blockDim.x + threadIdx.x;
+        if (i >= n) return;
+        h[i] = __float2half_rn(x[i]);
+        b[i] = __float2bfloat16_rn(x[i]);
+        back[2 * i] = __half2float(h[i]);
+        back[2 * i + 1] = __bfloat162float(b[i]);
+    }""", "conv")
+    # every float16 neighbourhood: subnormals, ties, overflow to inf, signed zeros
+    bits = np.arange(0, 1 << 16, dtype=np.uint32)
+    h16 = bits.astype(np.uint16).view(np.float16).astype(np.float32)
+    with np.errstate(all="ignore"):
+        x = np.concatenate([h16, np.nextafter(h16, np.float32(np.inf)),
+                            np.nextafter(h16, np.float32(-np.inf)),
+                            (h16[:-1] + h16[1:]) / 2,        # exact ties between neighbours
+                            rng.standard_normal(20000).astype(np.float32) * 1e4,
+                            np.array([65519.9, 65520.0, 1e-8, -0.0, np.inf, -np.inf], np.float32)])
+        expect_h = x.astype(np.float16)
+        expect_b = x.astype(ml_dtypes.bfloat16)
+    n = x.size
+    h, b = emu.empty(n, np.float16), emu.empty(n, ml_dtypes.bfloat16)
+    back = emu.empty(2 * n, np.float32)
+    k(((n + 255) // 256,), (256,), (emu.asarray(x), h, b, back, np.int32(n)))
+    nan = np.isnan(x)
+    assert nan.any()
+    np.testing.assert_array_equal(h.get().view(np.uint16)[~nan], expect_h.view(np.uint16)[~nan])
+    np.testing.assert_array_equal(b.get().view(np.uint16)[~nan], expect_b.view(np.uint16)[~nan])
+    np.testing.assert_array_equal(back.get()[0::2], expect_h.astype(np.float32))
+    np.testing.assert_array_equal(back.get()[1::2], expect_b.astype(np.float32))
+    assert (h.get().view(np.uint16)[nan] == 0x7fff).all()       # CUDA's canonical NaN
+    assert (b.get().view(np.uint16)[nan] == 0x7fff).all()
+
+
+# ---------------------------------------------------------------- detectors
+
+COPY = r"""
+__global__ void copy_shift(const float* x, float* y, int n, int shift) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = x[i + shift];
+}
+__global__ void write_shift(float* y, int n, int shift) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i + shift] = 1.0f;
+}"""
+
+
+@pytest.mark.parametrize("n", [64, 61])          # the end on the guard page / 3 bytes before it
+def test_out_of_bounds_read_past_the_end(n):
+    k = kernel(COPY, "copy_shift", "write_shift")
+    x, y = emu.asarray(np.ones(n, np.float32)), emu.zeros(n, np.float32)
+    k((1,), (64,), (x, y, np.int32(n), np.int32(0)))          # in bounds: fine
+    fails(r"element \d+ of argument #0 .*past its end|just outside a buffer", k, (1,), (64,),
+          (x, y, np.int32(n), np.int32(1)))
+
+
+@pytest.mark.parametrize("n", [64, 61])
+def test_out_of_bounds_write_past_the_end(n):
+    k = kernel(COPY, "write_shift", "copy_shift")
+    y = emu.zeros(n, np.float32)
+    fails(r"(invalid write|canary).*of argument #0 .*past its end", k, (1,), (64,),
+          (y, np.int32(n), np.int32(1)))
+
+
+def test_out_of_bounds_before_the_start():
+    k = kernel(COPY, "copy_shift", "write_shift")
+    x, y = emu.asarray(np.ones(64, np.float32)), emu.zeros(64, np.float32)
+    fails(r"element -1 of argument #0 .*before its start", k, (1,), (64,),
+          (x, y, np.int32(64), np.int32(-1)))
+    kw = kernel(COPY, "write_shift", "copy_shift")
+    fails(r"element -2 of argument #0 .*before its start", kw, (1,), (64,),
+          (y, np.int32(64), np.int32(-2)))
+
+
+def test_null_pointer_of_an_empty_array():
+    k = kernel(COPY, "copy_shift", "write_shift")
+    fails(r"invalid read of address \(nil\)|invalid read of address 0x0", k, (1,), (64,),
+          (emu.empty(0, np.float32), emu.zeros(4, np.float32), np.int32(4), np.int32(0)))
+
+
+def test_shared_memory_race_missing_barrier():
+    k = kernel(r"""
+    __global__ void neighbour(float* out) {
+        __shared__ float s[256];
+        s[threadIdx.x] = (float)threadIdx.x;
+        // missing __syncthreads()
+        out[threadIdx.x] = s[threadIdx.x == 0 ? 0 : threadIdx.x - 1];
+    }""", "neighbour")
+    fails(r"race.*argument #0", k, (1,), (256,), (emu.zeros(256, np.float32),))
+
+
+def test_global_race_between_blocks():
+    k = kernel(r"""
+    __global__ void last_writer(int* out) { if (threadIdx.x == 0) out[0] = blockIdx.x; }
+    """, "last_writer")
+    fails(r"race.*element 0 of argument #0", k, (8,), (32,), (emu.zeros(1, np.int32),))
+
+
+def test_float_atomics_are_allowed_to_depend_on_order():
+    k = kernel(r"""
+    __global__ void accumulate(const float* x, float* out) {
+        atomicAdd(out, x[blockIdx.x * blockDim.x + threadIdx.x]);
+    }""", "accumulate")
+    x = np.float32([1e8, 1, -1e8, 1] * 64)
+    out = emu.zeros(1, np.float32)
+    k((4,), (64,), (emu.asarray(x), out))                     # order-dependent, but no error
+
+
+def test_uninitialised_shared_memory_reads_poison():
+    k = kernel(r"""
+    __global__ void forgot(float* out) {
+        __shared__ float s[64];
+        if (threadIdx.x < 32) s[threadIdx.x] = 1.0f;
+        __syncthreads();
+        out[threadIdx.x] = s[threadIdx.x];
+    }""", "forgot")
+    out = emu.zeros(64, np.float32)
+    k((1,), (64,), (out,))
+    o = out.get()
+    assert (o[:32] == 1).all() and np.isnan(o[32:]).all()
+
+
+def test_unwritten_output_is_poisoned():
+    k = kernel(COPY, "copy_shift", "write_shift")
+    y = emu.empty(8, np.float32)
+    k((1,), (8,), (emu.asarray(np.ones(8, np.float32)), y, np.int32(6), np.int32(0)))
+    assert np.isnan(y.get()[6:]).all() and (emu.empty(3, np.int64).get() == -1).all()
+
+
+def test_divergent_barrier_and_early_exit():
+    k = kernel(r"""
+    __global__ void divergent(float* out, int mode) {
+        if (mode == 0) {
+            if (threadIdx.x < 16) __syncthreads();
+            else __syncthreads();
+        } else {
+            if (threadIdx.x == 3) return;
+            __syncthreads();
+        }
+        out[threadIdx.x] = 1;
+    }""", "divergent")
+    out = emu.zeros(32, np.float32)
+    fails(r"divergent __syncthreads", k, (1,), (32,), (out, np.int32(0)))
+    fails(r"while 1 have exited.*\(3,0,0\)", k, (1,), (32,), (out, np.int32(1)))
+
+
+def test_shuffle_with_exited_lanes_and_partial_warps():
+    k = kernel(r"""
+    __global__ void shuffles(float* out, int mode) {
+        float v = threadIdx.x;
+        if (mode == 0 && threadIdx.x >= 16) return;
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        out[threadIdx.x] = v;
+    }""", "shuffles")
+    out = emu.zeros(64, np.float32)
+    fails(r"__shfl_xor_sync with mask 0xffffffff: lane 16 has exited", k, (1,), (32,),
+          (out, np.int32(0)))
+    fails(r"lane 16, which does not exist in a block of 48 threads", k, (1,), (48,),
+          (out, np.int32(1)))
+    k((1,), (64,), (out, np.int32(1)))                        # whole warps: fine
+
+
+def test_argument_checks():
+    k = kernel(COPY, "copy_shift", "write_shift")
+    x, y = emu.asarray(np.ones(4, np.float32)), emu.zeros(4, np.float32)
+    fails(r"argument #2 \(signed int of 4 bytes\) got a int64 scalar", k, (1,), (4,),
+          (x, y, np.int64(4), np.int32(0)))
+    fails(r"argument #0 \(const float of 4 bytes\*\) got an array of float64", k, (1,), (4,),
+          (emu.asarray(np.ones(4)), y, np.int32(4), np.int32(0)))
+    fails(r"argument #1 .* got a NumPy array", k, (1,), (4,),
+          (x, np.zeros(4, np.float32), np.int32(4), np.int32(0)))
+    fails(r"4 parameters, launched with 3 arguments", k, (1,), (4,), (x, y, np.int32(4)))
+    fails(r"argument #2 \(signed int of 4 bytes\) got a int64 scalar", k, (1,), (4,),
+          (x, y, 4, np.int32(0)))                               # Python ints are int64 in CuPy
+    fails(r"non-contiguous", k, (1,), (4,),
+          (emu.asarray(np.ones(8, np.float32))[::2], y, np.int32(4), np.int32(0)))
+
+
+def test_launch_limits():
+    k = kernel(COPY, "write_shift", "copy_shift")
+    y = emu.zeros(4, np.float32)
+    args = (y, np.int32(0), np.int32(0))
+    fails(r"2048 threads per block", k, (1,), (64, 32), args)
+    fails(r"block.x = 2048", k, (1,), (2048,), args)
+    fails(r"grid.y = 70000", k, (1, 70000), (32,), args)
+    fails(r"grid.x = 0", k, (0,), (32,), args)
+    fails(r"dynamic shared memory", k, (1,), (32,), args, shared_mem=64 << 10)
+    big = kernel(r"""
+    __global__ void big(float* out) { __shared__ double s[7000]; s[threadIdx.x] = 1; out[0] = s[0]; }
+    """, "big")
+    fails(r"56000 bytes of static", big, (1,), (32,), (y,))
+
+
+def test_const_buffer_written_and_device_mismatch():
+    k = kernel(r"""
+    __global__ void sneaky(const float* x) { const_cast<float*>(x)[threadIdx.x] = 2; }
+    """, "sneaky")
+    fails(r"write to a buffer passed only as const.*element 0 of argument #0", k, (1,), (4,),
+          (emu.asarray(np.ones(4, np.float32)),))
+    with emu.Device(1):
+        y1 = emu.zeros(4, np.float32)
+    k2 = kernel(COPY, "write_shift", "copy_shift")
+    fails(r"lives on device 1, the launch is on device 0", k2, (1,), (4,),
+          (y1, np.int32(4), np.int32(0)))
+    with pytest.raises(ValueError, match="Array device must be same as the current device"):
+        y1 + 1
+
+
+def test_stack_overflow_and_division_by_zero():
+    k = kernel(r"""
+    __device__ __noinline__ int deep(volatile int* p, int n) {
+        volatile char pad[512]; pad[0] = (char)n;
+        return n <= 0 ? pad[0] : deep(p, n - 1) + pad[0];
+    }
+    __global__ void faults(int* out, int mode, int d) {
+        if (mode == 0) out[0] = deep(out, 1 << 20);
+        else out[threadIdx.x] = 100 / (d + (int)threadIdx.x - 1);
+    }""", "faults")
+    out = emu.zeros(4, np.int32)
+    fails(r"stack overflow", k, (1,), (1,), (out, np.int32(0), np.int32(0)))
+    fails(r"arithmetic exception", k, (1,), (4,), (out, np.int32(1), np.int32(0)))
+
+
+def test_compile_errors_are_reported():
+    fails(r"(?s)host compiler rejected.*NAN", kernel,
+          "__global__ void k(float* x) { x[0] = NAN; }", "k")

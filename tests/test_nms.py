@@ -1,3 +1,4 @@
+"""The NMS family and box metrics against the float64 oracles, on every backend."""
 import numpy as np
 import pytest
 
@@ -25,24 +26,67 @@ def clusters(rng, n, dtype=np.float64, side=200.0, per=6, tie_levels=None):
     return b.astype(dtype), s.astype(dtype)
 
 
+def rounded(dtype, *arrays):
+    """Arrays rounded to ``dtype`` (float16/bfloat16 too), and their float64 values for the
+    oracle."""
+    dtype = _dtype(dtype)
+    low = [np.asarray(a, np.float64).astype(dtype) for a in arrays]
+    return low, [a.astype(np.float64) for a in low]
+
+
+def _dtype(name):
+    if str(name) == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
 # ---------------------------------------------------------------- greedy nms
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 150, 3000])
 @pytest.mark.parametrize("thr", [0.0, 0.3, 0.5, 0.75])
-def test_nms_matches_oracle(rng, dtype, n, thr):
+def test_nms_matches_oracle(backend, rng, dtype, n, thr):
+    if backend.is_cuda and n == 3000 and thr in (0.3, 0.75):
+        n = 1000                                   # the emulator's time is better spent below
     b, s = clusters(rng, n, dtype, tie_levels=20 if n > 100 else None)
-    got = fastnorm.nms(b, s, thr)
+    got = backend.asnumpy(fastnorm.nms(*backend.asarray((b, s)), thr))
     assert got.dtype == np.int64
     np.testing.assert_array_equal(got, greedy_nms(b, s, thr))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_nms_half_types(cuda_backend, rng, dtype):
+    B = cuda_backend
+    b, s = clusters(rng, 600, side=100.0, tie_levels=30)
+    (bl, sl), (b64, s64) = rounded(dtype, b, s)
+    bd, sd = B.asarray((bl, sl))
+    np.testing.assert_array_equal(B.asnumpy(fastnorm.nms(bd, sd, 0.5)), greedy_nms(b64, s64, 0.5))
+    idxs = rng.integers(0, 4, 600)
+    np.testing.assert_array_equal(B.asnumpy(fastnorm.batched_nms(bd, sd, B.asarray(idxs), 0.5)),
+                                  batched(b64, s64, idxs, 0.5))
+    kh, fh = B.asnumpy(fastnorm.weighted_nms(bd, sd, 0.5))
+    rk, rf = weighted(b64, s64, 0.5)
+    np.testing.assert_array_equal(kh, rk)
+    assert fh.dtype == _dtype(dtype) and fh.shape == (len(kh), 4)
+    np.testing.assert_allclose(fh.astype(np.float64), rf, rtol=1e-2)
+    kh, sh = B.asnumpy(fastnorm.soft_nms(bd, sd, score_threshold=0.05))
+    rk, rs = soft(b64, s64, "gaussian", 0.5, 0.3, 0.05)
+    np.testing.assert_array_equal(kh, rk)
+    np.testing.assert_allclose(sh.astype(np.float64), rs, rtol=1e-2)
+    got = B.asnumpy(fastnorm.matrix_nms(bd[:200], sd[:200])).astype(np.float64)
+    np.testing.assert_allclose(got, matrix(b64[:200], s64[:200], "gaussian", 2.0), rtol=1e-2,
+                               atol=1e-3)
+    iou = B.asnumpy(fastnorm.box_iou(bd[:30], bd[:20], metric="ciou")).astype(np.float64)
+    np.testing.assert_allclose(iou, box_metric(b64[:30], b64[:20], 3), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cell", [0.05, 1.0, 8.0])
 def test_nms_large_single_segment_grid(rng, dtype, cell, monkeypatch):
-    # the spatial grid at several cell sizes (tiny cells hit the cell-count cap), with outliers
-    # that widen the window (one huge box), boxes in no cell (degenerate, NaN, infinite area),
-    # far-away boxes and ties; 1 and 2 threads, with and without max_output
+    # CPU: the spatial grid at several cell sizes (tiny cells hit the cell-count cap), with
+    # outliers that widen the window (one huge box), boxes in no cell (degenerate, NaN, infinite
+    # area), far-away boxes and ties; 1 and 2 threads, with and without max_output
     from fastnorm._cpu import nms as kernels
     monkeypatch.setattr(kernels, "CELL", cell)
     b, s = clusters(rng, 20000, dtype, side=600.0, tie_levels=50)
@@ -63,7 +107,70 @@ def test_nms_large_single_segment_grid(rng, dtype, cell, monkeypatch):
                                   greedy_nms(b[:3000], s[:3000], 0.4, crit=1, beta=1.0))
 
 
-def test_nms_window_is_exact_at_touching_edges():
+@pytest.mark.parametrize("budget", [64 * 8 * 40, 64 * 8 * 200, 10 << 20])
+def test_cuda_nms_in_chunks(cuda_backend, rng, monkeypatch, budget):
+    # the greedy sweep on CUDA runs in chunks of a bounded mask: a big segment cut into pieces of
+    # 64+ ranks, small segments packed together, max_output across chunks, outliers as above
+    from fastnorm._cuda import nms as launcher
+    monkeypatch.setattr(launcher, "MASK_BYTES", budget)
+    B = cuda_backend
+    b, s = clusters(rng, 2500, np.float32, side=250.0, tie_levels=50)
+    b[5] = [-1000, -1000, 2000, 2000]
+    b[6] = [10, 10, 5, 5]
+    b[7] = [np.nan, 0, 10, 10]
+    b[8] = [0, 0, np.inf, 10]
+    s[5:9] = [0.999, 0.998, 0.997, 0.996]
+    bd, sd = B.asarray((b, s))
+    ref = greedy_nms(b, s, 0.5)
+    np.testing.assert_array_equal(B.asnumpy(fastnorm.nms(bd, sd, 0.5)), ref)
+    np.testing.assert_array_equal(B.asnumpy(fastnorm.nms(bd, sd, 0.5, max_output=301)), ref[:301])
+    idxs = rng.integers(0, 7, 2500)
+    bi = rng.integers(0, 3, 2500)
+    np.testing.assert_array_equal(
+        B.asnumpy(fastnorm.batched_nms(bd, sd, B.asarray(idxs), 0.5, max_output=90)),
+        batched(b, s, idxs, 0.5, max_output=90))
+    got = B.asnumpy(fastnorm.nms(bd, sd, 0.5, batch_idx=B.asarray(bi), max_output=40))
+    want = np.concatenate([np.flatnonzero(bi == i)[greedy_nms(b[bi == i], s[bi == i], 0.5,
+                                                              max_output=40)] for i in range(3)])
+    np.testing.assert_array_equal(got, want)
+    k, f = B.asnumpy(fastnorm.weighted_nms(bd, sd, 0.5))
+    rk, rf = weighted(b, s, 0.5)
+    np.testing.assert_array_equal(k, rk)
+    np.testing.assert_allclose(f, rf, rtol=1e-6)
+
+
+def test_cuda_nms_plan_bounds_memory_and_grid():
+    from fastnorm._cuda.nms import _MAX_ROW_TILES, _plan
+    starts = np.concatenate([[0], np.cumsum([5, 3000, 1, 1, 70, 200, 64, 9000, 2])])
+    m = int(starts[-1])
+    for budget in (64 * 10, 64 * 150, 10 ** 6, 10 ** 9):
+        pieces, chunks = _plan(starts, budget)
+        pa, pb, pe, pw, poff, pseg = pieces.T
+        # the pieces tile the ranks in order, each inside its segment, one per segment per chunk
+        np.testing.assert_array_equal(pa[1:], pb[:-1])
+        assert pa[0] == 0 and pb[-1] == m
+        np.testing.assert_array_equal(pe, starts[pseg + 1])
+        assert (pa >= starts[pseg]).all() and (pb <= pe).all()
+        np.testing.assert_array_equal(pw, (pe + 63) // 64 - pa // 64)
+        for c0, c1, p0, p1, gx, words in chunks:
+            assert pa[p0] == c0 and pb[p1 - 1] == c1
+            assert len(set(pseg[p0:p1])) == p1 - p0
+            np.testing.assert_array_equal(poff[p0:p1], np.cumsum(
+                np.concatenate([[0], ((pb - pa) * pw)[p0:p1 - 1]])))
+            assert words == int(((pb - pa) * pw)[p0:p1].sum())
+            # within budget, unless a single piece of 64 ranks is already larger
+            assert words <= budget or (p1 - p0 == 1 and pb[p0] - pa[p0] <= 64)
+            assert (c1 - c0 + 63) // 64 <= _MAX_ROW_TILES
+            # the mask grid reaches the end of every row tile's segments
+            t0 = np.arange(c0, c1, 64)
+            last = np.minimum(t0 + 63, c1 - 1)
+            end = starts[np.searchsorted(starts, last, side="right")]
+            assert gx == int(((end + 63) // 64 - t0 // 64).max())
+    assert len(_plan(starts, 10 ** 9)[1]) == 1
+    assert len(_plan(np.array([0, 100 * _MAX_ROW_TILES * 64]), 10 ** 15)[1]) == 100
+
+
+def test_nms_window_is_exact_at_touching_edges(backend):
     # boxes whose overlap is a hair's width (and exactly zero) at large coordinates: the grid
     # window must not drop a pair that the IoU formula would suppress
     x = 1e7
@@ -71,7 +178,22 @@ def test_nms_window_is_exact_at_touching_edges():
                   [x - 1 + 2 ** -29, 0, x + 2 ** -29, 1]], np.float64)
     for thr in (0.0, 1e-12):
         s = np.array([0.9, 0.8, 0.7, 0.6])
-        np.testing.assert_array_equal(fastnorm.nms(b, s, thr), greedy_nms(b, s, thr))
+        np.testing.assert_array_equal(backend.asnumpy(fastnorm.nms(*backend.asarray((b, s)), thr)),
+                                      greedy_nms(b, s, thr))
+
+
+def test_float32_decisions_are_exact(backend):
+    # IoU 0.49999998 in float64, 0.50000006 in float32 arithmetic: the CPU decides in float64,
+    # and CUDA must keep and suppress the same boxes
+    b = np.array([[6.519747257232666, 3.110861301422119, 22.38566017150879, 51.84260177612305],
+                  [11.66566276550293, 3.5381288528442383, 25.05316162109375, 61.82369613647461]],
+                 np.float32)
+    s = np.array([0.9, 0.8], np.float32)
+    bd, sd = backend.asarray((b, s))
+    np.testing.assert_array_equal(backend.asnumpy(fastnorm.nms(bd, sd, 0.5)), [0, 1])
+    np.testing.assert_array_equal(greedy_nms(b, s, 0.5), [0, 1])
+    k, sc = backend.asnumpy(fastnorm.soft_nms(bd, sd, method="linear", iou_threshold=0.5))
+    np.testing.assert_array_equal(sc, s)                 # linear: IoU not > 0.5, no decay
 
 
 def test_nms_100k(rng):
@@ -79,78 +201,97 @@ def test_nms_100k(rng):
     np.testing.assert_array_equal(fastnorm.nms(b, s, 0.5), greedy_nms(b, s, 0.5))
 
 
-def test_nms_edge_cases():
+def test_nms_edge_cases(backend):
+    B = backend
+
+    def nms(b, s, thr, **kw):
+        return B.asnumpy(fastnorm.nms(*B.asarray((b, s)), thr, **kw))
+
     b = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10]], np.float32)
     s = np.array([0.5, 0.5, 0.5], np.float32)
-    np.testing.assert_array_equal(fastnorm.nms(b, s, 0.5), [0])              # ties: lowest index
-    np.testing.assert_array_equal(fastnorm.nms(b, s, 1.0), [0, 1, 2])        # IoU 1 is not > 1
+    np.testing.assert_array_equal(nms(b, s, 0.5), [0])              # ties: lowest index
+    np.testing.assert_array_equal(nms(b, s, 1.0), [0, 1, 2])        # IoU 1 is not > 1
     # degenerate (inverted, zero-width) and NaN boxes overlap nothing
     b = np.array([[0, 0, 10, 10], [10, 10, 0, 0], [5, 0, 5, 10], [np.nan, 0, 10, 10],
                   [0, 0, 10, 10]], np.float64)
     s = np.array([0.1, 0.9, 0.8, 0.7, 0.05])
-    np.testing.assert_array_equal(fastnorm.nms(b, s, 0.0), [1, 2, 3, 0])
+    np.testing.assert_array_equal(nms(b, s, 0.0), [1, 2, 3, 0])
+    for i in range(4):                  # a NaN in any coordinate, also of the higher box
+        bn = np.array([[0, 0, 10, 10], [0, 0, 10, 10]], np.float64)
+        bn[0, i] = np.nan
+        np.testing.assert_array_equal(nms(bn, np.array([0.9, 0.8]), 0.0), [0, 1])
     # NaN scores rank below all numbers, -inf included
     b = np.array([[0, 0, 1, 1], [5, 5, 6, 6], [0, 0, 1, 1]], np.float32)
     s = np.array([np.nan, -np.inf, 0.0], np.float32)
-    np.testing.assert_array_equal(fastnorm.nms(b, s, 0.5), [2, 1])
+    np.testing.assert_array_equal(nms(b, s, 0.5), [2, 1])
     # score_threshold keeps score > t (NaN dropped), max_output caps
     s = np.array([0.5, 0.2, 0.3], np.float32)
-    np.testing.assert_array_equal(fastnorm.nms(b, s, 0.9, score_threshold=0.3), [0])
-    np.testing.assert_array_equal(fastnorm.nms(b, s, 0.9, max_output=1), [0])
-    np.testing.assert_array_equal(fastnorm.nms(b, s, 0.9, max_output=0), np.empty(0, int))
+    np.testing.assert_array_equal(nms(b, s, 0.9, score_threshold=0.3), [0])
+    np.testing.assert_array_equal(nms(b, s, 0.9, max_output=1), [0])
+    np.testing.assert_array_equal(nms(b, s, 0.9, max_output=0), np.empty(0, int))
     # inf coordinates do not crash
     b = np.array([[0, 0, np.inf, 1], [0, 0, np.inf, 1], [-np.inf, -np.inf, np.inf, np.inf]],
                  np.float64)
-    r = fastnorm.nms(b, np.array([0.3, 0.2, 0.1]), 0.5)
+    r = nms(b, np.array([0.3, 0.2, 0.1]), 0.5)
     np.testing.assert_array_equal(r, greedy_nms(b, np.array([0.3, 0.2, 0.1]), 0.5))
     # empty input
-    e = fastnorm.nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.5)
+    e = nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.5)
     assert e.shape == (0,) and e.dtype == np.int64
 
 
-def test_nms_inputs_not_modified(rng):
+def test_nms_inputs_not_modified(backend, rng):
     b, s = clusters(rng, 300)
-    b0, s0 = b.copy(), s.copy()
-    fastnorm.nms(b, s, 0.5)
-    fastnorm.batched_nms(b, s, np.arange(300) % 3, 0.5)
-    fastnorm.weighted_nms(b, s, 0.5)
-    np.testing.assert_array_equal(b, b0)
-    np.testing.assert_array_equal(s, s0)
+    bd, sd = backend.asarray((b, s))
+    idxs = backend.asarray(np.arange(300) % 3)
+    fastnorm.nms(bd, sd, 0.5)
+    fastnorm.batched_nms(bd, sd, idxs, 0.5)
+    fastnorm.weighted_nms(bd, sd, 0.5)
+    fastnorm.soft_nms(bd, sd)
+    fastnorm.matrix_nms(bd, sd)
+    np.testing.assert_array_equal(backend.asnumpy(bd), b)
+    np.testing.assert_array_equal(backend.asnumpy(sd), s)
 
 
-def test_nms_score_threshold_and_max_output_vs_oracle(rng):
+def test_nms_score_threshold_and_max_output_vs_oracle(backend, rng):
     b, s = clusters(rng, 500)
-    got = fastnorm.nms(b, s, 0.4, score_threshold=0.25, max_output=40)
+    got = backend.asnumpy(fastnorm.nms(*backend.asarray((b, s)), 0.4, score_threshold=0.25,
+                                       max_output=40))
     np.testing.assert_array_equal(got, greedy_nms(b, s, 0.4, score_threshold=0.25,
                                                   max_output=40))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_batched_nms_matches_per_class(rng, dtype):
+def test_batched_nms_matches_per_class(backend, rng, dtype):
+    B = backend
     b, s = clusters(rng, 2000, dtype, side=60.0, tie_levels=10)
     idxs = rng.integers(-3, 5, 2000)
-    np.testing.assert_array_equal(fastnorm.batched_nms(b, s, idxs, 0.5), batched(b, s, idxs, 0.5))
-    got = fastnorm.batched_nms(b, s, idxs.astype(np.int32), 0.5, score_threshold=0.3,
-                               max_output=50)
-    np.testing.assert_array_equal(got, batched(b, s, idxs, 0.5, score_threshold=0.3,
-                                               max_output=50))
+    bd, sd = B.asarray((b, s))
+    np.testing.assert_array_equal(B.asnumpy(fastnorm.batched_nms(bd, sd, B.asarray(idxs), 0.5)),
+                                  batched(b, s, idxs, 0.5))
+    got = fastnorm.batched_nms(bd, sd, B.asarray(idxs.astype(np.int32)), 0.5,
+                               score_threshold=0.3, max_output=50)
+    np.testing.assert_array_equal(B.asnumpy(got), batched(b, s, idxs, 0.5, score_threshold=0.3,
+                                                          max_output=50))
 
 
-def test_batched_nms_exact_with_huge_coordinates():
+def test_batched_nms_exact_with_huge_coordinates(backend):
     # the coordinate-offset trick would shift class 1 by ~1e8 and lose the float32 precision
     b = np.array([[1e7, 1e7, 1e7 + 4, 1e7 + 4], [1e7 + 2, 1e7, 1e7 + 6, 1e7 + 4],
                   [1e7, 1e7, 1e7 + 4, 1e7 + 4]], np.float32)
     s = np.array([0.9, 0.8, 0.7], np.float32)
-    idxs = np.array([0, 0, 1])
-    np.testing.assert_array_equal(fastnorm.batched_nms(b, s, idxs, 0.3), [0, 2])
-    np.testing.assert_array_equal(fastnorm.batched_nms(b, s, idxs, 0.4), [0, 1, 2])
+    bd, sd, idxs = backend.asarray((b, s, np.array([0, 0, 1])))
+    np.testing.assert_array_equal(backend.asnumpy(fastnorm.batched_nms(bd, sd, idxs, 0.3)), [0, 2])
+    np.testing.assert_array_equal(backend.asnumpy(fastnorm.batched_nms(bd, sd, idxs, 0.4)),
+                                  [0, 1, 2])
 
 
-def test_batch_idx_and_lists(rng):
+def test_batch_idx_and_lists(backend, rng):
+    B = backend
     imgs = [clusters(rng, n) for n in (50, 0, 120, 1)]
     bl, sl = [i[0] for i in imgs], [i[1] for i in imgs]
+    bld, sld = B.asarray(bl), B.asarray(sl)
     per = [greedy_nms(b, s, 0.5, max_output=10) for b, s in zip(bl, sl)]
-    got = fastnorm.nms(bl, sl, 0.5, max_output=10)
+    got = B.asnumpy(fastnorm.nms(bld, sld, 0.5, max_output=10))
     assert len(got) == 4
     for g, r in zip(got, per):
         np.testing.assert_array_equal(g, r)
@@ -159,22 +300,23 @@ def test_batch_idx_and_lists(rng):
     bi = np.repeat(np.arange(4), [50, 0, 120, 1])
     perm = rng.permutation(len(s))
     inv = np.argsort(perm)
-    got = fastnorm.nms(b[perm], s[perm], 0.5, max_output=10, batch_idx=bi[perm])
+    got = fastnorm.nms(*B.asarray((b[perm], s[perm])), 0.5, max_output=10,
+                       batch_idx=B.asarray(bi[perm]))
     offs = np.concatenate([[0], np.cumsum([50, 0, 120, 1])])
     want = np.concatenate([inv[r + offs[i]] for i, r in enumerate(per)])
-    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(B.asnumpy(got), want)
     # batched_nms with lists of idxs
     il = [rng.integers(0, 3, len(x)) for x in sl]
-    got = fastnorm.batched_nms(bl, sl, il, 0.5)
+    got = B.asnumpy(fastnorm.batched_nms(bld, sld, B.asarray(il), 0.5))
     for g, b_, s_, i_ in zip(got, bl, sl, il):
         np.testing.assert_array_equal(g, batched(b_, s_, i_, 0.5) if len(s_) else [])
     # soft/weighted/matrix accept lists too
-    ks = fastnorm.soft_nms(bl, sl)
+    ks = B.asnumpy(fastnorm.soft_nms(bld, sld))
     assert len(ks) == 4 and len(ks[1][0]) == 0
     np.testing.assert_array_equal(ks[2][0], soft(bl[2], sl[2], "gaussian", 0.5, 0.3, 0.001)[0])
-    kw = fastnorm.weighted_nms(bl, sl, 0.5)
+    kw = B.asnumpy(fastnorm.weighted_nms(bld, sld, 0.5))
     np.testing.assert_array_equal(kw[0][0], weighted(bl[0], sl[0], 0.5)[0])
-    km = fastnorm.matrix_nms(bl, sl)
+    km = B.asnumpy(fastnorm.matrix_nms(bld, sld))
     np.testing.assert_allclose(km[2], matrix(bl[2], sl[2], "gaussian", 2.0), rtol=1e-12)
 
 
@@ -191,21 +333,40 @@ def test_threads_deterministic(rng):
         assert x.tobytes() == y.tobytes()
 
 
+def test_cuda_host_synchronisations_do_not_grow_with_the_input(rng):
+    # no host synchronisation per box: the emulator counts device-to-host reads
+    from fastnorm._cuda import emulator
+    counts = []
+    for n in (300, 3000):
+        b, s = clusters(rng, n, np.float32, side=300.0)
+        idxs = emulator.asarray(rng.integers(0, 5, n))
+        bd, sd = emulator.asarray(b), emulator.asarray(s)
+        row = []
+        for f in (lambda: fastnorm.nms(bd, sd, 0.5), lambda: fastnorm.batched_nms(bd, sd, idxs, 0.5),
+                  lambda: fastnorm.soft_nms(bd, sd), lambda: fastnorm.matrix_nms(bd, sd)):
+            with emulator.counting() as c:
+                f()
+            row.append(c.syncs)
+        counts.append(row)
+    assert counts[0] == counts[1] and max(counts[0]) <= 3, counts
+
+
 # ---------------------------------------------------------------- variants
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("beta", [1.0, 0.6, 2.0])
-def test_diou_nms(rng, dtype, beta):
+def test_diou_nms(backend, rng, dtype, beta):
     b, s = clusters(rng, 800, dtype)
+    bd, sd = backend.asarray((b, s))
     for thr in (0.0, 0.3, 0.5):
-        np.testing.assert_array_equal(fastnorm.diou_nms(b, s, thr, beta=beta),
+        np.testing.assert_array_equal(backend.asnumpy(fastnorm.diou_nms(bd, sd, thr, beta=beta)),
                                       greedy_nms(b, s, thr, crit=1, beta=beta))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_weighted_nms(rng, dtype):
+def test_weighted_nms(backend, rng, dtype):
     b, s = clusters(rng, 400, dtype)
-    keep, fused = fastnorm.weighted_nms(b, s, 0.5)
+    keep, fused = backend.asnumpy(fastnorm.weighted_nms(*backend.asarray((b, s)), 0.5))
     rk, rf = weighted(b, s, 0.5)
     np.testing.assert_array_equal(keep, rk)
     assert fused.dtype == dtype
@@ -214,12 +375,46 @@ def test_weighted_nms(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_weighted_and_soft_with_batches(backend, rng, dtype):
+    B = backend
+    b, s = clusters(rng, 1500, dtype, side=150.0)
+    bi = rng.integers(0, 3, 1500)
+    bd, sd, bid = B.asarray((b, s, bi))
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    for kw in ({}, {"max_output": 50}, {"score_threshold": 0.4}):
+        k, f = B.asnumpy(fastnorm.weighted_nms(bd, sd, 0.5, batch_idx=bid, **kw))
+        want_k, want_f = [], []
+        for i in range(3):
+            sel = np.flatnonzero(bi == i)
+            st = kw.get("score_threshold")
+            sub = sel if st is None else sel[s[sel] > st]
+            rk, rf = weighted(b[sub], s[sub], 0.5)
+            cap = kw.get("max_output", len(rk))
+            want_k.append(sub[rk][:cap])
+            want_f.append(rf[:cap])
+        np.testing.assert_array_equal(k, np.concatenate(want_k))
+        np.testing.assert_allclose(f, np.concatenate(want_f), rtol=tol)
+    for method in ("gaussian", "linear"):
+        k, sc = B.asnumpy(fastnorm.soft_nms(bd, sd, method=method, score_threshold=0.05,
+                                            batch_idx=bid))
+        want_k, want_s = [], []
+        for i in range(3):
+            sel = np.flatnonzero(bi == i)
+            rk, rs = soft(b[sel], s[sel], method, 0.5, 0.3, 0.05)
+            want_k.append(sel[rk])
+            want_s.append(rs)
+        np.testing.assert_array_equal(k, np.concatenate(want_k))
+        np.testing.assert_allclose(sc, np.concatenate(want_s), rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method,sigma,thr", [("gaussian", 0.5, 0.3), ("linear", 0.5, 0.3),
                                               ("linear", 0.5, 0.0), ("gaussian", 0.1, 0.3)])
-def test_soft_nms(rng, dtype, method, sigma, thr):
+def test_soft_nms(backend, rng, dtype, method, sigma, thr):
     b, s = clusters(rng, 300, dtype)
-    keep, sc = fastnorm.soft_nms(b, s, method=method, sigma=sigma, iou_threshold=thr,
-                                 score_threshold=0.05)
+    keep, sc = backend.asnumpy(fastnorm.soft_nms(*backend.asarray((b, s)), method=method,
+                                                 sigma=sigma, iou_threshold=thr,
+                                                 score_threshold=0.05))
     rk, rs = soft(b, s, method, sigma, thr, 0.05)
     np.testing.assert_array_equal(keep, rk)
     assert sc.dtype == dtype
@@ -229,40 +424,55 @@ def test_soft_nms(rng, dtype, method, sigma, thr):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kernel,sigma", [("gaussian", 2.0), ("gaussian", 0.5), ("linear", 2.0)])
-def test_matrix_nms(rng, dtype, kernel, sigma):
+def test_matrix_nms(backend, rng, dtype, kernel, sigma):
+    B = backend
     b, s = clusters(rng, 150, dtype, tie_levels=10)
-    got = fastnorm.matrix_nms(b, s, kernel=kernel, sigma=sigma)
+    got = B.asnumpy(fastnorm.matrix_nms(*B.asarray((b, s)), kernel=kernel, sigma=sigma))
     assert got.dtype == dtype and got.shape == s.shape
     np.testing.assert_allclose(got, matrix(b, s, kernel, sigma),
                                rtol=1e-6 if dtype == np.float32 else 1e-12, atol=1e-30)
     bi = (np.arange(150) % 2).astype(np.int64)
-    got = fastnorm.matrix_nms(b, s, kernel=kernel, sigma=sigma, batch_idx=bi)
+    got = B.asnumpy(fastnorm.matrix_nms(*B.asarray((b, s)), kernel=kernel, sigma=sigma,
+                                        batch_idx=B.asarray(bi)))
     for i in (0, 1):
         np.testing.assert_allclose(got[bi == i], matrix(b[bi == i], s[bi == i], kernel, sigma),
                                    rtol=1e-6 if dtype == np.float32 else 1e-12, atol=1e-30)
 
 
+def test_matrix_and_soft_nms_nan_boxes(backend):
+    # a NaN box overlaps nothing: it neither decays others nor is decayed
+    b = np.array([[0, 0, 10, 10], [np.nan, 0, 10, 10], [0, 0, 10, 10]], np.float64)
+    s = np.array([0.5, 0.9, 0.4])
+    bd, sd = backend.asarray((b, s))
+    got = backend.asnumpy(fastnorm.matrix_nms(bd, sd, kernel="linear"))
+    np.testing.assert_array_equal(got, [0.5, 0.9, 0.0])
+    k, sc = backend.asnumpy(fastnorm.soft_nms(bd, sd, method="linear", iou_threshold=0.5))
+    np.testing.assert_array_equal(k, [1, 0])
+    np.testing.assert_array_equal(sc, [0.9, 0.5])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("metric", ["iou", "giou", "diou", "ciou"])
-def test_box_iou(rng, dtype, metric):
+def test_box_iou(backend, rng, dtype, metric):
     a, _ = clusters(rng, 40, dtype, side=30)
     b, _ = clusters(rng, 33, dtype, side=30)
     a[0] = [5, 5, 5, 5]                 # degenerate point box
     a[1] = [3, 3, 1, 1]                 # inverted
     b[0] = [5, 5, 5, 5]
-    got = fastnorm.box_iou(a, b, metric=metric)
+    ad, bd = backend.asarray((a, b))
+    got = backend.asnumpy(fastnorm.box_iou(ad, bd, metric=metric))
     ref = box_metric(a.astype(np.float64), b.astype(np.float64), ["iou", "giou", "diou",
                                                                    "ciou"].index(metric))
     assert got.shape == (40, 33) and got.dtype == dtype and np.isfinite(got).all()
     np.testing.assert_allclose(got, ref, rtol=1e-6 if dtype == np.float32 else 1e-12,
                                atol=1e-6 if dtype == np.float32 else 1e-14)
     assert got[0, 0] == ref[0, 0]
-    assert fastnorm.box_iou(a[:0], b, metric=metric).shape == (0, 33)
+    assert backend.asnumpy(fastnorm.box_iou(ad[:0], bd, metric=metric)).shape == (0, 33)
 
 
-def test_box_iou_nan():
-    a = np.array([[0, 0, np.nan, 1]], np.float32)
-    assert np.isnan(fastnorm.box_iou(a, a)).all()
+def test_box_iou_nan(backend):
+    a = backend.asarray(np.array([[0, 0, np.nan, 1]], np.float32))
+    assert np.isnan(backend.asnumpy(fastnorm.box_iou(a, a))).all()
 
 
 # ---------------------------------------------------------------- interop and errors
@@ -279,30 +489,31 @@ def test_torch_round_trip(rng):
     assert isinstance(iou, torch.Tensor) and iou.shape == (5, 7)
 
 
-def test_errors():
-    b = np.zeros((3, 4), np.float32)
-    s = np.zeros(3, np.float32)
+def test_errors(backend):
+    A = backend.asarray
+    b = A(np.zeros((3, 4), np.float32))
+    s = A(np.zeros(3, np.float32))
     with pytest.raises(ValueError, match="`boxes`"):
-        fastnorm.nms(np.zeros((3, 5), np.float32), s, 0.5)
+        fastnorm.nms(A(np.zeros((3, 5), np.float32)), s, 0.5)
     with pytest.raises(ValueError, match="`boxes`"):
-        fastnorm.nms(np.zeros(12, np.float32), s, 0.5)
+        fastnorm.nms(A(np.zeros(12, np.float32)), s, 0.5)
     with pytest.raises(TypeError, match="`boxes`"):
-        fastnorm.nms(np.zeros((3, 4), np.int64), s, 0.5)
+        fastnorm.nms(A(np.zeros((3, 4), np.int64)), s, 0.5)
     with pytest.raises(ValueError, match="`scores`"):
-        fastnorm.nms(b, np.zeros(4, np.float32), 0.5)
+        fastnorm.nms(b, A(np.zeros(4, np.float32)), 0.5)
     with pytest.raises(TypeError, match="`scores`"):
-        fastnorm.nms(b, np.zeros(3, np.float64), 0.5)
+        fastnorm.nms(b, A(np.zeros(3, np.float64)), 0.5)
     for bad in (np.nan, -0.1, np.inf):
         with pytest.raises(ValueError, match="`iou_threshold`"):
             fastnorm.nms(b, s, bad)
     with pytest.raises(ValueError, match="`idxs`"):
-        fastnorm.batched_nms(b, s, np.zeros(2, np.int64), 0.5)
+        fastnorm.batched_nms(b, s, A(np.zeros(2, np.int64)), 0.5)
     with pytest.raises(TypeError, match="`idxs`"):
-        fastnorm.batched_nms(b, s, np.zeros(3, np.float32), 0.5)
+        fastnorm.batched_nms(b, s, A(np.zeros(3, np.float32)), 0.5)
     with pytest.raises(ValueError, match="`batch_idx`"):
-        fastnorm.nms(b, s, 0.5, batch_idx=np.array([0, -1, 0]))
+        fastnorm.nms(b, s, 0.5, batch_idx=A(np.array([0, -1, 0])))
     with pytest.raises(ValueError, match="`batch_idx`"):
-        fastnorm.nms(b, s, 0.5, batch_idx=np.array([0, 1]))
+        fastnorm.nms(b, s, 0.5, batch_idx=A(np.array([0, 1])))
     with pytest.raises(ValueError, match="`max_output`"):
         fastnorm.nms(b, s, 0.5, max_output=-1)
     with pytest.raises(ValueError, match="`score_threshold`"):
@@ -318,79 +529,13 @@ def test_errors():
     with pytest.raises(ValueError, match="`metric`"):
         fastnorm.box_iou(b, b, metric="dice")
     with pytest.raises(TypeError, match="`b`"):
-        fastnorm.box_iou(b, b.astype(np.float64))
+        fastnorm.box_iou(b, A(np.zeros((3, 4), np.float64)))
     with pytest.raises(ValueError, match="`scores`"):
         fastnorm.nms([b, b], [s], 0.5)
     with pytest.raises(ValueError, match=r"`scores\[1\]`"):
         fastnorm.nms([b, b], [s, s[:2]], 0.5)
     with pytest.raises(TypeError, match=r"`boxes\[0\]`"):
         fastnorm.nms([[0, 0, 1, 1]], [0.5], 0.5)
-
-
-# ---------------------------------------------------------------- CUDA parity
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_cuda_parity(rng, dtype):
-    import cupy
-    b, s = clusters(rng, 5000, np.dtype(dtype), side=400.0)
-    idxs = rng.integers(0, 10, 5000)
-    gb, gs, gi = cupy.asarray(b), cupy.asarray(s), cupy.asarray(idxs)
-    for kw in ({}, {"score_threshold": 0.3}, {"max_output": 100}):
-        np.testing.assert_array_equal(fastnorm.nms(gb, gs, 0.5, **kw).get(),
-                                      fastnorm.nms(b, s, 0.5, **kw))
-        np.testing.assert_array_equal(fastnorm.batched_nms(gb, gs, gi, 0.5, **kw).get(),
-                                      fastnorm.batched_nms(b, s, idxs, 0.5, **kw))
-    np.testing.assert_array_equal(fastnorm.diou_nms(gb, gs, 0.4).get(), fastnorm.diou_nms(b, s, 0.4))
-    np.testing.assert_array_equal(fastnorm.nms(gb, gs, 0.5, batch_idx=gi).get(),
-                                  fastnorm.nms(b, s, 0.5, batch_idx=idxs))
-    for metric in ("iou", "giou", "diou", "ciou"):
-        np.testing.assert_allclose(fastnorm.box_iou(gb[:300], gb[:200], metric=metric).get(),
-                                   fastnorm.box_iou(b[:300], b[:200], metric=metric),
-                                   rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.cuda
-def test_cuda_half_and_variants(rng):
-    import cupy
-    b, s = clusters(rng, 600, np.float32)
-    gb, gs = cupy.asarray(b), cupy.asarray(s)
-    k = fastnorm.nms(gb.astype(cupy.float16), gs.astype(cupy.float16), 0.5)
-    assert k.dtype == cupy.int64 and len(k) > 0
-    kh, fh = fastnorm.weighted_nms(gb.astype(cupy.float16), gs.astype(cupy.float16), 0.5)
-    assert fh.dtype == cupy.float16 and fh.shape == (len(kh), 4)
-    kh, sh = fastnorm.soft_nms(gb.astype(cupy.float16), gs.astype(cupy.float16))
-    assert sh.dtype == cupy.float16 and len(kh) == len(sh) > 0
-    np.testing.assert_allclose(fastnorm.matrix_nms(gb[:200], gs[:200]).get(),
-                               fastnorm.matrix_nms(b[:200], s[:200]), rtol=1e-5)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_cuda_weighted_and_soft_parity(rng, dtype):
-    import cupy
-    b, s = clusters(rng, 3000, np.dtype(dtype), side=300.0)
-    bi = rng.integers(0, 3, 3000)
-    idxs = rng.integers(0, 4, 3000)
-    gb, gs, gbi = cupy.asarray(b), cupy.asarray(s), cupy.asarray(bi)
-    tol = 1e-6 if dtype == "float32" else 1e-12
-    for kw in ({}, {"max_output": 50}, {"score_threshold": 0.4}, {"batch_idx": None}):
-        kw = {"batch_idx": bi} if "batch_idx" in kw else kw
-        gkw = {k: (gbi if k == "batch_idx" else x) for k, x in kw.items()}
-        kc, fc = fastnorm.weighted_nms(b, s, 0.5, **kw)
-        kg, fg = fastnorm.weighted_nms(gb, gs, 0.5, **gkw)
-        np.testing.assert_array_equal(kg.get(), kc)
-        np.testing.assert_allclose(fg.get(), fc, rtol=tol)
-    for method, thr in (("gaussian", 0.3), ("linear", 0.3)):
-        kc, sc = fastnorm.soft_nms(b[:800], s[:800], method=method, iou_threshold=thr,
-                                   score_threshold=0.05, batch_idx=bi[:800])
-        kg, sg = fastnorm.soft_nms(gb[:800], gs[:800], method=method, iou_threshold=thr,
-                                   score_threshold=0.05, batch_idx=gbi[:800])
-        np.testing.assert_array_equal(kg.get(), kc)
-        np.testing.assert_allclose(sg.get(), sc, rtol=1e-9)
-    # list input on the device, like the CPU
-    kl = fastnorm.soft_nms([gb[:100], gb[100:250]], [gs[:100], gs[100:250]])
-    kc = fastnorm.soft_nms([b[:100], b[100:250]], [s[:100], s[100:250]])
-    for (g1, g2), (c1, c2) in zip(kl, kc):
-        np.testing.assert_array_equal(g1.get(), c1)
-        np.testing.assert_allclose(g2.get(), c2, rtol=1e-9)
+    if backend.is_cuda:                # mixing host and device arrays is refused, not copied
+        with pytest.raises(TypeError, match="`scores` is a numpy.ndarray"):
+            fastnorm.nms(b, np.zeros(3, np.float32), 0.5)

@@ -1,21 +1,31 @@
 """CUDA launcher for the NMS family: the same functions and signatures as ``fastnorm._cpu.nms``.
 
 Ranking and output assembly are CuPy array operations on the device (stable sorts, one pass per
-key: score with NaN last, then class, then image); suppression is ``nms_mask`` (64-bit words,
-class-aware: pairs of different segments are never compared) plus the one-block on-device sweep
-``nms_sweep`` -- no per-box host synchronisation. weighted_nms adds ``nms_assign`` (each box's
-first kept suppressor) and ``weighted_fuse`` (per-cluster weighted mean in the CPU's summation
-order, after a stable sort of the boxes by cluster); soft_nms runs ``soft_nms_seg``, one block per
-image, which selects (block argmax) and decays on the device.
+key: score with NaN last, then class, then image). Greedy suppression (nms.cu) runs in chunks of
+ranks planned by :func:`_plan`: per chunk, ``nms_mask`` computes the suppression bits of each
+rank against the later ranks of its own segment (image x class) only, and ``nms_sweep`` sweeps
+the chunk's segments in parallel, a block each, carrying a removed-bitmap from chunk to chunk.
+Memory is O(m) plus one chunk's mask, at most about :data:`MASK_BYTES`; no host synchronisation
+but the sizes (candidates, segment table, kept boxes). weighted_nms adds ``nms_assign`` (each
+box's first kept suppressor) and ``weighted_fuse`` (per-cluster weighted mean in the CPU's
+summation order, after a stable sort of the boxes by cluster); soft_nms runs ``soft_nms_seg``,
+one block per image, which selects (block argmax) and decays on the device. Decisions are made
+in double, as on the CPU.
 """
 import numpy as np
 
 from . import ctype, cupy, function, i64, instantiate, launch
 
-_KERNELS = ("nms_mask<{}>", "box_metric<{}>", "matrix_comp<{}>", "matrix_decay<{}>",
-            "weighted_fuse<{}>", "soft_nms_seg<{}>")
-_EXPRS = [e for k in _KERNELS for e in instantiate(k)] + ["nms_sweep", "nms_assign"]
+_KERNELS = ("nms_mask<{}>", "nms_assign<{}>", "box_metric<{}>", "matrix_comp<{}>",
+            "matrix_decay<{}>", "weighted_fuse<{}>", "soft_nms_seg<{}>")
+_EXPRS = [e for k in _KERNELS for e in instantiate(k)] + ["nms_sweep"]
 _SOFT_THREADS = 256         # SOFT_THREADS in nms.cu
+_SWEEP_THREADS = 256
+
+#: Bound, in bytes, on one chunk of the greedy suppression mask (each chunk holds at least 64
+#: ranks: a single segment of more than MASK_BYTES / 8 boxes takes 8 bytes per box per chunk).
+MASK_BYTES = 256 << 20
+_MAX_ROW_TILES = 65535      # grid.y of nms_mask: 64 ranks each
 
 
 def _fn(expr, dtype=None):
@@ -23,6 +33,8 @@ def _fn(expr, dtype=None):
 
 
 def _rank(cp, scores, batch, classes, use_thr, thr):
+    """Ranking: (order, seg, rstart) -- input index of each rank, its segment (image x class),
+    and the first rank of each segment followed by m (device arrays, int64)."""
     n = scores.shape[0]
     cand = cp.flatnonzero(scores > thr) if use_thr else cp.arange(n, dtype=cp.int64)
     s = scores[cand].astype(cp.float64 if scores.dtype == cp.float64 else cp.float32)
@@ -34,15 +46,105 @@ def _rank(cp, scores, batch, classes, use_thr, thr):
             order = order[cp.argsort(key[cand][order])]
     order = cand[order].astype(cp.int64)
     m = order.shape[0]
-    seg = cp.zeros(m, dtype=cp.int64)
-    if m > 1:
-        change = cp.zeros(m, dtype=cp.bool_)
+    change = cp.zeros(m, dtype=cp.bool_)
+    if m:
+        change[0] = True
         for key in (batch, classes):
             if key is not None:
                 k = key[order]
                 change[1:] |= k[1:] != k[:-1]
-        seg = cp.cumsum(change).astype(cp.int64)
-    return order, seg
+    seg = (cp.cumsum(change) - 1).astype(cp.int64)
+    rstart = cp.concatenate([cp.flatnonzero(change), cp.full(1, m, dtype=cp.int64)])
+    return order, seg, rstart.astype(cp.int64)
+
+
+def _plan(starts, budget_words):
+    """Chunks of the greedy sweep for segments ``starts`` (first rank of each, then m; host).
+
+    Returns ``(pieces, chunks)``: ``pieces`` is an int64 array of rows (pa, pb, pe, pw, poff,
+    pseg) -- ranks [pa, pb) of segment pseg, which ends at rank pe, with pw mask words per rank
+    at word poff of its chunk's mask (see nms.cu); ``chunks`` lists (c0, c1, p0, p1, grid_x,
+    words): ranks [c0, c1) made of pieces [p0, p1), the mask kernel's grid width and the mask
+    words. Whole segments are packed into a chunk while its mask stays within ``budget_words``
+    and its ranks within the grid's row tiles; a larger segment is cut into pieces of as many
+    ranks (a multiple of 64, at least 64) as fit.
+    """
+    max_rows = _MAX_ROW_TILES * 64
+    pieces, chunks = [], []
+    cur = []                                     # pieces of the chunk being packed
+
+    def close():
+        if cur:
+            p0 = len(pieces)
+            pieces.extend(cur)
+            c0, c1 = cur[0][0], cur[-1][1]
+            t0 = np.arange(c0, c1, 64, dtype=np.int64)          # row tiles of nms_mask
+            last = np.minimum(t0 + 63, c1 - 1)
+            s_of = np.searchsorted(starts, last, side="right") - 1
+            gx = int(np.max((starts[s_of + 1] + 63) // 64 - t0 // 64))
+            last_piece = cur[-1]
+            words = last_piece[4] + (last_piece[1] - last_piece[0]) * last_piece[3]
+            chunks.append((c0, c1, p0, len(pieces), gx, words))
+            cur.clear()
+
+    words = rows = 0
+    for s in range(len(starts) - 1):
+        a, e = int(starts[s]), int(starts[s + 1])
+        while a < e:
+            W = (e + 63) // 64 - a // 64
+            take = e - a
+            if take * W > budget_words:          # cut the segment: as many ranks as fit
+                take = max(64, budget_words // W // 64 * 64)
+                take = min(take, e - a)
+            if cur and (words + take * W > budget_words or rows + take > max_rows):
+                close()
+                words = rows = 0
+            take = min(take, max_rows - rows)
+            cur.append((a, a + take, e, W, words, s))
+            words += take * W
+            rows += take
+            a += take
+            if a < e:                            # one piece per segment and chunk
+                close()
+                words = rows = 0
+    close()
+    return np.array(pieces, dtype=np.int64).reshape(-1, 6), chunks
+
+
+def _greedy(cp, boxes, scores, batch, classes, iou_threshold, use_score_threshold,
+            score_threshold, cap, criterion, beta):
+    """Ranking and greedy suppression: (order, seg, rstart, keep (uint8 per rank))."""
+    order, seg, rstart = _rank(cp, scores, batch, classes, use_score_threshold, score_threshold)
+    m = order.shape[0]
+    keep = cp.zeros(m, dtype=cp.uint8)
+    if m == 0:
+        return order, seg, rstart, keep
+    starts = rstart.get()                        # the segment table (one synchronisation)
+    pieces, chunks = _plan(starts, MASK_BYTES // 8)
+    words = max(c[5] for c in chunks)
+    try:
+        mask = cp.empty(words, dtype=cp.uint64)
+    except MemoryError as e:
+        raise MemoryError(
+            f"nms on CUDA: the suppression mask of {m} boxes needs {8 * words} bytes per chunk "
+            f"(fastnorm._cuda.nms.MASK_BYTES = {MASK_BYTES}; a segment of n boxes needs at "
+            f"least 8 * n bytes)") from e
+    pa, pb, pe, pw, poff, pseg = (cp.asarray(np.ascontiguousarray(pieces[:, i]))
+                                  for i in range(6))
+    rb = cp.ascontiguousarray(boxes[order])
+    removed = cp.zeros((m + 63) // 64, dtype=cp.uint64)
+    count = cp.zeros(len(starts) - 1, dtype=cp.int64)
+    seg_cap = cap if classes is None else m + 1  # with classes, the cap applies after merging
+    mask_fn = _fn("nms_mask<{}>", boxes.dtype)
+    sweep_fn = _fn("nms_sweep")
+    for c0, c1, p0, p1, gx, _ in chunks:
+        s0 = int(pieces[p0, 5])
+        mask_fn((gx, (c1 - c0 + 63) // 64), (64,),
+                (rb, seg, pa, pe, pw, poff, i64(c0), i64(c1), i64(p0), i64(s0), removed,
+                 np.float64(iou_threshold), np.int32(criterion), np.float64(beta), mask))
+        sweep_fn((p1 - p0,), (_SWEEP_THREADS,),
+                 (mask, pa, pb, pe, pw, poff, pseg, i64(p0), i64(seg_cap), removed, count, keep))
+    return order, seg, rstart, keep
 
 
 def _assemble(cp, idx, scores, batch, cap, merge, num_images, split, extras=()):
@@ -80,32 +182,12 @@ def _assemble(cp, idx, scores, batch, cap, merge, num_images, split, extras=()):
     return out
 
 
-def _greedy(cp, boxes, scores, batch, classes, iou_threshold, use_score_threshold,
-            score_threshold, cap, criterion, beta):
-    """Ranking, suppression mask and sweep: (order, seg, keep (uint8 per rank), mask, colblocks)."""
-    order, seg = _rank(cp, scores, batch, classes, use_score_threshold, score_threshold)
-    m = order.shape[0]
-    keep = cp.zeros(m, dtype=cp.uint8)
-    mask, cb = None, (m + 63) // 64
-    if m:
-        rb = cp.ascontiguousarray(boxes[order])
-        mask = cp.empty((m, cb), dtype=cp.uint64)
-        _fn("nms_mask<{}>", boxes.dtype)((cb, cb), (64,), (rb, seg, i64(m), i64(cb),
-                                         np.float64(iou_threshold), np.int32(criterion),
-                                         np.float64(beta), mask))
-        removed = cp.zeros(cb, dtype=cp.uint64)
-        single = batch is None and classes is None
-        _fn("nms_sweep")((1,), (256,), (mask, i64(m), i64(cb), i64(cap if single else m + 1),
-                                        removed, keep))
-    return order, seg, keep, mask, cb
-
-
 def nms(boxes, scores, batch, classes, iou_threshold, use_score_threshold, score_threshold,
         max_output, criterion, beta, num_images, split, nthreads):
     cp = cupy()
     cap = max_output if max_output >= 0 else scores.shape[0] + 1
-    order, _, keep, _, _ = _greedy(cp, boxes, scores, batch, classes, iou_threshold,
-                                   use_score_threshold, score_threshold, cap, criterion, beta)
+    order, _, _, keep = _greedy(cp, boxes, scores, batch, classes, iou_threshold,
+                                use_score_threshold, score_threshold, cap, criterion, beta)
     idx = order[cp.flatnonzero(keep)]
     return _assemble(cp, idx, scores, batch, cap, classes is not None, num_images, split)
 
@@ -114,17 +196,17 @@ def weighted_nms(boxes, scores, batch, classes, iou_threshold, use_score_thresho
                  score_threshold, max_output, num_images, split, nthreads):
     cp = cupy()
     cap = max_output if max_output >= 0 else scores.shape[0] + 1
-    order, seg, keep, mask, cb = _greedy(cp, boxes, scores, batch, classes, iou_threshold,
-                                         use_score_threshold, score_threshold, cap, 0, 1.0)
+    order, seg, rstart, keep = _greedy(cp, boxes, scores, batch, classes, iou_threshold,
+                                       use_score_threshold, score_threshold, cap, 0, 1.0)
     m = order.shape[0]
     kept = cp.flatnonzero(keep).astype(cp.int64)
     k = kept.shape[0]
     fused = cp.empty((k, 4), dtype=boxes.dtype)
     if k:
         rb = cp.ascontiguousarray(boxes[order])
-        segstart = cp.searchsorted(seg, seg, side="left").astype(cp.int64)
         assign = cp.empty(m, dtype=cp.int64)
-        launch(_fn("nms_assign"), m, (mask, keep, segstart, i64(m), i64(cb), assign))
+        launch(_fn("nms_assign<{}>", boxes.dtype), m,
+               (rb, keep, seg, rstart, i64(m), np.float64(iou_threshold), assign))
         members = cp.argsort(assign).astype(cp.int64)        # stable: rank order per cluster
         sorted_assign = assign[members]
         lo = cp.searchsorted(sorted_assign, kept, side="left").astype(cp.int64)
@@ -141,16 +223,13 @@ def soft_nms(boxes, scores, batch, method, sigma, iou_threshold, score_threshold
              split, nthreads):
     cp = cupy()
     n = scores.shape[0]
-    order, seg = _rank(cp, scores, batch, None, False, 0.0)
+    order, seg, rstart = _rank(cp, scores, batch, None, False, 0.0)
     m = order.shape[0]
     sel = cp.empty(0, dtype=cp.int64)
     out_rank = cp.empty(m, dtype=cp.int64)
     out_score = cp.empty(m, dtype=cp.float64)
     if m:
-        rstart = cp.flatnonzero(cp.concatenate([cp.ones(1, dtype=cp.bool_),
-                                                seg[1:] != seg[:-1]])).astype(cp.int64)
-        S = rstart.shape[0]
-        rstart = cp.concatenate([rstart, cp.full(1, m, dtype=cp.int64)])
+        S = rstart.shape[0] - 1
         rb = cp.ascontiguousarray(boxes[order])
         cur = cp.ascontiguousarray(scores[order].astype(cp.float64))
         alive = cp.zeros(m, dtype=cp.uint8)
@@ -168,12 +247,12 @@ def soft_nms(boxes, scores, batch, method, sigma, iou_threshold, score_threshold
 
 def matrix_nms(boxes, scores, batch, kernel, sigma, num_images, split, nthreads):
     cp = cupy()
-    order, seg = _rank(cp, scores, batch, None, False, 0.0)
+    order, seg, rstart = _rank(cp, scores, batch, None, False, 0.0)
     m = order.shape[0]
     out = cp.empty_like(scores)
     if m:
         rb = cp.ascontiguousarray(boxes[order])
-        first = cp.searchsorted(seg, seg, side="left").astype(cp.int64)
+        first = rstart[seg]
         comp = cp.empty(m, dtype=cp.float64)
         decay = cp.empty(m, dtype=cp.float64)
         launch(_fn("matrix_comp<{}>", boxes.dtype), m, (rb, first, i64(m), comp))

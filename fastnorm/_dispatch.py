@@ -36,13 +36,21 @@ def _type_name(obj):
     return f"{mod}.{t.__qualname__}"
 
 
+MIN_CUPY = 14        # bfloat16 (through ml_dtypes), ndarray `repeats` in repeat()
+
+
 def _cupy():
     try:
         import cupy
     except ImportError as e:
         raise RuntimeError(
-            "fastnorm: CUDA arrays need CuPy, which is not installed: "
-            "`pip install 'fastnorm[cuda]'` (or the cupy-cudaXXx wheel matching your CUDA)") from e
+            "fastnorm: CUDA arrays need CuPy, which is not installed: `pip install "
+            "'fastnorm[cuda12]'` (CUDA 12 drivers) or 'fastnorm[cuda13]' (CUDA 13)") from e
+    major = str(getattr(cupy, "__version__", "0")).split(".")[0]
+    if not major.isdigit() or int(major) < MIN_CUPY:
+        raise RuntimeError(
+            f"fastnorm: CUDA arrays need CuPy >= {MIN_CUPY}, found {cupy.__version__}: `pip "
+            f"install -U 'fastnorm[cuda12]'` (CUDA 12 drivers) or 'fastnorm[cuda13]' (CUDA 13)")
     return cupy
 
 

@@ -77,7 +77,15 @@ def test_missing_cpu_extension_message(monkeypatch):
 
 def test_missing_cupy_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)
-    with pytest.raises(RuntimeError, match="need CuPy"):
+    with pytest.raises(RuntimeError, match=r"need CuPy, which is not installed: `pip install "
+                                           r"'fastnorm\[cuda12\]'"):
+        _dispatch._cupy()
+
+
+def test_old_cupy_message(monkeypatch):
+    import types
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(__version__="13.6.0"))
+    with pytest.raises(RuntimeError, match=r"need CuPy >= 14, found 13.6.0"):
         _dispatch._cupy()
 
 
@@ -150,3 +158,69 @@ def test_jax_arrays_round_trip(rng):
     y = fastnorm.group_norm(x, 2)
     assert type(y) is type(x)
     np.testing.assert_allclose(np.asarray(y), fastnorm.group_norm(np.asarray(x), 2), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- CUDA: devices and frameworks
+
+def _second_device(backend):
+    if backend.xp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two CUDA devices")
+    return backend.xp.cuda.Device(1)
+
+
+def test_cuda_ops_run_on_the_arrays_device(cuda_backend, rng):
+    # everything an op does before and around its kernels (default weight/bias, per-image RoI
+    # lists, batch-index validation, per-image NMS lists, channels-last transposes, non-contiguous
+    # copies) runs on the arrays' device, whatever device is current
+    B = cuda_backend
+    x = rng.standard_normal((2, 8, 6, 6)).astype(np.float32)
+    rois = [np.array([[0, 0, 4, 4], [1, 1, 5, 3]], np.float32), np.array([[2, 0, 5, 5]],
+                                                                           np.float32)]
+    boxes = np.array([[0, 0, 4, 4], [0, 0, 4, 4.5], [5, 5, 9, 9]], np.float32)
+    scores = np.array([0.9, 0.8, 0.7], np.float32)
+    with _second_device(B):
+        xd, rd, bd, sd = B.asarray((x, rois, boxes, scores))
+        xcl = B.asarray(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+        xnc = B.asarray(np.ones((2, 8, 6, 12), np.float32))[..., ::2]
+        r5 = B.asarray(np.array([[1, 0, 0, 4, 4]], np.float32))
+        bi = B.asarray(np.array([0, 0, 1]))
+    assert B.xp.cuda.Device().id == 0
+    results = [
+        fastnorm.group_norm(xd, 4), fastnorm.group_norm(xnc, 4),
+        fastnorm.roi_align(xd, rd, 2), fastnorm.roi_align(xcl, rd, 2, channels_last=True),
+        fastnorm.roi_align(xd, r5, 2), fastnorm.roi_pool(xd, rd, 2),
+        *fastnorm.nms([bd, bd[:2]], [sd, sd[:2]], 0.5), fastnorm.box_iou(bd, bd),
+        fastnorm.nms(bd, sd, 0.5, batch_idx=bi), fastnorm.batched_nms(bd, sd, bi, 0.5),
+    ]
+    assert all(r.device.id == 1 for r in results)
+    assert B.xp.cuda.Device().id == 0
+    np.testing.assert_allclose(B.asnumpy(results[0]), fastnorm.group_norm(x, 4), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_array_equal(B.asnumpy(results[6]), [0, 2])
+    np.testing.assert_array_equal(B.asnumpy(results[9]), [0, 2])
+
+
+def test_cuda_arrays_of_two_devices_or_frameworks_are_refused(cuda_backend):
+    B = cuda_backend
+    x = B.asarray(np.zeros((2, 4, 3), np.float32))
+    with pytest.raises(TypeError, match=r"`weight` is a numpy.ndarray on cpu"):
+        fastnorm.group_norm(x, 2, np.ones(4, np.float32))
+    with _second_device(B):
+        w1 = B.asarray(np.ones(4, np.float32))
+    with pytest.raises(ValueError, match="`weight` .* on cuda:1: fastnorm makes no implicit"):
+        fastnorm.group_norm(x, 2, w1)
+
+
+def test_emulated_and_real_cupy_arrays_do_not_mix():
+    from fastnorm._cuda import emulator
+    cupy = pytest.importorskip("cupy")
+    if not _cuda_available():
+        pytest.skip("needs a CUDA GPU")
+    with pytest.raises(TypeError, match="emulated"):
+        fastnorm.group_norm(emulator.zeros((2, 4, 3), np.float32), 2,
+                            cupy.ones(4, np.float32))
+
+
+def _cuda_available():
+    from conftest import CUDA
+    return CUDA

@@ -1,8 +1,11 @@
-"""The README's NumPy quickstart and its main job (`python -m fastnorm`) run as written."""
+"""The README's NumPy quickstart, its CUDA emulator example and its main job (`python -m fastnorm`)
+run as written."""
 import pathlib
 import re
 import subprocess
 import sys
+
+import pytest
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -23,3 +26,11 @@ def test_main_job_runs(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     for part in ("demo: detection head", "total", "quick benchmark", "group_norm", "nms"):
         assert part in out.stdout, part
+
+
+@pytest.mark.emulated
+def test_emulator_example_runs(capsys):
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+                 if "emulator as cp" in b)
+    exec(block, {})
+    assert float(capsys.readouterr().out) < 1e-5

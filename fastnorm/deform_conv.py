@@ -69,7 +69,8 @@ def _check(call, x, offset, weight, bias, mask, stride, padding, dilation):
     if bias is not None:
         v.float_array(call, "bias", bias, ndim=1)
         v.shape("bias", bias, (Cout,))
-    rows = max(1, WORKSPACE_BYTES // max(1, C * K * Wo * x.dtype.itemsize))
+    # the columns are float32 for float16/bfloat16 input (CUDA accumulates in float32)
+    rows = max(1, WORKSPACE_BYTES // max(1, C * K * Wo * max(x.dtype.itemsize, 4)))
     return (sh, sw, ph, pw, dh, dw, rows), (N, Cout, Ho, Wo)
 
 

@@ -1,8 +1,10 @@
 // Deformable convolution (DCN v1/v2) on CUDA: im2col / col2im / coordinate-gradient kernels.
 // The GEMMs run in cuBLAS through CuPy (fastnorm/_cuda/deform_conv.py).
 //
-// Columns of a chunk of nb samples and hb output rows: A cols[nb][C*K][hb*Wo] (A = float for
-// float/half/bfloat16, double for double), row index c*K + k. One thread handles one
+// Columns of a chunk of nb samples and hb output rows: A cols[C*K][nb*hb*Wo] (A = float for
+// float/half/bfloat16, double for double), row index c*K + k, column (sample in chunk) * hb*Wo
+// + (row in chunk) * Wo + wo: the samples lie side by side, so that each GEMM of a chunk (and
+// grad_weight's reduction over its samples and positions) is one product. One thread handles one
 // (sample, offset group, kernel point, output position) and loops over the group's channels, so
 // the bilinear corners/weights are computed once and reused; consecutive threads take consecutive
 // output positions (coalesced column reads/writes).
@@ -83,21 +85,21 @@ __global__ void dc_im2col(const T* __restrict__ x, const T* __restrict__ off,
     i64 nl, go, k, r, wo;
     const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (!dc_point(g, nb, hb, t, nl, go, k, r, wo)) return;
-    const i64 n = n0 + nl, L = hb * g.Wo, HW = g.H * g.W;
+    const i64 n = n0 + nl, L = hb * g.Wo, NL = nb * L, HW = g.H * g.W;
     A y, xx; i64 iy, im;
     dc_position<T, A>(g, off, n, go, k, ho0 + r, wo, y, xx, iy, im);
     i64 o[4]; A wt[4];
     const int b = dc_corners<A>(y, xx, g.H, g.W, o, wt, nullptr, nullptr);
     const A mk = has_mask ? load(msk + im) : A(1);
     const T* xs = x + (n * g.C + go * g.Cpg) * HW;
-    A* col = cols + ((nl * g.C + go * g.Cpg) * g.K + k) * L + r * g.Wo + wo;
+    A* col = cols + (go * g.Cpg * g.K + k) * NL + nl * L + r * g.Wo + wo;
     for (i64 c = 0; c < g.Cpg; ++c) {
         const T* xc = xs + c * HW;
         A s = A(0);
         #pragma unroll
         for (int q = 0; q < 4; ++q)
             if ((b >> q) & 1) s += wt[q] * load(xc + o[q]);
-        col[c * g.K * L] = s * mk;
+        col[c * g.K * NL] = s * mk;
     }
 }
 
@@ -112,7 +114,7 @@ __global__ void dc_col2im(const T* __restrict__ off, const T* __restrict__ msk,
     i64 nl, go, k, r, wo;
     const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (!dc_point(g, nb, hb, t, nl, go, k, r, wo)) return;
-    const i64 n = n0 + nl, L = hb * g.Wo, HW = g.H * g.W;
+    const i64 n = n0 + nl, L = hb * g.Wo, NL = nb * L, HW = g.H * g.W;
     A y, xx; i64 iy, im;
     dc_position<T, A>(g, off, n, go, k, ho0 + r, wo, y, xx, iy, im);
     i64 o[4]; A wt[4];
@@ -120,9 +122,9 @@ __global__ void dc_col2im(const T* __restrict__ off, const T* __restrict__ msk,
     if (b == 0) return;
     const A mk = has_mask ? load(msk + im) : A(1);
     A* gxs = gx + (n * g.C + go * g.Cpg) * HW;
-    const A* gc = gcols + ((nl * g.C + go * g.Cpg) * g.K + k) * L + r * g.Wo + wo;
+    const A* gc = gcols + (go * g.Cpg * g.K + k) * NL + nl * L + r * g.Wo + wo;
     for (i64 c = 0; c < g.Cpg; ++c) {
-        const A v = gc[c * g.K * L] * mk;
+        const A v = gc[c * g.K * NL] * mk;
         #pragma unroll
         for (int q = 0; q < 4; ++q)
             if ((b >> q) & 1) atomic_add(gxs + c * HW + o[q], wt[q] * v);
@@ -140,7 +142,7 @@ __global__ void dc_coord(const T* __restrict__ x, const T* __restrict__ off,
     i64 nl, go, k, r, wo;
     const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (!dc_point(g, nb, hb, t, nl, go, k, r, wo)) return;
-    const i64 n = n0 + nl, L = hb * g.Wo, HW = g.H * g.W;
+    const i64 n = n0 + nl, L = hb * g.Wo, NL = nb * L, HW = g.H * g.W;
     A y, xx; i64 iy, im;
     dc_position<T, A>(g, off, n, go, k, ho0 + r, wo, y, xx, iy, im);
     i64 o[4]; A wt[4], dwy[4], dwx[4];
@@ -148,13 +150,13 @@ __global__ void dc_coord(const T* __restrict__ x, const T* __restrict__ off,
     A ay = A(0), ax = A(0), am = A(0);
     if (b != 0) {
         const T* xs = x + (n * g.C + go * g.Cpg) * HW;
-        const A* gc = gcols + ((nl * g.C + go * g.Cpg) * g.K + k) * L + r * g.Wo + wo;
+        const A* gc = gcols + (go * g.Cpg * g.K + k) * NL + nl * L + r * g.Wo + wo;
         for (i64 c = 0; c < g.Cpg; ++c) {
             const T* xc = xs + c * HW;
             A v[4];
             #pragma unroll
             for (int q = 0; q < 4; ++q) v[q] = ((b >> q) & 1) ? load(xc + o[q]) : A(0);
-            const A gv = gc[c * g.K * L];
+            const A gv = gc[c * g.K * NL];
             ay += gv * (dwy[0] * v[0] + dwy[1] * v[1] + dwy[2] * v[2] + dwy[3] * v[3]);
             ax += gv * (dwx[0] * v[0] + dwx[1] * v[1] + dwx[2] * v[2] + dwx[3] * v[3]);
             am += gv * (wt[0] * v[0] + wt[1] * v[1] + wt[2] * v[2] + wt[3] * v[3]);

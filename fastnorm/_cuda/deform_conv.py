@@ -51,21 +51,25 @@ class _Setup:
                               np.int32(self.has_mask)))
 
     def columns(self, buf, nb, hb):
-        """Chunk columns (nb, groups, C_in/groups * K, hb * Wo) at the start of ``buf``."""
-        L = hb * self.Wo
+        """Chunk columns (groups, C_in/groups * K, nb * hb * Wo) at the start of ``buf``: the
+        chunk's samples side by side, so that each GEMM is one product per weight group."""
+        NL = nb * hb * self.Wo
         CgK = self.C // self.groups * self.K
-        return buf[:nb * self.groups * CgK * L].reshape(nb, self.groups, CgK, L)
+        return buf[:self.groups * CgK * NL].reshape(self.groups, CgK, NL)
 
 
 def forward(x, offset, mask, weight, bias, sh, sw, ph, pw, dh, dw, chunk_rows, nthreads):
     s = _Setup(x, offset, mask, weight, sh, sw, ph, pw, dh, dw)
     cp = s.cp
-    y = cp.zeros((s.N, s.Cout, s.Ho, s.Wo), dtype=x.dtype)
-    if y.size == 0 or s.H * s.W == 0:
+    if s.N * s.Cout * s.Ho * s.Wo == 0 or s.H * s.W == 0:
+        y = cp.zeros((s.N, s.Cout, s.Ho, s.Wo), dtype=x.dtype)
         if bias is not None:
             y += bias.reshape(-1, 1, 1)
         return y
+    y = cp.empty((s.N, s.Cout, s.Ho, s.Wo), dtype=x.dtype)     # every chunk writes its part
     wmat = weight.astype(s.acc).reshape(s.groups, s.Cout // s.groups, -1)
+    # the bias is added in the accumulation type, before the one rounding to a half type
+    bacc = None if bias is None else bias.astype(s.acc).reshape(s.groups, -1, 1)
     y3 = y.reshape(s.N, s.groups, s.Cout // s.groups, s.Ho * s.Wo)
     plan = _chunks(s.N, s.Ho, chunk_rows)
     buf = cp.empty(max(nb * hb for _, nb, _, hb in plan) * s.C * s.K * s.Wo, dtype=s.acc)
@@ -73,10 +77,11 @@ def forward(x, offset, mask, weight, bias, sh, sw, ph, pw, dh, dw, chunk_rows, n
     for n0, nb, ho0, hb in plan:
         cols = s.columns(buf, nb, hb)
         s.run("dc_im2col", (x, offset, m, buf), n0, nb, ho0, hb)
-        y3[n0:n0 + nb, :, :, ho0 * s.Wo:(ho0 + hb) * s.Wo] = \
-            cp.matmul(wmat[None], cols).astype(x.dtype)
-    if bias is not None:
-        y += bias.reshape(-1, 1, 1)
+        r = cp.matmul(wmat, cols)                  # (groups, C_out/groups, nb * hb * Wo)
+        if bacc is not None:
+            r += bacc
+        r = r.reshape(s.groups, -1, nb, hb * s.Wo).transpose(2, 0, 1, 3)
+        y3[n0:n0 + nb, :, :, ho0 * s.Wo:(ho0 + hb) * s.Wo] = r.astype(x.dtype, copy=False)
     return y
 
 
@@ -99,10 +104,10 @@ def backward(grad_out, x, offset, mask, weight, sh, sw, ph, pw, dh, dw, chunk_ro
     for n0, nb, ho0, hb in plan:
         cols = s.columns(buf, nb, hb)
         s.run("dc_im2col", (x, offset, m, buf), n0, nb, ho0, hb)
-        gout = go3[n0:n0 + nb, :, :, ho0 * s.Wo:(ho0 + hb) * s.Wo].astype(s.acc)
-        for i in range(nb):
-            gw += cp.matmul(gout[i], cols[i].transpose(0, 2, 1))
-        cols[...] = cp.matmul(wmat.transpose(0, 2, 1)[None], gout)    # column gradients
+        gout = go3[n0:n0 + nb, :, :, ho0 * s.Wo:(ho0 + hb) * s.Wo].transpose(1, 2, 0, 3)
+        gout = cp.ascontiguousarray(gout, dtype=s.acc).reshape(s.groups, -1, nb * hb * s.Wo)
+        gw += cp.matmul(gout, cols.transpose(0, 2, 1))    # summed over the chunk's samples
+        cp.matmul(wmat.transpose(0, 2, 1), gout, out=cols)    # column gradients, in place
         # dc_col2im/dc_coord take the *masked* column gradient and apply the mask themselves
         s.run("dc_col2im", (offset, m, buf, gx_acc), n0, nb, ho0, hb)
         s.run("dc_coord", (x, offset, m, buf, goff, gm), n0, nb, ho0, hb)

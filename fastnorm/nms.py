@@ -85,8 +85,8 @@ def _prepare(boxes, scores, idxs=None, batch_idx=None):
             if il is not None:
                 il[i] = _int_array(call, f"idxs[{i}]", il[i], bl[i].shape[0])
         xp = call.xp
-        lengths = [b.shape[0] for b in bl]
-        batch = xp.repeat(xp.arange(B, dtype="int64"), xp.asarray(lengths, dtype="int64"))
+        lengths = [int(b.shape[0]) for b in bl]          # host ints: no device round trip
+        batch = xp.repeat(xp.arange(B, dtype="int64"), lengths)
         cat = (xp.concatenate(bl).reshape(-1, 4), xp.concatenate(sl),
                xp.concatenate(il) if il is not None else None)
         return (call,) + cat + (batch, B, True)

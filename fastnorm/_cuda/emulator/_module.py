@@ -3,8 +3,8 @@
 ``Module(code, options, name_expressions)`` builds ``code`` (an unmodified ``.cu`` text, as given
 to ``cupy.RawModule``) into a shared object: the source is force-included after ``fnemu.h`` (the
 CUDA subset) and followed by ``runtime.cpp`` (the fiber block executor) and a table that
-instantiates every name expression. Builds are cached by the hash of the preprocessed source, the
-compiler and its flags, in ``$FASTNORM_EMULATOR_CACHE`` (default ``~/.cache/fastnorm/emulator``).
+instantiates every name expression. Builds are cached (see :func:`build`) in
+``$FASTNORM_EMULATOR_CACHE`` (default ``~/.cache/fastnorm/emulator``).
 
 ``Kernel.launch`` checks what CuPy does not (launch limits, each argument against the kernel's
 parameter type), runs the kernel on guarded copies of its buffers (twice, the second time in
@@ -12,6 +12,7 @@ reverse order, to catch races), and turns every failure into an :class:`Emulator
 the kernel, the thread and the argument.
 """
 import ctypes
+import functools
 import hashlib
 import os
 import re
@@ -116,12 +117,50 @@ def _include_dirs(options):
 
 
 _build_lock = threading.Lock()
+_built = {}                       # (code, options, name expressions) -> path, in this process
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_id(cxx):
+    return subprocess.run(list(cxx) + ["--version"], capture_output=True, text=True).stdout
+
+
+def _headers_digest(dirs):
+    """Digest of every header-like file in ``dirs`` (what an #include "..." can reach)."""
+    h = hashlib.sha256()
+    for d in dirs:
+        if not os.path.isdir(d):
+            continue
+        for name in sorted(os.listdir(d)):
+            if name.endswith((".h", ".cuh", ".hpp", ".cpp", ".inc")):
+                with open(os.path.join(d, name), "rb") as f:
+                    h.update(name.encode() + b"\0" + f.read())
+    return h.hexdigest()
 
 
 def build(code, options, name_expressions):
-    """Path of the shared object for ``code`` (built, or found in the cache)."""
+    """Path of the shared object for ``code`` (built, or found in the cache). The cache key is
+    the source, the name expressions, the compiler and its flags, and every header in the
+    include directories (the emulator's and the ``-I`` options')."""
+    memo = (code, tuple(options), tuple(name_expressions))
+    if memo in _built:
+        return _built[memo]
     cxx = _cxx()
-    inc = [f"-I{d}" for d in _include_dirs(options)] + [f"-I{INCLUDE}", f"-I{HERE}"]
+    dirs = _include_dirs(options) + [INCLUDE, HERE]
+    base = cxx + list(CXXFLAGS) + ["-include", os.path.join(HERE, "fnemu.h")] + \
+        [f"-I{d}" for d in dirs]
+    key = hashlib.sha256("\0".join([code, *name_expressions, _compiler_id(tuple(cxx)),
+                                     " ".join(base), _headers_digest(dirs)]).encode())
+    out = os.path.join(cache_dir(), key.hexdigest()[:32] + ".so")
+    with _build_lock:
+        if not os.path.exists(out):
+            _compile(base, code, name_expressions, out)
+    _built[memo] = out
+    return out
+
+
+def _compile(base, code, name_expressions, out):
+    os.makedirs(cache_dir(), exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernels.cu")
         with open(src, "w") as f:
@@ -129,30 +168,16 @@ def build(code, options, name_expressions):
         stub = os.path.join(tmp, "module.cpp")
         with open(stub, "w") as f:
             f.write(_stub(src, name_expressions))
-        base = cxx + list(CXXFLAGS) + ["-include", os.path.join(HERE, "fnemu.h")] + inc
-        pre = subprocess.run(base + ["-E", "-x", "c++", stub], capture_output=True, text=True)
-        if pre.returncode:
-            raise EmulatorError(f"emulator: preprocessing failed:\n{pre.stderr[-4000:]}")
-        version = subprocess.run(cxx + ["--version"], capture_output=True, text=True).stdout
-        key = hashlib.sha256("\0".join([pre.stdout, version, " ".join(base)]).encode())
-        out = os.path.join(cache_dir(), key.hexdigest()[:32] + ".so")
-        if os.path.exists(out):
-            return out
-        with _build_lock:
-            if os.path.exists(out):
-                return out
-            os.makedirs(cache_dir(), exist_ok=True)
-            tmp_out = os.path.join(tmp, "module.so")
-            r = subprocess.run(base + ["-x", "c++", stub, "-o", tmp_out], capture_output=True,
-                               text=True)
-            if r.returncode:
-                raise EmulatorError(f"emulator: the host compiler rejected the CUDA source:\n"
-                                    f"{r.stderr[-6000:]}")
-            fd, part = tempfile.mkstemp(dir=cache_dir(), suffix=".part")
-            os.close(fd)
-            shutil.copyfile(tmp_out, part)
-            os.replace(part, out)                  # atomic: concurrent builders agree
-    return out
+        tmp_out = os.path.join(tmp, "module.so")
+        r = subprocess.run(base + ["-x", "c++", stub, "-o", tmp_out], capture_output=True,
+                           text=True)
+        if r.returncode:
+            raise EmulatorError(f"emulator: the host compiler rejected the CUDA source:\n"
+                                f"{r.stderr[-6000:]}")
+        fd, part = tempfile.mkstemp(dir=cache_dir(), suffix=".part")
+        os.close(fd)
+        shutil.copyfile(tmp_out, part)
+        os.replace(part, out)                      # atomic: concurrent builders agree
 
 
 def _stub(src, name_expressions):

@@ -151,7 +151,47 @@ def main(argv=None):
              "torchvision " + (" ".join(tv["versions"]) if tv else "unavailable") +
              " timed in a subprocess. 'Mbox/s' = input boxes per second / 1e6.\n\nTargets:\n"
              + "\n".join(lines))
-    print(write_results("nms", [table], notes, write=not args.no_write))
+    tables = [table] + cuda_tables(inputs)
+    print(write_results("nms", tables, notes, write=not args.no_write))
+
+
+CUDA_TARGETS = ("nms_1000", "nms_10000", "nms_100000", "batched_20000")
+
+
+def cuda_tables(inputs):
+    """fastnorm on CuPy arrays vs torchvision CUDA, same inputs, same kept sets (needs a GPU)."""
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            return []
+    except Exception:
+        return []
+    sync = cupy.cuda.Device().synchronize
+    t = Table(f"nms / batched_nms on CUDA, float32, IoU {IOU}", unit="Mbox/s")
+    try:
+        import torch
+        import torchvision
+        assert torch.cuda.is_available(), "torch sees no GPU"
+        ts = torch.cuda.synchronize
+    except Exception as e:
+        print("torchvision CUDA not timed:", type(e).__name__, e, file=sys.stderr)
+        torchvision = None
+    for case in CUDA_TARGETS:
+        arrs = inputs[case]
+        n = len(arrs[1])
+        dev = [cupy.asarray(a) for a in arrs]
+        fn = (lambda: fastnorm.batched_nms(*dev, IOU)) if len(dev) == 3 else \
+            (lambda: fastnorm.nms(*dev, IOU))
+        ours = cupy.asnumpy(fn())
+        t.add(f"{case} ({len(ours)} kept)", "fastnorm", timeit(fn, sync=sync, **_timer(n)), n * 1e3)
+        if torchvision is not None:
+            tt = [torch.as_tensor(a, device="cuda") for a in arrs]
+            tfn = (lambda: torchvision.ops.batched_nms(*tt, IOU)) if len(tt) == 3 else \
+                (lambda: torchvision.ops.nms(*tt, IOU))
+            assert np.array_equal(np.sort(tfn().cpu().numpy()), np.sort(ours)), case
+            t.add(f"{case} ({len(ours)} kept)", "torchvision CUDA",
+                  timeit(tfn, sync=ts, **_timer(n)), n * 1e3)
+    return [t]
 
 
 if __name__ == "__main__":

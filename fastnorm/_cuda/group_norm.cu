@@ -7,12 +7,16 @@
 //                                   (gn_stats_nchw); channels-last: a block reduces a tile of
 //                                   positions of one sample, giving per-channel partials
 //                                   (gn_stats_nhwc). A thread loads a batch of R vectors, takes
-//                                   its two-pass mean/M2 in the compute type and merges it into a
-//                                   float64 running state with Chan's formula, so there is no
-//                                   E[x^2]-E[x]^2 cancellation.
+//                                   its mean/M2 in the compute type from sums of deviations from
+//                                   the batch's rounded mean (exact for any shift) and merges it
+//                                   into a float64 running state with Chan's formula, so there is
+//                                   no E[x^2]-E[x]^2 cancellation; partials are float64, so a
+//                                   large common offset loses nothing to their rounding either.
 //             2. gn_finalize     - one block per (n, g) merges its partials in a fixed order
-//                                   (float64), writes mean/rstd and the per-(n, c) mean/scale.
-//             3. gn_apply<false> - y = act((x - mean) * scale + bias), vectorised, grid-stride.
+//                                   (float64), writes mean/rstd and the per-(n, c) mean (split
+//                                   into its rounded value and the remainder) and scale.
+//             3. gn_apply<false> - y = act(((x - mean_hi) - mean_lo) * scale + bias), vectorised,
+//                                   grid-stride.
 //   backward  1. partial sums of dz and dz*xhat per (n, c) (gn_grad_nchw / gn_grad_nhwc)
 //             2. gn_bwd_coeffs   - per (n, g): per-channel sums, then grad_x coefficients
 //                gn_bwd_wb       - grad_weight / grad_bias: a warp per channel sums over n
@@ -104,7 +108,16 @@ __device__ __forceinline__ Mom block_merge(Mom a, Mom* smem) {
     return a;
 }
 
-// two-pass mean / M2 of the first `nv` rows of v[R][V] (compute type), merged into st
+// Merge n values whose deviations d from a shift k sum to sd (and d^2 to q) into st: mean =
+// k + sd/n and M2 = q - sd^2/n hold for any k. With k the values' mean rounded to the compute
+// type, d is (nearly) exact and the rounding of k costs nothing, however large the mean.
+template <typename A>
+__device__ __forceinline__ void chan_shifted(Mom& st, double n, A k, A sd, A q) {
+    const double dsd = (double)sd;
+    chan(st, n, (double)k + dsd / n, (double)q - dsd * dsd / n);
+}
+
+// mean / M2 of the first `nv` rows of v[R][V] (compute type), merged into st
 template <typename A, int R, int V>
 __device__ __forceinline__ void batch_moments(const A v[R][V], int nv, Mom& st) {
     if (nv == 0) return;
@@ -114,23 +127,24 @@ __device__ __forceinline__ void batch_moments(const A v[R][V], int nv, Mom& st) 
 #pragma unroll
         for (int j = 0; j < V; ++j) s += i < nv ? v[i][j] : A(0);
     const A cnt = A(nv * V), mu = s / cnt;
-    A q = A(0);
+    A sd = A(0), q = A(0);
 #pragma unroll
     for (int i = 0; i < R; ++i)
 #pragma unroll
         for (int j = 0; j < V; ++j) {
             A d = i < nv ? v[i][j] - mu : A(0);
+            sd += d;
             q += d * d;
         }
-    chan(st, (double)cnt, (double)mu, (double)q);
+    chan_shifted(st, (double)cnt, mu, sd, q);
 }
 
 // ------------------------------------------------------------------ forward step 1, NCHW
 
 // Item = (ng, k): chunk k (length L, a multiple of V) of group ng, whose M elements are contiguous.
 template <typename T, int V>
-__global__ void gn_stats_nchw(const T* __restrict__ x, typename acc<T>::type* pmean,
-                              typename acc<T>::type* pm2, i64 M, i64 L, i64 nsplit, i64 nitems) {
+__global__ void gn_stats_nchw(const T* __restrict__ x, double* pmean, double* pm2, i64 M, i64 L,
+                              i64 nsplit, i64 nitems) {
     typedef typename acc<T>::type A;
     const int R = Batch<V>::R;
     __shared__ Mom smem[32];
@@ -150,7 +164,7 @@ __global__ void gn_stats_nchw(const T* __restrict__ x, typename acc<T>::type* pm
             batch_moments<A, R, V>(v, nv, st);
         }
         st = block_merge(st, smem);
-        if (threadIdx.x == 0) { pmean[item] = (A)st.mean; pm2[item] = (A)st.m2; }
+        if (threadIdx.x == 0) { pmean[item] = st.mean; pm2[item] = st.m2; }
     }
 }
 
@@ -178,8 +192,8 @@ const int TILE_THREADS = 256;
 // forward step 1, channels-last: per-(n, tile k, c) partial moments, item = n * nptile + k
 template <typename T, int V>
 __global__ void __launch_bounds__(TILE_THREADS)
-gn_stats_nhwc(const T* __restrict__ x, typename acc<T>::type* pmean, typename acc<T>::type* pm2,
-              i64 S, i64 C, i64 TP, i64 nptile, i64 nitems) {
+gn_stats_nhwc(const T* __restrict__ x, double* pmean, double* pm2, i64 S, i64 C, i64 TP,
+              i64 nptile, i64 nitems) {
     typedef typename acc<T>::type A;
     const int R = Batch<V>::R;
     __shared__ double sm[2][TILE_THREADS * V];
@@ -202,20 +216,22 @@ gn_stats_nhwc(const T* __restrict__ x, typename acc<T>::type* pmean, typename ac
                         const i64 pi = p + (i64)i * t.trows;
                         if (pi < P) { load_vec<T, V>(xb + pi * C + cv * V, v[i]); ++nv; }
                     }
-                    // per-channel two-pass over the batch; counts are equal across channels
+                    // per-channel shifted sums over the batch (see chan_shifted); counts are
+                    // equal across channels
                     const A inv = A(1) / A(nv);
 #pragma unroll
                     for (int c = 0; c < V; ++c) {
-                        A s = A(0), q = A(0);
+                        A s = A(0), sd = A(0), q = A(0);
 #pragma unroll
                         for (int i = 0; i < R; ++i) s += i < nv ? v[i][c] : A(0);
                         const A mu = s * inv;
 #pragma unroll
                         for (int i = 0; i < R; ++i) {
                             A d = i < nv ? v[i][c] - mu : A(0);
+                            sd += d;
                             q += d * d;
                         }
-                        chan(st[c], (double)nv, (double)mu, (double)q);
+                        chan_shifted(st[c], (double)nv, mu, sd, q);
                     }
                 }
             }
@@ -234,8 +250,8 @@ gn_stats_nhwc(const T* __restrict__ x, typename acc<T>::type* pmean, typename ac
                     chan(a, t.count(row, P), sm[0][s], sm[1][s]);
                 }
                 const i64 o = item * C + cv0 * V + q;
-                pmean[o] = (A)a.mean;
-                pm2[o] = (A)a.m2;
+                pmean[o] = a.mean;
+                pm2[o] = a.m2;
             }
             __syncthreads();
         }
@@ -245,18 +261,19 @@ gn_stats_nhwc(const T* __restrict__ x, typename acc<T>::type* pmean, typename ac
 // ------------------------------------------------------------------ forward step 2
 
 // Per (n, g): merge the partials in a fixed order, write mean/rstd (N, G) and the per-(n, c)
-// coefficients cm = mean, cs = rstd * w[c]. Partials of group ng:
+// coefficients cm = mean rounded to the compute type, cl = mean - cm (so that x - mean stays
+// accurate under a large common offset), cs = rstd * w[c]. Partials of group ng:
 //   NCHW:          ng * nsplit + j,                   count min(L, M - j * L)
 //   channels-last: (n * nptile + k) * C + g * Cg + cc, count min(L, S - k * L), j = k * Cg + cc
 template <typename T>
-__global__ void gn_finalize(const typename acc<T>::type* pmean, const typename acc<T>::type* pm2,
-                            const T* __restrict__ w, typename acc<T>::type* mean,
-                            typename acc<T>::type* rstd, typename acc<T>::type* cm,
+__global__ void gn_finalize(const double* pmean, const double* pm2, const T* __restrict__ w,
+                            typename acc<T>::type* mean, typename acc<T>::type* rstd,
+                            typename acc<T>::type* cm, typename acc<T>::type* cl,
                             typename acc<T>::type* cs, i64 NG, i64 G, i64 C, i64 S, i64 L,
                             i64 nparts, int channels_last, double eps) {
     typedef typename acc<T>::type A;
     __shared__ Mom smem[32];
-    __shared__ A res[2];
+    __shared__ double res[2];
     const i64 Cg = C / G, M = Cg * S;
     for (i64 ng = blockIdx.x; ng < NG; ng += gridDim.x) {
         const i64 n = ng / G, g = ng - n * G;
@@ -271,21 +288,23 @@ __global__ void gn_finalize(const typename acc<T>::type* pmean, const typename a
                 idx = ng * nparts + j;
                 cnt = min(L, M - j * L);
             }
-            chan(st, (double)cnt, (double)pmean[idx], (double)pm2[idx]);
+            chan(st, (double)cnt, pmean[idx], pm2[idx]);
         }
         st = block_merge(st, smem);
         if (threadIdx.x == 0) {
             const double var = st.n > 0 ? st.m2 / st.n : 0.0;
-            res[0] = (A)st.mean;
-            res[1] = (A)(1.0 / sqrt(var + eps));
-            mean[ng] = res[0];
-            rstd[ng] = res[1];
+            res[0] = st.mean;
+            res[1] = 1.0 / sqrt(var + eps);
+            mean[ng] = (A)res[0];
+            rstd[ng] = (A)res[1];
         }
         __syncthreads();
+        const A hi = (A)res[0], lo = (A)(res[0] - (double)hi), r = (A)res[1];
         for (i64 cc = threadIdx.x; cc < Cg; cc += blockDim.x) {
             const i64 c = g * Cg + cc;
-            cm[n * C + c] = res[0];
-            cs[n * C + c] = res[1] * load(&w[c]);
+            cm[n * C + c] = hi;
+            cl[n * C + c] = lo;
+            cs[n * C + c] = r * load(&w[c]);
         }
         __syncthreads();
     }
@@ -293,7 +312,7 @@ __global__ void gn_finalize(const typename acc<T>::type* pmean, const typename a
 
 // ------------------------------------------------------------------ step 3 (elementwise)
 
-// forward:  y  = act((x - cm) * cs + b)
+// forward:  y  = act(((x - cm) - k2) * cs + b)   (k2 = cl: the remainder of the mean)
 // backward: gx = cs * dz + k2 * (x - cm) + k3,  dz = dy * act'((x - cm) * cs + b)
 // Vector vi covers elements e = vi*V .. +V-1, all in one (n, c) row for NCHW (S % V == 0) or
 // in one position for channels-last (C % V == 0). Runs back to front, so that the data the
@@ -326,7 +345,7 @@ __global__ void gn_apply(const T* __restrict__ x, const T* __restrict__ dy, T* _
         for (int i = 0; i < V; ++i) {
             const int di = channels_last ? i : 0;
             const A m = cm[nc + di], s = cs[nc + di], bb = load(&b[c + di]);
-            const A d = xv[i] - m;
+            const A d = BWD ? xv[i] - m : (xv[i] - m) - k2[nc + di];
             if (!BWD) {
                 r[i] = act ? act_f(d * s + bb, act) : d * s + bb;
             } else {
@@ -536,7 +555,10 @@ __global__ void gn_bwd_wb(const double* sdz, const double* sdzx, T* gw, T* gb, i
         for (i64 n = lane; n < N; n += 32) { s1 += sdz[n * C + c]; s2 += sdzx[n * C + c]; }
         s1 = warp_sum(s1);
         s2 = warp_sum(s2);
-        if (lane == 0) { store(&gw[c], (typename acc<T>::type)s2); store(&gb[c], (typename acc<T>::type)s1); }
+        if (lane == 0) {
+            store(&gw[c], (typename acc<T>::type)s2);
+            store(&gb[c], (typename acc<T>::type)s1);
+        }
     }
 }
 

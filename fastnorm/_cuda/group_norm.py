@@ -6,9 +6,11 @@ float64 for float64 input and float32 otherwise.
 
 Forward: partial moments (NCHW: chunks of each contiguous group; channels-last: per-channel
 partials of position tiles) -> ``gn_finalize`` (one block per (n, g), fixed-order Chan merge) ->
-``gn_apply`` (vectorised elementwise pass). Backward: per-(n, c) partial sums -> ``gn_bwd_coeffs``
-and ``gn_bwd_wb`` -> ``gn_apply``. Work is split so that a few groups still fill the GPU, and every
-reduction has a fixed order, so results are deterministic.
+``gn_apply`` (vectorised elementwise pass). Partial moments are float64, and the mean reaches
+the elementwise pass split into its rounded value and the remainder, so a large common offset
+costs no accuracy. Backward: per-(n, c) partial sums -> ``gn_bwd_coeffs`` and ``gn_bwd_wb`` ->
+``gn_apply``. Work is split so that a few groups still fill the GPU, and every reduction has a
+fixed order, so results are deterministic.
 """
 import functools
 import math
@@ -143,7 +145,7 @@ def forward(x, weight, bias, num_groups, eps, channels_last, activation, nthread
     if channels_last:
         v = _vec_width(x.dtype, (x,), C)
         TP, nptile = _tiles(N, S, C, Cg, v)
-        pmean = cp.empty(N * nptile * C, dtype=sdt)
+        pmean = cp.empty(N * nptile * C, dtype=np.float64)
         pm2 = cp.empty_like(pmean)
         _kernel(x.dtype, "gn_stats_nhwc", v)(
             _grid(N * nptile), (_TILE,),
@@ -155,25 +157,25 @@ def forward(x, weight, bias, num_groups, eps, channels_last, activation, nthread
         r = 8 if v == 1 else 4
         block = _pow2_block(_cdiv(M, v * r))
         L, nsplit = _split(M, NG, v, block, r)
-        pmean = cp.empty(NG * nsplit, dtype=sdt)
+        pmean = cp.empty(NG * nsplit, dtype=np.float64)
         pm2 = cp.empty_like(pmean)
         _kernel(x.dtype, "gn_stats_nchw", v)(
             _grid(NG * nsplit), (block,),
             (x, pmean, pm2, _i(M), _i(L), _i(nsplit), _i(NG * nsplit)))
         nparts = nsplit
-    cm = cp.empty(N * C, dtype=sdt)
-    cs = cp.empty_like(cm)
+    cm, cl, cs = (cp.empty(N * C, dtype=sdt) for _ in range(3))
     _kernel(x.dtype, "gn_finalize")(
         _grid(NG), (_pow2_block(nparts),),
-        (pmean, pm2, weight, mean, rstd, cm, cs, _i(NG), _i(G), _i(C), _i(S), _i(L),
+        (pmean, pm2, weight, mean, rstd, cm, cl, cs, _i(NG), _i(G), _i(C), _i(S), _i(L),
          _i(nparts), np.int32(channels_last), np.float64(eps)))
-    _apply(x, None, y, cm, cs, cm, cs, bias, N, C, S, channels_last, activation, False)
+    _apply(x, None, y, cm, cs, cl, cs, bias, N, C, S, channels_last, activation, False)
     return y, mean, rstd
 
 
 def backward(grad_out, x, mean, rstd, weight, bias, num_groups, channels_last, activation,
              nthreads):
-    """grad_x, grad_weight, grad_bias = backward(dy, x, mean, rstd, w, b, G, channels_last, act, nthreads)."""
+    """grad_x, grad_weight, grad_bias = backward(dy, x, mean, rstd, w, b, G, channels_last, act,
+    nthreads)."""
     cp = cupy()
     N, C, S = _dims(x, channels_last)
     G = int(num_groups)

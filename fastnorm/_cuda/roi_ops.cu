@@ -16,17 +16,18 @@ using namespace fastnorm;
 #define KIND_PS 1
 #define KIND_DEFORM 2
 
+// gh x gw samples per bin: each up to 2 L + 64, so their product needs 64 bits
 template <typename A> struct Geo {
     A ys, xs, bh, bw, rh, rw;
-    int gh, gw;
+    i64 gh, gw;
     i64 n;
 };
 
-__device__ __forceinline__ int grid_of(double size, int P, int sr, i64 L) {
+__device__ __forceinline__ i64 grid_of(double size, int P, int sr, i64 L) {
     double g = sr > 0 ? double(sr) : ceil(size / P);
     if (!(g >= 0)) return 0;
-    if (g > double(2 * L + 64)) return int(2 * L + 64);
-    return int(g);
+    if (g > double(2 * L + 64)) return 2 * L + 64;
+    return (i64)g;
 }
 
 // false for a non-finite RoI or an empty sample grid
@@ -83,34 +84,40 @@ __device__ bool bin_geom(const T* rois, const T* offset, const Params& p, i64 k,
     return true;
 }
 
+// sample (iy, ix) of bin (ph, pw); samples are visited row-major, s = iy * gw + ix
 template <typename A>
-__device__ __forceinline__ void sample_pos(const Geo<A>& g, int ph, int pw, A sy, A sx, int s,
-                                           A& y, A& x) {
-    const int iy = s / g.gw, ix = s % g.gw;
-    y = g.ys + sy + A(ph) * g.bh + A(iy + 0.5f) * g.bh / A(g.gh);
-    x = g.xs + sx + A(pw) * g.bw + A(ix + 0.5f) * g.bw / A(g.gw);
+__device__ __forceinline__ A sample_y(const Geo<A>& g, int ph, A sy, i64 iy) {
+    return g.ys + sy + A(ph) * g.bh + (A(iy) + A(0.5)) * g.bh / A(g.gh);
+}
+template <typename A>
+__device__ __forceinline__ A sample_x(const Geo<A>& g, int pw, A sx, i64 ix) {
+    return g.xs + sx + A(pw) * g.bw + (A(ix) + A(0.5)) * g.bw / A(g.gw);
 }
 
-// average (mode 0) or max (mode 1, *arg = argmax sample, first on ties) over a bin's samples
+// average (mode 0) or max (mode 1, *arg = argmax sample, first on ties) over a bin's samples;
+// the sum goes row by row (a float sum of more than 2**24 samples would stall)
 template <typename T, typename A>
 __device__ A bin_value(const T* plane, const Geo<A>& g, int ph, int pw, A sy, A sx, i64 H, i64 W,
-                       int mode, int* arg) {
+                       int mode, i64* arg) {
     A acc = A(0), best = A(0);
-    int a = 0;
-    const int ns = g.gh * g.gw;
-    for (int s = 0; s < ns; ++s) {
-        A y, x, wt[4];
-        i64 o[4];
-        sample_pos(g, ph, pw, sy, sx, s, y, x);
-        A v = A(0);
-        if (roi_bilinear(y, x, H, W, o, wt))
-            v = wt[0] * load(plane + o[0]) + wt[1] * load(plane + o[1]) +
-                wt[2] * load(plane + o[2]) + wt[3] * load(plane + o[3]);
-        acc += v;
-        if (s == 0 || v > best) { best = v; a = s; }
+    i64 a = 0, s = 0;
+    for (i64 iy = 0; iy < g.gh; ++iy) {
+        const A y = sample_y(g, ph, sy, iy);
+        A row = A(0);
+        for (i64 ix = 0; ix < g.gw; ++ix, ++s) {
+            A wt[4];
+            i64 o[4];
+            A v = A(0);
+            if (roi_bilinear(y, sample_x(g, pw, sx, ix), H, W, o, wt))
+                v = wt[0] * load(plane + o[0]) + wt[1] * load(plane + o[1]) +
+                    wt[2] * load(plane + o[2]) + wt[3] * load(plane + o[3]);
+            row += v;
+            if (s == 0 || v > best) { best = v; a = s; }
+        }
+        acc += row;
     }
     if (arg) *arg = a;
-    return mode == 1 ? best : acc / A(ns);
+    return mode == 1 ? best : acc / A(g.gh * g.gw);
 }
 
 // input channel read by output channel co at bin (ph, pw)
@@ -146,22 +153,25 @@ __global__ void align_fwd(const T* __restrict__ x, const T* __restrict__ rois,
 template <typename T, typename A, typename F>
 __device__ void bin_scatter(const T* xplane, const Geo<A>& g, int ph, int pw, A sy, A sx, i64 H,
                             i64 W, int mode, A gv, F add) {
-    const int ns = g.gh * g.gw;
-    int s0 = 0, s1 = ns;
+    i64 y0 = 0, y1 = g.gh, x0 = 0, x1 = g.gw;      // the samples [y0, y1) x [x0, x1)
     if (mode == 1) {
-        int arg;
+        i64 arg;
         bin_value<T, A>(xplane, g, ph, pw, sy, sx, H, W, 1, &arg);
-        s0 = arg;
-        s1 = arg + 1;
+        y0 = arg / g.gw;
+        x0 = arg % g.gw;
+        y1 = y0 + 1;
+        x1 = x0 + 1;
     } else {
-        gv = gv / A(ns);
+        gv = gv / A(g.gh * g.gw);
     }
-    for (int s = s0; s < s1; ++s) {
-        A y, x, wt[4];
-        i64 o[4];
-        sample_pos(g, ph, pw, sy, sx, s, y, x);
-        if (!roi_bilinear(y, x, H, W, o, wt)) continue;
-        for (int c = 0; c < 4; ++c) add(o[c], gv * wt[c]);
+    for (i64 iy = y0; iy < y1; ++iy) {
+        const A y = sample_y(g, ph, sy, iy);
+        for (i64 ix = x0; ix < x1; ++ix) {
+            A wt[4];
+            i64 o[4];
+            if (!roi_bilinear(y, sample_x(g, pw, sx, ix), H, W, o, wt)) continue;
+            for (int c = 0; c < 4; ++c) add(o[c], gv * wt[c]);
+        }
     }
 }
 
@@ -267,23 +277,33 @@ __global__ void deform_bwd_offmask(const T* __restrict__ dy, const T* __restrict
         Geo<A> g;
         A sy, sx, gy = A(0), gxo = A(0), gm = A(0);
         if (bin_geom<T, A>(rois, offset, p, k, ph, pw, g, sy, sx)) {
-            const int ns = g.gh * g.gw;
+            const i64 ns = g.gh * g.gw;
             for (i64 c = 0; c < p.C; ++c) {
                 const T* plane = x + (g.n * p.C + c) * p.H * p.W;
                 const A gv = load(dy + (k * p.C + c) * nb + b);
                 A val = A(0), dvy = A(0), dvx = A(0);
-                for (int s = 0; s < ns; ++s) {
-                    A y, xx, ly, lx;
-                    i64 y0, y1, x0, x1;
-                    sample_pos(g, ph, pw, sy, sx, s, y, xx);
-                    const int ky = axis1(y, p.H, y0, y1, ly), kx = axis1(xx, p.W, x0, x1, lx);
-                    if (!ky || !kx) continue;
-                    const A v00 = load(plane + y0 * p.W + x0), v01 = load(plane + y0 * p.W + x1);
-                    const A v10 = load(plane + y1 * p.W + x0), v11 = load(plane + y1 * p.W + x1);
-                    const A hy = A(1) - ly, hx = A(1) - lx;
-                    val += hy * (hx * v00 + lx * v01) + ly * (hx * v10 + lx * v11);
-                    if (ky == 2) dvy += hx * (v10 - v00) + lx * (v11 - v01);
-                    if (kx == 2) dvx += hy * (v01 - v00) + ly * (v11 - v10);
+                for (i64 iy = 0; iy < g.gh; ++iy) {      // row by row, as in bin_value
+                    A ly, rval = A(0), rdy = A(0), rdx = A(0);
+                    i64 y0, y1;
+                    const int ky = axis1(sample_y(g, ph, sy, iy), p.H, y0, y1, ly);
+                    if (!ky) continue;
+                    for (i64 ix = 0; ix < g.gw; ++ix) {
+                        A lx;
+                        i64 x0, x1;
+                        const int kx = axis1(sample_x(g, pw, sx, ix), p.W, x0, x1, lx);
+                        if (!kx) continue;
+                        const A v00 = load(plane + y0 * p.W + x0);
+                        const A v01 = load(plane + y0 * p.W + x1);
+                        const A v10 = load(plane + y1 * p.W + x0);
+                        const A v11 = load(plane + y1 * p.W + x1);
+                        const A hy = A(1) - ly, hx = A(1) - lx;
+                        rval += hy * (hx * v00 + lx * v01) + ly * (hx * v10 + lx * v11);
+                        if (ky == 2) rdy += hx * (v10 - v00) + lx * (v11 - v01);
+                        if (kx == 2) rdx += hy * (v01 - v00) + ly * (v11 - v10);
+                    }
+                    val += rval;
+                    dvy += rdy;
+                    dvx += rdx;
                 }
                 gm += gv * val;
                 gy += gv * dvy;

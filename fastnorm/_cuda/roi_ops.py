@@ -1,6 +1,8 @@
 """CUDA launchers of roi_ops.cu: the same functions and signatures as ``fastnorm._cpu.roi_ops``
 (the trailing ``nthreads`` is ignored; ``channels_last`` is always False here: the op module
 transposes channels-last arrays around the NCHW kernels)."""
+import functools
+
 import numpy as np
 
 from . import ctype, cupy, function, i64, instantiate, launch
@@ -18,6 +20,8 @@ def _k(name, dtype):
 
 def _params(K, N, C, CO, H, W, PH, PW, sr=0, kind=0, mode=0, aligned=0, has_offset=0,
             has_mask=0, scale=1.0, gamma=0.0):
+    """The kernels' scalar parameters (PARAM_ARGS in roi_ops.cu). Only built for a launch: an
+    empty result may have an output_size beyond int32, which a launch never sees."""
     i32 = np.int32
     return (i64(K), i64(N), i64(C), i64(CO), i64(H), i64(W), i32(PH), i32(PW), i32(sr),
             i32(kind), i32(mode), i32(aligned), i32(has_offset), i32(has_mask),
@@ -54,7 +58,7 @@ def _align_forward(x, rois, offset, mask, PH, PW, CO, prm):
         return out
     d = _dummy(cp, x.dtype)
     launch(_k("align_fwd", x.dtype), out.size,
-           (x, rois, d if offset is None else offset, d if mask is None else mask, out) + prm)
+           (x, rois, d if offset is None else offset, d if mask is None else mask, out) + prm())
     return out
 
 
@@ -72,44 +76,45 @@ def _align_backward(dy, x, rois, offset, mask, N, C, H, W, prm, deterministic):
         order, seg = _segments(cp, rois, N)
         nrb = (H + RB - 1) // RB
         launch(_k("align_bwd_det", dtype), N * C * nrb,
-               (dy, xa, rois, off, msk, order, seg, gacc, np.int32(RB)) + prm)
+               (dy, xa, rois, off, msk, order, seg, gacc, np.int32(RB)) + prm())
     else:
-        launch(_k("align_bwd", dtype), dy.size, (dy, xa, rois, off, msk, gacc) + prm)
+        launch(_k("align_bwd", dtype), dy.size, (dy, xa, rois, off, msk, gacc) + prm())
     return gacc.astype(dtype, copy=False)
 
 
 def roi_align_forward(x, rois, PH, PW, scale, sr, aligned, mode, channels_last, nthreads):
     N, C, H, W = x.shape
-    prm = _params(rois.shape[0], N, C, C, H, W, PH, PW, sr, KIND_ALIGN, mode, int(aligned),
-                  scale=scale)
+    prm = functools.partial(_params, rois.shape[0], N, C, C, H, W, PH, PW, sr, KIND_ALIGN,
+                            mode, int(aligned), scale=scale)
     return _align_forward(x, rois, None, None, PH, PW, C, prm)
 
 
 def roi_align_backward(grad_out, rois, x, N, C, H, W, PH, PW, scale, sr, aligned, mode,
                        channels_last, deterministic, nthreads):
-    prm = _params(rois.shape[0], N, C, C, H, W, PH, PW, sr, KIND_ALIGN, mode, int(aligned),
-                  scale=scale)
+    prm = functools.partial(_params, rois.shape[0], N, C, C, H, W, PH, PW, sr, KIND_ALIGN,
+                            mode, int(aligned), scale=scale)
     return _align_backward(grad_out, x, rois, None, None, N, C, H, W, prm, deterministic)
 
 
 def ps_roi_align_forward(x, rois, PH, PW, scale, sr, nthreads):
     N, C, H, W = x.shape
     CO = C // (PH * PW)
-    prm = _params(rois.shape[0], N, C, CO, H, W, PH, PW, sr, KIND_PS, 0, 1, scale=scale)
+    prm = functools.partial(_params, rois.shape[0], N, C, CO, H, W, PH, PW, sr, KIND_PS, 0, 1,
+                            scale=scale)
     return _align_forward(x, rois, None, None, PH, PW, CO, prm)
 
 
 def ps_roi_align_backward(grad_out, rois, N, C, H, W, PH, PW, scale, sr, deterministic,
                           nthreads):
-    prm = _params(rois.shape[0], N, C, C // (PH * PW), H, W, PH, PW, sr, KIND_PS, 0, 1,
-                  scale=scale)
+    prm = functools.partial(_params, rois.shape[0], N, C, C // (PH * PW), H, W, PH, PW, sr,
+                            KIND_PS, 0, 1, scale=scale)
     return _align_backward(grad_out, None, rois, None, None, N, C, H, W, prm, deterministic)
 
 
 def deform_roi_pool_forward(x, rois, offset, mask, PH, PW, scale, sr, gamma, nthreads):
     N, C, H, W = x.shape
-    prm = _params(rois.shape[0], N, C, C, H, W, PH, PW, sr, KIND_DEFORM, 0, 1,
-                  offset is not None, mask is not None, scale, gamma)
+    prm = functools.partial(_params, rois.shape[0], N, C, C, H, W, PH, PW, sr, KIND_DEFORM, 0,
+                            1, offset is not None, mask is not None, scale, gamma)
     return _align_forward(x, rois, offset, mask, PH, PW, C, prm)
 
 
@@ -118,8 +123,8 @@ def deform_roi_pool_backward(grad_out, x, rois, offset, mask, PH, PW, scale, sr,
     cp = cupy()
     N, C, H, W = x.shape
     K = rois.shape[0]
-    prm = _params(K, N, C, C, H, W, PH, PW, sr, KIND_DEFORM, 0, 1, offset is not None,
-                  mask is not None, scale, gamma)
+    prm = functools.partial(_params, K, N, C, C, H, W, PH, PW, sr, KIND_DEFORM, 0, 1,
+                            offset is not None, mask is not None, scale, gamma)
     gx = _align_backward(grad_out, x, rois, offset, mask, N, C, H, W, prm, deterministic)
     goff = None if offset is None else cp.zeros((K, 2, PH, PW), dtype=x.dtype)
     gm = None if mask is None else cp.zeros((K, 1, PH, PW), dtype=x.dtype)
@@ -127,7 +132,7 @@ def deform_roi_pool_backward(grad_out, x, rois, offset, mask, PH, PW, scale, sr,
         d = _dummy(cp, x.dtype)
         launch(_k("deform_bwd_offmask", x.dtype), K * PH * PW,
                (grad_out, x, rois, d if offset is None else offset, d if mask is None else mask,
-                d if goff is None else goff, d if gm is None else gm) + prm)
+                d if goff is None else goff, d if gm is None else gm) + prm())
     return gx, goff, gm
 
 

@@ -1,9 +1,9 @@
 """Float64 oracles for the RoI ops, written as plain scalar loops straight from the formulas
-(torchvision RoIAlign / RoIPool / PS-RoIAlign, mmcv max-mode RoIAlign and DeformRoIPool).
+(torchvision RoIAlign / RoIPool / PS-RoIAlign, mmcv max-mode RoIAlign and DeformRoIPool), and
+their gradients with respect to x (each forward loop with the sample read turned into a scatter).
 
-rois are (K, 5) [batch, x1, y1, x2, y2]; everything is computed in float64."""
-import math
-
+rois are (K, 5) [batch, x1, y1, x2, y2]; everything is computed in float64. The adaptive sample
+grid is capped at 2 L + 64 per bin and axis (L = H or W), as fastnorm documents."""
 import numpy as np
 from numba import njit
 
@@ -39,11 +39,44 @@ def bilinear(plane, y, x):
 
 
 @njit(cache=True)
-def _grid(size, P, sr):
-    if sr > 0:
-        return sr
-    g = math.ceil(size / P)
-    return max(int(g), 0)
+def scatter(gplane, y, x, v):
+    """gplane += v * d bilinear(plane, y, x) / d plane (the adjoint of `bilinear`)."""
+    H, W = gplane.shape
+    if y < -1.0 or y > H or x < -1.0 or x > W or not (y == y) or not (x == x):
+        return
+    if y <= 0:
+        y = 0.0
+    if x <= 0:
+        x = 0.0
+    yl = int(y)
+    xl = int(x)
+    if yl >= H - 1:
+        yh = yl = H - 1
+        y = float(yl)
+    else:
+        yh = yl + 1
+    if xl >= W - 1:
+        xh = xl = W - 1
+        x = float(xl)
+    else:
+        xh = xl + 1
+    ly = y - yl
+    lx = x - xl
+    hy = 1.0 - ly
+    hx = 1.0 - lx
+    gplane[yl, xl] += hy * hx * v
+    gplane[yl, xh] += hy * lx * v
+    gplane[yh, xl] += ly * hx * v
+    gplane[yh, xh] += ly * lx * v
+
+
+@njit(cache=True)
+def _grid(size, P, sr, L):
+    """Samples per bin along an axis of length L: sr, or ceil(size / P); at most 2 L + 64."""
+    g = float(sr) if sr > 0 else np.ceil(size / P)
+    if not g >= 0:
+        return 0
+    return int(min(g, 2 * L + 64))
 
 
 @njit(cache=True)
@@ -65,8 +98,8 @@ def roi_align(x, rois, PH, PW, scale, sr, aligned, mode_max):
             rh = max(rh, 1.0)
         bh = rh / PH
         bw = rw / PW
-        gh = _grid(rh, PH, sr)
-        gw = _grid(rw, PW, sr)
+        gh = _grid(rh, PH, sr, x.shape[2])
+        gw = _grid(rw, PW, sr, x.shape[3])
         if gh * gw == 0:
             continue
         for c in range(C):
@@ -87,6 +120,31 @@ def roi_align(x, rois, PH, PW, scale, sr, aligned, mode_max):
 
 
 @njit(cache=True)
+def _pool_bins(roi, scale, PH, PW, H, W):
+    """RoIPool's bin windows [h0, h1) x [w0, w1), clipped to the map. Rounded corners are
+    clamped to +-1e15, as the kernels do before their integer conversion: beyond that, float64
+    bin arithmetic is coarser than a pixel and huge RoIs would have no single answer."""
+    v = np.empty(4)
+    for i in range(4):                 # C round(): half away from zero
+        t = roi[i + 1] * scale
+        v[i] = min(max(np.floor(abs(t) + 0.5) * (1.0 if t >= 0 else -1.0), -1e15), 1e15)
+    xs, ys, xe, ye = v[0], v[1], v[2], v[3]
+    bh = max(ye - ys + 1, 1.0) / PH
+    bw = max(xe - xs + 1, 1.0) / PW
+    h0 = np.empty(PH, np.int64)
+    h1 = np.empty(PH, np.int64)
+    w0 = np.empty(PW, np.int64)
+    w1 = np.empty(PW, np.int64)
+    for ph in range(PH):
+        h0[ph] = int(min(max(np.floor(ph * bh) + ys, 0.0), H))
+        h1[ph] = int(min(max(np.ceil((ph + 1) * bh) + ys, 0.0), H))
+    for pw in range(PW):
+        w0[pw] = int(min(max(np.floor(pw * bw) + xs, 0.0), W))
+        w1[pw] = int(min(max(np.ceil((pw + 1) * bw) + xs, 0.0), W))
+    return h0, h1, w0, w1
+
+
+@njit(cache=True)
 def roi_pool(x, rois, PH, PW, scale):
     K = rois.shape[0]
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
@@ -95,27 +153,16 @@ def roi_pool(x, rois, PH, PW, scale):
         n = int(rois[k, 0])
         if not np.all(np.isfinite(rois[k, 1:])):
             continue
-        # C round(): half away from zero
-        v = np.empty(4)
-        for i in range(4):
-            t = rois[k, i + 1] * scale
-            v[i] = math.floor(abs(t) + 0.5) * (1.0 if t >= 0 else -1.0)
-        xs, ys, xe, ye = int(v[0]), int(v[1]), int(v[2]), int(v[3])
-        bh = max(ye - ys + 1, 1) / PH
-        bw = max(xe - xs + 1, 1) / PW
+        h0, h1, w0, w1 = _pool_bins(rois[k], scale, PH, PW, H, W)
         for ph in range(PH):
-            h0 = min(max(int(math.floor(ph * bh)) + ys, 0), H)
-            h1 = min(max(int(math.ceil((ph + 1) * bh)) + ys, 0), H)
             for pw in range(PW):
-                w0 = min(max(int(math.floor(pw * bw)) + xs, 0), W)
-                w1 = min(max(int(math.ceil((pw + 1) * bw)) + xs, 0), W)
                 for c in range(C):
-                    if h1 <= h0 or w1 <= w0:
+                    if h1[ph] <= h0[ph] or w1[pw] <= w0[pw]:
                         out[k, c, ph, pw] = 0.0
                         continue
                     m = -np.inf
-                    for h in range(h0, h1):
-                        for w in range(w0, w1):
+                    for h in range(h0[ph], h1[ph]):
+                        for w in range(w0[pw], w1[pw]):
                             m = max(m, x[n, c, h, w])
                     out[k, c, ph, pw] = m
     return out
@@ -136,8 +183,8 @@ def ps_roi_align(x, rois, PH, PW, scale, sr):
             continue
         bh = rh / PH
         bw = rw / PW
-        gh = _grid(rh, PH, sr)
-        gw = _grid(rw, PW, sr)
+        gh = _grid(rh, PH, sr, x.shape[2])
+        gw = _grid(rw, PW, sr, x.shape[3])
         if gh * gw == 0:
             continue
         for co in range(CO):
@@ -170,8 +217,8 @@ def deform_roi_pool(x, rois, offset, mask, PH, PW, scale, sr, gamma):
             continue
         bh = rh / PH
         bw = rw / PW
-        gh = _grid(rh, PH, sr)
-        gw = _grid(rw, PW, sr)
+        gh = _grid(rh, PH, sr, x.shape[2])
+        gw = _grid(rw, PW, sr, x.shape[3])
         if gh * gw == 0:
             continue
         for c in range(C):
@@ -187,6 +234,141 @@ def deform_roi_pool(x, rois, offset, mask, PH, PW, scale, sr, gamma):
                             acc += bilinear(x[n, c], y, xx)
                     out[k, c, ph, pw] = mask[k, 0, ph, pw] * acc / (gh * gw)
     return out
+
+
+# ---------------------------------------------------------------- gradients with respect to x
+
+@njit(cache=True)
+def roi_align_backward(g, rois, x, PH, PW, scale, sr, aligned, mode_max):
+    """x: the forward input (its shape; its values pick the max-mode argmax sample)."""
+    gx = np.zeros(x.shape)
+    off = 0.5 if aligned else 0.0
+    for k in range(rois.shape[0]):
+        n = int(rois[k, 0])
+        xs = rois[k, 1] * scale - off
+        ys = rois[k, 2] * scale - off
+        rw = rois[k, 3] * scale - off - xs
+        rh = rois[k, 4] * scale - off - ys
+        if not (np.isfinite(xs) and np.isfinite(ys) and np.isfinite(rw) and np.isfinite(rh)):
+            continue
+        if not aligned:
+            rw = max(rw, 1.0)
+            rh = max(rh, 1.0)
+        bh = rh / PH
+        bw = rw / PW
+        gh = _grid(rh, PH, sr, x.shape[2])
+        gw = _grid(rw, PW, sr, x.shape[3])
+        if gh * gw == 0:
+            continue
+        for c in range(x.shape[1]):
+            for ph in range(PH):
+                for pw in range(PW):
+                    # max mode: the first sample of the largest value gets the whole gradient
+                    am = 0
+                    best = 0.0
+                    if mode_max:
+                        for s in range(gh * gw):
+                            y = ys + ph * bh + (s // gw + 0.5) * bh / gh
+                            xx = xs + pw * bw + (s % gw + 0.5) * bw / gw
+                            val = bilinear(x[n, c], y, xx)
+                            if s == 0 or val > best:
+                                best = val
+                                am = s
+                    for s in range(gh * gw):
+                        if mode_max and s != am:
+                            continue
+                        y = ys + ph * bh + (s // gw + 0.5) * bh / gh
+                        xx = xs + pw * bw + (s % gw + 0.5) * bw / gw
+                        v = g[k, c, ph, pw] if mode_max else g[k, c, ph, pw] / (gh * gw)
+                        scatter(gx[n, c], y, xx, v)
+    return gx
+
+
+@njit(cache=True)
+def ps_roi_align_backward(g, rois, x, PH, PW, scale, sr):
+    """x: an array of the forward input's shape (only the shape is used)."""
+    gx = np.zeros(x.shape)
+    for k in range(rois.shape[0]):
+        n = int(rois[k, 0])
+        xs = rois[k, 1] * scale - 0.5
+        ys = rois[k, 2] * scale - 0.5
+        rw = rois[k, 3] * scale - 0.5 - xs
+        rh = rois[k, 4] * scale - 0.5 - ys
+        if not (np.isfinite(xs) and np.isfinite(ys) and np.isfinite(rw) and np.isfinite(rh)):
+            continue
+        bh = rh / PH
+        bw = rw / PW
+        gh = _grid(rh, PH, sr, x.shape[2])
+        gw = _grid(rw, PW, sr, x.shape[3])
+        if gh * gw == 0:
+            continue
+        for co in range(g.shape[1]):
+            for ph in range(PH):
+                for pw in range(PW):
+                    ci = (co * PH + ph) * PW + pw
+                    for iy in range(gh):
+                        y = ys + ph * bh + (iy + 0.5) * bh / gh
+                        for ix in range(gw):
+                            xx = xs + pw * bw + (ix + 0.5) * bw / gw
+                            scatter(gx[n, ci], y, xx, g[k, co, ph, pw] / (gh * gw))
+    return gx
+
+
+@njit(cache=True)
+def deform_roi_pool_backward(g, rois, x, offset, mask, PH, PW, scale, sr, gamma):
+    """Gradient with respect to x only (offset and mask: differentiate the forward oracle)."""
+    gx = np.zeros(x.shape)
+    for k in range(rois.shape[0]):
+        n = int(rois[k, 0])
+        xs = rois[k, 1] * scale - 0.5
+        ys = rois[k, 2] * scale - 0.5
+        rw = rois[k, 3] * scale - 0.5 - xs
+        rh = rois[k, 4] * scale - 0.5 - ys
+        if not (np.isfinite(xs) and np.isfinite(ys) and np.isfinite(rw) and np.isfinite(rh)):
+            continue
+        bh = rh / PH
+        bw = rw / PW
+        gh = _grid(rh, PH, sr, x.shape[2])
+        gw = _grid(rw, PW, sr, x.shape[3])
+        if gh * gw == 0:
+            continue
+        for c in range(x.shape[1]):
+            for ph in range(PH):
+                for pw in range(PW):
+                    sx = xs + gamma * rw * offset[k, 0, ph, pw]
+                    sy = ys + gamma * rh * offset[k, 1, ph, pw]
+                    v = mask[k, 0, ph, pw] * g[k, c, ph, pw] / (gh * gw)
+                    for iy in range(gh):
+                        y = sy + ph * bh + (iy + 0.5) * bh / gh
+                        for ix in range(gw):
+                            xx = sx + pw * bw + (ix + 0.5) * bw / gw
+                            scatter(gx[n, c], y, xx, v)
+    return gx
+
+
+@njit(cache=True)
+def roi_pool_backward(g, rois, x, PH, PW, scale):
+    """Each bin's gradient goes to the first maximum of its window (row-major)."""
+    H, W = x.shape[2], x.shape[3]
+    gx = np.zeros(x.shape)
+    for k in range(rois.shape[0]):
+        n = int(rois[k, 0])
+        if not np.all(np.isfinite(rois[k, 1:])):
+            continue
+        h0, h1, w0, w1 = _pool_bins(rois[k], scale, PH, PW, H, W)
+        for ph in range(PH):
+            for pw in range(PW):
+                for c in range(x.shape[1]):
+                    m = -np.inf
+                    hm = wm = -1
+                    for h in range(h0[ph], h1[ph]):
+                        for w in range(w0[pw], w1[pw]):
+                            if x[n, c, h, w] > m:
+                                m = x[n, c, h, w]
+                                hm, wm = h, w
+                    if hm >= 0:
+                        gx[n, c, hm, wm] += g[k, c, ph, pw]
+    return gx
 
 
 def random_rois(rng, K, N, H, W, scale=1.0, lo=-0.3, hi=1.3, max_size=None):

@@ -182,7 +182,8 @@ _FRAMEWORK_OF_MODULE = {"jaxlib": "jax"}
 
 
 def _from_dlpack_of(obj):
-    """The ``from_dlpack`` of ``obj``'s framework, or None if it has none (then NumPy/CuPy come back)."""
+    """The ``from_dlpack`` of ``obj``'s framework, or None if it has none (then NumPy/CuPy come
+    back)."""
     try:
         from array_api_compat import array_namespace
         return array_namespace(obj).from_dlpack

@@ -277,7 +277,11 @@ def test_launch_limits():
     fails(r"grid.x = 0", k, (0,), (32,), args)
     fails(r"dynamic shared memory", k, (1,), (32,), args, shared_mem=64 << 10)
     big = kernel(r"""
-    __global__ void big(float* out) { __shared__ double s[7000]; s[threadIdx.x] = 1; out[0] = s[0]; }
+    __global__ void big(float* out) {
+        __shared__ double s[7000];
+        s[threadIdx.x] = 1;
+        out[0] = s[0];
+    }
     """, "big")
     fails(r"56000 bytes of static", big, (1,), (32,), (y,))
 
@@ -310,6 +314,19 @@ def test_stack_overflow_and_division_by_zero():
     out = emu.zeros(4, np.int32)
     fails(r"stack overflow", k, (1,), (1,), (out, np.int32(0), np.int32(0)))
     fails(r"arithmetic exception", k, (1,), (4,), (out, np.int32(1), np.int32(0)))
+
+
+def test_misaligned_vector_access():
+    k = kernel(r"""
+    struct alignas(16) V4 { float v[4]; };
+    __global__ void vec(const float* x, float* out, int shift) {
+        const V4 q = *reinterpret_cast<const V4*>(x + shift + 4 * threadIdx.x);
+        out[threadIdx.x] = q.v[0] + q.v[3];
+    }""", "vec")
+    x, out = emu.asarray(np.arange(40, dtype=np.float32)), emu.zeros(8, np.float32)
+    k((1,), (8,), (x, out, np.int32(0)))
+    np.testing.assert_array_equal(out.get(), np.arange(8) * 8 + 3)
+    fails(r"misaligned address", k, (1,), (8,), (x, out, np.int32(1)))
 
 
 def test_compile_errors_are_reported():

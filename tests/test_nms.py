@@ -342,7 +342,8 @@ def test_cuda_host_synchronisations_do_not_grow_with_the_input(rng):
         idxs = emulator.asarray(rng.integers(0, 5, n))
         bd, sd = emulator.asarray(b), emulator.asarray(s)
         row = []
-        for f in (lambda: fastnorm.nms(bd, sd, 0.5), lambda: fastnorm.batched_nms(bd, sd, idxs, 0.5),
+        for f in (lambda: fastnorm.nms(bd, sd, 0.5),
+                  lambda: fastnorm.batched_nms(bd, sd, idxs, 0.5),
                   lambda: fastnorm.soft_nms(bd, sd), lambda: fastnorm.matrix_nms(bd, sd)):
             with emulator.counting() as c:
                 f()

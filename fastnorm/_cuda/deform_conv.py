@@ -112,4 +112,6 @@ def backward(grad_out, x, offset, mask, weight, sh, sw, ph, pw, dh, dw, chunk_ro
         s.run("dc_col2im", (offset, m, buf, gx_acc), n0, nb, ho0, hb)
         s.run("dc_coord", (x, offset, m, buf, goff, gm), n0, nb, ho0, hb)
     return (gx_acc.astype(x.dtype), goff, gmask, gw.reshape(weight.shape).astype(x.dtype), gb)
-NAME_EXPRESSIONS = [e for exprs in _EXPRS.values() for e in exprs]   # for .ci/nvcc_check.py
+
+# every instantiation CuPy may request (the NVRTC gate, tests/test_cuda_compile.py)
+NAME_EXPRESSIONS = [e for exprs in _EXPRS.values() for e in exprs]

@@ -220,6 +220,6 @@ def backward(grad_out, x, mean, rstd, weight, bias, num_groups, channels_last, a
     return gx, gw, gb
 
 
-# Every instantiation CuPy may request (used by .ci/nvcc_check.py to compile them all with nvcc).
+# Every instantiation CuPy may request (the NVRTC gate, tests/test_cuda_compile.py, compiles them).
 _WIDTH = {"float": 4, "double": 2, "__half": 8, "__nv_bfloat16": 8}
 NAME_EXPRESSIONS = [e for t, vec in _WIDTH.items() for e in _exprs(t, vec)]

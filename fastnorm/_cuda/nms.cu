@@ -33,7 +33,8 @@ __device__ __forceinline__ double box_iou(const double* a, double aa, const doub
 }
 
 // criterion 0: IoU; 1: DIoU, IoU - (d^2 / c^2)^beta for overlapping boxes
-__device__ __forceinline__ double criterion(const double* a, const double* b, int crit, double beta) {
+__device__ __forceinline__ double criterion(const double* a, const double* b, int crit,
+                                            double beta) {
     double v = box_iou(a, box_area(a), b, box_area(b));
     if (crit == 0 || !(v > 0)) return v;
     const double dx = (a[0] + a[2] - b[0] - b[2]) * 0.5, dy = (a[1] + a[3] - b[1] - b[3]) * 0.5;
@@ -127,7 +128,8 @@ template <typename T>
 __global__ void nms_assign(const T* __restrict__ boxes, const unsigned char* __restrict__ keep,
                            const i64* __restrict__ seg, const i64* __restrict__ rstart, i64 m,
                            double thr, i64* __restrict__ assign) {
-    for (i64 j = blockIdx.x * (i64)blockDim.x + threadIdx.x; j < m; j += (i64)gridDim.x * blockDim.x) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 j = blockIdx.x * (i64)blockDim.x + threadIdx.x; j < m; j += stride) {
         i64 a = -1;
         if (keep[j]) {
             a = j;
@@ -154,7 +156,8 @@ __global__ void weighted_fuse(const T* __restrict__ boxes, const double* __restr
                               const i64* __restrict__ hi, const i64* __restrict__ kept,
                               i64 k, T* __restrict__ out) {
     typedef typename acc<T>::type A;
-    for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < k; t += (i64)gridDim.x * blockDim.x) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < k; t += stride) {
         double s[4] = {0, 0, 0, 0}, ws = 0;
         for (i64 p = lo[t]; p < hi[t]; ++p) {
             const i64 j = members[p];
@@ -194,12 +197,15 @@ __global__ void box_metric(const T* __restrict__ a, const T* __restrict__ b, i64
                 const double c = (cw > 0 ? cw : 0.0) * (ch > 0 ? ch : 0.0);
                 if (c > 0) v = iou - (c - uni) / c;
             } else if (metric >= 2) {
-                const double dx = (p[0] + p[2] - q[0] - q[2]) * 0.5, dy = (p[1] + p[3] - q[1] - q[3]) * 0.5;
+                const double dx = (p[0] + p[2] - q[0] - q[2]) * 0.5;
+                const double dy = (p[1] + p[3] - q[1] - q[3]) * 0.5;
                 const double c2 = cw * cw + ch * ch + 1e-7;
                 v = iou - (c2 > 0 ? (dx * dx + dy * dy) / c2 : 0.0);
                 if (metric == 3) {
-                    const double wa = p[2] > p[0] ? p[2] - p[0] : 0.0, ha = p[3] > p[1] ? p[3] - p[1] : 0.0;
-                    const double wb = q[2] > q[0] ? q[2] - q[0] : 0.0, hb = q[3] > q[1] ? q[3] - q[1] : 0.0;
+                    const double wa = p[2] > p[0] ? p[2] - p[0] : 0.0;
+                    const double ha = p[3] > p[1] ? p[3] - p[1] : 0.0;
+                    const double wb = q[2] > q[0] ? q[2] - q[0] : 0.0;
+                    const double hb = q[3] > q[1] ? q[3] - q[1] : 0.0;
                     const double d = atan2(wb, hb) - atan2(wa, ha);
                     const double vv = 4.0 / 9.869604401089358 * d * d;
                     v -= vv / (1.0 - iou + vv + 1e-7) * vv;
@@ -217,7 +223,8 @@ __global__ void box_metric(const T* __restrict__ a, const T* __restrict__ b, i64
 template <typename T>
 __global__ void matrix_comp(const T* __restrict__ boxes, const i64* __restrict__ segstart,
                             i64 m, double* __restrict__ comp) {
-    for (i64 r = blockIdx.x * (i64)blockDim.x + threadIdx.x; r < m; r += (i64)gridDim.x * blockDim.x) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 r = blockIdx.x * (i64)blockDim.x + threadIdx.x; r < m; r += stride) {
         double a[4], b[4];
         load_box(boxes, r, a);
         const double aa = box_area(a);
@@ -235,7 +242,8 @@ template <typename T>
 __global__ void matrix_decay(const T* __restrict__ boxes, const i64* __restrict__ segstart,
                              const double* __restrict__ comp, i64 m, int kernel, double sigma,
                              double* __restrict__ decay) {
-    for (i64 r = blockIdx.x * (i64)blockDim.x + threadIdx.x; r < m; r += (i64)gridDim.x * blockDim.x) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 r = blockIdx.x * (i64)blockDim.x + threadIdx.x; r < m; r += stride) {
         double a[4], b[4];
         load_box(boxes, r, a);
         const double aa = box_area(a);

@@ -272,4 +272,6 @@ def box_iou(a, b, metric, nthreads):
     launch(_fn("box_metric<{}>", a.dtype), out.size,
            (a, b, i64(a.shape[0]), i64(b.shape[0]), np.int32(metric), out))
     return out
-NAME_EXPRESSIONS = _EXPRS   # every instantiation CuPy may request (tests/test_cuda_compile.py)
+
+# every instantiation CuPy may request (the NVRTC gate, tests/test_cuda_compile.py)
+NAME_EXPRESSIONS = _EXPRS

@@ -161,4 +161,6 @@ def roi_pool_backward(grad_out, rois, x, PH, PW, scale, deterministic, nthreads)
         else:
             launch(_k("pool_bwd", x.dtype), grad_out.size, (grad_out, x, rois, gacc) + prm)
     return gacc.astype(x.dtype, copy=False)
-NAME_EXPRESSIONS = list(_EXPRS)   # every instantiation CuPy may request (.ci/nvcc_check.py)
+
+# every instantiation CuPy may request (the NVRTC gate, tests/test_cuda_compile.py)
+NAME_EXPRESSIONS = list(_EXPRS)

@@ -35,6 +35,8 @@ MAX_SHARED_BYTES = 48 << 10
 CXXFLAGS = ("-std=c++17", "-O1", "-fPIC", "-shared", "-fvisibility=hidden",
             "-fno-ipa-reference",        # shared values must not be cached across barriers
             "-ffp-contract=off",         # no FMA contraction (the device may contract)
+            # a misaligned access traps, as the device faults ("misaligned address")
+            "-fsanitize=alignment", "-fsanitize-undefined-trap-on-error",
             "-fno-strict-aliasing", "-Wno-unknown-pragmas", "-Wno-attributes")
 
 # parameter kinds of runtime.cpp

@@ -64,7 +64,8 @@ void note_float_atomic();
 inline void compiler_fence() { asm volatile("" ::: "memory"); }
 
 inline int lane_id() {
-    const unsigned t = g_threadIdx.x + g_blockDim.x * (g_threadIdx.y + g_blockDim.y * g_threadIdx.z);
+    const unsigned t =
+        g_threadIdx.x + g_blockDim.x * (g_threadIdx.y + g_blockDim.y * g_threadIdx.z);
     return (int)(t & 31u);
 }
 }  // namespace fnemu
@@ -76,8 +77,9 @@ inline int lane_id() {
 static const int warpSize = 32;
 
 // ---------------------------------------------------------------- barriers and warps
-#define __syncthreads() \
-    (::fnemu::compiler_fence(), ::fnemu::block_barrier(__FILE__, __LINE__), ::fnemu::compiler_fence())
+#define __syncthreads()                                                  \
+    (::fnemu::compiler_fence(), ::fnemu::block_barrier(__FILE__, __LINE__), \
+     ::fnemu::compiler_fence())
 
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
     fnemu::compiler_fence();
@@ -90,7 +92,8 @@ namespace fnemu {
 template <typename T>
 inline T shuffle(unsigned mask, T v, int src, const char* what) {
     static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
-    static_assert(std::is_trivially_copyable<T>::value, "shuffled types must be trivially copyable");
+    static_assert(std::is_trivially_copyable<T>::value,
+                  "shuffled types must be trivially copyable");
     T out;
     compiler_fence();
     warp_exchange(mask, &v, src, &out, what);
@@ -129,7 +132,9 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
     return r;
 }
 inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
-inline int __all_sync(unsigned mask, int pred) { return (__ballot_sync(mask, pred) & mask) == mask; }
+inline int __all_sync(unsigned mask, int pred) {
+    return (__ballot_sync(mask, pred) & mask) == mask;
+}
 
 // ---------------------------------------------------------------- atomics
 // One block runs at a time and its threads switch only at barriers, so a plain read-modify-write
@@ -141,8 +146,18 @@ inline int __all_sync(unsigned mask, int pred) { return (__ballot_sync(mask, pre
         *p = (expr);                                 \
         return old;                                  \
     }
-inline float atomicAdd(float* p, float v) { fnemu::note_float_atomic(); float o = *p; *p = o + v; return o; }
-inline double atomicAdd(double* p, double v) { fnemu::note_float_atomic(); double o = *p; *p = o + v; return o; }
+inline float atomicAdd(float* p, float v) {
+    fnemu::note_float_atomic();
+    const float o = *p;
+    *p = o + v;
+    return o;
+}
+inline double atomicAdd(double* p, double v) {
+    fnemu::note_float_atomic();
+    const double o = *p;
+    *p = o + v;
+    return o;
+}
 FNEMU_ATOMIC(atomicAdd, int, old + v)
 FNEMU_ATOMIC(atomicAdd, unsigned int, old + v)
 FNEMU_ATOMIC(atomicAdd, unsigned long long, old + v)
@@ -168,6 +183,7 @@ inline T atomicCAS(T* p, T cmp, T v) {
     if (old == cmp) *p = v;
     return old;
 }
+inline void __trap() { __builtin_trap(); }
 inline void __threadfence() { fnemu::compiler_fence(); }
 inline void __threadfence_block() { fnemu::compiler_fence(); }
 

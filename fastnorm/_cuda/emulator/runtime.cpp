@@ -55,16 +55,21 @@ template <typename T> constexpr int kind_of() {
            : std::is_same<U, __half>::value       ? K_HALF
            : std::is_same<U, __nv_bfloat16>::value ? K_BFLOAT16
            : std::is_floating_point<U>::value     ? K_FLOAT
-           : std::is_integral<U>::value           ? (std::is_signed<U>::value ? K_SIGNED : K_UNSIGNED)
+           : std::is_integral<U>::value           ? (std::is_signed<U>::value ? K_SIGNED
+                                                                              : K_UNSIGNED)
            : std::is_pointer<U>::value            ? K_POINTER
                                                   : K_OTHER;
 }
-template <typename T> constexpr int size_of() { return std::is_void<T>::value ? 0 : (int)sizeof(typename std::conditional<std::is_void<T>::value, char, T>::type); }
+template <typename T> constexpr int size_of() {
+    typedef typename std::conditional<std::is_void<T>::value, char, T>::type U;
+    return std::is_void<T>::value ? 0 : (int)sizeof(U);
+}
 
 template <typename P> constexpr Param param_of() {
     typedef typename std::remove_pointer<P>::type E;
     return std::is_pointer<P>::value
-               ? Param{K_POINTER, (int)sizeof(P), kind_of<E>(), size_of<E>(), std::is_const<E>::value}
+               ? Param{K_POINTER, (int)sizeof(P), kind_of<E>(), size_of<E>(),
+                       std::is_const<E>::value}
                : Param{kind_of<P>(), (int)sizeof(P), 0, 0, 0};
 }
 
@@ -166,7 +171,9 @@ static void* g_sched_sp;
 static ucontext_t g_sched_ctx;
 #endif
 
-static inline char* stack_of(int i) { return g_stacks + (size_t)i * (STACK_BYTES + g_page) + g_page; }
+static inline char* stack_of(int i) {
+    return g_stacks + (size_t)i * (STACK_BYTES + g_page) + g_page;
+}
 
 static void switch_to_scheduler() {
     Fiber* f = g_cur;
@@ -191,7 +198,7 @@ static void fiber_main() {
     g_kernel->call(g_argv);
     g_cur->state = EXITED;
     switch_to_scheduler();
-    __builtin_trap();                 // an exited fiber is never resumed
+    abort();                          // an exited fiber is never resumed
 }
 
 static void fiber_start(Fiber* f, int i) {
@@ -222,7 +229,8 @@ static bool ensure_fibers(size_t n) {
     if (!g_page) g_page = (size_t)sysconf(_SC_PAGESIZE);
     if (n <= g_nstacks) return true;
     const size_t bytes = n * (STACK_BYTES + g_page);
-    char* mem = (char*)mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char* mem = (char*)mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                            -1, 0);
     if (mem == MAP_FAILED) return false;
     for (size_t i = 0; i < n; ++i) mprotect(mem + i * (STACK_BYTES + g_page), g_page, PROT_NONE);
     Fiber* fibers = (Fiber*)calloc(n, sizeof(Fiber));
@@ -240,7 +248,7 @@ static bool ensure_fibers(size_t n) {
 
 enum {
     E_OK = 0, E_FAULT = 1, E_DIVERGENCE = 2, E_WARP = 3, E_RACE = 4, E_CANARY = 5,
-    E_CONST_WRITE = 6, E_STACK = 7, E_FPE = 8, E_INTERNAL = 9, E_OOB_READ = 10,
+    E_CONST_WRITE = 6, E_STACK = 7, E_FPE = 8, E_INTERNAL = 9, E_OOB_READ = 10, E_TRAP = 11,
 };
 
 struct Result {
@@ -263,7 +271,8 @@ static void where(Result* r, const Fiber* f) {
     }
 }
 
-static void fail(int code, const Fiber* f, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
+static void fail(int code, const Fiber* f, const char* fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 static void fail(int code, const Fiber* f, const char* fmt, ...) {
     if (g_res->code) return;
     g_res->code = code;
@@ -287,8 +296,8 @@ __attribute__((noinline)) void block_barrier(const char* file, int line) {
     switch_to_scheduler();
 }
 
-__attribute__((noinline)) void warp_exchange(unsigned mask, const void* value, int src_lane, void* out,
-                                             const char* what) {
+__attribute__((noinline)) void warp_exchange(unsigned mask, const void* value, int src_lane,
+                                             void* out, const char* what) {
     Fiber* f = g_cur;
     f->state = WAIT_WARP;
     f->wmask = mask;
@@ -529,7 +538,8 @@ struct Region {
 static bool region_make(Region* r, const GroupDesc* g, int mode, unsigned char canary) {
     const size_t pages = (g->nbytes + 16 + g_page - 1) / g_page * g_page;
     r->maplen = pages + 2 * g_page;
-    r->map = (char*)mmap(nullptr, r->maplen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    r->map = (char*)mmap(nullptr, r->maplen, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (r->map == MAP_FAILED) { r->map = nullptr; return false; }
     mprotect(r->map, g_page, PROT_NONE);
     mprotect(r->map + g_page + pages, g_page, PROT_NONE);
@@ -582,7 +592,7 @@ static int locate(const void* a, long long* off) {
 }
 
 static int run_grid_protected(bool reverse) {
-    struct sigaction sa, old_segv, old_bus, old_fpe;
+    struct sigaction sa, old_segv, old_bus, old_fpe, old_ill;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_fault;
     sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
@@ -595,6 +605,7 @@ static int run_grid_protected(bool reverse) {
     sigaction(SIGSEGV, &sa, &old_segv);
     sigaction(SIGBUS, &sa, &old_bus);
     sigaction(SIGFPE, &sa, &old_fpe);
+    sigaction(SIGILL, &sa, &old_ill);
     int faulted = 0;
     const TlsQuery shared = shared_block();
     if (sigsetjmp(g_jmp, 1) == 0) {
@@ -613,6 +624,7 @@ static int run_grid_protected(bool reverse) {
     sigaction(SIGSEGV, &old_segv, nullptr);
     sigaction(SIGBUS, &old_bus, nullptr);
     sigaction(SIGFPE, &old_fpe, nullptr);
+    sigaction(SIGILL, &old_ill, nullptr);
     sigaltstack(&old_ss, nullptr);
     return faulted;
 }
@@ -621,6 +633,12 @@ static void report_fault() {
     Fiber* f = g_fault_fiber;
     if (g_fault_sig == SIGFPE) {
         fail(E_FPE, f, "arithmetic exception (integer division by zero or overflow)");
+        return;
+    }
+    if (g_fault_sig == SIGILL) {       // the alignment check's trap (or __trap())
+        fail(E_TRAP, f, "misaligned address: a load or store of a type at an address that is "
+             "not a multiple of its alignment (e.g. a 16-byte vector access; the device faults) "
+             "-- or __trap()");
         return;
     }
     for (size_t i = 0; f && i < g_nstacks; ++i) {
@@ -632,8 +650,8 @@ static void report_fault() {
     }
     long long off = 0;
     const int grp = locate(g_fault_addr, &off);
-    fail(E_FAULT, f, "invalid %s of address %p", g_fault_write == 1 ? "write" : g_fault_write == 0 ? "read" : "access",
-         g_fault_addr);
+    const char* what = g_fault_write == 1 ? "write" : g_fault_write == 0 ? "read" : "access";
+    fail(E_FAULT, f, "invalid %s of address %p", what, g_fault_addr);
     g_res->group = grp;
     g_res->offset = off;
     g_res->write = g_fault_write;
@@ -753,13 +771,15 @@ FNEMU_API int fnemu_launch(int k, const unsigned grid[3], const unsigned block[3
     for (int r = 0; r < 3; ++r) {
         runs[r] = (unsigned char**)calloc(ngroups ? ngroups : 1, sizeof(char*));
         for (int g = 0; g < ngroups; ++g)
-            if (groups[g].writable) runs[r][g] = (unsigned char*)malloc(groups[g].nbytes ? groups[g].nbytes : 1);
+            if (groups[g].writable)
+                runs[r][g] = (unsigned char*)malloc(groups[g].nbytes ? groups[g].nbytes : 1);
     }
     run_pass(0, 0xFF, false, nargs, args, ngroups, groups, runs[0]);
     if (check_races && !res->code) {
         run_pass(1, 0x7F, true, nargs, args, ngroups, groups, runs[1]);
         long long off = 0;
-        const int g = res->code || g_float_atomics ? -1 : differs(ngroups, groups, runs[0], runs[1], &off);
+        const int g = res->code || g_float_atomics
+                          ? -1 : differs(ngroups, groups, runs[0], runs[1], &off);
         if (g >= 0) {
             run_pass(0, 0x7F, false, nargs, args, ngroups, groups, runs[2]);
             long long off2 = 0;

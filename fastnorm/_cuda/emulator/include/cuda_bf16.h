@@ -30,6 +30,10 @@ struct __nv_bfloat16 {
 struct alignas(4) __nv_bfloat162 { __nv_bfloat16 x, y; };
 
 inline float __bfloat162float(__nv_bfloat16 b) { return fnemu::bf16_bits_to_float(b.__x); }
-inline __nv_bfloat16 __float2bfloat16_rn(float f) { __nv_bfloat16 b; b.__x = fnemu::float_to_bf16_bits(f); return b; }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    __nv_bfloat16 b;
+    b.__x = fnemu::float_to_bf16_bits(f);
+    return b;
+}
 inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
 inline __nv_bfloat16 __double2bfloat16(double d) { return __float2bfloat16_rn((float)d); }

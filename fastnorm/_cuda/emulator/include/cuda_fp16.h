@@ -58,6 +58,10 @@ struct __half {
 struct alignas(4) __half2 { __half x, y; };
 
 inline float __half2float(__half h) { return fnemu::half_bits_to_float(h.__x); }
-inline __half __float2half_rn(float f) { __half h; h.__x = fnemu::float_to_half_bits(f); return h; }
+inline __half __float2half_rn(float f) {
+    __half h;
+    h.__x = fnemu::float_to_half_bits(f);
+    return h;
+}
 inline __half __float2half(float f) { return __float2half_rn(f); }
 inline __half __double2half(double d) { return __float2half_rn((float)d); }

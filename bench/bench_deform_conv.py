@@ -30,8 +30,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastnorm  # noqa: E402
-from fastnorm._bench import (Table, bench_args, onnx_op, timeit, timeit_many,  # noqa: E402
-                             timeit_source, write_results)
+from fastnorm._bench import (Table, bench_args, cuda_device, onnx_op, timeit,  # noqa: E402
+                             timeit_many, timeit_source, write_results)
 
 THREADS = 2
 TV_PYTHON = os.environ.get("FASTNORM_TV_PYTHON", "/work/venv-tv/bin/python")
@@ -166,13 +166,10 @@ def main(argv=None):
 
 
 def cuda_tables():
-    try:
-        import cupy
-        if cupy.cuda.runtime.getDeviceCount() == 0:
-            return None
-    except Exception:
+    dev = cuda_device()
+    if dev is None:
         return None
-    sync = cupy.cuda.Device().synchronize
+    cupy, sync = dev
     t = Table("deform_conv2d on CUDA, float32", unit="GFLOP/s")
     for name, shape in CASES:
         x, w, b, off, mask, gy = (cupy.asarray(a) for a in workload(shape))

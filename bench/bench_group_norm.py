@@ -18,7 +18,8 @@ import sys
 import numpy as np
 
 import fastnorm
-from fastnorm._bench import Table, copy_bandwidth, onnx_op, timeit, timeit_many, write_results
+from fastnorm._bench import (Table, copy_bandwidth, cuda_device, onnx_op, timeit, timeit_many,
+                             write_results)
 
 SHAPES = [((8, 256, 64, 64), 32), ((1, 512, 128, 128), 32), ((2, 64, 8, 56, 56), 32),
           ((1, 64, 256, 256), 2)]
@@ -144,14 +145,14 @@ def _silu_rows(torch, fwd, fb, rng):
 
 
 def cuda_tables(quick=False):
+    dev = cuda_device()
     try:
-        import cupy as cp
         import torch
-        if cp.cuda.runtime.getDeviceCount() == 0 or not torch.cuda.is_available():
+        if dev is None or not torch.cuda.is_available():
             return [], []
-    except Exception:
+    except ImportError:
         return [], []
-    sync = cp.cuda.Device().synchronize
+    cp, sync = dev
     ceiling = copy_bandwidth(1 << 30, xp=cp, sync=sync)
     tables, checks = [], []
     for dtype in ("float32", "float16", "bfloat16"):

@@ -17,7 +17,7 @@ import tempfile
 import numpy as np
 
 import fastnorm
-from fastnorm._bench import (Table, bench_args, onnx_op, timeit, timeit_source,
+from fastnorm._bench import (Table, bench_args, cuda_device, onnx_op, timeit, timeit_source,
                              write_results)
 
 THREADS = 2
@@ -160,13 +160,10 @@ CUDA_TARGETS = ("nms_1000", "nms_10000", "nms_100000", "batched_20000")
 
 def cuda_tables(inputs):
     """fastnorm on CuPy arrays vs torchvision CUDA, same inputs, same kept sets (needs a GPU)."""
-    try:
-        import cupy
-        if cupy.cuda.runtime.getDeviceCount() == 0:
-            return []
-    except Exception:
+    dev = cuda_device()
+    if dev is None:
         return []
-    sync = cupy.cuda.Device().synchronize
+    cupy, sync = dev
     t = Table(f"nms / batched_nms on CUDA, float32, IoU {IOU}", unit="Mbox/s")
     try:
         import torch

@@ -27,8 +27,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastnorm  # noqa: E402
-from fastnorm._bench import (Table, bench_args, onnx_op, timeit, timeit_source,  # noqa: E402
-                             write_results)
+from fastnorm._bench import (Table, bench_args, cuda_device, onnx_op, timeit,  # noqa: E402
+                             timeit_source, write_results)
 
 THREADS = 2
 PH = PW = 7
@@ -159,13 +159,10 @@ def main(argv=None):
 
 
 def cuda_tables(x, rois, g):
-    try:
-        import cupy
-        if cupy.cuda.runtime.getDeviceCount() == 0:
-            return []
-    except Exception:
+    dev = cuda_device()
+    if dev is None:
         return []
-    sync = cupy.cuda.Device().synchronize
+    cupy, sync = dev
     xd, rd, gd = cupy.asarray(x), cupy.asarray(rois), cupy.asarray(g)
     t = Table("roi_align on CUDA, same workload", unit="GB/s")
     ob = g.nbytes

@@ -11,6 +11,17 @@ import time
 import numpy as np
 
 
+def cuda_device():
+    """``(cupy, synchronize)`` when CuPy sees a GPU, else None (the CUDA tables are skipped)."""
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            return None
+    except Exception:
+        return None
+    return cupy, cupy.cuda.Device().synchronize
+
+
 def timeit(fn, *, repeat=11, min_time=0.1, sync=None):
     """Best (minimum) seconds per call of ``fn()`` over ``repeat`` samples, each looping until
     ``min_time``; ``sync`` (e.g. a CUDA synchronise) ends each sample. The minimum is the least

@@ -9,11 +9,11 @@ from numba import njit
 
 
 @njit(cache=True)
-def bilinear(plane, y, x):
-    """torchvision's RoIAlign bilinear_interpolate (0 outside (-1, H) x (-1, W))."""
-    H, W = plane.shape
+def _corners(H, W, y, x):
+    """torchvision's RoIAlign bilinear_interpolate geometry: (inside, y0, y1, x0, x1, ly, lx);
+    a sample outside (-1, H) x (-1, W) (or NaN) reads nothing."""
     if y < -1.0 or y > H or x < -1.0 or x > W or not (y == y) or not (x == x):
-        return 0.0
+        return False, 0, 0, 0, 0, 0.0, 0.0
     if y <= 0:
         y = 0.0
     if x <= 0:
@@ -30,8 +30,15 @@ def bilinear(plane, y, x):
         x = float(xl)
     else:
         xh = xl + 1
-    ly = y - yl
-    lx = x - xl
+    return True, yl, yh, xl, xh, y - yl, x - xl
+
+
+@njit(cache=True)
+def bilinear(plane, y, x):
+    """torchvision's RoIAlign bilinear_interpolate (0 outside (-1, H) x (-1, W))."""
+    ok, yl, yh, xl, xh, ly, lx = _corners(plane.shape[0], plane.shape[1], y, x)
+    if not ok:
+        return 0.0
     hy = 1.0 - ly
     hx = 1.0 - lx
     return (hy * hx * plane[yl, xl] + hy * lx * plane[yl, xh] + ly * hx * plane[yh, xl]
@@ -41,27 +48,9 @@ def bilinear(plane, y, x):
 @njit(cache=True)
 def scatter(gplane, y, x, v):
     """gplane += v * d bilinear(plane, y, x) / d plane (the adjoint of `bilinear`)."""
-    H, W = gplane.shape
-    if y < -1.0 or y > H or x < -1.0 or x > W or not (y == y) or not (x == x):
+    ok, yl, yh, xl, xh, ly, lx = _corners(gplane.shape[0], gplane.shape[1], y, x)
+    if not ok:
         return
-    if y <= 0:
-        y = 0.0
-    if x <= 0:
-        x = 0.0
-    yl = int(y)
-    xl = int(x)
-    if yl >= H - 1:
-        yh = yl = H - 1
-        y = float(yl)
-    else:
-        yh = yl + 1
-    if xl >= W - 1:
-        xh = xl = W - 1
-        x = float(xl)
-    else:
-        xh = xl + 1
-    ly = y - yl
-    lx = x - xl
     hy = 1.0 - ly
     hx = 1.0 - lx
     gplane[yl, xl] += hy * hx * v

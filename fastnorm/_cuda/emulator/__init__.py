@@ -212,7 +212,7 @@ class _MemoryPointer:
         return Device(self.device_id)
 
 
-def _check_device(dev, what="array"):
+def _check_device(dev):
     cur = _current()
     if dev != cur:
         raise ValueError(f"Array device must be same as the current device: array device = "
@@ -233,6 +233,13 @@ def _unwrap(obj):
     if isinstance(obj, dict):
         return {k: _unwrap(v) for k, v in obj.items()}
     return obj
+
+
+def _stable(name, kwargs):
+    """CuPy's sorts are stable: so are the emulator's (NumPy's default quicksort is not)."""
+    if name in ("argsort", "sort") and kwargs.get("kind") is None:
+        kwargs = dict(kwargs, kind="stable")
+    return kwargs
 
 
 def _wrap(r, dev=None):
@@ -344,9 +351,7 @@ class ndarray(NDArrayOperatorsMixin):
         return _wrap(r)
 
     def __array_function__(self, func, types, args, kwargs):
-        if func in (np.argsort, np.sort) and kwargs.get("kind") is None:
-            kwargs = dict(kwargs, kind="stable")        # CuPy's sorts are stable
-        return _wrap(func(*_unwrap(args), **_unwrap(kwargs)))
+        return _wrap(func(*_unwrap(args), **_stable(func.__name__, _unwrap(kwargs))))
 
     def __getitem__(self, key):
         r = self._a[_unwrap(key)]
@@ -368,9 +373,7 @@ class ndarray(NDArrayOperatorsMixin):
 
         @functools.wraps(attr)
         def method(*args, **kwargs):
-            if name in ("argsort", "sort") and kwargs.get("kind") is None:
-                kwargs["kind"] = "stable"
-            r = attr(*_unwrap(args), **_unwrap(kwargs))
+            r = attr(*_unwrap(args), **_stable(name, _unwrap(kwargs)))
             if isinstance(r, np.ndarray) and np.may_share_memory(r, self._a):
                 return ndarray._of(r, self._dev)        # reshape, view, transpose, ...
             if r is not None:
@@ -475,17 +478,12 @@ def from_dlpack(obj):
                     "device or the host): use emulator.asarray() on host data")
 
 
-def _sorted(name):
-    f = getattr(np, name)
-
-    @functools.wraps(f)
-    def sort(a, axis=-1, kind=None, order=None):
-        return _wrap(f(_unwrap(a), axis=axis, kind="stable" if kind is None else kind))
-    return sort
+def argsort(a, axis=-1, kind=None):
+    return np.argsort(a, axis=axis, kind=kind)       # stable: see _stable
 
 
-argsort = _sorted("argsort")          # CuPy's sorts are stable
-sort = _sorted("sort")
+def sort(a, axis=-1, kind=None):
+    return np.sort(a, axis=axis, kind=kind)
 
 
 def __getattr__(name):

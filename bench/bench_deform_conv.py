@@ -1,4 +1,8 @@
-"""Deformable convolution (DCN v1/v2) benchmark, float32, 2 threads for every implementation.
+"""Deformable convolution (DCN v1/v2) benchmark, float32, --threads threads for every
+implementation (default 2).
+
+    python bench/bench_deform_conv.py [--threads N] [--torchvision-python PATH]
+                                      [--no-write | --out DIR]
 
 Workloads: x (2, 64, 64, 64) with weight (64, 64, 3, 3), padding 1 (a DCN layer of a detector
 neck) and a ResNet stage x (8, 256, 28, 28) with weight (256, 256, 3, 3), padding 1; offsets
@@ -6,12 +10,13 @@ N(0, 2^2), mask U(0, 1) for v2; forward and forward+backward.
 
 Peers
 -----
-* ONNX Runtime ``DeformConv`` (opset 19), forward only, ``intra_op_num_threads=2``.
-* torchvision CPU ``deform_conv2d`` forward and forward+backward (autograd, all five gradients).
-  torchvision is not installed in fastnorm's environment, so it runs in a subprocess with the
-  interpreter in ``$FASTNORM_TV_PYTHON`` (default ``/work/venv-tv/bin/python``),
-  ``torch.set_num_threads(2)``, on the same inputs saved to .npy files, timed the same way; the
-  script also reports its max deviation from fastnorm's output.
+* ONNX Runtime ``DeformConv`` (opset 19), forward only, ``intra_op_num_threads`` = --threads.
+* torchvision CPU ``deform_conv2d`` forward and forward+backward (autograd, all five gradients),
+  ``torch.set_num_threads`` = --threads, on the same inputs saved to .npy files, timed the same
+  way, with its max deviation from fastnorm's output. It runs in this process when torchvision
+  imports here, else in the interpreter named by --torchvision-python or ``$FASTNORM_TV_PYTHON``
+  (a second environment: PyPI's torchvision does not import beside the CPU torch build, see the
+  README's "Benchmarks").
 * torch ``conv2d`` of the same shape (no offsets): the physical yardstick.
 * On a GPU (CuPy present): fastnorm CUDA.
 
@@ -20,9 +25,7 @@ the same micro-kernel, all on fastnorm's OpenMP threads (no BLAS). The GFLOP/s c
 convolution's multiply-adds (2 * N * C_out * Ho * Wo * C_in * kh * kw per forward; 3x that for
 forward+backward).
 """
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -30,11 +33,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastnorm  # noqa: E402
-from fastnorm._bench import (Table, bench_args, cuda_device, onnx_op, timeit,  # noqa: E402
-                             timeit_many, timeit_source, write_results)
+from fastnorm._bench import (Table, bench_args, cuda_device, finish, onnx_op,  # noqa: E402
+                             run_torchvision, timeit, timeit_many)
 
-THREADS = 2
-TV_PYTHON = os.environ.get("FASTNORM_TV_PYTHON", "/work/venv-tv/bin/python")
 CASES = [("2x64x64x64", (2, 64, 64, 64)), ("8x256x28x28", (8, 256, 28, 28))]
 
 
@@ -50,53 +51,47 @@ def workload(shape, seed=0):
     return x, w, b, off, mask, gy
 
 
+# the torchvision peer (fastnorm._bench.run_torchvision): in this process or in a second one
 TV_SCRIPT = r"""
-import json, sys
-import numpy as np, torch, torchvision
-torch.set_num_threads(%(threads)d)
-d = sys.argv[1]
-L = lambda n: torch.from_numpy(np.load(d + "/" + n + ".npy"))
-x, w, b, off, mask, gy = (L(n) for n in ("x", "w", "b", "off", "mask", "gy"))
+def run(d, threads):
+    import numpy as np, torch, torchvision
+    torch.set_num_threads(threads)
+    L = lambda n: torch.from_numpy(np.load(d + "/" + n + ".npy"))
+    x, w, b, off, mask, gy = (L(n) for n in ("x", "w", "b", "off", "mask", "gy"))
+    out = {"version": torchvision.__version__}
+    for v, m in (("v1", None), ("v2", mask)):
+        f = lambda: torchvision.ops.deform_conv2d(x, off, w, b, padding=1, mask=m)
+        out[v + "_err"] = float(np.abs(f().numpy() - np.load(d + "/y_" + v + ".npy")).max())
+        out[v + "_fwd"] = timeit(f)
+        leaves = [t.clone().requires_grad_(True) for t in (x, off, w, b)] + \
+            ([m.clone().requires_grad_(True)] if m is not None else [])
 
-out = {"version": torchvision.__version__}
-for v, m in (("v1", None), ("v2", mask)):
-    f = lambda: torchvision.ops.deform_conv2d(x, off, w, b, padding=1, mask=m)
-    out[v + "_err"] = float(np.abs(f().numpy() - np.load(d + "/y_" + v + ".npy")).max())
-    out[v + "_fwd"] = timeit(f)
-    leaves = [t.clone().requires_grad_(True) for t in (x, off, w, b)] + \
-        ([m.clone().requires_grad_(True)] if m is not None else [])
-    def fb():
-        y = torchvision.ops.deform_conv2d(*leaves[:4], padding=1,
-                                          mask=leaves[4] if m is not None else None)
-        torch.autograd.grad(y, leaves, gy)
-    out[v + "_fwdbwd"] = timeit(fb)
-print(json.dumps(out))
+        def fb():
+            y = torchvision.ops.deform_conv2d(*leaves[:4], padding=1,
+                                              mask=leaves[4] if m is not None else None)
+            torch.autograd.grad(y, leaves, gy)
+        out[v + "_fwdbwd"] = timeit(fb)
+    return out
 """
 
 
-def torchvision_cpu(x, w, b, off, mask, gy, y1, y2):
-    """torchvision CPU timings from a subprocess, or None when it is unavailable."""
-    if not os.path.exists(TV_PYTHON):
-        return None
+def torchvision_cpu(x, w, b, off, mask, gy, y1, y2, threads, python=None):
+    """torchvision CPU timings (``fastnorm._bench.run_torchvision``), or None when it is
+    unavailable."""
     with tempfile.TemporaryDirectory() as d:
         for n, a in dict(x=x, w=w, b=b, off=off, mask=mask, gy=gy, y_v1=y1, y_v2=y2).items():
             np.save(f"{d}/{n}.npy", a)
-        r = subprocess.run([TV_PYTHON, "-c", timeit_source() + TV_SCRIPT % dict(threads=THREADS), d],
-                           capture_output=True, text=True)
-    if r.returncode != 0:
-        print("torchvision subprocess failed:", r.stderr[-800:], file=sys.stderr)
-        return None
-    return json.loads(r.stdout.strip().splitlines()[-1])
+        return run_torchvision(TV_SCRIPT, d, threads, python)
 
 
-def onnxruntime_session(x, w, b, off, mask):
+def onnxruntime_session(x, w, b, off, mask, threads):
     """ONNX Runtime DeformConv (opset 19) runs for v1 and v2, or None if unavailable."""
     out = {}
     for v, m in (("v1", None), ("v2", mask)):
         feeds = dict(X=x, W=w, offset=off, B=b, **({"mask": m} if m is not None else {}))
         run = onnx_op("DeformConv", feeds,
                       dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1],
-                           dilations=[1, 1], group=1, offset_group=1), 19, THREADS)
+                           dilations=[1, 1], group=1, offset_group=1), 19, threads)
         if run is None:
             return None
         out[v] = run
@@ -104,20 +99,23 @@ def onnxruntime_session(x, w, b, off, mask):
 
 
 def main(argv=None):
-    args = bench_args(__doc__, argv)
+    args = bench_args(__doc__, __file__, argv, torchvision=True)
+    threads = args.threads
     import torch
-    torch.set_num_threads(THREADS)
-    fastnorm.set_num_threads(THREADS)
-    fwd = Table("deform_conv2d forward, float32, CPU, 2 threads", unit="GFLOP/s")
-    fb = Table("deform_conv2d forward + backward, float32, CPU, 2 threads", unit="GFLOP/s")
-    checks, tv_version = [], None
+    torch.set_num_threads(threads)
+    fastnorm.set_num_threads(threads)
+    fwd = Table(f"deform_conv2d forward, float32, CPU, {threads} threads", unit="GFLOP/s")
+    fb = Table(f"deform_conv2d forward + backward, float32, CPU, {threads} threads",
+               unit="GFLOP/s")
+    checks, tv_where = [], None
     for name, shape in CASES:
         x, w, b, off, mask, gy = workload(shape)
         N, C, H, W = shape
         flops = 2.0 * N * C * H * W * C * 9
         y = {"v1": fastnorm.deform_conv2d(x, off, w, b, padding=1),
              "v2": fastnorm.deform_conv2d(x, off, w, b, padding=1, mask=mask)}
-        tv = torchvision_cpu(x, w, b, off, mask, gy, y["v1"], y["v2"])
+        tv = torchvision_cpu(x, w, b, off, mask, gy, y["v1"], y["v2"], threads,
+                             args.torchvision_python)
         t_fb = {}
         for v, m in (("v1", None), ("v2", mask)):
             def fwd_bwd():
@@ -132,7 +130,7 @@ def main(argv=None):
             "v2": lambda: fastnorm.deform_conv2d(x, off, w, b, padding=1, mask=mask),
             "conv2d": lambda: torch.nn.functional.conv2d(tx, tw, tb, padding=1)})
         t_conv = t_f["conv2d"]
-        ort_s = onnxruntime_session(x, w, b, off, mask)
+        ort_s = onnxruntime_session(x, w, b, off, mask, threads)
         for v in ("v1", "v2"):
             case = f"{name} {v}"
             fwd.add(case, "fastnorm", t_f[v], flops)
@@ -144,7 +142,7 @@ def main(argv=None):
                 fwd.add(case, f"onnxruntime DeformConv (max diff {err:.1e})", t_o, flops)
                 checks.append((f"{case} fwd >= 1.2x onnxruntime", t_o >= 1.2 * t_f[v]))
             if tv is not None:
-                tv_version = tv["version"]
+                tv_where = f"{tv['version']}, CPU, {threads} threads, timed {tv['where']}"
                 fwd.add(case, f"torchvision CPU (max diff {tv[v + '_err']:.1e})", tv[v + "_fwd"],
                         flops)
                 fb.add(case, "torchvision CPU", tv[v + "_fwdbwd"], 3 * flops)
@@ -154,15 +152,15 @@ def main(argv=None):
             fwd.add(case, "torch conv2d (no offsets, yardstick)", t_conv, flops)
         del ort_s                      # join the session's thread pool before the next case
     tables = [fwd, fb]
-    notes = [f"torchvision: {tv_version or 'unavailable'} (CPU, subprocess, 2 threads)"]
+    notes = [f"torchvision: {tv_where or 'unavailable'}"]
     gpu = cuda_tables()
     if gpu is not None:
         tables.append(gpu)
     notes.append("Targets: " + "; ".join(f"{c}: {'PASS' if ok else 'MISS'}" for c, ok in checks))
-    text = write_results("deform_conv", tables, "\n\n".join(notes), write=not args.no_write)
-    print(text)
+    finish(args, "deform_conv", tables, "\n\n".join(notes))
     for c, ok in checks:
         print(("PASS " if ok else "MISS ") + c)
+    return tables
 
 
 def cuda_tables():

@@ -1,25 +1,25 @@
 """GroupNorm benchmark: fastnorm vs PyTorch (F.group_norm, autograd) and ONNX Runtime
 (GroupNormalization, opset 21), same inputs, same thread count, NCHW and channels-last, float32.
 
-    python bench/bench_group_norm.py [--threads 2] [--quick] [--no-write]
+    python bench/bench_group_norm.py [--threads N] [--quick] [--no-write | --out DIR]
 
 Reports time, speed-up of fastnorm over each peer, achieved GB/s (bytes read + written by one
 call) and the percentage of the measured copy bandwidth, then checks the issue's CPU targets.
+--threads (default 2) is the thread count of fastnorm, PyTorch and ONNX Runtime alike.
 fastnorm's large outputs come from its output cache (README, "Memory"); the forward table also
 shows fastnorm with the cache off, paying fresh-page faults and zeroing on every call as the
 peers do. The implementations of one case are timed in interleaved rounds (best of each), so a
 slow period of a shared machine does not favour one of them.
 On a machine with CuPy and a GPU the CUDA table (vs torch CUDA) is added.
 """
-import argparse
 import os
 import sys
 
 import numpy as np
 
 import fastnorm
-from fastnorm._bench import (Table, copy_bandwidth, cuda_device, onnx_op, timeit, timeit_many,
-                             write_results)
+from fastnorm._bench import (Table, bench_args, copy_bandwidth, cuda_device, finish, onnx_op,
+                             timeit, timeit_many)
 
 SHAPES = [((8, 256, 64, 64), 32), ((1, 512, 128, 128), 32), ((2, 64, 8, 56, 56), 32),
           ((1, 64, 256, 256), 2)]
@@ -203,24 +203,14 @@ def cuda_tables(quick=False):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="one shape only")
-    p.add_argument("--no-write", action="store_true", help="do not write bench/results/")
-    args = p.parse_args(argv)
+    args = bench_args(__doc__, __file__, argv, quick=True)
     tables, checks = cpu_tables(args.threads, args.quick)
     t2, c2 = cuda_tables(args.quick)
     tables += t2
     checks += c2
     notes = "Targets:\n\n" + "\n".join(f"- {'PASS' if ok else 'MISS'} {what}"
                                        for what, ok in checks)
-    if args.no_write:
-        from fastnorm._bench import machine
-        print(machine())
-        print("\n\n".join(t.markdown() for t in tables))
-        print(notes)
-    else:
-        print(write_results(f"group_norm-{'cuda' if t2 else 'cpu'}", tables, notes))
+    return finish(args, f"group_norm-{'cuda' if t2 else 'cpu'}", tables, notes)
 
 
 if __name__ == "__main__":

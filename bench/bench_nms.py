@@ -1,26 +1,26 @@
 """Benchmark: fastnorm nms / batched_nms vs torchvision, ONNX Runtime NonMaxSuppression and
-OpenCV cv2.dnn.NMSBoxes, float32, 2 threads, clustered random boxes.
+OpenCV cv2.dnn.NMSBoxes, float32, clustered random boxes, --threads threads for every
+implementation (default 2).
 
-Run: ``python bench/bench_nms.py`` (in the venv that has fastnorm built, onnxruntime, onnx and
-opencv-python-headless). torchvision is timed in a subprocess with the interpreter named by
-``FASTNORM_TV_PYTHON`` (default /work/venv-tv/bin/python, if present; otherwise the current one if
-it has torchvision) on the very same inputs, saved as .npy files -- the simplest robust way to
-use a torch/torchvision build that lives in another environment. Every peer's output is checked
-against fastnorm's (same kept indices) before it is timed.
+    python bench/bench_nms.py [--threads N] [--torchvision-python PATH] [--no-write | --out DIR]
+
+Run it in the environment that has fastnorm built (plus onnxruntime, onnx and
+opencv-python-headless for those peers). torchvision is timed in this process when it imports
+here; otherwise in the interpreter named by --torchvision-python or $FASTNORM_TV_PYTHON (a second
+environment, see the README's "Benchmarks"), as a subprocess on the very same inputs saved as
+.npy files. Every peer's output is checked against fastnorm's (same kept indices) before it is
+timed. The Mbox/s column counts input boxes per second / 1e6.
 """
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
 import numpy as np
 
 import fastnorm
-from fastnorm._bench import (Table, bench_args, cuda_device, onnx_op, timeit, timeit_source,
-                             write_results)
+from fastnorm._bench import (Table, bench_args, cuda_device, finish, onnx_op, run_torchvision,
+                             timeit)
 
-THREADS = 2
 IOU = 0.5
 SIZES = (1000, 10_000, 50_000, 100_000)
 TARGETS = {("nms", 10_000): {"torchvision": 10, "onnxruntime": 3},
@@ -47,62 +47,54 @@ def _timer(n):
     return dict(repeat=3, min_time=0.0) if n >= 50_000 else dict(repeat=7, min_time=0.05)
 
 
+# the torchvision peer (fastnorm._bench.run_torchvision): in this process or in a second one
 _TV_SCRIPT = r"""
-import json, sys, numpy as np, torch, torchvision
-torch.set_num_threads(int(sys.argv[2]))
-d = sys.argv[1]; out = {}
-for case, timer in json.loads(sys.argv[3]).items():
-    b = torch.from_numpy(np.load(f"{d}/{case}_b.npy")); s = torch.from_numpy(np.load(f"{d}/{case}_s.npy"))
-    if case.startswith("batched"):
-        i = torch.from_numpy(np.load(f"{d}/{case}_i.npy"))
-        fn = lambda: torchvision.ops.batched_nms(b, s, i, %(iou)r)
-    else:
-        fn = lambda: torchvision.ops.nms(b, s, %(iou)r)
-    np.save(f"{d}/{case}_tvkeep.npy", fn().numpy())
-    out[case] = timeit(fn, **timer)
-print(json.dumps({"versions": [torch.__version__, torchvision.__version__], "times": out}))
-""" % {"iou": IOU}
-
-
-def torchvision_times(cases, tmp):
-    """torchvision's times for ``cases`` (name -> timeit keyword arguments), from a subprocess."""
-    py = os.environ.get("FASTNORM_TV_PYTHON", "/work/venv-tv/bin/python")
-    if not os.path.exists(py):
-        py = sys.executable
-    with open(os.path.join(tmp, "tv.py"), "w") as f:
-        f.write(timeit_source() + _TV_SCRIPT)
-    r = subprocess.run([py, os.path.join(tmp, "tv.py"), tmp, str(THREADS), json.dumps(cases)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        print("torchvision unavailable:", r.stderr.strip().splitlines()[-1:], file=sys.stderr)
-        return None
-    return json.loads(r.stdout.strip().splitlines()[-1])
+def run(d, threads, cases, iou):
+    import numpy as np, torch, torchvision
+    torch.set_num_threads(threads)
+    out = {}
+    for case, timer in cases.items():
+        b = torch.from_numpy(np.load(f"{d}/{case}_b.npy"))
+        s = torch.from_numpy(np.load(f"{d}/{case}_s.npy"))
+        if case.startswith("batched"):
+            i = torch.from_numpy(np.load(f"{d}/{case}_i.npy"))
+            fn = lambda: torchvision.ops.batched_nms(b, s, i, iou)
+        else:
+            fn = lambda: torchvision.ops.nms(b, s, iou)
+        np.save(f"{d}/{case}_tvkeep.npy", fn().numpy())
+        out[case] = timeit(fn, **timer)
+    return {"versions": [torch.__version__, torchvision.__version__], "times": out}
+"""
 
 
 def main(argv=None):
-    args = bench_args(__doc__, argv)
-    fastnorm.set_num_threads(THREADS)
+    args = bench_args(__doc__, __file__, argv, torchvision=True)
+    threads = args.threads
+    fastnorm.set_num_threads(threads)
     try:
         import cv2
-        cv2.setNumThreads(THREADS)
+        cv2.setNumThreads(threads)
     except ImportError:
         cv2 = None
-    table = Table(f"nms / batched_nms, float32, IoU {IOU}, {THREADS} threads, clustered boxes",
+    table = Table(f"nms / batched_nms, float32, IoU {IOU}, {threads} threads, clustered boxes",
                   unit="Mbox/s")
-    tmp = tempfile.mkdtemp()
     inputs = {}
     for n in SIZES:
         inputs[f"nms_{n}"] = clustered_boxes(n)
     b, s = clustered_boxes(20_000, seed=1)
     inputs["batched_20000"] = (b, s, np.random.default_rng(2).integers(0, 80, 20_000))
-    for case, arrs in inputs.items():
-        for suffix, a in zip("bsi", arrs):
-            np.save(os.path.join(tmp, f"{case}_{suffix}.npy"), a)
-    tv = torchvision_times({case: _timer(len(arrs[1])) for case, arrs in inputs.items()}, tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        for case, arrs in inputs.items():
+            for suffix, a in zip("bsi", arrs):
+                np.save(os.path.join(tmp, f"{case}_{suffix}.npy"), a)
+        tv = run_torchvision(_TV_SCRIPT, tmp, threads, args.torchvision_python,
+                             cases={case: _timer(len(arrs[0])) for case, arrs in inputs.items()},
+                             iou=IOU)
+        tv_keep = {case: np.load(os.path.join(tmp, f"{case}_tvkeep.npy")) for case in inputs} \
+            if tv is not None else {}
     ratios = {}
     for case, arrs in inputs.items():
-        n = len(arrs[1])
-        work = n * 1e3          # Mbox/s column: boxes per second / 1e6, via work/1e9
+        n = work = len(arrs[0])             # boxes: the Mbox/s column
         if case.startswith("batched"):
             b, s, i = arrs
             ours = fastnorm.batched_nms(b, s, i, IOU)
@@ -115,15 +107,14 @@ def main(argv=None):
         table.add(label, "fastnorm", t_ours, work)
         peers = {}
         if tv is not None:
-            theirs = np.load(os.path.join(tmp, f"{case}_tvkeep.npy"))
             # torchvision's final merge sort in batched_nms is not stable: compare as sets
-            assert np.array_equal(np.sort(theirs), np.sort(ours)), case
+            assert np.array_equal(np.sort(tv_keep[case]), np.sort(ours)), case
             peers["torchvision"] = tv["times"][case]
         if not case.startswith("batched"):
             run = onnx_op("NonMaxSuppression",
                           {"boxes": b[None], "scores": s[None, None],
                            "max": np.array([n], np.int64), "iou": np.array([IOU], np.float32)},
-                          {}, 13, THREADS, np.int64)
+                          {}, 13, threads, np.int64)
             if run is not None:
                 sel = run()[:, 2]
                 assert np.array_equal(np.sort(sel), np.sort(ours)), case
@@ -148,11 +139,11 @@ def main(argv=None):
     notes = ("Speed-up = peer time / fastnorm time (same inputs, identical kept index sets checked "
              "for torchvision and ONNX Runtime). OpenCV NMSBoxes is timed on xywh float64 input "
              "prepared outside the timing (its IoU convention differs slightly; not checked). "
-             "torchvision " + (" ".join(tv["versions"]) if tv else "unavailable") +
-             " timed in a subprocess. 'Mbox/s' = input boxes per second / 1e6.\n\nTargets:\n"
-             + "\n".join(lines))
+             "torchvision " + (" ".join(tv["versions"]) + f" timed {tv['where']}"
+                               if tv else "unavailable") +
+             ". 'Mbox/s' = input boxes per second / 1e6.\n\nTargets:\n" + "\n".join(lines))
     tables = [table] + cuda_tables(inputs)
-    print(write_results("nms", tables, notes, write=not args.no_write))
+    return finish(args, "nms", tables, notes)
 
 
 CUDA_TARGETS = ("nms_1000", "nms_10000", "nms_100000", "batched_20000")
@@ -175,19 +166,19 @@ def cuda_tables(inputs):
         torchvision = None
     for case in CUDA_TARGETS:
         arrs = inputs[case]
-        n = len(arrs[1])
+        n = len(arrs[0])
         dev = [cupy.asarray(a) for a in arrs]
         fn = (lambda: fastnorm.batched_nms(*dev, IOU)) if len(dev) == 3 else \
             (lambda: fastnorm.nms(*dev, IOU))
         ours = cupy.asnumpy(fn())
-        t.add(f"{case} ({len(ours)} kept)", "fastnorm", timeit(fn, sync=sync, **_timer(n)), n * 1e3)
+        t.add(f"{case} ({len(ours)} kept)", "fastnorm", timeit(fn, sync=sync, **_timer(n)), n)
         if torchvision is not None:
             tt = [torch.as_tensor(a, device="cuda") for a in arrs]
             tfn = (lambda: torchvision.ops.batched_nms(*tt, IOU)) if len(tt) == 3 else \
                 (lambda: torchvision.ops.nms(*tt, IOU))
             assert np.array_equal(np.sort(tfn().cpu().numpy()), np.sort(ours)), case
             t.add(f"{case} ({len(ours)} kept)", "torchvision CUDA",
-                  timeit(tfn, sync=ts, **_timer(n)), n * 1e3)
+                  timeit(tfn, sync=ts, **_timer(n)), n)
     return [t]
 
 

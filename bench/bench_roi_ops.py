@@ -1,25 +1,26 @@
 """RoIAlign benchmark: the FPN level-P2 workload of a two-stage detector.
 
 x (2, 256, 200, 272) float32, 1000 RoIs (random boxes of 16..256 px on a 1088 x 800 image),
-output 7x7, sampling_ratio 2, aligned=True, spatial_scale 1/4; forward and backward, 2 threads
-for every implementation.
+output 7x7, sampling_ratio 2, aligned=True, spatial_scale 1/4; forward and backward, --threads
+threads for every implementation (default 2).
+
+    python bench/bench_roi_ops.py [--threads N] [--torchvision-python PATH] [--no-write | --out DIR]
 
 Peers
 -----
 * ONNX Runtime ``RoiAlign`` (opset 16, ``coordinate_transformation_mode="half_pixel"`` = aligned,
-  mode avg), forward only, ``intra_op_num_threads=2``.
-* torchvision CPU ``roi_align`` forward and backward (autograd). torchvision is not installed in
-  fastnorm's environment, so it runs in a subprocess with the interpreter in ``$FASTNORM_TV_PYTHON``
-  (default ``/work/venv-tv/bin/python``), ``torch.set_num_threads(2)``, on the very same inputs saved
-  to .npy files, timed with the same method (median of 7 repeats of an inner loop of >= 0.05 s after
-  a warm-up call); the script checks that its output matches fastnorm's before timing counts.
+  mode avg), forward only, ``intra_op_num_threads`` = --threads.
+* torchvision CPU ``roi_align`` forward and backward (autograd), ``torch.set_num_threads`` =
+  --threads, on the very same inputs saved to .npy files, timed with the same method (best of
+  11 repeats of an inner loop of >= 0.1 s after a warm-up call), with its max deviation from
+  fastnorm's output. It runs in this process when torchvision imports here, else in the
+  interpreter named by --torchvision-python or ``$FASTNORM_TV_PYTHON`` (a second environment:
+  PyPI's torchvision does not import beside the CPU torch build, see the README's "Benchmarks").
 * On a GPU (CuPy present): fastnorm CUDA, and torchvision CUDA when importable in this process.
 
 The "GB/s" column counts the bytes of the output (forward) or of grad_out + grad_x (backward).
 """
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -27,13 +28,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastnorm  # noqa: E402
-from fastnorm._bench import (Table, bench_args, cuda_device, onnx_op, timeit,  # noqa: E402
-                             timeit_source, write_results)
+from fastnorm._bench import (Table, bench_args, cuda_device, finish, onnx_op,  # noqa: E402
+                             run_torchvision, timeit)
 
-THREADS = 2
 PH = PW = 7
 SCALE, SR, ALIGNED = 0.25, 2, True
-TV_PYTHON = os.environ.get("FASTNORM_TV_PYTHON", "/work/venv-tv/bin/python")
 
 
 def workload(seed=0, K=1000):
@@ -47,64 +46,60 @@ def workload(seed=0, K=1000):
     return x, rois
 
 
+# the torchvision peer (fastnorm._bench.run_torchvision): in this process or in a second one
 TV_SCRIPT = r"""
-import json, sys
-import numpy as np, torch, torchvision
-torch.set_num_threads(%(threads)d)
-d = sys.argv[1]
-x = torch.from_numpy(np.load(d + "/x.npy")); rois = torch.from_numpy(np.load(d + "/rois.npy"))
-ref = np.load(d + "/y.npy")
+def run(d, threads, ph, scale, sr, aligned):
+    import numpy as np, torch, torchvision
+    torch.set_num_threads(threads)
+    x = torch.from_numpy(np.load(d + "/x.npy"))
+    rois = torch.from_numpy(np.load(d + "/rois.npy"))
+    ref = np.load(d + "/y.npy")
+    f = lambda: torchvision.ops.roi_align(x, rois, ph, scale, sr, aligned)
+    err = float(np.abs(f().numpy() - ref).max())
+    xg = x.clone().requires_grad_(True)
+    y = torchvision.ops.roi_align(xg, rois, ph, scale, sr, aligned)
+    g = torch.from_numpy(np.load(d + "/g.npy"))
 
-f = lambda: torchvision.ops.roi_align(x, rois, %(ph)d, %(scale)r, %(sr)d, %(aligned)r)
-err = float(np.abs(f().numpy() - ref).max())
-xg = x.clone().requires_grad_(True)
-y = torchvision.ops.roi_align(xg, rois, %(ph)d, %(scale)r, %(sr)d, %(aligned)r)
-g = torch.from_numpy(np.load(d + "/g.npy"))
-def bwd():
-    torch.autograd.grad(y, xg, g, retain_graph=True)
-print(json.dumps({"fwd": timeit(f), "bwd": timeit(bwd), "err": err,
-                  "version": torchvision.__version__}))
+    def bwd():
+        torch.autograd.grad(y, xg, g, retain_graph=True)
+    return {"fwd": timeit(f), "bwd": timeit(bwd), "err": err,
+            "version": torchvision.__version__}
 """
 
 
-def torchvision_cpu(x, rois, y, g):
-    """Times of torchvision CPU forward/backward in a subprocess, or None if unavailable."""
-    if not os.path.exists(TV_PYTHON):
-        return None
+def torchvision_cpu(x, rois, y, g, threads, python=None):
+    """Times of torchvision CPU forward/backward (``fastnorm._bench.run_torchvision``), or None
+    if unavailable."""
     with tempfile.TemporaryDirectory() as d:
-        np.save(f"{d}/x.npy", x)
-        np.save(f"{d}/rois.npy", rois)
-        np.save(f"{d}/y.npy", y)
-        np.save(f"{d}/g.npy", g)
-        code = timeit_source() + TV_SCRIPT % dict(threads=THREADS, ph=PH, scale=SCALE, sr=SR, aligned=ALIGNED)
-        r = subprocess.run([TV_PYTHON, "-c", code, d], capture_output=True, text=True)
-    if r.returncode != 0:
-        print("torchvision subprocess failed:", r.stderr[-500:], file=sys.stderr)
-        return None
-    return json.loads(r.stdout.strip().splitlines()[-1])
+        for name, a in dict(x=x, rois=rois, y=y, g=g).items():
+            np.save(f"{d}/{name}.npy", a)
+        return run_torchvision(TV_SCRIPT, d, threads, python, ph=PH, scale=SCALE, sr=SR,
+                               aligned=ALIGNED)
 
 
-def onnxruntime_fwd(x, rois):
+def onnxruntime_fwd(x, rois, threads):
     """ONNX Runtime RoiAlign (opset 16) on the same inputs: run() or None."""
     return onnx_op("RoiAlign", {"X": x, "rois": np.ascontiguousarray(rois[:, 1:]),
                                 "idx": rois[:, 0].astype(np.int64)},
                    dict(mode="avg", output_height=PH, output_width=PW, sampling_ratio=SR,
                         spatial_scale=SCALE,
                         coordinate_transformation_mode="half_pixel" if ALIGNED
-                        else "output_half_pixel"), 16, THREADS)
+                        else "output_half_pixel"), 16, threads)
 
 
 def main(argv=None):
-    args = bench_args(__doc__, argv)
+    args = bench_args(__doc__, __file__, argv, torchvision=True)
+    threads = args.threads
+    fastnorm.set_num_threads(threads)                # also what the report's machine line says
     x, rois = workload()
     K, C = rois.shape[0], x.shape[1]
     rng = np.random.default_rng(1)
     g = rng.standard_normal((K, C, PH, PW), dtype=np.float32)
     out_bytes = K * C * PH * PW * 4
     fwd = Table("roi_align forward, FPN P2 (2, 256, 200, 272) float32, 1000 RoIs, 7x7, sr 2, "
-                f"aligned, {THREADS} threads", unit="GB/s")
+                f"aligned, {threads} threads", unit="GB/s")
     bwd = Table("roi_align backward (grad_x), same workload", unit="GB/s")
-    with fastnorm.threads(THREADS):
+    with fastnorm.threads(threads):
         y = fastnorm.roi_align(x, rois, PH, SCALE, SR, ALIGNED)
         t_f = timeit(lambda: fastnorm.roi_align(x, rois, PH, SCALE, SR, ALIGNED))
         t_b = timeit(lambda: fastnorm.roi_align_backward(g, rois, x.shape, PH, SCALE, SR,
@@ -126,12 +121,12 @@ def main(argv=None):
     bwd.add("P2", "fastnorm, 1 thread (scaling check)", t_b1, out_bytes + x.nbytes)
     bwd.add("P2", "fastnorm channels_last", t_bl, out_bytes + x.nbytes)
     results = {}
-    run_ort = onnxruntime_fwd(x, rois)
+    run_ort = onnxruntime_fwd(x, rois, threads)
     if run_ort is not None:
         err = float(np.abs(run_ort() - y).max())
         results["ort"] = timeit(run_ort)
         fwd.add("P2", f"onnxruntime RoiAlign (max diff {err:.1e})", results["ort"], out_bytes)
-    tv = torchvision_cpu(x, rois, y, g)
+    tv = torchvision_cpu(x, rois, y, g, threads, args.torchvision_python)
     if tv is not None:
         results["tv_fwd"], results["tv_bwd"] = tv["fwd"], tv["bwd"]
         fwd.add("P2", f"torchvision {tv['version']} CPU (max diff {tv['err']:.1e})", tv["fwd"],
@@ -149,13 +144,13 @@ def main(argv=None):
         checks.append(("forward >= 2x ONNX Runtime", results["ort"] / t_f, 2.0))
     lines = [f"{'PASS' if r >= want else 'MISS'}: {name} (got {r:.2f}x)"
              for name, r, want in checks]
-    notes = ("Targets (float32, 2 threads):\n\n" + "\n".join(f"- {s}" for s in lines) +
-             "\n\ntorchvision timed in a subprocess on the same .npy inputs (see the script "
-             "docstring). Load average during the run: "
+    tv_note = f"{tv['version']} timed {tv['where']}" if tv else "unavailable"
+    notes = (f"Targets (float32, {threads} threads):\n\n" + "\n".join(f"- {s}" for s in lines)
+             + f"\n\ntorchvision {tv_note}"
+             " on the same inputs (see the script docstring). Load average during the run: "
              + ", ".join(f"{v:.2f}" for v in os.getloadavg()) +
-             " (on a shared 2-core machine the 2-thread rows only scale when the load is low).")
-    text = write_results("roi_ops", tables, notes, write=not args.no_write)
-    print(text)
+             f" (on a shared machine the {threads}-thread rows only scale when the load is low).")
+    return finish(args, "roi_ops", tables, notes)
 
 
 def cuda_tables(x, rois, g):

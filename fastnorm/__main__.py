@@ -1,7 +1,8 @@
 """``python -m fastnorm``: environment report, a detection-head demo pipeline and a quick benchmark.
 
     python -m fastnorm                      report + demo pipeline + compact benchmark (~20 s)
-    python -m fastnorm bench [--op OP ...] [--device cpu|cuda] [--plot out.png]
+    python -m fastnorm bench [--op OP ...] [--device cpu|cuda] [--threads N] [--out DIR]
+                             [--torchvision-python PATH] [--plot out.png]
                                             the full suites of bench/bench_<op>.py
 
 The demo runs on synthetic CPU data: feature map -> GroupNorm + SiLU -> DCNv2 (offsets and mask
@@ -12,13 +13,14 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 import fastnorm
-from fastnorm._bench import Table, machine, onnx_op, timeit_many
+from fastnorm._bench import TV_HELP, TV_PYTHON_ENV, Table, machine, onnx_op, read_json, timeit_many
 
 OPS = ("group_norm", "nms", "roi_ops", "deform_conv")
 
@@ -237,22 +239,6 @@ class _Progress:
             self.bar.close()
 
 
-def parse_speedups(text):
-    """(table title, case, peer, speed-up) for every row of the markdown tables in ``text``."""
-    rows, title = [], ""
-    for line in text.splitlines():
-        if line.startswith("### "):
-            title = line[4:].strip()
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and len(cells) >= 4 and cells[3].endswith("x"):
-            try:
-                rows.append((title, cells[0], cells[1], float(cells[3][:-1])))
-            except ValueError:
-                pass
-    return rows
-
-
 def plot_speedups(rows, path):
     try:
         import matplotlib
@@ -279,7 +265,10 @@ def plot_speedups(rows, path):
     return True
 
 
-def bench(ops, device, plot=None):
+def bench(ops, device, plot=None, threads=None, out=None, torchvision_python=None):
+    """Run the suites ``bench/bench_<op>.py`` one by one, printing their output as it comes; the
+    speed-ups are read from the JSON each suite writes (``--json``), not from its printed text.
+    Result files are written only to ``out``."""
     root = _bench_dir()
     if not root.is_dir():
         print(f"The benchmark suites are not here ({root} is missing): they live in the source "
@@ -290,44 +279,60 @@ def bench(ops, device, plot=None):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root.parent), env.get("PYTHONPATH"))
                                         if p)
+    if torchvision_python:                        # a path stays valid in the suites' cwd
+        env[TV_PYTHON_ENV] = os.path.abspath(torchvision_python) \
+            if os.sep in torchvision_python else torchvision_python
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""          # the suites then skip their CUDA tables
     elif not fastnorm.info()["cuda_backend"]:
         print("--device cuda needs CuPy and a CUDA GPU; none is usable here "
               f"(cupy: {fastnorm.info()['cupy']}).", file=sys.stderr)
         return 2
+    options = ["--out", os.path.abspath(out)] if out else ["--no-write"]
+    if threads is not None:
+        options += ["--threads", str(threads)]
     progress = _Progress(len(ops))
-    outputs, failed = [], []
-    for op in ops:
-        script = root / f"bench_{op}.py"
-        progress.start(op)
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, str(script)], cwd=root.parent, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            progress.tick(line)
-        rc = proc.wait()
-        text = "".join(lines)
-        progress.write(f"\n===== bench_{op}.py ({'ok' if rc == 0 else f'exit {rc}'}) =====\n"
-                       + text)
-        (outputs if rc == 0 else failed).append((op, text))
-        progress.step(op, time.perf_counter() - t0)
+    results, failed = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for op in ops:
+            script = root / f"bench_{op}.py"
+            channel = os.path.join(tmp, f"{op}.json")
+            progress.start(op)
+            t0 = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, str(script), "--json", channel] + options,
+                                    cwd=root.parent, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                progress.tick(line)
+            rc = proc.wait()
+            ok = rc == 0 and os.path.exists(channel)
+            status = "ok" if ok else f"exit {rc}" if rc else "exit 0 but no results written"
+            progress.write(f"\n===== bench_{op}.py ({status}) =====\n" + "".join(lines))
+            if ok:
+                results.append((op, read_json(channel)))
+            else:
+                failed.append(op)
+            progress.step(op, time.perf_counter() - t0)
     progress.close()
-    rows = [(op,) + r[1:] for op, text in outputs for r in parse_speedups(text)]
+    rows = [(op, case, peer, r) for op, tables in results for t in tables
+            for case, peer, r in t.speedups()]
     if rows:
         print("\nspeed-ups of fastnorm (peer time / fastnorm time):")
         for op, case, peer, r in rows:
             print(f"  {r:7.2f}x  {op:12s} {case}  vs {peer}")
-    print("\nResult tables were written to bench/results/ by the suites.")
+    if out:
+        print(f"\nResult tables were written to {os.path.abspath(out)}.")
+    else:
+        print("\nNo result files were written (--out DIR writes them).")
     if plot:
         if not rows:
             print("no speed-ups to plot", file=sys.stderr)
         else:
             plot_speedups(rows, plot)
     if failed:
-        print("failed: " + ", ".join(op for op, _ in failed), file=sys.stderr)
+        print("failed: " + ", ".join(failed), file=sys.stderr)
         return 1
     return 0
 
@@ -341,11 +346,20 @@ def main(argv=None):
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: hide GPUs from the suites; cuda: require a GPU and add the "
                         "suites' CUDA tables")
+    b.add_argument("--threads", type=int, metavar="N",
+                   help="threads for fastnorm and for every CPU peer (default: the suites', 2)")
+    b.add_argument("--out", metavar="DIR",
+                   help="write the suites' result files (<date>-<name>.md) to DIR; without it "
+                        "nothing is written")
+    b.add_argument("--torchvision-python", metavar="PATH", help=TV_HELP)
     b.add_argument("--plot", metavar="PNG", help="write a bar chart of the speed-ups "
                                                  "(needs matplotlib)")
     args = p.parse_args(argv)
     if args.command == "bench":
-        return bench(tuple(dict.fromkeys(args.op or OPS)), args.device, args.plot)
+        if args.threads is not None and args.threads < 1:
+            p.error(f"--threads must be >= 1, got {args.threads}")
+        return bench(tuple(dict.fromkeys(args.op or OPS)), args.device, args.plot, args.threads,
+                     args.out, args.torchvision_python)
     report()
     demo()
     quick_bench()

@@ -1,11 +1,17 @@
 """Benchmark harness shared by ``bench/`` and ``python -m fastnorm``.
 
 Times callables (best-of-N after warm-up, CUDA-synchronised when asked), measures the machine's
-copy-bandwidth ceiling, and renders result tables with ratios and GB/s or GFLOP/s.
+copy-bandwidth ceiling, renders result tables with ratios and GB/s, GFLOP/s or Mbox/s, runs the
+torchvision peer (in this process or in a second interpreter) and gives the suites one command
+line. Nothing here writes a file except into a directory or path its caller names.
 """
 import datetime
+import json
 import os
 import platform
+import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -61,11 +67,63 @@ def timeit_source():
     """Python source defining ``timeit`` (this module's) for a peer timed in another interpreter,
     e.g. torchvision in its own environment run as a subprocess: it loads this file by path and
     needs only NumPy there. Prepend it to the subprocess's script."""
+    here = os.path.abspath(__file__)
     return ("import importlib.util as _iu\n"
-            f"_spec = _iu.spec_from_file_location('fastnorm_bench', {os.path.abspath(__file__)!r})\n"
+            f"_spec = _iu.spec_from_file_location('fastnorm_bench', {here!r})\n"
             "_bench = _iu.module_from_spec(_spec)\n"
             "_spec.loader.exec_module(_bench)\n"
             "timeit = _bench.timeit\n")
+
+
+TV_PYTHON_ENV = "FASTNORM_TV_PYTHON"
+TV_HELP = ("Python interpreter of an environment with torchvision, for the torchvision CPU peer "
+           f"(default: ${TV_PYTHON_ENV}; without either, torchvision is timed in this process "
+           "when it imports here, else skipped). PyPI's torchvision does not import beside the "
+           "CPU torch build: see the README, 'Benchmarks'.")
+
+
+def run_torchvision(code, data_dir, threads, python=None, **kwargs):
+    """Run the torchvision peer ``code`` and return its result, or None when torchvision is
+    unavailable (the reason goes to stderr).
+
+    ``code`` is Python source defining ``run(d, threads, **kwargs)``, which reads its inputs from
+    the .npy files in directory ``d``, times torchvision with ``timeit`` (in scope) on ``threads``
+    torch threads and returns a JSON-serialisable dict. Where it runs: in the interpreter
+    ``python`` (``--torchvision-python``), else ``$FASTNORM_TV_PYTHON``, as a subprocess on the
+    same files; with neither, in this process if torchvision imports here. No interpreter path
+    is assumed. The dict gains ``"where"``, for the report: ``"in this process"`` or ``"in a
+    second interpreter (--torchvision-python)"``.
+    """
+    python = python or os.environ.get(TV_PYTHON_ENV) or None
+    if python is None:
+        try:
+            import torchvision  # noqa: F401
+        except Exception as e:  # not installed, or built for another torch (RuntimeError)
+            print(f"torchvision not timed: it does not import here ({type(e).__name__}: "
+                  f"{str(e).strip()[:200]}); name an interpreter that has it with "
+                  f"--torchvision-python PATH or ${TV_PYTHON_ENV} (README, 'Benchmarks')",
+                  file=sys.stderr)
+            return None
+        ns = {"timeit": timeit, "__name__": "fastnorm_torchvision_peer"}
+        exec(compile(code, "<torchvision peer>", "exec"), ns)
+        out = ns["run"](data_dir, threads, **kwargs)
+        out["where"] = "in this process"
+        return out
+    if shutil.which(python) is None:          # a path, or a command on PATH
+        print(f"torchvision not timed: the interpreter {python!r} (--torchvision-python or "
+              f"${TV_PYTHON_ENV}) does not exist", file=sys.stderr)
+        return None
+    source = (timeit_source() + code + "\nimport json as _json, sys as _sys\n"
+              "print(_json.dumps(run(_sys.argv[1], int(_sys.argv[2]), "
+              "**_json.loads(_sys.argv[3]))))\n")
+    r = subprocess.run([python, "-c", source, data_dir, str(threads), json.dumps(kwargs)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"torchvision not timed: {python} failed:\n{r.stderr[-800:]}", file=sys.stderr)
+        return None
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out["where"] = "in a second interpreter (--torchvision-python)"
+    return out
 
 
 def copy_bandwidth(nbytes=256 << 20, xp=np, sync=None):
@@ -104,7 +162,6 @@ def onnx_op(op, feeds, attrs, opset, threads, out_type=np.float32):
                                     providers=["CPUExecutionProvider"])
         sess.run(None, feeds)
     except Exception as e:  # an onnxruntime without this op
-        import sys
         print(f"  (onnxruntime {op} unavailable: {type(e).__name__}: {e})", file=sys.stderr)
         return None
     return lambda: sess.run(None, feeds)[0]
@@ -137,16 +194,49 @@ def peer_versions():
     return out
 
 
+# what one unit of each rate column counts: work / seconds / scale
+UNITS = {"GB/s": 1e9, "GFLOP/s": 1e9, "Mbox/s": 1e6}
+
+
 class Table:
-    """Rows of (case, impl, seconds, work units); ratios are peer time / fastnorm time."""
+    """Rows of (case, impl, seconds, work); ratios are peer time / fastnorm time.
+
+    ``unit`` names the rate column: ``"GB/s"`` (work in bytes), ``"GFLOP/s"`` (flops) or
+    ``"Mbox/s"`` (boxes); ``ceiling`` is the measured limit in that unit, if any.
+    """
 
     def __init__(self, title, unit="GB/s", ceiling=None):
+        if unit not in UNITS:
+            raise ValueError(f"`unit` must be one of {sorted(UNITS)}, got {unit!r}")
         self.title, self.unit, self.ceiling = title, unit, ceiling
         self.rows = []
 
     def add(self, case, impl, seconds, work=None):
-        """``work``: bytes (GB/s tables) or flops (GFLOP/s tables) moved/done by one call."""
-        self.rows.append((case, impl, seconds, work))
+        """``work``: what one call moves or does, in the unit's base quantity (bytes, flops or
+        boxes); None leaves the rate cell empty."""
+        self.rows.append((case, impl, float(seconds), work))
+
+    def rate(self, seconds, work):
+        """Work per second in ``unit``, or None."""
+        return work / seconds / UNITS[self.unit] if work else None
+
+    def speedups(self):
+        """``(case, peer, peer time / fastnorm time)`` for every peer row of a case that has a
+        fastnorm row."""
+        ours = {case: s for case, impl, s, _ in self.rows if impl == "fastnorm"}
+        return [(case, impl, s / ours[case]) for case, impl, s, _ in self.rows
+                if impl != "fastnorm" and case in ours]
+
+    def to_dict(self):
+        return {"title": self.title, "unit": self.unit, "ceiling": self.ceiling,
+                "rows": [list(r) for r in self.rows]}
+
+    @classmethod
+    def from_dict(cls, d):
+        t = cls(d["title"], d["unit"], d["ceiling"])
+        for row in d["rows"]:
+            t.add(*row)
+        return t
 
     def markdown(self):
         head = f"| case | impl | time (ms) | speed-up of fastnorm | {self.unit} |"
@@ -157,9 +247,10 @@ class Table:
         ours = {case: s for case, impl, s, _ in self.rows if impl == "fastnorm"}
         for case, impl, s, work in self.rows:
             ratio = f"{s / ours[case]:.2f}x" if case in ours and impl != "fastnorm" else ""
-            rate = work / s / 1e9 if work else None
-            line = f"| {case} | {impl} | {s * 1e3:.3f} | {ratio} | " + \
-                (f"{rate:.1f}" if rate else "") + " |"
+            rate = self.rate(s, work)
+            # two significant digits below 0.1 (a slow peer's Mbox/s), not a row of 0.0
+            cell = "" if not rate else f"{rate:.1f}" if rate >= 0.1 else f"{rate:.2g}"
+            line = f"| {case} | {impl} | {s * 1e3:.3f} | {ratio} | {cell} |"
             if self.ceiling:
                 line += (f" {100 * rate / self.ceiling:.0f}% |" if rate else " |")
             lines.append(line)
@@ -169,19 +260,46 @@ class Table:
         return "\n".join(lines)
 
 
-def bench_args(doc, argv=None):
-    """The suites' command line: ``--help`` shows the script's docstring; ``--no-write`` prints
-    the tables without writing bench/results/."""
+WRITE_RULE = """\
+Result files: run as `python bench/bench_<op>.py`, a suite writes its tables to
+results/<date>-<name>.md beside the script (bench/results/ in a source checkout); --no-write
+only prints them, --out DIR writes them to DIR instead. `python -m fastnorm bench` writes
+nothing unless given --out DIR. --json PATH also writes the tables as JSON (what
+`python -m fastnorm bench` reads)."""
+
+
+def bench_args(doc, script, argv=None, *, quick=False, torchvision=False):
+    """The suites' command line. ``--help`` shows the script's docstring and the rule for result
+    files; ``script`` is the suite's ``__file__`` (its results/ folder is the default output).
+
+    Returns the parsed arguments, with ``results_dir``: where to write the result file (None:
+    nowhere).
+    """
     import argparse
-    p = argparse.ArgumentParser(description=doc,
+    p = argparse.ArgumentParser(description=doc, epilog=WRITE_RULE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--no-write", action="store_true", help="do not write bench/results/")
-    return p.parse_args(argv)
+    p.add_argument("--threads", type=int, default=2, metavar="N",
+                   help="threads for fastnorm and for every CPU peer (torch, torchvision, ONNX "
+                        "Runtime, OpenCV) (default: 2)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--no-write", action="store_true", help="print the tables only")
+    where.add_argument("--out", metavar="DIR",
+                       help="write the result file to DIR instead of results/ beside the script")
+    p.add_argument("--json", metavar="PATH", help="also write the tables as JSON to PATH")
+    if quick:
+        p.add_argument("--quick", action="store_true", help="one shape only")
+    if torchvision:
+        p.add_argument("--torchvision-python", metavar="PATH", help=TV_HELP)
+    args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    args.results_dir = None if args.no_write else \
+        (args.out or os.path.join(os.path.dirname(os.path.abspath(script)), "results"))
+    return args
 
 
-def write_results(name, tables, notes="", write=True):
-    """Write ``bench/results/<date>-<name>.md`` (when run from a source tree and ``write``) and
-    return the text."""
+def report(name, tables, notes=""):
+    """The text of a result file: ``name``, date, machine, peer versions, ``notes``, tables."""
     text = [f"# {name}", "", f"Date: {datetime.date.today().isoformat()}", "",
             f"Machine: {machine()}", "",
             "Peers: " + ", ".join(f"{k} {v}" for k, v in peer_versions().items()), ""]
@@ -189,11 +307,32 @@ def write_results(name, tables, notes="", write=True):
         text += [notes, ""]
     for t in tables:
         text += [t.markdown(), ""]
-    text = "\n".join(text)
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
-                        "results")
-    if write and os.path.isdir(root):
-        path = os.path.join(root, f"{datetime.date.today().isoformat()}-{name}.md")
-        with open(path, "w") as f:
+    return "\n".join(text)
+
+
+def write_results(name, tables, notes="", out=None, json_path=None):
+    """Return the report of ``tables``; write it to ``<out>/<date>-<name>.md`` when ``out`` is
+    given, and the tables as JSON to ``json_path`` when given. Writes nothing else."""
+    text = report(name, tables, notes)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"{datetime.date.today().isoformat()}-{name}.md"), "w") as f:
             f.write(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"name": name, "machine": machine(), "notes": notes,
+                       "tables": [t.to_dict() for t in tables]}, f)
     return text
+
+
+def finish(args, name, tables, notes=""):
+    """A suite's end: print the report, write it where ``args`` say (``bench_args``) and return
+    ``tables``."""
+    print(write_results(name, tables, notes, args.results_dir, args.json))
+    return tables
+
+
+def read_json(path):
+    """The tables that ``write_results(..., json_path=path)`` wrote."""
+    with open(path) as f:
+        return [Table.from_dict(t) for t in json.load(f)["tables"]]

@@ -26,7 +26,7 @@ wrapped in JAX's runtime error.
 Examples
 --------
 >>> import jax, jax.numpy as jnp, fastnorm.jax as fj
->>> x = jnp.ones((2, 4, 3, 3)) * jnp.arange(4.0)[:, None, None]
+>>> x = jnp.ones((2, 4, 3, 3), jnp.float32) * jnp.arange(4, dtype=jnp.float32)[:, None, None]
 >>> y = jax.jit(lambda x: fj.group_norm(x, 2))(x)
 >>> y.shape, y.dtype
 ((2, 4, 3, 3), dtype('float32'))

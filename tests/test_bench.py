@@ -1,0 +1,159 @@
+"""The benchmark harness (fastnorm._bench, bench/*.py) and `python -m fastnorm bench`: rates in
+the table's own unit, results handed back as JSON rather than scraped from printed markdown, no
+file written unless asked, --threads on every suite, and the torchvision peer found without any
+machine path."""
+import datetime
+import importlib.util
+import pathlib
+import re
+import sys
+import types
+
+import pytest
+
+import fastnorm.__main__ as cli
+from fastnorm import _bench
+from fastnorm._bench import Table
+
+BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
+SUITES = sorted(BENCH.glob("bench_*.py"))
+
+
+def test_rates_count_in_the_tables_unit():
+    t = Table("nms", unit="Mbox/s")
+    t.add("10k", "fastnorm", 0.002, 10_000)          # work: boxes
+    t.add("10k", "torchvision", 0.020, 10_000)
+    assert t.rate(0.002, 10_000) == pytest.approx(5.0)
+    rows = [r for r in t.markdown().splitlines() if r.startswith("| 10k")]
+    assert rows[0].endswith("| 5.0 |") and rows[1].endswith("| 10.00x | 0.5 |")
+    assert t.speedups() == [("10k", "torchvision", pytest.approx(10.0))]
+    t.add("10k", "slow peer", 0.275, 10_000)
+    assert t.markdown().splitlines()[-1].endswith("| 0.036 |")
+    g = Table("gn", unit="GB/s")
+    g.add("x", "fastnorm", 0.5, 4e9)                 # work: bytes
+    assert g.rate(0.5, 4e9) == pytest.approx(8.0)
+    with pytest.raises(ValueError, match="unit"):
+        Table("t", unit="boxes/s")
+
+
+def test_tables_round_trip_through_json_and_nothing_is_written_unasked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    t = Table("t", "GFLOP/s", ceiling=100.0)
+    t.add("case", "fastnorm", 0.1, 2e9)
+    t.add("case", "peer", 0.3, 2e9)
+    text = _bench.write_results("demo", [t], "notes")
+    assert "### t" in text and "notes" in text
+    assert list(tmp_path.iterdir()) == []           # no directory named: no file
+    path = tmp_path / "t.json"
+    _bench.write_results("demo", [t], out=str(tmp_path / "res"), json_path=str(path))
+    assert [p.name for p in (tmp_path / "res").iterdir()] == \
+        [f"{datetime.date.today().isoformat()}-demo.md"]
+    (back,) = _bench.read_json(path)
+    assert (back.title, back.unit, back.ceiling, back.rows) == (t.title, t.unit, t.ceiling, t.rows)
+    assert back.speedups() == [("case", "peer", pytest.approx(3.0))]
+
+
+def test_suite_command_line(tmp_path):
+    script = str(BENCH / "bench_x.py")
+    a = _bench.bench_args("doc", script, [])
+    assert a.threads == 2 and a.results_dir == str(BENCH / "results") and a.json is None
+    assert _bench.bench_args("doc", script, ["--no-write"]).results_dir is None
+    a = _bench.bench_args("doc", script, ["--out", str(tmp_path), "--threads", "3",
+                                          "--json", "r.json"])
+    assert (a.results_dir, a.threads, a.json) == (str(tmp_path), 3, "r.json")
+    assert _bench.bench_args("doc", script, ["--torchvision-python", "py"],
+                             torchvision=True).torchvision_python == "py"
+    for bad in (["--threads", "0"], ["--no-write", "--out", "d"], ["--torchvision-python", "p"]):
+        with pytest.raises(SystemExit):
+            _bench.bench_args("doc", script, bad)
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", SUITES, ids=lambda p: p.stem)
+def test_every_suite_takes_threads_and_names_no_machine_path(path, capsys):
+    assert not re.search(r"""["'](/work|/home|/opt|/usr|/tmp)/""", path.read_text()), \
+        "an absolute path in a suite"
+    with pytest.raises(SystemExit) as e:
+        _load(path).main(["--help"])
+    assert e.value.code == 0
+    help_text = capsys.readouterr().out
+    for option in ("--threads", "--no-write", "--out", "--json", "Result files:"):
+        assert option in help_text, option
+    if path.stem != "bench_group_norm":                  # the suites with a torchvision peer
+        assert "--torchvision-python" in help_text
+
+
+PEER = r'''
+def run(d, threads, k):
+    return {"k": k, "threads": threads, "d": d, "t": timeit(lambda: None, repeat=1, min_time=0)}
+'''
+
+
+def test_torchvision_peer_in_this_process(monkeypatch):
+    monkeypatch.delenv(_bench.TV_PYTHON_ENV, raising=False)
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
+    out = _bench.run_torchvision(PEER, "dir", 3, k=[1, 2])
+    assert out["k"] == [1, 2] and out["threads"] == 3 and out["d"] == "dir"
+    assert out["t"] >= 0 and out["where"] == "in this process"
+
+
+def test_torchvision_peer_in_a_named_interpreter(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torchvision", None)        # does not import here
+    monkeypatch.delenv(_bench.TV_PYTHON_ENV, raising=False)
+    assert _bench.run_torchvision(PEER, "dir", 1, k=0) is None
+    assert "--torchvision-python" in capsys.readouterr().err
+    out = _bench.run_torchvision(PEER, "dir", 2, sys.executable, k={"a": 1})
+    assert out["k"] == {"a": 1} and out["threads"] == 2
+    assert out["where"].startswith("in a second interpreter")
+    monkeypatch.setenv(_bench.TV_PYTHON_ENV, sys.executable)      # the environment variable
+    assert _bench.run_torchvision(PEER, "dir", 1, k=5)["k"] == 5
+    monkeypatch.setenv(_bench.TV_PYTHON_ENV, "/nonexistent/python")
+    assert _bench.run_torchvision(PEER, "dir", 1, k=5) is None
+    assert "does not exist" in capsys.readouterr().err
+
+
+FAKE_SUITE = r'''
+"""A stand-in suite: real harness, instant timings."""
+from fastnorm._bench import Table, bench_args, finish
+
+
+def main(argv=None):
+    args = bench_args(__doc__, __file__, argv)
+    t = Table(f"fake, {args.threads} threads")
+    t.add("case", "fastnorm", 1.0, 1e9)
+    t.add("case", "peer", 3.0, 1e9)
+    # a decoy: the old scraper of printed markdown would have read 99.00x here
+    print("| case | decoy | 1.000 | 99.00x | |")
+    return finish(args, "fake", [t])
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def test_bench_subcommand_reads_the_suites_json(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "bench"
+    root.mkdir()
+    (root / "bench_group_norm.py").write_text(FAKE_SUITE)
+    monkeypatch.setattr(cli, "_bench_dir", lambda: root)
+    assert cli.main(["bench", "--op", "group_norm", "--threads", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "### fake, 3 threads" in out                          # the suite's output, streamed
+    summary = out[out.index("speed-ups of fastnorm"):]
+    assert "3.00x  group_norm   case  vs peer" in summary and "99.00x" not in summary
+    assert "No result files were written" in summary
+    assert not (root / "results").exists()                        # nothing written unasked
+    results = tmp_path / "out"
+    assert cli.main(["bench", "--op", "group_norm", "--out", str(results)]) == 0
+    assert [p.name for p in results.iterdir()] == \
+        [f"{datetime.date.today().isoformat()}-fake.md"]
+    (root / "bench_group_norm.py").write_text("print('| case | peer | 1 | 2.00x | |')\n")
+    assert cli.main(["bench", "--op", "group_norm"]) == 1          # exited 0 without results
+    assert "no results" in capsys.readouterr().out

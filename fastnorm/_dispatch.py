@@ -1,16 +1,21 @@
 """Which backend serves the arrays of one call; DLPack in, the same framework out.
 
-The public op modules use exactly two things from here::
+The public op modules use exactly these from here::
 
-    call, (x, weight) = resolve(x=x, weight=weight)    # None entries pass through
-    y = call.run("group_norm", "forward", x, weight, ...)  # kernel fastnorm._cpu/_cuda.group_norm
-    return call.wrap(y)
+    @op
+    def group_norm(x, ...):
+        call, (x, weight) = resolve(x=x, weight=weight)    # None entries pass through
+        ...validation...
+        y = call.run(cpu.forward, cuda.forward, GroupNormForward(x=x, ...))
+        return call.wrap(y)
 
 * NumPy arrays go to the CPU kernels, CuPy arrays to the CUDA kernels (on the arrays' device, on
   CuPy's current stream), and any other object with ``__dlpack__``/``__dlpack_device__`` (torch,
   JAX, ...) is imported zero-copy, computed on, and handed back through its own framework.
-* Arrays reach the kernels C-contiguous (a copy is made only when they are not); inputs are
-  never written to.
+* ``resolve`` only imports: it copies nothing, so arguments are validated before any work.
+  ``Call.run`` makes the array fields of the kernel parameters C-contiguous (a copy only when
+  they are not) and calls the backend's entry point with them (see ``fastnorm._kernels``);
+  inputs are never written to.
 * Every public op is decorated with :func:`op`: once ``resolve`` has found the arrays' CUDA
   device, that device (and the CuPy module serving it: CuPy, or the CUDA emulator's stand-in
   for emulated arrays) stays current for the rest of the call -- layout copies, default
@@ -98,7 +103,7 @@ class _Arg:
         return f"`{self.name}` is a {_type_name(self.obj)} on {self.device}"
 
     def native(self):
-        """The argument as a C-contiguous NumPy (CPU) or CuPy (CUDA) array."""
+        """The argument as a NumPy (CPU) or CuPy (CUDA) array, without a copy."""
         obj = self.obj
         if self.framework not in _NATIVE:
             if getattr(obj, "requires_grad", False) and hasattr(obj, "detach"):
@@ -109,8 +114,6 @@ class _Arg:
                 dtype = getattr(self.obj, "dtype", "?")
                 raise TypeError(f"`{self.name}` ({_type_name(self.obj)} of dtype {dtype} on "
                                 f"{self.device}) cannot be imported through DLPack: {e}") from e
-        if not obj.flags.c_contiguous:
-            obj = obj.copy(order="C")
         return obj
 
 
@@ -146,26 +149,21 @@ class Call:
         with xp.cuda.Device(int(self.device.split(":")[1])), _cuda.using(xp):
             yield
 
-    def kernel(self, op):
-        """The kernel module for ``op`` on this backend."""
-        if self.backend == "cpu":
-            try:
-                return importlib.import_module(f"fastnorm._cpu.{op}")
-            except ImportError as e:
-                raise RuntimeError(
-                    f"fastnorm: the CPU kernels are not built (fastnorm._cpu.{op} is missing): "
-                    f"install fastnorm from source with a C compiler, e.g. `pip install .`") from e
-        self.xp                      # CuPy must be installed (unless emulated)
-        return importlib.import_module(f"fastnorm._cuda.{op}")
+    def contiguous(self, a):
+        """``a`` C-contiguous (copied only when it is not); anything else as it is."""
+        if isinstance(a, np.ndarray) or (self.backend == "cuda" and isinstance(a, self.xp.ndarray)):
+            return a if a.flags.c_contiguous else self.xp.ascontiguousarray(a)
+        return a
 
-    def run(self, op, fn, *args):
-        """Call ``fn`` of kernel module ``op`` with ``args`` and the thread count (CPU) or on the
-        arrays' device (CUDA)."""
-        func = getattr(self.kernel(op), fn)
+    def run(self, cpu, cuda, params):
+        """Run ``params`` (a contract of ``fastnorm._kernels``) on this backend's entry point:
+        ``cpu`` (with the thread count) or ``cuda`` (on the arrays' device)."""
+        kwargs = {k: self.contiguous(v) for k, v in params._asdict().items()}
         if self.backend == "cpu":
-            return func(*args, get_num_threads())
+            return cpu(**kwargs, nthreads=get_num_threads())
+        self.xp                      # CuPy must be installed (unless emulated)
         with self.on_device():
-            return func(*args, 0)
+            return cuda(**kwargs, nthreads=0)
 
     def wrap(self, result):
         """Native result(s) -> the caller's framework (tuples, lists and None pass through)."""

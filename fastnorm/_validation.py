@@ -85,3 +85,71 @@ def pair(name, v, *, min=None):
         return tuple(integer(name, e, min=min) for e in v)
     v = integer(name, v, min=min)
     return (v, v)
+
+
+def int_array(name, a, n, ref_name):
+    """None, or an integer array of shape (n,) (one entry per row of `ref_name`), as int64."""
+    if a is None:
+        return None
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"`{name}` must be an integer array, got dtype {a.dtype}")
+    if a.ndim != 1 or a.shape[0] != n:
+        raise ValueError(f"`{name}` must have shape ({n},) to match `{ref_name}`, got "
+                         f"{tuple(a.shape)}")
+    return a.astype("int64", copy=False)
+
+
+def boxes_and_scores(call, bname, boxes, sname=None, scores=None):
+    """(N, 4) floating boxes and, when given, (N,) scores of the same dtype."""
+    float_array(call, bname, boxes)
+    shape(bname, boxes, (None, 4), "(N, 4)")
+    if scores is not None:
+        float_array(call, sname, scores)
+        same_dtype(sname, scores, bname, boxes)
+        shape(sname, scores, (boxes.shape[0],), f"({boxes.shape[0]},) to match `{bname}`")
+
+
+def same_list_length(name, a, n):
+    """A list/tuple of ``n`` per-image arrays, like the first list argument."""
+    if not isinstance(a, (list, tuple)) or len(a) != n:
+        raise ValueError(f"`{name}` must be a list of {n} arrays like `boxes`")
+
+
+def input_shape(name, s):
+    """Four non-negative ints (the shape of an (N, C, H, W) or (N, H, W, C) array)."""
+    try:
+        out = tuple(int(d) for d in s)
+        ok = len(out) == 4 and all(d >= 0 for d in out) and all(int(d) == d for d in s)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"`{name}` must be 4 non-negative ints (the shape of x), got {s!r}")
+    return out
+
+
+def rois(call, rois, ref, ref_name, N):
+    """(K, 5) RoIs ``[batch_index, x1, y1, x2, y2]`` of `ref_name`'s dtype, batch indices
+    integers in [0, N); or a list of per-image (K_i, 4) arrays (at most N of them). Checking the
+    indices of an array on CUDA reads one flag back from the device."""
+    if isinstance(rois, (list, tuple)):
+        if len(rois) > N:
+            raise ValueError(f"`rois` has {len(rois)} per-image entries but `{ref_name}` has "
+                             f"only {N} images")
+        for i, r in enumerate(rois):
+            if r.ndim != 2 or r.shape[1] != 4:
+                raise ValueError(f"`rois` entry {i} must have shape (K_{i}, 4), got "
+                                 f"{tuple(r.shape)}")
+            if r.dtype != ref.dtype:
+                raise TypeError(f"`rois` entry {i} must have the dtype of `{ref_name}` "
+                                f"({ref.dtype}), got {r.dtype}")
+        return
+    shape("rois", rois, (None, 5), "(K, 5)")
+    if rois.dtype != ref.dtype:
+        raise TypeError(f"`rois` must have the dtype of `{ref_name}` ({ref.dtype}), "
+                        f"got {rois.dtype}")
+    if rois.shape[0]:
+        xp = call.xp
+        b = rois[:, 0]
+        if not bool(((b == xp.floor(b)) & (b >= 0) & (b < N)).all()):
+            raise ValueError(f"`rois` batch indices (column 0) must be integers in [0, {N}) "
+                             f"(the batch size of `{ref_name}`)")

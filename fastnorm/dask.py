@@ -40,6 +40,7 @@ import dask.array as da
 import numpy as np
 
 import fastnorm as _fn
+from fastnorm import _lists
 
 __all__ = ["group_norm", "deform_conv2d", "roi_align", "roi_pool", "ps_roi_align",
            "deform_roi_pool", "nms", "batched_nms", "diou_nms", "soft_nms", "weighted_nms",
@@ -104,14 +105,9 @@ def _roi_parts(rois, bounds, extra):
     Returns per chunk (rois in the kernel's form with chunk-local image indices, extras), and the
     permutation that restores the caller's RoI order (None when already in order).
     """
-    if isinstance(rois, (list, tuple)):
-        parts, start = [], 0
-        for a, b in bounds:
-            k = sum(int(r.shape[0]) for r in rois[a:b])
-            parts.append((list(rois[a:b]), [None if e is None else e[start:start + k]
-                                            for e in extra]))
-            start += k
-        return parts, None
+    if _lists.is_list(rois):                  # -> (K, 5), in image order (the caller's)
+        rois = [np.asarray(r) for r in rois]
+        rois = _lists.rois(np, rois, rois[0].dtype if rois else np.float32)
     rois = _small(rois)
     batch = rois[:, 0]
     order = np.argsort(batch, kind="stable")

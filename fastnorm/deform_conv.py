@@ -23,7 +23,10 @@ result does not depend on the thread count); on CUDA they run through CuPy (cuBL
 On CUDA, grad_x is accumulated with atomics, so it is not bitwise reproducible run to run.
 """
 from . import _validation as v
+from ._cpu import deform_conv as cpu
+from ._cuda import deform_conv as cuda
 from ._dispatch import op, resolve
+from ._kernels import DeformConvBackward, DeformConvForward
 
 #: Upper bound, in bytes, of the im2col workspace of one call (at least one output row).
 WORKSPACE_BYTES = 256 << 20
@@ -71,7 +74,8 @@ def _check(call, x, offset, weight, bias, mask, stride, padding, dilation):
         v.shape("bias", bias, (Cout,))
     # the columns are float32 for float16/bfloat16 input (CUDA accumulates in float32)
     rows = max(1, WORKSPACE_BYTES // max(1, C * K * Wo * max(x.dtype.itemsize, 4)))
-    return (sh, sw, ph, pw, dh, dw, rows), (N, Cout, Ho, Wo)
+    return dict(stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), chunk_rows=rows), \
+        (N, Cout, Ho, Wo)
 
 
 @op
@@ -115,8 +119,8 @@ def deform_conv2d(x, offset, weight, bias=None, *, mask=None, stride=1, padding=
     call, (x, offset, weight, bias, mask) = resolve(x=x, offset=offset, weight=weight, bias=bias,
                                                     mask=mask)
     geo, _ = _check(call, x, offset, weight, bias, mask, stride, padding, dilation)
-    y = call.run("deform_conv", "forward", x, offset, mask, weight, bias, *geo)
-    return call.wrap(y)
+    return call.wrap(call.run(cpu.forward, cuda.forward, DeformConvForward(
+        x=x, offset=offset, mask=mask, weight=weight, bias=bias, **geo)))
 
 
 @op
@@ -159,5 +163,5 @@ def deform_conv2d_backward(grad_out, x, offset, weight, *, mask=None, stride=1, 
     v.float_array(call, "grad_out", grad_out, ndim=4)
     v.same_dtype("grad_out", grad_out, "x", x)
     v.shape("grad_out", grad_out, out_shape)
-    grads = call.run("deform_conv", "backward", grad_out, x, offset, mask, weight, *geo)
-    return call.wrap(tuple(grads))
+    return call.wrap(tuple(call.run(cpu.backward, cuda.backward, DeformConvBackward(
+        grad_out=grad_out, x=x, offset=offset, mask=mask, weight=weight, **geo))))

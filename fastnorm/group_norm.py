@@ -1,8 +1,9 @@
 """Group normalisation (Wu & He, 2018), forward and backward, with a fused activation."""
 from . import _validation as v
+from ._cpu import group_norm as cpu
+from ._cuda import group_norm as cuda
 from ._dispatch import op, resolve
-
-_ACTIVATIONS = {None: 0, "relu": 1, "silu": 2}
+from ._kernels import ACTIVATIONS, GroupNormBackward, GroupNormForward
 
 
 def _check(call, x, num_groups, weight, bias, channels_last, activation):
@@ -15,7 +16,7 @@ def _check(call, x, num_groups, weight, bias, channels_last, activation):
         if a is not None:
             v.same_dtype(name, a, "x", x)
             v.shape(name, a, (C,))
-    v.choice("activation", activation, tuple(_ACTIVATIONS))
+    v.choice("activation", activation, tuple(ACTIVATIONS))
     return C, G
 
 
@@ -76,8 +77,9 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, channels_last
     C, G = _check(call, x, num_groups, weight, bias, channels_last, activation)
     eps = v.number("eps", eps, min=0, min_exclusive=True)
     w, b = _affine(call, x, C, weight, bias)
-    y, mean, rstd = call.run("group_norm", "forward", x, w, b, G, eps, bool(channels_last),
-                             _ACTIVATIONS[activation])
+    y, mean, rstd = call.run(cpu.forward, cuda.forward, GroupNormForward(
+        x=x, weight=w, bias=b, num_groups=G, eps=eps, channels_last=bool(channels_last),
+        activation=ACTIVATIONS[activation]))
     return call.wrap((y, mean, rstd) if return_stats else y)
 
 
@@ -126,6 +128,7 @@ def group_norm_backward(grad_out, x, mean, rstd, num_groups, weight=None, bias=N
                             f"got {a.dtype}")
         v.shape(name, a, (x.shape[0], G))
     w, b = _affine(call, x, C, weight, bias)
-    gx, gw, gb = call.run("group_norm", "backward", grad_out, x, mean, rstd, w, b, G,
-                          bool(channels_last), _ACTIVATIONS[activation])
+    gx, gw, gb = call.run(cpu.backward, cuda.backward, GroupNormBackward(
+        grad_out=grad_out, x=x, mean=mean, rstd=rstd, weight=w, bias=b, num_groups=G,
+        channels_last=bool(channels_last), activation=ACTIVATIONS[activation]))
     return call.wrap((gx, gw if weight is not None else None, gb if bias is not None else None))

@@ -22,97 +22,78 @@ Conventions shared by every function here
     ``idxs=[...]`` for :func:`batched_nms`): the result is a list with one entry per image,
     holding indices local to that image (as if called once per image), computed in one call.
 
-CPU kernels compute IoU in float64 (exact decisions for float32 boxes); CUDA kernels compute in
-float32 for float32/float16/bfloat16 and float64 for float64.
+Every kernel decides in float64 whatever the boxes' dtype (exact decisions for float32 boxes), on
+the CPU and on CUDA alike, so both keep the same boxes.
 """
+from . import _lists
 from . import _validation as v
+from ._cpu import nms as cpu
+from ._cuda import nms as cuda
 from ._dispatch import op, resolve
-
-_METRICS = {"iou": 0, "giou": 1, "diou": 2, "ciou": 3}
-_SOFT = {"gaussian": 0, "linear": 1}
-_MATRIX = {"gaussian": 0, "linear": 1}
+from ._kernels import (CRITERIA, DECAYS, METRICS, BoxIou, MatrixNms, Nms, SoftNms,
+                       WeightedNms)
 
 
 # ---------------------------------------------------------------- argument handling
 
-def _int_array(call, name, a, n):
-    if a is None:
-        return None
-    if a.dtype.kind not in "iu":
-        raise TypeError(f"`{name}` must be an integer array, got dtype {a.dtype}")
-    if a.ndim != 1 or a.shape[0] != n:
-        raise ValueError(f"`{name}` must have shape ({n},) to match `boxes`, got {tuple(a.shape)}")
-    return a.astype("int64", copy=False)
-
-
-def _boxes_scores(call, boxes, scores, bname="boxes", sname="scores"):
-    v.float_array(call, bname, boxes)
-    v.shape(bname, boxes, (None, 4), "(N, 4)")
-    if scores is not None:
-        v.float_array(call, sname, scores)
-        v.same_dtype(sname, scores, bname, boxes)
-        v.shape(sname, scores, (boxes.shape[0],), f"({boxes.shape[0]},) to match `{bname}`")
-
-
 def _prepare(boxes, scores, idxs=None, batch_idx=None):
-    """Resolve and validate; lists of per-image arrays are concatenated.
-
-    Returns (call, boxes, scores, idxs, batch, num_images, split).
-    """
-    if isinstance(boxes, (list, tuple)):
-        if batch_idx is not None:
-            raise ValueError("`batch_idx` cannot be combined with lists of per-image `boxes`")
-        B = len(boxes)
-        if not isinstance(scores, (list, tuple)) or len(scores) != B:
-            raise ValueError(f"`scores` must be a list of {B} arrays like `boxes`")
-        if idxs is not None and (not isinstance(idxs, (list, tuple)) or len(idxs) != B):
-            raise ValueError(f"`idxs` must be a list of {B} arrays like `boxes`")
-        if B == 0:
-            raise ValueError("`boxes` must be a non-empty list of per-image arrays")
-        arrays = {}
-        for i in range(B):
-            arrays[f"boxes[{i}]"] = boxes[i]
-            arrays[f"scores[{i}]"] = scores[i]
-            if idxs is not None:
-                arrays[f"idxs[{i}]"] = idxs[i]
-        call, nat = resolve(**arrays)
-        step = 2 if idxs is None else 3
-        bl, sl = list(nat[0::step]), list(nat[1::step])
-        il = list(nat[2::step]) if idxs is not None else None
-        for i in range(B):
-            _boxes_scores(call, bl[i], sl[i], f"boxes[{i}]", f"scores[{i}]")
-            v.same_dtype(f"boxes[{i}]", bl[i], "boxes[0]", bl[0])
-            if il is not None:
-                il[i] = _int_array(call, f"idxs[{i}]", il[i], bl[i].shape[0])
-        xp = call.xp
-        lengths = [int(b.shape[0]) for b in bl]          # host ints: no device round trip
-        batch = xp.repeat(xp.arange(B, dtype="int64"), lengths)
-        cat = (xp.concatenate(bl).reshape(-1, 4), xp.concatenate(sl),
-               xp.concatenate(il) if il is not None else None)
-        return (call,) + cat + (batch, B, True)
-    call, (boxes, scores, idxs, batch_idx) = resolve(boxes=boxes, scores=scores, idxs=idxs,
+    """Resolve and validate the arrays: (call, boxes, scores, idxs, batch). Per-image lists stay
+    lists here (validated entry by entry); ``_flatten`` flattens them."""
+    if not _lists.is_list(boxes):
+        call, (boxes, scores, idxs, batch) = resolve(boxes=boxes, scores=scores, idxs=idxs,
                                                      batch_idx=batch_idx)
-    _boxes_scores(call, boxes, scores)
-    n = boxes.shape[0]
-    idxs = _int_array(call, "idxs", idxs, n)
-    batch = _int_array(call, "batch_idx", batch_idx, n)
-    if batch is not None and n and bool((batch < 0).any()):
-        raise ValueError("`batch_idx` must be >= 0 (the image index of each box)")
-    return call, boxes, scores, idxs, batch, -1, False
+        v.boxes_and_scores(call, "boxes", boxes, "scores", scores)
+        idxs = v.int_array("idxs", idxs, boxes.shape[0], "boxes")
+        batch = v.int_array("batch_idx", batch, boxes.shape[0], "boxes")
+        if batch is not None and batch.shape[0] and bool((batch < 0).any()):
+            raise ValueError("`batch_idx` must be >= 0 (the image index of each box)")
+        return call, boxes, scores, idxs, batch
+    if batch_idx is not None:
+        raise ValueError("`batch_idx` cannot be combined with lists of per-image `boxes`")
+    B = len(boxes)
+    if B == 0:
+        raise ValueError("`boxes` must be a non-empty list of per-image arrays")
+    v.same_list_length("scores", scores, B)
+    if idxs is not None:
+        v.same_list_length("idxs", idxs, B)
+    arrays = {f"{name}[{i}]": a[i] for name, a in (("boxes", boxes), ("scores", scores),
+                                                   ("idxs", idxs)) if a is not None
+              for i in range(B)}
+    call, nat = resolve(**arrays)
+    bl, sl, il = nat[:B], nat[B:2 * B], (list(nat[2 * B:]) if idxs is not None else None)
+    for i in range(B):
+        v.boxes_and_scores(call, f"boxes[{i}]", bl[i], f"scores[{i}]", sl[i])
+        v.same_dtype(f"boxes[{i}]", bl[i], "boxes[0]", bl[0])
+        if il is not None:
+            il[i] = v.int_array(f"idxs[{i}]", il[i], bl[i].shape[0], f"boxes[{i}]")
+    return call, list(bl), list(sl), il, None
 
 
-def _threshold(name, t):
-    return v.number(name, t, min=0)
+def _flatten(call, boxes, scores, idxs, batch):
+    """Per-image lists -> flat arrays and image indices (``_lists``): (boxes, scores, idxs,
+    batch, lengths of the lists or None for flat input)."""
+    if not _lists.is_list(boxes):
+        return boxes, scores, idxs, batch, None
+    xp = call.xp
+    boxes, batch, lengths = _lists.flatten(xp, boxes)
+    return (boxes.reshape(-1, 4), xp.concatenate(scores),
+            xp.concatenate(idxs) if idxs is not None else None, batch, lengths)
 
 
-def _score_threshold(t):
-    if t is None:
-        return False, 0.0
-    return True, v.number("score_threshold", t)
+def _grouped(call, result, batch, lengths):
+    """Kernel result (indices grouped by image, with extras) in the caller's form."""
+    if lengths is None:
+        return call.wrap(result)
+    idx, extras = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
+    return call.wrap(_lists.split_grouped(call.xp, idx, batch, lengths, extras))
 
 
-def _max_output(m):
-    return -1 if m is None else v.integer("max_output", m, min=0)
+def _greedy_args(iou_threshold, score_threshold, max_output):
+    """The greedy variants' scalar arguments, validated: (iou_threshold, score_threshold or
+    None, max_output or -1)."""
+    return (v.number("iou_threshold", iou_threshold, min=0),
+            None if score_threshold is None else v.number("score_threshold", score_threshold),
+            -1 if max_output is None else v.integer("max_output", max_output, min=0))
 
 
 # ---------------------------------------------------------------- public functions
@@ -158,12 +139,13 @@ def nms(boxes, scores, iou_threshold, *, score_threshold=None, max_output=None, 
     >>> fastnorm.nms([boxes, boxes[:2]], [scores, scores[:2]], 0.5)
     [array([0, 2]), array([0])]
     """
-    call, boxes, scores, _, batch, nimg, split = _prepare(boxes, scores, None, batch_idx)
-    thr = _threshold("iou_threshold", iou_threshold)
-    use_st, st = _score_threshold(score_threshold)
-    res = call.run("nms", "nms", boxes, scores, batch, None, thr, use_st, st,
-                   _max_output(max_output), 0, 1.0, nimg, split)
-    return call.wrap(res)
+    call, boxes, scores, _, batch = _prepare(boxes, scores, None, batch_idx)
+    thr, st, cap = _greedy_args(iou_threshold, score_threshold, max_output)
+    boxes, scores, _, batch, lengths = _flatten(call, boxes, scores, None, batch)
+    res = call.run(cpu.nms, cuda.nms, Nms(
+        boxes=boxes, scores=scores, batch=batch, classes=None, iou_threshold=thr,
+        score_threshold=st, max_output=cap, criterion=CRITERIA["iou"], beta=1.0))
+    return _grouped(call, res, batch, lengths)
 
 
 @op
@@ -203,14 +185,15 @@ def batched_nms(boxes, scores, idxs, iou_threshold, *, score_threshold=None, max
     >>> fastnorm.batched_nms(boxes, scores, np.array([0, 0, 1]), 0.5)
     array([0, 2])
     """
-    call, boxes, scores, idxs, batch, nimg, split = _prepare(boxes, scores, idxs, batch_idx)
     if idxs is None:
         raise TypeError("`idxs` must be an integer array of class labels, got None")
-    thr = _threshold("iou_threshold", iou_threshold)
-    use_st, st = _score_threshold(score_threshold)
-    res = call.run("nms", "nms", boxes, scores, batch, idxs, thr, use_st, st,
-                   _max_output(max_output), 0, 1.0, nimg, split)
-    return call.wrap(res)
+    call, boxes, scores, idxs, batch = _prepare(boxes, scores, idxs, batch_idx)
+    thr, st, cap = _greedy_args(iou_threshold, score_threshold, max_output)
+    boxes, scores, idxs, batch, lengths = _flatten(call, boxes, scores, idxs, batch)
+    res = call.run(cpu.nms, cuda.nms, Nms(
+        boxes=boxes, scores=scores, batch=batch, classes=idxs, iou_threshold=thr,
+        score_threshold=st, max_output=cap, criterion=CRITERIA["iou"], beta=1.0))
+    return _grouped(call, res, batch, lengths)
 
 
 @op
@@ -241,13 +224,14 @@ def diou_nms(boxes, scores, iou_threshold, *, beta=1.0, score_threshold=None, ma
     >>> fastnorm.diou_nms(boxes, scores, 0.6, beta=2.0)
     array([0, 2])
     """
-    call, boxes, scores, _, batch, nimg, split = _prepare(boxes, scores, None, batch_idx)
-    thr = _threshold("iou_threshold", iou_threshold)
+    call, boxes, scores, _, batch = _prepare(boxes, scores, None, batch_idx)
+    thr, st, cap = _greedy_args(iou_threshold, score_threshold, max_output)
     beta = v.number("beta", beta, min=0, min_exclusive=True)
-    use_st, st = _score_threshold(score_threshold)
-    res = call.run("nms", "nms", boxes, scores, batch, None, thr, use_st, st,
-                   _max_output(max_output), 1, beta, nimg, split)
-    return call.wrap(res)
+    boxes, scores, _, batch, lengths = _flatten(call, boxes, scores, None, batch)
+    res = call.run(cpu.nms, cuda.nms, Nms(
+        boxes=boxes, scores=scores, batch=batch, classes=None, iou_threshold=thr,
+        score_threshold=st, max_output=cap, criterion=CRITERIA["diou"], beta=beta))
+    return _grouped(call, res, batch, lengths)
 
 
 @op
@@ -281,12 +265,13 @@ def weighted_nms(boxes, scores, iou_threshold, *, score_threshold=None, max_outp
     >>> keep, fused[0]
     (array([0, 2]), array([ 0.5,  0.5, 10.5, 10.5]))
     """
-    call, boxes, scores, _, batch, nimg, split = _prepare(boxes, scores, None, batch_idx)
-    thr = _threshold("iou_threshold", iou_threshold)
-    use_st, st = _score_threshold(score_threshold)
-    res = call.run("nms", "weighted_nms", boxes, scores, batch, None, thr, use_st, st,
-                   _max_output(max_output), nimg, split)
-    return call.wrap(res)
+    call, boxes, scores, _, batch = _prepare(boxes, scores, None, batch_idx)
+    thr, st, cap = _greedy_args(iou_threshold, score_threshold, max_output)
+    boxes, scores, _, batch, lengths = _flatten(call, boxes, scores, None, batch)
+    res = call.run(cpu.weighted_nms, cuda.weighted_nms, WeightedNms(
+        boxes=boxes, scores=scores, batch=batch, iou_threshold=thr, score_threshold=st,
+        max_output=cap))
+    return _grouped(call, res, batch, lengths)
 
 
 @op
@@ -329,13 +314,16 @@ def soft_nms(boxes, scores, *, method="gaussian", sigma=0.5, iou_threshold=0.3,
     >>> keep, s.round(3)
     (array([0, 2, 1]), array([0.9, 0.7, 0.4]))
     """
-    call, boxes, scores, _, batch, nimg, split = _prepare(boxes, scores, None, batch_idx)
-    m = _SOFT[v.choice("method", method, tuple(_SOFT))]
+    call, boxes, scores, _, batch = _prepare(boxes, scores, None, batch_idx)
+    method = DECAYS[v.choice("method", method, tuple(DECAYS))]
     sigma = v.number("sigma", sigma, min=0, min_exclusive=True)
-    thr = _threshold("iou_threshold", iou_threshold)
+    thr = v.number("iou_threshold", iou_threshold, min=0)
     st = v.number("score_threshold", score_threshold)
-    res = call.run("nms", "soft_nms", boxes, scores, batch, m, sigma, thr, st, nimg, split)
-    return call.wrap(res)
+    boxes, scores, _, batch, lengths = _flatten(call, boxes, scores, None, batch)
+    res = call.run(cpu.soft_nms, cuda.soft_nms, SoftNms(
+        boxes=boxes, scores=scores, batch=batch, method=method, sigma=sigma, iou_threshold=thr,
+        score_threshold=st))
+    return _grouped(call, res, batch, lengths)
 
 
 @op
@@ -367,11 +355,13 @@ def matrix_nms(boxes, scores, *, kernel="gaussian", sigma=2.0, batch_idx=None):
     >>> fastnorm.matrix_nms(boxes, np.array([0.9, 0.8, 0.7]), kernel="linear")
     array([0.9, 0.4, 0.7])
     """
-    call, boxes, scores, _, batch, nimg, split = _prepare(boxes, scores, None, batch_idx)
-    k = _MATRIX[v.choice("kernel", kernel, tuple(_MATRIX))]
+    call, boxes, scores, _, batch = _prepare(boxes, scores, None, batch_idx)
+    kernel = DECAYS[v.choice("kernel", kernel, tuple(DECAYS))]
     sigma = v.number("sigma", sigma, min=0, min_exclusive=True)
-    res = call.run("nms", "matrix_nms", boxes, scores, batch, k, sigma, nimg, split)
-    return call.wrap(res)
+    boxes, scores, _, batch, lengths = _flatten(call, boxes, scores, None, batch)
+    out = call.run(cpu.matrix_nms, cuda.matrix_nms, MatrixNms(
+        boxes=boxes, scores=scores, batch=batch, kernel=kernel, sigma=sigma))
+    return call.wrap(out if lengths is None else _lists.split_aligned(out, lengths))
 
 
 @op
@@ -402,9 +392,9 @@ def box_iou(a, b, *, metric="iou"):
     >>> fastnorm.box_iou(a, b, metric="giou").round(3)
     array([[-0.079, -0.8  ]], dtype=float32)
     """
+    metric = METRICS[v.choice("metric", metric, tuple(METRICS))]
     call, (a, b) = resolve(a=a, b=b)
-    _boxes_scores(call, a, None, "a")
-    _boxes_scores(call, b, None, "b")
+    v.boxes_and_scores(call, "a", a)
+    v.boxes_and_scores(call, "b", b)
     v.same_dtype("b", b, "a", a)
-    m = _METRICS[v.choice("metric", metric, tuple(_METRICS))]
-    return call.wrap(call.run("nms", "box_iou", a, b, m))
+    return call.wrap(call.run(cpu.box_iou, cuda.box_iou, BoxIou(a=a, b=b, metric=metric)))

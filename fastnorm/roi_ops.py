@@ -17,92 +17,44 @@ Common conventions
   each thread own a block of grad_x rows and visit the RoIs of its image in order (slower: every
   thread scans all RoIs of its image).
 """
+from . import _lists
 from . import _validation as v
+from ._cpu import roi_ops as cpu
+from ._cuda import roi_ops as cuda
 from ._dispatch import op, resolve
-
-_MODES = {"avg": 0, "max": 1}
+from ._kernels import (ROI_MODES, DeformRoiPoolBackward, DeformRoiPoolForward,
+                       PsRoiAlignBackward, PsRoiAlignForward, RoiAlignBackward, RoiAlignForward,
+                       RoiPoolBackward, RoiPoolForward)
 
 
 # ---------------------------------------------------------------- argument handling
 
-def _resolve(rois, **arrays):
-    """resolve() with rois given as one array or a list of per-image arrays."""
-    if isinstance(rois, (list, tuple)):
-        parts = {f"rois[{i}]": r for i, r in enumerate(rois)}
-        call, nat = resolve(**arrays, **parts)
-        n = len(arrays)
-        return call, nat[:n], list(nat[n:])
-    call, nat = resolve(**arrays, rois=rois)
-    return call, nat[:-1], nat[-1]
-
-
-def _rois(call, rois, ref, ref_name, N):
-    """(K, 5) native rois of ref's dtype with validated batch indices."""
-    xp = call.xp
-    if isinstance(rois, list):
-        parts = []
-        for i, r in enumerate(rois):
-            if r.ndim != 2 or r.shape[1] != 4:
-                raise ValueError(f"`rois` entry {i} must have shape (K_{i}, 4), got "
-                                 f"{tuple(r.shape)}")
-            if r.dtype != ref.dtype:
-                raise TypeError(f"`rois` entry {i} must have the dtype of `{ref_name}` "
-                                f"({ref.dtype}), got {r.dtype}")
-            if i >= N:
-                raise ValueError(f"`rois` has {len(rois)} per-image entries but `{ref_name}` "
-                                 f"has only {N} images")
-            parts.append(xp.concatenate([xp.full((r.shape[0], 1), i, dtype=r.dtype), r], axis=1))
-        rois = xp.concatenate(parts, axis=0) if parts else xp.zeros((0, 5), dtype=ref.dtype)
-        return xp.ascontiguousarray(rois)
-    v.shape("rois", rois, (None, 5), "(K, 5)")
-    if rois.dtype != ref.dtype:
-        raise TypeError(f"`rois` must have the dtype of `{ref_name}` ({ref.dtype}), "
-                        f"got {rois.dtype}")
-    if rois.shape[0]:
-        b = rois[:, 0]
-        ok = (b == xp.floor(b)) & (b >= 0) & (b < N)
-        if not bool(ok.all()):
-            raise ValueError(f"`rois` batch indices (column 0) must be integers in [0, {N}) "
-                             f"(the batch size of `{ref_name}`)")
-    return rois
-
-
-def _input_shape(input_shape):
-    try:
-        shape = tuple(int(s) for s in input_shape)
-        ok = len(shape) == 4 and all(s >= 0 for s in shape) and \
-            all(int(s) == s for s in input_shape)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"`input_shape` must be 4 non-negative ints (the shape of x), "
-                         f"got {input_shape!r}")
-    return shape
-
-
-def _common(output_size, spatial_scale, sampling_ratio=0):
+def _scalars(output_size, spatial_scale, sampling_ratio=0):
+    """(pooled_h, pooled_w, spatial_scale, sampling_ratio), validated."""
     PH, PW = v.pair("output_size", output_size, min=1)
     scale = v.number("spatial_scale", spatial_scale)
     sr = v.integer("sampling_ratio", sampling_ratio, min=-2**31, max=2**31 - 1)
     return PH, PW, scale, sr
 
 
+def _resolve(rois, **arrays):
+    """resolve() with ``rois`` one array or a list of per-image arrays: (call, arrays, rois)."""
+    is_list = _lists.is_list(rois)
+    parts = {f"rois[{i}]": r for i, r in enumerate(rois)} if is_list else {"rois": rois}
+    call, nat = resolve(**arrays, **parts)
+    n = len(arrays)
+    return call, nat[:n], (list(nat[n:]) if is_list else nat[n])
+
+
+def _rois(call, rois, ref, ref_name, N):
+    """Validated rois as one (K, 5) array of ``ref``'s dtype (per-image lists flattened)."""
+    v.rois(call, rois, ref, ref_name, N)
+    return _lists.rois(call.xp, rois, ref.dtype) if _lists.is_list(rois) else rois
+
+
 def _grad_out(call, grad_out, K, shape4):
     v.float_array(call, "grad_out", grad_out, ndim=4)
     v.shape("grad_out", grad_out, (K,) + tuple(shape4))
-
-
-def _nchw(call, a, channels_last):
-    """CUDA kernels are NCHW only: channels-last arrays are transposed around them."""
-    if channels_last and call.backend == "cuda":
-        return call.xp.ascontiguousarray(a.transpose(0, 3, 1, 2))
-    return a
-
-
-def _nhwc(call, a, channels_last):
-    if channels_last and call.backend == "cuda":
-        return call.xp.ascontiguousarray(a.transpose(0, 2, 3, 1))
-    return a
 
 
 # ---------------------------------------------------------------- RoIAlign
@@ -151,15 +103,14 @@ def roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligne
     >>> fastnorm.roi_align(x, [rois[:, 1:]], (2, 2), aligned=True).shape
     (1, 1, 2, 2)
     """
+    PH, PW, scale, sr = _scalars(output_size, spatial_scale, sampling_ratio)
+    mode = ROI_MODES[v.choice("mode", mode, tuple(ROI_MODES))]
     call, (x,), rois = _resolve(rois, x=x)
     v.float_array(call, "x", x, ndim=4)
-    PH, PW, scale, sr = _common(output_size, spatial_scale, sampling_ratio)
-    v.choice("mode", mode, tuple(_MODES))
     rois = _rois(call, rois, x, "x", x.shape[0])
-    out = call.run("roi_ops", "roi_align_forward", _nchw(call, x, channels_last), rois, PH, PW,
-                   scale, sr, bool(aligned), _MODES[mode],
-                   bool(channels_last) and call.backend == "cpu")
-    return call.wrap(_nhwc(call, out, channels_last))
+    return call.wrap(call.run(cpu.roi_align_forward, cuda.roi_align_forward, RoiAlignForward(
+        x=x, rois=rois, pooled_h=PH, pooled_w=PW, spatial_scale=scale, sampling_ratio=sr,
+        aligned=bool(aligned), mode=mode, channels_last=bool(channels_last))))
 
 
 @op
@@ -195,30 +146,22 @@ def roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale=1
     >>> float(g.sum())
     1.0
     """
-    call, (grad_out, x), rois = _resolve(rois, grad_out=grad_out, x=x)
-    shape = _input_shape(input_shape)
-    PH, PW, scale, sr = _common(output_size, spatial_scale, sampling_ratio)
-    v.choice("mode", mode, tuple(_MODES))
-    if channels_last:
-        N, H, W, C = shape
-        gshape = (PH, PW, C)
-    else:
-        N, C, H, W = shape
-        gshape = (C, PH, PW)
+    shape = v.input_shape("input_shape", input_shape)
+    PH, PW, scale, sr = _scalars(output_size, spatial_scale, sampling_ratio)
+    v.choice("mode", mode, tuple(ROI_MODES))
+    if mode == "max" and x is None:
+        raise ValueError("`x` is required by roi_align_backward with mode='max'")
+    call, (grad_out, x), rois = _resolve(rois, grad_out=grad_out, x=x if mode == "max" else None)
+    N, C = (shape[0], shape[3]) if channels_last else shape[:2]
     rois = _rois(call, rois, grad_out, "grad_out", N)
-    _grad_out(call, grad_out, rois.shape[0], gshape)
-    if mode == "max":
-        if x is None:
-            raise ValueError("`x` is required by roi_align_backward with mode='max'")
+    _grad_out(call, grad_out, rois.shape[0], (PH, PW, C) if channels_last else (C, PH, PW))
+    if x is not None:
         v.same_dtype("x", x, "grad_out", grad_out)
         v.shape("x", x, shape)
-    else:
-        x = None
-    gx = call.run("roi_ops", "roi_align_backward", _nchw(call, grad_out, channels_last), rois,
-                  None if x is None else _nchw(call, x, channels_last), N, C, H, W, PH, PW,
-                  scale, sr, bool(aligned), _MODES[mode],
-                  bool(channels_last) and call.backend == "cpu", bool(deterministic))
-    return call.wrap(_nhwc(call, gx, channels_last))
+    return call.wrap(call.run(cpu.roi_align_backward, cuda.roi_align_backward, RoiAlignBackward(
+        grad_out=grad_out, rois=rois, x=x, input_shape=shape, pooled_h=PH, pooled_w=PW,
+        spatial_scale=scale, sampling_ratio=sr, aligned=bool(aligned), mode=ROI_MODES[mode],
+        channels_last=bool(channels_last), deterministic=bool(deterministic))))
 
 
 # ---------------------------------------------------------------- RoIPool
@@ -250,15 +193,16 @@ def roi_pool(x, rois, output_size, spatial_scale=1.0):
     array([[ 5.,  7.],
            [13., 15.]], dtype=float32)
     """
+    PH, PW, scale, _ = _scalars(output_size, spatial_scale)
     call, (x,), rois = _resolve(rois, x=x)
     v.float_array(call, "x", x, ndim=4)
-    PH, PW, scale, _ = _common(output_size, spatial_scale)
     rois = _rois(call, rois, x, "x", x.shape[0])
-    return call.wrap(call.run("roi_ops", "roi_pool_forward", x, rois, PH, PW, scale))
+    return call.wrap(call.run(cpu.roi_pool_forward, cuda.roi_pool_forward, RoiPoolForward(
+        x=x, rois=rois, pooled_h=PH, pooled_w=PW, spatial_scale=scale)))
 
 
 @op
-def roi_pool_backward(grad_out, rois, input_shape, output_size, spatial_scale=1.0, *, x=None,
+def roi_pool_backward(grad_out, rois, input_shape, output_size, spatial_scale=1.0, *, x,
                       deterministic=False):
     """Gradient of :func:`roi_pool`: each output's gradient goes to its bin's argmax in x.
 
@@ -286,17 +230,16 @@ def roi_pool_backward(grad_out, rois, input_shape, output_size, spatial_scale=1.
     >>> float(g[0, 0, 3, 3])
     1.0
     """
+    shape = v.input_shape("input_shape", input_shape)
+    PH, PW, scale, _ = _scalars(output_size, spatial_scale)
     call, (grad_out, x), rois = _resolve(rois, grad_out=grad_out, x=x)
-    shape = _input_shape(input_shape)
-    PH, PW, scale, _ = _common(output_size, spatial_scale)
-    if x is None:
-        raise ValueError("`x` is required by roi_pool_backward (the argmax is recomputed)")
     v.same_dtype("x", x, "grad_out", grad_out)
     v.shape("x", x, shape)
     rois = _rois(call, rois, grad_out, "grad_out", shape[0])
     _grad_out(call, grad_out, rois.shape[0], (shape[1], PH, PW))
-    return call.wrap(call.run("roi_ops", "roi_pool_backward", grad_out, rois, x, PH, PW, scale,
-                              bool(deterministic)))
+    return call.wrap(call.run(cpu.roi_pool_backward, cuda.roi_pool_backward, RoiPoolBackward(
+        grad_out=grad_out, rois=rois, x=x, pooled_h=PH, pooled_w=PW, spatial_scale=scale,
+        deterministic=bool(deterministic))))
 
 
 # ---------------------------------------------------------------- PS-RoIAlign
@@ -328,14 +271,16 @@ def ps_roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1):
     >>> fastnorm.ps_roi_align(x, np.array([[0, 1, 1, 3, 3]], np.float32), 2).shape
     (1, 2, 2, 2)
     """
+    PH, PW, scale, sr = _scalars(output_size, spatial_scale, sampling_ratio)
     call, (x,), rois = _resolve(rois, x=x)
     v.float_array(call, "x", x, ndim=4)
-    PH, PW, scale, sr = _common(output_size, spatial_scale, sampling_ratio)
     if x.shape[1] % (PH * PW):
         raise ValueError(f"`x` must have a multiple of PH * PW = {PH * PW} channels for "
                          f"ps_roi_align, got {x.shape[1]}")
     rois = _rois(call, rois, x, "x", x.shape[0])
-    return call.wrap(call.run("roi_ops", "ps_roi_align_forward", x, rois, PH, PW, scale, sr))
+    return call.wrap(call.run(cpu.ps_roi_align_forward, cuda.ps_roi_align_forward,
+                              PsRoiAlignForward(x=x, rois=rois, pooled_h=PH, pooled_w=PW,
+                                                spatial_scale=scale, sampling_ratio=sr)))
 
 
 @op
@@ -363,16 +308,20 @@ def ps_roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scal
     >>> float(g.sum())
     8.0
     """
-    call, (grad_out,), rois = _resolve(rois, grad_out=grad_out)
-    N, C, H, W = _input_shape(input_shape)
-    PH, PW, scale, sr = _common(output_size, spatial_scale, sampling_ratio)
+    shape = v.input_shape("input_shape", input_shape)
+    PH, PW, scale, sr = _scalars(output_size, spatial_scale, sampling_ratio)
+    N, C = shape[:2]
     if C % (PH * PW):
         raise ValueError(f"`input_shape` must have a multiple of PH * PW = {PH * PW} channels, "
                          f"got {C}")
+    call, (grad_out,), rois = _resolve(rois, grad_out=grad_out)
     rois = _rois(call, rois, grad_out, "grad_out", N)
     _grad_out(call, grad_out, rois.shape[0], (C // (PH * PW), PH, PW))
-    return call.wrap(call.run("roi_ops", "ps_roi_align_backward", grad_out, rois, N, C, H, W,
-                              PH, PW, scale, sr, bool(deterministic)))
+    return call.wrap(call.run(cpu.ps_roi_align_backward, cuda.ps_roi_align_backward,
+                              PsRoiAlignBackward(grad_out=grad_out, rois=rois, input_shape=shape,
+                                                 pooled_h=PH, pooled_w=PW, spatial_scale=scale,
+                                                 sampling_ratio=sr,
+                                                 deterministic=bool(deterministic))))
 
 
 # ---------------------------------------------------------------- deformable RoI pooling
@@ -425,14 +374,16 @@ def deform_roi_pool(x, rois, offset=None, output_size=7, spatial_scale=1.0, samp
     array([[1., 1.],
            [1., 1.]], dtype=float32)
     """
+    PH, PW, scale, sr = _scalars(output_size, spatial_scale, sampling_ratio)
+    gamma = v.number("gamma", gamma)
     call, (x, offset, mask), rois = _resolve(rois, x=x, offset=offset, mask=mask)
     v.float_array(call, "x", x, ndim=4)
-    PH, PW, scale, sr = _common(output_size, spatial_scale, sampling_ratio)
-    gamma = v.number("gamma", gamma)
     rois = _rois(call, rois, x, "x", x.shape[0])
     _deform_args(call, x, offset, mask, rois.shape[0], PH, PW)
-    return call.wrap(call.run("roi_ops", "deform_roi_pool_forward", x, rois, offset, mask, PH,
-                              PW, scale, sr, gamma))
+    return call.wrap(call.run(cpu.deform_roi_pool_forward, cuda.deform_roi_pool_forward,
+                              DeformRoiPoolForward(x=x, rois=rois, offset=offset, mask=mask,
+                                                   pooled_h=PH, pooled_w=PW, spatial_scale=scale,
+                                                   sampling_ratio=sr, gamma=gamma)))
 
 
 @op
@@ -470,14 +421,18 @@ def deform_roi_pool_backward(grad_out, x, rois, offset=None, output_size=7, spat
     >>> gx.shape, goff.shape, gm is None
     ((1, 2, 8, 8), (1, 2, 2, 2), True)
     """
+    PH, PW, scale, sr = _scalars(output_size, spatial_scale, sampling_ratio)
+    gamma = v.number("gamma", gamma)
     call, (grad_out, x, offset, mask), rois = _resolve(rois, grad_out=grad_out, x=x,
                                                        offset=offset, mask=mask)
     v.float_array(call, "x", x, ndim=4)
     v.same_dtype("grad_out", grad_out, "x", x)
-    PH, PW, scale, sr = _common(output_size, spatial_scale, sampling_ratio)
-    gamma = v.number("gamma", gamma)
     rois = _rois(call, rois, x, "x", x.shape[0])
     _deform_args(call, x, offset, mask, rois.shape[0], PH, PW)
     _grad_out(call, grad_out, rois.shape[0], (x.shape[1], PH, PW))
-    return call.wrap(call.run("roi_ops", "deform_roi_pool_backward", grad_out, x, rois, offset,
-                              mask, PH, PW, scale, sr, gamma, bool(deterministic)))
+    return call.wrap(call.run(cpu.deform_roi_pool_backward, cuda.deform_roi_pool_backward,
+                              DeformRoiPoolBackward(grad_out=grad_out, x=x, rois=rois,
+                                                    offset=offset, mask=mask, pooled_h=PH,
+                                                    pooled_w=PW, spatial_scale=scale,
+                                                    sampling_ratio=sr, gamma=gamma,
+                                                    deterministic=bool(deterministic))))

@@ -69,11 +69,10 @@ def _c(t):
 
 
 def _rois(rois, ref):
-    """torchvision's rois forms -> one (K, 5) tensor of ref's dtype and device."""
+    """torchvision's rois forms, in ref's dtype: a (K, 5) tensor, or a list of per-image (K_i, 4)
+    tensors (fastnorm flattens those itself)."""
     if isinstance(rois, (list, tuple)):
-        parts = [torch.cat([torch.full((r.shape[0], 1), i, dtype=ref.dtype, device=ref.device),
-                            r.to(ref.dtype)], 1) for i, r in enumerate(rois)]
-        return torch.cat(parts, 0) if parts else ref.new_zeros((0, 5))
+        return [r.to(ref.dtype) for r in rois]
     return rois
 
 
@@ -132,13 +131,14 @@ class RoIAlignFunction(torch.autograd.Function):
         with _stream(x):
             y = _fn.roi_align(x, rois, output_size, spatial_scale, sampling_ratio, aligned,
                               mode=mode)
-        ctx.save_for_backward(x if mode == "max" else None, rois)
+        ctx.save_for_backward(x if mode == "max" else None)
+        ctx.rois = rois                 # a tensor, or a list of them
         ctx.cfg = (tuple(x.shape), output_size, spatial_scale, sampling_ratio, aligned, mode)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, rois = ctx.saved_tensors
+        (x,), rois = ctx.saved_tensors, ctx.rois
         shape, out, scale, sr, aligned, mode = ctx.cfg
         with _stream(gy):
             gx = _fn.roi_align_backward(_c(gy), rois, shape, out, scale, sr, aligned, mode=mode,
@@ -153,13 +153,14 @@ class RoIPoolFunction(torch.autograd.Function):
     def forward(ctx, x, rois, output_size, spatial_scale):
         with _stream(x):
             y = _fn.roi_pool(x, rois, output_size, spatial_scale)
-        ctx.save_for_backward(x, rois)
+        ctx.save_for_backward(x)
+        ctx.rois = rois
         ctx.cfg = (output_size, spatial_scale)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, rois = ctx.saved_tensors
+        (x,), rois = ctx.saved_tensors, ctx.rois
         out, scale = ctx.cfg
         with _stream(x):
             gx = _fn.roi_pool_backward(_c(gy), rois, tuple(x.shape), out, scale, x=x)
@@ -173,13 +174,13 @@ class PSRoIAlignFunction(torch.autograd.Function):
     def forward(ctx, x, rois, output_size, spatial_scale, sampling_ratio):
         with _stream(x):
             y = _fn.ps_roi_align(x, rois, output_size, spatial_scale, sampling_ratio)
-        ctx.save_for_backward(rois)
+        ctx.rois = rois
         ctx.cfg = (tuple(x.shape), output_size, spatial_scale, sampling_ratio)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        (rois,) = ctx.saved_tensors
+        rois = ctx.rois
         shape, out, scale, sr = ctx.cfg
         with _stream(gy):
             gx = _fn.ps_roi_align_backward(_c(gy), rois, shape, out, scale, sr)
@@ -194,13 +195,14 @@ class DeformRoIPoolFunction(torch.autograd.Function):
         with _stream(x):
             y = _fn.deform_roi_pool(x, rois, offset, output_size, spatial_scale, sampling_ratio,
                                     gamma, mask=mask)
-        ctx.save_for_backward(x, rois, offset, mask)
+        ctx.save_for_backward(x, offset, mask)
+        ctx.rois = rois
         ctx.cfg = (output_size, spatial_scale, sampling_ratio, gamma)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, rois, offset, mask = ctx.saved_tensors
+        (x, offset, mask), rois = ctx.saved_tensors, ctx.rois
         out, scale, sr, gamma = ctx.cfg
         with _stream(x):
             gx, goff, gm = _fn.deform_roi_pool_backward(_c(gy), x, rois, offset, out, scale, sr,

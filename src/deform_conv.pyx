@@ -582,13 +582,13 @@ cdef _dispatch(int which, Geo g, const floating[::1] x, const floating[::1] off,
 
 # ---------------------------------------------------------------- Python entry points
 
-def _geometry(x, offset, mask, weight, int sh, int sw, int ph, int pw, int dh, int dw):
+def _geometry(x, offset, mask, weight, stride, padding, dilation):
     cdef Geo g
     g.N, g.C, g.H, g.W = x.shape
     g.kh, g.kw = weight.shape[2], weight.shape[3]
     g.K = g.kh * g.kw
     g.Ho, g.Wo = offset.shape[2], offset.shape[3]
-    g.sh, g.sw, g.ph, g.pw, g.dh, g.dw = sh, sw, ph, pw, dh, dw
+    (g.sh, g.sw), (g.ph, g.pw), (g.dh, g.dw) = stride, padding, dilation
     g.G = offset.shape[1] // (2 * g.K)
     g.Cpg = g.C // g.G
     g.has_mask = mask is not None
@@ -631,11 +631,11 @@ def _weight_matrix(weight, groups):
     return np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(groups, Cout // groups, -1)
 
 
-def forward(x, offset, mask, weight, bias, int sh, int sw, int ph, int pw, int dh, int dw,
-            Py_ssize_t chunk_rows, int nthreads):
-    """y = forward(x, offset, mask|None, weight, bias|None, stride, padding, dilation (h, w each),
-    chunk_rows, nthreads); shapes already validated (see fastnorm.deform_conv)."""
-    cdef Geo g = _geometry(x, offset, mask, weight, sh, sw, ph, pw, dh, dw)
+def forward(x, offset, mask, weight, bias, stride, padding, dilation, Py_ssize_t chunk_rows,
+            int nthreads):
+    """y: the contract fastnorm._kernels.DeformConvForward (stride, padding, dilation are
+    (h, w) pairs); shapes already validated (see fastnorm.deform_conv)."""
+    cdef Geo g = _geometry(x, offset, mask, weight, stride, padding, dilation)
     Cout = weight.shape[0]
     groups = g.C // weight.shape[1]
     y = np.zeros((g.N, Cout, g.Ho, g.Wo), dtype=x.dtype) if g.N * Cout == 0 or g.H * g.W == 0 \
@@ -717,10 +717,11 @@ class _ChannelsLast:
         return self.xt
 
 
-def backward(grad_out, x, offset, mask, weight, int sh, int sw, int ph, int pw, int dh, int dw,
-             Py_ssize_t chunk_rows, int nthreads):
-    """(grad_x, grad_offset, grad_mask|None, grad_weight, grad_bias) of :func:`forward`."""
-    cdef Geo g = _geometry(x, offset, mask, weight, sh, sw, ph, pw, dh, dw)
+def backward(grad_out, x, offset, mask, weight, stride, padding, dilation, Py_ssize_t chunk_rows,
+             int nthreads):
+    """(grad_x, grad_offset, grad_mask|None, grad_weight, grad_bias) of :func:`forward`
+    (fastnorm._kernels.DeformConvBackward)."""
+    cdef Geo g = _geometry(x, offset, mask, weight, stride, padding, dilation)
     Cout = weight.shape[0]
     groups = g.C // weight.shape[1]
     gx = np.zeros_like(x)

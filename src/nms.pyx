@@ -40,15 +40,22 @@ from _types cimport floating
 
 cnp.import_array()
 
+# integer codes of fastnorm._kernels (CRITERIA, DECAYS, METRICS; tests/test_contract.py)
 cdef enum:
     CRIT_IOU = 0
     CRIT_DIOU = 1
+cdef enum:
+    DECAY_GAUSSIAN = 0
+    DECAY_LINEAR = 1
+cdef enum:
+    METRIC_IOU = 0
+    METRIC_GIOU = 1
+    METRIC_DIOU = 2
+    METRIC_CIOU = 3
 
 # Grid cells are CELL times the widest (tallest) box of their segment, so a kept box looks at
 # about 4 x 4 cells (measured on clustered boxes: 0.5 beats 0.75, 1.0 and 1.5 by 10-40%).
 CELL = 0.5
-
-METRICS = {"iou": 0, "giou": 1, "diou": 2, "ciou": 3}
 
 
 # ---------------------------------------------------------------- geometry
@@ -242,9 +249,10 @@ cdef Py_ssize_t _rank_impl(const floating* boxes, const floating* scores, const 
 
 
 class _Ranked:
-    """Ranked candidates (see _rank_impl): m, S, order, spos, rstart, rb (m, 4) float64."""
+    """Ranked candidates (see _rank_impl): m, S, order, spos, rstart, rb (m, 4) float64;
+    ``score_threshold`` None: every box is a candidate."""
 
-    def __init__(self, boxes, scores, batch, classes, use_thr, thr):
+    def __init__(self, boxes, scores, batch, classes, score_threshold):
         cdef Py_ssize_t n = scores.shape[0], S = 0, m
         order = np.empty(n + 1, dtype=np.int64)
         spos = np.empty(n + 1, dtype=np.int64)
@@ -259,8 +267,8 @@ class _Ranked:
         cdef const float[::1] sf
         cdef const double[:, ::1] bd
         cdef const double[::1] sd
-        cdef bint ut = use_thr
-        cdef double t = thr
+        cdef bint ut = score_threshold is not None
+        cdef double t = score_threshold if ut else 0.0
         if batch is not None:
             bt = batch
             bp = &bt[0] if n else NULL
@@ -549,8 +557,8 @@ cdef Py_ssize_t _collect(const int64_t* kept, const int64_t* nkept, const int64_
     return j
 
 
-def _greedy(rk, boxes_unused, batch, bint merge, double thr, int crit, double beta,
-            Py_ssize_t cap, bint want_assign, int nthreads):
+def _greedy(rk, batch, bint merge, double thr, int crit, double beta, Py_ssize_t cap,
+            bint want_assign, int nthreads):
     """Kept ranks in output order (see _collect) and, optionally, each rank's suppressor."""
     cdef Py_ssize_t m = rk.m, S = rk.S, k = 0
     out = np.empty(m + 1, dtype=np.int64)
@@ -591,47 +599,21 @@ def _greedy(rk, boxes_unused, batch, bint merge, double thr, int crit, double be
     return out[:k], (assign_np[:m] if want_assign else None)
 
 
-# ---------------------------------------------------------------- output assembly
-
-def _num_images(batch, num_images):
-    if num_images >= 0:
-        return num_images
-    return int(batch.max()) + 1 if batch is not None and batch.shape[0] else 1
-
-
-def _split(idx, batch, Py_ssize_t num_images, extras=()):
-    """List input: one entry per image, indices local to the image (``idx`` grouped by image)."""
-    if batch is None:
-        return [[idx, *extras]] if extras else [idx]
-    nimg = _num_images(batch, num_images)
-    starts = np.searchsorted(batch[idx], np.arange(nimg + 1))
-    first = np.searchsorted(batch, np.arange(nimg))       # list input: batch is sorted
-    res = []
-    for i in range(nimg):
-        sl = slice(starts[i], starts[i + 1])
-        local = idx[sl] - first[i]
-        res.append([local] + [e[sl] for e in extras] if extras else local)
-    return res
-
-
 # ---------------------------------------------------------------- entry points
+#
+# The contracts of fastnorm._kernels (Nms, WeightedNms, SoftNms, MatrixNms, BoxIou): results are
+# indices into the input grouped by image (batch) and in decreasing score order within an image;
+# per-image lists were flattened (and are split back) by the op module.
 
-def nms(boxes, scores, batch, classes, double iou_threshold, use_score_threshold,
-        double score_threshold, Py_ssize_t max_output, int criterion, double beta,
-        Py_ssize_t num_images, bint split, int nthreads):
-    """Greedy NMS (criterion 0: IoU, 1: DIoU with exponent beta), class-aware when ``classes``.
-
-    boxes (N, 4) float32/float64, scores (N,) same dtype, batch/classes int64 (N,) or None,
-    max_output < 0: unlimited. Returns int64 indices into the input, grouped by image (batch)
-    and in decreasing score order within an image; with ``split`` a list of per-image arrays of
-    image-local indices (``num_images`` entries, or max(batch) + 1 when negative).
-    """
+def nms(boxes, scores, batch, classes, double iou_threshold, score_threshold,
+        Py_ssize_t max_output, int criterion, double beta, int nthreads):
+    """Greedy NMS (criterion CRIT_IOU or CRIT_DIOU with exponent beta), class-aware when
+    ``classes``; max_output < 0: unlimited (per image). Returns int64 indices."""
     cap = max_output if max_output >= 0 else scores.shape[0] + 1
-    rk = _Ranked(boxes, scores, batch, classes, use_score_threshold, score_threshold)
-    ranks, _ = _greedy(rk, boxes, batch, classes is not None, iou_threshold, criterion, beta,
-                       cap, False, nthreads)
-    idx = rk.order[ranks]
-    return _split(idx, batch, num_images) if split else idx
+    rk = _Ranked(boxes, scores, batch, classes, score_threshold)
+    ranks, _ = _greedy(rk, batch, classes is not None, iou_threshold, criterion, beta, cap,
+                       False, nthreads)
+    return rk.order[ranks]
 
 
 cdef void _fuse(const double* rb, const double* w, const int64_t* assign, const uint8_t* is_kept,
@@ -647,19 +629,18 @@ cdef void _fuse(const double* rb, const double* w, const int64_t* assign, const 
         acc[5 * t + 4] += w[r]
 
 
-def weighted_nms(boxes, scores, batch, classes, double iou_threshold, use_score_threshold,
-                 double score_threshold, Py_ssize_t max_output, Py_ssize_t num_images,
-                 bint split, int nthreads):
+def weighted_nms(boxes, scores, batch, double iou_threshold, score_threshold,
+                 Py_ssize_t max_output, int nthreads):
     """Greedy NMS whose kept boxes become the score-weighted mean of their cluster.
 
-    Returns (indices, fused boxes (K, 4) of boxes' dtype), ordered/split as :func:`nms`. A box
+    Returns (indices, fused boxes (K, 4) of boxes' dtype), ordered as :func:`nms`. A box
     belongs to the cluster of the first (highest-ranked) kept box that suppresses it. When the
     cluster's weights sum to 0 (or are not finite) the kept box is returned unchanged.
     """
     cap = max_output if max_output >= 0 else scores.shape[0] + 1
-    rk = _Ranked(boxes, scores, batch, classes, use_score_threshold, score_threshold)
-    ranks, assign = _greedy(rk, boxes, batch, classes is not None, iou_threshold, CRIT_IOU, 1.0,
-                            cap, True, nthreads)
+    rk = _Ranked(boxes, scores, batch, None, score_threshold)
+    ranks, assign = _greedy(rk, batch, False, iou_threshold, CRIT_IOU, 1.0, cap, True,
+                            nthreads)
     cdef Py_ssize_t m = rk.m
     is_kept = np.zeros(m + 1, dtype=np.uint8)
     is_kept[ranks] = 1
@@ -679,8 +660,7 @@ def weighted_nms(boxes, scores, batch, classes, double iou_threshold, use_score_
     fused = np.where(good[:, None], a[:, :4] / np.where(good, a[:, 4], 1.0)[:, None],
                      rk.rb[ranks])
     fused = fused.astype(boxes.dtype)
-    idx = rk.order[ranks]
-    return _split(idx, batch, num_images, (fused,)) if split else (idx, fused)
+    return rk.order[ranks], fused
 
 
 cdef Py_ssize_t _soft_segment(const double* rb, double* cur, const int64_t* orig, Py_ssize_t r0,
@@ -714,7 +694,7 @@ cdef Py_ssize_t _soft_segment(const double* rb, double* cur, const int64_t* orig
                        rb[4 * j], rb[4 * j + 1], rb[4 * j + 2], rb[4 * j + 3], a_j)
             if iou <= 0:
                 continue
-            if method == 0:
+            if method == DECAY_GAUSSIAN:
                 f = exp(-iou * iou / sigma)
             elif iou > thr:
                 f = 1.0 - iou
@@ -727,10 +707,10 @@ cdef Py_ssize_t _soft_segment(const double* rb, double* cur, const int64_t* orig
 
 
 def soft_nms(boxes, scores, batch, int method, double sigma, double iou_threshold,
-             double score_threshold, Py_ssize_t num_images, bint split, int nthreads):
-    """Soft-NMS (method 0: gaussian, 1: linear). Returns (indices, scores at selection, of the
-    scores' dtype) in selection order, grouped by image; images run in parallel."""
-    rk = _Ranked(boxes, scores, batch, None, False, 0.0)
+             double score_threshold, int nthreads):
+    """Soft-NMS (method DECAY_GAUSSIAN or DECAY_LINEAR). Returns (indices, scores at selection,
+    of the scores' dtype) in selection order, grouped by image; images run in parallel."""
+    rk = _Ranked(boxes, scores, batch, None, None)
     cdef Py_ssize_t m = rk.order.shape[0], S = rk.S, s
     cur_np = np.ascontiguousarray(scores[rk.order], dtype=np.float64)
     cdef double[::1] cur = np.append(cur_np, 0.0)
@@ -751,24 +731,21 @@ def soft_nms(boxes, scores, batch, int method, double sigma, double iou_threshol
     orr = np.asarray(out_rank)
     parts = [np.arange(rk.rstart[i], rk.rstart[i] + cnt[i]) for i in range(S)]
     sel = np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
-    idx = rk.order[orr[sel]]
-    sc = out_score_np[sel].astype(scores.dtype)
-    return _split(idx, batch, num_images, (sc,)) if split else (idx, sc)
+    return rk.order[orr[sel]], out_score_np[sel].astype(scores.dtype)
 
 
 cdef inline double _mkernel(double iou, int kernel, double sigma) noexcept nogil:
-    if kernel == 0:
+    if kernel == DECAY_GAUSSIAN:
         return exp(-sigma * iou * iou)
     return 1.0 - iou
 
 
-def matrix_nms(boxes, scores, batch, int kernel, double sigma, Py_ssize_t num_images, bint split,
-               int nthreads):
+def matrix_nms(boxes, scores, batch, int kernel, double sigma, int nthreads):
     """Matrix NMS (SOLOv2) decayed scores, (N,) aligned with the input (kernel 0: gaussian
     exp(-sigma iou^2), 1: linear 1 - iou). decay_j = min(1, min over higher-ranked i of the same
     image of f(iou_ij) / f(comp_i)), comp_i = max IoU of i with boxes ranked above it. A ratio
     with f(comp_i) = 0 (linear kernel, comp_i = 1) imposes no decay. Parallel over boxes."""
-    rk = _Ranked(boxes, scores, batch, None, False, 0.0)
+    rk = _Ranked(boxes, scores, batch, None, None)
     cdef Py_ssize_t m = rk.order.shape[0], S = rk.S, i, j, k, s0
     cdef double[:, ::1] rb = np.vstack([rk.rb, np.zeros((1, 4))])
     seg_of = np.repeat(np.arange(S, dtype=np.int64), np.diff(rk.rstart)) if S else \
@@ -803,11 +780,7 @@ def matrix_nms(boxes, scores, batch, int kernel, double sigma, Py_ssize_t num_im
             decay[j] = d
     out = np.empty(scores.shape[0], dtype=scores.dtype)
     out[rk.order] = (scores[rk.order] * decay_np[:m]).astype(scores.dtype)
-    if not split:
-        return out
-    nimg = _num_images(batch, num_images)
-    bounds = np.searchsorted(batch, np.arange(nimg + 1))
-    return [out[bounds[i]:bounds[i + 1]] for i in range(nimg)]
+    return out
 
 
 cdef inline double _metric(const floating* a, const floating* b, int metric) noexcept nogil:
@@ -822,15 +795,15 @@ cdef inline double _metric(const floating* a, const floating* b, int metric) noe
     inter = _inter(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2)
     union = aa + ba - inter
     iou = inter / union if union > 0 else 0.0
-    if metric == 0:
+    if metric == METRIC_IOU:
         return iou
-    if metric == 1:
+    if metric == METRIC_GIOU:
         cw = (ax2 if ax2 > bx2 else bx2) - (ax1 if ax1 < bx1 else bx1)
         ch = (ay2 if ay2 > by2 else by2) - (ay1 if ay1 < by1 else by1)
         carea = (cw if cw > 0 else 0.0) * (ch if ch > 0 else 0.0)
         return iou - (carea - union) / carea if carea > 0 else iou
     iou = iou - _centre_penalty(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, 1e-7)
-    if metric == 2:
+    if metric == METRIC_DIOU:
         return iou
     wa = ax2 - ax1 if ax2 > ax1 else 0.0
     ha = ay2 - ay1 if ay2 > ay1 else 0.0

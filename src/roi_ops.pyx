@@ -33,6 +33,11 @@ cnp.import_array()
 
 cdef double COORD_MAX = 1e15        # RoIPool coordinates are clamped here before int conversion
 
+# fastnorm._kernels.ROI_MODES (tests/test_contract.py)
+cdef enum:
+    MODE_AVG = 0
+    MODE_MAX = 1
+
 
 # ---------------------------------------------------------------- geometry
 
@@ -903,10 +908,13 @@ cdef inline void* _p(cnp.ndarray a):
     return NULL if a is None else <void*>cnp.PyArray_DATA(a)
 
 
-def roi_align_forward(x, rois, Py_ssize_t PH, Py_ssize_t PW, double scale, int sr, bint aligned,
-                      int mode, bint channels_last, int nthreads):
-    """out (K, C, PH, PW) or (K, PH, PW, C) from x (N, C, H, W) or (N, H, W, C); mode 0 avg, 1 max."""
-    cdef Py_ssize_t K = rois.shape[0], N, C, H, W
+# The contracts of fastnorm._kernels (RoiAlignForward, ...): rois (K, 5) with validated batch
+# indices, every array C-contiguous.
+
+def roi_align_forward(x, rois, Py_ssize_t pooled_h, Py_ssize_t pooled_w, double spatial_scale,
+                      int sampling_ratio, bint aligned, int mode, bint channels_last, int nthreads):
+    """out (K, C, PH, PW) or (K, PH, PW, C) from x (N, C, H, W) or (N, H, W, C)."""
+    cdef Py_ssize_t K = rois.shape[0], N, C, H, W, PH = pooled_h, PW = pooled_w
     if channels_last:
         N, H, W, C = x.shape
         out = _cache.empty((K, PH, PW, C), x.dtype)
@@ -918,21 +926,25 @@ def roi_align_forward(x, rois, Py_ssize_t PH, Py_ssize_t PW, double scale, int s
     if H * W == 0:
         out[...] = 0
         return out
-    _align(x, None, rois, out, None, N, C, H, W, PH, PW, scale, sr, aligned, mode,
-           channels_last, False, nthreads)
+    _align(x, None, rois, out, None, N, C, H, W, PH, PW, spatial_scale, sampling_ratio, aligned,
+           mode, channels_last, False, nthreads)
     return out
 
 
-def roi_align_backward(grad_out, rois, x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
-                       Py_ssize_t PH, Py_ssize_t PW, double scale, int sr, bint aligned, int mode,
-                       bint channels_last, bint deterministic, int nthreads):
-    """grad_x of roi_align (x needed for mode 1 only; always deterministic on the CPU)."""
-    shape = (N, H, W, C) if channels_last else (N, C, H, W)
-    gx = np.zeros(shape, dtype=grad_out.dtype)
+def roi_align_backward(grad_out, rois, x, input_shape, Py_ssize_t pooled_h,
+                       Py_ssize_t pooled_w, double spatial_scale, int sampling_ratio, bint aligned,
+                       int mode, bint channels_last, bint deterministic, int nthreads):
+    """grad_x of roi_align (x needed for MODE_MAX only; always deterministic on the CPU)."""
+    cdef Py_ssize_t N, C, H, W
+    if channels_last:
+        N, H, W, C = input_shape
+    else:
+        N, C, H, W = input_shape
+    gx = np.zeros(input_shape, dtype=grad_out.dtype)
     if gx.size == 0 or rois.shape[0] == 0:
         return gx
-    _align(x, grad_out, rois, None, gx, N, C, H, W, PH, PW, scale, sr, aligned, mode,
-           channels_last, True, nthreads)
+    _align(x, grad_out, rois, None, gx, N, C, H, W, pooled_h, pooled_w, spatial_scale,
+           sampling_ratio, aligned, mode, channels_last, True, nthreads)
     return gx
 
 
@@ -954,9 +966,9 @@ def _align(x, dy, rois, out, gx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ss
     if backward:
         cb = _bwd_block(N, C, nthreads) if cl else min(4, _bwd_block(N, C, nthreads))
     else:
-        cb = min(C, 64) if (cl or mode == 1) else min(C, FWD_BLOCK)
+        cb = min(C, 64) if (cl or mode == MODE_MAX) else min(C, FWD_BLOCK)
     with nogil:
-        if mode == 1:
+        if mode == MODE_MAX:
             if f32:
                 _align_max(<float*>px, <float*>pd, <float*>pr, <float*>po, <float*>pg, pod, ps, K,
                            N, C, H, W, PH, PW, scale, off, not aligned, sr, cl, backward, cb,
@@ -977,9 +989,12 @@ def _align(x, dy, rois, out, gx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ss
         raise MemoryError("roi_align: out of memory for the sampling tables")
 
 
-def ps_roi_align_forward(x, rois, Py_ssize_t PH, Py_ssize_t PW, double scale, int sr,
-                         int nthreads):
+def ps_roi_align_forward(x, rois, Py_ssize_t pooled_h, Py_ssize_t pooled_w,
+                         double spatial_scale, int sampling_ratio, int nthreads):
     """out (K, C // (PH*PW), PH, PW)."""
+    cdef Py_ssize_t PH = pooled_h, PW = pooled_w
+    cdef double scale = spatial_scale
+    cdef int sr = sampling_ratio
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = rois.shape[0], CO = C // (PH * PW)
     out = np.zeros((K, CO, PH, PW), dtype=x.dtype)
@@ -999,9 +1014,13 @@ def ps_roi_align_forward(x, rois, Py_ssize_t PH, Py_ssize_t PW, double scale, in
     return out
 
 
-def ps_roi_align_backward(grad_out, rois, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
-                          Py_ssize_t PH, Py_ssize_t PW, double scale, int sr, bint deterministic,
+def ps_roi_align_backward(grad_out, rois, input_shape, Py_ssize_t pooled_h, Py_ssize_t pooled_w,
+                          double spatial_scale, int sampling_ratio, bint deterministic,
                           int nthreads):
+    cdef Py_ssize_t N, C, H, W, PH = pooled_h, PW = pooled_w
+    cdef double scale = spatial_scale
+    cdef int sr = sampling_ratio
+    N, C, H, W = input_shape
     gx = np.zeros((N, C, H, W), dtype=grad_out.dtype)
     if gx.size == 0 or rois.shape[0] == 0:
         return gx
@@ -1024,7 +1043,10 @@ def ps_roi_align_backward(grad_out, rois, Py_ssize_t N, Py_ssize_t C, Py_ssize_t
     return gx
 
 
-def roi_pool_forward(x, rois, Py_ssize_t PH, Py_ssize_t PW, double scale, int nthreads):
+def roi_pool_forward(x, rois, Py_ssize_t pooled_h, Py_ssize_t pooled_w, double spatial_scale,
+                     int nthreads):
+    cdef Py_ssize_t PH = pooled_h, PW = pooled_w
+    cdef double scale = spatial_scale
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = rois.shape[0]
     out = np.zeros((K, C, PH, PW), dtype=x.dtype)
@@ -1044,8 +1066,10 @@ def roi_pool_forward(x, rois, Py_ssize_t PH, Py_ssize_t PW, double scale, int nt
     return out
 
 
-def roi_pool_backward(grad_out, rois, x, Py_ssize_t PH, Py_ssize_t PW, double scale,
-                      bint deterministic, int nthreads):
+def roi_pool_backward(grad_out, rois, x, Py_ssize_t pooled_h, Py_ssize_t pooled_w,
+                      double spatial_scale, bint deterministic, int nthreads):
+    cdef Py_ssize_t PH = pooled_h, PW = pooled_w
+    cdef double scale = spatial_scale
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = rois.shape[0]
     gx = np.zeros((N, C, H, W), dtype=x.dtype)
@@ -1070,9 +1094,12 @@ def roi_pool_backward(grad_out, rois, x, Py_ssize_t PH, Py_ssize_t PW, double sc
     return gx
 
 
-def deform_roi_pool_forward(x, rois, offset, mask, Py_ssize_t PH, Py_ssize_t PW, double scale,
-                            int sr, double gamma, int nthreads):
+def deform_roi_pool_forward(x, rois, offset, mask, Py_ssize_t pooled_h, Py_ssize_t pooled_w,
+                            double spatial_scale, int sampling_ratio, double gamma, int nthreads):
     """out (K, C, PH, PW); offset (K, 2, PH, PW) or None; mask (K, 1, PH, PW) or None."""
+    cdef Py_ssize_t PH = pooled_h, PW = pooled_w
+    cdef double scale = spatial_scale
+    cdef int sr = sampling_ratio
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = rois.shape[0]
     out = np.zeros((K, C, PH, PW), dtype=x.dtype)
@@ -1096,10 +1123,13 @@ def deform_roi_pool_forward(x, rois, offset, mask, Py_ssize_t PH, Py_ssize_t PW,
     return out
 
 
-def deform_roi_pool_backward(grad_out, x, rois, offset, mask, Py_ssize_t PH, Py_ssize_t PW,
-                             double scale, int sr, double gamma, bint deterministic,
-                             int nthreads):
+def deform_roi_pool_backward(grad_out, x, rois, offset, mask, Py_ssize_t pooled_h,
+                             Py_ssize_t pooled_w, double spatial_scale, int sampling_ratio,
+                             double gamma, bint deterministic, int nthreads):
     """(grad_x, grad_offset or None, grad_mask or None)."""
+    cdef Py_ssize_t PH = pooled_h, PW = pooled_w
+    cdef double scale = spatial_scale
+    cdef int sr = sampling_ratio
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = rois.shape[0]
     gx = np.zeros((N, C, H, W), dtype=x.dtype)

@@ -70,9 +70,14 @@ def test_bfloat16_cpu_tensor_gives_a_clear_error():
 
 
 def test_missing_cpu_extension_message(monkeypatch):
-    call, _ = _dispatch.resolve(x=np.zeros(2))
-    with pytest.raises(RuntimeError, match="CPU kernels are not built"):
-        call.kernel("no_such_op")
+    # an op module imports its CPU kernels statically: unbuilt, the import works and the first
+    # call says how to build them
+    import fastnorm._cpu as kernels
+    monkeypatch.delattr(kernels, "group_norm")
+    monkeypatch.setitem(sys.modules, "fastnorm._cpu.group_norm", None)
+    from fastnorm._cpu import group_norm as missing
+    with pytest.raises(RuntimeError, match="CPU kernels are not built .*`pip install .`"):
+        missing.forward
 
 
 def test_missing_cupy_message(monkeypatch):

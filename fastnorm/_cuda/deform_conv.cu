@@ -11,20 +11,16 @@
 #include "common.cuh"
 
 namespace fastnorm {
+namespace deform_conv {
 
 // `msk`/`gmask` are read/written only when has_mask (else any valid pointer).
-// Geometry, passed as a device array of 16 int64 in this order.
+// The geometry, passed as scalars after the arrays (launcher: deform_conv.py `_Setup.geometry`).
 struct DcGeo {
     i64 C, H, W, Ho, Wo, kh, kw, K, sh, sw, ph, pw, dh, dw, G, Cpg;
 };
-
-__device__ __forceinline__ DcGeo dc_geo(const i64* __restrict__ p) {
-    DcGeo g;
-    g.C = p[0]; g.H = p[1]; g.W = p[2]; g.Ho = p[3]; g.Wo = p[4]; g.kh = p[5]; g.kw = p[6];
-    g.K = p[7]; g.sh = p[8]; g.sw = p[9]; g.ph = p[10]; g.pw = p[11]; g.dh = p[12];
-    g.dw = p[13]; g.G = p[14]; g.Cpg = p[15];
-    return g;
-}
+#define DC_GEO_ARGS i64 C, i64 H, i64 W, i64 Ho, i64 Wo, i64 kh, i64 kw, i64 K, i64 sh, i64 sw, \
+    i64 ph, i64 pw, i64 dh, i64 dw, i64 G, i64 Cpg
+#define DC_GEO_INIT const DcGeo g{C, H, W, Ho, Wo, kh, kw, K, sh, sw, ph, pw, dh, dw, G, Cpg}
 
 // zero_pad_bilinear plus the corners inside the map (bit j) and, when dwy != nullptr,
 // d wt_j / dy and d wt_j / dx (0 for corners outside the map).
@@ -79,9 +75,9 @@ __device__ __forceinline__ void dc_position(const DcGeo& g, const T* off, i64 n,
 template <typename T>
 __global__ void dc_im2col(const T* __restrict__ x, const T* __restrict__ off,
                           const T* __restrict__ msk, typename acc<T>::type* __restrict__ cols,
-                          const i64* __restrict__ geo, i64 n0, i64 nb, i64 ho0, i64 hb, int has_mask) {
+                          i64 n0, i64 nb, i64 ho0, i64 hb, int has_mask, DC_GEO_ARGS) {
     typedef typename acc<T>::type A;
-    const DcGeo g = dc_geo(geo);
+    DC_GEO_INIT;
     i64 nl, go, k, r, wo;
     const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (!dc_point(g, nb, hb, t, nl, go, k, r, wo)) return;
@@ -107,10 +103,10 @@ __global__ void dc_im2col(const T* __restrict__ x, const T* __restrict__ off,
 template <typename T>
 __global__ void dc_col2im(const T* __restrict__ off, const T* __restrict__ msk,
                           const typename acc<T>::type* __restrict__ gcols,
-                          typename acc<T>::type* __restrict__ gx, const i64* __restrict__ geo, i64 n0, i64 nb,
-                          i64 ho0, i64 hb, int has_mask) {
+                          typename acc<T>::type* __restrict__ gx, i64 n0, i64 nb, i64 ho0, i64 hb,
+                          int has_mask, DC_GEO_ARGS) {
     typedef typename acc<T>::type A;
-    const DcGeo g = dc_geo(geo);
+    DC_GEO_INIT;
     i64 nl, go, k, r, wo;
     const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (!dc_point(g, nb, hb, t, nl, go, k, r, wo)) return;
@@ -135,10 +131,10 @@ __global__ void dc_col2im(const T* __restrict__ off, const T* __restrict__ msk,
 template <typename T>
 __global__ void dc_coord(const T* __restrict__ x, const T* __restrict__ off,
                          const T* __restrict__ msk, const typename acc<T>::type* __restrict__ gcols,
-                         T* __restrict__ goff, T* __restrict__ gmask, const i64* __restrict__ geo, i64 n0, i64 nb,
-                         i64 ho0, i64 hb, int has_mask) {
+                         T* __restrict__ goff, T* __restrict__ gmask, i64 n0, i64 nb, i64 ho0,
+                         i64 hb, int has_mask, DC_GEO_ARGS) {
     typedef typename acc<T>::type A;
-    const DcGeo g = dc_geo(geo);
+    DC_GEO_INIT;
     i64 nl, go, k, r, wo;
     const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (!dc_point(g, nb, hb, t, nl, go, k, r, wo)) return;
@@ -168,4 +164,5 @@ __global__ void dc_coord(const T* __restrict__ x, const T* __restrict__ off,
     if (has_mask) store(gmask + im, am);
 }
 
+}  // namespace deform_conv
 }  // namespace fastnorm

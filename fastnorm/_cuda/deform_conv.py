@@ -1,7 +1,8 @@
 """CUDA launcher for deform_conv2d: im2col / col2im / coordinate-gradient RawKernels
 (deform_conv.cu) + cuBLAS GEMMs through CuPy, chunked exactly like the CPU kernel.
 
-Same functions and signatures as ``fastnorm._cpu.deform_conv``. Columns and accumulations are in
+The entry points of ``fastnorm._kernels`` (DeformConvForward/Backward), as
+``fastnorm._cpu.deform_conv`` (``nthreads`` is ignored). Columns and accumulations are in
 float32 for float16/bfloat16/float32 input and float64 for float64. grad_x is accumulated with
 atomics, so it is not bitwise reproducible run to run (the other results are).
 """
@@ -9,12 +10,13 @@ import numpy as np
 
 from . import ctype, cupy, function, i64, instantiate, launch
 
+_NS = "fastnorm::deform_conv::"
 _KERNELS = ("dc_im2col", "dc_col2im", "dc_coord")
-_EXPRS = {k: instantiate("fastnorm::" + k + "<{}>") for k in _KERNELS}
+_EXPRS = {k: instantiate(_NS + k + "<{}>") for k in _KERNELS}
 
 
 def _kernel(name, dtype):
-    return function("deform_conv", f"fastnorm::{name}<{ctype(dtype)}>", _EXPRS[name])
+    return function("deform_conv", f"{_NS}{name}<{ctype(dtype)}>", _EXPRS[name])
 
 
 def _chunks(N, Ho, chunk_rows):
@@ -29,7 +31,7 @@ def _chunks(N, Ho, chunk_rows):
 class _Setup:
     """Geometry of one call and the launch helper shared by forward and backward."""
 
-    def __init__(self, x, offset, mask, weight, sh, sw, ph, pw, dh, dw):
+    def __init__(self, x, offset, mask, weight, stride, padding, dilation):
         self.cp = cp = cupy()
         self.N, self.C, self.H, self.W = (int(s) for s in x.shape)
         self.Cout, Cg, self.kh, self.kw = (int(s) for s in weight.shape)
@@ -38,17 +40,18 @@ class _Setup:
         self.G = int(offset.shape[1]) // (2 * self.K)
         self.groups = self.C // Cg
         self.acc = cp.float64 if x.dtype == cp.float64 else cp.float32
-        self.geo = cp.asarray(np.array(
-            [self.C, self.H, self.W, self.Ho, self.Wo, self.kh, self.kw, self.K, sh, sw, ph, pw,
-             dh, dw, self.G, self.C // self.G], dtype=np.int64))
+        # DC_GEO_ARGS of deform_conv.cu, scalars after each kernel's arrays
+        self.geometry = tuple(i64(v) for v in (
+            self.C, self.H, self.W, self.Ho, self.Wo, self.kh, self.kw, self.K, *stride,
+            *padding, *dilation, self.G, self.C // self.G))
         self.has_mask = mask is not None
         self.dtype = x.dtype
 
     def run(self, name, args, n0, nb, ho0, hb):
         total = nb * self.G * self.K * hb * self.Wo
         launch(_kernel(name, self.dtype), total,
-               tuple(args) + (self.geo, i64(n0), i64(nb), i64(ho0), i64(hb),
-                              np.int32(self.has_mask)))
+               tuple(args) + (i64(n0), i64(nb), i64(ho0), i64(hb), np.int32(self.has_mask))
+               + self.geometry)
 
     def columns(self, buf, nb, hb):
         """Chunk columns (groups, C_in/groups * K, nb * hb * Wo) at the start of ``buf``: the
@@ -58,8 +61,8 @@ class _Setup:
         return buf[:self.groups * CgK * NL].reshape(self.groups, CgK, NL)
 
 
-def forward(x, offset, mask, weight, bias, sh, sw, ph, pw, dh, dw, chunk_rows, nthreads):
-    s = _Setup(x, offset, mask, weight, sh, sw, ph, pw, dh, dw)
+def forward(x, offset, mask, weight, bias, stride, padding, dilation, chunk_rows, nthreads):
+    s = _Setup(x, offset, mask, weight, stride, padding, dilation)
     cp = s.cp
     if s.N * s.Cout * s.Ho * s.Wo == 0 or s.H * s.W == 0:
         y = cp.zeros((s.N, s.Cout, s.Ho, s.Wo), dtype=x.dtype)
@@ -85,8 +88,9 @@ def forward(x, offset, mask, weight, bias, sh, sw, ph, pw, dh, dw, chunk_rows, n
     return y
 
 
-def backward(grad_out, x, offset, mask, weight, sh, sw, ph, pw, dh, dw, chunk_rows, nthreads):
-    s = _Setup(x, offset, mask, weight, sh, sw, ph, pw, dh, dw)
+def backward(grad_out, x, offset, mask, weight, stride, padding, dilation, chunk_rows,
+             nthreads):
+    s = _Setup(x, offset, mask, weight, stride, padding, dilation)
     cp = s.cp
     gx_acc = cp.zeros(x.shape, dtype=s.acc)
     goff = cp.zeros_like(offset)

@@ -32,11 +32,13 @@ def _fn(expr, dtype=None):
     return function("nms", expr.format(ctype(dtype)) if dtype is not None else expr, _EXPRS)
 
 
-def _rank(cp, scores, batch, classes, use_thr, thr):
+def _rank(cp, scores, batch, classes, score_threshold):
     """Ranking: (order, seg, rstart) -- input index of each rank, its segment (image x class),
-    and the first rank of each segment followed by m (device arrays, int64)."""
+    and the first rank of each segment followed by m (device arrays, int64). Only boxes with
+    score > score_threshold (when not None) are ranked."""
     n = scores.shape[0]
-    cand = cp.flatnonzero(scores > thr) if use_thr else cp.arange(n, dtype=cp.int64)
+    cand = (cp.arange(n, dtype=cp.int64) if score_threshold is None
+            else cp.flatnonzero(scores > score_threshold))
     s = scores[cand].astype(cp.float64 if scores.dtype == cp.float64 else cp.float32)
     nan = cp.isnan(s)
     order = cp.argsort(cp.where(nan, cp.inf, -s))            # CuPy sorts are stable
@@ -111,10 +113,10 @@ def _plan(starts, budget_words):
     return np.array(pieces, dtype=np.int64).reshape(-1, 6), chunks
 
 
-def _greedy(cp, boxes, scores, batch, classes, iou_threshold, use_score_threshold,
-            score_threshold, cap, criterion, beta):
+def _greedy(cp, boxes, scores, batch, classes, iou_threshold, score_threshold, cap, criterion,
+            beta):
     """Ranking and greedy suppression: (order, seg, rstart, keep (uint8 per rank))."""
-    order, seg, rstart = _rank(cp, scores, batch, classes, use_score_threshold, score_threshold)
+    order, seg, rstart = _rank(cp, scores, batch, classes, score_threshold)
     m = order.shape[0]
     keep = cp.zeros(m, dtype=cp.uint8)
     if m == 0:
@@ -147,7 +149,10 @@ def _greedy(cp, boxes, scores, batch, classes, iou_threshold, use_score_threshol
     return order, seg, rstart, keep
 
 
-def _assemble(cp, idx, scores, batch, cap, merge, num_images, split, extras=()):
+def _assemble(cp, idx, scores, batch, cap, merge, extras=()):
+    """Kept indices in output order: grouped by image, in decreasing score within an image
+    (ties: lower index first; ``merge`` re-sorts the kept boxes of several classes), at most
+    ``cap`` per image; ``extras`` follow their indices."""
     if merge and idx.shape[0] > 1:
         s = scores[idx].astype(cp.float64)
         nan = cp.isnan(s)
@@ -158,46 +163,32 @@ def _assemble(cp, idx, scores, batch, cap, merge, num_images, split, extras=()):
             o = o[cp.argsort(batch[idx][o])]
         idx = idx[o]
         extras = tuple(e[o] for e in extras)
-    if batch is None:
-        idx, extras = idx[:cap], tuple(e[:cap] for e in extras)
-        if split:
-            return [[idx, *extras]] if extras else [idx]
-        return (idx, *extras) if extras else idx
-    nimg = num_images if num_images >= 0 else (int(batch.max()) + 1 if batch.shape[0] else 1)
-    b = batch[idx]
-    starts = cp.searchsorted(b, cp.arange(nimg + 1))
     if cap < idx.shape[0]:
-        sel = cp.arange(idx.shape[0]) - starts[b] < cap
-        idx, b = idx[sel], b[sel]
+        if batch is None:
+            sel = slice(0, cap)
+        else:                                    # position within its image, no image count
+            b = batch[idx]
+            sel = cp.flatnonzero(cp.arange(idx.shape[0]) - cp.searchsorted(b, b) < cap)
+        idx = idx[sel]
         extras = tuple(e[sel] for e in extras)
-        starts = cp.searchsorted(b, cp.arange(nimg + 1))
-    if not split:
-        return (idx, *extras) if extras else idx
-    first = cp.searchsorted(batch, cp.arange(nimg))
-    st = starts.get()
-    out = []
-    for i in range(nimg):
-        local = idx[st[i]:st[i + 1]] - first[i]
-        out.append([local] + [e[st[i]:st[i + 1]] for e in extras] if extras else local)
-    return out
+    return (idx, *extras) if extras else idx
 
 
-def nms(boxes, scores, batch, classes, iou_threshold, use_score_threshold, score_threshold,
-        max_output, criterion, beta, num_images, split, nthreads):
+def nms(boxes, scores, batch, classes, iou_threshold, score_threshold, max_output, criterion,
+        beta, nthreads):
     cp = cupy()
     cap = max_output if max_output >= 0 else scores.shape[0] + 1
     order, _, _, keep = _greedy(cp, boxes, scores, batch, classes, iou_threshold,
-                                use_score_threshold, score_threshold, cap, criterion, beta)
+                                score_threshold, cap, criterion, beta)
     idx = order[cp.flatnonzero(keep)]
-    return _assemble(cp, idx, scores, batch, cap, classes is not None, num_images, split)
+    return _assemble(cp, idx, scores, batch, cap, classes is not None)
 
 
-def weighted_nms(boxes, scores, batch, classes, iou_threshold, use_score_threshold,
-                 score_threshold, max_output, num_images, split, nthreads):
+def weighted_nms(boxes, scores, batch, iou_threshold, score_threshold, max_output, nthreads):
     cp = cupy()
     cap = max_output if max_output >= 0 else scores.shape[0] + 1
-    order, seg, rstart, keep = _greedy(cp, boxes, scores, batch, classes, iou_threshold,
-                                       use_score_threshold, score_threshold, cap, 0, 1.0)
+    order, seg, rstart, keep = _greedy(cp, boxes, scores, batch, None, iou_threshold,
+                                       score_threshold, cap, 0, 1.0)
     m = order.shape[0]
     kept = cp.flatnonzero(keep).astype(cp.int64)
     k = kept.shape[0]
@@ -214,16 +205,12 @@ def weighted_nms(boxes, scores, batch, classes, iou_threshold, use_score_thresho
         w = cp.ascontiguousarray(scores[order].astype(cp.float64))
         launch(_fn("weighted_fuse<{}>", boxes.dtype), k,
                (rb, w, members, lo, hi, kept, i64(k), fused))
-    idx = order[kept]
-    return _assemble(cp, idx, scores, batch, cap, classes is not None, num_images, split,
-                     (fused,))
+    return _assemble(cp, order[kept], scores, batch, cap, False, (fused,))
 
 
-def soft_nms(boxes, scores, batch, method, sigma, iou_threshold, score_threshold, num_images,
-             split, nthreads):
+def soft_nms(boxes, scores, batch, method, sigma, iou_threshold, score_threshold, nthreads):
     cp = cupy()
-    n = scores.shape[0]
-    order, seg, rstart = _rank(cp, scores, batch, None, False, 0.0)
+    order, seg, rstart = _rank(cp, scores, batch, None, None)
     m = order.shape[0]
     sel = cp.empty(0, dtype=cp.int64)
     out_rank = cp.empty(m, dtype=cp.int64)
@@ -240,14 +227,12 @@ def soft_nms(boxes, scores, batch, method, sigma, iou_threshold, score_threshold
              np.float64(iou_threshold), np.float64(score_threshold), out_rank, out_score, count))
         pos = cp.arange(m, dtype=cp.int64) - rstart[seg]
         sel = cp.flatnonzero(pos < count[seg])
-    idx = order[out_rank[sel]]
-    sc = out_score[sel].astype(scores.dtype)
-    return _assemble(cp, idx, scores, batch, n + 1, False, num_images, split, (sc,))
+    return order[out_rank[sel]], out_score[sel].astype(scores.dtype)
 
 
-def matrix_nms(boxes, scores, batch, kernel, sigma, num_images, split, nthreads):
+def matrix_nms(boxes, scores, batch, kernel, sigma, nthreads):
     cp = cupy()
-    order, seg, rstart = _rank(cp, scores, batch, None, False, 0.0)
+    order, seg, rstart = _rank(cp, scores, batch, None, None)
     m = order.shape[0]
     out = cp.empty_like(scores)
     if m:
@@ -259,11 +244,7 @@ def matrix_nms(boxes, scores, batch, kernel, sigma, num_images, split, nthreads)
         launch(_fn("matrix_decay<{}>", boxes.dtype), m,
                (rb, first, comp, i64(m), np.int32(kernel), np.float64(sigma), decay))
         out[order] = (scores[order].astype(cp.float64) * decay).astype(scores.dtype)
-    if not split:
-        return out
-    nimg = num_images
-    bounds = cp.searchsorted(batch, cp.arange(nimg + 1)).get()
-    return [out[bounds[i]:bounds[i + 1]] for i in range(nimg)]
+    return out
 
 
 def box_iou(a, b, metric, nthreads):

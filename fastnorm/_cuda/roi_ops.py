@@ -1,6 +1,6 @@
-"""CUDA launchers of roi_ops.cu: the same functions and signatures as ``fastnorm._cpu.roi_ops``
-(the trailing ``nthreads`` is ignored; ``channels_last`` is always False here: the op module
-transposes channels-last arrays around the NCHW kernels)."""
+"""CUDA launchers of roi_ops.cu: the entry points of ``fastnorm._kernels`` (RoiAlignForward, ...),
+as ``fastnorm._cpu.roi_ops`` (the trailing ``nthreads`` is ignored). The kernels are NCHW:
+channels-last RoIAlign arrays are transposed around them here."""
 import functools
 
 import numpy as np
@@ -82,49 +82,73 @@ def _align_backward(dy, x, rois, offset, mask, N, C, H, W, prm, deterministic):
     return gacc.astype(dtype, copy=False)
 
 
-def roi_align_forward(x, rois, PH, PW, scale, sr, aligned, mode, channels_last, nthreads):
+def _nchw(cp, a, channels_last):
+    """The kernels are NCHW: channels-last arrays are transposed around them."""
+    return cp.ascontiguousarray(a.transpose(0, 3, 1, 2)) if channels_last else a
+
+
+def _nhwc(cp, a, channels_last):
+    return cp.ascontiguousarray(a.transpose(0, 2, 3, 1)) if channels_last else a
+
+
+# The contracts of fastnorm._kernels (RoiAlignForward, ...); ``nthreads`` is ignored.
+
+def roi_align_forward(x, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, mode,
+                      channels_last, nthreads):
+    cp = cupy()
+    x = _nchw(cp, x, channels_last)
     N, C, H, W = x.shape
-    prm = functools.partial(_params, rois.shape[0], N, C, C, H, W, PH, PW, sr, KIND_ALIGN,
-                            mode, int(aligned), scale=scale)
-    return _align_forward(x, rois, None, None, PH, PW, C, prm)
+    prm = functools.partial(_params, rois.shape[0], N, C, C, H, W, pooled_h, pooled_w,
+                            sampling_ratio, KIND_ALIGN, mode, int(aligned), scale=spatial_scale)
+    out = _align_forward(x, rois, None, None, pooled_h, pooled_w, C, prm)
+    return _nhwc(cp, out, channels_last)
 
 
-def roi_align_backward(grad_out, rois, x, N, C, H, W, PH, PW, scale, sr, aligned, mode,
-                       channels_last, deterministic, nthreads):
-    prm = functools.partial(_params, rois.shape[0], N, C, C, H, W, PH, PW, sr, KIND_ALIGN,
-                            mode, int(aligned), scale=scale)
-    return _align_backward(grad_out, x, rois, None, None, N, C, H, W, prm, deterministic)
+def roi_align_backward(grad_out, rois, x, input_shape, pooled_h, pooled_w, spatial_scale,
+                       sampling_ratio, aligned, mode, channels_last, deterministic, nthreads):
+    cp = cupy()
+    N, C, H, W = (input_shape[i] for i in ((0, 3, 1, 2) if channels_last else range(4)))
+    prm = functools.partial(_params, rois.shape[0], N, C, C, H, W, pooled_h, pooled_w,
+                            sampling_ratio, KIND_ALIGN, mode, int(aligned), scale=spatial_scale)
+    gx = _align_backward(_nchw(cp, grad_out, channels_last), None if x is None else
+                         _nchw(cp, x, channels_last), rois, None, None, N, C, H, W, prm,
+                         deterministic)
+    return _nhwc(cp, gx, channels_last)
 
 
-def ps_roi_align_forward(x, rois, PH, PW, scale, sr, nthreads):
+def ps_roi_align_forward(x, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, nthreads):
     N, C, H, W = x.shape
-    CO = C // (PH * PW)
-    prm = functools.partial(_params, rois.shape[0], N, C, CO, H, W, PH, PW, sr, KIND_PS, 0, 1,
-                            scale=scale)
-    return _align_forward(x, rois, None, None, PH, PW, CO, prm)
+    CO = C // (pooled_h * pooled_w)
+    prm = functools.partial(_params, rois.shape[0], N, C, CO, H, W, pooled_h, pooled_w,
+                            sampling_ratio, KIND_PS, 0, 1, scale=spatial_scale)
+    return _align_forward(x, rois, None, None, pooled_h, pooled_w, CO, prm)
 
 
-def ps_roi_align_backward(grad_out, rois, N, C, H, W, PH, PW, scale, sr, deterministic,
-                          nthreads):
-    prm = functools.partial(_params, rois.shape[0], N, C, C // (PH * PW), H, W, PH, PW, sr,
-                            KIND_PS, 0, 1, scale=scale)
+def ps_roi_align_backward(grad_out, rois, input_shape, pooled_h, pooled_w, spatial_scale,
+                          sampling_ratio, deterministic, nthreads):
+    N, C, H, W = input_shape
+    prm = functools.partial(_params, rois.shape[0], N, C, C // (pooled_h * pooled_w), H, W,
+                            pooled_h, pooled_w, sampling_ratio, KIND_PS, 0, 1,
+                            scale=spatial_scale)
     return _align_backward(grad_out, None, rois, None, None, N, C, H, W, prm, deterministic)
 
 
-def deform_roi_pool_forward(x, rois, offset, mask, PH, PW, scale, sr, gamma, nthreads):
+def deform_roi_pool_forward(x, rois, offset, mask, pooled_h, pooled_w, spatial_scale,
+                            sampling_ratio, gamma, nthreads):
     N, C, H, W = x.shape
-    prm = functools.partial(_params, rois.shape[0], N, C, C, H, W, PH, PW, sr, KIND_DEFORM, 0,
-                            1, offset is not None, mask is not None, scale, gamma)
-    return _align_forward(x, rois, offset, mask, PH, PW, C, prm)
+    prm = functools.partial(_params, rois.shape[0], N, C, C, H, W, pooled_h, pooled_w,
+                            sampling_ratio, KIND_DEFORM, 0, 1, offset is not None,
+                            mask is not None, spatial_scale, gamma)
+    return _align_forward(x, rois, offset, mask, pooled_h, pooled_w, C, prm)
 
 
-def deform_roi_pool_backward(grad_out, x, rois, offset, mask, PH, PW, scale, sr, gamma,
-                             deterministic, nthreads):
+def deform_roi_pool_backward(grad_out, x, rois, offset, mask, pooled_h, pooled_w, spatial_scale,
+                             sampling_ratio, gamma, deterministic, nthreads):
     cp = cupy()
     N, C, H, W = x.shape
-    K = rois.shape[0]
-    prm = functools.partial(_params, K, N, C, C, H, W, PH, PW, sr, KIND_DEFORM, 0, 1,
-                            offset is not None, mask is not None, scale, gamma)
+    K, PH, PW = rois.shape[0], pooled_h, pooled_w
+    prm = functools.partial(_params, K, N, C, C, H, W, PH, PW, sampling_ratio, KIND_DEFORM, 0,
+                            1, offset is not None, mask is not None, spatial_scale, gamma)
     gx = _align_backward(grad_out, x, rois, offset, mask, N, C, H, W, prm, deterministic)
     goff = None if offset is None else cp.zeros((K, 2, PH, PW), dtype=x.dtype)
     gm = None if mask is None else cp.zeros((K, 1, PH, PW), dtype=x.dtype)
@@ -136,24 +160,26 @@ def deform_roi_pool_backward(grad_out, x, rois, offset, mask, PH, PW, scale, sr,
     return gx, goff, gm
 
 
-def roi_pool_forward(x, rois, PH, PW, scale, nthreads):
+def roi_pool_forward(x, rois, pooled_h, pooled_w, spatial_scale, nthreads):
     cp = cupy()
     N, C, H, W = x.shape
     K = rois.shape[0]
-    out = cp.empty((K, C, PH, PW), dtype=x.dtype)
+    out = cp.empty((K, C, pooled_h, pooled_w), dtype=x.dtype)
     if out.size:
         launch(_k("pool_fwd", x.dtype), out.size,
-               (x, rois, out) + _params(K, N, C, C, H, W, PH, PW, scale=scale))
+               (x, rois, out) + _params(K, N, C, C, H, W, pooled_h, pooled_w,
+                                        scale=spatial_scale))
     return out
 
 
-def roi_pool_backward(grad_out, rois, x, PH, PW, scale, deterministic, nthreads):
+def roi_pool_backward(grad_out, rois, x, pooled_h, pooled_w, spatial_scale, deterministic,
+                      nthreads):
     cp = cupy()
     N, C, H, W = x.shape
     K = rois.shape[0]
     gacc = cp.zeros((N, C, H, W), dtype=_acc_dtype(x.dtype))
     if gacc.size and K:
-        prm = _params(K, N, C, C, H, W, PH, PW, scale=scale)
+        prm = _params(K, N, C, C, H, W, pooled_h, pooled_w, scale=spatial_scale)
         if deterministic:
             order, seg = _segments(cp, rois, N)
             launch(_k("pool_bwd_det", x.dtype), N * C * ((H + RB - 1) // RB),
@@ -161,6 +187,7 @@ def roi_pool_backward(grad_out, rois, x, PH, PW, scale, deterministic, nthreads)
         else:
             launch(_k("pool_bwd", x.dtype), grad_out.size, (grad_out, x, rois, gacc) + prm)
     return gacc.astype(x.dtype, copy=False)
+
 
 # every instantiation CuPy may request (the NVRTC gate, tests/test_cuda_compile.py)
 NAME_EXPRESSIONS = list(_EXPRS)

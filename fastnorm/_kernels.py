@@ -1,0 +1,267 @@
+"""The kernel contract: the parameters of every kernel entry point, defined once.
+
+An op module builds one of these named tuples and hands it to ``Call.run`` with the two entry
+points it names statically -- ``fastnorm._cpu.<op>.<entry>`` (Cython) and
+``fastnorm._cuda.<op>.<entry>`` (the CUDA launcher); both take exactly these fields as keyword
+arguments, plus ``nthreads`` (the CPU's thread count; ignored on CUDA). Arrays arrive
+C-contiguous and validated, on one backend; per-image lists have been flattened (see
+``fastnorm._lists``), so kernels see flat arrays and per-element image indices only.
+``tests/test_contract.py`` checks that both entry points of every contract accept exactly its
+fields, and that the integer codes below match the constants of the ``.pyx``/``.cu`` sources.
+
+Integer codes shared with the kernel sources (their names there in brackets):
+"""
+from typing import Any, NamedTuple, Optional
+
+Array = Any          # a C-contiguous NumPy or CuPy array of the call's backend
+
+#: GroupNorm's fused activation [ACT_NONE, ACT_RELU, ACT_SILU]
+ACTIVATIONS = {None: 0, "relu": 1, "silu": 2}
+#: RoIAlign reduction over a bin's samples [MODE_AVG, MODE_MAX]
+ROI_MODES = {"avg": 0, "max": 1}
+#: greedy NMS criterion [CRIT_IOU, CRIT_DIOU]
+CRITERIA = {"iou": 0, "diou": 1}
+#: Soft-NMS decay and Matrix-NMS kernel functions [DECAY_GAUSSIAN, DECAY_LINEAR]
+DECAYS = {"gaussian": 0, "linear": 1}
+#: box_iou metrics [METRIC_IOU, METRIC_GIOU, METRIC_DIOU, METRIC_CIOU]
+METRICS = {"iou": 0, "giou": 1, "diou": 2, "ciou": 3}
+#: the sources' names of these codes (checked by tests/test_contract.py)
+SOURCE_NAMES = {
+    "ACT": ACTIVATIONS, "MODE": ROI_MODES, "CRIT": CRITERIA, "DECAY": DECAYS, "METRIC": METRICS,
+}
+
+
+# ---------------------------------------------------------------- group_norm
+
+class GroupNormForward(NamedTuple):
+    """-> (y, mean, rstd); mean/rstd (N, G) float64 for float64 x, else float32."""
+    x: Array                 # (N, C, *spatial), or (N, *spatial, C) with channels_last
+    weight: Array            # (C,)
+    bias: Array              # (C,)
+    num_groups: int
+    eps: float
+    channels_last: bool
+    activation: int          # ACTIVATIONS
+
+
+class GroupNormBackward(NamedTuple):
+    """-> (grad_x, grad_weight (C,), grad_bias (C,))."""
+    grad_out: Array
+    x: Array
+    mean: Array
+    rstd: Array
+    weight: Array
+    bias: Array
+    num_groups: int
+    channels_last: bool
+    activation: int
+
+
+# ---------------------------------------------------------------- deform_conv
+
+class DeformConvForward(NamedTuple):
+    """-> y (N, C_out, Ho, Wo)."""
+    x: Array                 # (N, C, H, W)
+    offset: Array            # (N, 2 * G * kh * kw, Ho, Wo)
+    mask: Optional[Array]    # (N, G * kh * kw, Ho, Wo) or None (DCN v1)
+    weight: Array            # (C_out, C / groups, kh, kw)
+    bias: Optional[Array]    # (C_out,) or None
+    stride: tuple            # (sh, sw)
+    padding: tuple           # (ph, pw)
+    dilation: tuple          # (dh, dw)
+    chunk_rows: int          # output rows per im2col chunk (the workspace bound)
+
+
+class DeformConvBackward(NamedTuple):
+    """-> (grad_x, grad_offset, grad_mask or None, grad_weight, grad_bias)."""
+    grad_out: Array
+    x: Array
+    offset: Array
+    mask: Optional[Array]
+    weight: Array
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    chunk_rows: int
+
+
+# ---------------------------------------------------------------- roi_ops
+#
+# rois: (K, 5) [batch index, x1, y1, x2, y2] of x's dtype, batch indices validated.
+
+class RoiAlignForward(NamedTuple):
+    """-> (K, C, PH, PW), or (K, PH, PW, C) with channels_last."""
+    x: Array                 # (N, C, H, W), or (N, H, W, C) with channels_last
+    rois: Array
+    pooled_h: int
+    pooled_w: int
+    spatial_scale: float
+    sampling_ratio: int
+    aligned: bool
+    mode: int                # ROI_MODES
+    channels_last: bool
+
+
+class RoiAlignBackward(NamedTuple):
+    """-> grad_x of shape input_shape."""
+    grad_out: Array
+    rois: Array
+    x: Optional[Array]       # needed for mode max only
+    input_shape: tuple       # (N, C, H, W), or (N, H, W, C) with channels_last
+    pooled_h: int
+    pooled_w: int
+    spatial_scale: float
+    sampling_ratio: int
+    aligned: bool
+    mode: int
+    channels_last: bool
+    deterministic: bool      # CUDA: no atomics (the CPU is always deterministic)
+
+
+class RoiPoolForward(NamedTuple):
+    """-> (K, C, PH, PW)."""
+    x: Array
+    rois: Array
+    pooled_h: int
+    pooled_w: int
+    spatial_scale: float
+
+
+class RoiPoolBackward(NamedTuple):
+    """-> grad_x (N, C, H, W) (the argmax is recomputed from x)."""
+    grad_out: Array
+    rois: Array
+    x: Array
+    pooled_h: int
+    pooled_w: int
+    spatial_scale: float
+    deterministic: bool
+
+
+class PsRoiAlignForward(NamedTuple):
+    """-> (K, C / (PH * PW), PH, PW)."""
+    x: Array
+    rois: Array
+    pooled_h: int
+    pooled_w: int
+    spatial_scale: float
+    sampling_ratio: int
+
+
+class PsRoiAlignBackward(NamedTuple):
+    """-> grad_x of shape input_shape (N, C, H, W)."""
+    grad_out: Array
+    rois: Array
+    input_shape: tuple
+    pooled_h: int
+    pooled_w: int
+    spatial_scale: float
+    sampling_ratio: int
+    deterministic: bool
+
+
+class DeformRoiPoolForward(NamedTuple):
+    """-> (K, C, PH, PW)."""
+    x: Array
+    rois: Array
+    offset: Optional[Array]  # (K, 2, PH, PW) or None
+    mask: Optional[Array]    # (K, 1, PH, PW) or None
+    pooled_h: int
+    pooled_w: int
+    spatial_scale: float
+    sampling_ratio: int
+    gamma: float
+
+
+class DeformRoiPoolBackward(NamedTuple):
+    """-> (grad_x, grad_offset or None, grad_mask or None)."""
+    grad_out: Array
+    x: Array
+    rois: Array
+    offset: Optional[Array]
+    mask: Optional[Array]
+    pooled_h: int
+    pooled_w: int
+    spatial_scale: float
+    sampling_ratio: int
+    gamma: float
+    deterministic: bool
+
+
+# ---------------------------------------------------------------- nms
+#
+# boxes (N, 4) xyxy, scores (N,) of the same dtype; batch: int64 (N,) image index per box, or
+# None (one image). Results are indices into the input, grouped by increasing image index and in
+# decreasing score order within an image (ties: lower index first).
+
+class Nms(NamedTuple):
+    """Greedy NMS -> int64 indices."""
+    boxes: Array
+    scores: Array
+    batch: Optional[Array]
+    classes: Optional[Array]           # int64 (N,) class of each box (class-aware), or None
+    iou_threshold: float
+    score_threshold: Optional[float]   # only boxes with score > this take part; None: all
+    max_output: int                    # per image; -1: unlimited
+    criterion: int                     # CRITERIA
+    beta: float                        # DIoU exponent
+
+
+class WeightedNms(NamedTuple):
+    """Greedy NMS whose kept boxes become their cluster's score-weighted mean -> (indices,
+    fused boxes (K, 4))."""
+    boxes: Array
+    scores: Array
+    batch: Optional[Array]
+    iou_threshold: float
+    score_threshold: Optional[float]
+    max_output: int
+
+
+class SoftNms(NamedTuple):
+    """-> (indices in selection order, scores at selection)."""
+    boxes: Array
+    scores: Array
+    batch: Optional[Array]
+    method: int                        # DECAYS
+    sigma: float
+    iou_threshold: float
+    score_threshold: float
+
+
+class MatrixNms(NamedTuple):
+    """-> decayed scores (N,), aligned with the input."""
+    boxes: Array
+    scores: Array
+    batch: Optional[Array]
+    kernel: int                        # DECAYS
+    sigma: float
+
+
+class BoxIou(NamedTuple):
+    """-> (N, M) metric of the boxes' dtype."""
+    a: Array
+    b: Array
+    metric: int                        # METRICS
+
+
+#: (op module, entry point) -> its contract, for tests/test_contract.py
+CONTRACTS = {
+    ("group_norm", "forward"): GroupNormForward,
+    ("group_norm", "backward"): GroupNormBackward,
+    ("deform_conv", "forward"): DeformConvForward,
+    ("deform_conv", "backward"): DeformConvBackward,
+    ("roi_ops", "roi_align_forward"): RoiAlignForward,
+    ("roi_ops", "roi_align_backward"): RoiAlignBackward,
+    ("roi_ops", "roi_pool_forward"): RoiPoolForward,
+    ("roi_ops", "roi_pool_backward"): RoiPoolBackward,
+    ("roi_ops", "ps_roi_align_forward"): PsRoiAlignForward,
+    ("roi_ops", "ps_roi_align_backward"): PsRoiAlignBackward,
+    ("roi_ops", "deform_roi_pool_forward"): DeformRoiPoolForward,
+    ("roi_ops", "deform_roi_pool_backward"): DeformRoiPoolBackward,
+    ("nms", "nms"): Nms,
+    ("nms", "weighted_nms"): WeightedNms,
+    ("nms", "soft_nms"): SoftNms,
+    ("nms", "matrix_nms"): MatrixNms,
+    ("nms", "box_iou"): BoxIou,
+}

@@ -28,15 +28,19 @@ cdef Py_ssize_t CHUNK = 16384          # elements per statistics unit
 cdef Py_ssize_t FUSE_BYTES = 1 << 20   # groups up to this size are normalised while in cache
 cdef Py_ssize_t CACHE_BYTES = 4 << 20  # images per batch: input bytes kept in the last-level cache
 
-ACT_NONE, ACT_RELU, ACT_SILU = 0, 1, 2
+# fused activations: fastnorm._kernels.ACTIVATIONS (tests/test_contract.py)
+cdef enum:
+    ACT_NONE = 0
+    ACT_RELU = 1
+    ACT_SILU = 2
 
 
 # ---------------------------------------------------------------- scalar helpers
 
 cdef inline floating _act(floating z, int act) noexcept nogil:
-    if act == 1:
+    if act == ACT_RELU:
         return z if z > 0 else 0
-    if act == 2:
+    if act == ACT_SILU:
         if floating is float:
             return z / (1.0 + expf(-z))
         else:
@@ -47,9 +51,9 @@ cdef inline floating _act(floating z, int act) noexcept nogil:
 cdef inline floating _act_grad(floating z, int act) noexcept nogil:
     """d act(z) / dz."""
     cdef floating s
-    if act == 1:
+    if act == ACT_RELU:
         return 1 if z > 0 else 0
-    if act == 2:
+    if act == ACT_SILU:
         if floating is float:
             s = 1.0 / (1.0 + expf(-z))
         else:

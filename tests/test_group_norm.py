@@ -267,7 +267,7 @@ def test_cuda_paths_every_dtype_and_width(cuda_backend, rng, monkeypatch, dtype,
         assert len(chosen) == 2 and min(chosen) >= 2, chosen
     if reach == "ctile":
         cv = C // _widths(dtype, N, C, spatial, G, channels_last, misaligned)[0]
-        assert cv > gn_cuda._TILE and cv % gn_cuda._TILE
+        assert cv > gn_cuda.TILE_THREADS and cv % gn_cuda.TILE_THREADS
     y, mean, rstd, *got = backend.asnumpy((y, mean, rstd, gx, gw, gb))
     ey, emean, erstd = ref.group_norm(x, G, _f64(w), _f64(b), **kw)
     assert np.max(np.abs(y.astype(np.float64) - ey) / (1 + np.abs(ey))) < TOL[dtype] * 10

@@ -307,11 +307,11 @@ def test_deterministic_backward_launches_its_own_kernels(rng):
     for d, want in ((False, "align_bwd<float>"), (True, "align_bwd_det<float>")):
         with emu.counting() as c:
             fastnorm.roi_align_backward(G, R, x.shape, 2, deterministic=d)
-        assert want in c.kernels
+        assert want in {k.split("::")[-1] for k in c.kernels}
     for d, want in ((False, "pool_bwd<float>"), (True, "pool_bwd_det<float>")):
         with emu.counting() as c:
             fastnorm.roi_pool_backward(G, R, x.shape, 2, x=X, deterministic=d)
-        assert want in c.kernels
+        assert want in {k.split("::")[-1] for k in c.kernels}
 
 
 @pytest.mark.parametrize("fn", ["align", "align_max", "align_cl", "pool", "ps", "deform"])

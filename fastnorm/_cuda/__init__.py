@@ -97,12 +97,48 @@ def function(name, expr, name_expressions):
     return _module(cp, name, cp.cuda.Device().id, tuple(name_expressions)).get_function(expr)
 
 
+# launch limits of every device fastnorm supports (compute capability >= 7.0)
+MAX_GRID = (2**31 - 1, 65535, 65535)
+MAX_BLOCK = (1024, 1024, 64)
+MAX_THREADS_PER_BLOCK = 1024
+#: FASTNORM_CUDA_SYNC=1 synchronises after every launch, so that a kernel's fault is raised with
+#: its name instead of at some later call (debugging; slow)
+SYNC = os.environ.get("FASTNORM_CUDA_SYNC") == "1"
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def _dims(v):
+    return (v,) if isinstance(v, (int, np.integer)) else tuple(v)
+
+
+def run(kernel, grid, block, args, shared_mem=0):
+    """Launch ``kernel`` on ``grid`` x ``block`` (ints or tuples). A configuration the device
+    would refuse raises ValueError naming the kernel (not a CUDA error at some later call)."""
+    grid, block = _dims(grid), _dims(block)
+    bad = [f"grid {grid}" for g, m in zip(grid, MAX_GRID) if not 1 <= g <= m] + \
+        [f"block {block}" for b, m in zip(block, MAX_BLOCK) if not 1 <= b <= m]
+    if bad or int(np.prod(block)) > MAX_THREADS_PER_BLOCK:
+        raise ValueError(f"fastnorm: invalid launch of {getattr(kernel, 'name', kernel)}: "
+                         f"{', '.join(bad) or f'{int(np.prod(block))} threads per block'}")
+    kernel(tuple(int(g) for g in grid), tuple(int(b) for b in block), args,
+           shared_mem=shared_mem)
+    if SYNC:
+        try:
+            cupy().cuda.get_current_stream().synchronize()
+        except Exception as e:
+            raise RuntimeError(f"fastnorm: kernel {getattr(kernel, 'name', kernel)} failed: "
+                               f"{e}") from e
+
+
 def launch(kernel, n_threads, args, block=256, shared_mem=0):
-    """Launch a 1-D grid covering ``n_threads`` threads (no launch for 0)."""
+    """Launch a 1-D grid covering ``n_threads`` threads (no launch for 0; the grid is capped at
+    the device's limit: these kernels loop over their items with a grid stride)."""
     if n_threads <= 0:
         return
-    grid = (int(min((n_threads + block - 1) // block, 2**31 - 1)),)
-    kernel(grid, (block,), args, shared_mem=shared_mem)
+    run(kernel, min(cdiv(n_threads, block), MAX_GRID[0]), block, args, shared_mem)
 
 
 def i64(v):

@@ -28,7 +28,10 @@
 #include "common.cuh"
 
 namespace fastnorm {
-namespace gn {
+namespace group_norm {
+
+// fused activations: fastnorm._kernels.ACTIVATIONS (tests/test_contract.py)
+enum { ACT_NONE = 0, ACT_RELU = 1, ACT_SILU = 2 };
 
 template <typename T, int V> struct alignas(sizeof(T) * V) Vec { T v[V]; };
 
@@ -54,14 +57,14 @@ __device__ __forceinline__ float ex(float z) { return expf(z); }
 __device__ __forceinline__ double ex(double z) { return exp(z); }
 
 template <typename A> __device__ __forceinline__ A act_f(A z, int act) {
-    if (act == 1) return z > A(0) ? z : A(0);
-    if (act == 2) return z / (A(1) + ex(-z));
+    if (act == ACT_RELU) return z > A(0) ? z : A(0);
+    if (act == ACT_SILU) return z / (A(1) + ex(-z));
     return z;
 }
 
 template <typename A> __device__ __forceinline__ A act_grad(A z, int act) {
-    if (act == 1) return z > A(0) ? A(1) : A(0);
-    if (act == 2) {
+    if (act == ACT_RELU) return z > A(0) ? A(1) : A(0);
+    if (act == ACT_SILU) {
         A s = A(1) / (A(1) + ex(-z));
         return s * (A(1) + z * (A(1) - s));
     }
@@ -187,7 +190,7 @@ struct Tile {
     }
 };
 
-const int TILE_THREADS = 256;
+const int TILE_THREADS = 256;     // TILE_THREADS in group_norm.py
 
 // forward step 1, channels-last: per-(n, tile k, c) partial moments, item = n * nptile + k
 template <typename T, int V>
@@ -562,5 +565,5 @@ __global__ void gn_bwd_wb(const double* sdz, const double* sdzx, T* gw, T* gb, i
     }
 }
 
-}  // namespace gn
+}  // namespace group_norm
 }  // namespace fastnorm

@@ -17,10 +17,10 @@ import math
 
 import numpy as np
 
-from . import ctype, cupy, function
+from . import cdiv, ctype, cupy, function, i64, run
 
-_NS = "fastnorm::gn::"
-_TILE = 256              # threads of the channels-last kernels (TILE_THREADS in the .cu)
+_NS = "fastnorm::group_norm::"
+TILE_THREADS = 256       # threads of the channels-last kernels (TILE_THREADS in the .cu)
 _MAX_PARTS = 16384       # partials merged per group by gn_finalize
 
 
@@ -56,18 +56,6 @@ def _sms():
     return _sm_count(cp, cp.cuda.Device().id)
 
 
-def _i(v):
-    return np.int64(v)
-
-
-def _cdiv(a, b):
-    return -(-a // b)
-
-
-def _grid(n, cap=2**31 - 1):
-    return (int(max(1, min(n, cap))),)
-
-
 def _pow2_block(n):
     """Smallest power of two >= n in [32, 256] (threads for a reduction over n batches)."""
     b = 32
@@ -101,20 +89,20 @@ def _split(length, n_rows, v, block, r):
     target = _sms() * (2048 // block)
     unit = block * v
     max_chunks = max(1, length // (unit * r))
-    chunks = max(1, min(_cdiv(target, n_rows), max_chunks, _MAX_PARTS))
-    L = _cdiv(_cdiv(length, chunks), unit) * unit
-    return L, _cdiv(length, L)
+    chunks = max(1, min(cdiv(target, n_rows), max_chunks, _MAX_PARTS))
+    L = cdiv(cdiv(length, chunks), unit) * unit
+    return L, cdiv(length, L)
 
 
 def _tiles(N, S, C, Cg, v):
     """Channels-last position tiles: (positions per tile TP, number of tiles per sample)."""
-    tcols = min(C // v, _TILE)
-    trows = _TILE // tcols
+    tcols = min(C // v, TILE_THREADS)
+    trows = TILE_THREADS // tcols
     r = 8 if v == 1 else 4
     target = _sms() * 4
-    nptile = max(1, min(_cdiv(target, N), _cdiv(S, 2 * trows * r), max(1, _MAX_PARTS // Cg)))
-    TP = _cdiv(S, nptile)
-    return TP, _cdiv(S, TP)
+    nptile = max(1, min(cdiv(target, N), cdiv(S, 2 * trows * r), max(1, _MAX_PARTS // Cg)))
+    TP = cdiv(S, nptile)
+    return TP, cdiv(S, TP)
 
 
 def _apply(x, dy, out, cm, cs, k2, k3, b, N, C, S, channels_last, act, bwd):
@@ -123,8 +111,8 @@ def _apply(x, dy, out, cm, cs, k2, k3, b, N, C, S, channels_last, act, bwd):
     v = _vec_width(x.dtype, arrays, extent)
     nvec = N * C * S // v
     kern = _kernel(x.dtype, "gn_apply", (v, bwd))
-    kern(_grid(min(_cdiv(nvec, 256), _sms() * 8)), (256,),
-         (x, x if dy is None else dy, out, cm, cs, k2, k3, b, _i(nvec), _i(S), _i(C),
+    run(kern, min(cdiv(nvec, 256), _sms() * 8), 256,
+         (x, x if dy is None else dy, out, cm, cs, k2, k3, b, i64(nvec), i64(S), i64(C),
           np.float64(1.0 / S), np.float64(1.0 / C), np.int32(channels_last), np.int32(act)))
 
 
@@ -147,27 +135,27 @@ def forward(x, weight, bias, num_groups, eps, channels_last, activation, nthread
         TP, nptile = _tiles(N, S, C, Cg, v)
         pmean = cp.empty(N * nptile * C, dtype=np.float64)
         pm2 = cp.empty_like(pmean)
-        _kernel(x.dtype, "gn_stats_nhwc", v)(
-            _grid(N * nptile), (_TILE,),
-            (x, pmean, pm2, _i(S), _i(C), _i(TP), _i(nptile), _i(N * nptile)))
+        run(_kernel(x.dtype, "gn_stats_nhwc", v),
+            N * nptile, TILE_THREADS,
+            (x, pmean, pm2, i64(S), i64(C), i64(TP), i64(nptile), i64(N * nptile)))
         L, nparts = TP, nptile * Cg
     else:
         M = Cg * S
         v = _vec_width(x.dtype, (x,), M)
         r = 8 if v == 1 else 4
-        block = _pow2_block(_cdiv(M, v * r))
+        block = _pow2_block(cdiv(M, v * r))
         L, nsplit = _split(M, NG, v, block, r)
         pmean = cp.empty(NG * nsplit, dtype=np.float64)
         pm2 = cp.empty_like(pmean)
-        _kernel(x.dtype, "gn_stats_nchw", v)(
-            _grid(NG * nsplit), (block,),
-            (x, pmean, pm2, _i(M), _i(L), _i(nsplit), _i(NG * nsplit)))
+        run(_kernel(x.dtype, "gn_stats_nchw", v),
+            NG * nsplit, block,
+            (x, pmean, pm2, i64(M), i64(L), i64(nsplit), i64(NG * nsplit)))
         nparts = nsplit
     cm, cl, cs = (cp.empty(N * C, dtype=sdt) for _ in range(3))
-    _kernel(x.dtype, "gn_finalize")(
-        _grid(NG), (_pow2_block(nparts),),
-        (pmean, pm2, weight, mean, rstd, cm, cl, cs, _i(NG), _i(G), _i(C), _i(S), _i(L),
-         _i(nparts), np.int32(channels_last), np.float64(eps)))
+    run(_kernel(x.dtype, "gn_finalize"),
+        NG, _pow2_block(nparts),
+        (pmean, pm2, weight, mean, rstd, cm, cl, cs, i64(NG), i64(G), i64(C), i64(S), i64(L),
+         i64(nparts), np.int32(channels_last), np.float64(eps)))
     _apply(x, None, y, cm, cs, cl, cs, bias, N, C, S, channels_last, activation, False)
     return y, mean, rstd
 
@@ -192,30 +180,30 @@ def backward(grad_out, x, mean, rstd, weight, bias, num_groups, channels_last, a
         TP, nk = _tiles(N, S, C, Cg, v)
         p1 = cp.empty(N * nk * C, dtype=sdt)
         p2 = cp.empty_like(p1)
-        _kernel(x.dtype, "gn_grad_nhwc", v)(
-            _grid(N * nk), (_TILE,),
-            (grad_out, x, mean, rstd, weight, bias, p1, p2, _i(S), _i(C), _i(G), _i(TP),
-             _i(nk), _i(N * nk), act))
+        run(_kernel(x.dtype, "gn_grad_nhwc", v),
+            N * nk, TILE_THREADS,
+            (grad_out, x, mean, rstd, weight, bias, p1, p2, i64(S), i64(C), i64(G), i64(TP),
+             i64(nk), i64(N * nk), act))
     else:
         v = _vec_width(x.dtype, (x, grad_out), S)
         r = 8 if v == 1 else 4
-        block = _pow2_block(_cdiv(S, v * r))
+        block = _pow2_block(cdiv(S, v * r))
         L, nk = _split(S, N * C, v, block, r)
         p1 = cp.empty(N * C * nk, dtype=sdt)
         p2 = cp.empty_like(p1)
-        _kernel(x.dtype, "gn_grad_nchw", v)(
-            _grid(N * C * nk), (block,),
-            (grad_out, x, mean, rstd, weight, bias, p1, p2, _i(C), _i(S), _i(Cg), _i(L),
-             _i(nk), _i(N * C * nk), act))
+        run(_kernel(x.dtype, "gn_grad_nchw", v),
+            N * C * nk, block,
+            (grad_out, x, mean, rstd, weight, bias, p1, p2, i64(C), i64(S), i64(Cg), i64(L),
+             i64(nk), i64(N * C * nk), act))
     sdz = cp.empty(N * C, dtype=np.float64)
     sdzx = cp.empty_like(sdz)
     cm, cs, k2, k3 = (cp.empty(N * C, dtype=sdt) for _ in range(4))
-    _kernel(x.dtype, "gn_bwd_coeffs")(
-        _grid(NG), (min(256, 32 * Cg),),
-        (p1, p2, mean, rstd, weight, sdz, sdzx, cm, cs, k2, k3, _i(NG), _i(G), _i(C), _i(S),
-         _i(nk), np.int32(channels_last)))
-    _kernel(x.dtype, "gn_bwd_wb")(
-        _grid(_cdiv(C * 32, 256)), (256,), (sdz, sdzx, gw, gb, _i(N), _i(C)))
+    run(_kernel(x.dtype, "gn_bwd_coeffs"),
+        NG, min(256, 32 * Cg),
+        (p1, p2, mean, rstd, weight, sdz, sdzx, cm, cs, k2, k3, i64(NG), i64(G), i64(C), i64(S),
+         i64(nk), np.int32(channels_last)))
+    run(_kernel(x.dtype, "gn_bwd_wb"), cdiv(C * 32, 256), 256,
+        (sdz, sdzx, gw, gb, i64(N), i64(C)))
     _apply(x, grad_out, gx, cm, cs, k2, k3, bias, N, C, S, channels_last, activation, True)
     return gx, gw, gb
 

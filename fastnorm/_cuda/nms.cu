@@ -7,8 +7,15 @@
 // x2 <= x1 or y2 <= y1, or with a NaN coordinate, has area 0 and overlaps nothing.
 #include "common.cuh"
 
-using namespace fastnorm;
+namespace fastnorm {
+namespace nms {
+
 typedef unsigned long long u64;
+
+// integer codes of fastnorm._kernels: CRITERIA, DECAYS, METRICS (tests/test_contract.py)
+enum { CRIT_IOU = 0, CRIT_DIOU = 1 };
+enum { DECAY_GAUSSIAN = 0, DECAY_LINEAR = 1 };
+enum { METRIC_IOU = 0, METRIC_GIOU = 1, METRIC_DIOU = 2, METRIC_CIOU = 3 };
 
 __device__ __forceinline__ double box_area(const double* b) {
     return (b[2] > b[0] && b[3] > b[1]) ? (b[2] - b[0]) * (b[3] - b[1]) : 0.0;
@@ -36,7 +43,7 @@ __device__ __forceinline__ double box_iou(const double* a, double aa, const doub
 __device__ __forceinline__ double criterion(const double* a, const double* b, int crit,
                                             double beta) {
     double v = box_iou(a, box_area(a), b, box_area(b));
-    if (crit == 0 || !(v > 0)) return v;
+    if (crit == CRIT_IOU || !(v > 0)) return v;
     const double dx = (a[0] + a[2] - b[0] - b[2]) * 0.5, dy = (a[1] + a[3] - b[1] - b[3]) * 0.5;
     const double cw = (a[2] > b[2] ? a[2] : b[2]) - (a[0] < b[0] ? a[0] : b[0]);
     const double ch = (a[3] > b[3] ? a[3] : b[3]) - (a[1] < b[1] ? a[1] : b[1]);
@@ -193,15 +200,15 @@ __global__ void box_metric(const T* __restrict__ a, const T* __restrict__ b, i64
             const double cw = (p[2] > q[2] ? p[2] : q[2]) - (p[0] < q[0] ? p[0] : q[0]);
             const double ch = (p[3] > q[3] ? p[3] : q[3]) - (p[1] < q[1] ? p[1] : q[1]);
             v = iou;
-            if (metric == 1) {
+            if (metric == METRIC_GIOU) {
                 const double c = (cw > 0 ? cw : 0.0) * (ch > 0 ? ch : 0.0);
                 if (c > 0) v = iou - (c - uni) / c;
-            } else if (metric >= 2) {
+            } else if (metric == METRIC_DIOU || metric == METRIC_CIOU) {
                 const double dx = (p[0] + p[2] - q[0] - q[2]) * 0.5;
                 const double dy = (p[1] + p[3] - q[1] - q[3]) * 0.5;
                 const double c2 = cw * cw + ch * ch + 1e-7;
                 v = iou - (c2 > 0 ? (dx * dx + dy * dy) / c2 : 0.0);
-                if (metric == 3) {
+                if (metric == METRIC_CIOU) {
                     const double wa = p[2] > p[0] ? p[2] - p[0] : 0.0;
                     const double ha = p[3] > p[1] ? p[3] - p[1] : 0.0;
                     const double wb = q[2] > q[0] ? q[2] - q[0] : 0.0;
@@ -251,9 +258,10 @@ __global__ void matrix_decay(const T* __restrict__ boxes, const i64* __restrict_
         for (i64 k = segstart[r]; k < r; ++k) {
             load_box(boxes, k, b);
             const double iou = box_iou(b, box_area(b), a, aa), c = comp[k];
-            const double fc = kernel == 0 ? exp(-sigma * c * c) : 1.0 - c;
+            const double fc = kernel == DECAY_GAUSSIAN ? exp(-sigma * c * c) : 1.0 - c;
             if (fc > 0) {
-                const double f = (kernel == 0 ? exp(-sigma * iou * iou) : 1.0 - iou) / fc;
+                const double f = (kernel == DECAY_GAUSSIAN ? exp(-sigma * iou * iou) : 1.0 - iou)
+                                 / fc;
                 if (f < d) d = f;
             }
         }
@@ -268,7 +276,7 @@ __global__ void matrix_decay(const T* __restrict__ boxes, const i64* __restrict_
 // decay the other live boxes and drop those below score_thr. cur: current scores (double,
 // updated in place); out_rank/out_score: selection order, written from the segment's first rank
 // on; count[b]: how many were selected.
-#define SOFT_THREADS 256
+const int SOFT_THREADS = 256;      // SOFT_THREADS in nms.py
 template <typename T>
 __global__ void __launch_bounds__(SOFT_THREADS)
 soft_nms_seg(const T* __restrict__ boxes, const i64* __restrict__ rstart,
@@ -318,7 +326,8 @@ soft_nms_seg(const T* __restrict__ boxes, const i64* __restrict__ rstart,
             load_box(boxes, j, q);
             const double iou = box_iou(p, pa, q, box_area(q));
             if (!(iou > 0)) continue;
-            const double f = method == 0 ? exp(-iou * iou / sigma) : (iou > thr ? 1.0 - iou : 1.0);
+            const double f = method == DECAY_GAUSSIAN ? exp(-iou * iou / sigma)
+                                                      : (iou > thr ? 1.0 - iou : 1.0);
             cur[j] *= f;
             if (!(cur[j] >= score_thr)) alive[j] = 0;
         }
@@ -326,3 +335,6 @@ soft_nms_seg(const T* __restrict__ boxes, const i64* __restrict__ rstart,
     }
     if (t == 0) count[blockIdx.x] = n;
 }
+
+}  // namespace nms
+}  // namespace fastnorm

@@ -14,12 +14,13 @@ in double, as on the CPU.
 """
 import numpy as np
 
-from . import ctype, cupy, function, i64, instantiate, launch
+from . import ctype, cupy, function, i64, instantiate, launch, run
 
+_NS = "fastnorm::nms::"
 _KERNELS = ("nms_mask<{}>", "nms_assign<{}>", "box_metric<{}>", "matrix_comp<{}>",
             "matrix_decay<{}>", "weighted_fuse<{}>", "soft_nms_seg<{}>")
-_EXPRS = [e for k in _KERNELS for e in instantiate(k)] + ["nms_sweep"]
-_SOFT_THREADS = 256         # SOFT_THREADS in nms.cu
+_EXPRS = [_NS + e for k in _KERNELS for e in instantiate(k)] + [_NS + "nms_sweep"]
+SOFT_THREADS = 256          # SOFT_THREADS in nms.cu
 _SWEEP_THREADS = 256
 
 #: Bound, in bytes, on one chunk of the greedy suppression mask (each chunk holds at least 64
@@ -29,7 +30,8 @@ _MAX_ROW_TILES = 65535      # grid.y of nms_mask: 64 ranks each
 
 
 def _fn(expr, dtype=None):
-    return function("nms", expr.format(ctype(dtype)) if dtype is not None else expr, _EXPRS)
+    return function("nms", _NS + (expr.format(ctype(dtype)) if dtype is not None else expr),
+                    _EXPRS)
 
 
 def _rank(cp, scores, batch, classes, score_threshold):
@@ -141,11 +143,11 @@ def _greedy(cp, boxes, scores, batch, classes, iou_threshold, score_threshold, c
     sweep_fn = _fn("nms_sweep")
     for c0, c1, p0, p1, gx, _ in chunks:
         s0 = int(pieces[p0, 5])
-        mask_fn((gx, (c1 - c0 + 63) // 64), (64,),
-                (rb, seg, pa, pe, pw, poff, i64(c0), i64(c1), i64(p0), i64(s0), removed,
-                 np.float64(iou_threshold), np.int32(criterion), np.float64(beta), mask))
-        sweep_fn((p1 - p0,), (_SWEEP_THREADS,),
-                 (mask, pa, pb, pe, pw, poff, pseg, i64(p0), i64(seg_cap), removed, count, keep))
+        run(mask_fn, (gx, (c1 - c0 + 63) // 64), 64,
+            (rb, seg, pa, pe, pw, poff, i64(c0), i64(c1), i64(p0), i64(s0), removed,
+             np.float64(iou_threshold), np.int32(criterion), np.float64(beta), mask))
+        run(sweep_fn, p1 - p0, _SWEEP_THREADS,
+            (mask, pa, pb, pe, pw, poff, pseg, i64(p0), i64(seg_cap), removed, count, keep))
     return order, seg, rstart, keep
 
 
@@ -221,8 +223,7 @@ def soft_nms(boxes, scores, batch, method, sigma, iou_threshold, score_threshold
         cur = cp.ascontiguousarray(scores[order].astype(cp.float64))
         alive = cp.zeros(m, dtype=cp.uint8)
         count = cp.zeros(S, dtype=cp.int64)
-        _fn("soft_nms_seg<{}>", boxes.dtype)(
-            (S,), (_SOFT_THREADS,),
+        run(_fn("soft_nms_seg<{}>", boxes.dtype), S, SOFT_THREADS,
             (rb, rstart, order, cur, alive, np.int32(method), np.float64(sigma),
              np.float64(iou_threshold), np.float64(score_threshold), out_rank, out_score, count))
         pos = cp.arange(m, dtype=cp.int64) - rstart[seg]

@@ -10,11 +10,12 @@
 // The grad_offset / grad_mask of deformable pooling are always one thread per (RoI, bin).
 #include "common.cuh"
 
-using namespace fastnorm;
+namespace fastnorm {
+namespace roi_ops {
 
-#define KIND_ALIGN 0
-#define KIND_PS 1
-#define KIND_DEFORM 2
+// the kernel family (KIND_* in roi_ops.py) and RoIAlign's reduction (fastnorm._kernels.ROI_MODES)
+enum { KIND_ALIGN = 0, KIND_PS = 1, KIND_DEFORM = 2 };
+enum { MODE_AVG = 0, MODE_MAX = 1 };
 
 // gh x gw samples per bin: each up to 2 L + 64, so their product needs 64 bits
 template <typename A> struct Geo {
@@ -117,7 +118,7 @@ __device__ A bin_value(const T* plane, const Geo<A>& g, int ph, int pw, A sy, A 
         acc += row;
     }
     if (arg) *arg = a;
-    return mode == 1 ? best : acc / A(g.gh * g.gw);
+    return mode == MODE_MAX ? best : acc / A(g.gh * g.gw);
 }
 
 // input channel read by output channel co at bin (ph, pw)
@@ -154,9 +155,9 @@ template <typename T, typename A, typename F>
 __device__ void bin_scatter(const T* xplane, const Geo<A>& g, int ph, int pw, A sy, A sx, i64 H,
                             i64 W, int mode, A gv, F add) {
     i64 y0 = 0, y1 = g.gh, x0 = 0, x1 = g.gw;      // the samples [y0, y1) x [x0, x1)
-    if (mode == 1) {
+    if (mode == MODE_MAX) {
         i64 arg;
-        bin_value<T, A>(xplane, g, ph, pw, sy, sx, H, W, 1, &arg);
+        bin_value<T, A>(xplane, g, ph, pw, sy, sx, H, W, MODE_MAX, &arg);
         y0 = arg / g.gw;
         x0 = arg % g.gw;
         y1 = y0 + 1;
@@ -427,3 +428,6 @@ __global__ void pool_bwd_det(const T* __restrict__ dy, const T* __restrict__ x,
         }
     }
 }
+
+}  // namespace roi_ops
+}  // namespace fastnorm

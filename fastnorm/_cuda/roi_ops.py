@@ -7,15 +7,16 @@ import numpy as np
 
 from . import ctype, cupy, function, i64, instantiate, launch
 
+_NS = "fastnorm::roi_ops::"
 _KERNELS = ("align_fwd", "align_bwd", "align_bwd_det", "deform_bwd_offmask", "pool_fwd",
             "pool_bwd", "pool_bwd_det")
-_EXPRS = tuple(e for k in _KERNELS for e in instantiate(k + "<{}>"))
-KIND_ALIGN, KIND_PS, KIND_DEFORM = 0, 1, 2
+_EXPRS = tuple(e for k in _KERNELS for e in instantiate(_NS + k + "<{}>"))
+KIND_ALIGN, KIND_PS, KIND_DEFORM = 0, 1, 2      # the kernel family (KIND_* in roi_ops.cu)
 RB = 8      # rows of grad_x owned by one thread of the deterministic backward
 
 
 def _k(name, dtype):
-    return function("roi_ops", f"{name}<{ctype(dtype)}>", _EXPRS)
+    return function("roi_ops", f"{_NS}{name}<{ctype(dtype)}>", _EXPRS)
 
 
 def _params(K, N, C, CO, H, W, PH, PW, sr=0, kind=0, mode=0, aligned=0, has_offset=0,

@@ -5,6 +5,8 @@ Common conventions
 * ``rois`` is a (K, 5) array ``[batch_index, x1, y1, x2, y2]`` of x's dtype, or a list of
   per-image (K_i, 4) arrays ``[x1, y1, x2, y2]`` (image i gets batch index i). Batch indices must
   be integers in [0, N): anything else raises ``ValueError`` naming `rois` before a kernel runs.
+  On CUDA that check reads one flag back from the device (a synchronisation); per-image lists
+  need no check.
 * A RoI with a NaN/inf coordinate gives zeros in the forward and no gradient.
 * K = 0 gives a (0, C, PH, PW) result (and a zero gradient).
 * Adaptive sampling (``sampling_ratio <= 0``) uses ``ceil(roi_size / output_size)`` samples per bin

@@ -3,7 +3,10 @@
 ``import fastnorm.torch`` needs PyTorch (fastnorm itself does not). Tensors cross into fastnorm
 through DLPack, without copies for contiguous tensors: CPU tensors run on the Cython/OpenMP
 kernels, CUDA tensors on the CUDA kernels through CuPy, on PyTorch's current stream (so the
-kernels are ordered with the surrounding PyTorch work; nothing is synchronised).
+kernels are ordered with the surrounding PyTorch work; nothing is synchronised, with one
+exception: RoIs given as one (K, 5) tensor have their batch indices checked on the host, which
+reads one flag back from the device; per-image lists of (K_i, 4) boxes, torchvision's other form,
+need no check and no synchronisation).
 
 Functions (differentiable; rois/offsets of the RoI ops are not differentiated except the
 deformable RoI pooling offset and mask):

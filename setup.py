@@ -5,8 +5,10 @@ Environment switches:
 * ``FASTNORM_NO_OPENMP=1``   build serial kernels even when the compiler has OpenMP.
 * ``FASTNORM_BUILD_ONLY=a,b`` build only these modules (development convenience).
 * ``FASTNORM_BUILD_JOBS=n``    parallel Cython/C compile jobs (default: all cores).
-* ``FASTNORM_PORTABLE=1``     do not add ``-march=native``: set this when the build will run on
-                              other machines (wheels, container images built elsewhere).
+* ``FASTNORM_PORTABLE=1``     compute the x86-64 baseline's arithmetic instead of targeting the
+                              build machine (``-march=native``): set this when the build will run
+                              on other machines (wheels, container images built elsewhere); it
+                              gives the same bits on every x86-64 CPU.
 * ``FASTNORM_SANITIZE=1``     AddressSanitizer + UBSan build (``-O1 -g``) for ``.ci/sanitize``;
   the result only loads with libasan preloaded (``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``).
 """
@@ -38,9 +40,10 @@ def _compiles(flags, src="int main(void){return 0;}\n"):
         return r.returncode == 0
 
 
-OPENMP = not os.environ.get("FASTNORM_NO_OPENMP") and _compiles(
+SERIAL_REQUESTED = bool(os.environ.get("FASTNORM_NO_OPENMP"))
+OPENMP = not SERIAL_REQUESTED and _compiles(
     ["-fopenmp"], "#include <omp.h>\nint main(void){return omp_get_max_threads() > 0 ? 0 : 1;}\n")
-if not OPENMP:
+if not OPENMP and not SERIAL_REQUESTED:
     print("fastnorm: WARNING: the C compiler has no OpenMP support; building SERIAL kernels. "
           "Install a compiler with OpenMP (gcc, or clang + libomp) for multi-threaded kernels.",
           file=sys.stderr)
@@ -50,9 +53,17 @@ link_args = []
 if OPENMP:
     compile_args.append("-fopenmp")
     link_args.append("-fopenmp")
-# Source builds target the building machine's instruction set (AVX2/AVX-512 where present),
-# unless FASTNORM_PORTABLE is set.
-if not os.environ.get("FASTNORM_PORTABLE") and _compiles(["-march=native"]):
+# One SIMD policy for every kernel: what each computes, bit for bit, is fixed here, at build
+# time. Source builds target the building machine's instruction set (AVX2/AVX-512 and FMA where
+# present). FASTNORM_PORTABLE builds compute the x86-64 baseline's arithmetic (named, not left to
+# the compiler's default, which some distributions raise; no FMA contraction anywhere), so that
+# they give the same bits on every x86-64 CPU; kernels that run it in wider registers where the
+# CPU has them (the DCN GEMM: deform_conv_gemm.h) keep those bits.
+if os.environ.get("FASTNORM_PORTABLE"):
+    compile_args += ["-ffp-contract=off", "-DFASTNORM_PORTABLE=1"]
+    if _compiles(["-march=x86-64"]):
+        compile_args.append("-march=x86-64")
+elif _compiles(["-march=native"]):
     compile_args.append("-march=native")
 if os.environ.get("FASTNORM_SANITIZE"):
     san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1", "-g"]
@@ -68,7 +79,12 @@ for path in sorted(glob(os.path.join("src", "*.pyx"))):
     extensions.append(Extension(
         f"fastnorm._cpu.{name}", [path],
         include_dirs=[np.get_include(), os.path.join(HERE, "src")],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION"),
+                       # what this build chose, for fastnorm._omp (tests/test_dispatch.py): 1
+                       # OpenMP, 0 serial as FASTNORM_NO_OPENMP asked, -1 serial for want of
+                       # compiler support
+                       ("FASTNORM_BUILD_OPENMP", "1" if OPENMP else "0" if SERIAL_REQUESTED
+                        else "-1")],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
     ))

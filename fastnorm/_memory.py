@@ -1,11 +1,13 @@
 """The CPU kernels' output cache.
 
-Large outputs (>= 1 MiB) of the CPU kernels come from a caching allocator: when such an array is
-freed its memory is kept and reused by the next call, instead of being unmapped and, on the next
-call, mapped and zeroed again by the OS (which costs more than a memory-bound kernel itself).
-The cache holds at most 512 MiB by default (``FASTNORM_OUTPUT_CACHE_MB`` sets the limit at
+Large outputs (>= 1 MiB) of the CPU kernels, and the workspace of ``deform_conv2d``'s forward,
+come from a caching allocator: when such an array is freed its memory is kept and reused by the
+next call, instead of being unmapped and, on the next call, mapped and zeroed again by the OS
+(which costs more than a memory-bound kernel itself). The cache is one per process, shared by
+all threads; it holds at most 512 MiB by default (``FASTNORM_OUTPUT_CACHE_MB`` sets the limit at
 import, 0 disables it). The arrays are ordinary NumPy arrays.
 """
+from . import _validation as v
 
 
 def _pool():
@@ -14,16 +16,25 @@ def _pool():
 
 
 def empty_cache():
-    """Release every cached block to the OS (the limit is kept)."""
+    """Release every cached block to the OS (the limit is kept).
+
+    That is all memory the cache holds: freed outputs and the workspaces of finished
+    ``deform_conv2d`` calls, whichever thread made them. Memory still in use (arrays alive, calls
+    running in other threads) is not touched; it returns to the cache when freed, within the
+    limit.
+    """
     p = _pool()
     limit = cache_limit()
     p.configure(limit)
 
 
 def set_cache_limit(nbytes):
-    """Keep at most ``nbytes`` of freed output memory for reuse (0 disables the cache)."""
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-        raise ValueError(f"`nbytes` must be a non-negative int, got {nbytes!r}")
+    """Keep at most ``nbytes`` of freed output and workspace memory for reuse (0 disables the
+    cache); empties the cache first.
+
+    Raises ``TypeError`` when ``nbytes`` is not an integer, ``ValueError`` when it is negative.
+    """
+    nbytes = v.integer("nbytes", nbytes, min=0, max=(1 << 63) - 1)
     global _limit
     _pool().configure(nbytes)
     _limit = nbytes
@@ -35,7 +46,7 @@ def cache_limit():
 
 
 def cached_bytes():
-    """Bytes of freed output memory currently kept for reuse."""
+    """Bytes of freed output and workspace memory currently kept for reuse."""
     return _pool().cached_bytes()
 
 

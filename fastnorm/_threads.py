@@ -8,6 +8,8 @@ import contextlib
 import os
 import threading
 
+from . import _validation as v
+
 _lock = threading.Lock()
 _num_threads = None          # None: use the default
 _local = threading.local()   # per-thread override set by ``threads(n)``
@@ -40,20 +42,11 @@ def get_num_threads():
     return n if n is not None else _default()
 
 
-def _check(n):
-    if isinstance(n, bool) or not isinstance(n, int) and not hasattr(n, "__index__"):
-        raise TypeError(f"`n` must be a positive int, got {type(n).__name__}")
-    n = int(n)
-    if n < 1:
-        raise ValueError(f"`n` must be a positive int, got {n}")
-    return n
-
-
 def set_num_threads(n):
     """Set the number of threads used by the CPU kernels (process-wide); ``None`` restores the default."""
     global _num_threads
     with _lock:
-        _num_threads = None if n is None else _check(n)
+        _num_threads = None if n is None else v.integer("n", n, min=1)
 
 
 @contextlib.contextmanager
@@ -65,7 +58,7 @@ def threads(n):
     ...     fastnorm.get_num_threads()
     1
     """
-    n = _check(n)
+    n = v.integer("n", n, min=1)
     prev = getattr(_local, "n", None)
     _local.n = n
     try:

@@ -9,13 +9,15 @@ and the extra memory stays about ``WORKSPACE_BYTES`` (at least one output row's 
 the CPU a channels-last copy of the chunk's samples (and of their gradient in the backward). The
 CPU forward is fused: each thread samples a block of output positions into its own column tile
 (about 512 KiB) and multiplies it by the weight at once, so it needs only those tiles, a packed
-copy of the weight and the channels-last copy of a chunk of samples; this workspace is kept per
-Python thread between calls when it is at most ``fastnorm._cpu.deform_conv.WORKSPACE_CACHE_BYTES``
-(64 MiB), so that repeated calls do not page fresh memory in.
+copy of the weight and the channels-last copy of a chunk of samples. This workspace and the
+output come from the CPU output cache, so repeated calls do not page fresh memory in; it is
+bounded and released by :func:`fastnorm.set_cache_limit` / :func:`fastnorm.empty_cache` and
+counted by :func:`fastnorm.cached_bytes`.
 
 Threads: the CPU kernels use :func:`fastnorm.set_num_threads` threads (OpenMP); the forward's
-matrix products run on these threads too (fastnorm's own micro-kernel, chosen at run time:
-AVX-512, else AVX2+FMA, else a baseline; ``FASTNORM_GEMM_ISA=avx2|baseline`` caps the choice).
+matrix products run on these threads too (fastnorm's own micro-kernel, for the build's
+instruction set: a build gives the same bits on every CPU it runs on; see docs/robustness.md,
+Determinism; ``FASTNORM_GEMM_ISA=avx2|baseline`` selects a narrower kernel family, for tests).
 The backward's two GEMMs use the same micro-kernel on the same threads (blocked along the
 reduction in a fixed order, so no BLAS thread pool competes with the OpenMP threads and the
 result does not depend on the thread count); on CUDA they run through CuPy (cuBLAS).

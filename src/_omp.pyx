@@ -3,6 +3,9 @@
 
 cdef extern from *:
     """
+    #ifndef FASTNORM_BUILD_OPENMP
+    #define FASTNORM_BUILD_OPENMP -2
+    #endif
     #ifdef _OPENMP
     #include <omp.h>
     #define FASTNORM_HAVE_OPENMP 1
@@ -13,9 +16,16 @@ cdef extern from *:
     #endif
     """
     int FASTNORM_HAVE_OPENMP
+    int FASTNORM_BUILD_OPENMP
     int fastnorm_omp_max_threads() nogil
 
+#: Whether this module was compiled with OpenMP.
 OPENMP = bool(FASTNORM_HAVE_OPENMP)
+
+#: What setup.py chose: "openmp"; "serial (FASTNORM_NO_OPENMP)"; "serial (no compiler support)";
+#: "unknown" when built without setup.py. A build that chose OpenMP but lacks it lost its flags.
+BUILD_OPENMP = {1: "openmp", 0: "serial (FASTNORM_NO_OPENMP)",
+                -1: "serial (no compiler support)"}.get(FASTNORM_BUILD_OPENMP, "unknown")
 
 
 def default_threads():

@@ -1,4 +1,5 @@
-/* A caching allocator for the large output arrays of fastnorm's CPU kernels (NumPy NEP 49).
+/* A caching allocator for the large output arrays and workspaces of fastnorm's CPU kernels
+ * (NumPy NEP 49).
  *
  * Returning a fresh multi-megabyte array costs more than the kernel that fills it: the OS maps
  * and zeroes every page on first touch. Blocks of at least FN_POOL_MIN bytes freed by NumPy are

@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""Output arrays of the CPU kernels, from a caching allocator (see _pool.h).
+"""Output arrays (and workspaces) of the CPU kernels, from a caching allocator (see _pool.h).
 
 ``empty(shape, dtype)`` / ``empty_like(a)`` allocate through NumPy's NEP 49 handler mechanism, so
 the arrays are ordinary NumPy arrays; when one is freed its block is kept for the next call

@@ -6,7 +6,9 @@
  * in registers while they stream down the rows. Partial sums run in the input precision over
  * short blocks and are flushed to double, so float32 data is summed at full vector width without
  * losing accuracy. The order of operations depends only on the shape (and the binary's vector
- * width), never on the thread count, so results are deterministic.
+ * width), never on the thread count, so results are deterministic. The vector width is fixed at
+ * compile time (64 bytes where the build targets AVX-512, else 32), as fastnorm's one SIMD policy
+ * has it (setup.py): a FASTNORM_PORTABLE build sums in the same order on every x86-64 CPU.
  */
 #ifndef FASTNORM_SIMD_H
 #define FASTNORM_SIMD_H
@@ -268,9 +270,13 @@ FN_INLINE fn_vf fn_exp_vf(fn_vf x) {
     return y * (fn_vf)e;
 }
 
-/* act(z): 1 relu (0 for NaN, as the scalar path), 2 silu z / (1 + e^-z) */
+/* the activation codes of fastnorm._kernels.ACTIVATIONS (ACT_* in group_norm.pyx / .cu); the
+ * vector paths are only called with an activation (act != FN_ACT_NONE) */
+enum { FN_ACT_NONE = 0, FN_ACT_RELU = 1, FN_ACT_SILU = 2 };
+
+/* act(z): relu (0 for NaN, as the scalar path), silu z / (1 + e^-z) */
 FN_INLINE fn_vf fn_act_vf(fn_vf z, int act) {
-    if (act == 1)
+    if (act == FN_ACT_RELU)
         return FN_RELU(fn_vf, fn_vi, z);
     return z / (1.0f + fn_exp_vf(-z));
 }
@@ -289,10 +295,10 @@ static inline void fn_act_f(float* y, ptrdiff_t n, int act) {
     }
 }
 
-/* g * act'(z): 1 relu (g * 0 or g * 1, as the scalar path); 2 silu, s (1 + z (1 - s)) with
+/* g * act'(z): relu (g * 0 or g * 1, as the scalar path); silu, s (1 + z (1 - s)) with
  * s = sigmoid(z) */
 FN_INLINE fn_vf fn_act_grad_vf(fn_vf z, fn_vf g, int act) {
-    if (act == 1)
+    if (act == FN_ACT_RELU)
         return g * (fn_vf)((fn_vi)((fn_vf){0} + 1.0f) & (fn_vi)(z > 0));
     const fn_vf s = 1.0f / (1.0f + fn_exp_vf(-z));
     return g * (s * (1.0f + z * (1.0f - s)));

@@ -23,10 +23,12 @@ channels). The backward's work is chunked so the column buffer holds at most ``c
 rows (whole samples when a sample fits, else blocks of rows of one sample): peak extra memory is
 bounded for any batch size.
 
+Memory: the forward's output and its workspace (the channels-last copy of a chunk, the packed
+weight, the threads' column tiles) come from the output cache (_pool.pyx): freed at the end of the
+call, kept there for the next call, under fastnorm.set_cache_limit / empty_cache / cached_bytes.
+
 Unit boundaries depend on the shape only, so results are bitwise identical for any thread count.
 """
-import threading
-
 import numpy as np
 cimport numpy as cnp
 from cython.parallel cimport prange, parallel, threadid
@@ -35,6 +37,8 @@ from libc.string cimport memset
 
 from _types cimport floating
 from _interp cimport zero_pad_bilinear
+
+from fastnorm._cpu import _pool as _cache   # output arrays and workspaces: the output cache
 
 cnp.import_array()
 
@@ -55,6 +59,26 @@ cdef extern from "deform_conv_gemm.h" nogil:
     # the selected kernel's tile: mr positions (tile rows are read in blocks of mr) by nr output
     # channels (the packed weight's panel width)
     void dc_gemm_shape(Py_ssize_t itemsize, Py_ssize_t* mr, Py_ssize_t* nr)
+    # the widest kernel family this build runs on this CPU, and the one in use (0 baseline,
+    # 1 AVX2, 2 AVX-512)
+    int dc_isa_best()
+    int dc_isa()
+
+
+_FAMILIES = ("baseline", "avx2", "avx512")
+
+#: The GEMM micro-kernel families this build can run on this CPU, widest first: the build's
+#: target's (-march=native), or in a portable build (FASTNORM_PORTABLE=1) those the CPU has. The
+#: widest is used unless FASTNORM_GEMM_ISA=avx2|baseline (read at the first call) names a
+#: narrower one. All families of one build give the same bits (same arithmetic, same order of
+#: operations on each output); they differ in tile shape and registers only. See
+#: deform_conv_gemm.h.
+GEMM_ISAS = tuple(_FAMILIES[i] for i in range(dc_isa_best(), -1, -1))
+
+
+def gemm_isa():
+    """The GEMM micro-kernel family in use: "avx512", "avx2" or "baseline"."""
+    return _FAMILIES[dc_isa()]
 
 
 cdef enum:
@@ -639,7 +663,7 @@ def forward(x, offset, mask, weight, bias, stride, padding, dilation, Py_ssize_t
     Cout = weight.shape[0]
     groups = g.C // weight.shape[1]
     y = np.zeros((g.N, Cout, g.Ho, g.Wo), dtype=x.dtype) if g.N * Cout == 0 or g.H * g.W == 0 \
-        else np.empty((g.N, Cout, g.Ho, g.Wo), dtype=x.dtype)      # every element is written
+        else _cache.empty((g.N, Cout, g.Ho, g.Wo), x.dtype)        # every element is written
     if y.size == 0 or g.H * g.W == 0:
         if bias is not None:
             y += bias.reshape(-1, 1, 1)
@@ -666,23 +690,14 @@ def forward(x, offset, mask, weight, bias, stride, padding, dilation, Py_ssize_t
     return y
 
 
-_tls = threading.local()
-
-#: The forward's workspace (channels-last copy of a chunk, packed weight, per-thread column tiles)
-#: is kept per Python thread between calls when it is at most this large, so repeated calls do not
-#: page-fault fresh memory in; larger workspaces are freed after the call.
-WORKSPACE_CACHE_BYTES = 64 << 20
-
-
 def _workspace(sizes):
-    """64-byte-aligned flat uint8 views of the given sizes, carved from this thread's cached
-    buffer (grown when too small; not cached beyond WORKSPACE_CACHE_BYTES)."""
+    """64-byte-aligned flat uint8 views of the given sizes, carved from one buffer of the output
+    cache: it returns there when the views die at the end of the call, so repeated calls reuse
+    resident memory (no fresh pages to fault in) under the cache's limit, and
+    fastnorm.empty_cache() releases it (a buffer under 1 MiB comes from the C library, as small
+    outputs do)."""
     sizes = [(s + 63) // 64 * 64 for s in sizes]
-    total = sum(sizes) + 64
-    buf = getattr(_tls, "buf", None)
-    if buf is None or buf.size < total:
-        buf = np.empty(total, dtype=np.uint8)
-        _tls.buf = buf if total <= WORKSPACE_CACHE_BYTES else None
+    buf = _cache.empty(sum(sizes) + 64, np.uint8)
     o = -buf.ctypes.data % 64
     views = []
     for s in sizes:

@@ -555,28 +555,50 @@ def test_forward_position_blocks_and_weight_panels(rng, monkeypatch, tile_bytes)
         np.testing.assert_array_equal(y, ys[0])
 
 
-@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
 def test_every_gemm_kernel_family(rng, tmp_path, isa):
-    # the GEMM micro-kernel is picked per CPU (AVX-512, AVX2, baseline); FASTNORM_GEMM_ISA caps
-    # the choice so that the narrower kernels run here too (in a fresh process: read once)
+    # A build runs up to three GEMM micro-kernel families (AVX-512, AVX2, baseline: its target's
+    # widest and the narrower ones, or in a portable build those the CPU has; GEMM_ISAS). The
+    # widest is used; FASTNORM_GEMM_ISA selects a narrower one (in a fresh process: read once),
+    # so every family runs here, forward and backward, against the oracle. All families of one
+    # build compute the same bits (same arithmetic and order of operations on each output; only
+    # the tile shape and registers differ), so each must equal the default family exactly.
     import os
     import subprocess
     import sys
+    from fastnorm._cpu import deform_conv as kernel
+    if isa not in kernel.GEMM_ISAS:
+        pytest.skip(f"this build runs no {isa} kernel on this CPU (it runs {kernel.GEMM_ISAS})")
     d, geo = _case(rng, N=2, C=6, H=11, W=7, Cout=38, groups=2, goff=3)
-    np.savez(tmp_path / "in.npz", **{k: a for k, a in d.items() if a is not None})
+    gy = rng.standard_normal(_ref(d, geo).shape)
+    np.savez(tmp_path / "in.npz", gy=gy, **{k: a for k, a in d.items() if a is not None})
     code = ("import sys, numpy as np, fastnorm\n"
-            "d = dict(np.load(sys.argv[1])); geo = eval(sys.argv[2])\n"
-            "ys = [fastnorm.deform_conv2d(d['x'].astype(t), d['offset'].astype(t),\n"
-            "      d['weight'].astype(t), d['bias'].astype(t), mask=d['mask'].astype(t), **geo)\n"
-            "      for t in (np.float64, np.float32)]\n"
-            "np.savez(sys.argv[3], y64=ys[0], y32=ys[1])\n")
+            "from fastnorm._cpu import deform_conv\n"
+            "d = dict(np.load(sys.argv[1])); geo = eval(sys.argv[2]); out = {}\n"
+            "for t in (np.float64, np.float32):\n"
+            "    a = {k: v.astype(t) for k, v in d.items()}\n"
+            "    out[t.__name__] = fastnorm.deform_conv2d(a['x'], a['offset'], a['weight'],\n"
+            "                                             a['bias'], mask=a['mask'], **geo)\n"
+            "    g = fastnorm.deform_conv2d_backward(a['gy'], a['x'], a['offset'], a['weight'],\n"
+            "                                        mask=a['mask'], **geo)\n"
+            "    for i, gi in enumerate(g):\n"
+            "        out[f'{t.__name__}_g{i}'] = gi\n"
+            "np.savez(sys.argv[3], isa=deform_conv.gemm_isa(), **out)\n")
     out = tmp_path / "out.npz"
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.npz"), repr(geo), str(out)],
                    check=True, env=dict(os.environ, FASTNORM_GEMM_ISA=isa))
     got = np.load(out)
-    np.testing.assert_allclose(got["y64"], _ref(d, geo), rtol=1e-12, atol=1e-12)
+    assert str(got["isa"]) == isa
+    np.testing.assert_allclose(got["float64"], _ref(d, geo), rtol=1e-12, atol=1e-12)
     d32 = _cast(d, np.float32)
-    np.testing.assert_allclose(got["y32"], _ref(d32, geo), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["float32"], _ref(d32, geo), rtol=1e-4, atol=1e-4)
+    for t, dd in (("float64", d), ("float32", d32)):
+        gyt = gy.astype(t)
+        for i, want in enumerate(_ref_bwd(gyt, dd, geo)):
+            _close(got[f"{t}_g{i}"], want, t, "grad_" + GRADS[i])
+        np.testing.assert_array_equal(got[t], _fwd(dd, geo))
+        for i, g in enumerate(_bwd(gyt, dd, geo)):
+            np.testing.assert_array_equal(got[f"{t}_g{i}"], g, err_msg="grad_" + GRADS[i])
 
 
 def test_backward_is_the_adjoint_at_gemm_scale(rng):

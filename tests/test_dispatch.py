@@ -128,10 +128,39 @@ def test_thread_control():
         fastnorm.threads(1.5).__enter__()
 
 
+def _compiler_has_openmp(tmp_path):
+    """setup.py's test: the C compiler ($CC, else Python's) builds an OpenMP program."""
+    import os
+    import shutil
+    import sysconfig
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
+    if not shutil.which(cc[0]):
+        return False
+    src = tmp_path / "omp.c"
+    src.write_text("#include <omp.h>\nint main(void){return omp_get_max_threads() > 0 ? 0 : 1;}\n")
+    r = subprocess.run(cc + ["-fopenmp", str(src), "-o", str(tmp_path / "omp")],
+                       capture_output=True)
+    return r.returncode == 0
+
+
 def test_omp_num_threads_is_honoured(tmp_path):
+    # An OpenMP build takes its default thread count from OMP_NUM_THREADS; a serial build runs
+    # one thread. Serial is right only when asked for (FASTNORM_NO_OPENMP at build time) or when
+    # the compiler has no OpenMP: setup.py records its choice (_omp.BUILD_OPENMP), so a build
+    # that chose OpenMP but lost it, or that went serial beside a compiler with OpenMP, fails.
+    from fastnorm._cpu import _omp
     code = "import fastnorm; print(fastnorm.get_num_threads(), fastnorm.info()['openmp'])"
     n, omp = _run(code, tmp_path, OMP_NUM_THREADS="3").split()
-    assert omp == "False" or n == "3"
+    build = _omp.BUILD_OPENMP
+    if build == "openmp":
+        want = True
+    elif build == "serial (FASTNORM_NO_OPENMP)":
+        want = False
+    else:      # "serial (no compiler support)", or "unknown" (built without setup.py)
+        want = _compiler_has_openmp(tmp_path)
+    assert omp == str(want), (f"the build has OpenMP: {omp}; setup.py chose {build!r}; the "
+                              f"compiler has OpenMP: {_compiler_has_openmp(tmp_path)}")
+    assert n == ("3" if want else "1")
 
 
 def test_info():

@@ -151,14 +151,17 @@ class Call:
 
     def contiguous(self, a):
         """``a`` C-contiguous (copied only when it is not); anything else as it is."""
-        if isinstance(a, np.ndarray) or (self.backend == "cuda" and isinstance(a, self.xp.ndarray)):
+        if isinstance(a, np.ndarray):
+            return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+        if self.backend == "cuda" and isinstance(a, self.xp.ndarray):
             return a if a.flags.c_contiguous else self.xp.ascontiguousarray(a)
         return a
 
     def run(self, cpu, cuda, params):
         """Run ``params`` (a contract of ``fastnorm._kernels``) on this backend's entry point:
         ``cpu`` (with the thread count) or ``cuda`` (on the arrays' device)."""
-        kwargs = {k: self.contiguous(v) for k, v in params._asdict().items()}
+        contiguous = self.contiguous
+        kwargs = {k: contiguous(a) for k, a in zip(params._fields, params)}
         if self.backend == "cpu":
             return cpu(**kwargs, nthreads=get_num_threads())
         self.xp                      # CuPy must be installed (unless emulated)
@@ -221,10 +224,13 @@ def resolve(**arrays):
                              f"transfers, move them to one device first")
     backend = "cpu" if first.device == "cpu" else "cuda"
     call = Call(backend, first.framework, first.device, first.obj, first.cupy)
+    by_name = {a.name: a for a in args}
+    if backend == "cpu":                          # no device to make current
+        return call, tuple(by_name[name].native() if obj is not None else None
+                           for name, obj in arrays.items())
     scope = _scope.get()
     if scope is not None:
         scope.enter_context(call.on_device())      # current until the op returns
-    by_name = {a.name: a for a in args}
     with contextlib.nullcontext() if scope is not None else call.on_device():
         natives = tuple(by_name[name].native() if obj is not None else None
                         for name, obj in arrays.items())

@@ -12,7 +12,7 @@ CUDA_FLOATS = ("float32", "float64", "float16", "bfloat16")
 
 def float_array(call, name, a, *, min_ndim=None, ndim=None):
     """Check that ``a`` is a floating array the backend supports, with the given rank."""
-    dtype = str(a.dtype)
+    dtype = a.dtype.name
     allowed = CPU_FLOATS if call.backend == "cpu" else CUDA_FLOATS
     if dtype not in allowed:
         extra = (" (float16/bfloat16 are supported on CUDA; cast to float32 for the CPU)"

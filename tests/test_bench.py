@@ -157,3 +157,19 @@ def test_bench_subcommand_reads_the_suites_json(tmp_path, monkeypatch, capsys):
     (root / "bench_group_norm.py").write_text("print('| case | peer | 1 | 2.00x | |')\n")
     assert cli.main(["bench", "--op", "group_norm"]) == 1          # exited 0 without results
     assert "no results" in capsys.readouterr().out
+
+
+def test_compare_builds_times_both_trees_on_the_same_cases(tmp_path, capsys):
+    # this checkout against itself: every case of both workers is timed and tabulated, a tree
+    # whose `import fastnorm` loads another tree is refused, and nothing is written unasked
+    tool = _load(BENCH / "compare_builds.py")
+    root = str(BENCH.parent)
+    result = tool.main([root, root, "--quick", "--rounds", "2", "--no-write"])
+    assert len(result) == 15 and all(c.endswith("(tiny)") for c in result)
+    for before, after, ratios in result.values():
+        assert before > 0 and after > 0 and len(ratios) == 2
+    table = capsys.readouterr().out
+    assert table.count("(tiny) |") == 15 and "after / before" in table
+    with pytest.raises(SystemExit, match="does not load its own tree"):
+        tool.main([str(tmp_path), root, "--quick", "--rounds", "1", "--no-write"])
+    assert not list(tmp_path.iterdir())

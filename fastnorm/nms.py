@@ -96,6 +96,20 @@ def _greedy_args(iou_threshold, score_threshold, max_output):
             -1 if max_output is None else v.integer("max_output", max_output, min=0))
 
 
+def _greedy(boxes, scores, idxs, batch_idx, iou_threshold, score_threshold, max_output, *,
+            criterion="iou", beta=1.0):
+    """nms, batched_nms (``idxs``) and diou_nms (``criterion="diou"``, ``beta``): the arrays
+    validated, then the scalars, then one call of the greedy kernel."""
+    call, boxes, scores, idxs, batch = _prepare(boxes, scores, idxs, batch_idx)
+    thr, st, cap = _greedy_args(iou_threshold, score_threshold, max_output)
+    beta = v.number("beta", beta, min=0, min_exclusive=True)
+    boxes, scores, idxs, batch, lengths = _flatten(call, boxes, scores, idxs, batch)
+    res = call.run(cpu.nms, cuda.nms, Nms(
+        boxes=boxes, scores=scores, batch=batch, classes=idxs, iou_threshold=thr,
+        score_threshold=st, max_output=cap, criterion=CRITERIA[criterion], beta=beta))
+    return _grouped(call, res, batch, lengths)
+
+
 # ---------------------------------------------------------------- public functions
 
 @op
@@ -139,13 +153,7 @@ def nms(boxes, scores, iou_threshold, *, score_threshold=None, max_output=None, 
     >>> fastnorm.nms([boxes, boxes[:2]], [scores, scores[:2]], 0.5)
     [array([0, 2]), array([0])]
     """
-    call, boxes, scores, _, batch = _prepare(boxes, scores, None, batch_idx)
-    thr, st, cap = _greedy_args(iou_threshold, score_threshold, max_output)
-    boxes, scores, _, batch, lengths = _flatten(call, boxes, scores, None, batch)
-    res = call.run(cpu.nms, cuda.nms, Nms(
-        boxes=boxes, scores=scores, batch=batch, classes=None, iou_threshold=thr,
-        score_threshold=st, max_output=cap, criterion=CRITERIA["iou"], beta=1.0))
-    return _grouped(call, res, batch, lengths)
+    return _greedy(boxes, scores, None, batch_idx, iou_threshold, score_threshold, max_output)
 
 
 @op
@@ -187,13 +195,7 @@ def batched_nms(boxes, scores, idxs, iou_threshold, *, score_threshold=None, max
     """
     if idxs is None:
         raise TypeError("`idxs` must be an integer array of class labels, got None")
-    call, boxes, scores, idxs, batch = _prepare(boxes, scores, idxs, batch_idx)
-    thr, st, cap = _greedy_args(iou_threshold, score_threshold, max_output)
-    boxes, scores, idxs, batch, lengths = _flatten(call, boxes, scores, idxs, batch)
-    res = call.run(cpu.nms, cuda.nms, Nms(
-        boxes=boxes, scores=scores, batch=batch, classes=idxs, iou_threshold=thr,
-        score_threshold=st, max_output=cap, criterion=CRITERIA["iou"], beta=1.0))
-    return _grouped(call, res, batch, lengths)
+    return _greedy(boxes, scores, idxs, batch_idx, iou_threshold, score_threshold, max_output)
 
 
 @op
@@ -224,14 +226,8 @@ def diou_nms(boxes, scores, iou_threshold, *, beta=1.0, score_threshold=None, ma
     >>> fastnorm.diou_nms(boxes, scores, 0.6, beta=2.0)
     array([0, 2])
     """
-    call, boxes, scores, _, batch = _prepare(boxes, scores, None, batch_idx)
-    thr, st, cap = _greedy_args(iou_threshold, score_threshold, max_output)
-    beta = v.number("beta", beta, min=0, min_exclusive=True)
-    boxes, scores, _, batch, lengths = _flatten(call, boxes, scores, None, batch)
-    res = call.run(cpu.nms, cuda.nms, Nms(
-        boxes=boxes, scores=scores, batch=batch, classes=None, iou_threshold=thr,
-        score_threshold=st, max_output=cap, criterion=CRITERIA["diou"], beta=beta))
-    return _grouped(call, res, batch, lengths)
+    return _greedy(boxes, scores, None, batch_idx, iou_threshold, score_threshold, max_output,
+                   criterion="diou", beta=beta)
 
 
 @op

@@ -21,8 +21,9 @@ ACTIVATIONS = {None: 0, "relu": 1, "silu": 2}
 ROI_MODES = {"avg": 0, "max": 1}
 #: greedy NMS criterion [CRIT_IOU, CRIT_DIOU]
 CRITERIA = {"iou": 0, "diou": 1}
-#: Soft-NMS decay and Matrix-NMS kernel functions [DECAY_GAUSSIAN, DECAY_LINEAR]
-DECAYS = {"gaussian": 0, "linear": 1}
+#: how a selected box treats the boxes it overlaps [DECAY_GAUSSIAN, DECAY_LINEAR, DECAY_HARD]:
+#: Soft-NMS decays (and Matrix-NMS kernels: gaussian and linear only), or removal ("hard")
+DECAYS = {"gaussian": 0, "linear": 1, "hard": 2}
 #: box_iou metrics [METRIC_IOU, METRIC_GIOU, METRIC_DIOU, METRIC_CIOU]
 METRICS = {"iou": 0, "giou": 1, "diou": 2, "ciou": 3}
 #: the sources' names of these codes (checked by tests/test_contract.py)

@@ -311,7 +311,7 @@ def soft_nms(boxes, scores, *, method="gaussian", sigma=0.5, iou_threshold=0.3,
     (array([0, 2, 1]), array([0.9, 0.7, 0.4]))
     """
     call, boxes, scores, _, batch = _prepare(boxes, scores, None, batch_idx)
-    method = DECAYS[v.choice("method", method, tuple(DECAYS))]
+    method = DECAYS[v.choice("method", method, ("gaussian", "linear"))]
     sigma = v.number("sigma", sigma, min=0, min_exclusive=True)
     thr = v.number("iou_threshold", iou_threshold, min=0)
     st = v.number("score_threshold", score_threshold)
@@ -352,7 +352,7 @@ def matrix_nms(boxes, scores, *, kernel="gaussian", sigma=2.0, batch_idx=None):
     array([0.9, 0.4, 0.7])
     """
     call, boxes, scores, _, batch = _prepare(boxes, scores, None, batch_idx)
-    kernel = DECAYS[v.choice("kernel", kernel, tuple(DECAYS))]
+    kernel = DECAYS[v.choice("kernel", kernel, ("gaussian", "linear"))]
     sigma = v.number("sigma", sigma, min=0, min_exclusive=True)
     boxes, scores, _, batch, lengths = _flatten(call, boxes, scores, None, batch)
     out = call.run(cpu.matrix_nms, cuda.matrix_nms, MatrixNms(

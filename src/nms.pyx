@@ -47,6 +47,7 @@ cdef enum:
 cdef enum:
     DECAY_GAUSSIAN = 0
     DECAY_LINEAR = 1
+    DECAY_HARD = 2
 cdef enum:
     METRIC_IOU = 0
     METRIC_GIOU = 1

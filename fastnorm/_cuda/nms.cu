@@ -14,7 +14,7 @@ typedef unsigned long long u64;
 
 // integer codes of fastnorm._kernels: CRITERIA, DECAYS, METRICS (tests/test_contract.py)
 enum { CRIT_IOU = 0, CRIT_DIOU = 1 };
-enum { DECAY_GAUSSIAN = 0, DECAY_LINEAR = 1 };
+enum { DECAY_GAUSSIAN = 0, DECAY_LINEAR = 1, DECAY_HARD = 2 };
 enum { METRIC_IOU = 0, METRIC_GIOU = 1, METRIC_DIOU = 2, METRIC_CIOU = 3 };
 
 __device__ __forceinline__ double box_area(const double* b) {

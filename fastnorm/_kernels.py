@@ -246,6 +246,34 @@ class BoxIou(NamedTuple):
     metric: int                        # METRICS
 
 
+class IouGuidedNms(NamedTuple):
+    """IoU-guided NMS (IoU-Net) -> (indices, updated scores of the scores' dtype), grouped by
+    image, in decreasing updated score within an image (ties: lower index first). Greedy NMS
+    ranked by localization; a kept box takes the highest score of the boxes it removed."""
+    boxes: Array
+    scores: Array                      # classification scores
+    localization: Array                # (N,) localization confidence: the ranking key
+    batch: Optional[Array]
+    classes: Optional[Array]           # int64 (N,) class of each box (class-aware), or None
+    iou_threshold: float
+    score_threshold: Optional[float]   # only boxes with score > this take part; None: all
+    max_output: int                    # per image, by updated score; -1: unlimited
+
+
+class AdaptiveNms(NamedTuple):
+    """Adaptive NMS -> indices as Nms (method DECAY_HARD), or (indices in selection order,
+    scores at selection) as SoftNms. A selected box suppresses (decays) above the threshold
+    max(iou_threshold, its density); a NaN density counts as absent."""
+    boxes: Array
+    scores: Array
+    densities: Array                   # (N,) predicted object density of each box
+    batch: Optional[Array]
+    method: int                        # DECAYS
+    sigma: float
+    iou_threshold: float
+    score_threshold: float             # only boxes with score >= this take part (and stay)
+
+
 #: (op module, entry point) -> its contract, for tests/test_contract.py
 CONTRACTS = {
     ("group_norm", "forward"): GroupNormForward,
@@ -265,4 +293,6 @@ CONTRACTS = {
     ("nms", "soft_nms"): SoftNms,
     ("nms", "matrix_nms"): MatrixNms,
     ("nms", "box_iou"): BoxIou,
+    ("nms", "iou_guided_nms"): IouGuidedNms,
+    ("nms", "adaptive_nms"): AdaptiveNms,
 }

@@ -13,7 +13,7 @@ equals the in-memory call on the concatenated data.
   (K_i, 4) arrays (NumPy or dask) or a (K, 5) array with batch indices; the result has the
   in-memory call's RoI order.
 * The NMS family (:func:`nms`, :func:`batched_nms`, :func:`diou_nms`, :func:`soft_nms`,
-  :func:`weighted_nms`, :func:`matrix_nms`): images are independent, so they are grouped
+  :func:`weighted_nms`, :func:`matrix_nms`, :func:`iou_guided_nms`, :func:`adaptive_nms`): images are independent, so they are grouped
   ``images_per_task`` at a time. Boxes come as lists of per-image arrays (the result is a list
   of per-image dask arrays, like the in-memory list call) or as (N, 4) arrays with a
   ``batch_idx`` (one dask array of indices into the input, grouped by image, like the in-memory
@@ -44,7 +44,7 @@ from fastnorm import _lists
 
 __all__ = ["group_norm", "deform_conv2d", "roi_align", "roi_pool", "ps_roi_align",
            "deform_roi_pool", "nms", "batched_nms", "diou_nms", "soft_nms", "weighted_nms",
-           "matrix_nms"]
+           "matrix_nms", "iou_guided_nms", "adaptive_nms"]
 
 
 def _small(a):
@@ -175,34 +175,39 @@ def deform_roi_pool(x, rois, offset=None, output_size=7, spatial_scale=1.0, samp
 
 # ---------------------------------------------------------------- per image: NMS family
 
-def _nms_task(fn, members, *arrays, **kw):
-    """Run ``fn`` on a group of images given as lists; map kept indices back to global ones."""
-    B = len(arrays[0])
-    res = fn(*[list(a) for a in arrays], **kw)
-    if members is None:
+# What each function returns per image, in order: "keep" (indices into the input), "scores"
+# (one per kept box), "boxes" (K, 4) per kept box, "aligned" (matrix_nms: decayed scores aligned
+# with the input). One part: an array; several: a list, as the in-memory call.
+_KEEP, _SCORES, _BOXES, _ALIGNED = ("keep",), ("keep", "scores"), ("keep", "boxes"), ("aligned",)
+
+
+def _nms_task(fn, members, parts, keys, *arrays, **kw):
+    """Run ``fn`` on a group of images given as lists (the arrays named by ``keys`` passed by
+    keyword, the others positionally); map kept indices back to global ones."""
+    n_pos = len(arrays) - len(keys)
+    lists = [list(a) for a in arrays]
+    res = fn(*lists[:n_pos], **dict(zip(keys, lists[n_pos:])), **kw)
+    if members is None or parts == _ALIGNED:
         return res
-    out = []
-    for i in range(B):
-        r = res[i]
-        if isinstance(r, list):          # [keep, values] of soft_nms / weighted_nms
-            out.append([members[i][r[0]], r[1]])
-        elif fn is _fn.matrix_nms:       # decayed scores aligned with the input
-            out.append(r)
-        else:
-            out.append(members[i][r])
-    return out
+    if len(parts) == 1:
+        return [members[i][r] for i, r in enumerate(res)]
+    return [[members[i][r[0]], *r[1:]] for i, r in enumerate(res)]
 
 
-_TWO = {"soft_nms", "weighted_nms"}
-
-
-def _nms_family(name, boxes, scores, idxs=None, *, batch_idx=None, images_per_task=8, **kw):
+def _nms_family(name, boxes, scores, *per_box, per_box_kw=None, parts=_KEEP, batch_idx=None,
+                images_per_task=8, **kw):
+    """``fastnorm.<name>`` per image, ``images_per_task`` images a task. ``per_box``: further
+    (N,) arrays (or per-image lists) passed positionally after ``scores``; ``per_box_kw``: such
+    arrays passed by keyword (None values left out)."""
     fn = getattr(_fn, name)
+    per_box_kw = {k: a for k, a in (per_box_kw or {}).items() if a is not None}
+    keys = list(per_box_kw)
+    per_box = per_box + tuple(per_box_kw.values())
     if isinstance(boxes, (list, tuple)):
         if batch_idx is not None:
             raise ValueError("`batch_idx` cannot be combined with lists of per-image `boxes`")
         members = None
-        lists = [list(boxes), list(scores)] + ([list(idxs)] if idxs is not None else [])
+        lists = [list(a) for a in (boxes, scores) + per_box]
         lengths = [int(b.shape[0]) for b in boxes]
     else:
         if batch_idx is None:
@@ -212,36 +217,37 @@ def _nms_family(name, boxes, scores, idxs=None, *, batch_idx=None, images_per_ta
         order = np.argsort(batch, kind="stable")
         images, starts = np.unique(batch[order], return_index=True)
         members = np.split(order, starts[1:]) if len(order) else []
-        lists = [[a[m] for m in members] for a in (boxes, scores) + ((idxs,) if idxs is not None
-                                                                      else ())]
+        lists = [[a[m] for m in members] for a in (boxes, scores) + per_box]
         lengths = [len(m) for m in members]
     dtype = np.dtype(str(scores[0].dtype if isinstance(scores, (list, tuple)) else scores.dtype))
+    meta = {"keep": ((np.nan,), np.int64), "scores": ((np.nan,), dtype),
+            "boxes": ((np.nan, 4), dtype)}
     per_image = []
     for s in range(0, len(lengths), images_per_task):
         e = min(s + images_per_task, len(lengths))
         task = dask.delayed(_nms_task, nout=e - s)(
-            fn, None if members is None else members[s:e], *[lst[s:e] for lst in lists], **kw)
+            fn, None if members is None else members[s:e], parts, keys,
+            *[lst[s:e] for lst in lists], **kw)
         for i in range(e - s):
             r = task[i]
-            if name in _TWO:
-                second = (np.nan, 4) if name == "weighted_nms" else (np.nan,)
-                per_image.append([da.from_delayed(r[0], (np.nan,), np.int64),
-                                  da.from_delayed(r[1], second, dtype)])
-            elif name == "matrix_nms":
+            if parts == _ALIGNED:
                 per_image.append(da.from_delayed(r, (lengths[s + i],), dtype))
+            elif len(parts) == 1:
+                per_image.append(da.from_delayed(r, *meta[parts[0]]))
             else:
-                per_image.append(da.from_delayed(r, (np.nan,), np.int64))
+                per_image.append([da.from_delayed(r[j], *meta[p]) for j, p in enumerate(parts)])
     if members is None:
         return per_image
-    # one array (two for soft/weighted) over all images, grouped by increasing image index
-    if name in _TWO:
-        empty = [np.zeros(0, np.int64), np.zeros((0, 4) if name == "weighted_nms" else 0, dtype)]
-        return [da.concatenate([p[j] for p in per_image]) if per_image else da.from_array(empty[j])
-                for j in range(2)]
-    if name == "matrix_nms":
+    # one array (a list of them) over all images, grouped by increasing image index
+    if parts == _ALIGNED:
         flat = da.concatenate(per_image) if per_image else da.zeros(0, dtype)
         return flat[np.argsort(np.concatenate(members))] if members else flat
-    return da.concatenate(per_image) if per_image else da.from_array(np.zeros(0, np.int64))
+    if len(parts) == 1:
+        per_image = [[p] for p in per_image]
+    out = [da.concatenate([p[j] for p in per_image]) if per_image
+           else da.from_array(np.zeros((0,) + meta[part][0][1:], meta[part][1]))
+           for j, part in enumerate(parts)]
+    return out[0] if len(parts) == 1 else out
 
 
 def nms(boxes, scores, iou_threshold, *, score_threshold=None, max_output=None, batch_idx=None,
@@ -273,7 +279,7 @@ def diou_nms(boxes, scores, iou_threshold, *, beta=1.0, score_threshold=None, ma
 def weighted_nms(boxes, scores, iou_threshold, *, score_threshold=None, max_output=None,
                  batch_idx=None, images_per_task=8):
     """:func:`fastnorm.weighted_nms` per image: ``[keep, fused]`` (per image for list input)."""
-    return _nms_family("weighted_nms", boxes, scores, batch_idx=batch_idx,
+    return _nms_family("weighted_nms", boxes, scores, parts=_BOXES, batch_idx=batch_idx,
                        images_per_task=images_per_task, iou_threshold=iou_threshold,
                        score_threshold=score_threshold, max_output=max_output)
 
@@ -281,7 +287,7 @@ def weighted_nms(boxes, scores, iou_threshold, *, score_threshold=None, max_outp
 def soft_nms(boxes, scores, *, method="gaussian", sigma=0.5, iou_threshold=0.3,
              score_threshold=0.001, batch_idx=None, images_per_task=8):
     """:func:`fastnorm.soft_nms` per image: ``[keep, new_scores]`` (per image for list input)."""
-    return _nms_family("soft_nms", boxes, scores, batch_idx=batch_idx,
+    return _nms_family("soft_nms", boxes, scores, parts=_SCORES, batch_idx=batch_idx,
                        images_per_task=images_per_task, method=method, sigma=sigma,
                        iou_threshold=iou_threshold, score_threshold=score_threshold)
 
@@ -289,5 +295,25 @@ def soft_nms(boxes, scores, *, method="gaussian", sigma=0.5, iou_threshold=0.3,
 def matrix_nms(boxes, scores, *, kernel="gaussian", sigma=2.0, batch_idx=None,
                images_per_task=8):
     """:func:`fastnorm.matrix_nms` per image: decayed scores aligned with the input."""
-    return _nms_family("matrix_nms", boxes, scores, batch_idx=batch_idx,
+    return _nms_family("matrix_nms", boxes, scores, parts=_ALIGNED, batch_idx=batch_idx,
                        images_per_task=images_per_task, kernel=kernel, sigma=sigma)
+
+
+def iou_guided_nms(boxes, scores, localization, iou_threshold=0.5, *, idxs=None,
+                   score_threshold=None, max_output=None, batch_idx=None, images_per_task=8):
+    """:func:`fastnorm.iou_guided_nms` per image: ``[keep, new_scores]`` (per image for list
+    input)."""
+    return _nms_family("iou_guided_nms", boxes, scores, localization, parts=_SCORES,
+                       batch_idx=batch_idx, images_per_task=images_per_task,
+                       per_box_kw={"idxs": idxs}, iou_threshold=iou_threshold,
+                       score_threshold=score_threshold, max_output=max_output)
+
+
+def adaptive_nms(boxes, scores, densities, iou_threshold=0.5, *, method="hard", sigma=0.5,
+                 score_threshold=0.001, batch_idx=None, images_per_task=8):
+    """:func:`fastnorm.adaptive_nms` per image: indices ("hard") or ``[keep, new_scores]``
+    (per image for list input)."""
+    return _nms_family("adaptive_nms", boxes, scores, densities,
+                       parts=_KEEP if method == "hard" else _SCORES, batch_idx=batch_idx,
+                       images_per_task=images_per_task, iou_threshold=iou_threshold,
+                       method=method, sigma=sigma, score_threshold=score_threshold)

@@ -1,5 +1,5 @@
-"""Non-maximum suppression family (greedy, class-aware, soft, DIoU, weighted, matrix) and box IoU
-metrics.
+"""Non-maximum suppression family (greedy, class-aware, soft, DIoU, weighted, matrix, IoU-guided,
+adaptive) and box IoU metrics.
 
 Conventions shared by every function here
 -----------------------------------------
@@ -32,22 +32,29 @@ from ._cuda import nms as cuda
 from ._dispatch import op, resolve
 from ._kernels import (CRITERIA, DECAYS, METRICS, BoxIou, MatrixNms, Nms, SoftNms,
                        WeightedNms)
+from ._kernels import AdaptiveNms, IouGuidedNms
 
 
 # ---------------------------------------------------------------- argument handling
 
-def _prepare(boxes, scores, idxs=None, batch_idx=None):
-    """Resolve and validate the arrays: (call, boxes, scores, idxs, batch). Per-image lists stay
-    lists here (validated entry by entry); ``_flatten`` flattens them."""
+def _prepare(boxes, scores, idxs=None, batch_idx=None, **per_box):
+    """Resolve and validate the arrays: (call, boxes, scores, idxs, batch), then the ``per_box``
+    arrays if any (further (N,) arrays like ``scores``, by keyword: ``localization=...``).
+    Per-image lists stay lists here (validated entry by entry); ``_flatten`` flattens them."""
+    for name, a in per_box.items():
+        if a is None:
+            raise TypeError(f"`{name}` must be an array like `scores`, got None")
     if not _lists.is_list(boxes):
-        call, (boxes, scores, idxs, batch) = resolve(boxes=boxes, scores=scores, idxs=idxs,
-                                                     batch_idx=batch_idx)
+        call, (boxes, scores, idxs, batch, *extra) = resolve(
+            boxes=boxes, scores=scores, idxs=idxs, batch_idx=batch_idx, **per_box)
         v.boxes_and_scores(call, "boxes", boxes, "scores", scores)
+        for name, a in zip(per_box, extra):
+            v.boxes_and_scores(call, "boxes", boxes, name, a)
         idxs = v.int_array("idxs", idxs, boxes.shape[0], "boxes")
         batch = v.int_array("batch_idx", batch, boxes.shape[0], "boxes")
         if batch is not None and batch.shape[0] and bool((batch < 0).any()):
             raise ValueError("`batch_idx` must be >= 0 (the image index of each box)")
-        return call, boxes, scores, idxs, batch
+        return (call, boxes, scores, idxs, batch, *extra)
     if batch_idx is not None:
         raise ValueError("`batch_idx` cannot be combined with lists of per-image `boxes`")
     B = len(boxes)
@@ -56,17 +63,24 @@ def _prepare(boxes, scores, idxs=None, batch_idx=None):
     v.same_list_length("scores", scores, B)
     if idxs is not None:
         v.same_list_length("idxs", idxs, B)
+    for name, a in per_box.items():
+        v.same_list_length(name, a, B)
     arrays = {f"{name}[{i}]": a[i] for name, a in (("boxes", boxes), ("scores", scores),
-                                                   ("idxs", idxs)) if a is not None
-              for i in range(B)}
+                                                   ("idxs", idxs), *per_box.items())
+              if a is not None for i in range(B)}
     call, nat = resolve(**arrays)
-    bl, sl, il = nat[:B], nat[B:2 * B], (list(nat[2 * B:]) if idxs is not None else None)
+    bl, sl = nat[:B], nat[B:2 * B]
+    il = list(nat[2 * B:3 * B]) if idxs is not None else None
+    extra = nat[(3 if idxs is not None else 2) * B:]
+    extra = [list(extra[j * B:(j + 1) * B]) for j in range(len(per_box))]
     for i in range(B):
         v.boxes_and_scores(call, f"boxes[{i}]", bl[i], f"scores[{i}]", sl[i])
+        for name, a in zip(per_box, extra):
+            v.boxes_and_scores(call, f"boxes[{i}]", bl[i], f"{name}[{i}]", a[i])
         v.same_dtype(f"boxes[{i}]", bl[i], "boxes[0]", bl[0])
         if il is not None:
             il[i] = v.int_array(f"idxs[{i}]", il[i], bl[i].shape[0], f"boxes[{i}]")
-    return call, list(bl), list(sl), il, None
+    return (call, list(bl), list(sl), il, None, *extra)
 
 
 def _flatten(call, boxes, scores, idxs, batch):
@@ -394,3 +408,142 @@ def box_iou(a, b, *, metric="iou"):
     v.boxes_and_scores(call, "b", b)
     v.same_dtype("b", b, "a", a)
     return call.wrap(call.run(cpu.box_iou, cuda.box_iou, BoxIou(a=a, b=b, metric=metric)))
+
+
+# ---------------------------------------------------------------- IoU-guided and adaptive NMS
+
+def _flat_per_box(call, a):
+    """A per-box array, or its per-image list flattened (as ``_flatten`` flattens scores)."""
+    return call.xp.concatenate(a) if _lists.is_list(a) else a
+
+
+@op
+def iou_guided_nms(boxes, scores, localization, iou_threshold=0.5, *, idxs=None,
+                   score_threshold=None, max_output=None, batch_idx=None):
+    """IoU-guided NMS (IoU-Net, Jiang et al., ECCV 2018): greedy NMS ranked by the predicted
+    localization confidence; each kept box takes the highest classification score of the boxes
+    it suppresses.
+
+    Repeatedly take the remaining box m of highest ``localization`` (ties: lower index first;
+    NaN ranks last), remove every remaining box j with IoU(m, j) > iou_threshold, and give m the
+    score ``max(s_m, max of s_j over the boxes m removed)`` (NaN below every number). The kept
+    boxes come by decreasing updated score, as in the OpenMMLab IoU-Net reimplementation
+    (``batched_iou_nms``, "rank" guide); class-aware with ``idxs``, exactly (boxes of different
+    classes never interact; no coordinate-offset trick).
+
+    Parameters
+    ----------
+    boxes, scores : arrays (N, 4), (N,) or lists of per-image arrays
+        ``scores``: the classification scores.
+    localization : array (N,), or list of (N_i,) arrays
+        Localization confidence (the predicted IoU with the object), same dtype as ``scores``.
+    iou_threshold : float
+        Finite, >= 0; suppression when IoU > iou_threshold.
+    idxs : integer array (N,), or list of per-image arrays, optional
+        Class label of each box; boxes of different classes never interact.
+    score_threshold : float, optional
+        Only boxes with ``score > score_threshold`` take part (NaN scores are then dropped).
+    max_output : int, optional
+        Keep at most this many boxes per image: the highest updated scores.
+    batch_idx : integer array (N,), optional
+        Image index of each box (see :func:`nms`).
+
+    Returns
+    -------
+    keep : int64 array (K,)
+        Indices into ``boxes`` by decreasing updated score (ties: lower index first); with
+        ``batch_idx``, grouped by increasing image index.
+    new_scores : array (K,) of scores' dtype
+        The updated score of each kept box. With list input, a list of per-image
+        [keep, new_scores].
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]], np.float32)
+    >>> scores = np.array([0.9, 0.6, 0.7], np.float32)
+    >>> localization = np.array([0.7, 0.95, 0.8], np.float32)
+    >>> fastnorm.iou_guided_nms(boxes, scores, localization, 0.5)
+    (array([1, 2]), array([0.9, 0.7], dtype=float32))
+    >>> fastnorm.iou_guided_nms(boxes, scores, localization, 0.5, idxs=np.array([0, 1, 0]))
+    (array([0, 2, 1]), array([0.9, 0.7, 0.6], dtype=float32))
+    """
+    call, boxes, scores, idxs, batch, loc = _prepare(boxes, scores, idxs, batch_idx,
+                                                     localization=localization)
+    thr, st, cap = _greedy_args(iou_threshold, score_threshold, max_output)
+    loc = _flat_per_box(call, loc)
+    boxes, scores, idxs, batch, lengths = _flatten(call, boxes, scores, idxs, batch)
+    res = call.run(cpu.iou_guided_nms, cuda.iou_guided_nms, IouGuidedNms(
+        boxes=boxes, scores=scores, localization=loc, batch=batch, classes=idxs,
+        iou_threshold=thr, score_threshold=st, max_output=cap))
+    return _grouped(call, res, batch, lengths)
+
+
+@op
+def adaptive_nms(boxes, scores, densities, iou_threshold=0.5, *, method="hard", sigma=0.5,
+                 score_threshold=0.001, batch_idx=None):
+    """Adaptive NMS (Liu et al., CVPR 2019): the suppression threshold follows the predicted
+    object density around each selected box.
+
+    Repeatedly select the remaining box M of highest score (ties: lower index first); its
+    threshold is ``N_M = max(iou_threshold, d_M)``, d_M its density. Every remaining box i with
+    ``IoU(M, i) > N_M`` is removed ("hard") or has its score decayed, ``s_i * (1 - IoU)``
+    ("linear") or ``s_i * exp(-IoU^2 / sigma)`` ("gaussian"). Both decays apply only above
+    N_M, as the paper writes them (:func:`soft_nms`'s gaussian decays every overlap). As in
+    :func:`soft_nms`, boxes whose score is (or falls) below ``score_threshold`` are dropped
+    (NaN scores too): only boxes with ``score >= score_threshold`` take part.
+
+    Densities are used as given: a NaN density counts as absent (``N_M = iou_threshold``), and
+    a density >= 1 means that M suppresses nothing (IoU <= 1). Boxes of different images never
+    interact; there is no ``idxs`` (run one call per class, or use ``batch_idx`` for classes).
+
+    Parameters
+    ----------
+    boxes, scores : arrays (N, 4), (N,) or lists of per-image arrays
+    densities : array (N,), or list of (N_i,) arrays
+        Predicted object density of each box (typically in [0, 1]), same dtype as ``scores``.
+    iou_threshold : float
+        Finite, >= 0: the threshold in sparse regions.
+    method : {"hard", "linear", "gaussian"}
+    sigma : float
+        Gaussian width, > 0.
+    score_threshold : float
+        Finite.
+    batch_idx : integer array (N,), optional
+        Image index of each box (images run in parallel).
+
+    Returns
+    -------
+    keep : int64 array (K,)
+        "hard": indices in decreasing score order, as :func:`nms`; "linear" and "gaussian":
+        in selection order, as :func:`soft_nms`. Grouped by image with ``batch_idx``.
+    new_scores : array (K,) of scores' dtype
+        "linear" and "gaussian" only: the decayed score of each selected box at selection.
+        With list input, a list of per-image results.
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]], np.float64)
+    >>> scores = np.array([0.9, 0.8, 0.7])
+    >>> fastnorm.adaptive_nms(boxes, scores, np.array([0.2, 0.2, 0.2]), 0.5)
+    array([0, 2])
+    >>> fastnorm.adaptive_nms(boxes, scores, np.array([0.75, 0.2, 0.2]), 0.5)  # a crowd
+    array([0, 1, 2])
+    >>> keep, s = fastnorm.adaptive_nms(boxes, scores, np.array([0.6, 0.2, 0.2]), 0.5,
+    ...                                 method="linear")
+    >>> keep, s.round(3)
+    (array([0, 2, 1]), array([0.9  , 0.7  , 0.255]))
+    """
+    call, boxes, scores, _, batch, dens = _prepare(boxes, scores, None, batch_idx,
+                                                   densities=densities)
+    method = DECAYS[v.choice("method", method, ("hard", "linear", "gaussian"))]
+    sigma = v.number("sigma", sigma, min=0, min_exclusive=True)
+    thr = v.number("iou_threshold", iou_threshold, min=0)
+    st = v.number("score_threshold", score_threshold)
+    dens = _flat_per_box(call, dens)
+    boxes, scores, _, batch, lengths = _flatten(call, boxes, scores, None, batch)
+    res = call.run(cpu.adaptive_nms, cuda.adaptive_nms, AdaptiveNms(
+        boxes=boxes, scores=scores, densities=dens, batch=batch, method=method, sigma=sigma,
+        iou_threshold=thr, score_threshold=st))
+    return _grouped(call, res, batch, lengths)

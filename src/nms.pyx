@@ -454,10 +454,12 @@ cdef inline void _scan_generic(const Grid* g, Py_ssize_t p, Py_ssize_t lo, Py_ss
 
 
 cdef Py_ssize_t _sweep(const Grid* g, Py_ssize_t s, int64_t* kept, Py_ssize_t cap, double thr,
-                       int crit, double beta, int64_t* assign) noexcept nogil:
-    """Greedy NMS of segment s in rank order; kept ranks go to kept[0:count]."""
+                       int crit, double beta, int64_t* assign, const double* rthr) noexcept nogil:
+    """Greedy NMS of segment s in rank order; kept ranks go to kept[0:count]. rthr: the
+    threshold of each (kept) rank, >= 0 (adaptive NMS); NULL: thr for every rank."""
     cdef const Seg* sg = &g.seg[s]
     cdef Py_ssize_t r, p, cx0, cx1, cy0, cy1, cy, lo, hi, count = 0
+    cdef double t = thr
     cdef Py_ssize_t nx = sg.nx, ny = sg.ny
     cdef const int64_t* cs = g.cs + sg.c0
     cdef bint fast = crit == CRIT_IOU and assign == NULL
@@ -473,6 +475,8 @@ cdef Py_ssize_t _sweep(const Grid* g, Py_ssize_t s, int64_t* kept, Py_ssize_t ca
         count += 1
         if p < 0:
             continue
+        if rthr != NULL:
+            t = rthr[r]
         cx0 = _cell(g.X1[p] - sg.W, sg.xmin, sg.icx, nx)
         cx1 = _cell(g.X2[p], sg.xmin, sg.icx, nx)
         cy0 = _cell(g.Y1[p] - sg.H, sg.ymin, sg.icy, ny)
@@ -481,15 +485,16 @@ cdef Py_ssize_t _sweep(const Grid* g, Py_ssize_t s, int64_t* kept, Py_ssize_t ca
             lo = cs[cy * nx + cx0]          # cells cx0..cx1 of a row are contiguous
             hi = cs[cy * nx + cx1 + 1]
             if fast:
-                _scan_iou(g, p, lo, hi, thr)
+                _scan_iou(g, p, lo, hi, t)
             else:
-                _scan_generic(g, p, lo, hi, r, thr, crit, beta, assign)
+                _scan_generic(g, p, lo, hi, r, t, crit, beta, assign)
     return count
 
 
 cdef int _greedy_impl(const double* rb, const int64_t* rstart, Py_ssize_t m, Py_ssize_t S,
                       int64_t* kept, int64_t* nkept, Py_ssize_t cap, double thr, int crit,
-                      double beta, int64_t* assign, double cellscale, int nthreads) noexcept nogil:
+                      double beta, int64_t* assign, const double* rthr, double cellscale,
+                      int nthreads) noexcept nogil:
     """Build each segment's grid and sweep it; segment s writes its kept ranks to
     kept[rstart[s]:] and their count to nkept[s]. Segments run in parallel. 0 or -1 (memory)."""
     cdef Grid g
@@ -518,11 +523,11 @@ cdef int _greedy_impl(const double* rb, const int64_t* rstart, Py_ssize_t m, Py_
         if S == 1 or nthreads <= 1:
             for s in range(S):
                 _build(&g, s, rb, cellscale)
-                nkept[s] = _sweep(&g, s, kept + rstart[s], cap, thr, crit, beta, assign)
+                nkept[s] = _sweep(&g, s, kept + rstart[s], cap, thr, crit, beta, assign, rthr)
         else:
             for s in prange(S, num_threads=nthreads, schedule="dynamic"):
                 _build(&g, s, rb, cellscale)
-                nkept[s] = _sweep(&g, s, kept + rstart[s], cap, thr, crit, beta, assign)
+                nkept[s] = _sweep(&g, s, kept + rstart[s], cap, thr, crit, beta, assign, rthr)
     free(g.seg); free(g.X1); free(g.R); free(g.cs); free(g.done)
     return err
 
@@ -559,8 +564,9 @@ cdef Py_ssize_t _collect(const int64_t* kept, const int64_t* nkept, const int64_
 
 
 def _greedy(rk, batch, bint merge, double thr, int crit, double beta, Py_ssize_t cap,
-            bint want_assign, int nthreads):
-    """Kept ranks in output order (see _collect) and, optionally, each rank's suppressor."""
+            bint want_assign, int nthreads, rthr=None):
+    """Kept ranks in output order (see _collect) and, optionally, each rank's suppressor.
+    ``rthr``: float64 (m,) threshold of each rank, >= 0 (see _sweep), or None."""
     cdef Py_ssize_t m = rk.m, S = rk.S, k = 0
     out = np.empty(m + 1, dtype=np.int64)
     assign_np = np.full(m + 1, -1, dtype=np.int64) if want_assign else None
@@ -573,6 +579,8 @@ def _greedy(rk, batch, bint merge, double thr, int crit, double beta, Py_ssize_t
     cdef const int64_t* bp = NULL
     cdef int64_t[::1] av
     cdef int64_t* ap = NULL
+    cdef const double[::1] tv
+    cdef const double* tp = NULL
     cdef double cellscale = CELL
     cdef int err = 0
     if batch is not None:
@@ -581,6 +589,9 @@ def _greedy(rk, batch, bint merge, double thr, int crit, double beta, Py_ssize_t
     if want_assign:
         av = assign_np
         ap = &av[0]
+    if rthr is not None:
+        tv = rthr
+        tp = &tv[0]
     cdef int64_t* kept = <int64_t*>malloc((m + 1) * sizeof(int64_t))
     cdef int64_t* nkept = <int64_t*>malloc((S + 1) * sizeof(int64_t))
     cdef uint64_t* key = <uint64_t*>malloc((2 * m + 2) * sizeof(uint64_t))
@@ -590,7 +601,7 @@ def _greedy(rk, batch, bint merge, double thr, int crit, double beta, Py_ssize_t
     else:
         with nogil:
             err = _greedy_impl(&rb[0, 0], &rs[0], m, S, kept, nkept, cap, thr, crit, beta, ap,
-                               cellscale, nthreads)
+                               tp, cellscale, nthreads)
             if err == 0:
                 k = _collect(kept, nkept, &rs[0], S, &order[0], &spos[0], bp, merge, cap,
                              &ov[0], key, key + m + 1, tval)
@@ -667,11 +678,13 @@ def weighted_nms(boxes, scores, batch, double iou_threshold, score_threshold,
 cdef Py_ssize_t _soft_segment(const double* rb, double* cur, const int64_t* orig, Py_ssize_t r0,
                               Py_ssize_t r1, int method, double sigma, double thr,
                               double score_thr, int64_t* out_rank, double* out_score,
-                              uint8_t* alive) noexcept nogil:
+                              uint8_t* alive, const double* rthr) noexcept nogil:
     """Soft-NMS of ranks [r0, r1): repeatedly take the live box of highest current score (ties:
-    lower input index), decay the others, drop those whose score falls below score_thr."""
+    lower input index), decay the others, drop those whose score falls below score_thr.
+    With rthr (adaptive NMS), a selected rank b decays only the boxes whose IoU with it is
+    > rthr[b], with either method."""
     cdef Py_ssize_t r, j, best, count = 0
-    cdef double iou, a_b, a_j, f
+    cdef double iou, a_b, a_j, f, t = thr
     for r in range(r0, r1):
         alive[r] = cur[r] >= score_thr
     while True:
@@ -686,6 +699,8 @@ cdef Py_ssize_t _soft_segment(const double* rb, double* cur, const int64_t* orig
         out_rank[count] = best
         out_score[count] = cur[best]
         count += 1
+        if rthr != NULL:
+            t = rthr[best]
         a_b = _area(rb[4 * best], rb[4 * best + 1], rb[4 * best + 2], rb[4 * best + 3])
         for j in range(r0, r1):
             if not alive[j]:
@@ -695,12 +710,12 @@ cdef Py_ssize_t _soft_segment(const double* rb, double* cur, const int64_t* orig
                        rb[4 * j], rb[4 * j + 1], rb[4 * j + 2], rb[4 * j + 3], a_j)
             if iou <= 0:
                 continue
-            if method == DECAY_GAUSSIAN:
-                f = exp(-iou * iou / sigma)
-            elif iou > thr:
-                f = 1.0 - iou
-            else:
+            if (method == DECAY_LINEAR or rthr != NULL) and not (iou > t):
                 f = 1.0
+            elif method == DECAY_GAUSSIAN:
+                f = exp(-iou * iou / sigma)
+            else:
+                f = 1.0 - iou
             cur[j] = cur[j] * f
             if not (cur[j] >= score_thr):
                 alive[j] = 0
@@ -711,6 +726,13 @@ def soft_nms(boxes, scores, batch, int method, double sigma, double iou_threshol
              double score_threshold, int nthreads):
     """Soft-NMS (method DECAY_GAUSSIAN or DECAY_LINEAR). Returns (indices, scores at selection,
     of the scores' dtype) in selection order, grouped by image; images run in parallel."""
+    return _soft(boxes, scores, batch, method, sigma, iou_threshold, score_threshold, None,
+                 nthreads)
+
+
+def _soft(boxes, scores, batch, int method, double sigma, double iou_threshold,
+          double score_threshold, densities, int nthreads):
+    """soft_nms, and adaptive NMS's decays with ``densities`` (see _soft_segment)."""
     rk = _Ranked(boxes, scores, batch, None, None)
     cdef Py_ssize_t m = rk.order.shape[0], S = rk.S, s
     cur_np = np.ascontiguousarray(scores[rk.order], dtype=np.float64)
@@ -723,12 +745,18 @@ def soft_nms(boxes, scores, batch, int method, double sigma, double iou_threshol
     cdef double[::1] out_score = out_score_np
     cdef uint8_t[::1] alive = np.zeros(m + 1, dtype=np.uint8)
     cdef int64_t[::1] cnt = np.zeros(S + 1, dtype=np.int64)
+    cdef const double[::1] tv
+    cdef const double* tp = NULL
+    if densities is not None:
+        tv = np.append(_thresholds(iou_threshold, densities[rk.order]), 0.0)
+        tp = &tv[0]
     if m:
         with nogil:
             for s in prange(S, num_threads=nthreads, schedule="dynamic"):
                 cnt[s] = _soft_segment(&rb[0, 0], &cur[0], &orig[0], rstart[s], rstart[s + 1],
                                        method, sigma, iou_threshold, score_threshold,
-                                       &out_rank[rstart[s]], &out_score[rstart[s]], &alive[0])
+                                       &out_rank[rstart[s]], &out_score[rstart[s]], &alive[0],
+                                       tp)
     orr = np.asarray(out_rank)
     parts = [np.arange(rk.rstart[i], rk.rstart[i] + cnt[i]) for i in range(S)]
     sel = np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
@@ -844,3 +872,78 @@ def box_iou(a, b, int metric, int nthreads):
         with nogil:
             _box_iou_f(&ad[0, 0], &bd[0, 0], &od[0, 0], N, M, metric, nthreads)
     return out
+
+
+# ---------------------------------------------------------------- IoU-guided and adaptive NMS
+
+def _thresholds(double iou_threshold, densities):
+    """Adaptive NMS: each box's own threshold, max(iou_threshold, density) in float64; a NaN
+    density counts as absent."""
+    return np.fmax(iou_threshold, np.asarray(densities, dtype=np.float64))
+
+
+cdef void _cluster_best(const double* s, const int64_t* assign, const uint8_t* is_kept,
+                        Py_ssize_t m, int64_t* best) noexcept nogil:
+    """best[t]: the rank of the highest score s in the cluster of kept rank t -- t and the ranks
+    it suppressed (assign), all ranked after it. NaN is below every number; ties: first rank."""
+    cdef Py_ssize_t r, t
+    for r in range(m):
+        t = r if is_kept[r] else assign[r]
+        if t == r or s[r] > s[best[t]] or (s[best[t]] != s[best[t]] and s[r] == s[r]):
+            best[t] = r
+
+
+def iou_guided_nms(boxes, scores, localization, batch, classes, double iou_threshold,
+                   score_threshold, Py_ssize_t max_output, int nthreads):
+    """IoU-guided NMS: greedy NMS ranked by localization (class-aware with ``classes``); each
+    kept box takes the highest score of its cluster. Returns (indices, updated scores of the
+    scores' dtype) grouped by image, in decreasing updated score (ties: lower index), at most
+    max_output per image (< 0: unlimited)."""
+    cap = max_output if max_output >= 0 else scores.shape[0] + 1
+    cand = None
+    if score_threshold is not None:         # decided in float64, like _rank_impl's threshold
+        cand = np.flatnonzero(scores.astype(np.float64) > score_threshold)
+        boxes, scores, localization = boxes[cand], scores[cand], localization[cand]
+        batch = None if batch is None else batch[cand]
+        classes = None if classes is None else classes[cand]
+    rk = _Ranked(boxes, localization, batch, classes, None)
+    ranks, assign = _greedy(rk, batch, False, iou_threshold, CRIT_IOU, 1.0,
+                            scores.shape[0] + 1, True, nthreads)
+    cdef Py_ssize_t m = rk.m
+    is_kept = np.zeros(m + 1, dtype=np.uint8)
+    is_kept[ranks] = 1
+    best = np.zeros(m + 1, dtype=np.int64)
+    s = np.ascontiguousarray(scores[rk.order], dtype=np.float64)
+    cdef const double[::1] sv
+    cdef const int64_t[::1] av
+    cdef const uint8_t[::1] kv = is_kept
+    cdef int64_t[::1] bv = best
+    if m:
+        sv, av = s, assign
+        with nogil:
+            _cluster_best(&sv[0], &av[0], &kv[0], m, &bv[0])
+    kept = rk.order[ranks]
+    srt = np.argsort(kept)
+    kept, new = kept[srt], scores[rk.order[best[ranks]]][srt]
+    # output order: the family's ranking of the kept boxes by their new scores, per image
+    fin = _Ranked(boxes[kept], new, None if batch is None else batch[kept], None, None)
+    pos = np.arange(fin.m) - np.repeat(fin.rstart[:fin.S], np.diff(fin.rstart))
+    sel = fin.order[pos < cap]
+    idx = kept[sel]
+    return (idx if cand is None else cand[idx]), new[sel]
+
+
+def adaptive_nms(boxes, scores, densities, batch, int method, double sigma,
+                 double iou_threshold, double score_threshold, int nthreads):
+    """Adaptive NMS: a selected box's threshold is max(iou_threshold, its density). DECAY_HARD:
+    greedy NMS, indices as :func:`nms`; DECAY_LINEAR / DECAY_GAUSSIAN: decays above that
+    threshold, (indices, scores at selection) as :func:`soft_nms`. Boxes with score <
+    score_threshold (or NaN) never take part."""
+    if method != DECAY_HARD:
+        return _soft(boxes, scores, batch, method, sigma, iou_threshold, score_threshold,
+                     densities, nthreads)
+    # score >= score_threshold, in float64: score > the double just below it
+    rk = _Ranked(boxes, scores, batch, None, np.nextafter(score_threshold, -np.inf))
+    ranks, _ = _greedy(rk, batch, False, iou_threshold, CRIT_IOU, 1.0, scores.shape[0] + 1,
+                       False, nthreads, _thresholds(iou_threshold, densities[rk.order]))
+    return rk.order[ranks]

@@ -102,6 +102,18 @@ def test_nms_family_lists(client, rng):
     for (gk, gs), (rk, rs) in zip(got, fastnorm.soft_nms(list(boxes), list(scores))):
         np.testing.assert_array_equal(gk, rk)
         np.testing.assert_array_equal(gs, rs)
+    dens = [rng.random(len(s)) for s in scores]
+    got = dask.compute(fd.adaptive_nms(list(boxes), list(scores), dens, method="linear",
+                                       images_per_task=2))[0]
+    for (gk, gs), (rk, rs) in zip(got, fastnorm.adaptive_nms(list(boxes), list(scores), dens,
+                                                             method="linear")):
+        np.testing.assert_array_equal(gk, rk)
+        np.testing.assert_array_equal(gs, rs)
+    got = dask.compute(fd.iou_guided_nms(list(boxes), list(scores), dens, idxs=labels))[0]
+    for (gk, gs), (rk, rs) in zip(got, fastnorm.iou_guided_nms(list(boxes), list(scores), dens,
+                                                               idxs=labels)):
+        np.testing.assert_array_equal(gk, rk)
+        np.testing.assert_array_equal(gs, rs)
 
 
 def test_nms_family_batch_idx(client, rng):
@@ -126,6 +138,14 @@ def test_nms_family_batch_idx(client, rng):
         ref = getattr(fastnorm, name)(b, s, *args, batch_idx=batch)
         for g, r in zip(got, ref):
             np.testing.assert_array_equal(g, r, err_msg=name)
+    # the variants with a further per-box array
+    loc = rng.random(n)
+    got = dask.compute(*fd.iou_guided_nms(bd, sd, loc, 0.4, idxs=labels, **kw))
+    ref = fastnorm.iou_guided_nms(b, s, loc, 0.4, idxs=labels, batch_idx=batch)
+    for g, r in zip(got, ref):
+        np.testing.assert_array_equal(g, r)
+    np.testing.assert_array_equal(fd.adaptive_nms(bd, sd, loc, 0.4, **kw).compute(),
+                                  fastnorm.adaptive_nms(b, s, loc, 0.4, batch_idx=batch))
     # no batch_idx: one image
     np.testing.assert_array_equal(fd.nms(bd, sd, 0.4).compute(), fastnorm.nms(b, s, 0.4))
 

@@ -5,6 +5,7 @@ import pytest
 import fastnorm
 from reference.nms import (batched, box_metric, greedy_nms, matrix, merge_by_score, soft,
                            weighted)
+from reference.nms import adaptive, iou_guided
 
 DTYPES = [np.float32, np.float64]
 
@@ -540,3 +541,404 @@ def test_errors(backend):
     if backend.is_cuda:                # mixing host and device arrays is refused, not copied
         with pytest.raises(TypeError, match="`scores` is a numpy.ndarray"):
             fastnorm.nms(b, np.zeros(3, np.float32), 0.5)
+
+
+# ---------------------------------------------------------------- iou_guided_nms, adaptive_nms
+
+def _per_image(fn, bi, *arrays):
+    """``fn`` run on each image of ``bi`` in turn: (kept input indices, extras) concatenated."""
+    keep, extra = [], []
+    for i in np.unique(bi):
+        sel = np.flatnonzero(bi == i)
+        r = fn(*(a[sel] for a in arrays))
+        k, e = r if isinstance(r, tuple) else (r, None)
+        keep.append(sel[k])
+        extra.append(e)
+    return np.concatenate(keep or [np.zeros(0, np.int64)]), \
+        (None if not extra or extra[0] is None else np.concatenate(extra))
+
+
+def _confidences(rng, n, dtype, ties=None):
+    c = rng.random(n)
+    if ties:
+        c = np.round(c * ties) / ties
+    return c.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 150, 2500])
+@pytest.mark.parametrize("thr", [0.0, 0.3, 0.5, 0.75])
+def test_iou_guided_nms_matches_oracle(backend, rng, dtype, n, thr):
+    if backend.is_cuda and n == 2500:
+        n = 800                                    # the emulator's time
+    b, s = clusters(rng, n, dtype, tie_levels=20 if n > 100 else None)
+    loc = _confidences(rng, n, dtype, ties=15 if n > 100 else None)
+    keep, new = backend.asnumpy(fastnorm.iou_guided_nms(*backend.asarray((b, s, loc)), thr))
+    rk, rs = iou_guided(b, s, loc, thr)
+    assert keep.dtype == np.int64 and new.dtype == dtype
+    np.testing.assert_array_equal(keep, rk)
+    np.testing.assert_array_equal(new, rs.astype(dtype))      # a score of the input: exact
+    if n > 100:                        # clusters did take a higher score than their kept box
+        assert (new > s[keep]).any() and (new == s[keep]).any()
+        np.testing.assert_array_equal(np.sort(keep), greedy_nms(b, loc, thr)[
+            np.argsort(greedy_nms(b, loc, thr))])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_iou_guided_nms_options(backend, rng, dtype):
+    # idxs (class-aware), score_threshold, max_output, batch_idx: against per-image oracles
+    B = backend
+    n = 600 if backend.is_cuda else 2000
+    b, s = clusters(rng, n, dtype, side=80.0, tie_levels=10)
+    loc = _confidences(rng, n, dtype, ties=10)
+    idxs = rng.integers(-2, 4, n)
+    bi = rng.integers(0, 3, n)
+    bd, sd, ld, idd, bid = B.asarray((b, s, loc, idxs, bi))
+    for kw in ({}, {"score_threshold": 0.4}, {"max_output": 17},
+               {"score_threshold": 0.25, "max_output": 40}):
+        got = B.asnumpy(fastnorm.iou_guided_nms(bd, sd, ld, 0.45, idxs=idd, **kw))
+        want = iou_guided(b, s, loc, 0.45, idxs=idxs, **kw)
+        np.testing.assert_array_equal(got[0], want[0], err_msg=str(kw))
+        np.testing.assert_array_equal(got[1], want[1].astype(dtype))
+        got = B.asnumpy(fastnorm.iou_guided_nms(bd, sd, ld, 0.45, idxs=idd, batch_idx=bid, **kw))
+        want = _per_image(lambda b_, s_, l_, i_: iou_guided(b_, s_, l_, 0.45, idxs=i_, **kw),
+                          bi, b, s, loc, idxs)
+        np.testing.assert_array_equal(got[0], want[0], err_msg=str(kw))
+        np.testing.assert_array_equal(got[1], want[1].astype(dtype))
+    # class-aware: no box suppresses a box of another class
+    plain = B.asnumpy(fastnorm.iou_guided_nms(bd, sd, ld, 0.45))[0]
+    aware = B.asnumpy(fastnorm.iou_guided_nms(bd, sd, ld, 0.45, idxs=idd))[0]
+    assert len(aware) > len(plain)
+    np.testing.assert_array_equal(
+        np.sort(aware), np.sort(np.concatenate([np.flatnonzero(idxs == c)[greedy_nms(
+            b[idxs == c], loc[idxs == c], 0.45)] for c in np.unique(idxs)])))
+
+
+def test_iou_guided_nms_edge_cases(backend):
+    B = backend
+
+    def run(b, s, loc, thr=0.5, **kw):
+        return B.asnumpy(fastnorm.iou_guided_nms(*B.asarray((np.asarray(b, np.float64),
+                                                             np.asarray(s, np.float64),
+                                                             np.asarray(loc, np.float64))),
+                                                 thr, **kw))
+
+    same = [[0, 0, 10, 10]] * 3
+    # ties of localization: the lower index is kept and takes the cluster's best score
+    k, s = run(same, [0.2, 0.9, 0.5], [0.7, 0.7, 0.7])
+    np.testing.assert_array_equal(k, [0])
+    np.testing.assert_array_equal(s, [0.9])
+    # NaN localization ranks last; NaN scores are below every number (all NaN: NaN)
+    k, s = run(same, [0.2, 0.9, 0.5], [np.nan, 0.1, 0.3])
+    np.testing.assert_array_equal(k, [2])
+    np.testing.assert_array_equal(s, [0.9])
+    k, s = run(same, [np.nan, 0.3, np.nan], [0.9, 0.1, 0.3])
+    np.testing.assert_array_equal(s, [0.3])
+    k, s = run(same[:2] + [[20, 20, 30, 30]], [np.nan, np.nan, 0.1], [0.9, 0.1, 0.3])
+    np.testing.assert_array_equal(k, [2, 0])
+    assert s[0] == 0.1 and np.isnan(s[1])
+    # score_threshold drops boxes before NMS (NaN scores too); IoU 1 is not > 1
+    k, s = run(same, [0.2, 0.9, np.nan], [0.7, 0.6, 0.9], score_threshold=0.5)
+    np.testing.assert_array_equal(k, [1])
+    k, s = run(same, [0.2, 0.9, 0.5], [0.7, 0.6, 0.9], 1.0)
+    np.testing.assert_array_equal(k, [1, 2, 0])
+    np.testing.assert_array_equal(s, [0.9, 0.5, 0.2])
+    # degenerate and NaN boxes overlap nothing: kept, with their own score
+    b = [[0, 0, 10, 10], [10, 10, 0, 0], [5, 0, 5, 10], [np.nan, 0, 10, 10], [0, 0, 10, 10]]
+    k, s = run(b, [0.1, 0.9, 0.8, 0.7, 0.6], [0.5, 0.9, 0.8, 0.7, 0.6], 0.0)
+    np.testing.assert_array_equal(k, [1, 2, 3, 4])
+    np.testing.assert_array_equal(s, [0.9, 0.8, 0.7, 0.6])
+    # max_output keeps the highest new scores, not the first in localization order
+    k, s = run(same[:2] + [[20, 20, 30, 30]], [0.1, 0.9, 0.5], [0.9, 0.1, 0.8], max_output=1)
+    np.testing.assert_array_equal(k, [0])
+    np.testing.assert_array_equal(s, [0.9])
+    k, _ = run(same, [0.1, 0.2, 0.3], [0.1, 0.2, 0.3], max_output=0)
+    assert k.shape == (0,)
+    # empty input
+    k, s = run(np.zeros((0, 4)), np.zeros(0), np.zeros(0))
+    assert k.shape == s.shape == (0,) and k.dtype == np.int64 and s.dtype == np.float64
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", ["hard", "linear", "gaussian"])
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 300, 2500])
+def test_adaptive_nms_matches_oracle(backend, rng, dtype, method, n):
+    if n == 2500 and (method != "hard" or backend.is_cuda):
+        n = 800                                    # O(n^2) oracle and emulator time
+    b, s = clusters(rng, n, dtype, tie_levels=20 if n > 100 else None)
+    dens = _confidences(rng, n, dtype, ties=10 if n > 100 else None)
+    bd, sd, dd = backend.asarray((b, s, dens))
+    for thr, st in ((0.3, 0.001), (0.5, 0.2), (0.0, 0.5)):
+        res = backend.asnumpy(fastnorm.adaptive_nms(bd, sd, dd, thr, method=method,
+                                                    score_threshold=st))
+        rk, rs = adaptive(b, s, dens, thr, method, 0.5, st)
+        if method == "hard":
+            assert res.dtype == np.int64
+            np.testing.assert_array_equal(res, rk)
+            continue
+        keep, new = res
+        np.testing.assert_array_equal(keep, rk)
+        assert new.dtype == dtype
+        np.testing.assert_allclose(new, rs, rtol=1e-6 if dtype == np.float32 else 1e-12)
+    if n > 100 and method == "hard":
+        # the density matters: densities 0 give greedy NMS, dense regions keep more
+        got0 = backend.asnumpy(fastnorm.adaptive_nms(bd, sd, backend.asarray(0 * dens), 0.3))
+        np.testing.assert_array_equal(got0, greedy_nms(b, s, 0.3, score_threshold=0.001))
+        assert len(res) > len(greedy_nms(b, s, 0.0, score_threshold=0.5))
+
+
+def test_adaptive_nms_gaussian_decays_only_above_the_threshold(backend):
+    b = np.array([[0, 0, 10, 10], [0, 0, 10, 6], [0, 0, 10, 3]], np.float64)   # IoU .6, .3
+    s = np.array([0.9, 0.8, 0.7])
+    d = np.array([0.4, 0.0, 0.0])
+    k, new = backend.asnumpy(fastnorm.adaptive_nms(*backend.asarray((b, s, d)), 0.1,
+                                                   method="gaussian", sigma=0.5))
+    # box 0 (threshold .4) decays box 1 (IoU .6), not box 2 (IoU .3); box 2 (threshold .1)
+    # then decays box 1 (IoU .5)
+    np.testing.assert_array_equal(k, [0, 2, 1])
+    np.testing.assert_allclose(new, [0.9, 0.7, 0.8 * np.exp(-0.36 / 0.5) * np.exp(-0.25 / 0.5)],
+                               rtol=1e-14)
+    ks, ss = backend.asnumpy(fastnorm.soft_nms(*backend.asarray((b, s)), sigma=0.5))
+    assert ks[1] == 2 and ss[1] < 0.7                 # Soft-NMS decays every overlap
+
+
+def test_adaptive_nms_edge_cases(backend):
+    B = backend
+
+    def run(b, s, d, thr=0.5, **kw):
+        return B.asnumpy(fastnorm.adaptive_nms(*B.asarray((np.asarray(b, np.float64),
+                                                           np.asarray(s, np.float64),
+                                                           np.asarray(d, np.float64))),
+                                               thr, **kw))
+
+    b = [[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]]         # IoU(0, 1) = 81/119
+    s = [0.9, 0.8, 0.7]
+    np.testing.assert_array_equal(run(b, s, [0.0, 0.0, 0.0]), [0, 2])
+    np.testing.assert_array_equal(run(b, s, [0.69, 0.0, 0.0]), [0, 1, 2])
+    np.testing.assert_array_equal(run(b, s, [0.0, 0.69, 0.0]), [0, 2])  # the selected box's
+    np.testing.assert_array_equal(run(b, s, [np.inf, 0.0, 0.0]), [0, 1, 2])
+    same = [[0, 0, 10, 10]] * 2
+    np.testing.assert_array_equal(run(same, s[:2], [1.0, 0.0]), [0, 1])   # IoU 1 is not > 1
+    np.testing.assert_array_equal(run(same, s[:2], [0.99, 0.0]), [0])
+    # NaN (and negative) densities: the iou_threshold alone
+    np.testing.assert_array_equal(run(b, s, [np.nan, 0.0, 0.0], 0.69), [0, 1, 2])
+    np.testing.assert_array_equal(run(b, s, [np.nan, 0.0, 0.0], 0.6), [0, 2])
+    np.testing.assert_array_equal(run(b, s, [-np.inf, 0.0, 0.0], 0.6), [0, 2])
+    # score_threshold: score >= t takes part (equality included), NaN scores never
+    np.testing.assert_array_equal(run(b, s, [1, 1, 1], score_threshold=0.8), [0, 1])
+    np.testing.assert_array_equal(run(b, [np.nan, 0.8, 0.7], [0, 0, 0]), [1, 2])
+    np.testing.assert_array_equal(run(b, [0.9, 0.8, np.nan], [0, 0, 0],
+                                      score_threshold=-1.0), [0])
+    # linear: 1 decays to 0.8 (1 - IoU); a decay below score_threshold drops the box
+    k, new = run(b, s, [0.0, 0.0, 0.0], method="linear")
+    np.testing.assert_array_equal(k, [0, 2, 1])
+    np.testing.assert_allclose(new, [0.9, 0.7, 0.8 * (1 - 81 / 119)], rtol=1e-14)
+    k, new = run(b, s, [0.0, 0.0, 0.0], method="linear", score_threshold=0.26)
+    np.testing.assert_array_equal(k, [0, 2])
+    np.testing.assert_array_equal(new, [0.9, 0.7])
+    # degenerate and NaN boxes overlap nothing
+    b = [[0, 0, 10, 10], [10, 10, 0, 0], [5, 0, 5, 10], [np.nan, 0, 10, 10], [0, 0, 10, 10]]
+    np.testing.assert_array_equal(run(b, [0.1, 0.9, 0.8, 0.7, 0.6], [0] * 5, 0.0), [1, 2, 3, 4])
+    # empty
+    e = run(np.zeros((0, 4)), np.zeros(0), np.zeros(0))
+    assert e.shape == (0,) and e.dtype == np.int64
+    k, new = run(np.zeros((0, 4)), np.zeros(0), np.zeros(0), method="gaussian")
+    assert k.shape == new.shape == (0,) and new.dtype == np.float64
+
+
+@pytest.mark.parametrize("method", ["hard", "linear"])
+def test_adaptive_nms_batches_and_lists(backend, rng, method):
+    B = backend
+    imgs = [clusters(rng, n) for n in (60, 0, 150, 1)]
+    dl = [_confidences(rng, len(s), np.float64, ties=5) for _, s in imgs]
+    bl, sl = [i[0] for i in imgs], [i[1] for i in imgs]
+    got = B.asnumpy(fastnorm.adaptive_nms(B.asarray(bl), B.asarray(sl), B.asarray(dl), 0.4,
+                                          method=method))
+    assert len(got) == 4
+    for g, b, s, d in zip(got, bl, sl, dl):
+        rk, rs = adaptive(b, s, d, 0.4, method)
+        if method == "hard":
+            np.testing.assert_array_equal(g, rk)
+        else:
+            np.testing.assert_array_equal(g[0], rk)
+            np.testing.assert_allclose(g[1], rs, rtol=1e-12)
+    b, s, d = (np.concatenate(x) for x in (bl, sl, dl))
+    bi = np.repeat(np.arange(4), [60, 0, 150, 1])
+    perm = rng.permutation(len(s))
+    got = B.asnumpy(fastnorm.adaptive_nms(*B.asarray((b[perm], s[perm], d[perm])), 0.4,
+                                          method=method, batch_idx=B.asarray(bi[perm])))
+    want = _per_image(lambda *a: adaptive(*a, 0.4, method), bi[perm], b[perm], s[perm], d[perm])
+    if method == "hard":
+        np.testing.assert_array_equal(got, want[0])
+    else:
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-12)
+
+
+def test_iou_guided_nms_lists(backend, rng):
+    B = backend
+    imgs = [clusters(rng, n, tie_levels=8) for n in (40, 0, 130)]
+    bl, sl = [i[0] for i in imgs], [i[1] for i in imgs]
+    ll = [_confidences(rng, len(s), np.float64) for s in sl]
+    il = [rng.integers(0, 3, len(s)) for s in sl]
+    got = B.asnumpy(fastnorm.iou_guided_nms(B.asarray(bl), B.asarray(sl), B.asarray(ll), 0.5,
+                                            idxs=B.asarray(il), max_output=9))
+    assert len(got) == 3 and got[1][0].shape == (0,)
+    for (gk, gs), b, s, loc, i in zip(got, bl, sl, ll, il):
+        rk, rs = iou_guided(b, s, loc, 0.5, idxs=i, max_output=9)
+        np.testing.assert_array_equal(gk, rk)
+        np.testing.assert_array_equal(gs, rs)
+
+
+def test_new_variants_do_not_modify_inputs(backend, rng):
+    b, s = clusters(rng, 300)
+    aux = _confidences(rng, 300, np.float64)
+    idxs = np.arange(300) % 3
+    bi = np.arange(300) % 2
+    bd, sd, ad, idd, bid = backend.asarray((b, s, aux, idxs, bi))
+    fastnorm.iou_guided_nms(bd, sd, ad, 0.5, idxs=idd, score_threshold=0.2, batch_idx=bid)
+    for method in ("hard", "linear", "gaussian"):
+        fastnorm.adaptive_nms(bd, sd, ad, 0.3, method=method, batch_idx=bid)
+    for x, y in zip(backend.asnumpy((bd, sd, ad, idd, bid)), (b, s, aux, idxs, bi)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_new_variants_half_types(cuda_backend, rng, dtype):
+    B = cuda_backend
+    b, s = clusters(rng, 500, side=100.0, tie_levels=30)
+    loc = _confidences(rng, 500, np.float64, ties=20)
+    (bl, sl, ll), (b64, s64, l64) = rounded(dtype, b, s, loc)
+    bd, sd, ld = B.asarray((bl, sl, ll))
+    idxs = rng.integers(0, 3, 500)
+    k, new = B.asnumpy(fastnorm.iou_guided_nms(bd, sd, ld, 0.5, idxs=B.asarray(idxs)))
+    rk, rs = iou_guided(b64, s64, l64, 0.5, idxs=idxs)
+    np.testing.assert_array_equal(k, rk)
+    assert new.dtype == _dtype(dtype)
+    np.testing.assert_array_equal(new.astype(np.float64), rs)
+    np.testing.assert_array_equal(B.asnumpy(fastnorm.adaptive_nms(bd, sd, ld, 0.3)),
+                                  adaptive(b64, s64, l64, 0.3)[0])
+    k, new = B.asnumpy(fastnorm.adaptive_nms(bd, sd, ld, 0.3, method="gaussian",
+                                             score_threshold=0.05))
+    rk, rs = adaptive(b64, s64, l64, 0.3, "gaussian", 0.5, 0.05)
+    np.testing.assert_array_equal(k, rk)
+    np.testing.assert_allclose(new.astype(np.float64), rs, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_new_variants_large_single_image(rng, dtype):
+    # CPU: thousands of boxes in one segment, 1 and 2 threads, with outliers in no grid cell
+    b, s = clusters(rng, 12000, dtype, side=500.0, tie_levels=40)
+    aux = _confidences(rng, 12000, dtype, ties=30)
+    b[5] = [-1000, -1000, 2000, 2000]
+    b[6] = [10, 10, 5, 5]
+    b[7] = [np.nan, 0, 10, 10]
+    aux[8] = np.nan
+    rk, rs = iou_guided(b, s, aux, 0.5)
+    ra = adaptive(b, s, aux, 0.3)[0]
+    for t in (1, 2):
+        with fastnorm.threads(t):
+            k, new = fastnorm.iou_guided_nms(b, s, aux, 0.5)
+            np.testing.assert_array_equal(k, rk)
+            np.testing.assert_array_equal(new, rs.astype(dtype))
+            np.testing.assert_array_equal(fastnorm.adaptive_nms(b, s, aux, 0.3), ra)
+
+
+@pytest.mark.parametrize("budget", [64 * 8 * 40, 10 << 20])
+def test_cuda_new_variants_in_chunks(cuda_backend, rng, monkeypatch, budget):
+    # the per-rank thresholds and the clusters follow the ranks across mask chunks
+    from fastnorm._cuda import nms as launcher
+    monkeypatch.setattr(launcher, "MASK_BYTES", budget)
+    B = cuda_backend
+    b, s = clusters(rng, 1500, np.float32, side=200.0, tie_levels=50)
+    aux = _confidences(rng, 1500, np.float32, ties=20)
+    bi = rng.integers(0, 2, 1500)
+    bd, sd, ad, bid = B.asarray((b, s, aux, bi))
+    np.testing.assert_array_equal(B.asnumpy(fastnorm.adaptive_nms(bd, sd, ad, 0.3)),
+                                  adaptive(b, s, aux, 0.3)[0])
+    k, new = B.asnumpy(fastnorm.iou_guided_nms(bd, sd, ad, 0.5, batch_idx=bid, max_output=50))
+    want = _per_image(lambda *a: iou_guided(*a, 0.5, max_output=50), bi, b, s, aux)
+    np.testing.assert_array_equal(k, want[0])
+    np.testing.assert_array_equal(new, want[1].astype(np.float32))
+
+
+def test_score_threshold_is_decided_in_float64(backend):
+    # a float32 score equal to float32(t) is > t in float64 (0.3f = 0.30000001192...): kept on
+    # every backend, as the CPU decides
+    b = backend.asarray(np.array([[0, 0, 1, 1], [2, 2, 3, 3]], np.float32))
+    s = backend.asarray(np.array([0.3, 0.5], np.float32))
+    np.testing.assert_array_equal(backend.asnumpy(fastnorm.nms(b, s, 0.5, score_threshold=0.3)),
+                                  [1, 0])
+    k, _ = backend.asnumpy(fastnorm.iou_guided_nms(b, s, s, 0.5, score_threshold=0.3))
+    np.testing.assert_array_equal(k, [1, 0])
+    t = float(np.float32(0.3)) + 1e-12               # above 0.3f in float64 only
+    np.testing.assert_array_equal(backend.asnumpy(fastnorm.adaptive_nms(b, s, s, 0.5,
+                                                                        score_threshold=t)), [1])
+
+
+def test_cuda_new_variants_host_synchronisations_do_not_grow(rng):
+    from fastnorm._cuda import emulator
+    counts = []
+    for n in (300, 3000):
+        b, s = clusters(rng, n, np.float32, side=300.0)
+        aux = _confidences(rng, n, np.float32)
+        bd, sd, ad = emulator.asarray(b), emulator.asarray(s), emulator.asarray(aux)
+        idxs = emulator.asarray(rng.integers(0, 5, n))
+        row = []
+        for f in (lambda: fastnorm.iou_guided_nms(bd, sd, ad, 0.5, idxs=idxs),
+                  lambda: fastnorm.iou_guided_nms(bd, sd, ad, 0.5, score_threshold=0.2),
+                  lambda: fastnorm.adaptive_nms(bd, sd, ad, 0.5),
+                  lambda: fastnorm.adaptive_nms(bd, sd, ad, 0.5, method="gaussian")):
+            with emulator.counting() as c:
+                f()
+            row.append(c.syncs)
+        counts.append(row)
+    assert counts[0] == counts[1] and max(counts[0]) <= 4, counts
+
+
+def test_new_variants_errors(backend):
+    A = backend.asarray
+    b = A(np.zeros((3, 4), np.float32))
+    s = A(np.zeros(3, np.float32))
+    for fn, name in ((fastnorm.iou_guided_nms, "localization"),
+                     (fastnorm.adaptive_nms, "densities")):
+        with pytest.raises(TypeError, match=f"`{name}`"):
+            fn(b, s, A(np.zeros(3, np.float64)), 0.5)
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            fn(b, s, A(np.zeros(4, np.float32)), 0.5)
+        with pytest.raises(TypeError, match=f"`{name}`"):
+            fn(b, s, None, 0.5)
+        with pytest.raises(TypeError, match=f"`{name}`"):
+            fn(b, s, [0.0, 0.0, 0.0], 0.5)
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            fn([b, b], [s, s], [s], 0.5)
+        with pytest.raises(ValueError, match=rf"`{name}\[1\]`"):
+            fn([b, b], [s, s], [s, s[:2]], 0.5)
+        with pytest.raises(ValueError, match="`boxes`"):
+            fn(A(np.zeros((3, 5), np.float32)), s, s, 0.5)
+        with pytest.raises(TypeError, match="`scores`"):
+            fn(b, A(np.zeros(3, np.float64)), s, 0.5)
+        for bad in (np.nan, -0.1, np.inf):
+            with pytest.raises(ValueError, match="`iou_threshold`"):
+                fn(b, s, s, bad)
+        with pytest.raises(ValueError, match="`batch_idx`"):
+            fn(b, s, s, 0.5, batch_idx=A(np.array([0, -1, 0])))
+    with pytest.raises(TypeError, match="`idxs`"):
+        fastnorm.iou_guided_nms(b, s, s, 0.5, idxs=A(np.zeros(3, np.float32)))
+    with pytest.raises(ValueError, match="`idxs`"):
+        fastnorm.iou_guided_nms(b, s, s, 0.5, idxs=A(np.zeros(2, np.int64)))
+    with pytest.raises(ValueError, match="`max_output`"):
+        fastnorm.iou_guided_nms(b, s, s, 0.5, max_output=-1)
+    with pytest.raises(ValueError, match="`score_threshold`"):
+        fastnorm.iou_guided_nms(b, s, s, 0.5, score_threshold=np.nan)
+    with pytest.raises(ValueError, match="`method`"):
+        fastnorm.adaptive_nms(b, s, s, method="soft")
+    with pytest.raises(ValueError, match="`sigma`"):
+        fastnorm.adaptive_nms(b, s, s, method="gaussian", sigma=0.0)
+    with pytest.raises(ValueError, match="`score_threshold`"):
+        fastnorm.adaptive_nms(b, s, s, score_threshold=-np.inf)
+    with pytest.raises(TypeError, match="`score_threshold`"):
+        fastnorm.adaptive_nms(b, s, s, score_threshold=None)
+    if backend.is_cuda:
+        with pytest.raises(TypeError, match="`localization` is a numpy.ndarray"):
+            fastnorm.iou_guided_nms(b, s, np.zeros(3, np.float32), 0.5)

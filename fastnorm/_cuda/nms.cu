@@ -71,13 +71,14 @@ __device__ __forceinline__ double quiet_nan() { return __longlong_as_double(0x7f
 
 // Mask of one chunk: block (x, y) takes the ranks c0 + 64 y .. + 63 (one per thread) against the
 // 64 ranks of word (c0 + 64 y) / 64 + x. Ranks already removed by earlier chunks are skipped
-// (their rows are never read).
+// (their rows are never read). rthr: each rank's own threshold (adaptive NMS), or null: thr.
 template <typename T>
 __global__ void nms_mask(const T* __restrict__ boxes, const i64* __restrict__ seg,
                          const i64* __restrict__ pa, const i64* __restrict__ pe,
                          const i64* __restrict__ pw, const i64* __restrict__ poff, i64 c0,
-                         i64 c1, i64 p0, i64 s0, const u64* __restrict__ removed, double thr,
-                         int crit, double beta, u64* __restrict__ mask) {
+                         i64 c1, i64 p0, i64 s0, const u64* __restrict__ removed,
+                         const double* __restrict__ rthr, double thr, int crit, double beta,
+                         u64* __restrict__ mask) {
     __shared__ double cbox[64 * 4];
     const i64 row0 = c0 + 64 * (i64)blockIdx.y;
     const i64 w = (row0 >> 6) + blockIdx.x, col0 = w * 64;
@@ -96,10 +97,11 @@ __global__ void nms_mask(const T* __restrict__ boxes, const i64* __restrict__ se
     if (col0 >= e) return;                           // past this rank's segment
     double a[4];
     load_box(boxes, r, a);
+    const double t = rthr ? rthr[r] : thr;
     u64 bits = 0;
     for (int k = 0; k < ncol; ++k) {
         const i64 c = col0 + k;
-        if (c > r && c < e && criterion(a, &cbox[k * 4], crit, beta) > thr) bits |= 1ULL << k;
+        if (c > r && c < e && criterion(a, &cbox[k * 4], crit, beta) > t) bits |= 1ULL << k;
     }
     mask[poff[p] + (r - pa[p]) * pw[p] + (w - (pa[p] >> 6))] = bits;
 }
@@ -275,15 +277,16 @@ __global__ void matrix_decay(const T* __restrict__ boxes, const i64* __restrict_
 // repeatedly select the live box of highest current score (ties: lower input index orig), then
 // decay the other live boxes and drop those below score_thr. cur: current scores (double,
 // updated in place); out_rank/out_score: selection order, written from the segment's first rank
-// on; count[b]: how many were selected.
+// on; count[b]: how many were selected. With rthr (adaptive NMS), a selected rank b decays only
+// the boxes whose IoU with it is > rthr[b], with either method.
 const int SOFT_THREADS = 256;      // SOFT_THREADS in nms.py
 template <typename T>
 __global__ void __launch_bounds__(SOFT_THREADS)
 soft_nms_seg(const T* __restrict__ boxes, const i64* __restrict__ rstart,
              const i64* __restrict__ orig, double* __restrict__ cur,
-             unsigned char* __restrict__ alive, int method, double sigma, double thr,
-             double score_thr, i64* __restrict__ out_rank, double* __restrict__ out_score,
-             i64* __restrict__ count) {
+             unsigned char* __restrict__ alive, const double* __restrict__ rthr, int method,
+             double sigma, double thr, double score_thr, i64* __restrict__ out_rank,
+             double* __restrict__ out_score, i64* __restrict__ count) {
     __shared__ double bs[SOFT_THREADS];
     __shared__ i64 bo[SOFT_THREADS], br[SOFT_THREADS];
     const i64 r0 = rstart[blockIdx.x], r1 = rstart[blockIdx.x + 1];
@@ -319,21 +322,40 @@ soft_nms_seg(const T* __restrict__ boxes, const i64* __restrict__ rstart,
         ++n;
         double p[4];
         load_box(boxes, b, p);
-        const double pa = box_area(p);
+        const double pa = box_area(p), bt = rthr ? rthr[b] : thr;
         for (i64 j = r0 + t; j < r1; j += SOFT_THREADS) {
             if (j == b || !alive[j]) continue;
             double q[4];
             load_box(boxes, j, q);
             const double iou = box_iou(p, pa, q, box_area(q));
             if (!(iou > 0)) continue;
-            const double f = method == DECAY_GAUSSIAN ? exp(-iou * iou / sigma)
-                                                      : (iou > thr ? 1.0 - iou : 1.0);
-            cur[j] *= f;
+            if ((method == DECAY_LINEAR || rthr) && !(iou > bt)) continue;
+            cur[j] *= method == DECAY_GAUSSIAN ? exp(-iou * iou / sigma) : 1.0 - iou;
             if (!(cur[j] >= score_thr)) alive[j] = 0;
         }
         __syncthreads();
     }
     if (t == 0) count[blockIdx.x] = n;
+}
+
+// ------------------------------------------------------------------ IoU-guided NMS
+
+// out[t] = the highest score s (ranked) of kept box t's cluster, the ranks members[lo[t]:hi[t]]
+// (rank order, the kept rank first: never empty); NaN is below every number, ties: first rank.
+template <typename T>
+__global__ void cluster_max(const T* __restrict__ s, const i64* __restrict__ members,
+                            const i64* __restrict__ lo, const i64* __restrict__ hi, i64 k,
+                            T* __restrict__ out) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < k; t += stride) {
+        i64 b = members[lo[t]];
+        double bv = (double)load(s + b);
+        for (i64 p = lo[t] + 1; p < hi[t]; ++p) {
+            const double v = (double)load(s + members[p]);
+            if (v > bv || (bv != bv && v == v)) { b = members[p]; bv = v; }
+        }
+        out[t] = s[b];
+    }
 }
 
 }  // namespace nms

@@ -14,11 +14,12 @@ in double, as on the CPU.
 """
 import numpy as np
 
+from .._kernels import DECAYS
 from . import ctype, cupy, function, i64, instantiate, launch, run
 
 _NS = "fastnorm::nms::"
 _KERNELS = ("nms_mask<{}>", "nms_assign<{}>", "box_metric<{}>", "matrix_comp<{}>",
-            "matrix_decay<{}>", "weighted_fuse<{}>", "soft_nms_seg<{}>")
+            "matrix_decay<{}>", "weighted_fuse<{}>", "soft_nms_seg<{}>", "cluster_max<{}>")
 _EXPRS = [_NS + e for k in _KERNELS for e in instantiate(k)] + [_NS + "nms_sweep"]
 SOFT_THREADS = 256          # SOFT_THREADS in nms.cu
 _SWEEP_THREADS = 256
@@ -40,7 +41,7 @@ def _rank(cp, scores, batch, classes, score_threshold):
     score > score_threshold (when not None) are ranked."""
     n = scores.shape[0]
     cand = (cp.arange(n, dtype=cp.int64) if score_threshold is None
-            else cp.flatnonzero(scores > score_threshold))
+            else cp.flatnonzero(scores.astype(cp.float64) > score_threshold))
     s = scores[cand].astype(cp.float64 if scores.dtype == cp.float64 else cp.float32)
     nan = cp.isnan(s)
     order = cp.argsort(cp.where(nan, cp.inf, -s))            # CuPy sorts are stable
@@ -116,8 +117,9 @@ def _plan(starts, budget_words):
 
 
 def _greedy(cp, boxes, scores, batch, classes, iou_threshold, score_threshold, cap, criterion,
-            beta):
-    """Ranking and greedy suppression: (order, seg, rstart, keep (uint8 per rank))."""
+            beta, densities=None):
+    """Ranking and greedy suppression: (order, seg, rstart, keep (uint8 per rank)). With
+    ``densities``, each kept box suppresses above its own threshold (adaptive NMS)."""
     order, seg, rstart = _rank(cp, scores, batch, classes, score_threshold)
     m = order.shape[0]
     keep = cp.zeros(m, dtype=cp.uint8)
@@ -136,6 +138,7 @@ def _greedy(cp, boxes, scores, batch, classes, iou_threshold, score_threshold, c
     pa, pb, pe, pw, poff, pseg = (cp.asarray(np.ascontiguousarray(pieces[:, i]))
                                   for i in range(6))
     rb = cp.ascontiguousarray(boxes[order])
+    rthr = _thresholds(cp, iou_threshold, densities, order)
     removed = cp.zeros((m + 63) // 64, dtype=cp.uint64)
     count = cp.zeros(len(starts) - 1, dtype=cp.int64)
     seg_cap = cap if classes is None else m + 1  # with classes, the cap applies after merging
@@ -144,7 +147,7 @@ def _greedy(cp, boxes, scores, batch, classes, iou_threshold, score_threshold, c
     for c0, c1, p0, p1, gx, _ in chunks:
         s0 = int(pieces[p0, 5])
         run(mask_fn, (gx, (c1 - c0 + 63) // 64), 64,
-            (rb, seg, pa, pe, pw, poff, i64(c0), i64(c1), i64(p0), i64(s0), removed,
+            (rb, seg, pa, pe, pw, poff, i64(c0), i64(c1), i64(p0), i64(s0), removed, rthr,
              np.float64(iou_threshold), np.int32(criterion), np.float64(beta), mask))
         run(sweep_fn, p1 - p0, _SWEEP_THREADS,
             (mask, pa, pb, pe, pw, poff, pseg, i64(p0), i64(seg_cap), removed, count, keep))
@@ -191,27 +194,40 @@ def weighted_nms(boxes, scores, batch, iou_threshold, score_threshold, max_outpu
     cap = max_output if max_output >= 0 else scores.shape[0] + 1
     order, seg, rstart, keep = _greedy(cp, boxes, scores, batch, None, iou_threshold,
                                        score_threshold, cap, 0, 1.0)
-    m = order.shape[0]
     kept = cp.flatnonzero(keep).astype(cp.int64)
     k = kept.shape[0]
     fused = cp.empty((k, 4), dtype=boxes.dtype)
     if k:
         rb = cp.ascontiguousarray(boxes[order])
-        assign = cp.empty(m, dtype=cp.int64)
-        launch(_fn("nms_assign<{}>", boxes.dtype), m,
-               (rb, keep, seg, rstart, i64(m), np.float64(iou_threshold), assign))
-        members = cp.argsort(assign).astype(cp.int64)        # stable: rank order per cluster
-        sorted_assign = assign[members]
-        lo = cp.searchsorted(sorted_assign, kept, side="left").astype(cp.int64)
-        hi = cp.searchsorted(sorted_assign, kept, side="right").astype(cp.int64)
+        members, lo, hi = _clusters(cp, rb, keep, seg, rstart, kept, iou_threshold)
         w = cp.ascontiguousarray(scores[order].astype(cp.float64))
         launch(_fn("weighted_fuse<{}>", boxes.dtype), k,
                (rb, w, members, lo, hi, kept, i64(k), fused))
     return _assemble(cp, order[kept], scores, batch, cap, False, (fused,))
 
 
+def _clusters(cp, rb, keep, seg, rstart, kept, iou_threshold):
+    """The greedy clusters of the ranked boxes ``rb`` (``nms_assign``): (members, lo, hi), the
+    ranks sorted by cluster (rank order within one), kept rank kept[t]'s being
+    members[lo[t]:hi[t]]."""
+    m = keep.shape[0]
+    assign = cp.empty(m, dtype=cp.int64)
+    launch(_fn("nms_assign<{}>", rb.dtype), m,
+           (rb, keep, seg, rstart, i64(m), np.float64(iou_threshold), assign))
+    members = cp.argsort(assign).astype(cp.int64)        # stable: rank order per cluster
+    sorted_assign = assign[members]
+    lo = cp.searchsorted(sorted_assign, kept, side="left").astype(cp.int64)
+    hi = cp.searchsorted(sorted_assign, kept, side="right").astype(cp.int64)
+    return members, lo, hi
+
+
 def soft_nms(boxes, scores, batch, method, sigma, iou_threshold, score_threshold, nthreads):
-    cp = cupy()
+    return _soft(cupy(), boxes, scores, batch, method, sigma, iou_threshold, score_threshold,
+                 None)
+
+
+def _soft(cp, boxes, scores, batch, method, sigma, iou_threshold, score_threshold, densities):
+    """soft_nms, and adaptive NMS's decays with ``densities`` (see soft_nms_seg)."""
     order, seg, rstart = _rank(cp, scores, batch, None, None)
     m = order.shape[0]
     sel = cp.empty(0, dtype=cp.int64)
@@ -223,8 +239,9 @@ def soft_nms(boxes, scores, batch, method, sigma, iou_threshold, score_threshold
         cur = cp.ascontiguousarray(scores[order].astype(cp.float64))
         alive = cp.zeros(m, dtype=cp.uint8)
         count = cp.zeros(S, dtype=cp.int64)
+        rthr = _thresholds(cp, iou_threshold, densities, order)
         run(_fn("soft_nms_seg<{}>", boxes.dtype), S, SOFT_THREADS,
-            (rb, rstart, order, cur, alive, np.int32(method), np.float64(sigma),
+            (rb, rstart, order, cur, alive, rthr, np.int32(method), np.float64(sigma),
              np.float64(iou_threshold), np.float64(score_threshold), out_rank, out_score, count))
         pos = cp.arange(m, dtype=cp.int64) - rstart[seg]
         sel = cp.flatnonzero(pos < count[seg])
@@ -254,6 +271,57 @@ def box_iou(a, b, metric, nthreads):
     launch(_fn("box_metric<{}>", a.dtype), out.size,
            (a, b, i64(a.shape[0]), i64(b.shape[0]), np.int32(metric), out))
     return out
+
+# ---------------------------------------------------------------- IoU-guided and adaptive NMS
+
+def _thresholds(cp, iou_threshold, densities, order):
+    """Adaptive NMS: each rank's own threshold, max(iou_threshold, density) in float64 (a NaN
+    density counts as absent); without densities an empty array, which the kernels receive as
+    a null pointer (one threshold for all)."""
+    if densities is None:
+        return cp.empty(0, dtype=cp.float64)
+    return cp.ascontiguousarray(cp.fmax(iou_threshold, densities[order].astype(cp.float64)))
+
+
+def iou_guided_nms(boxes, scores, localization, batch, classes, iou_threshold, score_threshold,
+                   max_output, nthreads):
+    cp = cupy()
+    cap = max_output if max_output >= 0 else scores.shape[0] + 1
+    cand = None
+    if score_threshold is not None:
+        cand = cp.flatnonzero(scores.astype(cp.float64) > score_threshold)
+        boxes, scores, localization = boxes[cand], scores[cand], localization[cand]
+        batch = None if batch is None else batch[cand]
+        classes = None if classes is None else classes[cand]
+    order, seg, rstart, keep = _greedy(cp, boxes, localization, batch, classes, iou_threshold,
+                                       None, scores.shape[0] + 1, 0, 1.0)
+    kept = cp.flatnonzero(keep).astype(cp.int64)
+    k = kept.shape[0]
+    new = cp.empty(k, dtype=scores.dtype)
+    if k:
+        rb = cp.ascontiguousarray(boxes[order])
+        members, lo, hi = _clusters(cp, rb, keep, seg, rstart, kept, iou_threshold)
+        launch(_fn("cluster_max<{}>", scores.dtype), k,
+               (cp.ascontiguousarray(scores[order]), members, lo, hi, i64(k), new))
+    idx = order[kept]
+    by_index = cp.empty_like(scores)           # the new scores at their indices: the sort key
+    by_index[idx] = new
+    idx, new = _assemble(cp, idx, by_index, batch, cap, True, (new,))
+    return (idx if cand is None else cand[idx]), new
+
+
+def adaptive_nms(boxes, scores, densities, batch, method, sigma, iou_threshold, score_threshold,
+                 nthreads):
+    cp = cupy()
+    if method != DECAYS["hard"]:
+        return _soft(cp, boxes, scores, batch, method, sigma, iou_threshold, score_threshold,
+                     densities)
+    # score >= score_threshold, in float64: score > the double just below it
+    order, _, _, keep = _greedy(cp, boxes, scores, batch, None, iou_threshold,
+                                np.nextafter(score_threshold, -np.inf), scores.shape[0] + 1, 0,
+                                1.0, densities)
+    return order[cp.flatnonzero(keep)]
+
 
 # every instantiation CuPy may request (the NVRTC gate, tests/test_cuda_compile.py)
 NAME_EXPRESSIONS = _EXPRS

@@ -230,3 +230,125 @@ def box_metric(a, b, metric):
                     alpha = v / (1 - iou + v + 1e-7)
                     out[i, j] = diou - alpha * v
     return out
+
+
+# ---------------------------------------------------------------- IoU-guided and adaptive NMS
+
+@njit(cache=True)
+def overlap(a, b):
+    """IoU as documented: 0 when either box has a NaN coordinate, x2 <= x1 or y2 <= y1."""
+    for k in range(4):
+        if math.isnan(a[k]) or math.isnan(b[k]):
+            return 0.0
+    if not (a[2] > a[0] and a[3] > a[1] and b[2] > b[0] and b[3] > b[1]):
+        return 0.0
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+@njit(cache=True)
+def _higher(x, y):
+    """x above y, NaN below every number."""
+    return x > y or (math.isnan(y) and not math.isnan(x))
+
+
+@njit(cache=True)
+def _iou_guided(boxes, scores, order, thr, new):
+    """Greedy NMS visiting ``order``; new[i] of each kept i: the highest score among i and the
+    boxes that i removed. Returns the kept boxes."""
+    n = order.shape[0]
+    removed = np.zeros(n, dtype=np.bool_)
+    kept = []
+    for a in range(n):
+        if removed[a]:
+            continue
+        i = order[a]
+        best = scores[i]
+        for c in range(a + 1, n):
+            j = order[c]
+            if not removed[c] and overlap(boxes[i], boxes[j]) > thr:
+                removed[c] = True
+                if _higher(scores[j], best):
+                    best = scores[j]
+        kept.append(i)
+        new[i] = best
+    out = np.empty(len(kept), dtype=np.int64)
+    for k in range(len(kept)):
+        out[k] = kept[k]
+    return out
+
+
+def iou_guided(boxes, scores, loc, thr, *, idxs=None, score_threshold=None, max_output=None):
+    """IoU-guided NMS (one image): per class, greedy in decreasing localization (ties lower
+    index, NaN last); a kept box's score becomes the highest of its own and those of the boxes
+    it removed. Returns (kept, new scores) by decreasing new score (ties lower index)."""
+    b = np.asarray(boxes, np.float64)
+    s = np.asarray(scores, np.float64)
+    loc = np.asarray(loc, np.float64)
+    n = len(s)
+    part = np.array([score_threshold is None or s[i] > score_threshold for i in range(n)],
+                    dtype=bool)
+    classes = np.zeros(n, np.int64) if idxs is None else np.asarray(idxs)
+    new = np.full(n, np.nan)
+    kept = []
+    for c in np.unique(classes[part]):
+        sel = np.flatnonzero(part & (classes == c))
+        order = sel[rank(loc[sel])]
+        kept.extend(_iou_guided(b, s, order, float(thr), new).tolist())
+    mask = np.zeros(n, dtype=bool)
+    mask[kept] = True
+    out = rank(new, mask)[:max_output]
+    return out, new[out]
+
+
+@njit(cache=True)
+def _adaptive(boxes, scores, dens, method, sigma, thr, score_thr, out_i, out_s):
+    n = scores.shape[0]
+    cur = scores.copy()
+    alive = np.zeros(n, dtype=np.bool_)
+    for i in range(n):
+        alive[i] = cur[i] >= score_thr
+    count = 0
+    while True:
+        m = -1
+        for i in range(n):
+            if alive[i] and (m < 0 or cur[i] > cur[m]):        # index order: ties -> lower
+                m = i
+        if m < 0:
+            break
+        alive[m] = False
+        out_i[count] = m
+        out_s[count] = cur[m]
+        count += 1
+        t = thr if math.isnan(dens[m]) else max(thr, dens[m])
+        for j in range(n):
+            if alive[j]:
+                iou = overlap(boxes[m], boxes[j])
+                if iou > t:
+                    if method == 2:
+                        alive[j] = False
+                    elif method == 1:
+                        cur[j] *= 1 - iou
+                    else:
+                        cur[j] *= math.exp(-iou * iou / sigma)
+                    if not cur[j] >= score_thr:
+                        alive[j] = False
+    return count
+
+
+def adaptive(boxes, scores, dens, thr, method="hard", sigma=0.5, score_thr=0.001):
+    """Adaptive NMS (one image): select by current score; the selected box M removes ("hard")
+    or decays ("linear" 1 - IoU, "gaussian" exp(-IoU^2 / sigma)) the boxes with IoU above
+    max(thr, d_M) (NaN d_M: thr); boxes below score_thr drop. Returns (selected, scores at
+    selection) in selection order."""
+    n = len(scores)
+    oi = np.empty(n, np.int64)
+    os_ = np.empty(n)
+    c = _adaptive(np.asarray(boxes, np.float64), np.asarray(scores, np.float64),
+                  np.asarray(dens, np.float64), ["gaussian", "linear", "hard"].index(method),
+                  sigma, thr, score_thr, oi, os_)
+    return oi[:c], os_[:c]

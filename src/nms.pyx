@@ -460,7 +460,7 @@ cdef Py_ssize_t _sweep(const Grid* g, Py_ssize_t s, int64_t* kept, Py_ssize_t ca
     cdef const Seg* sg = &g.seg[s]
     cdef Py_ssize_t r, p, cx0, cx1, cy0, cy1, cy, lo, hi, count = 0
     cdef double t = thr
-    cdef Py_ssize_t nx = sg.nx, ny = sg.ny
+    cdef Py_ssize_t nx = sg.nx
     cdef const int64_t* cs = g.cs + sg.c0
     cdef bint fast = crit == CRIT_IOU and assign == NULL
     for r in range(sg.r0, sg.r1):
@@ -477,10 +477,7 @@ cdef Py_ssize_t _sweep(const Grid* g, Py_ssize_t s, int64_t* kept, Py_ssize_t ca
             continue
         if rthr != NULL:
             t = rthr[r]
-        cx0 = _cell(g.X1[p] - sg.W, sg.xmin, sg.icx, nx)
-        cx1 = _cell(g.X2[p], sg.xmin, sg.icx, nx)
-        cy0 = _cell(g.Y1[p] - sg.H, sg.ymin, sg.icy, ny)
-        cy1 = _cell(g.Y2[p], sg.ymin, sg.icy, ny)
+        _window(g, sg, p, &cx0, &cx1, &cy0, &cy1)
         for cy in range(cy0, cy1 + 1):
             lo = cs[cy * nx + cx0]          # cells cx0..cx1 of a row are contiguous
             hi = cs[cy * nx + cx1 + 1]
@@ -491,15 +488,11 @@ cdef Py_ssize_t _sweep(const Grid* g, Py_ssize_t s, int64_t* kept, Py_ssize_t ca
     return count
 
 
-cdef int _greedy_impl(const double* rb, const int64_t* rstart, Py_ssize_t m, Py_ssize_t S,
-                      int64_t* kept, int64_t* nkept, Py_ssize_t cap, double thr, int crit,
-                      double beta, int64_t* assign, const double* rthr, double cellscale,
-                      int nthreads) noexcept nogil:
-    """Build each segment's grid and sweep it; segment s writes its kept ranks to
-    kept[rstart[s]:] and their count to nkept[s]. Segments run in parallel. 0 or -1 (memory)."""
-    cdef Grid g
+cdef int _grid_alloc(Grid* g, const int64_t* rstart, Py_ssize_t m, Py_ssize_t S) noexcept nogil:
+    """Room for the grids of the S segments of m ranks (rstart): 0, or -1 (memory; then
+    _grid_free is still the way out)."""
     cdef Py_ssize_t s, ncs = 0
-    cdef int err = 0
+    g.X1 = NULL; g.R = NULL; g.cs = NULL; g.done = NULL
     g.seg = <Seg*>malloc((S + 1) * sizeof(Seg))
     if g.seg == NULL:
         return -1
@@ -513,13 +506,39 @@ cdef int _greedy_impl(const double* rb, const int64_t* rstart, Py_ssize_t m, Py_
     g.cs = <int64_t*>malloc((ncs + 1) * sizeof(int64_t))
     g.done = <uint8_t*>malloc(m + 1)
     if g.X1 == NULL or g.R == NULL or g.cs == NULL or g.done == NULL:
-        err = -1
-    else:
-        g.Y1 = g.X1 + m
-        g.X2 = g.X1 + 2 * m
-        g.Y2 = g.X1 + 3 * m
-        g.A = g.X1 + 4 * m
-        g.P = g.R + m
+        return -1
+    g.Y1 = g.X1 + m
+    g.X2 = g.X1 + 2 * m
+    g.Y2 = g.X1 + 3 * m
+    g.A = g.X1 + 4 * m
+    g.P = g.R + m
+    return 0
+
+
+cdef void _grid_free(Grid* g) noexcept nogil:
+    free(g.seg); free(g.X1); free(g.R); free(g.cs); free(g.done)
+
+
+cdef inline void _window(const Grid* g, const Seg* sg, Py_ssize_t p, Py_ssize_t* cx0,
+                         Py_ssize_t* cx1, Py_ssize_t* cy0, Py_ssize_t* cy1) noexcept nogil:
+    """The cells whose boxes can overlap grid box p: columns cx0..cx1, rows cy0..cy1 (the
+    boxes of one row's columns are contiguous: cs[cy * nx + cx0] .. cs[cy * nx + cx1 + 1])."""
+    cx0[0] = _cell(g.X1[p] - sg.W, sg.xmin, sg.icx, sg.nx)
+    cx1[0] = _cell(g.X2[p], sg.xmin, sg.icx, sg.nx)
+    cy0[0] = _cell(g.Y1[p] - sg.H, sg.ymin, sg.icy, sg.ny)
+    cy1[0] = _cell(g.Y2[p], sg.ymin, sg.icy, sg.ny)
+
+
+cdef int _greedy_impl(const double* rb, const int64_t* rstart, Py_ssize_t m, Py_ssize_t S,
+                      int64_t* kept, int64_t* nkept, Py_ssize_t cap, double thr, int crit,
+                      double beta, int64_t* assign, const double* rthr, double cellscale,
+                      int nthreads) noexcept nogil:
+    """Build each segment's grid and sweep it; segment s writes its kept ranks to
+    kept[rstart[s]:] and their count to nkept[s]. Segments run in parallel. 0 or -1 (memory)."""
+    cdef Grid g
+    cdef Py_ssize_t s
+    cdef int err = _grid_alloc(&g, rstart, m, S)
+    if err == 0:
         if S == 1 or nthreads <= 1:
             for s in range(S):
                 _build(&g, s, rb, cellscale)
@@ -528,7 +547,7 @@ cdef int _greedy_impl(const double* rb, const int64_t* rstart, Py_ssize_t m, Py_
             for s in prange(S, num_threads=nthreads, schedule="dynamic"):
                 _build(&g, s, rb, cellscale)
                 nkept[s] = _sweep(&g, s, kept + rstart[s], cap, thr, crit, beta, assign, rthr)
-    free(g.seg); free(g.X1); free(g.R); free(g.cs); free(g.done)
+    _grid_free(&g)
     return err
 
 
@@ -675,51 +694,150 @@ def weighted_nms(boxes, scores, batch, double iou_threshold, score_threshold,
     return rk.order[ranks], fused
 
 
-cdef Py_ssize_t _soft_segment(const double* rb, double* cur, const int64_t* orig, Py_ssize_t r0,
-                              Py_ssize_t r1, int method, double sigma, double thr,
-                              double score_thr, int64_t* out_rank, double* out_score,
-                              uint8_t* alive, const double* rthr) noexcept nogil:
-    """Soft-NMS of ranks [r0, r1): repeatedly take the live box of highest current score (ties:
-    lower input index), decay the others, drop those whose score falls below score_thr.
-    With rthr (adaptive NMS), a selected rank b decays only the boxes whose IoU with it is
-    > rthr[b], with either method."""
-    cdef Py_ssize_t r, j, best, count = 0
-    cdef double iou, a_b, a_j, f, t = thr
-    for r in range(r0, r1):
-        alive[r] = cur[r] >= score_thr
+# Soft-NMS family (soft_nms, adaptive_nms's decays): per segment, the live boxes sit in a binary
+# max-heap keyed by (current score, lower input index first), so each selection costs O(log n);
+# the selected box decays only the live boxes of its grid window (IoU > 0 needs an overlap), so
+# clustered inputs cost O(selected x local density x log n) instead of O(n^2). The selections
+# and decays are those of the textbook loop, in the same order and arithmetic.
+
+cdef inline bint _above(const double* cur, const int64_t* orig, int64_t a, int64_t b) noexcept nogil:
+    """Rank a selected before rank b: higher current score, ties to the lower input index."""
+    return cur[a] > cur[b] or (cur[a] == cur[b] and orig[a] < orig[b])
+
+
+cdef void _sift_down(int64_t* heap, int64_t* hpos, Py_ssize_t n, Py_ssize_t i, const double* cur,
+                     const int64_t* orig) noexcept nogil:
+    cdef int64_t x = heap[i]
+    cdef Py_ssize_t c
     while True:
-        best = -1
-        for r in range(r0, r1):
-            if alive[r] and (best < 0 or cur[r] > cur[best] or
-                             (cur[r] == cur[best] and orig[r] < orig[best])):
-                best = r
-        if best < 0:
+        c = 2 * i + 1
+        if c >= n:
             break
-        alive[best] = 0
-        out_rank[count] = best
-        out_score[count] = cur[best]
+        if c + 1 < n and _above(cur, orig, heap[c + 1], heap[c]):
+            c += 1
+        if not _above(cur, orig, heap[c], x):
+            break
+        heap[i] = heap[c]
+        hpos[heap[i]] = i
+        i = c
+    heap[i] = x
+    hpos[x] = i
+
+
+cdef void _sift_up(int64_t* heap, int64_t* hpos, Py_ssize_t i, const double* cur,
+                   const int64_t* orig) noexcept nogil:
+    cdef int64_t x = heap[i]
+    cdef Py_ssize_t q
+    while i > 0:
+        q = (i - 1) // 2
+        if not _above(cur, orig, x, heap[q]):
+            break
+        heap[i] = heap[q]
+        hpos[heap[i]] = i
+        i = q
+    heap[i] = x
+    hpos[x] = i
+
+
+cdef void _heap_remove(int64_t* heap, int64_t* hpos, Py_ssize_t* n, Py_ssize_t i,
+                       const double* cur, const int64_t* orig) noexcept nogil:
+    """Take heap[i] out (its hpos becomes -1)."""
+    hpos[heap[i]] = -1
+    n[0] -= 1
+    if i == n[0]:
+        return
+    heap[i] = heap[n[0]]
+    hpos[heap[i]] = i
+    if i > 0 and _above(cur, orig, heap[i], heap[(i - 1) // 2]):
+        _sift_up(heap, hpos, i, cur, orig)
+    else:
+        _sift_down(heap, hpos, n[0], i, cur, orig)
+
+
+cdef Py_ssize_t _soft_sweep(const Grid* g, Py_ssize_t s, double* cur, const int64_t* orig,
+                            int64_t* heap, int64_t* hpos, int method, double sigma, double thr,
+                            double score_thr, const double* rthr, int64_t* out_rank,
+                            double* out_score) noexcept nogil:
+    """Soft-NMS of segment s: repeatedly take the live box of highest current score (ties:
+    lower input index), decay the live boxes that overlap it, drop those whose score falls
+    below score_thr. With rthr (adaptive NMS), a selected rank b decays only the boxes whose
+    IoU with it is > rthr[b], with either method; DECAY_HARD removes them."""
+    cdef const Seg* sg = &g.seg[s]
+    cdef Py_ssize_t r, n = 0, b, p, q, j, cx0, cx1, cy0, cy1, cy, count = 0
+    cdef double iou, f, t = thr
+    cdef const int64_t* cs = g.cs + sg.c0
+    heap += sg.r0
+    for r in range(sg.r0, sg.r1):
+        hpos[r] = -1
+        if cur[r] >= score_thr:
+            heap[n] = r
+            hpos[r] = n
+            n += 1
+    for r in range(n // 2 - 1, -1, -1):
+        _sift_down(heap, hpos, n, r, cur, orig)
+    while n > 0:
+        b = heap[0]
+        _heap_remove(heap, hpos, &n, 0, cur, orig)
+        out_rank[count] = b
+        out_score[count] = cur[b]
         count += 1
+        p = g.P[b]
+        if p < 0:                           # overlaps nothing
+            continue
         if rthr != NULL:
-            t = rthr[best]
-        a_b = _area(rb[4 * best], rb[4 * best + 1], rb[4 * best + 2], rb[4 * best + 3])
-        for j in range(r0, r1):
-            if not alive[j]:
-                continue
-            a_j = _area(rb[4 * j], rb[4 * j + 1], rb[4 * j + 2], rb[4 * j + 3])
-            iou = _iou(rb[4 * best], rb[4 * best + 1], rb[4 * best + 2], rb[4 * best + 3], a_b,
-                       rb[4 * j], rb[4 * j + 1], rb[4 * j + 2], rb[4 * j + 3], a_j)
-            if iou <= 0:
-                continue
-            if (method == DECAY_LINEAR or rthr != NULL) and not (iou > t):
-                f = 1.0
-            elif method == DECAY_GAUSSIAN:
-                f = exp(-iou * iou / sigma)
-            else:
-                f = 1.0 - iou
-            cur[j] = cur[j] * f
-            if not (cur[j] >= score_thr):
-                alive[j] = 0
+            t = rthr[b]
+        _window(g, sg, p, &cx0, &cx1, &cy0, &cy1)
+        for cy in range(cy0, cy1 + 1):
+            for q in range(cs[cy * sg.nx + cx0], cs[cy * sg.nx + cx1 + 1]):
+                j = g.R[q]
+                if hpos[j] < 0:
+                    continue
+                iou = _iou(g.X1[p], g.Y1[p], g.X2[p], g.Y2[p], g.A[p],
+                           g.X1[q], g.Y1[q], g.X2[q], g.Y2[q], g.A[q])
+                if iou <= 0:
+                    continue
+                if (method != DECAY_GAUSSIAN or rthr != NULL) and not (iou > t):
+                    continue
+                if method == DECAY_HARD:
+                    _heap_remove(heap, hpos, &n, hpos[j], cur, orig)
+                    continue
+                f = exp(-iou * iou / sigma) if method == DECAY_GAUSSIAN else 1.0 - iou
+                cur[j] = cur[j] * f
+                if not (cur[j] >= score_thr):
+                    _heap_remove(heap, hpos, &n, hpos[j], cur, orig)
+                else:
+                    _sift_down(heap, hpos, n, hpos[j], cur, orig)
     return count
+
+
+cdef int _soft_impl(const double* rb, const int64_t* rstart, Py_ssize_t m, Py_ssize_t S,
+                    double* cur, const int64_t* orig, int method, double sigma, double thr,
+                    double score_thr, const double* rthr, int64_t* out_rank, double* out_score,
+                    int64_t* cnt, double cellscale, int nthreads) noexcept nogil:
+    """_soft_sweep of every segment (in parallel); segment s writes its selections from rank
+    rstart[s] on and their count to cnt[s]. 0 or -1 (memory)."""
+    cdef Grid g
+    cdef Py_ssize_t s
+    cdef int64_t* heap = <int64_t*>malloc((2 * m + 2) * sizeof(int64_t))
+    cdef int err = _grid_alloc(&g, rstart, m, S)
+    if err == 0 and heap != NULL:
+        if S == 1 or nthreads <= 1:
+            for s in range(S):
+                _build(&g, s, rb, cellscale)
+                cnt[s] = _soft_sweep(&g, s, cur, orig, heap, heap + m + 1, method, sigma, thr,
+                                     score_thr, rthr, out_rank + rstart[s],
+                                     out_score + rstart[s])
+        else:
+            for s in prange(S, num_threads=nthreads, schedule="dynamic"):
+                _build(&g, s, rb, cellscale)
+                cnt[s] = _soft_sweep(&g, s, cur, orig, heap, heap + m + 1, method, sigma, thr,
+                                     score_thr, rthr, out_rank + rstart[s],
+                                     out_score + rstart[s])
+    else:
+        err = -1
+    _grid_free(&g)
+    free(heap)
+    return err
 
 
 def soft_nms(boxes, scores, batch, int method, double sigma, double iou_threshold,
@@ -732,9 +850,9 @@ def soft_nms(boxes, scores, batch, int method, double sigma, double iou_threshol
 
 def _soft(boxes, scores, batch, int method, double sigma, double iou_threshold,
           double score_threshold, densities, int nthreads):
-    """soft_nms, and adaptive NMS's decays with ``densities`` (see _soft_segment)."""
+    """soft_nms, and adaptive NMS's decays with ``densities`` (see _soft_sweep)."""
     rk = _Ranked(boxes, scores, batch, None, None)
-    cdef Py_ssize_t m = rk.order.shape[0], S = rk.S, s
+    cdef Py_ssize_t m = rk.order.shape[0], S = rk.S
     cur_np = np.ascontiguousarray(scores[rk.order], dtype=np.float64)
     cdef double[::1] cur = np.append(cur_np, 0.0)
     cdef double[:, ::1] rb = np.vstack([rk.rb, np.zeros((1, 4))])
@@ -743,20 +861,21 @@ def _soft(boxes, scores, batch, int method, double sigma, double iou_threshold,
     cdef int64_t[::1] out_rank = np.empty(m + 1, dtype=np.int64)
     out_score_np = np.empty(m + 1, dtype=np.float64)
     cdef double[::1] out_score = out_score_np
-    cdef uint8_t[::1] alive = np.zeros(m + 1, dtype=np.uint8)
     cdef int64_t[::1] cnt = np.zeros(S + 1, dtype=np.int64)
     cdef const double[::1] tv
     cdef const double* tp = NULL
+    cdef double cellscale = CELL
+    cdef int err = 0
     if densities is not None:
         tv = np.append(_thresholds(iou_threshold, densities[rk.order]), 0.0)
         tp = &tv[0]
     if m:
         with nogil:
-            for s in prange(S, num_threads=nthreads, schedule="dynamic"):
-                cnt[s] = _soft_segment(&rb[0, 0], &cur[0], &orig[0], rstart[s], rstart[s + 1],
-                                       method, sigma, iou_threshold, score_threshold,
-                                       &out_rank[rstart[s]], &out_score[rstart[s]], &alive[0],
-                                       tp)
+            err = _soft_impl(&rb[0, 0], &rstart[0], m, S, &cur[0], &orig[0], method, sigma,
+                             iou_threshold, score_threshold, tp, &out_rank[0], &out_score[0],
+                             &cnt[0], cellscale, nthreads)
+    if err:
+        raise MemoryError()
     orr = np.asarray(out_rank)
     parts = [np.arange(rk.rstart[i], rk.rstart[i] + cnt[i]) for i in range(S)]
     sel = np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)

@@ -13,9 +13,9 @@ equals the in-memory call on the concatenated data.
   (K_i, 4) arrays (NumPy or dask) or a (K, 5) array with batch indices; the result has the
   in-memory call's RoI order.
 * The NMS family (:func:`nms`, :func:`batched_nms`, :func:`diou_nms`, :func:`soft_nms`,
-  :func:`weighted_nms`, :func:`matrix_nms`): images are independent, so they are grouped
-  ``images_per_task`` at a time. Boxes come as lists of per-image arrays (the result is a list
-  of per-image dask arrays, like the in-memory list call) or as (N, 4) arrays with a
+  :func:`weighted_nms`, :func:`matrix_nms`, :func:`softer_nms`): images are independent, so they
+  are grouped ``images_per_task`` at a time. Boxes come as lists of per-image arrays (the result
+  is a list of per-image dask arrays, like the in-memory list call) or as (N, 4) arrays with a
   ``batch_idx`` (one dask array of indices into the input, grouped by image, like the in-memory
   call). Kept-box counts are unknown until computed, so those arrays have unknown (NaN) chunk
   sizes.
@@ -44,7 +44,7 @@ from fastnorm import _lists
 
 __all__ = ["group_norm", "deform_conv2d", "roi_align", "roi_pool", "ps_roi_align",
            "deform_roi_pool", "nms", "batched_nms", "diou_nms", "soft_nms", "weighted_nms",
-           "matrix_nms"]
+           "matrix_nms", "softer_nms"]
 
 
 def _small(a):
@@ -184,8 +184,8 @@ def _nms_task(fn, members, *arrays, **kw):
     out = []
     for i in range(B):
         r = res[i]
-        if isinstance(r, list):          # [keep, values] of soft_nms / weighted_nms
-            out.append([members[i][r[0]], r[1]])
+        if isinstance(r, list):          # [keep, values...] of soft/weighted/softer_nms
+            out.append([members[i][r[0]], *r[1:]])
         elif fn is _fn.matrix_nms:       # decayed scores aligned with the input
             out.append(r)
         else:
@@ -193,10 +193,13 @@ def _nms_task(fn, members, *arrays, **kw):
     return out
 
 
-_TWO = {"soft_nms", "weighted_nms"}
+#: the outputs that follow the kept indices: the shape of one entry of each
+_EXTRA = {"soft_nms": [()], "weighted_nms": [(4,)], "softer_nms": [(4,), ()]}
 
 
 def _nms_family(name, boxes, scores, idxs=None, *, batch_idx=None, images_per_task=8, **kw):
+    """``idxs``: the per-box array after ``scores`` (batched_nms's idxs, softer_nms's
+    variances)."""
     fn = getattr(_fn, name)
     if isinstance(boxes, (list, tuple)):
         if batch_idx is not None:
@@ -223,21 +226,21 @@ def _nms_family(name, boxes, scores, idxs=None, *, batch_idx=None, images_per_ta
             fn, None if members is None else members[s:e], *[lst[s:e] for lst in lists], **kw)
         for i in range(e - s):
             r = task[i]
-            if name in _TWO:
-                second = (np.nan, 4) if name == "weighted_nms" else (np.nan,)
-                per_image.append([da.from_delayed(r[0], (np.nan,), np.int64),
-                                  da.from_delayed(r[1], second, dtype)])
+            if name in _EXTRA:
+                per_image.append([da.from_delayed(r[0], (np.nan,), np.int64)] + [
+                    da.from_delayed(r[1 + j], (np.nan, *shape), dtype)
+                    for j, shape in enumerate(_EXTRA[name])])
             elif name == "matrix_nms":
                 per_image.append(da.from_delayed(r, (lengths[s + i],), dtype))
             else:
                 per_image.append(da.from_delayed(r, (np.nan,), np.int64))
     if members is None:
         return per_image
-    # one array (two for soft/weighted) over all images, grouped by increasing image index
-    if name in _TWO:
-        empty = [np.zeros(0, np.int64), np.zeros((0, 4) if name == "weighted_nms" else 0, dtype)]
-        return [da.concatenate([p[j] for p in per_image]) if per_image else da.from_array(empty[j])
-                for j in range(2)]
+    # one array (more for soft/weighted/softer) over all images, grouped by increasing image index
+    if name in _EXTRA:
+        empty = [np.zeros(0, np.int64)] + [np.zeros((0, *shape), dtype) for shape in _EXTRA[name]]
+        return [da.concatenate([p[j] for p in per_image]) if per_image else da.from_array(e)
+                for j, e in enumerate(empty)]
     if name == "matrix_nms":
         flat = da.concatenate(per_image) if per_image else da.zeros(0, dtype)
         return flat[np.argsort(np.concatenate(members))] if members else flat
@@ -291,3 +294,12 @@ def matrix_nms(boxes, scores, *, kernel="gaussian", sigma=2.0, batch_idx=None,
     """:func:`fastnorm.matrix_nms` per image: decayed scores aligned with the input."""
     return _nms_family("matrix_nms", boxes, scores, batch_idx=batch_idx,
                        images_per_task=images_per_task, kernel=kernel, sigma=sigma)
+
+
+def softer_nms(boxes, scores, variances, *, sigma_t=0.01, method="gaussian", sigma=0.5,
+               iou_threshold=0.5, score_threshold=0.001, batch_idx=None, images_per_task=8):
+    """:func:`fastnorm.softer_nms` per image: ``[keep, voted, new_scores]`` (per image for list
+    input); ``variances`` as ``boxes`` (a list of per-image arrays, or an (N, 4) array)."""
+    return _nms_family("softer_nms", boxes, scores, variances, batch_idx=batch_idx,
+                       images_per_task=images_per_task, sigma_t=sigma_t, method=method,
+                       sigma=sigma, iou_threshold=iou_threshold, score_threshold=score_threshold)

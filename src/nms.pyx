@@ -844,3 +844,240 @@ def box_iou(a, b, int metric, int nthreads):
         with nogil:
             _box_iou_f(&ad[0, 0], &bd[0, 0], &od[0, 0], N, M, metric, nthreads)
     return out
+
+
+# ---------------------------------------------------------------- Softer-NMS (variance voting)
+#
+# Soft-NMS whose selected boxes are voted (He et al., CVPR 2019), per segment (image): the live
+# boxes sit in a max-heap of (score, input index) entries; a selected box finds the live boxes
+# that overlap it through the segment's spatial grid (_build, as the greedy sweep does), so a
+# selection costs O(local density + log n) instead of the O(n) scans of _soft_segment. Decays
+# only lower scores: an entry whose score went down meanwhile is pushed back with the current
+# score when it reaches the top (a fresh top entry is the true maximum); a dropped box is
+# skipped there (done[] flags the selected and dropped boxes of the grid).
+
+cdef struct HeapItem:
+    double key              # the score when pushed (>= the current score)
+    int64_t orig            # input index: ties select the lower first
+    int64_t rank
+
+
+cdef inline bint _before(const HeapItem* a, const HeapItem* b) noexcept nogil:
+    return a.key > b.key or (a.key == b.key and a.orig < b.orig)
+
+
+cdef void _heap_pop(HeapItem* h, Py_ssize_t n) noexcept nogil:
+    """Remove the top of the heap h[0:n] (it keeps h[0:n-1])."""
+    cdef HeapItem x = h[n - 1]
+    cdef Py_ssize_t i = 0, c
+    n -= 1
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        if c + 1 < n and _before(&h[c + 1], &h[c]):
+            c += 1
+        if not _before(&h[c], &x):
+            break
+        h[i] = h[c]
+        i = c
+    h[i] = x
+
+
+cdef void _heap_push(HeapItem* h, Py_ssize_t n, HeapItem x) noexcept nogil:
+    """Add x to the heap h[0:n] (it becomes h[0:n+1])."""
+    cdef Py_ssize_t i = n, parent
+    while i > 0:
+        parent = (i - 1) // 2
+        if not _before(&x, &h[parent]):
+            break
+        h[i] = h[parent]
+        i = parent
+    h[i] = x
+
+
+cdef inline double _vote_weight(double p, double v, double vmin) noexcept nogil:
+    """Weight p / v of one voter, scaled by the smallest variance vmin (> 0: ratios <= 1, no
+    overflow); vmin == 0: the zero-variance voters alone count (the limit v -> 0); a NaN
+    variance, or p == 0, gives no weight."""
+    if p == 0:
+        return 0.0
+    if vmin == 0:
+        return p if v == 0 else 0.0
+    return p * (vmin / v) if v == v else 0.0
+
+
+cdef void _vote(const Grid* g, const double* gv, const double* mbox, const double* mvar,
+                const int64_t* vq, const double* vp, Py_ssize_t nv, double* out) noexcept nogil:
+    """Voted box of a selected box (coordinates mbox, variances mvar): per coordinate, the mean
+    of its (weight p = 1) and its voters' (grid positions vq, weights vp) coordinates weighted
+    by p / variance (gv: variances in grid order). Variances that are NaN or +inf give no
+    weight; when no voter has any, the coordinate stays."""
+    cdef const double* coord[4]
+    cdef Py_ssize_t i, k
+    cdef double vmin, v, w, sw, sx
+    coord[0], coord[1], coord[2], coord[3] = g.X1, g.Y1, g.X2, g.Y2
+    for k in range(4):
+        vmin = INFINITY
+        v = mvar[k]
+        if v < vmin:
+            vmin = v
+        for i in range(nv):
+            v = gv[4 * vq[i] + k]
+            if vp[i] > 0 and v < vmin:
+                vmin = v
+        if not (vmin < INFINITY):
+            out[k] = mbox[k]
+            continue
+        sw = _vote_weight(1.0, mvar[k], vmin)
+        sx = sw * mbox[k]
+        for i in range(nv):
+            w = _vote_weight(vp[i], gv[4 * vq[i] + k], vmin)
+            sw += w
+            sx += w * coord[k][vq[i]]
+        out[k] = sx / sw
+
+
+cdef Py_ssize_t _softer_segment(Grid* g, Py_ssize_t s, const double* rb, const double* rv,
+                                const double* cur, const int64_t* orig, double* gcur,
+                                double* gv, double sigma_t, int method, double sigma, double thr,
+                                double score_thr, HeapItem* heap, int64_t* vq, double* viou,
+                                double* vp, int64_t* out_rank, double* out_score,
+                                double* out_box) noexcept nogil:
+    """Softer-NMS of segment s (its grid built) on ranked boxes rb, variances rv and scores
+    cur: the selected ranks, their scores at selection and voted boxes from out_*[0] on;
+    returns how many. gcur, gv: scores and variances in grid order (filled here, decayed
+    there); heap, vq, viou, vp: scratch of the segment's size."""
+    cdef const Seg* sg = &g.seg[s]
+    cdef Py_ssize_t r, n = 0, count = 0, nv, i, k, p, q, cy, lo, hi, cx0, cx1, cy0, cy1
+    cdef Py_ssize_t nx = sg.nx, ny = sg.ny
+    cdef const int64_t* cs = g.cs + sg.c0
+    cdef HeapItem top
+    cdef double iou, f, s_new
+    for p in range(sg.r0, cs[nx * ny]):     # the segment's grid positions
+        gcur[p] = cur[g.R[p]]
+        for k in range(4):
+            gv[4 * p + k] = rv[4 * g.R[p] + k]
+    for r in range(sg.r0, sg.r1):       # rank order is selection order: already a heap
+        if cur[r] >= score_thr:
+            heap[n].key = cur[r]
+            heap[n].orig = orig[r]
+            heap[n].rank = r
+            n += 1
+        elif g.P[r] >= 0:
+            g.done[g.P[r]] = 1
+    while n > 0:
+        top = heap[0]
+        _heap_pop(heap, n)
+        n -= 1
+        r = top.rank
+        p = g.P[r]
+        nv = 0
+        if p >= 0:
+            if g.done[p]:               # dropped
+                continue
+            if top.key != gcur[p]:      # decayed since pushed
+                top.key = gcur[p]
+                _heap_push(heap, n, top)
+                n += 1
+                continue
+            g.done[p] = 1
+            cx0 = _cell(g.X1[p] - sg.W, sg.xmin, sg.icx, nx)
+            cx1 = _cell(g.X2[p], sg.xmin, sg.icx, nx)
+            cy0 = _cell(g.Y1[p] - sg.H, sg.ymin, sg.icy, ny)
+            cy1 = _cell(g.Y2[p], sg.ymin, sg.icy, ny)
+            for cy in range(cy0, cy1 + 1):
+                lo = cs[cy * nx + cx0]
+                hi = cs[cy * nx + cx1 + 1]
+                for q in range(lo, hi):
+                    if g.done[q]:
+                        continue
+                    iou = _iou(g.X1[p], g.Y1[p], g.X2[p], g.Y2[p], g.A[p],
+                               g.X1[q], g.Y1[q], g.X2[q], g.Y2[q], g.A[q])
+                    if iou > 0:
+                        vq[nv] = q
+                        viou[nv] = iou
+                        vp[nv] = exp(-(1.0 - iou) * (1.0 - iou) / sigma_t)
+                        nv += 1
+        out_rank[count] = r
+        out_score[count] = top.key
+        _vote(g, gv, rb + 4 * r, rv + 4 * r, vq, vp, nv, out_box + 4 * count)
+        count += 1
+        for i in range(nv):             # decay (or remove) the voters
+            q = vq[i]
+            iou = viou[i]
+            if method == DECAY_HARD:
+                if iou > thr:
+                    g.done[q] = 1
+                continue
+            if method == DECAY_GAUSSIAN:
+                f = exp(-iou * iou / sigma)
+            elif iou > thr:
+                f = 1.0 - iou
+            else:
+                continue
+            s_new = gcur[q] * f
+            if s_new >= score_thr:
+                gcur[q] = s_new
+            else:
+                g.done[q] = 1
+    return count
+
+
+def softer_nms(boxes, scores, variances, batch, double sigma_t, int method, double sigma,
+               double iou_threshold, double score_threshold, int nthreads):
+    """Softer-NMS (method DECAY_GAUSSIAN, DECAY_LINEAR or DECAY_HARD) with variance voting.
+    Returns (indices, voted boxes (K, 4) of the boxes' dtype, scores at selection of the scores'
+    dtype) in selection order, grouped by image; images run in parallel."""
+    rk = _Ranked(boxes, scores, batch, None, None)
+    cdef Py_ssize_t m = rk.m, S = rk.S, s, ncs = 0
+    if m == 0:
+        return (np.empty(0, np.int64), np.empty((0, 4), boxes.dtype),
+                np.empty(0, scores.dtype))
+    cdef const double[::1] cur = np.ascontiguousarray(scores[rk.order], dtype=np.float64)
+    cdef const double[::1] rb = rk.rb.reshape(-1)
+    cdef const double[::1] rv = np.ascontiguousarray(variances[rk.order],
+                                                     dtype=np.float64).reshape(-1)
+    cdef const int64_t[::1] orig = rk.order
+    cdef const int64_t[::1] rstart = rk.rstart
+    cdef int64_t[::1] out_rank = np.empty(m, dtype=np.int64)
+    out_score_np = np.empty(m, dtype=np.float64)
+    out_box_np = np.empty((m, 4), dtype=np.float64)
+    cdef double[::1] out_score = out_score_np
+    cdef double[::1] out_box = out_box_np.reshape(-1)
+    cdef int64_t[::1] cnt = np.zeros(S, dtype=np.int64)
+    # scratch: the grid (as _greedy_impl lays it out), the heaps and the voters
+    cdef int64_t[::1] heap = np.empty(3 * m, dtype=np.int64)       # m HeapItems
+    cdef int64_t[::1] vq = np.empty(m, dtype=np.int64)
+    cdef double[::1] viou = np.empty(m), vp = np.empty(m)
+    cdef double[::1] gbox = np.empty(5 * m), gcur = np.empty(m), gv = np.empty(4 * m)
+    cdef int64_t[::1] gidx = np.empty(2 * m, dtype=np.int64)
+    cdef int64_t[::1] gcs = np.empty(2 * m + 2 * S + 1, dtype=np.int64)
+    cdef uint8_t[::1] gdone = np.empty(m, dtype=np.uint8)
+    cdef double cellscale = CELL
+    cdef Grid g
+    g.seg = <Seg*>malloc(S * sizeof(Seg))
+    if g.seg == NULL:
+        raise MemoryError()
+    for s in range(S):
+        g.seg[s].r0, g.seg[s].r1, g.seg[s].c0 = rstart[s], rstart[s + 1], ncs
+        ncs += 2 * (rstart[s + 1] - rstart[s]) + 2
+    g.X1, g.Y1, g.X2, g.Y2, g.A = &gbox[0], &gbox[m], &gbox[2 * m], &gbox[3 * m], &gbox[4 * m]
+    g.R, g.P, g.cs, g.done = &gidx[0], &gidx[m], &gcs[0], &gdone[0]
+    try:
+        with nogil:
+            for s in prange(S, num_threads=nthreads, schedule="dynamic"):
+                _build(&g, s, &rb[0], cellscale)
+                cnt[s] = _softer_segment(
+                    &g, s, &rb[0], &rv[0], &cur[0], &orig[0], &gcur[0], &gv[0], sigma_t,
+                    method, sigma, iou_threshold, score_threshold,
+                    <HeapItem*>&heap[3 * rstart[s]], &vq[rstart[s]], &viou[rstart[s]],
+                    &vp[rstart[s]], &out_rank[rstart[s]], &out_score[rstart[s]],
+                    &out_box[4 * rstart[s]])
+    finally:
+        free(g.seg)
+    lengths = np.diff(rk.rstart)
+    pos = np.arange(m) - np.repeat(rk.rstart[:S], lengths)
+    sel = np.flatnonzero(pos < np.repeat(np.asarray(cnt), lengths))
+    return (rk.order[np.asarray(out_rank)[sel]], out_box_np[sel].astype(boxes.dtype),
+            out_score_np[sel].astype(scores.dtype))

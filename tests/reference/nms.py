@@ -230,3 +230,88 @@ def box_metric(a, b, metric):
                     alpha = v / (1 - iou + v + 1e-7)
                     out[i, j] = diou - alpha * v
     return out
+
+
+# ---------------------------------------------------------------- Softer-NMS (variance voting)
+
+@njit(cache=True)
+def _overlap(a, b):
+    """IoU of two boxes of positive area, else 0 (degenerate and NaN boxes overlap nothing);
+    0 too when it is not a positive number (infinite boxes)."""
+    aa, ab = _area(a), _area(b)
+    if not (aa > 0 and ab > 0):
+        return 0.0
+    inter = _inter(a, b)
+    r = inter / (aa + ab - inter) if inter > 0 else 0.0
+    return r if r > 0 else 0.0
+
+
+@njit(cache=True)
+def _softer(boxes, scores, var, sigma_t, method, sigma, thr, score_thr, out_i, out_b, out_s):
+    n = scores.shape[0]
+    cur = scores.copy()
+    alive = np.zeros(n, dtype=np.bool_)
+    for i in range(n):
+        alive[i] = cur[i] >= score_thr
+    count = 0
+    while True:
+        best = -1
+        for i in range(n):
+            if alive[i] and (best < 0 or cur[i] > cur[best]):   # index order: ties -> lower
+                best = i
+        if best < 0:
+            break
+        alive[best] = False
+        out_i[count] = best
+        out_s[count] = cur[best]
+        # vote: best itself (p = 1) and the live boxes overlapping it, per coordinate weighted
+        # by p / variance; zero variances are certain (only they count), NaN/inf ones count not
+        for k in range(4):
+            num, den, cnum, cden = 0.0, 0.0, 0.0, 0.0
+            for j in range(n):
+                if j == best:
+                    p = 1.0
+                elif alive[j] and _overlap(boxes[best], boxes[j]) > 0:
+                    p = math.exp(-(1 - _overlap(boxes[best], boxes[j])) ** 2 / sigma_t)
+                else:
+                    continue
+                v = var[j, k]
+                if p > 0 and v == 0:
+                    cnum += p * boxes[j, k]
+                    cden += p
+                elif p > 0 and 0 < v < math.inf:
+                    num += p / v * boxes[j, k]
+                    den += p / v
+            if cden > 0:
+                out_b[count, k] = cnum / cden
+            elif den > 0:
+                out_b[count, k] = num / den
+            else:
+                out_b[count, k] = boxes[best, k]
+        count += 1
+        for j in range(n):
+            if not alive[j]:
+                continue
+            iou = _overlap(boxes[best], boxes[j])
+            if method == 2:
+                if iou > thr:
+                    alive[j] = False
+                continue
+            if method == 0:
+                cur[j] *= math.exp(-iou * iou / sigma)
+            elif iou > thr:
+                cur[j] *= 1 - iou
+            if not cur[j] >= score_thr:
+                alive[j] = False
+    return count
+
+
+def softer(boxes, scores, variances, sigma_t=0.01, method="gaussian", sigma=0.5, thr=0.5,
+           score_thr=0.001):
+    """Softer-NMS: (indices in selection order, voted boxes, scores at selection), float64."""
+    n = len(scores)
+    oi, ob, os_ = np.empty(n, np.int64), np.empty((n, 4)), np.empty(n)
+    c = _softer(np.asarray(boxes, np.float64), np.asarray(scores, np.float64),
+                np.asarray(variances, np.float64), sigma_t,
+                ["gaussian", "linear", "hard"].index(method), sigma, thr, score_thr, oi, ob, os_)
+    return oi[:c], ob[:c], os_[:c]

@@ -274,6 +274,20 @@ class AdaptiveNms(NamedTuple):
     score_threshold: float             # only boxes with score >= this take part (and stay)
 
 
+class SofterNms(NamedTuple):
+    """Soft-NMS with variance voting -> (indices in selection order, voted boxes (K, 4) of the
+    boxes' dtype, scores at selection)."""
+    boxes: Array
+    scores: Array
+    variances: Array                   # (N, 4), boxes' dtype; no negative values (validated)
+    batch: Optional[Array]
+    sigma_t: float                     # voting weight exp(-(1 - IoU)^2 / sigma_t)
+    method: int                        # DECAYS (gaussian, linear or hard)
+    sigma: float
+    iou_threshold: float
+    score_threshold: float
+
+
 #: (op module, entry point) -> its contract, for tests/test_contract.py
 CONTRACTS = {
     ("group_norm", "forward"): GroupNormForward,
@@ -295,4 +309,5 @@ CONTRACTS = {
     ("nms", "box_iou"): BoxIou,
     ("nms", "iou_guided_nms"): IouGuidedNms,
     ("nms", "adaptive_nms"): AdaptiveNms,
+    ("nms", "softer_nms"): SofterNms,
 }

@@ -13,9 +13,10 @@ equals the in-memory call on the concatenated data.
   (K_i, 4) arrays (NumPy or dask) or a (K, 5) array with batch indices; the result has the
   in-memory call's RoI order.
 * The NMS family (:func:`nms`, :func:`batched_nms`, :func:`diou_nms`, :func:`soft_nms`,
-  :func:`weighted_nms`, :func:`matrix_nms`, :func:`iou_guided_nms`, :func:`adaptive_nms`): images are independent, so they are grouped
-  ``images_per_task`` at a time. Boxes come as lists of per-image arrays (the result is a list
-  of per-image dask arrays, like the in-memory list call) or as (N, 4) arrays with a
+  :func:`weighted_nms`, :func:`matrix_nms`, :func:`iou_guided_nms`, :func:`softer_nms`,
+  :func:`adaptive_nms`): images are independent, so they are grouped ``images_per_task`` at a
+  time. Boxes come as lists of per-image arrays (the result is a list of per-image dask arrays,
+  like the in-memory list call) or as (N, 4) arrays with a
   ``batch_idx`` (one dask array of indices into the input, grouped by image, like the in-memory
   call). Kept-box counts are unknown until computed, so those arrays have unknown (NaN) chunk
   sizes.
@@ -44,7 +45,7 @@ from fastnorm import _lists
 
 __all__ = ["group_norm", "deform_conv2d", "roi_align", "roi_pool", "ps_roi_align",
            "deform_roi_pool", "nms", "batched_nms", "diou_nms", "soft_nms", "weighted_nms",
-           "matrix_nms", "iou_guided_nms", "adaptive_nms"]
+           "matrix_nms", "iou_guided_nms", "softer_nms", "adaptive_nms"]
 
 
 def _small(a):
@@ -178,7 +179,9 @@ def deform_roi_pool(x, rois, offset=None, output_size=7, spatial_scale=1.0, samp
 # What each function returns per image, in order: "keep" (indices into the input), "scores"
 # (one per kept box), "boxes" (K, 4) per kept box, "aligned" (matrix_nms: decayed scores aligned
 # with the input). One part: an array; several: a list, as the in-memory call.
-_KEEP, _SCORES, _BOXES, _ALIGNED = ("keep",), ("keep", "scores"), ("keep", "boxes"), ("aligned",)
+_KEEP, _SCORES, _BOXES, _VOTED = ("keep",), ("keep", "scores"), ("keep", "boxes"), ("keep", "boxes",
+                                                                                 "scores")
+_ALIGNED = ("aligned",)
 
 
 def _nms_task(fn, members, parts, keys, *arrays, **kw):
@@ -317,3 +320,12 @@ def adaptive_nms(boxes, scores, densities, iou_threshold=0.5, *, method="hard", 
                        parts=_KEEP if method == "hard" else _SCORES, batch_idx=batch_idx,
                        images_per_task=images_per_task, iou_threshold=iou_threshold,
                        method=method, sigma=sigma, score_threshold=score_threshold)
+
+
+def softer_nms(boxes, scores, variances, *, sigma_t=0.01, method="gaussian", sigma=0.5,
+               iou_threshold=0.5, score_threshold=0.001, batch_idx=None, images_per_task=8):
+    """:func:`fastnorm.softer_nms` per image: ``[keep, voted, new_scores]`` (per image for list
+    input); ``variances`` as ``boxes`` (a list of per-image arrays, or an (N, 4) array)."""
+    return _nms_family("softer_nms", boxes, scores, variances, parts=_VOTED, batch_idx=batch_idx,
+                       images_per_task=images_per_task, sigma_t=sigma_t, method=method,
+                       sigma=sigma, iou_threshold=iou_threshold, score_threshold=score_threshold)

@@ -1,5 +1,5 @@
 """Non-maximum suppression family (greedy, class-aware, soft, DIoU, weighted, matrix, IoU-guided,
-adaptive) and box IoU metrics.
+softer, adaptive) and box IoU metrics.
 
 Conventions shared by every function here
 -----------------------------------------
@@ -30,9 +30,8 @@ from . import _validation as v
 from ._cpu import nms as cpu
 from ._cuda import nms as cuda
 from ._dispatch import op, resolve
-from ._kernels import (CRITERIA, DECAYS, METRICS, BoxIou, MatrixNms, Nms, SoftNms,
-                       WeightedNms)
-from ._kernels import AdaptiveNms, IouGuidedNms
+from ._kernels import (CRITERIA, DECAYS, METRICS, AdaptiveNms, BoxIou, IouGuidedNms, MatrixNms,
+                       Nms, SoftNms, SofterNms, WeightedNms)
 
 
 # ---------------------------------------------------------------- argument handling
@@ -546,4 +545,130 @@ def adaptive_nms(boxes, scores, densities, iou_threshold=0.5, *, method="hard", 
     res = call.run(cpu.adaptive_nms, cuda.adaptive_nms, AdaptiveNms(
         boxes=boxes, scores=scores, densities=dens, batch=batch, method=method, sigma=sigma,
         iou_threshold=thr, score_threshold=st))
+    return _grouped(call, res, batch, lengths)
+
+
+# ---------------------------------------------------------------- softer_nms
+
+def _variances(call, boxes, variances, native_boxes):
+    """``variances`` shaped like the caller's ``boxes`` (an array, or a list of per-image arrays
+    for list input) of the same framework, device and dtype, with no negative value. Returns the
+    native array(s); ``native_boxes``: what ``_prepare`` made of ``boxes``."""
+    if variances is None:
+        raise TypeError("`variances` must be an (N, 4) array of box-coordinate variances, got None")
+    if _lists.is_list(boxes):
+        v.same_list_length("variances", variances, len(boxes))
+        names, bl, vl, nb = [f"[{i}]" for i in range(len(boxes))], boxes, variances, native_boxes
+    else:
+        names, bl, vl, nb = [""], [boxes], [variances], [native_boxes]
+    _, nat = resolve(**{f"boxes{n}": b for n, b in zip(names, bl)},
+                     **{f"variances{n}": x for n, x in zip(names, vl)})
+    out = list(nat[len(names):])
+    for n, var, b in zip(names, out, nb):
+        v.same_dtype(f"variances{n}", var, f"boxes{n}", b)
+        v.shape(f"variances{n}", var, tuple(b.shape), f"{tuple(b.shape)} to match `boxes{n}`")
+        if var.shape[0] and bool((var < 0).any()):
+            raise ValueError(f"`variances{n}` must be >= 0 (the variances sigma^2 of the box "
+                             f"coordinates, not their logarithms), got a negative value")
+    return out if _lists.is_list(boxes) else out[0]
+
+
+@op
+def softer_nms(boxes, scores, variances, *, sigma_t=0.01, method="gaussian", sigma=0.5,
+               iou_threshold=0.5, score_threshold=0.001, batch_idx=None):
+    """Softer-NMS (He et al., "Bounding Box Regression with Uncertainty for Accurate Object
+    Detection", CVPR 2019): Soft-NMS with variance voting.
+
+    Repeatedly select the remaining box M of highest current score (ties: lower index first).
+    Its coordinates become the weighted mean over M and the remaining boxes i with
+    ``IoU(M, i) > 0``, each coordinate k weighted by ``p_i / variances[i, k]`` with
+    ``p_i = exp(-(1 - IoU(M, i))^2 / sigma_t)`` (``p_M = 1``); the classification score
+    plays no part in the vote. Then the remaining boxes are decayed as by :func:`soft_nms`:
+    ``s * exp(-IoU^2 / sigma)`` ("gaussian"), ``s * (1 - IoU)`` when ``IoU > iou_threshold``
+    ("linear"), or removed when ``IoU > iou_threshold`` ("hard"); boxes whose score is (or
+    falls) below ``score_threshold`` are dropped (NaN scores too), as in :func:`soft_nms`.
+    IoUs (votes and decays) use the original coordinates, never the voted ones; "remaining"
+    means neither selected nor dropped, so a selected box votes for no later box.
+
+    Variances: the weight of a box on coordinate k is ``p_i / variances[i, k]`` in the limit
+    sense. A variance of 0 means certain: when voters with ``p_i > 0`` have variance 0 on a
+    coordinate, it is their p-weighted mean alone (the limit as those variances go to 0; e.g.
+    an ``exp(log_var)`` that underflowed in half precision). A variance of +inf or NaN gives
+    that box no say on that coordinate; if no voter has a say, M keeps its coordinate. Negative
+    variances raise ``ValueError`` (a log-variance passed by mistake). Weights are normalised
+    by the smallest variance among the voters, so no variance (float64 subnormals included)
+    overflows them.
+
+    A box that overlaps nothing (degenerate, NaN coordinate, infinite area) votes for nobody,
+    is never decayed, and its voted box is itself (bitwise), as is that of any box without
+    overlapping remaining boxes.
+
+    Differences from the official code (``ethanhe42/KL-Loss``,
+    ``detectron/utils/py_cpu_nms.py::soft``, ``STD.METHOD = 'stdiou'``,
+    ``STD.IOU_SIGMA = 0.01``): there, the voters are the remaining boxes with IoU > 0.01
+    (``STD_TH`` 0.9 is lowered to 0.01 for 'stdiou'; here IoU > 0, which adds voters of weight
+    at most ``exp(-0.98 / sigma_t)``, 3e-43 at the default); its Gaussian decay has a fixed
+    ``sigma`` of 0.5 and no linear method; "hard" removes by ``TEST.NMS`` (0.5 by default); it
+    takes standard deviations (``confidence``) and squares them, here the variances are given;
+    IoUs use Detectron's legacy ``+1`` pixel convention (here continuous coordinates, as the
+    rest of this module); its drop threshold is fixed (``< 0.001``) and applies only to
+    decayed boxes (here boxes starting below ``score_threshold`` are dropped too, as
+    :func:`soft_nms` does); its ties go to whichever box its swaps left first (here: lower
+    index); a zero variance divides by zero (NaN boxes).
+
+    Parameters
+    ----------
+    boxes, scores : arrays (N, 4), (N,) or lists of per-image arrays
+        ``[x1, y1, x2, y2]`` and scores, float32/float64 (float16/bfloat16 on CUDA).
+    variances : array (N, 4), or list of (N_i, 4) arrays
+        Variance (sigma^2) of each predicted coordinate, boxes' dtype, >= 0 (0: certain;
+        +inf or NaN: no say).
+    sigma_t : float
+        Width of the IoU weighting of the votes, > 0 (0.01: the official default).
+    method : {"gaussian", "linear", "hard"}
+    sigma : float
+        Gaussian decay width, > 0.
+    iou_threshold : float
+        Linear and hard methods, finite, >= 0.
+    score_threshold : float
+        Finite.
+    batch_idx : integer array (N,), optional
+        Image index of each box (images run in parallel).
+
+    Returns
+    -------
+    keep : int64 array (K,)
+        Indices in selection order (grouped by image with ``batch_idx``).
+    voted : array (K, 4) of boxes' dtype
+        The voted box of each selected index (computed in float64 on every backend, rounded
+        once to the boxes' dtype).
+    new_scores : array (K,) of scores' dtype
+        The decayed score of each selected box at selection. With list input, a list of
+        per-image [keep, voted, new_scores].
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> boxes = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 30, 30]], np.float64)
+    >>> scores = np.array([0.9, 0.8, 0.7])
+    >>> variances = np.array([[4, 1, 4, 1], [1, 1, 1, 1], [1, 1, 1, 1]], np.float64)
+    >>> keep, voted, s = fastnorm.softer_nms(boxes, scores, variances, sigma_t=0.5)
+    >>> keep, s.round(3)
+    (array([0, 2, 1]), array([0.9 , 0.7 , 0.21]))
+    >>> voted[0].round(3)      # x1, x2 pulled towards box 1, whose variance is lower
+    array([ 0.789,  0.   , 10.789, 10.   ])
+    """
+    call, native, scores, _, batch = _prepare(boxes, scores, None, batch_idx)
+    variances = _variances(call, boxes, variances, native)
+    sigma_t = v.number("sigma_t", sigma_t, min=0, min_exclusive=True)
+    method = DECAYS[v.choice("method", method, tuple(DECAYS))]
+    sigma = v.number("sigma", sigma, min=0, min_exclusive=True)
+    thr = v.number("iou_threshold", iou_threshold, min=0)
+    st = v.number("score_threshold", score_threshold)
+    boxes, scores, _, batch, lengths = _flatten(call, native, scores, None, batch)
+    if lengths is not None:
+        variances = call.xp.concatenate(variances).reshape(-1, 4)
+    res = call.run(cpu.softer_nms, cuda.softer_nms, SofterNms(
+        boxes=boxes, scores=scores, variances=variances, batch=batch, sigma_t=sigma_t,
+        method=method, sigma=sigma, iou_threshold=thr, score_threshold=st))
     return _grouped(call, res, batch, lengths)

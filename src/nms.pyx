@@ -754,17 +754,72 @@ cdef void _heap_remove(int64_t* heap, int64_t* hpos, Py_ssize_t* n, Py_ssize_t i
         _sift_down(heap, hpos, n[0], i, cur, orig)
 
 
-cdef Py_ssize_t _soft_sweep(const Grid* g, Py_ssize_t s, double* cur, const int64_t* orig,
-                            int64_t* heap, int64_t* hpos, int method, double sigma, double thr,
-                            double score_thr, const double* rthr, int64_t* out_rank,
-                            double* out_score) noexcept nogil:
+cdef inline double _vote_weight(double p, double v, double vmin) noexcept nogil:
+    """Weight p / v of one voter, scaled by the smallest variance vmin (> 0: ratios <= 1, no
+    overflow); vmin == 0: the zero-variance voters alone count (the limit v -> 0); a NaN
+    variance, or p == 0, gives no weight."""
+    if p == 0:
+        return 0.0
+    if vmin == 0:
+        return p if v == 0 else 0.0
+    return p * (vmin / v) if v == v else 0.0
+
+
+cdef void _vote(const double* rb, const double* rv, Py_ssize_t b, const int64_t* vr,
+                const double* vp, Py_ssize_t nv, double* out) noexcept nogil:
+    """Softer-NMS's voted box of selected rank b: per coordinate k, the mean of its own (weight
+    p = 1) and its voters' (ranks vr, weights vp) coordinates weighted by p / variance (rb, rv:
+    boxes and variances by rank). Variances that are NaN or +inf give no weight; when no voter
+    has any, the coordinate stays (bitwise)."""
+    cdef Py_ssize_t i, k
+    cdef double vmin, v, w, sw, sx
+    for k in range(4):
+        vmin = INFINITY
+        v = rv[4 * b + k]
+        if v < vmin:
+            vmin = v
+        for i in range(nv):
+            v = rv[4 * vr[i] + k]
+            if vp[i] > 0 and v < vmin:
+                vmin = v
+        if not (vmin < INFINITY):
+            out[k] = rb[4 * b + k]
+            continue
+        sw = _vote_weight(1.0, rv[4 * b + k], vmin)
+        sx = sw * rb[4 * b + k]
+        for i in range(nv):
+            w = _vote_weight(vp[i], rv[4 * vr[i] + k], vmin)
+            sw += w
+            sx += w * rb[4 * vr[i] + k]
+        out[k] = sx / sw
+
+
+cdef struct Soft:
+    # the parameters of one Soft-NMS family call (_soft_sweep)
+    int method              # DECAYS
+    double sigma, thr, score_thr, sigma_t
+    const double* rthr      # adaptive NMS: each rank's own threshold; NULL: thr
+    const double* rb        # the boxes by rank
+    const double* rv        # Softer-NMS: the variances by rank; NULL: no vote
+
+
+cdef Py_ssize_t _soft_sweep(const Grid* g, Py_ssize_t s, const Soft* a, double* cur,
+                            const int64_t* orig, int64_t* heap, int64_t* hpos, int64_t* vr,
+                            double* vp, int64_t* out_rank, double* out_score,
+                            double* out_box) noexcept nogil:
     """Soft-NMS of segment s: repeatedly take the live box of highest current score (ties:
     lower input index), decay the live boxes that overlap it, drop those whose score falls
-    below score_thr. With rthr (adaptive NMS), a selected rank b decays only the boxes whose
-    IoU with it is > rthr[b], with either method; DECAY_HARD removes them."""
+    below score_thr (see Soft for a). With rthr (adaptive NMS), a selected rank b decays only
+    the boxes whose IoU with it is > rthr[b], with either method; DECAY_HARD removes them. With
+    rv (Softer-NMS), each selection's voted box goes to out_box, its voters (the live boxes it
+    overlaps, weight exp(-(1 - IoU)^2 / sigma_t)) gathered in vr/vp first."""
+    cdef int method = a.method
+    cdef double sigma = a.sigma, score_thr = a.score_thr, sigma_t = a.sigma_t
+    cdef const double* rthr = a.rthr
+    cdef const double* rv = a.rv
     cdef const Seg* sg = &g.seg[s]
-    cdef Py_ssize_t r, n = 0, b, p, q, j, cx0, cx1, cy0, cy1, cy, count = 0
-    cdef double iou, f, t = thr
+    cdef Py_ssize_t r, n = 0, b, p, q, j, cx0, cx1, cy0, cy1, cy, count = 0, nv
+    cdef double iou, f, t = a.thr
     cdef const int64_t* cs = g.cs + sg.c0
     heap += sg.r0
     for r in range(sg.r0, sg.r1):
@@ -781,12 +836,14 @@ cdef Py_ssize_t _soft_sweep(const Grid* g, Py_ssize_t s, double* cur, const int6
         out_rank[count] = b
         out_score[count] = cur[b]
         count += 1
+        nv = 0
         p = g.P[b]
-        if p < 0:                           # overlaps nothing
-            continue
-        if rthr != NULL:
-            t = rthr[b]
-        _window(g, sg, p, &cx0, &cx1, &cy0, &cy1)
+        if p >= 0:                          # else it overlaps nothing
+            if rthr != NULL:
+                t = rthr[b]
+            _window(g, sg, p, &cx0, &cx1, &cy0, &cy1)
+        else:
+            cx0, cx1, cy0, cy1 = 0, 0, 0, -1
         for cy in range(cy0, cy1 + 1):
             for q in range(cs[cy * sg.nx + cx0], cs[cy * sg.nx + cx1 + 1]):
                 j = g.R[q]
@@ -796,6 +853,10 @@ cdef Py_ssize_t _soft_sweep(const Grid* g, Py_ssize_t s, double* cur, const int6
                            g.X1[q], g.Y1[q], g.X2[q], g.Y2[q], g.A[q])
                 if iou <= 0:
                     continue
+                if rv != NULL:
+                    vr[nv] = j
+                    vp[nv] = exp(-(1.0 - iou) * (1.0 - iou) / sigma_t)
+                    nv += 1
                 if (method != DECAY_GAUSSIAN or rthr != NULL) and not (iou > t):
                     continue
                 if method == DECAY_HARD:
@@ -807,36 +868,41 @@ cdef Py_ssize_t _soft_sweep(const Grid* g, Py_ssize_t s, double* cur, const int6
                     _heap_remove(heap, hpos, &n, hpos[j], cur, orig)
                 else:
                     _sift_down(heap, hpos, n, hpos[j], cur, orig)
+        if rv != NULL:
+            _vote(a.rb, rv, b, vr, vp, nv, out_box + 4 * (count - 1))
     return count
 
 
-cdef int _soft_impl(const double* rb, const int64_t* rstart, Py_ssize_t m, Py_ssize_t S,
-                    double* cur, const int64_t* orig, int method, double sigma, double thr,
-                    double score_thr, const double* rthr, int64_t* out_rank, double* out_score,
-                    int64_t* cnt, double cellscale, int nthreads) noexcept nogil:
-    """_soft_sweep of every segment (in parallel); segment s writes its selections from rank
-    rstart[s] on and their count to cnt[s]. 0 or -1 (memory)."""
+cdef int _soft_impl(const Soft* a, const int64_t* rstart, Py_ssize_t m, Py_ssize_t S,
+                    double* cur, const int64_t* orig, int64_t* out_rank, double* out_score,
+                    double* out_box, int64_t* cnt, double cellscale, int nthreads) noexcept nogil:
+    """_soft_sweep of every segment (in parallel); segment s writes its selections (and voted
+    boxes) from rank rstart[s] on and their count to cnt[s]. 0 or -1 (memory)."""
     cdef Grid g
     cdef Py_ssize_t s
-    cdef int64_t* heap = <int64_t*>malloc((2 * m + 2) * sizeof(int64_t))
+    cdef int64_t* heap = <int64_t*>malloc((3 * m + 3) * sizeof(int64_t))   # heap, hpos, vr
+    cdef double* vp = <double*>malloc((m + 1) * sizeof(double))
     cdef int err = _grid_alloc(&g, rstart, m, S)
-    if err == 0 and heap != NULL:
+    if err == 0 and heap != NULL and vp != NULL:
         if S == 1 or nthreads <= 1:
             for s in range(S):
-                _build(&g, s, rb, cellscale)
-                cnt[s] = _soft_sweep(&g, s, cur, orig, heap, heap + m + 1, method, sigma, thr,
-                                     score_thr, rthr, out_rank + rstart[s],
-                                     out_score + rstart[s])
+                _build(&g, s, a.rb, cellscale)
+                cnt[s] = _soft_sweep(&g, s, a, cur, orig, heap, heap + m + 1,
+                                     heap + 2 * m + 2 + rstart[s], vp + rstart[s],
+                                     out_rank + rstart[s], out_score + rstart[s],
+                                     out_box + 4 * rstart[s])
         else:
             for s in prange(S, num_threads=nthreads, schedule="dynamic"):
-                _build(&g, s, rb, cellscale)
-                cnt[s] = _soft_sweep(&g, s, cur, orig, heap, heap + m + 1, method, sigma, thr,
-                                     score_thr, rthr, out_rank + rstart[s],
-                                     out_score + rstart[s])
+                _build(&g, s, a.rb, cellscale)
+                cnt[s] = _soft_sweep(&g, s, a, cur, orig, heap, heap + m + 1,
+                                     heap + 2 * m + 2 + rstart[s], vp + rstart[s],
+                                     out_rank + rstart[s], out_score + rstart[s],
+                                     out_box + 4 * rstart[s])
     else:
         err = -1
     _grid_free(&g)
     free(heap)
+    free(vp)
     return err
 
 
@@ -844,42 +910,62 @@ def soft_nms(boxes, scores, batch, int method, double sigma, double iou_threshol
              double score_threshold, int nthreads):
     """Soft-NMS (method DECAY_GAUSSIAN or DECAY_LINEAR). Returns (indices, scores at selection,
     of the scores' dtype) in selection order, grouped by image; images run in parallel."""
-    return _soft(boxes, scores, batch, method, sigma, iou_threshold, score_threshold, None,
-                 nthreads)
+    return _soft(boxes, scores, batch, method, sigma, iou_threshold, score_threshold, nthreads)
+
+
+def softer_nms(boxes, scores, variances, batch, double sigma_t, int method, double sigma,
+               double iou_threshold, double score_threshold, int nthreads):
+    """Softer-NMS (method DECAY_GAUSSIAN, DECAY_LINEAR or DECAY_HARD) with variance voting.
+    Returns (indices, voted boxes (K, 4) of the boxes' dtype, scores at selection of the scores'
+    dtype) in selection order, grouped by image; images run in parallel."""
+    return _soft(boxes, scores, batch, method, sigma, iou_threshold, score_threshold, nthreads,
+                 variances=variances, sigma_t=sigma_t)
 
 
 def _soft(boxes, scores, batch, int method, double sigma, double iou_threshold,
-          double score_threshold, densities, int nthreads):
-    """soft_nms, and adaptive NMS's decays with ``densities`` (see _soft_sweep)."""
+          double score_threshold, int nthreads, densities=None, variances=None,
+          double sigma_t=1.0):
+    """soft_nms, adaptive NMS's decays with ``densities``, softer_nms with ``variances`` (then
+    the voted boxes come second in the result); see _soft_sweep."""
     rk = _Ranked(boxes, scores, batch, None, None)
     cdef Py_ssize_t m = rk.order.shape[0], S = rk.S
-    cur_np = np.ascontiguousarray(scores[rk.order], dtype=np.float64)
-    cdef double[::1] cur = np.append(cur_np, 0.0)
-    cdef double[:, ::1] rb = np.vstack([rk.rb, np.zeros((1, 4))])
-    cdef int64_t[::1] orig = np.append(rk.order, 0)
-    cdef int64_t[::1] rstart = rk.rstart
+    cdef double[::1] cur = np.append(scores[rk.order].astype(np.float64), 0.0)
+    cdef const double[:, ::1] rb = np.vstack([rk.rb, np.zeros((1, 4))])
+    cdef const int64_t[::1] orig = np.append(rk.order, 0)
+    cdef const int64_t[::1] rstart = rk.rstart
     cdef int64_t[::1] out_rank = np.empty(m + 1, dtype=np.int64)
     out_score_np = np.empty(m + 1, dtype=np.float64)
+    out_box_np = np.empty((m + 1 if variances is not None else 1, 4), dtype=np.float64)
     cdef double[::1] out_score = out_score_np
+    cdef double[:, ::1] out_box = out_box_np
     cdef int64_t[::1] cnt = np.zeros(S + 1, dtype=np.int64)
     cdef const double[::1] tv
-    cdef const double* tp = NULL
+    cdef const double[:, ::1] vv
+    cdef Soft a
     cdef double cellscale = CELL
     cdef int err = 0
+    a.method, a.sigma, a.thr, a.score_thr, a.sigma_t = (method, sigma, iou_threshold,
+                                                         score_threshold, sigma_t)
+    a.rb, a.rthr, a.rv = &rb[0, 0], NULL, NULL
     if densities is not None:
         tv = np.append(_thresholds(iou_threshold, densities[rk.order]), 0.0)
-        tp = &tv[0]
+        a.rthr = &tv[0]
+    if variances is not None:
+        vv = np.vstack([variances[rk.order].astype(np.float64), np.zeros((1, 4))])
+        a.rv = &vv[0, 0]
     if m:
         with nogil:
-            err = _soft_impl(&rb[0, 0], &rstart[0], m, S, &cur[0], &orig[0], method, sigma,
-                             iou_threshold, score_threshold, tp, &out_rank[0], &out_score[0],
-                             &cnt[0], cellscale, nthreads)
+            err = _soft_impl(&a, &rstart[0], m, S, &cur[0], &orig[0], &out_rank[0],
+                             &out_score[0], &out_box[0, 0], &cnt[0], cellscale, nthreads)
     if err:
         raise MemoryError()
     orr = np.asarray(out_rank)
     parts = [np.arange(rk.rstart[i], rk.rstart[i] + cnt[i]) for i in range(S)]
     sel = np.concatenate(parts).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
-    return rk.order[orr[sel]], out_score_np[sel].astype(scores.dtype)
+    res = (rk.order[orr[sel]], out_score_np[sel].astype(scores.dtype))
+    if variances is None:
+        return res
+    return res[0], out_box_np[sel].astype(boxes.dtype), res[1]
 
 
 cdef inline double _mkernel(double iou, int kernel, double sigma) noexcept nogil:
@@ -1060,7 +1146,7 @@ def adaptive_nms(boxes, scores, densities, batch, int method, double sigma,
     score_threshold (or NaN) never take part."""
     if method != DECAY_HARD:
         return _soft(boxes, scores, batch, method, sigma, iou_threshold, score_threshold,
-                     densities, nthreads)
+                     nthreads, densities=densities)
     # score >= score_threshold, in float64: score > the double just below it
     rk = _Ranked(boxes, scores, batch, None, np.nextafter(score_threshold, -np.inf))
     ranks, _ = _greedy(rk, batch, False, iou_threshold, CRIT_IOU, 1.0, scores.shape[0] + 1,

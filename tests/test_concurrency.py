@@ -38,8 +38,9 @@ def _inputs(read_only=False):
     boxes[:, 2:] = boxes[:, :2] + rng.uniform(1, 20, (300, 2))
     scores = rng.random(300).astype(f)
     classes = rng.integers(0, 5, 300)
+    var = rng.uniform(0.1, 4, (300, 4)).astype(f)
     (_ro if read_only else lambda *a: a)(x, w, b, mean, rstd, dy, rois, g_ra, g_ps, off_r, mask_r, xd, wd, offd, maskd, gd, boxes,
-        scores, classes)
+        scores, classes, var)
     F = fastnorm
     return {
         "group_norm": lambda: F.group_norm(x, 4, w, b, activation="silu"),
@@ -63,6 +64,7 @@ def _inputs(read_only=False):
         "diou_nms": lambda: F.diou_nms(boxes, scores, 0.5),
         "weighted_nms": lambda: F.weighted_nms(boxes, scores, 0.5),
         "soft_nms": lambda: F.soft_nms(boxes, scores),
+        "softer_nms": lambda: F.softer_nms(boxes, scores, var),
         "matrix_nms": lambda: F.matrix_nms(boxes, scores),
         "box_iou": lambda: F.box_iou(boxes, boxes[:50], metric="ciou"),
     }

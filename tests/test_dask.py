@@ -114,6 +114,15 @@ def test_nms_family_lists(client, rng):
                                                                idxs=labels)):
         np.testing.assert_array_equal(gk, rk)
         np.testing.assert_array_equal(gs, rs)
+    var = [rng.uniform(0.1, 2.0, b.shape) for b in boxes]
+    got = dask.compute(fd.softer_nms(list(boxes), list(scores), var, sigma_t=0.1,
+                                     images_per_task=3))[0]
+    ref = fastnorm.softer_nms(list(boxes), list(scores), var, sigma_t=0.1)
+    assert len(got) == B
+    for g, r in zip(got, ref):
+        assert len(g) == 3
+        for x, y in zip(g, r):
+            np.testing.assert_array_equal(x, y)
 
 
 def test_nms_family_batch_idx(client, rng):
@@ -132,10 +141,12 @@ def test_nms_family_batch_idx(client, rng):
                                   fastnorm.diou_nms(b, s, 0.4, max_output=5, batch_idx=batch))
     np.testing.assert_array_equal(fd.matrix_nms(bd, sd, **kw).compute(),
                                   fastnorm.matrix_nms(b, s, batch_idx=batch))
-    for name in ("weighted_nms", "soft_nms"):
-        args = (0.4,) if name == "weighted_nms" else ()
-        got = dask.compute(*getattr(fd, name)(bd, sd, *args, **kw))
+    var = rng.uniform(0.1, 2.0, (n, 4))
+    for name, args, dargs in (("weighted_nms", (0.4,), (0.4,)), ("soft_nms", (), ()),
+                              ("softer_nms", (var,), (da.from_array(var, chunks=(100, 4)),))):
+        got = dask.compute(*getattr(fd, name)(bd, sd, *dargs, **kw))
         ref = getattr(fastnorm, name)(b, s, *args, batch_idx=batch)
+        assert len(got) == len(ref)
         for g, r in zip(got, ref):
             np.testing.assert_array_equal(g, r, err_msg=name)
     # the variants with a further per-box array

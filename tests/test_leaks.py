@@ -34,6 +34,7 @@ def _cases():
     offd, gd = rng.standard_normal((1, 18, 2, 2)), rng.standard_normal((1, 3, 2, 2))
     boxes = np.array([[0, 0, 4, 4], [1, 1, 5, 5], [8, 8, 9, 9], [0, 0, 4, 4.5]], f)
     scores = np.array([0.9, 0.8, 0.7, np.nan])
+    var = np.array([[1, 2, 1, 0], [1, 1, np.inf, 1], [1, 1, 1, 1], [0.5, 1, 1, 1]], f)
     F = fastnorm
 
     def err(fn, *a, **k):
@@ -77,6 +78,9 @@ def _cases():
                          lambda: err(F.weighted_nms, boxes[:, :3], scores, 0.5)),
         "soft_nms": (lambda: F.soft_nms(boxes, scores, batch_idx=np.array([0, 0, 1, 1])),
                      lambda: err(F.soft_nms, boxes, scores, method="hard")),
+        "softer_nms": (lambda: F.softer_nms(boxes, scores, var,
+                                            batch_idx=np.array([0, 0, 1, 1])),
+                       lambda: err(F.softer_nms, boxes, scores, -var)),
         "matrix_nms": (lambda: F.matrix_nms(boxes, scores),
                        lambda: err(F.matrix_nms, boxes, scores, sigma=0.0)),
         "box_iou": (lambda: F.box_iou(boxes, boxes, metric="giou"),

@@ -3,9 +3,8 @@ import numpy as np
 import pytest
 
 import fastnorm
-from reference.nms import (batched, box_metric, greedy_nms, matrix, merge_by_score, soft,
-                           weighted)
-from reference.nms import adaptive, iou_guided
+from reference.nms import (adaptive, batched, box_metric, greedy_nms, iou_guided, matrix,
+                           merge_by_score, soft, softer, weighted)
 
 DTYPES = [np.float32, np.float64]
 
@@ -342,10 +341,12 @@ def test_cuda_host_synchronisations_do_not_grow_with_the_input(rng):
         b, s = clusters(rng, n, np.float32, side=300.0)
         idxs = emulator.asarray(rng.integers(0, 5, n))
         bd, sd = emulator.asarray(b), emulator.asarray(s)
+        vd = emulator.asarray(variances(rng, n, np.float32))
         row = []
         for f in (lambda: fastnorm.nms(bd, sd, 0.5),
                   lambda: fastnorm.batched_nms(bd, sd, idxs, 0.5),
-                  lambda: fastnorm.soft_nms(bd, sd), lambda: fastnorm.matrix_nms(bd, sd)):
+                  lambda: fastnorm.soft_nms(bd, sd), lambda: fastnorm.matrix_nms(bd, sd),
+                  lambda: fastnorm.softer_nms(bd, sd, vd)):
             with emulator.counting() as c:
                 f()
             row.append(c.syncs)
@@ -475,6 +476,159 @@ def test_box_iou(backend, rng, dtype, metric):
 def test_box_iou_nan(backend):
     a = backend.asarray(np.array([[0, 0, np.nan, 1]], np.float32))
     assert np.isnan(backend.asnumpy(fastnorm.box_iou(a, a))).all()
+
+
+# ---------------------------------------------------------------- softer_nms
+
+def variances(rng, n, dtype=np.float64):
+    """Box-coordinate variances over a factor of 80."""
+    return rng.uniform(0.05, 4.0, (n, 4)).astype(dtype)
+
+
+def softer_call(B, b, s, v, **kw):
+    """fastnorm.softer_nms on backend B, results as NumPy; checks the inputs are not modified."""
+    copies = [np.array(x, copy=True) for x in (b, s, v)]
+    res = B.asnumpy(fastnorm.softer_nms(*B.asarray((b, s, v)), **kw))
+    for x, c in zip((b, s, v), copies):
+        np.testing.assert_array_equal(x, c)
+    return res
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 300, 2500])
+@pytest.mark.parametrize("method,sigma_t", [("gaussian", 0.01), ("linear", 0.1), ("hard", 0.05)])
+def test_softer_nms_matches_oracle(backend, rng, dtype, n, method, sigma_t):
+    if backend.is_cuda and n == 2500:
+        n = 600                                   # the emulator
+    b, s = clusters(rng, n, dtype, tie_levels=20 if n > 100 else None)
+    v = variances(rng, n, dtype)
+    bd, sd, vd = backend.asarray((b, s, v))
+    keep, voted, sc = softer_call(backend, b, s, v, sigma_t=sigma_t, method=method,
+                                  score_threshold=0.01)
+    rk, rb, rs = softer(b, s, v, sigma_t, method, 0.5, 0.5, 0.01)
+    assert keep.dtype == np.int64 and voted.dtype == dtype and sc.dtype == dtype
+    assert voted.shape == (len(rk), 4)
+    np.testing.assert_array_equal(keep, rk)
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(voted, rb, rtol=tol, atol=1e-12)
+    np.testing.assert_allclose(sc, rs, rtol=tol)
+    if n >= 300:
+        assert not np.array_equal(voted, b[keep])          # something was actually voted
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softer_nms_batches_and_lists(backend, rng, dtype):
+    B = backend
+    n = 900 if backend.name == "cpu" else 300
+    b, s = clusters(rng, n, dtype, side=100.0)
+    v = variances(rng, n, dtype)
+    bi = rng.integers(0, 3, n)
+    bi[bi == 1] = 2                                       # an image without boxes
+    kw = dict(method="linear", sigma_t=0.05, iou_threshold=0.3, score_threshold=0.05)
+    k, vb, sc = B.asnumpy(fastnorm.softer_nms(*B.asarray((b, s, v)), batch_idx=B.asarray(bi),
+                                              **kw))
+    per = [(sel, softer_call(B, b[sel], s[sel], v[sel], **kw))
+           for sel in (np.flatnonzero(bi == i) for i in range(3))]
+    np.testing.assert_array_equal(k, np.concatenate([sel[r[0]] for sel, r in per]))
+    np.testing.assert_array_equal(vb, np.concatenate([r[1] for _, r in per]))
+    np.testing.assert_array_equal(sc, np.concatenate([r[2] for _, r in per]))
+    rk, rb, rs = softer(b[bi == 2], s[bi == 2], v[bi == 2], 0.05, "linear", 0.5, 0.3, 0.05)
+    np.testing.assert_array_equal(per[2][1][0], rk)
+    np.testing.assert_allclose(per[2][1][1], rb, rtol=1e-6 if dtype == np.float32 else 1e-12)
+    # per-image lists: a list of [keep, voted, scores], as the per-image calls
+    lists = [[x[bi == i] for i in range(3)] for x in (b, s, v)]
+    got = B.asnumpy(fastnorm.softer_nms(*B.asarray(lists), **kw))
+    assert len(got) == 3 and got[1][0].shape == (0,) and got[1][1].shape == (0, 4)
+    for g, (_, r) in zip(got, per):
+        for x, y in zip(g, r):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_softer_nms_edge_cases(backend):
+    B = backend
+
+    def run(b, s, v, **kw):
+        b, s, v = (np.asarray(x, np.float64) for x in (b, s, v))
+        return softer_call(B, b, s, np.broadcast_to(v, b.shape).copy(), **kw)
+
+    one = np.ones(4)
+    # empty input, and every score below the threshold: correctly shaped empties
+    for b, s in ((np.zeros((0, 4)), np.zeros(0)), ([[0, 0, 1, 1]] * 2, [0.1, np.nan])):
+        k, vb, sc = run(b, s, one, score_threshold=0.5)
+        assert k.shape == (0,) and k.dtype == np.int64 and vb.shape == (0, 4) and sc.shape == (0,)
+    # ties select the lower index first; identical boxes vote for themselves
+    b = [[0, 0, 10, 10]] * 3
+    k, vb, sc = run(b, [0.5] * 3, one, method="hard")
+    np.testing.assert_array_equal(k, [0])
+    np.testing.assert_array_equal(vb, [[0, 0, 10, 10]])
+    # NaN and degenerate boxes overlap nothing: selected on their own score, never decayed, and
+    # their voted box is themselves (bitwise); NaN scores are dropped
+    b = [[0, 0, 10, 10], [np.nan, 0, 10, 10], [5, 0, 5, 10], [10, 10, 0, 0], [1, 0, 11, 10],
+         [0, 0, 10, 10]]
+    s = [0.5, 0.9, 0.8, 0.7, 0.4, np.nan]
+    k, vb, sc = run(b, s, one, method="linear", iou_threshold=0.0)
+    np.testing.assert_array_equal(k, [1, 2, 3, 0, 4])
+    np.testing.assert_array_equal(vb[:3], np.asarray(b)[[1, 2, 3]])
+    np.testing.assert_array_equal(sc[:4], [0.9, 0.8, 0.7, 0.5])
+    assert 0 < vb[3, 0] < 1 and 10 < vb[3, 2] < 11 and sc[4] < 0.4
+    np.testing.assert_allclose(vb[3, [1, 3]], [0, 10], rtol=1e-15)
+    # variances: 0 is certain, inf and NaN give no say, nobody with a say keeps the coordinate
+    b = [[0, 0, 10, 10], [1, 1, 11, 11]]
+    v = [[np.inf, 0, 1, np.nan], [1, 1, 0, np.nan]]
+    k, vb, sc = run(b, [0.9, 0.8], v, sigma_t=1e9)
+    np.testing.assert_allclose(vb[0], [1, 0, 11, 10], rtol=1e-12)
+    rk, rb, rs = softer(np.array(b, float), np.array([0.9, 0.8]), np.array(v), 1e9)
+    np.testing.assert_array_equal(k, rk)
+    np.testing.assert_allclose(vb, rb, rtol=1e-12)
+    # weights are relative: scaled variances (also subnormal ones) give the same vote
+    rng = np.random.default_rng(5)
+    b, s = clusters(rng, 60, side=40.0)
+    v = variances(rng, 60)
+    ref = run(b, s, v, sigma_t=0.1)
+    for scale in (2.0 ** -1000, 2.0 ** 1000):
+        got = run(b, s, v * scale, sigma_t=0.1)
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_allclose(got[1], ref[1], rtol=1e-12)
+    np.testing.assert_array_equal(run(b, s, np.full(4, 5e-324), sigma_t=0.1)[1],
+                                  run(b, s, one, sigma_t=0.1)[1])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_softer_nms_half_types(cuda_backend, rng, dtype):
+    B = cuda_backend
+    b, s = clusters(rng, 300, side=100.0, tie_levels=30)
+    (bl, sl, vl), (b64, s64, v64) = rounded(dtype, b, s, variances(rng, 300))
+    k, vb, sc = B.asnumpy(fastnorm.softer_nms(*B.asarray((bl, sl, vl)), sigma_t=0.1,
+                                              score_threshold=0.05))
+    rk, rb, rs = softer(b64, s64, v64, 0.1, "gaussian", 0.5, 0.5, 0.05)
+    np.testing.assert_array_equal(k, rk)
+    assert vb.dtype == sc.dtype == _dtype(dtype) and vb.shape == (len(rk), 4)
+    np.testing.assert_allclose(vb.astype(np.float64), rb, rtol=1e-2)
+    np.testing.assert_allclose(sc.astype(np.float64), rs, rtol=1e-2)
+
+
+def test_softer_nms_errors(backend):
+    A = backend.asarray
+    b = A(np.zeros((3, 4), np.float32))
+    s = A(np.zeros(3, np.float32))
+    v = A(np.ones((3, 4), np.float32))
+    with pytest.raises(ValueError, match="`method`"):
+        fastnorm.softer_nms(b, s, v, method="box")
+    for bad in (0.0, -1.0, np.nan):
+        with pytest.raises(ValueError, match="`sigma_t`"):
+            fastnorm.softer_nms(b, s, v, sigma_t=bad)
+    with pytest.raises(ValueError, match="`variances`"):
+        fastnorm.softer_nms(b, s, A(-np.ones((3, 4), np.float32)))
+    with pytest.raises(ValueError, match="`variances`"):
+        fastnorm.softer_nms(b, s, A(np.ones((3, 2), np.float32)))
+    with pytest.raises(TypeError, match="`variances`"):
+        fastnorm.softer_nms(b, s, A(np.ones((3, 4), np.float64)))
+    with pytest.raises(TypeError, match="`variances`"):
+        fastnorm.softer_nms(b, s, None)
+    with pytest.raises(ValueError, match="`variances`"):
+        fastnorm.softer_nms([b, b], [s, s], [v])
+    with pytest.raises(ValueError, match=r"`variances\[1\]`"):
+        fastnorm.softer_nms([b, b], [s, s], [v, v[:2]])
 
 
 # ---------------------------------------------------------------- interop and errors

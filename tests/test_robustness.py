@@ -630,6 +630,59 @@ def test_score_decay_and_iou_hostile(backend, op, data):
         np.testing.assert_allclose(new, ks, rtol=1e-12)
 
 
+@fuzz
+@given(data=st.data())
+def test_softer_nms_hostile(backend, data):
+    boxes, scores, flav, rng = data.draw(boxes_case())
+    n = len(boxes)
+    var = np.abs(data.draw(arrays((n, 4), boxes.dtype, data.draw(st.sampled_from(
+        ["plain", "plain", "plain", "ties", "special", "huge", "tiny", "denormal"])))))
+    if n and data.draw(st.booleans()):              # certain coordinates
+        var = np.where(rng.random((n, 4)) < 0.2, 0.0, var).astype(boxes.dtype)
+    kw = dict(sigma_t=data.draw(st.sampled_from([0.01, 0.5, 1e-300, 1e300])),
+              method=data.draw(st.sampled_from(["gaussian", "linear", "hard"])),
+              sigma=data.draw(st.sampled_from([0.5, 0.01])),
+              iou_threshold=data.draw(st.sampled_from([0.0, 0.3, 1.0])),
+              score_threshold=data.draw(st.sampled_from([0.001, 0.0, -1.0, 0.5])))
+    (boxes, scores), err = _box_errors(data.draw, boxes, scores, kw)
+    bad = data.draw(st.sampled_from([None] * 6 + list(range(5)))) if err is None else None
+    if bad == 0:
+        kw["sigma_t"], err = data.draw(st.sampled_from([0.0, -1.0, np.nan])), (ValueError,
+                                                                                 "sigma_t")
+    elif bad == 1:
+        kw["method"], err = "box", (ValueError, "method")
+    elif bad == 2 and n:
+        var, err = -var - 1, (ValueError, "variances")
+    elif bad == 3:
+        var, err = np.ones((n, 2), var.dtype), (ValueError, "variances")
+    elif bad == 4:
+        with np.errstate(over="ignore"):
+            var = var.astype(np.float32 if var.dtype == np.float64 else np.float64)
+        err = (TypeError, "variances")
+    res = _run(fastnorm.softer_nms, (boxes, scores, var), kw, err, backend)
+    if res is None:
+        return
+    keep, voted, new = res
+    _check_keep(keep, scores, n)
+    assert voted.shape == (len(keep), 4) and voted.dtype == boxes.dtype
+    assert new.shape == keep.shape and new.dtype == scores.dtype
+    assert (new >= kw["score_threshold"]).all()
+    b64, v64 = np.asarray(boxes, np.float64), np.asarray(var, np.float64)
+    if n and _finite(boxes):                        # weighted means of the boxes' coordinates
+        lo, hi = b64.min(0), b64.max(0)
+        slack = _tol(boxes.dtype) * np.maximum(np.abs(lo), np.abs(hi))
+        assert ((voted >= lo - slack) & (voted <= hi + slack)).all()
+    pos = v64[np.isfinite(v64) & (v64 > 0)]         # the oracle's p / v must not overflow
+    if not np.isinf(b64).any() and flav in ("plain", "special") and "batch_idx" not in kw \
+            and ((pos > 1e-150) & (pos < 1e150)).all():
+        ki, kb, ks = ref_nms.softer(b64, np.asarray(scores, np.float64), v64, kw["sigma_t"],
+                                    kw["method"], kw["sigma"], kw["iou_threshold"],
+                                    kw["score_threshold"])
+        np.testing.assert_array_equal(keep, ki)
+        np.testing.assert_allclose(voted, kb, rtol=_tol(boxes.dtype), atol=1e-12)
+        np.testing.assert_allclose(new, ks, rtol=_tol(scores.dtype))
+
+
 # ---------------------------------------------------------------- deformable convolution
 
 @st.composite
@@ -719,7 +772,7 @@ def test_matrix_nms_nan_box_overlaps_nothing(backend):
 def test_every_public_function_is_fuzzed():
     """A new public op must get a property test here."""
     covered = {"group_norm", "group_norm_backward", "deform_conv2d", "deform_conv2d_backward",
-               "box_iou", "soft_nms", "matrix_nms", *GREEDY, *ROI_OPS,
+               "box_iou", "soft_nms", "matrix_nms", "softer_nms", *GREEDY, *ROI_OPS,
                *(f"{op}_backward" for op in ROI_OPS)}
     public = {n for n in fastnorm.__all__ if callable(getattr(fastnorm, n))} - {
         "info", "get_num_threads", "set_num_threads", "threads",           # configuration,

@@ -59,6 +59,7 @@ __device__ __forceinline__ void load_box(const T* boxes, i64 r, double* out) {
 }
 
 __device__ __forceinline__ double quiet_nan() { return __longlong_as_double(0x7ff8000000000000LL); }
+__device__ __forceinline__ double infinity() { return __longlong_as_double(0x7ff0000000000000LL); }
 
 // ------------------------------------------------------------------ greedy NMS
 //
@@ -271,8 +272,8 @@ __global__ void matrix_decay(const T* __restrict__ boxes, const i64* __restrict_
     }
 }
 
-// ------------------------------------------------------------------ Soft-NMS
-
+// ------------------------------------------------------------------ Soft-NMS and Softer-NMS
+//
 // One block (SOFT_THREADS threads) per segment [rstart[b], rstart[b+1]) of ranked boxes:
 // repeatedly select the live box of highest current score (ties: lower input index orig), then
 // decay the other live boxes and drop those below score_thr. cur: current scores (double,
@@ -280,6 +281,50 @@ __global__ void matrix_decay(const T* __restrict__ boxes, const i64* __restrict_
 // on; count[b]: how many were selected. With rthr (adaptive NMS), a selected rank b decays only
 // the boxes whose IoU with it is > rthr[b], with either method.
 const int SOFT_THREADS = 256;      // SOFT_THREADS in nms.py
+
+// The live rank of [r0, r1) of highest cur (ties: lower orig), -1 when none; its score in *score.
+// Called by the whole block; sh*: SOFT_THREADS-sized shared scratch.
+__device__ __forceinline__ i64 seg_argmax(i64 r0, i64 r1, const i64* __restrict__ orig,
+                                          const double* __restrict__ cur,
+                                          const unsigned char* __restrict__ alive, double* bs,
+                                          i64* bo, i64* br, double* score) {
+    const int t = threadIdx.x;
+    i64 b = -1, bor = 0;
+    double bsc = 0;
+    for (i64 r = r0 + t; r < r1; r += SOFT_THREADS)
+        if (alive[r] && (b < 0 || cur[r] > bsc || (cur[r] == bsc && orig[r] < bor))) {
+            b = r; bsc = cur[r]; bor = orig[r];
+        }
+    bs[t] = bsc; bo[t] = bor; br[t] = b;
+    __syncthreads();
+    for (int h = SOFT_THREADS / 2; h > 0; h >>= 1) {
+        if (t < h && br[t + h] >= 0 &&
+            (br[t] < 0 || bs[t + h] > bs[t] || (bs[t + h] == bs[t] && bo[t + h] < bo[t]))) {
+            bs[t] = bs[t + h]; bo[t] = bo[t + h]; br[t] = br[t + h];
+        }
+        __syncthreads();
+    }
+    b = br[0];
+    *score = bs[0];
+    __syncthreads();                           // everyone has read the winner
+    return b;
+}
+
+// Decay (or, DECAY_HARD, remove) a live box of IoU iou > 0 with the selected one, as the CPU's
+// _soft_sweep: "linear" and "hard" act when iou > thr, "gaussian" on every overlap unless gated
+// (adaptive NMS: only above the selected box's own threshold thr); a box whose score falls below
+// score_thr is dropped.
+__device__ __forceinline__ void decay(double* cur, unsigned char* alive, double iou, int method,
+                                      double sigma, double thr, bool gated, double score_thr) {
+    if ((method != DECAY_GAUSSIAN || gated) && !(iou > thr)) return;
+    if (method == DECAY_HARD) {
+        *alive = 0;
+        return;
+    }
+    *cur *= method == DECAY_GAUSSIAN ? exp(-iou * iou / sigma) : 1.0 - iou;
+    if (!(*cur >= score_thr)) *alive = 0;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(SOFT_THREADS)
 soft_nms_seg(const T* __restrict__ boxes, const i64* __restrict__ rstart,
@@ -295,24 +340,8 @@ soft_nms_seg(const T* __restrict__ boxes, const i64* __restrict__ rstart,
     __syncthreads();
     i64 n = 0;
     while (true) {
-        i64 b = -1, bor = 0;
-        double bsc = 0;
-        for (i64 r = r0 + t; r < r1; r += SOFT_THREADS)
-            if (alive[r] && (b < 0 || cur[r] > bsc || (cur[r] == bsc && orig[r] < bor))) {
-                b = r; bsc = cur[r]; bor = orig[r];
-            }
-        bs[t] = bsc; bo[t] = bor; br[t] = b;
-        __syncthreads();
-        for (int h = SOFT_THREADS / 2; h > 0; h >>= 1) {
-            if (t < h && br[t + h] >= 0 &&
-                (br[t] < 0 || bs[t + h] > bs[t] || (bs[t + h] == bs[t] && bo[t + h] < bo[t]))) {
-                bs[t] = bs[t + h]; bo[t] = bo[t + h]; br[t] = br[t + h];
-            }
-            __syncthreads();
-        }
-        b = br[0];
-        bsc = bs[0];
-        __syncthreads();                       // everyone has read the winner
+        double bsc;
+        const i64 b = seg_argmax(r0, r1, orig, cur, alive, bs, bo, br, &bsc);
         if (b < 0) break;
         if (t == 0) {
             alive[b] = 0;
@@ -328,11 +357,118 @@ soft_nms_seg(const T* __restrict__ boxes, const i64* __restrict__ rstart,
             double q[4];
             load_box(boxes, j, q);
             const double iou = box_iou(p, pa, q, box_area(q));
-            if (!(iou > 0)) continue;
-            if ((method == DECAY_LINEAR || rthr) && !(iou > bt)) continue;
-            cur[j] *= method == DECAY_GAUSSIAN ? exp(-iou * iou / sigma) : 1.0 - iou;
-            if (!(cur[j] >= score_thr)) alive[j] = 0;
+            if (iou > 0) decay(&cur[j], &alive[j], iou, method, sigma, bt, rthr != nullptr, score_thr);
         }
+        __syncthreads();
+    }
+    if (t == 0) count[blockIdx.x] = n;
+}
+
+// Variance voting: the weight p / v of a voter (p > 0 its IoU weight, v its variance of the
+// coordinate) scaled by the smallest variance vmin of the voters (ratios <= 1: no overflow);
+// vmin == 0: only the zero-variance voters count; a NaN variance gives no weight (as the CPU's
+// _vote_weight).
+__device__ __forceinline__ double vote_weight(double p, double v, double vmin) {
+    if (p == 0) return 0.0;
+    if (vmin == 0) return v == 0 ? p : 0.0;
+    return v == v ? p * (vmin / v) : 0.0;
+}
+
+// Block-wide reduction (fixed tree, deterministic) of K values per thread, minimum or sum;
+// every thread gets the results in v. sh: K * SOFT_THREADS shared doubles.
+template <int K, bool MIN>
+__device__ __forceinline__ void block_reduce(double* v, double* sh) {
+    const int t = threadIdx.x;
+    for (int k = 0; k < K; ++k) sh[k * SOFT_THREADS + t] = v[k];
+    __syncthreads();
+    for (int h = SOFT_THREADS / 2; h > 0; h >>= 1) {
+        if (t < h)
+            for (int k = 0; k < K; ++k) {
+                double& a = sh[k * SOFT_THREADS + t];
+                const double b = sh[k * SOFT_THREADS + t + h];
+                a = MIN ? (b < a ? b : a) : a + b;
+            }
+        __syncthreads();
+    }
+    for (int k = 0; k < K; ++k) v[k] = sh[k * SOFT_THREADS];
+    __syncthreads();
+}
+
+// Softer-NMS (Soft-NMS with variance voting): as soft_nms_seg, and the selected box M's
+// coordinates become, per coordinate k, the mean of M (weight 1) and of the live boxes i with
+// IoU(M, i) > 0 (weight p_i = exp(-(1 - IoU)^2 / sigma_t)), weighted by p / var[., k]; a
+// coordinate for which no voter has a finite variance stays. var: variances in rank order;
+// out_box: the voted boxes, in selection order as out_rank; viou: scratch (IoU with M per rank).
+template <typename T>
+__global__ void __launch_bounds__(SOFT_THREADS)
+softer_nms_seg(const T* __restrict__ boxes, const T* __restrict__ var,
+               const i64* __restrict__ rstart, const i64* __restrict__ orig,
+               double* __restrict__ cur, double* __restrict__ viou,
+               unsigned char* __restrict__ alive, double sigma_t, int method, double sigma,
+               double thr, double score_thr, i64* __restrict__ out_rank,
+               double* __restrict__ out_score, T* __restrict__ out_box, i64* __restrict__ count) {
+    typedef typename acc<T>::type A;
+    __shared__ double bs[SOFT_THREADS], red[8 * SOFT_THREADS];
+    __shared__ i64 bo[SOFT_THREADS], br[SOFT_THREADS];
+    const i64 r0 = rstart[blockIdx.x], r1 = rstart[blockIdx.x + 1];
+    const int t = threadIdx.x;
+    for (i64 r = r0 + t; r < r1; r += SOFT_THREADS) alive[r] = cur[r] >= score_thr;
+    __syncthreads();
+    i64 n = 0;
+    while (true) {
+        double bsc;
+        const i64 b = seg_argmax(r0, r1, orig, cur, alive, bs, bo, br, &bsc);
+        if (b < 0) break;
+        double p[4], mv[4], vmin[4], acc8[8];
+        load_box(boxes, b, p);
+        load_box(var, b, mv);
+        const double pa = box_area(p);
+        // the voters (their IoU with M in viou) and the smallest variance of each coordinate
+        const double inf = infinity();
+        for (int k = 0; k < 4; ++k) vmin[k] = mv[k] < inf ? mv[k] : inf;
+        for (i64 j = r0 + t; j < r1; j += SOFT_THREADS) {
+            double iou = 0;
+            if (j != b && alive[j]) {
+                double q[4];
+                load_box(boxes, j, q);
+                iou = box_iou(p, pa, q, box_area(q));
+                if (iou > 0 && exp(-(1.0 - iou) * (1.0 - iou) / sigma_t) > 0)
+                    for (int k = 0; k < 4; ++k) {
+                        const double v = (double)load(var + 4 * j + k);
+                        if (v < vmin[k]) vmin[k] = v;
+                    }
+            }
+            viou[j] = iou;
+        }
+        block_reduce<4, true>(vmin, red);
+        // the weighted sums (M's own term from thread 0; -0.0, the exact identity of the sum,
+        // elsewhere: a box without voters is itself, bitwise), then the decays
+        for (int k = 0; k < 4; ++k) {
+            const double w = vote_weight(1.0, mv[k], vmin[k]);
+            acc8[k] = t == 0 ? w * p[k] : -0.0;
+            acc8[4 + k] = t == 0 ? w : -0.0;
+        }
+        for (i64 j = r0 + t; j < r1; j += SOFT_THREADS) {
+            const double iou = viou[j];
+            if (!(iou > 0)) continue;
+            const double pj = exp(-(1.0 - iou) * (1.0 - iou) / sigma_t);
+            for (int k = 0; k < 4; ++k) {
+                const double w = vote_weight(pj, (double)load(var + 4 * j + k), vmin[k]);
+                acc8[k] += w * (double)load(boxes + 4 * j + k);
+                acc8[4 + k] += w;
+            }
+            decay(&cur[j], &alive[j], iou, method, sigma, thr, false, score_thr);
+        }
+        block_reduce<8, false>(acc8, red);
+        if (t == 0) {
+            alive[b] = 0;
+            out_rank[r0 + n] = b;
+            out_score[r0 + n] = bsc;
+            for (int k = 0; k < 4; ++k)
+                store(out_box + 4 * (r0 + n) + k,
+                      vmin[k] < inf ? (A)(acc8[k] / acc8[4 + k]) : load(boxes + 4 * b + k));
+        }
+        ++n;
         __syncthreads();
     }
     if (t == 0) count[blockIdx.x] = n;

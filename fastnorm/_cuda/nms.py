@@ -9,8 +9,9 @@ Memory is O(m) plus one chunk's mask, at most about :data:`MASK_BYTES`; no host 
 but the sizes (candidates, segment table, kept boxes). weighted_nms adds ``nms_assign`` (each
 box's first kept suppressor) and ``weighted_fuse`` (per-cluster weighted mean in the CPU's
 summation order, after a stable sort of the boxes by cluster); soft_nms runs ``soft_nms_seg``,
-one block per image, which selects (block argmax) and decays on the device. Decisions are made
-in double, as on the CPU.
+one block per image, which selects (block argmax) and decays on the device; softer_nms runs
+``softer_nms_seg``, the same with the variance vote of each selected box (block reductions).
+Decisions are made in double, as on the CPU.
 """
 import numpy as np
 
@@ -19,7 +20,8 @@ from . import ctype, cupy, function, i64, instantiate, launch, run
 
 _NS = "fastnorm::nms::"
 _KERNELS = ("nms_mask<{}>", "nms_assign<{}>", "box_metric<{}>", "matrix_comp<{}>",
-            "matrix_decay<{}>", "weighted_fuse<{}>", "soft_nms_seg<{}>", "cluster_max<{}>")
+            "matrix_decay<{}>", "weighted_fuse<{}>", "soft_nms_seg<{}>", "softer_nms_seg<{}>",
+            "cluster_max<{}>")
 _EXPRS = [_NS + e for k in _KERNELS for e in instantiate(k)] + [_NS + "nms_sweep"]
 SOFT_THREADS = 256          # SOFT_THREADS in nms.cu
 _SWEEP_THREADS = 256
@@ -222,30 +224,48 @@ def _clusters(cp, rb, keep, seg, rstart, kept, iou_threshold):
 
 
 def soft_nms(boxes, scores, batch, method, sigma, iou_threshold, score_threshold, nthreads):
+    return _soft(cupy(), boxes, scores, batch, method, sigma, iou_threshold, score_threshold)
+
+
+def softer_nms(boxes, scores, variances, batch, sigma_t, method, sigma, iou_threshold,
+               score_threshold, nthreads):
     return _soft(cupy(), boxes, scores, batch, method, sigma, iou_threshold, score_threshold,
-                 None)
+                 variances=variances, sigma_t=sigma_t)
 
 
-def _soft(cp, boxes, scores, batch, method, sigma, iou_threshold, score_threshold, densities):
-    """soft_nms, and adaptive NMS's decays with ``densities`` (see soft_nms_seg)."""
+def _soft(cp, boxes, scores, batch, method, sigma, iou_threshold, score_threshold,
+          densities=None, variances=None, sigma_t=None):
+    """soft_nms_seg, one block per image (adaptive NMS's decays with ``densities``), or
+    softer_nms_seg with ``variances``: (indices, scores at selection), or (indices, voted boxes,
+    scores at selection) with variances."""
     order, seg, rstart = _rank(cp, scores, batch, None, None)
     m = order.shape[0]
     sel = cp.empty(0, dtype=cp.int64)
     out_rank = cp.empty(m, dtype=cp.int64)
     out_score = cp.empty(m, dtype=cp.float64)
+    out_box = cp.empty((0 if variances is None else m, 4), dtype=boxes.dtype)
     if m:
         S = rstart.shape[0] - 1
         rb = cp.ascontiguousarray(boxes[order])
         cur = cp.ascontiguousarray(scores[order].astype(cp.float64))
         alive = cp.zeros(m, dtype=cp.uint8)
         count = cp.zeros(S, dtype=cp.int64)
-        rthr = _thresholds(cp, iou_threshold, densities, order)
-        run(_fn("soft_nms_seg<{}>", boxes.dtype), S, SOFT_THREADS,
-            (rb, rstart, order, cur, alive, rthr, np.int32(method), np.float64(sigma),
-             np.float64(iou_threshold), np.float64(score_threshold), out_rank, out_score, count))
+        decays = (np.int32(method), np.float64(sigma), np.float64(iou_threshold),
+                  np.float64(score_threshold))
+        if variances is None:
+            rthr = _thresholds(cp, iou_threshold, densities, order)
+            run(_fn("soft_nms_seg<{}>", boxes.dtype), S, SOFT_THREADS,
+                (rb, rstart, order, cur, alive, rthr, *decays, out_rank, out_score, count))
+        else:
+            rv = cp.ascontiguousarray(variances[order])
+            viou = cp.empty(m, dtype=cp.float64)
+            run(_fn("softer_nms_seg<{}>", boxes.dtype), S, SOFT_THREADS,
+                (rb, rv, rstart, order, cur, viou, alive, np.float64(sigma_t), *decays,
+                 out_rank, out_score, out_box, count))
         pos = cp.arange(m, dtype=cp.int64) - rstart[seg]
         sel = cp.flatnonzero(pos < count[seg])
-    return order[out_rank[sel]], out_score[sel].astype(scores.dtype)
+    res = (order[out_rank[sel]], out_score[sel].astype(scores.dtype))
+    return res if variances is None else (res[0], out_box[sel], res[1])
 
 
 def matrix_nms(boxes, scores, batch, kernel, sigma, nthreads):

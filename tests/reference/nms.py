@@ -236,18 +236,14 @@ def box_metric(a, b, metric):
 
 @njit(cache=True)
 def overlap(a, b):
-    """IoU as documented: 0 when either box has a NaN coordinate, x2 <= x1 or y2 <= y1."""
-    for k in range(4):
-        if math.isnan(a[k]) or math.isnan(b[k]):
-            return 0.0
-    if not (a[2] > a[0] and a[3] > a[1] and b[2] > b[0] and b[3] > b[1]):
+    """IoU of two boxes of positive area, else 0 (degenerate and NaN boxes overlap nothing);
+    0 too when it is not a positive number (infinite boxes)."""
+    aa, ab = _area(a), _area(b)
+    if not (aa > 0 and ab > 0):
         return 0.0
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    if w <= 0 or h <= 0:
-        return 0.0
-    inter = w * h
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+    inter = _inter(a, b)
+    r = inter / (aa + ab - inter) if inter > 0 else 0.0
+    return r if r > 0 else 0.0
 
 
 @njit(cache=True)
@@ -352,3 +348,76 @@ def adaptive(boxes, scores, dens, thr, method="hard", sigma=0.5, score_thr=0.001
                   np.asarray(dens, np.float64), ["gaussian", "linear", "hard"].index(method),
                   sigma, thr, score_thr, oi, os_)
     return oi[:c], os_[:c]
+
+
+# ---------------------------------------------------------------- Softer-NMS (variance voting)
+
+@njit(cache=True)
+def _softer(boxes, scores, var, sigma_t, method, sigma, thr, score_thr, out_i, out_b, out_s):
+    n = scores.shape[0]
+    cur = scores.copy()
+    alive = np.zeros(n, dtype=np.bool_)
+    for i in range(n):
+        alive[i] = cur[i] >= score_thr
+    count = 0
+    while True:
+        best = -1
+        for i in range(n):
+            if alive[i] and (best < 0 or cur[i] > cur[best]):   # index order: ties -> lower
+                best = i
+        if best < 0:
+            break
+        alive[best] = False
+        out_i[count] = best
+        out_s[count] = cur[best]
+        # vote: best itself (p = 1) and the live boxes overlapping it, per coordinate weighted
+        # by p / variance; zero variances are certain (only they count), NaN/inf ones count not
+        for k in range(4):
+            num, den, cnum, cden = 0.0, 0.0, 0.0, 0.0
+            for j in range(n):
+                if j == best:
+                    p = 1.0
+                elif alive[j] and overlap(boxes[best], boxes[j]) > 0:
+                    p = math.exp(-(1 - overlap(boxes[best], boxes[j])) ** 2 / sigma_t)
+                else:
+                    continue
+                v = var[j, k]
+                if p > 0 and v == 0:
+                    cnum += p * boxes[j, k]
+                    cden += p
+                elif p > 0 and 0 < v < math.inf:
+                    num += p / v * boxes[j, k]
+                    den += p / v
+            if cden > 0:
+                out_b[count, k] = cnum / cden
+            elif den > 0:
+                out_b[count, k] = num / den
+            else:
+                out_b[count, k] = boxes[best, k]
+        count += 1
+        for j in range(n):
+            if not alive[j]:
+                continue
+            iou = overlap(boxes[best], boxes[j])
+            if method == 2:
+                if iou > thr:
+                    alive[j] = False
+                continue
+            if method == 0:
+                cur[j] *= math.exp(-iou * iou / sigma)
+            elif iou > thr:
+                cur[j] *= 1 - iou
+            if not cur[j] >= score_thr:
+                alive[j] = False
+    return count
+
+
+def softer(boxes, scores, variances, sigma_t=0.01, method="gaussian", sigma=0.5, thr=0.5,
+           score_thr=0.001):
+    """Softer-NMS: (indices in selection order, voted boxes, scores at selection), float64."""
+    n = len(scores)
+    oi, ob, os_ = np.empty(n, np.int64), np.empty((n, 4)), np.empty(n)
+    c = _softer(np.asarray(boxes, np.float64), np.asarray(scores, np.float64),
+                np.asarray(variances, np.float64), sigma_t,
+                ["gaussian", "linear", "hard"].index(method), sigma, thr, score_thr, oi, ob, os_)
+    return oi[:c], ob[:c], os_[:c]

@@ -65,6 +65,9 @@ def _inputs(read_only=False):
         "weighted_nms": lambda: F.weighted_nms(boxes, scores, 0.5),
         "soft_nms": lambda: F.soft_nms(boxes, scores),
         "softer_nms": lambda: F.softer_nms(boxes, scores, var),
+        "iou_guided_nms": lambda: F.iou_guided_nms(boxes, scores, scores[::-1], 0.5,
+                                                   idxs=classes),
+        "adaptive_nms": lambda: F.adaptive_nms(boxes, scores, scores[::-1], 0.5),
         "matrix_nms": lambda: F.matrix_nms(boxes, scores),
         "box_iou": lambda: F.box_iou(boxes, boxes[:50], metric="ciou"),
     }

@@ -683,6 +683,59 @@ def test_softer_nms_hostile(backend, data):
         np.testing.assert_allclose(new, ks, rtol=_tol(scores.dtype))
 
 
+@pytest.mark.parametrize("op", ["iou_guided_nms", "adaptive_nms"])
+@fuzz
+@given(data=st.data())
+def test_guided_and_adaptive_nms_hostile(backend, op, data):
+    boxes, scores, flav, rng = data.draw(boxes_case())
+    n = len(boxes)
+    name = "localization" if op == "iou_guided_nms" else "densities"
+    extra = data.draw(arrays((n,), scores.dtype, data.draw(st.sampled_from(
+        ["plain", "plain", "ties", "special", "huge"]))))
+    kw = dict(iou_threshold=data.draw(st.sampled_from([0.0, 0.3, 0.5, 1.0])))
+    if op == "iou_guided_nms":
+        kw.update(score_threshold=data.draw(st.sampled_from([None, None, 0.2])),
+                  max_output=data.draw(st.sampled_from([None, None, 0, 3])))
+        if data.draw(st.booleans()):
+            kw["idxs"] = rng.integers(-1, 3, n)
+    else:
+        kw.update(method=data.draw(st.sampled_from(["hard", "linear", "gaussian"])),
+                  score_threshold=data.draw(st.sampled_from([0.001, 0.0, -1.0, 0.5])))
+    if data.draw(st.booleans()):
+        kw["batch_idx"] = rng.integers(0, 3, n)
+    (boxes, scores), err = _box_errors(data.draw, boxes, scores, kw)
+    bad = data.draw(st.sampled_from([None] * 6 + [0, 1])) if err is None else None
+    if bad == 0:
+        extra, err = np.ones(n + 1, extra.dtype), (ValueError, name)
+    elif bad == 1:
+        with np.errstate(over="ignore"):
+            extra = extra.astype(np.float32 if extra.dtype == np.float64 else np.float64)
+        err = (TypeError, name)
+    res = _run(getattr(fastnorm, op), (boxes, scores, extra), kw, err, backend)
+    if res is None:
+        return
+    soft = op == "iou_guided_nms" or kw["method"] != "hard"
+    keep, new = res if soft else (res, None)
+    nimg = len(np.unique(kw["batch_idx"])) if "batch_idx" in kw else 1
+    cap = kw.get("max_output")
+    _check_keep(keep, scores, n, None if cap is None else cap * nimg)
+    if new is not None:
+        assert new.shape == keep.shape and new.dtype == scores.dtype
+    b64, s64, e64 = (np.asarray(a, np.float64) for a in (boxes, scores, extra))
+    if np.isinf(b64).any() or (flav == "denormal" and boxes.dtype == np.float64) \
+            or "batch_idx" in kw:
+        return
+    if op == "iou_guided_nms":
+        ki, ks = ref_nms.iou_guided(b64, s64, e64, kw["iou_threshold"], idxs=kw.get("idxs"),
+                                    score_threshold=kw["score_threshold"], max_output=cap)
+    else:
+        ki, ks = ref_nms.adaptive(b64, s64, e64, kw["iou_threshold"], kw["method"], 0.5,
+                                  kw["score_threshold"])
+    np.testing.assert_array_equal(keep, ki)
+    if new is not None and not np.isinf(s64).any():
+        np.testing.assert_allclose(new, ks, rtol=_tol(scores.dtype))
+
+
 # ---------------------------------------------------------------- deformable convolution
 
 @st.composite
@@ -772,7 +825,8 @@ def test_matrix_nms_nan_box_overlaps_nothing(backend):
 def test_every_public_function_is_fuzzed():
     """A new public op must get a property test here."""
     covered = {"group_norm", "group_norm_backward", "deform_conv2d", "deform_conv2d_backward",
-               "box_iou", "soft_nms", "matrix_nms", "softer_nms", *GREEDY, *ROI_OPS,
+               "box_iou", "soft_nms", "matrix_nms", "softer_nms", "iou_guided_nms",
+               "adaptive_nms", *GREEDY, *ROI_OPS,
                *(f"{op}_backward" for op in ROI_OPS)}
     public = {n for n in fastnorm.__all__ if callable(getattr(fastnorm, n))} - {
         "info", "get_num_threads", "set_num_threads", "threads",           # configuration,

@@ -30,7 +30,7 @@ their differences and products are exact in float64), as ``inter / (area_a + are
 import numpy as np
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.math cimport exp, sqrt, atan2, pow, isnan, NAN, INFINITY, M_PI
+from libc.math cimport exp, sqrt, atan2, pow, isnan, nextafterf, NAN, INFINITY, M_PI
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
 from libc.float cimport DBL_MAX
@@ -867,13 +867,27 @@ cdef inline const floating* _cand_box(const floating* boxes, Py_ssize_t b, Py_ss
     return boxes + 4 * (b * N + f // C)
 
 
+cdef inline float _thr32(double thr) noexcept nogil:
+    """The largest float <= thr: a float s is > thr (compared in double) exactly when it is >
+    this, so that the candidate scans compare in float (vectorised)."""
+    cdef float t = <float>thr
+    if <double>t > thr:
+        t = nextafterf(t, -INFINITY)
+    return t
+
+
 cdef Py_ssize_t _count_cands(const floating* s, Py_ssize_t nc, bint use_thr,
                              double thr) noexcept nogil:
     """How many of s[0:nc] are candidates: score > thr, or (no threshold) not NaN."""
     cdef Py_ssize_t f, k = 0
+    cdef floating t
+    if floating is float:
+        t = _thr32(thr)
+    else:
+        t = thr
     if use_thr:
         for f in range(nc):
-            k += s[f] > thr
+            k += s[f] > t
     else:
         for f in range(nc):
             k += s[f] == s[f]
@@ -889,8 +903,13 @@ cdef void _rank_image(const floating* s, Py_ssize_t nc, Py_ssize_t C, bint use_t
     (class, i) -- by i alone when agnostic -- with order[r] = f and spos[r] = i; rstart[c] the
     first rank of class c (rstart[0] only when agnostic); cur: C counters."""
     cdef Py_ssize_t f, m = 0, i, c, run, t
+    cdef floating lo
+    if floating is float:
+        lo = _thr32(thr)
+    else:
+        lo = thr
     for f in range(nc):
-        if (s[f] > thr) if use_thr else (s[f] == s[f]):
+        if (s[f] > lo) if use_thr else (s[f] == s[f]):
             if floating is float:
                 key[m] = _desc_key32(s[f])
             else:

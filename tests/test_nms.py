@@ -485,10 +485,13 @@ COMBINED_OUT = ("boxes", "scores", "classes", "num_detections", "indices")
 
 def detections(rng, B, N, C, dtype=np.float64, *, specific=False, tie_levels=20, nan=0.0):
     """Batched YOLO-like inputs: per image clustered boxes (B, N, 4) -- (B, N, C, 4), one per
-    class, when ``specific`` -- and scores (B, N, C), quantised to force ties, a fraction NaN."""
+    class, when ``specific`` -- and scores (B, N, C), quantised to force ties; a fraction
+    ``nan`` of the scores and of the boxes (one coordinate) NaN."""
     shape = (B, N, C, 4) if specific else (B, N, 4)
     boxes = np.stack([clusters(rng, N * (C if specific else 1), side=100.0)[0]
                       for _ in range(B)]).reshape(shape)
+    hit = rng.random(shape[:-1]) < nan
+    boxes[hit, rng.integers(0, 4, np.count_nonzero(hit))] = np.nan
     s = rng.random((B, N, C))
     if tie_levels:
         s = np.round(s * tie_levels) / tie_levels

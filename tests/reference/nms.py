@@ -234,6 +234,19 @@ def box_metric(a, b, metric):
 
 # ---------------------------------------------------------------- combined_nms
 
+def _iou_def(a, b):
+    """IoU of two xyxy boxes by the definition; 0 when either has area 0 (x2 <= x1, y2 <= y1 or
+    a NaN coordinate) or they do not overlap. (iou_pair's min/max would let a NaN through.)"""
+    if not (a[2] > a[0] and a[3] > a[1] and b[2] > b[0] and b[3] > b[1]):
+        return 0.0
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if not (w > 0 and h > 0):
+        return 0.0
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
 def combined(boxes, scores, max_output_per_class, max_total, iou_threshold,
              score_threshold=None, *, class_agnostic=False, pre_nms_top_k=None):
     """Fixed-shape batched NMS from its definition, per image b: the candidates are the pairs
@@ -268,7 +281,7 @@ def combined(boxes, scores, max_output_per_class, max_total, iou_threshold,
         for g in groups:
             kept_g = []
             for t in g:
-                if not any(iou_pair(k[4], t[4]) > iou_threshold for k in kept_g):
+                if not any(_iou_def(k[4], t[4]) > iou_threshold for k in kept_g):
                     kept_g.append(t)
             kept += kept_g
         kept.sort(key=lambda t: (-t[0], t[1]))

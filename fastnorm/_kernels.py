@@ -286,6 +286,19 @@ class SofterNms(NamedTuple):
     sigma: float
     iou_threshold: float
     score_threshold: float
+class CombinedNms(NamedTuple):
+    """Fixed-shape batched NMS -> (boxes (B, K, 4), scores (B, K), classes (B, K) int64,
+    num_detections (B,) int64, indices (B, K) int64 box index or -1), K = max_total; the
+    detections of image b in its first num_detections[b] slots, the rest zero (indices -1).
+    Candidates are (box n, class c) pairs of an image, indexed f = n * C + c."""
+    boxes: Array                       # (B, N, 4) shared by the classes, or (B, N, C, 4)
+    scores: Array                      # (B, N, C)
+    iou_threshold: float
+    score_threshold: Optional[float]   # candidates: score > this; None: every non-NaN score
+    max_output_per_class: int          # per image and class; -1: unlimited
+    max_total: int                     # K, per image
+    class_agnostic: bool               # one NMS over all the classes of an image
+    pre_nms_top_k: int                 # best candidates per image kept before NMS; -1: all
 
 
 #: (op module, entry point) -> its contract, for tests/test_contract.py
@@ -310,4 +323,5 @@ CONTRACTS = {
     ("nms", "iou_guided_nms"): IouGuidedNms,
     ("nms", "adaptive_nms"): AdaptiveNms,
     ("nms", "softer_nms"): SofterNms,
+    ("nms", "combined_nms"): CombinedNms,
 }

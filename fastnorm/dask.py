@@ -20,6 +20,8 @@ equals the in-memory call on the concatenated data.
   ``batch_idx`` (one dask array of indices into the input, grouped by image, like the in-memory
   call). Kept-box counts are unknown until computed, so those arrays have unknown (NaN) chunk
   sizes.
+* :func:`combined_nms`: one task per batch chunk of the (B, N, C) scores (and their boxes); the
+  outputs have fixed shapes, so their chunks are known.
 
 Inside each task the CPU kernels use :func:`fastnorm.set_num_threads` threads of the worker
 (``OMP_NUM_THREADS`` of the worker processes); give each worker process as many threads as the
@@ -45,7 +47,7 @@ from fastnorm import _lists
 
 __all__ = ["group_norm", "deform_conv2d", "roi_align", "roi_pool", "ps_roi_align",
            "deform_roi_pool", "nms", "batched_nms", "diou_nms", "soft_nms", "weighted_nms",
-           "matrix_nms", "iou_guided_nms", "softer_nms", "adaptive_nms"]
+           "matrix_nms", "iou_guided_nms", "softer_nms", "adaptive_nms", "combined_nms"]
 
 
 def _small(a):
@@ -329,3 +331,27 @@ def softer_nms(boxes, scores, variances, *, sigma_t=0.01, method="gaussian", sig
     return _nms_family("softer_nms", boxes, scores, variances, parts=_VOTED, batch_idx=batch_idx,
                        images_per_task=images_per_task, sigma_t=sigma_t, method=method,
                        sigma=sigma, iou_threshold=iou_threshold, score_threshold=score_threshold)
+
+
+def combined_nms(boxes, scores, max_output_per_class, max_total, iou_threshold=0.5,
+                 score_threshold=None, *, class_agnostic=False, pre_nms_top_k=None,
+                 return_indices=False):
+    """:func:`fastnorm.combined_nms` of a dask array ``scores`` (B, N, C) chunked along the batch
+    axis, with ``boxes`` (B, N, 4) or (B, N, C, 4) (rechunked to the scores' batch chunks); one
+    task per batch chunk. Returns dask arrays with the in-memory call's shapes."""
+    scores = _batched(scores, "scores")
+    boxes = _batched(boxes, "boxes", scores.chunks[0])
+    fn = functools.partial(_fn.combined_nms, max_output_per_class=max_output_per_class,
+                           max_total=max_total, iou_threshold=iou_threshold,
+                           score_threshold=score_threshold, class_agnostic=class_agnostic,
+                           pre_nms_top_k=pre_nms_top_k, return_indices=return_indices)
+    # the call on no images checks every argument now and gives the outputs' shapes and dtypes
+    meta = fn(np.empty((0,) + boxes.shape[1:], boxes.dtype),
+              np.empty((0,) + scores.shape[1:], scores.dtype))
+    parts = []
+    for nb, bb, sb in zip(scores.chunks[0], boxes.to_delayed().ravel(),
+                          scores.to_delayed().ravel()):
+        task = dask.delayed(fn, nout=len(meta))(bb, sb)
+        parts.append([da.from_delayed(task[j], (nb,) + m.shape[1:], m.dtype)
+                      for j, m in enumerate(meta)])
+    return tuple(da.concatenate([p[j] for p in parts]) for j in range(len(meta)))

@@ -1,5 +1,5 @@
 """Non-maximum suppression family (greedy, class-aware, soft, DIoU, weighted, matrix, IoU-guided,
-softer, adaptive) and box IoU metrics.
+softer, adaptive), the fixed-shape deployment form (:func:`combined_nms`) and box IoU metrics.
 
 Conventions shared by every function here
 -----------------------------------------
@@ -22,6 +22,9 @@ Conventions shared by every function here
     ``idxs=[...]`` for :func:`batched_nms`): the result is a list with one entry per image,
     holding indices local to that image (as if called once per image), computed in one call.
 
+* :func:`combined_nms` is the fixed-shape deployment form: batched (B, N, 4) boxes and
+  (B, N, C) scores in, per-image padded (B, max_total, ...) detections and counts out.
+
 Every kernel decides in float64 whatever the boxes' dtype (exact decisions for float32 boxes), on
 the CPU and on CUDA alike, so both keep the same boxes.
 """
@@ -30,8 +33,8 @@ from . import _validation as v
 from ._cpu import nms as cpu
 from ._cuda import nms as cuda
 from ._dispatch import op, resolve
-from ._kernels import (CRITERIA, DECAYS, METRICS, AdaptiveNms, BoxIou, IouGuidedNms, MatrixNms,
-                       Nms, SoftNms, SofterNms, WeightedNms)
+from ._kernels import (CRITERIA, DECAYS, METRICS, AdaptiveNms, BoxIou, CombinedNms, IouGuidedNms,
+                       MatrixNms, Nms, SoftNms, SofterNms, WeightedNms)
 
 
 # ---------------------------------------------------------------- argument handling
@@ -672,3 +675,117 @@ def softer_nms(boxes, scores, variances, *, sigma_t=0.01, method="gaussian", sig
         boxes=boxes, scores=scores, variances=variances, batch=batch, sigma_t=sigma_t,
         method=method, sigma=sigma, iou_threshold=thr, score_threshold=st))
     return _grouped(call, res, batch, lengths)
+
+
+# ---------------------------------------------------------------- combined_nms
+
+@op
+def combined_nms(boxes, scores, max_output_per_class, max_total, iou_threshold=0.5,
+                 score_threshold=None, *, class_agnostic=False, pre_nms_top_k=None,
+                 return_indices=False):
+    """Batched multi-class NMS with fixed-shape padded outputs: the deployment form of
+    TensorFlow's ``combined_non_max_suppression``, TensorRT's ``EfficientNMS`` and ONNX
+    ``NonMaxSuppression`` followed by a top-k.
+
+    Per image, the *candidates* are the (box ``n``, class ``c``) pairs with ``scores[b, n, c] >
+    score_threshold``; a candidate's *index* is ``n * C + c``, its position in
+    ``scores[b].ravel()``. Candidates rank by decreasing score, equal scores by lower index
+    (so: lower box index, then lower class). The result is exactly: per image and class, greedy
+    :func:`nms` of that class's candidates (strict ``IoU > iou_threshold``, the family's
+    conventions below), keeping at most ``max_output_per_class``; then the kept candidates of
+    the image in rank order, the first ``max_total``. Images and classes run in parallel.
+
+    Parameters
+    ----------
+    boxes : array (B, N, 4) or (B, N, C, 4)
+        ``[x1, y1, x2, y2]`` shared by all classes, or one box per class (``(B, N, 1, 4)`` is
+        shared too). float32/float64 (float16/bfloat16 on CUDA). NumPy, CuPy or DLPack.
+    scores : array (B, N, C)
+        Same dtype as boxes. (ONNX's scores are (B, C, N): transpose them.)
+    max_output_per_class : int or None
+        At most this many detections per image and class (>= 0); None: no per-class cap.
+    max_total : int
+        K, the number of output slots per image (>= 0).
+    iou_threshold : float
+        Finite, >= 0; a candidate is suppressed when its IoU with a kept one is > this.
+    score_threshold : float, optional
+        Finite; candidates have ``score > score_threshold`` (strict, as ONNX and TensorFlow;
+        TensorRT keeps ``>=``). None: every score is a candidate. NaN scores never are.
+    class_agnostic : bool
+        One NMS over all candidates of an image, whatever their class (TensorRT
+        ``class_agnostic``): a candidate suppresses any other of the image, including the same
+        box's other classes. Detections keep their class, and ``max_output_per_class`` then
+        caps the kept candidates of each class before ``max_total``.
+    pre_nms_top_k : int, optional
+        Keep only the best ``pre_nms_top_k`` candidates of each image (rank order, all classes
+        together) before NMS, as TensorRT EfficientNMS (4096) and mmdetection's ``nms_pre``;
+        >= 1. None: all.
+    return_indices : bool
+        Also return the box index ``n`` of each detection (to gather masks or features).
+
+    Returns
+    -------
+    boxes : array (B, max_total, 4) of boxes' dtype
+        The detections' boxes (copied unchanged, not clipped), in rank order.
+    scores : array (B, max_total) of scores' dtype
+    classes : int64 array (B, max_total)
+    num_detections : int64 array (B,)
+        Image b's detections fill its first ``num_detections[b]`` slots; the rest are 0.
+    indices : int64 array (B, max_total), only with ``return_indices=True``
+        The box index ``n`` into ``boxes[b]``/``scores[b]`` of each detection; -1 in the
+        padding (mask with ``num_detections`` or ``indices >= 0`` before gathering).
+
+    Notes
+    -----
+    Conventions of the family: a box with ``x2 <= x1`` or ``y2 <= y1`` or a NaN coordinate has
+    area 0 and overlaps nothing (TensorFlow and ONNX reorder the corners instead; x and y are
+    interchangeable, so their ``[y1, x1, y2, x2]`` boxes work unchanged); every decision is made
+    in float64. Where the peers disagree: ties break by the candidate index (TensorFlow's sort
+    is not stable, TensorRT's order of equal scores is not defined); the thresholds are strict
+    (ONNX, TensorFlow); ``pre_nms_top_k`` is per image (TensorRT EfficientNMS), not per class
+    (the older TensorRT BatchedNMS); ``classes`` is int64 (TensorFlow gives float32, TensorRT
+    int32) and ``num_detections`` has shape (B,) (TensorFlow; TensorRT (B, 1)). Not provided:
+    TensorFlow's ``clip_boxes`` (default on: clips to [0, 1]) and ``pad_per_class``, TensorRT's
+    ``background_class``, ``score_activation`` and centre-size boxes (convert first). The
+    greedy kernels are those of :func:`batched_nms`, so the result equals
+    ``batched_nms`` of each image's candidates, capped.
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> boxes = np.array([[[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]]], np.float32)
+    >>> scores = np.array([[[0.9, 0.1], [0.8, 0.7], [0.2, 0.6]]], np.float32)
+    >>> b, s, c, n = fastnorm.combined_nms(boxes, scores, 5, 4, 0.5, score_threshold=0.3)
+    >>> n, c, s
+    (array([3]), array([[0, 1, 1, 0]]), array([[0.9, 0.7, 0.6, 0. ]], dtype=float32))
+    >>> b[0, :n[0]]
+    array([[ 0.,  0., 10., 10.],
+           [ 1.,  1., 11., 11.],
+           [20., 20., 30., 30.]], dtype=float32)
+    >>> _, _, c, n, idx = fastnorm.combined_nms(boxes, scores, 5, 4, 0.5, score_threshold=0.3,
+    ...                                         class_agnostic=True, return_indices=True)
+    >>> n, c, idx
+    (array([2]), array([[0, 1, 0, 0]]), array([[ 0,  2, -1, -1]]))
+    """
+    call, (boxes, scores) = resolve(boxes=boxes, scores=scores)
+    v.float_array(call, "scores", scores, ndim=3)
+    v.float_array(call, "boxes", boxes)
+    v.same_dtype("boxes", boxes, "scores", scores)
+    B, N, C = scores.shape
+    want = f"(B, N, 4) or (B, N, C, 4) with (B, N, C) = {(B, N, C)} of `scores`"
+    if tuple(boxes.shape[:2]) != (B, N) or boxes.ndim not in (3, 4) or boxes.shape[-1] != 4 \
+            or (boxes.ndim == 4 and boxes.shape[2] not in (1, C)):
+        raise ValueError(f"`boxes` must have shape {want}, got {tuple(boxes.shape)}")
+    if boxes.ndim == 4 and boxes.shape[2] == 1:
+        boxes = boxes.reshape(B, N, 4)
+    cap = -1 if max_output_per_class is None else \
+        v.integer("max_output_per_class", max_output_per_class, min=0)
+    total = v.integer("max_total", max_total, min=0)
+    thr = v.number("iou_threshold", iou_threshold, min=0)
+    st = None if score_threshold is None else v.number("score_threshold", score_threshold)
+    top = -1 if pre_nms_top_k is None else v.integer("pre_nms_top_k", pre_nms_top_k, min=1)
+    res = call.run(cpu.combined_nms, cuda.combined_nms, CombinedNms(
+        boxes=boxes, scores=scores, iou_threshold=thr, score_threshold=st,
+        max_output_per_class=cap, max_total=total, class_agnostic=bool(class_agnostic),
+        pre_nms_top_k=top))
+    return call.wrap(res if return_indices else res[:4])

@@ -30,7 +30,7 @@ their differences and products are exact in float64), as ``inter / (area_a + are
 import numpy as np
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.math cimport exp, sqrt, atan2, pow, isnan, NAN, INFINITY, M_PI
+from libc.math cimport exp, sqrt, atan2, pow, isnan, nextafterf, NAN, INFINITY, M_PI
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
 from libc.float cimport DBL_MAX
@@ -1152,3 +1152,265 @@ def adaptive_nms(boxes, scores, densities, batch, int method, double sigma,
     ranks, _ = _greedy(rk, batch, False, iou_threshold, CRIT_IOU, 1.0, scores.shape[0] + 1,
                        False, nthreads, _thresholds(iou_threshold, densities[rk.order]))
     return rk.order[ranks]
+
+
+# ---------------------------------------------------------------- combined_nms
+#
+# Fixed-shape batched NMS (fastnorm._kernels.CombinedNms). A candidate is a (box n, class c) pair
+# of image b whose score passes the threshold, indexed f = n * C + c (its position in
+# scores[b].ravel()). Per image, in parallel: the candidates are radix-ranked by (score desc, f)
+# and cut to pre_nms_top_k, then bucketed by class with a stable counting sort (each class stays
+# in rank order). The (image, class) segments -- one per image when class-agnostic -- go through
+# the greedy machinery above (_greedy_impl: grid + sweep, segments in parallel, kept ranks capped
+# per segment). Last, per image, the kept candidates are read in rank order, at most cap_c per
+# class and max_total in all, into the padded outputs.
+
+from libc.stdlib cimport calloc
+
+cdef inline const floating* _cand_box(const floating* boxes, Py_ssize_t b, Py_ssize_t N,
+                                      Py_ssize_t C, bint specific, int64_t f) noexcept nogil:
+    """The box of candidate f of image b: boxes (B, N, C, 4) when specific, else (B, N, 4)."""
+    if specific:
+        return boxes + 4 * (b * N * C + f)
+    return boxes + 4 * (b * N + f // C)
+
+
+cdef inline float _thr32(double thr) noexcept nogil:
+    """The largest float <= thr: a float s is > thr (compared in double) exactly when it is >
+    this, so that the candidate scans compare in float (vectorised)."""
+    cdef float t = <float>thr
+    if <double>t > thr:
+        t = nextafterf(t, -INFINITY)
+    return t
+
+
+cdef Py_ssize_t _count_cands(const floating* s, Py_ssize_t nc, bint use_thr,
+                             double thr) noexcept nogil:
+    """How many of s[0:nc] are candidates: score > thr, or (no threshold) not NaN."""
+    cdef Py_ssize_t f, k = 0
+    cdef floating t
+    if floating is float:
+        t = _thr32(thr)
+    else:
+        t = thr
+    if use_thr:
+        for f in range(nc):
+            k += s[f] > t
+    else:
+        for f in range(nc):
+            k += s[f] == s[f]
+    return k
+
+
+cdef void _rank_image(const floating* s, Py_ssize_t nc, Py_ssize_t C, bint use_thr, double thr,
+                      bint agnostic, Py_ssize_t kk, uint64_t* key, int64_t* val, uint64_t* tkey,
+                      int64_t* tval, Py_ssize_t r0, int64_t* sval, int64_t* order, int64_t* spos,
+                      int64_t* cur, int64_t* rstart) noexcept nogil:
+    """One image's candidates (key/val/tkey/tval: scratch for all of them), ranked by (score
+    desc, f) and cut to the first kk: sval[r0 + i] is the i-th; its ranks r0.. hold them by
+    (class, i) -- by i alone when agnostic -- with order[r] = f and spos[r] = i; rstart[c] the
+    first rank of class c (rstart[0] only when agnostic); cur: C counters."""
+    cdef Py_ssize_t f, m = 0, i, c, run, t
+    cdef floating lo
+    if floating is float:
+        lo = _thr32(thr)
+    else:
+        lo = thr
+    for f in range(nc):
+        if (s[f] > lo) if use_thr else (s[f] == s[f]):
+            if floating is float:
+                key[m] = _desc_key32(s[f])
+            else:
+                key[m] = _desc_key64(s[f])
+            val[m] = f
+            m += 1
+    _radix(key, val, tkey, tval, m, 4 if floating is float else 8)
+    for i in range(kk):
+        sval[r0 + i] = val[i]
+    if agnostic:
+        rstart[0] = r0
+        for i in range(kk):
+            order[r0 + i] = val[i]
+            spos[r0 + i] = i
+        return
+    for c in range(C):
+        cur[c] = 0
+    for i in range(kk):
+        cur[val[i] % C] += 1
+    run = r0
+    for c in range(C):
+        rstart[c] = run
+        t = cur[c]
+        cur[c] = run
+        run += t
+    for i in range(kk):
+        c = val[i] % C
+        order[cur[c]] = val[i]
+        spos[cur[c]] = i
+        cur[c] += 1
+
+
+cdef Py_ssize_t _emit_image(const floating* boxes, const floating* s, Py_ssize_t b, Py_ssize_t N,
+                            Py_ssize_t C, bint specific, const int64_t* sval,
+                            const uint8_t* is_kept, Py_ssize_t kk, Py_ssize_t cap_c,
+                            Py_ssize_t K, int64_t* cnt, floating* ob, floating* osc,
+                            int64_t* ocls, int64_t* oidx) noexcept nogil:
+    """Image b's kept candidates (is_kept[i] for the i-th ranked, sval[i]) in rank order, at
+    most cap_c per class and K in all, into its output rows; returns how many."""
+    cdef Py_ssize_t i, k, c, t = 0
+    cdef int64_t f
+    cdef const floating* src
+    for c in range(C):
+        cnt[c] = 0
+    for i in range(kk):
+        if t >= K:
+            break
+        if not is_kept[i]:
+            continue
+        f = sval[i]
+        c = f % C
+        if cnt[c] >= cap_c:
+            continue
+        cnt[c] += 1
+        src = _cand_box(boxes, b, N, C, specific, f)
+        for k in range(4):
+            ob[4 * t + k] = src[k]
+        osc[t] = s[f]
+        ocls[t] = c
+        oidx[t] = f // C
+        t += 1
+    return t
+
+
+cdef int _combined_impl(const floating* boxes, const floating* scores, Py_ssize_t B,
+                        Py_ssize_t N, Py_ssize_t C, bint specific, double iou_thr, bint use_thr,
+                        double thr, Py_ssize_t cap_c, Py_ssize_t K, bint agnostic,
+                        Py_ssize_t topk, double cellscale, floating* ob, floating* osc,
+                        int64_t* ocls, int64_t* oidx, int64_t* num, int nthreads) noexcept nogil:
+    """See the section comment; 0, or -1 when out of memory."""
+    cdef Py_ssize_t nc = N * C, G = 1 if agnostic else C, S, M, R, b, s, j, r, k, r0, seg_cap
+    cdef int err = 0
+    cdef int64_t* moff = <int64_t*>malloc((B + 1) * sizeof(int64_t))
+    cdef int64_t* roff = <int64_t*>malloc((B + 1) * sizeof(int64_t))
+    cdef int64_t* cur = <int64_t*>malloc((B * C + 1) * sizeof(int64_t))
+    cdef uint64_t* key = NULL
+    cdef uint64_t* tkey = NULL
+    cdef int64_t* val = NULL
+    cdef int64_t* tval = NULL
+    cdef int64_t* sval = NULL
+    cdef int64_t* order = NULL
+    cdef int64_t* spos = NULL
+    cdef int64_t* kept = NULL
+    cdef int64_t* nkept = NULL
+    cdef int64_t* rstart = NULL
+    cdef double* rb = NULL
+    cdef uint8_t* is_kept = NULL
+    cdef const floating* src
+    S = B * G
+    if moff == NULL or roff == NULL or cur == NULL:
+        free(moff); free(roff); free(cur)
+        return -1
+    # 1. candidates per image
+    for b in prange(B, num_threads=nthreads, schedule="dynamic"):
+        moff[b + 1] = _count_cands(scores + b * nc, nc, use_thr, thr)
+    moff[0] = roff[0] = 0
+    for b in range(B):
+        k = moff[b + 1]
+        roff[b + 1] = roff[b] + (k if k < topk else topk)
+        moff[b + 1] = moff[b] + k
+    M, R = moff[B], roff[B]
+    # 2. ranking and class buckets per image
+    key = <uint64_t*>malloc((M + 1) * sizeof(uint64_t))
+    tkey = <uint64_t*>malloc((M + 1) * sizeof(uint64_t))
+    val = <int64_t*>malloc((M + 1) * sizeof(int64_t))
+    tval = <int64_t*>malloc((M + 1) * sizeof(int64_t))
+    sval = <int64_t*>malloc((R + 1) * sizeof(int64_t))
+    order = <int64_t*>malloc((R + 1) * sizeof(int64_t))
+    spos = <int64_t*>malloc((R + 1) * sizeof(int64_t))
+    kept = <int64_t*>malloc((R + 1) * sizeof(int64_t))
+    nkept = <int64_t*>calloc(S + 1, sizeof(int64_t))
+    rstart = <int64_t*>malloc((S + 1) * sizeof(int64_t))
+    rb = <double*>malloc((4 * R + 4) * sizeof(double))
+    is_kept = <uint8_t*>calloc(R + 1, 1)
+    if key == NULL or tkey == NULL or val == NULL or tval == NULL or sval == NULL or \
+            order == NULL or spos == NULL or kept == NULL or nkept == NULL or rstart == NULL or \
+            rb == NULL or is_kept == NULL:
+        err = -1
+    else:
+        for b in prange(B, num_threads=nthreads, schedule="dynamic"):
+            _rank_image(scores + b * nc, nc, C, use_thr, thr, agnostic, roff[b + 1] - roff[b],
+                        key + moff[b], val + moff[b], tkey + moff[b], tval + moff[b], roff[b],
+                        sval, order, spos, cur + b * C, rstart + b * G)
+            for r in range(roff[b], roff[b + 1]):
+                src = _cand_box(boxes, b, N, C, specific, order[r])
+                for k in range(4):
+                    rb[4 * r + k] = src[k]
+        rstart[S] = R
+    free(key); free(tkey); free(val); free(tval)
+    # 3. greedy NMS per segment; a class never yields more than min(cap_c, K) detections, and
+    # without per-class caps that bind the first K kept of an image are its detections
+    if err == 0 and R > 0:
+        if agnostic:
+            seg_cap = K if cap_c >= K else R + 1
+        else:
+            seg_cap = cap_c if cap_c < K else K
+        err = _greedy_impl(rb, rstart, R, S, kept, nkept, seg_cap, iou_thr, CRIT_IOU, 1.0, NULL,
+                           NULL, cellscale, nthreads)
+    # 4. per image: the kept candidates in rank order, capped, into the outputs
+    if err == 0:
+        for b in prange(B, num_threads=nthreads, schedule="dynamic"):
+            r0 = roff[b]
+            for s in range(b * G, b * G + G):
+                for j in range(nkept[s]):
+                    is_kept[r0 + spos[kept[rstart[s] + j]]] = 1
+            num[b] = _emit_image(boxes, scores + b * nc, b, N, C, specific, sval + r0,
+                                 is_kept + r0, roff[b + 1] - r0, cap_c, K, cur + b * C,
+                                 ob + 4 * b * K, osc + b * K, ocls + b * K, oidx + b * K)
+    free(moff); free(roff); free(cur); free(sval); free(order); free(spos); free(kept)
+    free(nkept); free(rstart); free(rb); free(is_kept)
+    return err
+
+
+def combined_nms(boxes, scores, double iou_threshold, score_threshold,
+                 Py_ssize_t max_output_per_class, Py_ssize_t max_total, bint class_agnostic,
+                 Py_ssize_t pre_nms_top_k, int nthreads):
+    """Fixed-shape batched NMS (see the section comment and fastnorm._kernels.CombinedNms):
+    (boxes (B, K, 4), scores (B, K), classes (B, K), num_detections (B,), indices (B, K))."""
+    cdef Py_ssize_t B = scores.shape[0], N = scores.shape[1], C = scores.shape[2]
+    cdef Py_ssize_t K = max_total
+    cdef bint specific = boxes.ndim == 4
+    cdef bint use_thr = score_threshold is not None
+    cdef double thr = score_threshold if use_thr else 0.0
+    cdef Py_ssize_t cap_c = max_output_per_class if max_output_per_class >= 0 else N + 1
+    cdef Py_ssize_t topk = pre_nms_top_k if pre_nms_top_k >= 0 else N * C + 1
+    cdef double cellscale = CELL
+    cdef int err = 0
+    cdef cnp.ndarray ob = np.zeros((B, K, 4), dtype=boxes.dtype)
+    cdef cnp.ndarray osc = np.zeros((B, K), dtype=scores.dtype)
+    cdef cnp.ndarray ocls = np.zeros((B, K), dtype=np.int64)
+    cdef cnp.ndarray oidx = np.full((B, K), -1, dtype=np.int64)
+    cdef cnp.ndarray num = np.zeros(B, dtype=np.int64)
+    cdef cnp.ndarray bx = boxes, sc = scores
+    if B * N * C == 0 or K == 0 or cap_c == 0:
+        return ob, osc, ocls, num, oidx
+    if scores.dtype == np.float32:
+        with nogil:
+            err = _combined_impl(<const float*>cnp.PyArray_DATA(bx),
+                                 <const float*>cnp.PyArray_DATA(sc), B, N, C, specific,
+                                 iou_threshold, use_thr, thr, cap_c, K, class_agnostic, topk,
+                                 cellscale, <float*>cnp.PyArray_DATA(ob),
+                                 <float*>cnp.PyArray_DATA(osc), <int64_t*>cnp.PyArray_DATA(ocls),
+                                 <int64_t*>cnp.PyArray_DATA(oidx),
+                                 <int64_t*>cnp.PyArray_DATA(num), nthreads)
+    else:
+        with nogil:
+            err = _combined_impl(<const double*>cnp.PyArray_DATA(bx),
+                                 <const double*>cnp.PyArray_DATA(sc), B, N, C, specific,
+                                 iou_threshold, use_thr, thr, cap_c, K, class_agnostic, topk,
+                                 cellscale, <double*>cnp.PyArray_DATA(ob),
+                                 <double*>cnp.PyArray_DATA(osc), <int64_t*>cnp.PyArray_DATA(ocls),
+                                 <int64_t*>cnp.PyArray_DATA(oidx),
+                                 <int64_t*>cnp.PyArray_DATA(num), nthreads)
+    if err:
+        raise MemoryError()
+    return ob, osc, ocls, num, oidx

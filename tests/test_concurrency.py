@@ -70,6 +70,9 @@ def _inputs(read_only=False):
         "adaptive_nms": lambda: F.adaptive_nms(boxes, scores, scores[::-1], 0.5),
         "matrix_nms": lambda: F.matrix_nms(boxes, scores),
         "box_iou": lambda: F.box_iou(boxes, boxes[:50], metric="ciou"),
+        "combined_nms": lambda: F.combined_nms(boxes[:150].reshape(3, 50, 4),
+                                               scores.reshape(3, 50, 2), 20, 50, 0.5, 0.1,
+                                               return_indices=True),
     }
 
 

@@ -164,3 +164,19 @@ def test_nms_family_batch_idx(client, rng):
 def test_needs_dask_input():
     with pytest.raises(TypeError, match="`x`"):
         fd.group_norm(np.zeros((2, 4, 3)), 2)
+
+
+def test_combined_nms(client, rng):
+    B, N, C = 5, 60, 3
+    boxes = np.stack([_boxes(rng, N)[0] for _ in range(B)]).astype(np.float32)
+    scores = rng.random((B, N, C)).astype(np.float32)
+    sd = da.from_array(scores, chunks=(2, 30, 3))             # non-batch chunks get merged
+    for kw in (dict(score_threshold=0.3), dict(class_agnostic=True, return_indices=True)):
+        got = fd.combined_nms(da.from_array(boxes, chunks=(3, N, 4)), sd, 4, 10, 0.5, **kw)
+        want = fastnorm.combined_nms(boxes, scores, 4, 10, 0.5, **kw)
+        assert len(got) == len(want) and got[0].chunks[0] == (2, 2, 1)
+        for g, w in zip(dask.compute(*got), want):
+            assert g.dtype == w.dtype
+            np.testing.assert_array_equal(g, w)
+    with pytest.raises(ValueError, match="`max_total`"):
+        fd.combined_nms(boxes, sd, 4, -1)

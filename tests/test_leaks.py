@@ -90,6 +90,9 @@ def _cases():
                        lambda: err(F.matrix_nms, boxes, scores, sigma=0.0)),
         "box_iou": (lambda: F.box_iou(boxes, boxes, metric="giou"),
                     lambda: err(F.box_iou, boxes, boxes.astype(np.float32))),
+        "combined_nms": (lambda: F.combined_nms(boxes[None], scores.reshape(1, 4, 1), 2, 3,
+                                                return_indices=True),
+                         lambda: err(F.combined_nms, boxes[None], scores.reshape(1, 2, 2), 2, 3)),
     }
 
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 import fastnorm
-from reference.nms import (adaptive, batched, box_metric, greedy_nms, iou_guided, matrix,
-                           merge_by_score, soft, softer, weighted)
+from reference.nms import (adaptive, batched, box_metric, combined, greedy_nms, iou_guided,
+                           matrix, merge_by_score, soft, softer, weighted)
 
 DTYPES = [np.float32, np.float64]
 
@@ -346,7 +346,9 @@ def test_cuda_host_synchronisations_do_not_grow_with_the_input(rng):
         for f in (lambda: fastnorm.nms(bd, sd, 0.5),
                   lambda: fastnorm.batched_nms(bd, sd, idxs, 0.5),
                   lambda: fastnorm.soft_nms(bd, sd), lambda: fastnorm.matrix_nms(bd, sd),
-                  lambda: fastnorm.softer_nms(bd, sd, vd)):
+                  lambda: fastnorm.softer_nms(bd, sd, vd),
+                  lambda: fastnorm.combined_nms(bd.reshape(1, n, 4), sd.reshape(1, n, 1),
+                                                20, 50, 0.5, 0.2, pre_nms_top_k=n // 2)):
             with emulator.counting() as c:
                 f()
             row.append(c.syncs)
@@ -631,6 +633,252 @@ def test_softer_nms_errors(backend):
         fastnorm.softer_nms([b, b], [s, s], [v, v[:2]])
 
 
+# ---------------------------------------------------------------- combined_nms
+
+COMBINED_OUT = ("boxes", "scores", "classes", "num_detections", "indices")
+
+
+def detections(rng, B, N, C, dtype=np.float64, *, specific=False, tie_levels=20, nan=0.0):
+    """Batched YOLO-like inputs: per image clustered boxes (B, N, 4) -- (B, N, C, 4), one per
+    class, when ``specific`` -- and scores (B, N, C), quantised to force ties; a fraction
+    ``nan`` of the scores and of the boxes (one coordinate) NaN."""
+    shape = (B, N, C, 4) if specific else (B, N, 4)
+    boxes = np.stack([clusters(rng, N * (C if specific else 1), side=100.0)[0]
+                      for _ in range(B)]).reshape(shape)
+    hit = rng.random(shape[:-1]) < nan
+    boxes[hit, rng.integers(0, 4, np.count_nonzero(hit))] = np.nan
+    s = rng.random((B, N, C))
+    if tie_levels:
+        s = np.round(s * tie_levels) / tie_levels
+    s[rng.random(s.shape) < nan] = np.nan
+    return boxes.astype(dtype), s.astype(dtype)
+
+
+def assert_combined(got, want, dtype):
+    """combined_nms outputs (with indices) equal the oracle's, with the documented dtypes."""
+    assert len(got) == 5
+    for g, w, name in zip(got, want, COMBINED_OUT):
+        assert g.dtype == (_dtype(dtype) if name in ("boxes", "scores") else np.int64), name
+        assert g.shape == w.shape, name
+        np.testing.assert_array_equal(g.astype(np.float64), w, err_msg=name)
+
+
+COMBINED_OPTIONS = [
+    dict(max_output_per_class=None, max_total=1000),
+    dict(max_output_per_class=3, max_total=10, score_threshold=0.25),
+    dict(max_output_per_class=50, max_total=7, iou_threshold=0.3),
+    dict(max_output_per_class=2, max_total=1000, score_threshold=0.0, pre_nms_top_k=25),
+    dict(max_output_per_class=None, max_total=12, score_threshold=0.1, class_agnostic=True),
+    dict(max_output_per_class=2, max_total=1000, iou_threshold=0.0, class_agnostic=True),
+    dict(max_output_per_class=4, max_total=9, score_threshold=0.2, class_agnostic=True,
+         pre_nms_top_k=30),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("specific", [False, True])
+@pytest.mark.parametrize("opts", COMBINED_OPTIONS)
+def test_combined_nms_matches_oracle(backend, rng, dtype, specific, opts):
+    kw = dict(iou_threshold=0.5) | opts
+    shapes = [(3, 40, 4), (1, 90, 2), (2, 25, 7)] + ([] if backend.is_cuda else [(4, 300, 3)])
+    for B, N, C in shapes:
+        b, s = detections(rng, B, N, C, dtype, specific=specific, nan=0.03)
+        want = combined(b, s, **kw)
+        assert want[3].min() > 0
+        got = fastnorm.combined_nms(*backend.asarray((b, s)), return_indices=True, **kw)
+        assert_combined(backend.asnumpy(got), want, dtype)
+
+
+def _rank_order(f, flat_scores):
+    """Candidate indices f by decreasing score, ties by lower index."""
+    return f[np.lexsort((f, -flat_scores[f]))]
+
+
+def _first_per_class(f, C, cap):
+    """The ranked candidates f that are among the first ``cap`` of their class."""
+    cls = f % C
+    return f[[np.count_nonzero(cls[:j] == cls[j]) < cap for j in range(len(f))]]
+
+
+@pytest.mark.parametrize("class_agnostic", [False, True])
+def test_combined_nms_equals_per_class_nms(backend, rng, class_agnostic):
+    # per image (and class): fastnorm.nms, then the per-class cap and max_total
+    B, N, C = (2, 150, 5) if backend.is_cuda else (3, 3000, 6)
+    b, s = detections(rng, B, N, C, np.float32, tie_levels=50)
+    cap, K, thr, st = 15, 60, 0.5, 0.3
+    got = backend.asnumpy(fastnorm.combined_nms(
+        *backend.asarray((b, s)), cap, K, thr, st, class_agnostic=class_agnostic,
+        return_indices=True))
+    for i in range(B):
+        flat = s[i].ravel()
+        if class_agnostic:
+            f = fastnorm.nms(np.repeat(b[i], C, axis=0), flat, thr, score_threshold=st)
+        else:
+            f = np.concatenate([fastnorm.nms(b[i], s[i, :, c], thr, score_threshold=st,
+                                             max_output=cap) * C + c for c in range(C)])
+        f = _first_per_class(_rank_order(f, flat), C, cap)[:K]
+        k = len(f)
+        assert 0 < got[3][i] == k <= K
+        np.testing.assert_array_equal(got[4][i, :k], f // C)
+        np.testing.assert_array_equal(got[2][i, :k], f % C)
+        np.testing.assert_array_equal(got[1][i, :k], flat[f])
+        np.testing.assert_array_equal(got[0][i, :k], b[i, f // C])
+    if not backend.is_cuda:                    # any thread count gives the same bytes
+        for t in (1, 3):
+            with fastnorm.threads(t):
+                again = fastnorm.combined_nms(b, s, cap, K, thr, st,
+                                              class_agnostic=class_agnostic, return_indices=True)
+            assert all(x.tobytes() == y.tobytes() for x, y in zip(got, again))
+
+
+def test_combined_nms_edge_cases(backend):
+    B = backend
+
+    def run(b, s, *args, **kw):
+        return B.asnumpy(fastnorm.combined_nms(*B.asarray((np.asarray(b, np.float32),
+                                                           np.asarray(s, np.float32))),
+                                               *args, return_indices=True, **kw))
+
+    # empty batches, boxes, classes, outputs: correctly shaped, padded
+    for (nb, n, c), k in [((0, 5, 3), 4), ((2, 0, 3), 4), ((2, 5, 0), 4), ((2, 5, 3), 0)]:
+        out = run(np.ones((nb, n, 4)), np.ones((nb, n, c)), None, k)
+        assert [o.shape for o in out] == [(nb, k, 4), (nb, k), (nb, k), (nb,), (nb, k)]
+        assert not out[3].any() and (out[4] == -1).all() and not out[0].any()
+    box = [[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]]
+    s = [[0.9, 0.1], [0.8, 0.7], [0.2, 0.6]]
+    # all scores below the threshold (strict: equal is below), or a cap of 0: padding only
+    for args in ((5, 4, 0.5, 0.9), (0, 4, 0.5)):
+        bo, sc, cl, num, idx = run([box], [s], *args)
+        assert num[0] == 0 and not bo.any() and not sc.any() and not cl.any()
+        assert (idx == -1).all()
+    # padding after the detections: zero boxes/scores/classes, index -1
+    bo, sc, cl, num, idx = run([box], [s], 5, 6, 0.5, 0.3)
+    np.testing.assert_array_equal(num, [3])
+    np.testing.assert_array_equal(idx, [[0, 1, 2, -1, -1, -1]])
+    np.testing.assert_array_equal(cl, [[0, 1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(sc, np.float32([[0.9, 0.7, 0.6, 0, 0, 0]]))
+    np.testing.assert_array_equal(bo[0, 3:], 0)
+    # (B, N, 1, 4) boxes are shared boxes
+    for g, w in zip(run(np.array([box])[:, :, None], [s], 5, 6, 0.5, 0.3),
+                    run([box], [s], 5, 6, 0.5, 0.3)):
+        np.testing.assert_array_equal(g, w)
+    # ties: the lower candidate index n * C + c first, and it suppresses the others
+    same = [[0, 0, 10, 10]] * 3
+    ties = [[0.5, 0.5]] * 3
+    np.testing.assert_array_equal(run([same], [ties], None, 5, 0.5)[4], [[0, 0, -1, -1, -1]])
+    np.testing.assert_array_equal(run([same], [ties], None, 5, 0.5)[2], [[0, 1, 0, 0, 0]])
+    _, _, cl, num, idx = run([same], [ties], None, 5, 0.5, class_agnostic=True)
+    assert num[0] == 1 and idx[0, 0] == 0 and cl[0, 0] == 0
+    _, _, cl, num, idx = run([same], [ties], None, 5, 1.0)       # IoU 1 is not > 1
+    np.testing.assert_array_equal(idx, [[0, 0, 1, 1, 2]])
+    np.testing.assert_array_equal(cl, [[0, 1, 0, 1, 0]])
+    # NaN scores are never candidates (with or without a threshold); NaN boxes overlap nothing
+    nan_b = [[0, 0, 10, 10], [np.nan, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10]]
+    nan_s = [[0.5], [0.9], [np.nan], [0.4]]
+    for st in (None, 0.0):
+        bo, sc, cl, num, idx = run([nan_b], [nan_s], None, 4, 0.5, st)
+        np.testing.assert_array_equal(idx, [[1, 0, -1, -1]])
+        assert np.isnan(bo[0, 0, 0]) and (bo[0, 0, 1:] == [0, 10, 10]).all()
+    # -inf scores are candidates without a threshold
+    np.testing.assert_array_equal(run([box], [[[-np.inf], [0.1], [np.nan]]], None, 3, 1.0)[4],
+                                  [[1, 0, -1]])
+
+
+def test_combined_nms_inputs_not_modified(backend, rng):
+    for specific in (False, True):
+        b, s = detections(rng, 2, 60, 3, specific=specific, nan=0.05)
+        bd, sd = backend.asarray((b, s))
+        fastnorm.combined_nms(bd, sd, 5, 20, 0.5, 0.1, pre_nms_top_k=40)
+        fastnorm.combined_nms(bd, sd, None, 20, 0.5, class_agnostic=True)
+        np.testing.assert_array_equal(backend.asnumpy(bd), b)
+        np.testing.assert_array_equal(backend.asnumpy(sd), s)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("specific", [False, True])
+def test_combined_nms_half_types(cuda_backend, rng, dtype, specific):
+    B = cuda_backend
+    b, s = detections(rng, 2, 60, 4, specific=specific, tie_levels=None, nan=0.03)
+    (bl, sl), (b64, s64) = rounded(dtype, b, s)
+    for kw in (dict(score_threshold=0.2), dict(class_agnostic=True, pre_nms_top_k=70)):
+        got = B.asnumpy(fastnorm.combined_nms(*B.asarray((bl, sl)), 6, 30, 0.5,
+                                              return_indices=True, **kw))
+        assert_combined(got, combined(b64, s64, 6, 30, 0.5, **kw), dtype)
+
+
+def test_combined_nms_onnxruntime_parity(backend, rng):
+    # ONNX NonMaxSuppression (scores (B, C, N)) selects the same (image, class, box) triples;
+    # its selection ranked by score and cut equals max_total. Scores are distinct (ONNX Runtime
+    # leaves the order of equal scores to its heap), boxes well-formed (it reorders corners),
+    # coordinates on a 1/4 grid so that its float32 IoU is exact; a score threshold of 0.25
+    # is exact in float32 too.
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+    inputs = [("boxes", TensorProto.FLOAT, [None, None, 4]),
+              ("scores", TensorProto.FLOAT, [None, None, None]),
+              ("max_output_boxes_per_class", TensorProto.INT64, [1]),
+              ("iou_threshold", TensorProto.FLOAT, [1]),
+              ("score_threshold", TensorProto.FLOAT, [1])]
+    node = helper.make_node("NonMaxSuppression", [i[0] for i in inputs], ["selected"],
+                            center_point_box=0)
+    graph = helper.make_graph([node], "nms", [helper.make_tensor_value_info(*i) for i in inputs],
+                              [helper.make_tensor_value_info("selected", TensorProto.INT64,
+                                                             [None, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 7
+    session = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    B, N, C = (2, 80, 3) if backend.is_cuda else (3, 600, 5)
+    b = np.stack([clusters(rng, N, np.float32)[0] for _ in range(B)])
+    s = ((rng.permutation(B * N * C) + 1) / (B * N * C + 1)).astype(np.float32).reshape(B, N, C)
+    for cap, thr, st in ((1000, 0.5, 0.25), (4, 0.3, 0.0), (10, 0.65, 0.5)):
+        sel = session.run(None, {"boxes": b, "scores": np.ascontiguousarray(s.transpose(0, 2, 1)),
+                                 "max_output_boxes_per_class": np.array([cap], np.int64),
+                                 "iou_threshold": np.array([thr], np.float32),
+                                 "score_threshold": np.array([st], np.float32)})[0]
+        for K in (N * C, 20):
+            _, sc, cl, num, idx = backend.asnumpy(fastnorm.combined_nms(
+                *backend.asarray((b, s)), cap, K, thr, st, return_indices=True))
+            for i in range(B):
+                f = sel[sel[:, 0] == i, 2] * C + sel[sel[:, 0] == i, 1]
+                f = _rank_order(f, s[i].ravel())[:K]
+                assert num[i] == len(f) > 5
+                np.testing.assert_array_equal(idx[i, :num[i]], f // C)
+                np.testing.assert_array_equal(cl[i, :num[i]], f % C)
+
+
+def test_combined_nms_errors(backend):
+    A = backend.asarray
+    b = A(np.zeros((2, 3, 4), np.float32))
+    s = A(np.zeros((2, 3, 5), np.float32))
+    for bad in ((2, 3, 5), (2, 4, 4), (1, 3, 4), (2, 3, 2, 4), (2, 3, 5, 3), (6, 4)):
+        with pytest.raises(ValueError, match="`boxes`"):
+            fastnorm.combined_nms(A(np.zeros(bad, np.float32)), s, 5, 10)
+    with pytest.raises(ValueError, match="`scores`"):
+        fastnorm.combined_nms(b, A(np.zeros((2, 3), np.float32)), 5, 10)
+    with pytest.raises(TypeError, match="`boxes`"):
+        fastnorm.combined_nms(A(np.zeros((2, 3, 4), np.int64)), s, 5, 10)
+    with pytest.raises(TypeError, match="`boxes`"):
+        fastnorm.combined_nms(A(np.zeros((2, 3, 4), np.float64)), s, 5, 10)
+    with pytest.raises(TypeError, match="`scores`"):
+        fastnorm.combined_nms(b, A(np.zeros((2, 3, 5), np.int32)), 5, 10)
+    for name, kw in (("max_output_per_class", dict(max_output_per_class=-1)),
+                     ("max_total", dict(max_total=-1)),
+                     ("pre_nms_top_k", dict(pre_nms_top_k=0)),
+                     ("iou_threshold", dict(iou_threshold=-0.1)),
+                     ("iou_threshold", dict(iou_threshold=np.nan)),
+                     ("score_threshold", dict(score_threshold=np.inf)),
+                     ("score_threshold", dict(score_threshold=np.nan))):
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            fastnorm.combined_nms(b, s, **(dict(max_output_per_class=5, max_total=10) | kw))
+    with pytest.raises(TypeError, match="`max_total`"):
+        fastnorm.combined_nms(b, s, 5, 10.0)
+    if backend.is_cuda:
+        with pytest.raises(TypeError, match="`scores` is a numpy.ndarray"):
+            fastnorm.combined_nms(b, np.zeros((2, 3, 5), np.float32), 5, 10)
+
+
 # ---------------------------------------------------------------- interop and errors
 
 def test_torch_round_trip(rng):
@@ -643,6 +891,12 @@ def test_torch_round_trip(rng):
     assert isinstance(f, torch.Tensor) and f.shape == (len(k), 4)
     iou = fastnorm.box_iou(torch.from_numpy(b[:5]), torch.from_numpy(b[:7]))
     assert isinstance(iou, torch.Tensor) and iou.shape == (5, 7)
+    s3 = np.stack([s, s[::-1]], 1)[None]
+    out = fastnorm.combined_nms(torch.from_numpy(b[None]), torch.from_numpy(s3), 10, 15,
+                                return_indices=True)
+    assert all(isinstance(o, torch.Tensor) for o in out) and out[4].dtype == torch.int64
+    for g, w in zip(out, fastnorm.combined_nms(b[None], s3, 10, 15, return_indices=True)):
+        np.testing.assert_array_equal(g.numpy(), w)
 
 
 def test_errors(backend):

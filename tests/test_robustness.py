@@ -446,9 +446,9 @@ def test_roi_ops_hostile(backend, op, data):
 # ---------------------------------------------------------------- NMS family and box_iou
 
 @st.composite
-def boxes_case(draw, n_max=24):
+def boxes_case(draw, n_max=24, n=None):
     dtype = draw(DTYPES)
-    n = draw(st.integers(0, n_max))
+    n = draw(st.integers(0, n_max)) if n is None else n
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     xy = rng.integers(0, 12, (n, 2))
     wh = rng.integers(-2, 9, (n, 2))
@@ -736,6 +736,65 @@ def test_guided_and_adaptive_nms_hostile(backend, op, data):
         np.testing.assert_allclose(new, ks, rtol=_tol(scores.dtype))
 
 
+@fuzz
+@given(data=st.data())
+def test_combined_nms_hostile(backend, data):
+    B, N, C = (data.draw(st.integers(0, 3)), data.draw(st.integers(0, 8)),
+               data.draw(st.integers(0, 3)))
+    specific = data.draw(st.booleans())
+    boxes, scores, flav, rng = data.draw(boxes_case(n=B * N * (C if specific else 1)))
+    layout = st.sampled_from(["c", "f", "strided", "reversed"])
+    boxes = _layout(np.ascontiguousarray(boxes).reshape((B, N) + (C,) * specific + (4,)),
+                    data.draw(layout))
+    s = rng.choice([0.1, 0.5, 0.9], (B, N, C)) if data.draw(st.booleans()) else \
+        rng.random((B, N, C))
+    if data.draw(st.booleans()):
+        s = np.where(rng.random(s.shape) < 0.2, rng.choice([np.nan, np.inf, -np.inf], s.shape), s)
+    scores = _layout(s.astype(boxes.dtype), data.draw(layout))
+    kw = dict(max_output_per_class=data.draw(st.sampled_from([None, 0, 1, 3])),
+              max_total=data.draw(st.sampled_from([0, 1, 5, 40])),
+              iou_threshold=data.draw(st.sampled_from([0.0, 0.3, 0.5, 1.0, 2.0])),
+              score_threshold=data.draw(st.sampled_from([None, None, 0.2, -1.0, 0.9])),
+              class_agnostic=data.draw(st.booleans()),
+              pre_nms_top_k=data.draw(st.sampled_from([None, None, 1, 4])))
+    bad = data.draw(st.sampled_from([None] * 8 + list(range(9))))
+    err = None
+    if bad == 0:
+        boxes, err = np.zeros((B, N, 5), boxes.dtype), (ValueError, "boxes")
+    elif bad == 1:
+        scores, err = np.zeros((B, N), scores.dtype), (ValueError, "scores")
+    elif bad == 2:
+        with np.errstate(invalid="ignore"):
+            boxes, err = boxes.astype(np.int64), (TypeError, "boxes")
+    elif bad == 3:
+        scores = scores.astype(np.float32 if scores.dtype == np.float64 else np.float64)
+        err = (TypeError, "boxes")               # the dtype of `scores`, which is checked first
+    elif bad in (4, 5, 6, 7, 8):
+        name, value = [("max_total", -1), ("max_output_per_class", -2),
+                       ("iou_threshold", np.nan), ("score_threshold", np.inf),
+                       ("pre_nms_top_k", 0)][bad - 4]
+        kw[name], err = value, (ValueError, name)
+    res = _run(fastnorm.combined_nms, (boxes, scores), dict(kw, return_indices=True), err,
+               backend)
+    if res is None:
+        return
+    K = kw["max_total"]
+    out_boxes, out_scores, classes, num, idx = res
+    assert [a.shape for a in res] == [(B, K, 4), (B, K), (B, K), (B,), (B, K)]
+    assert out_boxes.dtype == out_scores.dtype == boxes.dtype
+    assert classes.dtype == num.dtype == idx.dtype == np.int64
+    assert ((num >= 0) & (num <= K)).all()
+    filled = np.arange(K) < num[:, None]
+    assert (idx[filled] >= 0).all() and (idx[filled] < N).all() and (idx[~filled] == -1).all()
+    assert not out_boxes[~filled].any() and not out_scores[~filled].any()
+    if np.isinf(np.asarray(boxes, np.float64)).any() or (
+            flav == "denormal" and boxes.dtype == np.float64):   # areas underflow to 0
+        return
+    want = ref_nms.combined(boxes, scores, **kw)
+    for g, w, name in zip(res, want, ("boxes", "scores", "classes", "num", "indices")):
+        np.testing.assert_array_equal(g.astype(np.float64), w, err_msg=name)
+
+
 # ---------------------------------------------------------------- deformable convolution
 
 @st.composite
@@ -826,7 +885,7 @@ def test_every_public_function_is_fuzzed():
     """A new public op must get a property test here."""
     covered = {"group_norm", "group_norm_backward", "deform_conv2d", "deform_conv2d_backward",
                "box_iou", "soft_nms", "matrix_nms", "softer_nms", "iou_guided_nms",
-               "adaptive_nms", *GREEDY, *ROI_OPS,
+               "adaptive_nms", "combined_nms", *GREEDY, *ROI_OPS,
                *(f"{op}_backward" for op in ROI_OPS)}
     public = {n for n in fastnorm.__all__ if callable(getattr(fastnorm, n))} - {
         "info", "get_num_threads", "set_num_threads", "threads",           # configuration,

@@ -494,5 +494,52 @@ __global__ void cluster_max(const T* __restrict__ s, const i64* __restrict__ mem
     }
 }
 
+// ------------------------------------------------------------------ combined NMS
+//
+// Fixed-shape batched NMS (nms.py `combined_nms`): combined_flag marks the candidates, the
+// launcher compacts and ranks them and runs the greedy kernels above on (image, class) segments,
+// combined_gather writes the padded outputs.
+
+// flag[i] = scores[i] > thr (decided in double), or, without a threshold, scores[i] is not NaN.
+template <typename T>
+__global__ void combined_flag(const T* __restrict__ scores, i64 n, int use_thr, double thr,
+                              unsigned char* __restrict__ flag) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += stride) {
+        const double v = (double)load(scores + i);
+        flag[i] = use_thr ? v > thr : v == v;
+    }
+}
+
+// Output slot t of image b (one thread each): while t < count[b], detection t of the image,
+// the candidate of flat index g = sel[first[b] + t] = b * N * C + n * C + c into scores (its box
+// from boxes (B, N, C, 4) when `specific`, else (B, N, 4)); after that, padding (zeros, index -1).
+template <typename T>
+__global__ void combined_gather(const T* __restrict__ boxes, const T* __restrict__ scores,
+                                const i64* __restrict__ sel, const i64* __restrict__ first,
+                                const i64* __restrict__ count, i64 B, i64 N, i64 C, i64 K,
+                                int specific, T* __restrict__ out_boxes,
+                                T* __restrict__ out_scores, i64* __restrict__ out_classes,
+                                i64* __restrict__ out_index) {
+    typedef typename acc<T>::type A;
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 o = blockIdx.x * (i64)blockDim.x + threadIdx.x; o < B * K; o += stride) {
+        const i64 b = o / K, t = o - b * K;
+        if (t < count[b]) {
+            const i64 g = sel[first[b] + t], f = g - b * N * C, n = f / C;
+            const T* src = boxes + 4 * (specific ? g : b * N + n);
+            for (int k = 0; k < 4; ++k) out_boxes[4 * o + k] = src[k];
+            out_scores[o] = scores[g];
+            out_classes[o] = f - n * C;
+            out_index[o] = n;
+        } else {
+            for (int k = 0; k < 4; ++k) store(out_boxes + 4 * o + k, (A)0);
+            store(out_scores + o, (A)0);
+            out_classes[o] = 0;
+            out_index[o] = -1;
+        }
+    }
+}
+
 }  // namespace nms
 }  // namespace fastnorm

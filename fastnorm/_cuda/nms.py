@@ -343,5 +343,82 @@ def adaptive_nms(boxes, scores, densities, batch, method, sigma, iou_threshold, 
     return order[cp.flatnonzero(keep)]
 
 
+# ---------------------------------------------------------------- combined_nms
+#
+# Candidates (the (box, class) pairs whose score passes) are marked by combined_flag (in double)
+# and compacted as their flat index g = b * N * C + n * C + c into scores; ranking, the per-image
+# top-k and the merge are CuPy sorts (stable; ties keep the lower g); the greedy kernels above run
+# on segments (image, class) -- one per image when class-agnostic -- with the per-class cap;
+# combined_gather writes the padded outputs. Host synchronisations: the sizes only.
+
+_COMBINED = ("combined_flag<{}>", "combined_gather<{}>")
+_EXPRS += [_NS + e for k in _COMBINED for e in instantiate(k)]
+
+
+def _desc(cp, s):
+    """Sort key of scores s, ascending in decreasing score (half types exactly in float32;
+    -0.0 made +0.0, which a radix sort would order apart)."""
+    return -(s.astype(cp.float64 if s.dtype == cp.float64 else cp.float32) + 0.0)
+
+
+def _by_image_and_score(cp, key, img):
+    """Stable order of items by (image, key): equal keys keep their order."""
+    o = cp.argsort(key)
+    return o[cp.argsort(img[o])]
+
+
+def _rank_in_group(cp, group):
+    """Position of each item among the items of its group, counted in the given order."""
+    o = cp.argsort(group)
+    g = group[o]
+    pos = cp.empty(g.shape[0], dtype=cp.int64)
+    pos[o] = cp.arange(g.shape[0], dtype=cp.int64) - cp.searchsorted(g, g)
+    return pos
+
+
+def combined_nms(boxes, scores, iou_threshold, score_threshold, max_output_per_class, max_total,
+                 class_agnostic, pre_nms_top_k, nthreads):
+    cp = cupy()
+    B, N, C = scores.shape
+    NC, K = N * C, max_total
+    flat = scores.reshape(-1)
+    flag = cp.empty(B * NC, dtype=cp.uint8)
+    launch(_fn("combined_flag<{}>", scores.dtype), B * NC,
+           (flat, i64(B * NC), np.int32(score_threshold is not None),
+            np.float64(0.0 if score_threshold is None else score_threshold), flag))
+    cand = cp.flatnonzero(flag).astype(cp.int64)             # ascending g
+    if pre_nms_top_k >= 0:                                   # the image's best pre_nms_top_k
+        o = _by_image_and_score(cp, _desc(cp, flat[cand]), cand // NC)
+        cand = cp.sort(cand[o][_rank_in_group(cp, (cand // NC)[o]) < pre_nms_top_k])
+    img = cand // NC
+    f = cand - img * NC
+    cls = f % C
+    cap_c = max_output_per_class if max_output_per_class >= 0 else N + 1
+    m = cand.shape[0]
+    if class_agnostic:                                       # as the CPU kernel (nms.pyx)
+        seg, seg_cap = img, (K if cap_c >= K else m + 1)
+    else:
+        seg, seg_cap = img * C + cls, min(cap_c, K)
+    cboxes = boxes.reshape(-1, 4)[cand if boxes.ndim == 4 else img * N + f // C]
+    order, _, _, keep = _greedy(cp, cboxes, flat[cand], seg, None, iou_threshold, None,
+                                seg_cap, 0, 1.0)
+    kept = cp.sort(order[cp.flatnonzero(keep)])              # candidate positions, ascending g
+    kept = kept[_by_image_and_score(cp, _desc(cp, flat[cand[kept]]), img[kept])]
+    if class_agnostic and cap_c < K:
+        kept = kept[_rank_in_group(cp, img[kept] * C + cls[kept]) < cap_c]
+    ik = img[kept]
+    first = cp.searchsorted(ik, cp.arange(B, dtype=cp.int64)).astype(cp.int64)
+    count = cp.minimum(cp.searchsorted(ik, cp.arange(B, dtype=cp.int64), side="right") - first,
+                       K).astype(cp.int64)
+    out_boxes = cp.empty((B, K, 4), dtype=boxes.dtype)
+    out_scores = cp.empty((B, K), dtype=scores.dtype)
+    out_classes = cp.empty((B, K), dtype=cp.int64)
+    out_index = cp.empty((B, K), dtype=cp.int64)
+    launch(_fn("combined_gather<{}>", scores.dtype), B * K,
+           (boxes, flat, cp.ascontiguousarray(cand[kept]), first, count, i64(B), i64(N), i64(C),
+            i64(K), np.int32(boxes.ndim == 4), out_boxes, out_scores, out_classes, out_index))
+    return out_boxes, out_scores, out_classes, count, out_index
+
+
 # every instantiation CuPy may request (the NVRTC gate, tests/test_cuda_compile.py)
 NAME_EXPRESSIONS = _EXPRS

@@ -421,3 +421,57 @@ def softer(boxes, scores, variances, sigma_t=0.01, method="gaussian", sigma=0.5,
                 np.asarray(variances, np.float64), sigma_t,
                 ["gaussian", "linear", "hard"].index(method), sigma, thr, score_thr, oi, ob, os_)
     return oi[:c], ob[:c], os_[:c]
+
+
+# ---------------------------------------------------------------- combined_nms
+
+def combined(boxes, scores, max_output_per_class, max_total, iou_threshold,
+             score_threshold=None, *, class_agnostic=False, pre_nms_top_k=None):
+    """Fixed-shape batched NMS from its definition, per image b: the candidates are the pairs
+    (n, c) with scores[b, n, c] > score_threshold (every non-NaN score without a threshold),
+    index n * C + c, ranked by (score desc, index); the first pre_nms_top_k of them; greedy NMS
+    in rank order within each class (over all of them when class_agnostic): a candidate is
+    kept unless its IoU with a kept one of its group is > iou_threshold; then the kept ones in
+    rank order, skipping those beyond max_output_per_class of their class, the first max_total.
+    Returns float64 (boxes (B, K, 4), scores (B, K), classes, num (B,), box indices), padded
+    with zeros (indices -1). boxes: (B, N, 4) shared or (B, N, C, 4) per class."""
+    b = np.asarray(boxes, np.float64)
+    s = np.asarray(scores, np.float64)
+    B, N, C = s.shape
+    K = max_total
+    out = (np.zeros((B, K, 4)), np.zeros((B, K)), np.zeros((B, K), np.int64),
+           np.zeros(B, np.int64), np.full((B, K), -1, np.int64))
+    for i in range(B):
+        cands = []                                    # (score, index, n, c, box)
+        for n in range(N):
+            for c in range(C):
+                v = s[i, n, c]
+                if math.isnan(v) or (score_threshold is not None and not v > score_threshold):
+                    continue
+                box = b[i, n, c] if b.ndim == 4 else b[i, n]
+                cands.append((v, n * C + c, n, c, box))
+        cands.sort(key=lambda t: (-t[0], t[1]))
+        if pre_nms_top_k is not None:
+            cands = cands[:pre_nms_top_k]
+        groups = [cands] if class_agnostic else [[t for t in cands if t[3] == c]
+                                                 for c in range(C)]
+        kept = []
+        for g in groups:
+            kept_g = []
+            for t in g:
+                if not any(overlap(k[4], t[4]) > iou_threshold for k in kept_g):
+                    kept_g.append(t)
+            kept += kept_g
+        kept.sort(key=lambda t: (-t[0], t[1]))
+        per_class = [0] * C
+        k = 0
+        for t in kept:
+            if k == K:
+                break
+            if max_output_per_class is not None and per_class[t[3]] >= max_output_per_class:
+                continue
+            per_class[t[3]] += 1
+            out[0][i, k], out[1][i, k], out[2][i, k], out[4][i, k] = t[4], t[0], t[3], t[2]
+            k += 1
+        out[3][i] = k
+    return out

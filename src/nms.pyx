@@ -29,12 +29,12 @@ their differences and products are exact in float64), as ``inter / (area_a + are
 """
 import numpy as np
 cimport numpy as cnp
-from cython.parallel cimport prange
-from libc.math cimport exp, sqrt, atan2, pow, isnan, nextafterf, NAN, INFINITY, M_PI
-from libc.stdlib cimport malloc, free
+from cython.parallel cimport prange, threadid
+from libc.math cimport exp, sqrt, atan2, pow, isnan, nextafter, nextafterf, NAN, INFINITY, M_PI
+from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
 from libc.float cimport DBL_MAX
-from libc.stdint cimport int64_t, uint64_t, uint32_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint64_t, uint32_t, uint8_t
 
 from _types cimport floating
 
@@ -1158,14 +1158,20 @@ def adaptive_nms(boxes, scores, densities, batch, int method, double sigma,
 #
 # Fixed-shape batched NMS (fastnorm._kernels.CombinedNms). A candidate is a (box n, class c) pair
 # of image b whose score passes the threshold, indexed f = n * C + c (its position in
-# scores[b].ravel()). Per image, in parallel: the candidates are radix-ranked by (score desc, f)
-# and cut to pre_nms_top_k, then bucketed by class with a stable counting sort (each class stays
-# in rank order). The (image, class) segments -- one per image when class-agnostic -- go through
-# the greedy machinery above (_greedy_impl: grid + sweep, segments in parallel, kept ranks capped
-# per segment). Last, per image, the kept candidates are read in rank order, at most cap_c per
-# class and max_total in all, into the padded outputs.
-
-from libc.stdlib cimport calloc
+# scores[b].ravel()). Images run in parallel, each in one pass over its scores plus work that
+# grows with its detections, not with its candidates:
+# 1. collect the candidates with their rank keys (score descending, then f: a stable sort of
+#    candidates collected in f order) and a histogram of the keys' top 16 bits;
+# 2. take the candidates in rank order, a batch at a time: the histogram gives the smallest
+#    range of top bits holding the next T candidates, which are gathered and radix-sorted (T
+#    doubles from batch to batch);
+# 3. each candidate, in rank order, goes through its class's greedy NMS incrementally: it is
+#    kept unless a kept candidate of its class (of its image when class-agnostic) overlaps it
+#    with IoU > iou_threshold, and a kept one is a detection while its class has fewer than
+#    max_output_per_class. The image is done at max_total detections (or pre_nms_top_k
+#    candidates). A class-aware class that reached its cap is skipped: its later candidates can
+#    be neither detections nor suppressors of another class.
+# That is per-class greedy NMS of the ranked candidates followed by the caps, exactly.
 
 cdef inline const floating* _cand_box(const floating* boxes, Py_ssize_t b, Py_ssize_t N,
                                       Py_ssize_t C, bint specific, int64_t f) noexcept nogil:
@@ -1177,197 +1183,202 @@ cdef inline const floating* _cand_box(const floating* boxes, Py_ssize_t b, Py_ss
 
 cdef inline float _thr32(double thr) noexcept nogil:
     """The largest float <= thr: a float s is > thr (compared in double) exactly when it is >
-    this, so that the candidate scans compare in float (vectorised)."""
+    this, so that the candidate scans compare in float."""
     cdef float t = <float>thr
     if <double>t > thr:
         t = nextafterf(t, -INFINITY)
     return t
 
 
-cdef Py_ssize_t _count_cands(const floating* s, Py_ssize_t nc, bint use_thr,
-                             double thr) noexcept nogil:
-    """How many of s[0:nc] are candidates: score > thr, or (no threshold) not NaN."""
-    cdef Py_ssize_t f, k = 0
-    cdef floating t
-    if floating is float:
-        t = _thr32(thr)
-    else:
-        t = thr
-    if use_thr:
-        for f in range(nc):
-            k += s[f] > t
-    else:
-        for f in range(nc):
-            k += s[f] == s[f]
-    return k
+cdef extern from *:
+    int __builtin_ctz(unsigned int) nogil
 
 
-cdef void _rank_image(const floating* s, Py_ssize_t nc, Py_ssize_t C, bint use_thr, double thr,
-                      bint agnostic, Py_ssize_t kk, uint64_t* key, int64_t* val, uint64_t* tkey,
-                      int64_t* tval, Py_ssize_t r0, int64_t* sval, int64_t* order, int64_t* spos,
-                      int64_t* cur, int64_t* rstart) noexcept nogil:
-    """One image's candidates (key/val/tkey/tval: scratch for all of them), ranked by (score
-    desc, f) and cut to the first kk: sval[r0 + i] is the i-th; its ranks r0.. hold them by
-    (class, i) -- by i alone when agnostic -- with order[r] = f and spos[r] = i; rstart[c] the
-    first rank of class c (rstart[0] only when agnostic); cur: C counters."""
-    cdef Py_ssize_t f, m = 0, i, c, run, t
-    cdef floating lo
+cdef enum:
+    TOPBITS = 16                # the histogram of step 2: 2^16 counts
+    SCAN = 32                   # scores tested at once in step 1
+
+
+cdef inline uint64_t _flip32(float v) noexcept nogil:
+    """_desc_key32 without branches, for numbers (not NaN): -0.0 + 0.0 is +0.0."""
+    cdef uint32_t u
+    v = v + 0.0
+    memcpy(&u, &v, 4)
+    u = u ^ (<uint32_t>((<int32_t>u) >> 31) | 0x80000000u)
+    return <uint64_t>(~u)
+
+
+cdef inline uint64_t _flip64(double v) noexcept nogil:
+    """_desc_key64 without branches, for numbers (not NaN)."""
+    cdef uint64_t u
+    v = v + 0.0
+    memcpy(&u, &v, 8)
+    u = u ^ (<uint64_t>((<int64_t>u) >> 63) | 0x8000000000000000u)
+    return ~u
+
+
+cdef struct Combined:
+    # the parameters of one combined_nms call and the image-independent scratch sizes
+    Py_ssize_t N, C, K, cap_c, topk
+    bint specific, agnostic, use_thr
+    double thr, iou_thr
+
+
+cdef struct CombinedScratch:
+    # one thread's scratch for _combined_image, sized for any image of the call
+    uint64_t* key           # 3 * N * C: the candidates' keys, then a batch and its sort scratch
+    int64_t* val            # 3 * N * C: their f, likewise
+    uint32_t* hist          # 2^TOPBITS
+    int64_t* head           # C + 1: the last kept candidate of each class (group), -1: none
+    int64_t* cnt            # C + 1: detections of each class
+    int64_t* nxt            # L + 1: the kept candidate kept before this one in its group
+    double* kb              # 5 * (L + 1): the kept boxes (x1, y1, x2, y2, area), L = min(N C, topk)
+
+
+cdef Py_ssize_t _combined_image(const Combined* a, const floating* boxes,
+                                const floating* s, Py_ssize_t b, CombinedScratch* w,
+                                floating* ob, floating* osc, int64_t* ocls,
+                                int64_t* oidx) noexcept nogil:
+    """Image b's detections into its output rows (see the section comment); their count."""
+    cdef Py_ssize_t nc = a.N * a.C, C = a.C, m = 0, f, i, j, t, lo, hi, done = 0, nb, k
+    cdef Py_ssize_t nkept = 0, emitted = 0, batch = 4 * a.K + 256, limit, grp, q
+    cdef int shift = 16 if floating is float else 48, nbytes = 4 if floating is float else 8
+    cdef floating lo_s
+    cdef Py_ssize_t f0, f1
+    cdef uint32_t bits
+    cdef uint64_t kk
+    cdef double x1, y1, x2, y2, ar
+    cdef bint keep
+    cdef const floating* src
+    cdef uint64_t* key = w.key
+    cdef int64_t* val = w.val
+    cdef uint32_t* hist = w.hist
+    cdef int64_t* head = w.head
+    cdef int64_t* cnt = w.cnt
+    cdef int64_t* nxt = w.nxt
+    cdef double* kb = w.kb
+    memset(hist, 0, (1 << TOPBITS) * sizeof(uint32_t))
+    for i in range(C + 1):
+        head[i] = -1
+        cnt[i] = 0
+    # 1. the candidates, in f order, and the histogram of their keys' top bits: blocks of SCAN
+    # scores without a candidate are skipped after a vectorised test, the others appended
+    # branch-free (a candidate is score >= lo: NaN never is)
     if floating is float:
-        lo = _thr32(thr)
+        lo_s = nextafterf(_thr32(a.thr), INFINITY) if a.use_thr else -INFINITY
     else:
-        lo = thr
-    for f in range(nc):
-        if (s[f] > lo) if use_thr else (s[f] == s[f]):
+        lo_s = nextafter(a.thr, INFINITY) if a.use_thr else -INFINITY
+    f1 = 0
+    while f1 < nc:
+        f0 = f1
+        f1 = f0 + SCAN if f0 + SCAN < nc else nc
+        bits = 0
+        for f in range(f0, f1):                 # vectorised
+            bits = bits | (s[f] >= lo_s)
+        if not bits:
+            continue
+        bits = 0
+        for f in range(f0, f1):
+            bits = bits | (<uint32_t>(s[f] >= lo_s) << (f - f0))
+        while bits:                             # the candidates of the block, in f order
+            f = f0 + __builtin_ctz(bits)
+            bits = bits & (bits - 1)
             if floating is float:
-                key[m] = _desc_key32(s[f])
+                kk = _flip32(s[f])
             else:
-                key[m] = _desc_key64(s[f])
+                kk = _flip64(s[f])
+            key[m] = kk
             val[m] = f
+            hist[kk >> shift] += 1
             m += 1
-    _radix(key, val, tkey, tval, m, 4 if floating is float else 8)
-    for i in range(kk):
-        sval[r0 + i] = val[i]
-    if agnostic:
-        rstart[0] = r0
-        for i in range(kk):
-            order[r0 + i] = val[i]
-            spos[r0 + i] = i
-        return
-    for c in range(C):
-        cur[c] = 0
-    for i in range(kk):
-        cur[val[i] % C] += 1
-    run = r0
-    for c in range(C):
-        rstart[c] = run
-        t = cur[c]
-        cur[c] = run
-        run += t
-    for i in range(kk):
-        c = val[i] % C
-        order[cur[c]] = val[i]
-        spos[cur[c]] = i
-        cur[c] += 1
-
-
-cdef Py_ssize_t _emit_image(const floating* boxes, const floating* s, Py_ssize_t b, Py_ssize_t N,
-                            Py_ssize_t C, bint specific, const int64_t* sval,
-                            const uint8_t* is_kept, Py_ssize_t kk, Py_ssize_t cap_c,
-                            Py_ssize_t K, int64_t* cnt, floating* ob, floating* osc,
-                            int64_t* ocls, int64_t* oidx) noexcept nogil:
-    """Image b's kept candidates (is_kept[i] for the i-th ranked, sval[i]) in rank order, at
-    most cap_c per class and K in all, into its output rows; returns how many."""
-    cdef Py_ssize_t i, k, c, t = 0
-    cdef int64_t f
-    cdef const floating* src
-    for c in range(C):
-        cnt[c] = 0
-    for i in range(kk):
-        if t >= K:
-            break
-        if not is_kept[i]:
-            continue
-        f = sval[i]
-        c = f % C
-        if cnt[c] >= cap_c:
-            continue
-        cnt[c] += 1
-        src = _cand_box(boxes, b, N, C, specific, f)
-        for k in range(4):
-            ob[4 * t + k] = src[k]
-        osc[t] = s[f]
-        ocls[t] = c
-        oidx[t] = f // C
-        t += 1
-    return t
-
-
-cdef int _combined_impl(const floating* boxes, const floating* scores, Py_ssize_t B,
-                        Py_ssize_t N, Py_ssize_t C, bint specific, double iou_thr, bint use_thr,
-                        double thr, Py_ssize_t cap_c, Py_ssize_t K, bint agnostic,
-                        Py_ssize_t topk, double cellscale, floating* ob, floating* osc,
-                        int64_t* ocls, int64_t* oidx, int64_t* num, int nthreads) noexcept nogil:
-    """See the section comment; 0, or -1 when out of memory."""
-    cdef Py_ssize_t nc = N * C, G = 1 if agnostic else C, S, M, R, b, s, j, r, k, r0, seg_cap
-    cdef int err = 0
-    cdef int64_t* moff = <int64_t*>malloc((B + 1) * sizeof(int64_t))
-    cdef int64_t* roff = <int64_t*>malloc((B + 1) * sizeof(int64_t))
-    cdef int64_t* cur = <int64_t*>malloc((B * C + 1) * sizeof(int64_t))
-    cdef uint64_t* key = NULL
-    cdef uint64_t* tkey = NULL
-    cdef int64_t* val = NULL
-    cdef int64_t* tval = NULL
-    cdef int64_t* sval = NULL
-    cdef int64_t* order = NULL
-    cdef int64_t* spos = NULL
-    cdef int64_t* kept = NULL
-    cdef int64_t* nkept = NULL
-    cdef int64_t* rstart = NULL
-    cdef double* rb = NULL
-    cdef uint8_t* is_kept = NULL
-    cdef const floating* src
-    S = B * G
-    if moff == NULL or roff == NULL or cur == NULL:
-        free(moff); free(roff); free(cur)
-        return -1
-    # 1. candidates per image
-    for b in prange(B, num_threads=nthreads, schedule="dynamic"):
-        moff[b + 1] = _count_cands(scores + b * nc, nc, use_thr, thr)
-    moff[0] = roff[0] = 0
-    for b in range(B):
-        k = moff[b + 1]
-        roff[b + 1] = roff[b] + (k if k < topk else topk)
-        moff[b + 1] = moff[b] + k
-    M, R = moff[B], roff[B]
-    # 2. ranking and class buckets per image
-    key = <uint64_t*>malloc((M + 1) * sizeof(uint64_t))
-    tkey = <uint64_t*>malloc((M + 1) * sizeof(uint64_t))
-    val = <int64_t*>malloc((M + 1) * sizeof(int64_t))
-    tval = <int64_t*>malloc((M + 1) * sizeof(int64_t))
-    sval = <int64_t*>malloc((R + 1) * sizeof(int64_t))
-    order = <int64_t*>malloc((R + 1) * sizeof(int64_t))
-    spos = <int64_t*>malloc((R + 1) * sizeof(int64_t))
-    kept = <int64_t*>malloc((R + 1) * sizeof(int64_t))
-    nkept = <int64_t*>calloc(S + 1, sizeof(int64_t))
-    rstart = <int64_t*>malloc((S + 1) * sizeof(int64_t))
-    rb = <double*>malloc((4 * R + 4) * sizeof(double))
-    is_kept = <uint8_t*>calloc(R + 1, 1)
-    if key == NULL or tkey == NULL or val == NULL or tval == NULL or sval == NULL or \
-            order == NULL or spos == NULL or kept == NULL or nkept == NULL or rstart == NULL or \
-            rb == NULL or is_kept == NULL:
-        err = -1
-    else:
-        for b in prange(B, num_threads=nthreads, schedule="dynamic"):
-            _rank_image(scores + b * nc, nc, C, use_thr, thr, agnostic, roff[b + 1] - roff[b],
-                        key + moff[b], val + moff[b], tkey + moff[b], tval + moff[b], roff[b],
-                        sval, order, spos, cur + b * C, rstart + b * G)
-            for r in range(roff[b], roff[b + 1]):
-                src = _cand_box(boxes, b, N, C, specific, order[r])
+    limit = m if m < a.topk else a.topk
+    # 2. + 3. batches of candidates in rank order through the incremental greedy NMS
+    lo = 0
+    while done < limit and emitted < a.K and lo < (1 << TOPBITS):
+        hi, nb = lo, hist[lo]
+        while hi + 1 < (1 << TOPBITS) and nb < batch:
+            hi += 1
+            nb += hist[hi]
+        j = 0
+        for i in range(m):                      # gather, in f order, the batch's candidates
+            t = <Py_ssize_t>(key[i] >> shift)
+            if lo <= t <= hi:
+                key[m + j] = key[i]
+                val[m + j] = val[i]
+                j += 1
+        _radix(key + m, val + m, key + m + nb, val + m + nb, nb, nbytes)
+        for i in range(nb):
+            if done >= limit or emitted >= a.K:
+                break
+            done += 1
+            f = val[m + i]
+            grp = 0 if a.agnostic else f % C
+            if not a.agnostic and cnt[grp] >= a.cap_c:
+                continue
+            src = _cand_box(boxes, b, a.N, C, a.specific, f)
+            x1, y1, x2, y2 = src[0], src[1], src[2], src[3]
+            ar = _area(x1, y1, x2, y2)
+            keep = True
+            if ar > 0:
+                q = head[grp]
+                while q >= 0:
+                    if _iou(kb[5 * q], kb[5 * q + 1], kb[5 * q + 2], kb[5 * q + 3], kb[5 * q + 4],
+                            x1, y1, x2, y2, ar) > a.iou_thr:
+                        keep = False
+                        break
+                    q = nxt[q]
+            if not keep:
+                continue
+            if ar > 0:                          # a box of area 0 suppresses nothing
+                kb[5 * nkept], kb[5 * nkept + 1], kb[5 * nkept + 2] = x1, y1, x2
+                kb[5 * nkept + 3], kb[5 * nkept + 4] = y2, ar
+                nxt[nkept] = head[grp]
+                head[grp] = nkept
+                nkept += 1
+            t = f % C
+            if cnt[t] < a.cap_c:
+                cnt[t] += 1
                 for k in range(4):
-                    rb[4 * r + k] = src[k]
-        rstart[S] = R
-    free(key); free(tkey); free(val); free(tval)
-    # 3. greedy NMS per segment; a class never yields more than min(cap_c, K) detections, and
-    # without per-class caps that bind the first K kept of an image are its detections
-    if err == 0 and R > 0:
-        if agnostic:
-            seg_cap = K if cap_c >= K else R + 1
-        else:
-            seg_cap = cap_c if cap_c < K else K
-        err = _greedy_impl(rb, rstart, R, S, kept, nkept, seg_cap, iou_thr, CRIT_IOU, 1.0, NULL,
-                           NULL, cellscale, nthreads)
-    # 4. per image: the kept candidates in rank order, capped, into the outputs
+                    ob[4 * emitted + k] = src[k]
+                osc[emitted] = s[f]
+                ocls[emitted] = t
+                oidx[emitted] = f // C
+                emitted += 1
+        lo = hi + 1
+        batch *= 2
+    return emitted
+
+
+cdef int _combined_impl(const Combined* a, const floating* boxes, const floating* scores,
+                        Py_ssize_t B, floating* ob, floating* osc, int64_t* ocls, int64_t* oidx,
+                        int64_t* num, int nthreads) noexcept nogil:
+    """_combined_image of every image, in parallel (scratch per thread); 0, or -1 when out of
+    memory."""
+    cdef Py_ssize_t b, nc = a.N * a.C, K = a.K, C = a.C, i
+    cdef Py_ssize_t L = (nc if nc < a.topk else a.topk) + 1
+    cdef int T = nthreads if nthreads < B else <int>B, err = 0
+    cdef CombinedScratch* w = <CombinedScratch*>calloc(T, sizeof(CombinedScratch))
+    if w == NULL:
+        return -1
+    for i in range(T):
+        w[i].key = <uint64_t*>malloc((3 * nc + 1) * sizeof(uint64_t))
+        w[i].val = <int64_t*>malloc((3 * nc + 1) * sizeof(int64_t))
+        w[i].hist = <uint32_t*>malloc((1 << TOPBITS) * sizeof(uint32_t))
+        w[i].head = <int64_t*>malloc((C + 1) * sizeof(int64_t))
+        w[i].cnt = <int64_t*>malloc((C + 1) * sizeof(int64_t))
+        w[i].nxt = <int64_t*>malloc(L * sizeof(int64_t))
+        w[i].kb = <double*>malloc(5 * L * sizeof(double))
+        if w[i].key == NULL or w[i].val == NULL or w[i].hist == NULL or w[i].head == NULL or \
+                w[i].cnt == NULL or w[i].nxt == NULL or w[i].kb == NULL:
+            err = -1
     if err == 0:
-        for b in prange(B, num_threads=nthreads, schedule="dynamic"):
-            r0 = roff[b]
-            for s in range(b * G, b * G + G):
-                for j in range(nkept[s]):
-                    is_kept[r0 + spos[kept[rstart[s] + j]]] = 1
-            num[b] = _emit_image(boxes, scores + b * nc, b, N, C, specific, sval + r0,
-                                 is_kept + r0, roff[b + 1] - r0, cap_c, K, cur + b * C,
-                                 ob + 4 * b * K, osc + b * K, ocls + b * K, oidx + b * K)
-    free(moff); free(roff); free(cur); free(sval); free(order); free(spos); free(kept)
-    free(nkept); free(rstart); free(rb); free(is_kept)
+        for b in prange(B, num_threads=T, schedule="dynamic"):
+            num[b] = _combined_image(a, boxes, scores + b * nc, b, &w[threadid()],
+                                     ob + 4 * b * K, osc + b * K, ocls + b * K, oidx + b * K)
+    for i in range(T):
+        free(w[i].key); free(w[i].val); free(w[i].hist); free(w[i].head); free(w[i].cnt)
+        free(w[i].nxt); free(w[i].kb)
+    free(w)
     return err
 
 
@@ -1378,12 +1389,13 @@ def combined_nms(boxes, scores, double iou_threshold, score_threshold,
     (boxes (B, K, 4), scores (B, K), classes (B, K), num_detections (B,), indices (B, K))."""
     cdef Py_ssize_t B = scores.shape[0], N = scores.shape[1], C = scores.shape[2]
     cdef Py_ssize_t K = max_total
-    cdef bint specific = boxes.ndim == 4
-    cdef bint use_thr = score_threshold is not None
-    cdef double thr = score_threshold if use_thr else 0.0
-    cdef Py_ssize_t cap_c = max_output_per_class if max_output_per_class >= 0 else N + 1
-    cdef Py_ssize_t topk = pre_nms_top_k if pre_nms_top_k >= 0 else N * C + 1
-    cdef double cellscale = CELL
+    cdef Combined a
+    a.N, a.C, a.K = N, C, K
+    a.cap_c = max_output_per_class if max_output_per_class >= 0 else N + 1
+    a.topk = pre_nms_top_k if pre_nms_top_k >= 0 else N * C + 1
+    a.specific, a.agnostic, a.use_thr = boxes.ndim == 4, class_agnostic, score_threshold is not None
+    a.thr = score_threshold if a.use_thr else 0.0
+    a.iou_thr = iou_threshold
     cdef int err = 0
     cdef cnp.ndarray ob = np.zeros((B, K, 4), dtype=boxes.dtype)
     cdef cnp.ndarray osc = np.zeros((B, K), dtype=scores.dtype)
@@ -1391,24 +1403,22 @@ def combined_nms(boxes, scores, double iou_threshold, score_threshold,
     cdef cnp.ndarray oidx = np.full((B, K), -1, dtype=np.int64)
     cdef cnp.ndarray num = np.zeros(B, dtype=np.int64)
     cdef cnp.ndarray bx = boxes, sc = scores
-    if B * N * C == 0 or K == 0 or cap_c == 0:
+    if B * N * C == 0 or K == 0 or a.cap_c == 0:
         return ob, osc, ocls, num, oidx
     if scores.dtype == np.float32:
         with nogil:
-            err = _combined_impl(<const float*>cnp.PyArray_DATA(bx),
-                                 <const float*>cnp.PyArray_DATA(sc), B, N, C, specific,
-                                 iou_threshold, use_thr, thr, cap_c, K, class_agnostic, topk,
-                                 cellscale, <float*>cnp.PyArray_DATA(ob),
-                                 <float*>cnp.PyArray_DATA(osc), <int64_t*>cnp.PyArray_DATA(ocls),
+            err = _combined_impl(&a, <const float*>cnp.PyArray_DATA(bx),
+                                 <const float*>cnp.PyArray_DATA(sc), B,
+                                 <float*>cnp.PyArray_DATA(ob), <float*>cnp.PyArray_DATA(osc),
+                                 <int64_t*>cnp.PyArray_DATA(ocls),
                                  <int64_t*>cnp.PyArray_DATA(oidx),
                                  <int64_t*>cnp.PyArray_DATA(num), nthreads)
     else:
         with nogil:
-            err = _combined_impl(<const double*>cnp.PyArray_DATA(bx),
-                                 <const double*>cnp.PyArray_DATA(sc), B, N, C, specific,
-                                 iou_threshold, use_thr, thr, cap_c, K, class_agnostic, topk,
-                                 cellscale, <double*>cnp.PyArray_DATA(ob),
-                                 <double*>cnp.PyArray_DATA(osc), <int64_t*>cnp.PyArray_DATA(ocls),
+            err = _combined_impl(&a, <const double*>cnp.PyArray_DATA(bx),
+                                 <const double*>cnp.PyArray_DATA(sc), B,
+                                 <double*>cnp.PyArray_DATA(ob), <double*>cnp.PyArray_DATA(osc),
+                                 <int64_t*>cnp.PyArray_DATA(ocls),
                                  <int64_t*>cnp.PyArray_DATA(oidx),
                                  <int64_t*>cnp.PyArray_DATA(num), nthreads)
     if err:

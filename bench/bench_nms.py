@@ -1,6 +1,7 @@
 """Benchmark: fastnorm nms / batched_nms vs torchvision, ONNX Runtime NonMaxSuppression and
 OpenCV cv2.dnn.NMSBoxes, float32, clustered random boxes, --threads threads for every
-implementation (default 2).
+implementation (default 2); the NMS variants beside nms and their NumPy loops; combined_nms at a
+YOLO head's size vs ONNX Runtime NonMaxSuppression + top-k.
 
     python bench/bench_nms.py [--threads N] [--torchvision-python PATH] [--no-write | --out DIR]
 
@@ -129,7 +130,7 @@ def main(argv=None):
         for name, t in peers.items():
             table.add(label, name, t, work)
             ratios[(case.split("_")[0], n, name)] = t / t_ours
-    lines = []
+    tables, lines = [table], []
     for (kind, n), want in TARGETS.items():
         for peer, x in want.items():
             got = ratios.get((kind, n, peer))
@@ -141,9 +142,250 @@ def main(argv=None):
              "prepared outside the timing (its IoU convention differs slightly; not checked). "
              "torchvision " + (" ".join(tv["versions"]) + f" timed {tv['where']}"
                                if tv else "unavailable") +
-             ". 'Mbox/s' = input boxes per second / 1e6.\n\nTargets:\n" + "\n".join(lines))
-    tables = [table] + cuda_tables(inputs)
+             ". 'Mbox/s' = input boxes per second / 1e6.")
+    for more in (variant_table, combined_table):
+        t, more_lines = more(threads)
+        tables.append(t)
+        lines += more_lines
+    notes += VARIANT_NOTES + "\n\nTargets:\n" + "\n".join(lines)
+    tables += cuda_tables(inputs)
     return finish(args, "nms", tables, notes)
+
+
+# ---------------------------------------------------------------- the variants beside nms
+
+VARIANT_SIZES = (1000, 10_000, 50_000)
+NUMPY_MAX = {"hard": 50_000, "soft": 10_000}    # largest n the NumPy loops are timed at
+HARD = ("iou_guided_nms", "adaptive_nms hard")  # the target: within 2x of nms at 10k
+SIGMA_T = 0.05                                  # softer_nms' vote width in the bench
+VARIANT_NOTES = (
+    "\n\nNMS variants: the same clustered boxes as nms_<n>, with localization confidences "
+    "uniform in [0.3, 1), densities in [0, 0.8) and coordinate variances in [0.5, 4); the "
+    "'fastnorm nms, same input' row's ratio below 1 is how much slower the variant is than nms. "
+    "'NumPy loop' is the textbook loop of each paper's algorithm, vectorised over the remaining "
+    "boxes (float64), checked to keep the same boxes; timed up to 50k boxes for the greedy "
+    "loops, 10k for the soft ones (one selection per box: O(n^2)). The 'within 2x of nms' "
+    "target covers the greedy variants (iou_guided_nms, adaptive_nms hard); softer_nms 'hard' "
+    "also votes every selection over its overlapping boxes, and is not held to it. "
+    "combined_nms: ONNX Runtime's "
+    "NonMaxSuppression takes scores as (B, C, N), transposed outside the timing; its per-image "
+    "top-k runs in NumPy inside; the kept (image, class, box) triples are checked equal.")
+
+
+def variant_inputs(n):
+    """The clustered boxes and scores of nms_<n>, plus each variant's further per-box input:
+    localization confidences, densities (up to 0.8), and coordinate variances."""
+    b, s = clustered_boxes(n)
+    rng = np.random.default_rng(3)
+    return dict(boxes=b, scores=s, localization=rng.uniform(0.3, 1.0, n).astype(np.float32),
+                densities=rng.uniform(0.0, 0.8, n).astype(np.float32),
+                variances=rng.uniform(0.5, 4.0, (n, 4)).astype(np.float32))
+
+
+def _variants(d):
+    """name -> (fastnorm call, its NumPy loop, "hard"/"soft"): the same computation."""
+    b, s, loc, dens, var = (d[k] for k in ("boxes", "scores", "localization", "densities",
+                                            "variances"))
+    return {
+        "soft_nms": (lambda: fastnorm.soft_nms(b, s, iou_threshold=IOU),
+                     lambda: np_soft(b, s, IOU, "gaussian"), "soft"),
+        "iou_guided_nms": (lambda: fastnorm.iou_guided_nms(b, s, loc, IOU),
+                           lambda: np_iou_guided(b, s, loc, IOU), "hard"),
+        "adaptive_nms hard": (lambda: fastnorm.adaptive_nms(b, s, dens, IOU),
+                              lambda: np_greedy(b, s, IOU, dens, score_thr=0.001), "hard"),
+        "adaptive_nms linear": (lambda: fastnorm.adaptive_nms(b, s, dens, IOU, method="linear"),
+                                lambda: np_soft(b, s, IOU, "linear", dens), "soft"),
+        "softer_nms hard": (lambda: fastnorm.softer_nms(b, s, var, sigma_t=SIGMA_T,
+                                                        method="hard", iou_threshold=IOU),
+                            lambda: np_soft(b, s, IOU, "hard", variances=var), "soft"),
+        "softer_nms gaussian": (lambda: fastnorm.softer_nms(b, s, var, sigma_t=SIGMA_T),
+                                lambda: np_soft(b, s, IOU, "gaussian", variances=var), "soft"),
+    }
+
+
+def _corners(b):
+    b = b.astype(np.float64)
+    x1, y1, x2, y2 = b.T
+    return b, x1, y1, x2, y2, (x2 - x1) * (y2 - y1)
+
+
+def _iou_one(c, i, rest):
+    """IoU of box i with the boxes ``rest`` (c: _corners), vectorised."""
+    _, x1, y1, x2, y2, area = c
+    w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
+    h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+    inter = w * h
+    return inter / (area[i] + area[rest] - inter)
+
+
+def np_greedy(b, s, thr, densities=None, key=None, score_thr=None):
+    """The textbook NumPy NMS loop (py_cpu_nms): take the best remaining box, drop the rest
+    above the threshold (max(thr, its density) for adaptive NMS); ranked by ``key`` (default
+    the scores), over the boxes with score >= score_thr. Returns the kept indices and, per kept
+    box, the boxes it removed."""
+    c = _corners(b)
+    key = s if key is None else key
+    cand = np.arange(len(s)) if score_thr is None else np.flatnonzero(s >= score_thr)
+    order = cand[np.argsort(-key[cand], kind="stable")]
+    keep, removed = [], []
+    while order.size:
+        i, rest = order[0], order[1:]
+        t = thr if densities is None else max(thr, float(densities[i]))
+        over = _iou_one(c, i, rest) > t
+        keep.append(i)
+        removed.append(rest[over])
+        order = rest[~over]
+    return np.array(keep, np.int64), removed
+
+
+def np_iou_guided(b, s, loc, thr):
+    """IoU-guided NMS in NumPy: greedy by localization, each kept box lifted to the best score
+    it removed, ordered by that score."""
+    keep, removed = np_greedy(b, s, thr, key=loc)
+    new = np.array([max(s[i], s[r].max()) if r.size else s[i] for i, r in zip(keep, removed)],
+                   s.dtype)
+    o = np.argsort(-new, kind="stable")
+    return keep[o], new[o]
+
+
+def np_soft(b, s, thr, method, densities=None, variances=None, sigma=0.5, score_thr=0.001):
+    """Soft-NMS in NumPy (Bodla et al.'s loop): select the best live box, decay (or remove) the
+    others, drop those below score_thr; adaptive thresholds with ``densities``, variance voting
+    (softer_nms, weight exp(-(1 - IoU)^2 / SIGMA_T) / variance) with ``variances``."""
+    c = _corners(b)
+    cur = s.astype(np.float64)
+    live = np.flatnonzero(cur >= score_thr)
+    keep, kept_s, voted = [], [], []
+    while live.size:
+        j = live[np.argmax(cur[live])]
+        rest = live[live != j]
+        iou = _iou_one(c, j, rest)
+        keep.append(j)
+        kept_s.append(cur[j])
+        if variances is not None:
+            v = rest[iou > 0]
+            p = np.exp(-(1 - iou[iou > 0]) ** 2 / SIGMA_T)[:, None] / variances[v]
+            w = np.concatenate([1 / variances[j][None].astype(np.float64), p])
+            voted.append((w * c[0][np.r_[j, v]]).sum(0) / w.sum(0))
+        t = thr if densities is None else max(thr, float(densities[j]))
+        if method == "gaussian" and densities is None:
+            cur[rest] *= np.exp(-iou ** 2 / sigma)
+        elif method == "gaussian":
+            cur[rest] *= np.where(iou > t, np.exp(-iou ** 2 / sigma), 1.0)
+        elif method == "linear":
+            cur[rest] *= np.where(iou > t, 1 - iou, 1.0)
+        else:
+            rest = rest[~(iou > t)]
+        live = rest[cur[rest] >= score_thr]
+    return (np.array(keep, np.int64), np.array(voted).reshape(-1, 4),
+            np.array(kept_s, s.dtype))
+
+
+def variant_table(threads):
+    """Each NMS variant at VARIANT_SIZES beside plain nms on the same input (ratio < 1: the
+    variant is slower than nms) and beside its NumPy loop (checked to give the same boxes)."""
+    t = Table(f"NMS variants beside nms, float32, IoU {IOU}, {threads} threads, clustered boxes",
+              unit="Mbox/s")
+    ratios = {}
+    for n in VARIANT_SIZES:
+        d = variant_inputs(n)
+        b, s = d["boxes"], d["scores"]
+        t_nms = timeit(lambda: fastnorm.nms(b, s, IOU), **_timer(n))
+        for name, (ours, loop, kind) in _variants(d).items():
+            res = ours()
+            keep = res[0] if isinstance(res, tuple) else res
+            case = f"{name} {n} ({len(keep)} kept)"
+            t_ours = timeit(ours, **_timer(n))
+            t.add(case, "fastnorm", t_ours, n)
+            t.add(case, "fastnorm nms, same input", t_nms, n)
+            ratios[(name, n, "nms")] = t_nms / t_ours
+            if n <= NUMPY_MAX[kind]:
+                ref = loop()
+                ref_keep = ref[0] if isinstance(ref, tuple) else ref
+                assert np.array_equal(np.sort(ref_keep), np.sort(keep)), (name, n)
+                t_np = timeit(loop, repeat=1 if n >= 10_000 else 3, min_time=0.0)
+                t.add(case, "NumPy loop", t_np, n)
+                ratios[(name, n, "numpy")] = t_np / t_ours
+    lines = []
+    for name in _variants(variant_inputs(10)):
+        got = ratios.get((name, 10_000, "numpy"))
+        verdict = "n/a" if got is None else f"{'PASS' if got >= 10 else 'MISS'} ({got:.0f}x)"
+        lines.append(f"- {name} 10000: >= 10x its NumPy loop: {verdict}")
+        if name in HARD:
+            got = ratios[(name, 10_000, "nms")]
+            lines.append(f"- {name} 10000: within 2x of nms: "
+                         f"{'PASS' if got >= 0.5 else 'MISS'} ({1 / got:.2f}x nms's time)")
+    return t, lines
+
+
+# ---------------------------------------------------------------- combined_nms vs ONNX Runtime
+
+COMBINED = dict(B=8, N=8400, C=80, iou=0.45, per_class=100, total=300)   # a YOLO head
+COMBINED_CASES = (0.25, 0.001)                  # score thresholds: deployment, evaluation
+
+
+def combined_inputs(B, N, C, seed=4):
+    """Per image the clustered boxes of nms_<N>; scores as a detector's sigmoid outputs: one
+    class per box scored uniformly in [0, 1), the others log-uniform in [1e-6, 1e-2)."""
+    rng = np.random.default_rng(seed)
+    boxes = np.stack([clustered_boxes(N, seed=10 + i)[0] for i in range(B)])
+    scores = (10.0 ** rng.uniform(-6, -2, (B, N, C))).astype(np.float32)
+    cls = rng.integers(0, C, (B, N))
+    np.put_along_axis(scores, cls[..., None], rng.random((B, N, 1)).astype(np.float32), 2)
+    return boxes, scores
+
+
+def _ort_combined(boxes, scores, thr, threads):
+    """ONNX Runtime NonMaxSuppression (scores in its (B, C, N) layout, made outside the timing)
+    followed by the per-image top-k in NumPy: () -> (image, class, box) triples kept, in
+    per-image score order. None when ONNX Runtime is unavailable."""
+    p = COMBINED
+    st = np.ascontiguousarray(scores.transpose(0, 2, 1))
+    run = onnx_op("NonMaxSuppression",
+                  {"boxes": boxes, "scores": st,
+                   "max": np.array([p["per_class"]], np.int64),
+                   "iou": np.array([p["iou"]], np.float32),
+                   "score": np.array([thr], np.float32)}, {}, 13, threads, np.int64)
+    if run is None:
+        return None
+
+    def top_k():
+        sel = run()
+        s = st[sel[:, 0], sel[:, 1], sel[:, 2]]
+        parts = []
+        for i in range(boxes.shape[0]):
+            mine = np.flatnonzero(sel[:, 0] == i)
+            parts.append(sel[mine[np.argsort(-s[mine], kind="stable")[:p["total"]]]])
+        return np.concatenate(parts)
+    return top_k
+
+
+def combined_table(threads):
+    """combined_nms at a YOLO head's size against ONNX Runtime NonMaxSuppression + top-k."""
+    p = COMBINED
+    B, N, C = p["B"], p["N"], p["C"]
+    boxes, scores = combined_inputs(B, N, C)
+    t = Table(f"combined_nms, B={B} N={N} C={C}, IoU {p['iou']}, max {p['per_class']} per class "
+              f"and {p['total']} per image, float32, {threads} threads", unit="Mbox/s")
+    lines = []
+    for thr in COMBINED_CASES:
+        def ours():
+            return fastnorm.combined_nms(boxes, scores, p["per_class"], p["total"], p["iou"], thr,
+                                         return_indices=True)
+        _, _, cls, num, idx = ours()
+        case = f"score > {thr} ({int(num.sum())} detections)"
+        t_ours = timeit(ours, repeat=5, min_time=0.2)
+        t.add(case, "fastnorm", t_ours, B * N)
+        ort = _ort_combined(boxes, scores, thr, threads)
+        if ort is None:
+            continue
+        mine = {(i, int(cls[i, k]), int(idx[i, k])) for i in range(B) for k in range(num[i])}
+        assert mine == set(map(tuple, ort().tolist())), thr
+        t_ort = timeit(ort, repeat=3, min_time=0.0)
+        t.add(case, "onnxruntime NMS + top-k", t_ort, B * N)
+        lines.append(f"- combined_nms, score > {thr}: >= 5x ONNX Runtime NMS + top-k: "
+                     f"{'PASS' if t_ort / t_ours >= 5 else 'MISS'} ({t_ort / t_ours:.1f}x)")
+    return t, lines
 
 
 CUDA_TARGETS = ("nms_1000", "nms_10000", "nms_100000", "batched_20000")

@@ -39,19 +39,34 @@ from ._kernels import (CRITERIA, DECAYS, METRICS, AdaptiveNms, BoxIou, CombinedN
 
 # ---------------------------------------------------------------- argument handling
 
+_BOX_SHAPED = {"variances"}      # per-box arrays shaped like the boxes, (N, 4); others (N,)
+
+
+def _per_box(call, bname, boxes, name, a, at=""):
+    """Validate the further per-box array ``name`` (``at``: "[i]" for image i of a list): (N,)
+    like the scores, or (N, 4) like the boxes for the names in _BOX_SHAPED; the boxes' dtype."""
+    shaped, name = name in _BOX_SHAPED, name + at
+    if not shaped:
+        v.boxes_and_scores(call, bname, boxes, name, a)
+        return
+    v.float_array(call, name, a)
+    v.same_dtype(name, a, bname, boxes)
+    v.shape(name, a, tuple(boxes.shape), f"{tuple(boxes.shape)} to match `{bname}`")
+
+
 def _prepare(boxes, scores, idxs=None, batch_idx=None, **per_box):
     """Resolve and validate the arrays: (call, boxes, scores, idxs, batch), then the ``per_box``
-    arrays if any (further (N,) arrays like ``scores``, by keyword: ``localization=...``).
+    arrays if any (further per-box arrays, by keyword: ``localization=...``; see _per_box).
     Per-image lists stay lists here (validated entry by entry); ``_flatten`` flattens them."""
     for name, a in per_box.items():
         if a is None:
-            raise TypeError(f"`{name}` must be an array like `scores`, got None")
+            raise TypeError(f"`{name}` must be an array with one entry per box, got None")
     if not _lists.is_list(boxes):
         call, (boxes, scores, idxs, batch, *extra) = resolve(
             boxes=boxes, scores=scores, idxs=idxs, batch_idx=batch_idx, **per_box)
         v.boxes_and_scores(call, "boxes", boxes, "scores", scores)
         for name, a in zip(per_box, extra):
-            v.boxes_and_scores(call, "boxes", boxes, name, a)
+            _per_box(call, "boxes", boxes, name, a)
         idxs = v.int_array("idxs", idxs, boxes.shape[0], "boxes")
         batch = v.int_array("batch_idx", batch, boxes.shape[0], "boxes")
         if batch is not None and batch.shape[0] and bool((batch < 0).any()):
@@ -78,7 +93,7 @@ def _prepare(boxes, scores, idxs=None, batch_idx=None, **per_box):
     for i in range(B):
         v.boxes_and_scores(call, f"boxes[{i}]", bl[i], f"scores[{i}]", sl[i])
         for name, a in zip(per_box, extra):
-            v.boxes_and_scores(call, f"boxes[{i}]", bl[i], f"{name}[{i}]", a[i])
+            _per_box(call, f"boxes[{i}]", bl[i], name, a[i], f"[{i}]")
         v.same_dtype(f"boxes[{i}]", bl[i], "boxes[0]", bl[0])
         if il is not None:
             il[i] = v.int_array(f"idxs[{i}]", il[i], bl[i].shape[0], f"boxes[{i}]")
@@ -94,6 +109,11 @@ def _flatten(call, boxes, scores, idxs, batch):
     boxes, batch, lengths = _lists.flatten(xp, boxes)
     return (boxes.reshape(-1, 4), xp.concatenate(scores),
             xp.concatenate(idxs) if idxs is not None else None, batch, lengths)
+
+
+def _flat_per_box(call, a):
+    """A per-box array, or its per-image list flattened (as ``_flatten`` flattens scores)."""
+    return call.xp.concatenate(a) if _lists.is_list(a) else a
 
 
 def _grouped(call, result, batch, lengths):
@@ -414,11 +434,6 @@ def box_iou(a, b, *, metric="iou"):
 
 # ---------------------------------------------------------------- IoU-guided and adaptive NMS
 
-def _flat_per_box(call, a):
-    """A per-box array, or its per-image list flattened (as ``_flatten`` flattens scores)."""
-    return call.xp.concatenate(a) if _lists.is_list(a) else a
-
-
 @op
 def iou_guided_nms(boxes, scores, localization, iou_threshold=0.5, *, idxs=None,
                    score_threshold=None, max_output=None, batch_idx=None):
@@ -553,29 +568,6 @@ def adaptive_nms(boxes, scores, densities, iou_threshold=0.5, *, method="hard", 
 
 # ---------------------------------------------------------------- softer_nms
 
-def _variances(call, boxes, variances, native_boxes):
-    """``variances`` shaped like the caller's ``boxes`` (an array, or a list of per-image arrays
-    for list input) of the same framework, device and dtype, with no negative value. Returns the
-    native array(s); ``native_boxes``: what ``_prepare`` made of ``boxes``."""
-    if variances is None:
-        raise TypeError("`variances` must be an (N, 4) array of box-coordinate variances, got None")
-    if _lists.is_list(boxes):
-        v.same_list_length("variances", variances, len(boxes))
-        names, bl, vl, nb = [f"[{i}]" for i in range(len(boxes))], boxes, variances, native_boxes
-    else:
-        names, bl, vl, nb = [""], [boxes], [variances], [native_boxes]
-    _, nat = resolve(**{f"boxes{n}": b for n, b in zip(names, bl)},
-                     **{f"variances{n}": x for n, x in zip(names, vl)})
-    out = list(nat[len(names):])
-    for n, var, b in zip(names, out, nb):
-        v.same_dtype(f"variances{n}", var, f"boxes{n}", b)
-        v.shape(f"variances{n}", var, tuple(b.shape), f"{tuple(b.shape)} to match `boxes{n}`")
-        if var.shape[0] and bool((var < 0).any()):
-            raise ValueError(f"`variances{n}` must be >= 0 (the variances sigma^2 of the box "
-                             f"coordinates, not their logarithms), got a negative value")
-    return out if _lists.is_list(boxes) else out[0]
-
-
 @op
 def softer_nms(boxes, scores, variances, *, sigma_t=0.01, method="gaussian", sigma=0.5,
                iou_threshold=0.5, score_threshold=0.001, batch_idx=None):
@@ -661,16 +653,20 @@ def softer_nms(boxes, scores, variances, *, sigma_t=0.01, method="gaussian", sig
     >>> voted[0].round(3)      # x1, x2 pulled towards box 1, whose variance is lower
     array([ 0.789,  0.   , 10.789, 10.   ])
     """
-    call, native, scores, _, batch = _prepare(boxes, scores, None, batch_idx)
-    variances = _variances(call, boxes, variances, native)
+    call, boxes, scores, _, batch, variances = _prepare(boxes, scores, None, batch_idx,
+                                                        variances=variances)
+    for i, var in enumerate(variances if _lists.is_list(variances) else [variances]):
+        if var.shape[0] and bool((var < 0).any()):
+            name = f"variances[{i}]" if _lists.is_list(variances) else "variances"
+            raise ValueError(f"`{name}` must be >= 0 (the variances sigma^2 of the box "
+                             "coordinates, not their logarithms), got a negative value")
     sigma_t = v.number("sigma_t", sigma_t, min=0, min_exclusive=True)
     method = DECAYS[v.choice("method", method, tuple(DECAYS))]
     sigma = v.number("sigma", sigma, min=0, min_exclusive=True)
     thr = v.number("iou_threshold", iou_threshold, min=0)
     st = v.number("score_threshold", score_threshold)
-    boxes, scores, _, batch, lengths = _flatten(call, native, scores, None, batch)
-    if lengths is not None:
-        variances = call.xp.concatenate(variances).reshape(-1, 4)
+    variances = _flat_per_box(call, variances)
+    boxes, scores, _, batch, lengths = _flatten(call, boxes, scores, None, batch)
     res = call.run(cpu.softer_nms, cuda.softer_nms, SofterNms(
         boxes=boxes, scores=scores, variances=variances, batch=batch, sigma_t=sigma_t,
         method=method, sigma=sigma, iou_threshold=thr, score_threshold=st))

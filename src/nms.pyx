@@ -700,7 +700,8 @@ def weighted_nms(boxes, scores, batch, double iou_threshold, score_threshold,
 # clustered inputs cost O(selected x local density x log n) instead of O(n^2). The selections
 # and decays are those of the textbook loop, in the same order and arithmetic.
 
-cdef inline bint _above(const double* cur, const int64_t* orig, int64_t a, int64_t b) noexcept nogil:
+cdef inline bint _above(const double* cur, const int64_t* orig, int64_t a,
+                        int64_t b) noexcept nogil:
     """Rank a selected before rank b: higher current score, ties to the lower input index."""
     return cur[a] > cur[b] or (cur[a] == cur[b] and orig[a] < orig[b])
 
@@ -1382,6 +1383,17 @@ cdef int _combined_impl(const Combined* a, const floating* boxes, const floating
     return err
 
 
+def _combined_typed(Combined a, const floating[::1] boxes, const floating[::1] scores,
+                    floating[::1] ob, floating[::1] osc, int64_t[::1] ocls, int64_t[::1] oidx,
+                    int64_t[::1] num, int nthreads):
+    """_combined_impl on flat C-contiguous arrays of one float type: 0, or -1 (memory)."""
+    cdef int err
+    with nogil:
+        err = _combined_impl(&a, &boxes[0], &scores[0], num.shape[0], &ob[0], &osc[0], &ocls[0],
+                             &oidx[0], &num[0], nthreads)
+    return err
+
+
 def combined_nms(boxes, scores, double iou_threshold, score_threshold,
                  Py_ssize_t max_output_per_class, Py_ssize_t max_total, bint class_agnostic,
                  Py_ssize_t pre_nms_top_k, int nthreads):
@@ -1393,34 +1405,20 @@ def combined_nms(boxes, scores, double iou_threshold, score_threshold,
     a.N, a.C, a.K = N, C, K
     a.cap_c = max_output_per_class if max_output_per_class >= 0 else N + 1
     a.topk = pre_nms_top_k if pre_nms_top_k >= 0 else N * C + 1
-    a.specific, a.agnostic, a.use_thr = boxes.ndim == 4, class_agnostic, score_threshold is not None
+    a.specific, a.agnostic = boxes.ndim == 4, class_agnostic
+    a.use_thr = score_threshold is not None
     a.thr = score_threshold if a.use_thr else 0.0
     a.iou_thr = iou_threshold
     cdef int err = 0
-    cdef cnp.ndarray ob = np.zeros((B, K, 4), dtype=boxes.dtype)
-    cdef cnp.ndarray osc = np.zeros((B, K), dtype=scores.dtype)
-    cdef cnp.ndarray ocls = np.zeros((B, K), dtype=np.int64)
-    cdef cnp.ndarray oidx = np.full((B, K), -1, dtype=np.int64)
-    cdef cnp.ndarray num = np.zeros(B, dtype=np.int64)
-    cdef cnp.ndarray bx = boxes, sc = scores
+    ob = np.zeros((B, K, 4), dtype=boxes.dtype)
+    osc = np.zeros((B, K), dtype=scores.dtype)
+    ocls = np.zeros((B, K), dtype=np.int64)
+    oidx = np.full((B, K), -1, dtype=np.int64)
+    num = np.zeros(B, dtype=np.int64)
     if B * N * C == 0 or K == 0 or a.cap_c == 0:
         return ob, osc, ocls, num, oidx
-    if scores.dtype == np.float32:
-        with nogil:
-            err = _combined_impl(&a, <const float*>cnp.PyArray_DATA(bx),
-                                 <const float*>cnp.PyArray_DATA(sc), B,
-                                 <float*>cnp.PyArray_DATA(ob), <float*>cnp.PyArray_DATA(osc),
-                                 <int64_t*>cnp.PyArray_DATA(ocls),
-                                 <int64_t*>cnp.PyArray_DATA(oidx),
-                                 <int64_t*>cnp.PyArray_DATA(num), nthreads)
-    else:
-        with nogil:
-            err = _combined_impl(&a, <const double*>cnp.PyArray_DATA(bx),
-                                 <const double*>cnp.PyArray_DATA(sc), B,
-                                 <double*>cnp.PyArray_DATA(ob), <double*>cnp.PyArray_DATA(osc),
-                                 <int64_t*>cnp.PyArray_DATA(ocls),
-                                 <int64_t*>cnp.PyArray_DATA(oidx),
-                                 <int64_t*>cnp.PyArray_DATA(num), nthreads)
+    err = _combined_typed(a, boxes.reshape(-1), scores.reshape(-1), ob.reshape(-1),
+                          osc.reshape(-1), ocls.reshape(-1), oidx.reshape(-1), num, nthreads)
     if err:
         raise MemoryError()
     return ob, osc, ocls, num, oidx

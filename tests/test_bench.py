@@ -173,3 +173,22 @@ def test_compare_builds_times_both_trees_on_the_same_cases(tmp_path, capsys):
     with pytest.raises(SystemExit, match="does not load its own tree"):
         tool.main([str(tmp_path), root, "--quick", "--rounds", "1", "--no-write"])
     assert not list(tmp_path.iterdir())
+
+
+def test_nms_suite_numpy_loops_and_ort_peer_keep_what_fastnorm_keeps(monkeypatch):
+    """bench_nms's peers compute the same thing as the fastnorm calls they are timed against."""
+    import numpy as np
+    suite = _load(BENCH / "bench_nms.py")
+    for name, (ours, loop, _) in suite._variants(suite.variant_inputs(400)).items():
+        res, ref = ours(), loop()
+        keep = res[0] if isinstance(res, tuple) else res
+        assert len(keep) > 0 and np.array_equal(np.sort(keep), np.sort(ref[0])), name
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setitem(suite.COMBINED, "total", 30)
+    boxes, scores = suite.combined_inputs(2, 300, 6)
+    for thr in suite.COMBINED_CASES:
+        _, _, cls, num, idx = suite.fastnorm.combined_nms(boxes, scores, 100, 30, 0.45, thr,
+                                                          return_indices=True)
+        mine = {(i, int(cls[i, k]), int(idx[i, k])) for i in range(2) for k in range(num[i])}
+        assert len(mine) == 60 and mine == set(map(tuple, suite._ort_combined(
+            boxes, scores, thr, 1)().tolist()))

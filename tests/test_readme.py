@@ -17,6 +17,8 @@ def test_numpy_quickstart_runs():
     assert ns["y"].shape == (8, 64, 64, 256)
     assert ns["feats"].shape == (1000, 256, 7, 7)
     assert ns["keep"].dtype.name == "int64" and 0 < len(ns["keep"]) <= 1000
+    assert ns["det_boxes"].shape == (8, 300, 4) and ns["num"].shape == (8,)
+    assert (ns["num"] > 0).all() and (ns["det_scores"][:, :ns["num"].min()] > 0.25).all()
 
 
 def test_main_job_runs(tmp_path):

@@ -357,7 +357,8 @@ soft_nms_seg(const T* __restrict__ boxes, const i64* __restrict__ rstart,
             double q[4];
             load_box(boxes, j, q);
             const double iou = box_iou(p, pa, q, box_area(q));
-            if (iou > 0) decay(&cur[j], &alive[j], iou, method, sigma, bt, rthr != nullptr, score_thr);
+            if (iou > 0)
+                decay(&cur[j], &alive[j], iou, method, sigma, bt, rthr != nullptr, score_thr);
         }
         __syncthreads();
     }

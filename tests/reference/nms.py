@@ -43,6 +43,18 @@ def iou_pair(a, b):
 
 
 @njit(cache=True)
+def overlap(a, b):
+    """IoU of two boxes of positive area, else 0 (degenerate and NaN boxes overlap nothing);
+    0 too when it is not a positive number (infinite boxes)."""
+    aa, ab = _area(a), _area(b)
+    if not (aa > 0 and ab > 0):
+        return 0.0
+    inter = _inter(a, b)
+    r = inter / (aa + ab - inter) if inter > 0 else 0.0
+    return r if r > 0 else 0.0
+
+
+@njit(cache=True)
 def _iou_scalar(boxes, i, j):
     w = min(boxes[i, 2], boxes[j, 2]) - max(boxes[i, 0], boxes[j, 0])
     h = min(boxes[i, 3], boxes[j, 3]) - max(boxes[i, 1], boxes[j, 1])
@@ -135,7 +147,8 @@ def weighted(boxes, scores, thr):
 
 
 @njit(cache=True)
-def _soft(boxes, scores, index, method, sigma, thr, score_thr, out_i, out_s):
+def _soft_loop(boxes, scores, dens, var, sigma_t, method, sigma, thr, gated, score_thr, out_i,
+               out_b, out_s):
     n = scores.shape[0]
     cur = scores.copy()
     alive = np.zeros(n, dtype=np.bool_)
@@ -150,28 +163,74 @@ def _soft(boxes, scores, index, method, sigma, thr, score_thr, out_i, out_s):
         if best < 0:
             break
         alive[best] = False
-        out_i[count] = index[best]
+        out_i[count] = best
         out_s[count] = cur[best]
+        # vote (var given): best itself (p = 1) and the live boxes overlapping it, per coordinate
+        # weighted by p / variance; zero variances are certain (only they count), NaN/inf ones
+        # count not
+        for k in range(4 if var.shape[0] else 0):
+            num, den, cnum, cden = 0.0, 0.0, 0.0, 0.0
+            for j in range(n):
+                if j == best:
+                    p = 1.0
+                elif alive[j] and overlap(boxes[best], boxes[j]) > 0:
+                    p = math.exp(-(1 - overlap(boxes[best], boxes[j])) ** 2 / sigma_t)
+                else:
+                    continue
+                v = var[j, k]
+                if p > 0 and v == 0:
+                    cnum += p * boxes[j, k]
+                    cden += p
+                elif p > 0 and 0 < v < math.inf:
+                    num += p / v * boxes[j, k]
+                    den += p / v
+            if cden > 0:
+                out_b[count, k] = cnum / cden
+            elif den > 0:
+                out_b[count, k] = num / den
+            else:
+                out_b[count, k] = boxes[best, k]
         count += 1
+        t = thr if math.isnan(dens[best]) else max(thr, dens[best])
         for j in range(n):
-            if alive[j]:
-                iou = iou_pair(boxes[best], boxes[j])
-                if method == 0:
-                    cur[j] *= math.exp(-iou * iou / sigma)
-                elif iou > thr:
-                    cur[j] *= 1 - iou
-                if not cur[j] >= score_thr:
+            if not alive[j]:
+                continue
+            iou = overlap(boxes[best], boxes[j])
+            if method == 2:
+                if iou > t:
                     alive[j] = False
+                continue
+            if method == 0 and not gated:
+                cur[j] *= math.exp(-iou * iou / sigma)
+            elif iou > t:
+                cur[j] *= math.exp(-iou * iou / sigma) if method == 0 else 1 - iou
+            if not cur[j] >= score_thr:
+                alive[j] = False
     return count
 
 
-def soft(boxes, scores, method, sigma, thr, score_thr):
+def _soft_family(boxes, scores, method, sigma, thr, score_thr, *, dens=None, var=None,
+                 sigma_t=1.0):
+    """The Soft-NMS loop from its definition (one image): repeatedly select the live box of
+    highest current score (ties: lower index), then remove ("hard") or decay ("linear":
+    1 - IoU, "gaussian": exp(-IoU^2 / sigma)) the live boxes above the threshold -- thr, or
+    max(thr, density of the selected box) with ``dens`` (adaptive NMS, NaN: thr) -- except the
+    plain Gaussian, which decays every live box; boxes below score_thr drop. With ``var``
+    (Softer-NMS) each selected box is voted first. Returns (indices in selection order, voted
+    boxes (empty without var), scores at selection), float64."""
     n = len(scores)
-    oi = np.empty(n, np.int64)
-    os_ = np.empty(n)
-    c = _soft(np.asarray(boxes, np.float64), np.asarray(scores, np.float64),
-              np.arange(n), 0 if method == "gaussian" else 1, sigma, thr, score_thr, oi, os_)
-    return oi[:c], os_[:c]
+    oi, ob, os_ = np.empty(n, np.int64), np.empty((n, 4)), np.empty(n)
+    c = _soft_loop(np.asarray(boxes, np.float64), np.asarray(scores, np.float64),
+                   np.full(n, np.nan) if dens is None else np.asarray(dens, np.float64),
+                   np.zeros((0, 4)) if var is None else np.asarray(var, np.float64), sigma_t,
+                   ["gaussian", "linear", "hard"].index(method), sigma, thr, dens is not None,
+                   score_thr, oi, ob, os_)
+    return oi[:c], ob[:c] if var is not None else ob[:0], os_[:c]
+
+
+def soft(boxes, scores, method, sigma, thr, score_thr):
+    """Soft-NMS (Bodla et al.): (indices in selection order, scores at selection)."""
+    return _soft_family(boxes, scores, method, sigma, thr, score_thr)[::2]
 
 
 def matrix(boxes, scores, kernel, sigma):
@@ -235,18 +294,6 @@ def box_metric(a, b, metric):
 # ---------------------------------------------------------------- IoU-guided and adaptive NMS
 
 @njit(cache=True)
-def overlap(a, b):
-    """IoU of two boxes of positive area, else 0 (degenerate and NaN boxes overlap nothing);
-    0 too when it is not a positive number (infinite boxes)."""
-    aa, ab = _area(a), _area(b)
-    if not (aa > 0 and ab > 0):
-        return 0.0
-    inter = _inter(a, b)
-    r = inter / (aa + ab - inter) if inter > 0 else 0.0
-    return r if r > 0 else 0.0
-
-
-@njit(cache=True)
 def _higher(x, y):
     """x above y, NaN below every number."""
     return x > y or (math.isnan(y) and not math.isnan(x))
@@ -301,126 +348,21 @@ def iou_guided(boxes, scores, loc, thr, *, idxs=None, score_threshold=None, max_
     return out, new[out]
 
 
-@njit(cache=True)
-def _adaptive(boxes, scores, dens, method, sigma, thr, score_thr, out_i, out_s):
-    n = scores.shape[0]
-    cur = scores.copy()
-    alive = np.zeros(n, dtype=np.bool_)
-    for i in range(n):
-        alive[i] = cur[i] >= score_thr
-    count = 0
-    while True:
-        m = -1
-        for i in range(n):
-            if alive[i] and (m < 0 or cur[i] > cur[m]):        # index order: ties -> lower
-                m = i
-        if m < 0:
-            break
-        alive[m] = False
-        out_i[count] = m
-        out_s[count] = cur[m]
-        count += 1
-        t = thr if math.isnan(dens[m]) else max(thr, dens[m])
-        for j in range(n):
-            if alive[j]:
-                iou = overlap(boxes[m], boxes[j])
-                if iou > t:
-                    if method == 2:
-                        alive[j] = False
-                    elif method == 1:
-                        cur[j] *= 1 - iou
-                    else:
-                        cur[j] *= math.exp(-iou * iou / sigma)
-                    if not cur[j] >= score_thr:
-                        alive[j] = False
-    return count
-
-
 def adaptive(boxes, scores, dens, thr, method="hard", sigma=0.5, score_thr=0.001):
     """Adaptive NMS (one image): select by current score; the selected box M removes ("hard")
     or decays ("linear" 1 - IoU, "gaussian" exp(-IoU^2 / sigma)) the boxes with IoU above
     max(thr, d_M) (NaN d_M: thr); boxes below score_thr drop. Returns (selected, scores at
     selection) in selection order."""
-    n = len(scores)
-    oi = np.empty(n, np.int64)
-    os_ = np.empty(n)
-    c = _adaptive(np.asarray(boxes, np.float64), np.asarray(scores, np.float64),
-                  np.asarray(dens, np.float64), ["gaussian", "linear", "hard"].index(method),
-                  sigma, thr, score_thr, oi, os_)
-    return oi[:c], os_[:c]
+    return _soft_family(boxes, scores, method, sigma, thr, score_thr, dens=dens)[::2]
 
 
 # ---------------------------------------------------------------- Softer-NMS (variance voting)
 
-@njit(cache=True)
-def _softer(boxes, scores, var, sigma_t, method, sigma, thr, score_thr, out_i, out_b, out_s):
-    n = scores.shape[0]
-    cur = scores.copy()
-    alive = np.zeros(n, dtype=np.bool_)
-    for i in range(n):
-        alive[i] = cur[i] >= score_thr
-    count = 0
-    while True:
-        best = -1
-        for i in range(n):
-            if alive[i] and (best < 0 or cur[i] > cur[best]):   # index order: ties -> lower
-                best = i
-        if best < 0:
-            break
-        alive[best] = False
-        out_i[count] = best
-        out_s[count] = cur[best]
-        # vote: best itself (p = 1) and the live boxes overlapping it, per coordinate weighted
-        # by p / variance; zero variances are certain (only they count), NaN/inf ones count not
-        for k in range(4):
-            num, den, cnum, cden = 0.0, 0.0, 0.0, 0.0
-            for j in range(n):
-                if j == best:
-                    p = 1.0
-                elif alive[j] and overlap(boxes[best], boxes[j]) > 0:
-                    p = math.exp(-(1 - overlap(boxes[best], boxes[j])) ** 2 / sigma_t)
-                else:
-                    continue
-                v = var[j, k]
-                if p > 0 and v == 0:
-                    cnum += p * boxes[j, k]
-                    cden += p
-                elif p > 0 and 0 < v < math.inf:
-                    num += p / v * boxes[j, k]
-                    den += p / v
-            if cden > 0:
-                out_b[count, k] = cnum / cden
-            elif den > 0:
-                out_b[count, k] = num / den
-            else:
-                out_b[count, k] = boxes[best, k]
-        count += 1
-        for j in range(n):
-            if not alive[j]:
-                continue
-            iou = overlap(boxes[best], boxes[j])
-            if method == 2:
-                if iou > thr:
-                    alive[j] = False
-                continue
-            if method == 0:
-                cur[j] *= math.exp(-iou * iou / sigma)
-            elif iou > thr:
-                cur[j] *= 1 - iou
-            if not cur[j] >= score_thr:
-                alive[j] = False
-    return count
-
-
 def softer(boxes, scores, variances, sigma_t=0.01, method="gaussian", sigma=0.5, thr=0.5,
            score_thr=0.001):
     """Softer-NMS: (indices in selection order, voted boxes, scores at selection), float64."""
-    n = len(scores)
-    oi, ob, os_ = np.empty(n, np.int64), np.empty((n, 4)), np.empty(n)
-    c = _softer(np.asarray(boxes, np.float64), np.asarray(scores, np.float64),
-                np.asarray(variances, np.float64), sigma_t,
-                ["gaussian", "linear", "hard"].index(method), sigma, thr, score_thr, oi, ob, os_)
-    return oi[:c], ob[:c], os_[:c]
+    return _soft_family(boxes, scores, method, sigma, thr, score_thr, var=variances,
+                        sigma_t=sigma_t)
 
 
 # ---------------------------------------------------------------- combined_nms

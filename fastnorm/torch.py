@@ -1,15 +1,22 @@
-"""PyTorch adapter: autograd Functions and drop-in ``nn.Module``s backed by fastnorm's kernels.
+"""PyTorch adapter: custom operators (``torch.ops.fastnorm.*``) and drop-in ``nn.Module``s backed
+by fastnorm's kernels, usable eagerly, under ``torch.compile`` (``fullgraph=True``) and
+``torch.export``.
 
-``import fastnorm.torch`` needs PyTorch (fastnorm itself does not). Tensors cross into fastnorm
-through DLPack, without copies for contiguous tensors: CPU tensors run on the Cython/OpenMP
-kernels, CUDA tensors on the CUDA kernels through CuPy, on PyTorch's current stream (so the
-kernels are ordered with the surrounding PyTorch work; nothing is synchronised, with one
-exception: RoIs given as one (K, 5) tensor have their batch indices checked on the host, which
-reads one flag back from the device; per-image lists of (K_i, 4) boxes, torchvision's other form,
-need no check and no synchronisation).
+``import fastnorm.torch`` needs PyTorch (fastnorm itself does not) and registers the operators.
+Tensors cross into fastnorm through DLPack, without copies for contiguous tensors: CPU tensors
+run on the Cython/OpenMP kernels, CUDA tensors on the CUDA kernels through CuPy, on PyTorch's
+current stream (so the kernels are ordered with the surrounding PyTorch work; nothing is
+synchronised, with one exception: the RoIs' batch indices are checked on the host, which reads
+one flag back from the device). Per-image lists of (K_i, 4) boxes, torchvision's other RoI form,
+are turned into one (K, 5) tensor first, as torchvision does.
+
+Each op is a ``torch.library.custom_op`` in the ``fastnorm::`` namespace with a fake (shape)
+implementation and, when differentiable, an autograd formula whose backward is a ``fastnorm::``
+op too; none mutates its inputs, so compiled and exported graphs hold them as single nodes.
 
 Functions (differentiable; rois/offsets of the RoI ops are not differentiated except the
-deformable RoI pooling offset and mask):
+deformable RoI pooling offset and mask; the NMS ops are not differentiable, and the number of
+boxes they keep is a data-dependent size in compiled and exported graphs):
 
 =========================  ==========================================================
 ``group_norm``             ``torch.nn.functional.group_norm`` + fused ``activation``
@@ -18,6 +25,7 @@ deformable RoI pooling offset and mask):
 ``roi_pool``               ``torchvision.ops.roi_pool``
 ``ps_roi_align``           ``torchvision.ops.ps_roi_align``
 ``deform_roi_pool``        mmcv ``deform_roi_pool`` (offset and modulation ``mask``)
+``nms``, ``batched_nms``   ``torchvision.ops.nms`` / ``batched_nms``
 =========================  ==========================================================
 
 Modules: :class:`GroupNorm` (a ``torch.nn.GroupNorm`` subclass: same parameters, same
@@ -40,17 +48,17 @@ Examples
 """
 import contextlib
 import math
+from typing import List, Optional, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 import fastnorm as _fn
 
 __all__ = ["group_norm", "deform_conv2d", "roi_align", "roi_pool", "ps_roi_align",
-           "deform_roi_pool", "GroupNormFunction", "DeformConv2dFunction", "RoIAlignFunction",
-           "RoIPoolFunction", "PSRoIAlignFunction", "DeformRoIPoolFunction", "GroupNorm",
-           "DeformConv2d", "ModulatedDeformConv2d", "RoIAlign", "RoIPool", "PSRoIAlign"]
+           "deform_roi_pool", "nms", "batched_nms", "GroupNorm", "DeformConv2d",
+           "ModulatedDeformConv2d", "RoIAlign", "RoIPool", "PSRoIAlign"]
 
 
 @contextlib.contextmanager
@@ -72,145 +80,332 @@ def _c(t):
 
 
 def _rois(rois, ref):
-    """torchvision's rois forms, in ref's dtype: a (K, 5) tensor, or a list of per-image (K_i, 4)
-    tensors (fastnorm flattens those itself)."""
-    if isinstance(rois, (list, tuple)):
-        return [r.to(ref.dtype) for r in rois]
-    return rois
+    """torchvision's rois forms as one (K, 5) tensor [batch, x1, y1, x2, y2] in ref's dtype: a
+    (K, 5) tensor as it is, a list of per-image (K_i, 4) tensors with their image index
+    prepended (as torchvision's convert_boxes_to_roi_format)."""
+    if not isinstance(rois, (list, tuple)):
+        return rois
+    if len(rois) == 0:
+        raise ValueError("`rois` must be a (K, 5) tensor or a non-empty list of (K_i, 4) tensors")
+    return torch.cat([torch.cat([torch.full_like(r[:, :1], i, dtype=ref.dtype),
+                                 r.to(ref.dtype)], 1) for i, r in enumerate(rois)])
 
 
-# ---------------------------------------------------------------- autograd Functions
+# ---------------------------------------------------------------- custom operators
+#
+# Every op is a PyTorch custom operator in the ``fastnorm::`` namespace (torch.library): a real
+# implementation that runs fastnorm's kernel on the tensors (through DLPack), a fake one that
+# gives the output's shape and dtype from the inputs' alone (torch.compile, torch.export, meta
+# tensors), and, for the differentiable ops, an autograd formula whose backward is itself a
+# custom op. None of them mutates its inputs. Optional outputs (the gradient of an absent mask,
+# weight or bias) are empty tensors inside the ops and None outside.
 
-class GroupNormFunction(torch.autograd.Function):
-    """``y = group_norm(x, G, weight, bias, eps, activation)`` with fastnorm's backward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, num_groups, eps, activation):
-        with _stream(x):
-            y, mean, rstd = _fn.group_norm(x, num_groups, weight, bias, eps,
-                                           activation=activation, return_stats=True)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.cfg = (num_groups, activation)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        G, activation = ctx.cfg
-        with _stream(x):
-            gx, gw, gb = _fn.group_norm_backward(_c(gy), x, mean, rstd, G, weight, bias,
-                                                 activation=activation)
-        return gx, gw, gb, None, None, None
+_EMPTY = (0,)
 
 
-class DeformConv2dFunction(torch.autograd.Function):
-    """torchvision ``deform_conv2d`` with fastnorm's forward and backward."""
-
-    @staticmethod
-    def forward(ctx, x, offset, mask, weight, bias, stride, padding, dilation):
-        with _stream(x):
-            y = _fn.deform_conv2d(x, offset, weight, bias, mask=mask, stride=stride,
-                                  padding=padding, dilation=dilation)
-        ctx.save_for_backward(x, offset, mask, weight)
-        ctx.cfg = (stride, padding, dilation, bias is not None)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, offset, mask, weight = ctx.saved_tensors
-        stride, padding, dilation, has_bias = ctx.cfg
-        with _stream(x):
-            gx, goff, gm, gw, gb = _fn.deform_conv2d_backward(
-                _c(gy), x, offset, weight, mask=mask, stride=stride, padding=padding,
-                dilation=dilation)
-        return gx, goff, gm, gw, (gb if has_bias else None), None, None, None
+def _opt(t, ref):
+    """An optional gradient as an op output: the tensor, or an empty placeholder."""
+    return t if t is not None else ref.new_empty(_EMPTY)
 
 
-class RoIAlignFunction(torch.autograd.Function):
-    """torchvision ``roi_align`` (plus mmcv's ``mode="max"``); gradient with respect to x."""
-
-    @staticmethod
-    def forward(ctx, x, rois, output_size, spatial_scale, sampling_ratio, aligned, mode):
-        with _stream(x):
-            y = _fn.roi_align(x, rois, output_size, spatial_scale, sampling_ratio, aligned,
-                              mode=mode)
-        ctx.save_for_backward(x if mode == "max" else None)
-        ctx.rois = rois                 # a tensor, or a list of them
-        ctx.cfg = (tuple(x.shape), output_size, spatial_scale, sampling_ratio, aligned, mode)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        (x,), rois = ctx.saved_tensors, ctx.rois
-        shape, out, scale, sr, aligned, mode = ctx.cfg
-        with _stream(gy):
-            gx = _fn.roi_align_backward(_c(gy), rois, shape, out, scale, sr, aligned, mode=mode,
-                                        x=x)
-        return gx, None, None, None, None, None, None
+def _act(activation):
+    return None if activation == "none" else activation
 
 
-class RoIPoolFunction(torch.autograd.Function):
-    """torchvision ``roi_pool``; gradient with respect to x (to each bin's argmax)."""
-
-    @staticmethod
-    def forward(ctx, x, rois, output_size, spatial_scale):
-        with _stream(x):
-            y = _fn.roi_pool(x, rois, output_size, spatial_scale)
-        ctx.save_for_backward(x)
-        ctx.rois = rois
-        ctx.cfg = (output_size, spatial_scale)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        (x,), rois = ctx.saved_tensors, ctx.rois
-        out, scale = ctx.cfg
-        with _stream(x):
-            gx = _fn.roi_pool_backward(_c(gy), rois, tuple(x.shape), out, scale, x=x)
-        return gx, None, None, None
+def _stats_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-class PSRoIAlignFunction(torch.autograd.Function):
-    """torchvision ``ps_roi_align``; gradient with respect to x."""
+# GroupNorm
 
-    @staticmethod
-    def forward(ctx, x, rois, output_size, spatial_scale, sampling_ratio):
-        with _stream(x):
-            y = _fn.ps_roi_align(x, rois, output_size, spatial_scale, sampling_ratio)
-        ctx.rois = rois
-        ctx.cfg = (tuple(x.shape), output_size, spatial_scale, sampling_ratio)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        rois = ctx.rois
-        shape, out, scale, sr = ctx.cfg
-        with _stream(gy):
-            gx = _fn.ps_roi_align_backward(_c(gy), rois, shape, out, scale, sr)
-        return gx, None, None, None, None
+@torch.library.custom_op("fastnorm::group_norm", mutates_args=())
+def _group_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
+                eps: float, activation: str) -> Tuple[Tensor, Tensor, Tensor]:
+    with _stream(x):
+        y, mean, rstd = _fn.group_norm(x, num_groups, weight, bias, eps,
+                                       activation=_act(activation), return_stats=True)
+    return y, mean, rstd
 
 
-class DeformRoIPoolFunction(torch.autograd.Function):
-    """mmcv ``deform_roi_pool``; gradients with respect to x, offset and mask."""
+@_group_norm.register_fake
+def _(x, weight, bias, num_groups, eps, activation):
+    stats = x.new_empty((x.shape[0], num_groups), dtype=_stats_dtype(x))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, stats.clone()
 
-    @staticmethod
-    def forward(ctx, x, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma):
-        with _stream(x):
-            y = _fn.deform_roi_pool(x, rois, offset, output_size, spatial_scale, sampling_ratio,
-                                    gamma, mask=mask)
-        ctx.save_for_backward(x, offset, mask)
-        ctx.rois = rois
-        ctx.cfg = (output_size, spatial_scale, sampling_ratio, gamma)
-        return y
 
-    @staticmethod
-    def backward(ctx, gy):
-        (x, offset, mask), rois = ctx.saved_tensors, ctx.rois
-        out, scale, sr, gamma = ctx.cfg
-        with _stream(x):
-            gx, goff, gm = _fn.deform_roi_pool_backward(_c(gy), x, rois, offset, out, scale, sr,
-                                                        gamma, mask=mask)
-        return gx, None, goff, gm, None, None, None, None
+@torch.library.custom_op("fastnorm::group_norm_backward", mutates_args=())
+def _group_norm_backward(grad_out: Tensor, x: Tensor, mean: Tensor, rstd: Tensor,
+                         weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
+                         activation: str) -> Tuple[Tensor, Tensor, Tensor]:
+    with _stream(x):
+        gx, gw, gb = _fn.group_norm_backward(grad_out, x, mean, rstd, num_groups, weight, bias,
+                                             activation=_act(activation))
+    return gx, _opt(gw, x), _opt(gb, x)
+
+
+@_group_norm_backward.register_fake
+def _(grad_out, x, mean, rstd, weight, bias, num_groups, activation):
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return (gx, torch.empty_like(weight) if weight is not None else x.new_empty(_EMPTY),
+            torch.empty_like(bias) if bias is not None else x.new_empty(_EMPTY))
+
+
+def _group_norm_setup(ctx, inputs, output):
+    x, weight, bias, num_groups, _, activation = inputs
+    ctx.save_for_backward(x, weight, bias, output[1], output[2])
+    ctx.cfg = (num_groups, activation)
+
+
+def _group_norm_grad(ctx, gy, _gmean, _grstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    gx, gw, gb = _group_norm_backward(gy.contiguous(), x, mean, rstd, weight, bias, *ctx.cfg)
+    return (gx, gw if weight is not None else None, gb if bias is not None else None, None,
+            None, None)
+
+
+_group_norm.register_autograd(_group_norm_grad, setup_context=_group_norm_setup)
+
+
+# deformable convolution
+
+def _conv_out(size, k, s, p, d):
+    return (size + 2 * p - (d * (k - 1) + 1)) // s + 1
+
+
+@torch.library.custom_op("fastnorm::deform_conv2d", mutates_args=())
+def _deform_conv2d(x: Tensor, offset: Tensor, mask: Optional[Tensor], weight: Tensor,
+                   bias: Optional[Tensor], stride: List[int], padding: List[int],
+                   dilation: List[int]) -> Tensor:
+    with _stream(x):
+        return _fn.deform_conv2d(x, offset, weight, bias, mask=mask, stride=tuple(stride),
+                                 padding=tuple(padding), dilation=tuple(dilation))
+
+
+@_deform_conv2d.register_fake
+def _(x, offset, mask, weight, bias, stride, padding, dilation):
+    kh, kw = weight.shape[2], weight.shape[3]
+    return x.new_empty((x.shape[0], weight.shape[0],
+                        _conv_out(x.shape[2], kh, stride[0], padding[0], dilation[0]),
+                        _conv_out(x.shape[3], kw, stride[1], padding[1], dilation[1])))
+
+
+@torch.library.custom_op("fastnorm::deform_conv2d_backward", mutates_args=())
+def _deform_conv2d_backward(grad_out: Tensor, x: Tensor, offset: Tensor, mask: Optional[Tensor],
+                            weight: Tensor, stride: List[int], padding: List[int],
+                            dilation: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    with _stream(x):
+        gx, goff, gm, gw, gb = _fn.deform_conv2d_backward(
+            grad_out, x, offset, weight, mask=mask, stride=tuple(stride), padding=tuple(padding),
+            dilation=tuple(dilation))
+    return gx, goff, _opt(gm, x), gw, gb
+
+
+@_deform_conv2d_backward.register_fake
+def _(grad_out, x, offset, mask, weight, stride, padding, dilation):
+    like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)   # noqa: E731
+    return (like(x), like(offset), like(mask) if mask is not None else x.new_empty(_EMPTY),
+            like(weight), x.new_empty((weight.shape[0],)))
+
+
+def _deform_conv2d_setup(ctx, inputs, output):
+    x, offset, mask, weight, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, offset, mask, weight)
+    ctx.cfg = (stride, padding, dilation, bias is not None)
+
+
+def _deform_conv2d_grad(ctx, gy):
+    x, offset, mask, weight = ctx.saved_tensors
+    stride, padding, dilation, has_bias = ctx.cfg
+    gx, goff, gm, gw, gb = _deform_conv2d_backward(gy.contiguous(), x, offset, mask, weight,
+                                                   stride, padding, dilation)
+    return (gx, goff, gm if mask is not None else None, gw, gb if has_bias else None, None, None,
+            None)
+
+
+_deform_conv2d.register_autograd(_deform_conv2d_grad, setup_context=_deform_conv2d_setup)
+
+
+# RoI ops: rois as one (K, 5) tensor [batch, x1, y1, x2, y2] (lists are converted before)
+
+@torch.library.custom_op("fastnorm::roi_align", mutates_args=())
+def _roi_align(x: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float,
+               sampling_ratio: int, aligned: bool, mode: str) -> Tensor:
+    with _stream(x):
+        return _fn.roi_align(x, rois, tuple(output_size), spatial_scale, sampling_ratio,
+                             aligned, mode=mode)
+
+
+@_roi_align.register_fake
+def _(x, rois, output_size, spatial_scale, sampling_ratio, aligned, mode):
+    return x.new_empty((rois.shape[0], x.shape[1], output_size[0], output_size[1]))
+
+
+@torch.library.custom_op("fastnorm::roi_align_backward", mutates_args=())
+def _roi_align_backward(grad_out: Tensor, rois: Tensor, x: Tensor, output_size: List[int],
+                        spatial_scale: float, sampling_ratio: int, aligned: bool,
+                        mode: str) -> Tensor:
+    with _stream(x):
+        return _fn.roi_align_backward(grad_out, rois, tuple(x.shape), tuple(output_size),
+                                      spatial_scale, sampling_ratio, aligned, mode=mode,
+                                      x=x if mode == "max" else None)
+
+
+@_roi_align_backward.register_fake
+def _(grad_out, rois, x, output_size, spatial_scale, sampling_ratio, aligned, mode):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _roi_align_setup(ctx, inputs, output):
+    x, rois = inputs[:2]
+    ctx.save_for_backward(x, rois)
+    ctx.cfg = inputs[2:]
+
+
+def _roi_align_grad(ctx, gy):
+    x, rois = ctx.saved_tensors
+    return (_roi_align_backward(gy.contiguous(), rois, x, *ctx.cfg),) + (None,) * 6
+
+
+_roi_align.register_autograd(_roi_align_grad, setup_context=_roi_align_setup)
+
+
+@torch.library.custom_op("fastnorm::roi_pool", mutates_args=())
+def _roi_pool(x: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float) -> Tensor:
+    with _stream(x):
+        return _fn.roi_pool(x, rois, tuple(output_size), spatial_scale)
+
+
+@_roi_pool.register_fake
+def _(x, rois, output_size, spatial_scale):
+    return x.new_empty((rois.shape[0], x.shape[1], output_size[0], output_size[1]))
+
+
+@torch.library.custom_op("fastnorm::roi_pool_backward", mutates_args=())
+def _roi_pool_backward(grad_out: Tensor, rois: Tensor, x: Tensor, output_size: List[int],
+                       spatial_scale: float) -> Tensor:
+    with _stream(x):
+        return _fn.roi_pool_backward(grad_out, rois, tuple(x.shape), tuple(output_size),
+                                     spatial_scale, x=x)
+
+
+@_roi_pool_backward.register_fake
+def _(grad_out, rois, x, output_size, spatial_scale):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _roi_pool_grad(ctx, gy):
+    x, rois = ctx.saved_tensors
+    return (_roi_pool_backward(gy.contiguous(), rois, x, *ctx.cfg),) + (None,) * 3
+
+
+_roi_pool.register_autograd(_roi_pool_grad, setup_context=_roi_align_setup)
+
+
+@torch.library.custom_op("fastnorm::ps_roi_align", mutates_args=())
+def _ps_roi_align(x: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float,
+                  sampling_ratio: int) -> Tensor:
+    with _stream(x):
+        return _fn.ps_roi_align(x, rois, tuple(output_size), spatial_scale, sampling_ratio)
+
+
+@_ps_roi_align.register_fake
+def _(x, rois, output_size, spatial_scale, sampling_ratio):
+    ph, pw = output_size
+    return x.new_empty((rois.shape[0], x.shape[1] // (ph * pw), ph, pw))
+
+
+@torch.library.custom_op("fastnorm::ps_roi_align_backward", mutates_args=())
+def _ps_roi_align_backward(grad_out: Tensor, rois: Tensor, x: Tensor, output_size: List[int],
+                           spatial_scale: float, sampling_ratio: int) -> Tensor:
+    with _stream(x):
+        return _fn.ps_roi_align_backward(grad_out, rois, tuple(x.shape), tuple(output_size),
+                                         spatial_scale, sampling_ratio)
+
+
+@_ps_roi_align_backward.register_fake
+def _(grad_out, rois, x, output_size, spatial_scale, sampling_ratio):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _ps_roi_align_grad(ctx, gy):
+    x, rois = ctx.saved_tensors
+    return (_ps_roi_align_backward(gy.contiguous(), rois, x, *ctx.cfg),) + (None,) * 4
+
+
+_ps_roi_align.register_autograd(_ps_roi_align_grad, setup_context=_roi_align_setup)
+
+
+@torch.library.custom_op("fastnorm::deform_roi_pool", mutates_args=())
+def _deform_roi_pool(x: Tensor, rois: Tensor, offset: Optional[Tensor], mask: Optional[Tensor],
+                     output_size: List[int], spatial_scale: float, sampling_ratio: int,
+                     gamma: float) -> Tensor:
+    with _stream(x):
+        return _fn.deform_roi_pool(x, rois, offset, tuple(output_size), spatial_scale,
+                                   sampling_ratio, gamma, mask=mask)
+
+
+@_deform_roi_pool.register_fake
+def _(x, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma):
+    return x.new_empty((rois.shape[0], x.shape[1], output_size[0], output_size[1]))
+
+
+@torch.library.custom_op("fastnorm::deform_roi_pool_backward", mutates_args=())
+def _deform_roi_pool_backward(grad_out: Tensor, x: Tensor, rois: Tensor, offset: Optional[Tensor],
+                              mask: Optional[Tensor], output_size: List[int],
+                              spatial_scale: float, sampling_ratio: int,
+                              gamma: float) -> Tuple[Tensor, Tensor, Tensor]:
+    with _stream(x):
+        gx, goff, gm = _fn.deform_roi_pool_backward(grad_out, x, rois, offset, tuple(output_size),
+                                                    spatial_scale, sampling_ratio, gamma,
+                                                    mask=mask)
+    return gx, _opt(goff, x), _opt(gm, x)
+
+
+@_deform_roi_pool_backward.register_fake
+def _(grad_out, x, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma):
+    like = lambda t: (torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+                      if t is not None else x.new_empty(_EMPTY))
+    return like(x), like(offset), like(mask)
+
+
+def _deform_roi_pool_setup(ctx, inputs, output):
+    x, rois, offset, mask = inputs[:4]
+    ctx.save_for_backward(x, rois, offset, mask)
+    ctx.cfg = inputs[4:]
+
+
+def _deform_roi_pool_grad(ctx, gy):
+    x, rois, offset, mask = ctx.saved_tensors
+    gx, goff, gm = _deform_roi_pool_backward(gy.contiguous(), x, rois, offset, mask, *ctx.cfg)
+    return (gx, None, goff if offset is not None else None, gm if mask is not None else None,
+            None, None, None, None)
+
+
+_deform_roi_pool.register_autograd(_deform_roi_pool_grad, setup_context=_deform_roi_pool_setup)
+
+
+# NMS (not differentiable; the number of kept boxes is data-dependent)
+
+@torch.library.custom_op("fastnorm::nms", mutates_args=())
+def _nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    with _stream(boxes):
+        return _fn.nms(boxes, scores, iou_threshold)
+
+
+@_nms.register_fake
+def _(boxes, scores, iou_threshold):
+    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
+
+
+@torch.library.custom_op("fastnorm::batched_nms", mutates_args=())
+def _batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    with _stream(boxes):
+        return _fn.batched_nms(boxes, scores, idxs, iou_threshold)
+
+
+@_batched_nms.register_fake
+def _(boxes, scores, idxs, iou_threshold):
+    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
 
 
 # ---------------------------------------------------------------- functional API
@@ -218,41 +413,51 @@ class DeformRoIPoolFunction(torch.autograd.Function):
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None):
     """``torch.nn.functional.group_norm`` computed by fastnorm, optionally fused with
     ``activation`` (None, "relu" or "silu"); differentiable in x, weight and bias."""
-    return GroupNormFunction.apply(x, weight, bias, num_groups, eps, activation)
+    return _group_norm(x, weight, bias, int(num_groups), float(eps),
+                       "none" if activation is None else activation)[0]
 
 
 def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0),
                   dilation=(1, 1), mask=None):
     """``torchvision.ops.deform_conv2d`` (same signature); differentiable in every tensor."""
-    return DeformConv2dFunction.apply(input, offset, mask, weight, bias, _pair(stride),
-                                      _pair(padding), _pair(dilation))
+    return _deform_conv2d(input, offset, mask, weight, bias, list(_pair(stride)),
+                          list(_pair(padding)), list(_pair(dilation)))
 
 
 def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, *,
               mode="avg"):
     """``torchvision.ops.roi_align`` (boxes: (K, 5) tensor or list of (K_i, 4) tensors)."""
-    return RoIAlignFunction.apply(input, _rois(boxes, input), _pair(output_size),
-                                  float(spatial_scale), int(sampling_ratio), bool(aligned), mode)
+    return _roi_align(input, _rois(boxes, input), list(_pair(output_size)), float(spatial_scale),
+                      int(sampling_ratio), bool(aligned), mode)
 
 
 def roi_pool(input, boxes, output_size, spatial_scale=1.0):
     """``torchvision.ops.roi_pool``."""
-    return RoIPoolFunction.apply(input, _rois(boxes, input), _pair(output_size),
-                                 float(spatial_scale))
+    return _roi_pool(input, _rois(boxes, input), list(_pair(output_size)), float(spatial_scale))
 
 
 def ps_roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1):
     """``torchvision.ops.ps_roi_align``."""
-    return PSRoIAlignFunction.apply(input, _rois(boxes, input), _pair(output_size),
-                                    float(spatial_scale), int(sampling_ratio))
+    return _ps_roi_align(input, _rois(boxes, input), list(_pair(output_size)),
+                         float(spatial_scale), int(sampling_ratio))
 
 
 def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0,
                     gamma=0.1, *, mask=None):
     """mmcv ``deform_roi_pool`` (offset (K, 2, PH, PW), optional mask (K, 1, PH, PW))."""
-    return DeformRoIPoolFunction.apply(input, _rois(rois, input), offset, mask,
-                                       _pair(output_size), float(spatial_scale),
-                                       int(sampling_ratio), float(gamma))
+    return _deform_roi_pool(input, _rois(rois, input), offset, mask, list(_pair(output_size)),
+                            float(spatial_scale), int(sampling_ratio), float(gamma))
+
+
+def nms(boxes, scores, iou_threshold):
+    """``torchvision.ops.nms``: int64 indices of the kept boxes by decreasing score."""
+    return _nms(boxes, scores, float(iou_threshold))
+
+
+def batched_nms(boxes, scores, idxs, iou_threshold):
+    """``torchvision.ops.batched_nms``: class-aware (boxes of different ``idxs`` never
+    interact), int64 indices by decreasing score."""
+    return _batched_nms(boxes, scores, idxs, float(iou_threshold))
 
 
 # ---------------------------------------------------------------- modules

@@ -277,3 +277,144 @@ def test_cuda_matches_cpu(rng):
     assert y.is_cuda
     y.sum().backward()
     torch.testing.assert_close(xrg.grad.cpu(), xr.grad, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- custom operators
+
+def _op_cases(rng, dtype, k):
+    """(op, args) of every fastnorm:: operator on small inputs of ``dtype``; ``k`` RoIs/boxes
+    (0: the empty case)."""
+    t = lambda a, g=True: torch.from_numpy(np.ascontiguousarray(a).astype(dtype)).requires_grad_(g)  # noqa: E731,E501
+    x, x8 = t(rng.standard_normal((2, 6, 6, 6))), t(rng.standard_normal((2, 8, 6, 6)))
+    w, b = t(rng.standard_normal(6)), t(rng.standard_normal(6))
+    off, m = t(rng.uniform(-1, 1, (2, 18, 6, 6))), t(rng.random((2, 9, 6, 6)))
+    wc = t(rng.standard_normal((4, 6, 3, 3)))
+    rois = t(_rois(rng, k, 2, 6), False)
+    off_r, m_r = t(rng.uniform(-0.2, 0.2, (k, 2, 2, 2))), t(rng.random((k, 1, 2, 2)))
+    boxes = t(_rois(rng, 3 * k, 1, 40)[:, 1:], False)
+    scores, labels = t(rng.random(3 * k), False), torch.from_numpy(rng.integers(0, 3, 3 * k))
+    ops = torch.ops.fastnorm
+    return [
+        (ops.group_norm, (x, w, b, 3, 1e-5, "silu")),
+        (ops.group_norm, (x, None, None, 2, 1e-5, "none")),
+        (ops.deform_conv2d, (x, off, m, wc, b[:4], [1, 1], [1, 1], [1, 1])),
+        (ops.deform_conv2d, (x, off[:, :, ::2, ::2].contiguous(), None, wc, None, [2, 2], [1, 1],
+                             [1, 1])),
+        (ops.roi_align, (x, rois, [2, 3], 0.5, 2, True, "avg")),
+        (ops.roi_align, (x, rois, [2, 2], 1.0, 2, False, "max")),
+        (ops.roi_pool, (x, rois, [2, 2], 1.0)),
+        (ops.ps_roi_align, (x8, rois, [2, 2], 1.0, 2)),
+        (ops.deform_roi_pool, (x, rois, off_r, m_r, [2, 2], 1.0, 2, 0.1)),
+        (ops.deform_roi_pool, (x, rois, None, None, [2, 2], 1.0, 2, 0.1)),
+        (ops.nms, (boxes, scores, 0.5)),
+        (ops.batched_nms, (boxes, scores, labels, 0.5)),
+    ]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k", [4, 0])
+def test_opcheck_every_operator(rng, dtype, k, device):
+    """torch.library.opcheck: schema, fake (meta) implementation against the real one, autograd
+    registration and AOT dispatch, forward and backward, for every fastnorm:: operator."""
+    cases = [(op, tuple(a.to(device).detach().requires_grad_(a.requires_grad)
+                        if isinstance(a, torch.Tensor) else a for a in args))
+             for op, args in _op_cases(rng, dtype, k)]
+    assert {op._qualified_op_name.split("::")[1] for op, _ in cases} | {
+        f"{n}_backward" for n in ("group_norm", "deform_conv2d", "roi_align", "roi_pool",
+                                  "ps_roi_align", "deform_roi_pool")} == \
+        {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
+         if n.startswith("fastnorm::")}
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+class _Head(torch.nn.Module):
+    """A small two-stage detection head with every module and op of fastnorm.torch."""
+
+    def __init__(self, C=8):
+        super().__init__()
+        self.gn = ft.GroupNorm(4, C, activation="silu")
+        self.offset = torch.nn.Conv2d(C, 18, 3, padding=1)
+        self.dcn = ft.DeformConv2d(C, C, 3, padding=1)
+        self.mdcn = ft.ModulatedDeformConv2d(C, C, 3, padding=1)
+        self.align = ft.RoIAlign(2, 0.5, 2, aligned=True)
+        self.pool = ft.RoIPool(2, 0.5)
+        self.ps = ft.PSRoIAlign(2, 0.5, 2)
+        self.droi_offset = torch.nn.Linear(C * 4, 8)
+        self.cls = torch.nn.Linear(C * 4 * 3 + C // 4 * 4, 3)
+
+    def forward(self, x, rois):
+        h = self.mdcn(self.dcn(self.gn(x), self.offset(self.gn(x))))
+        a = self.align(h, rois).flatten(1)
+        off = self.droi_offset(a).view(-1, 2, 2, 2) * 0.1
+        feats = torch.cat([a, self.pool(h, rois).flatten(1), self.ps(h, rois).flatten(1),
+                           ft.deform_roi_pool(h, rois, off, 2, 0.5, 2).flatten(1)], 1)
+        logits = self.cls(feats)
+        scores, labels = logits.detach().softmax(1).max(1)
+        return (logits, ft.batched_nms(rois[:, 1:], scores, labels, 0.5),
+                ft.nms(rois[:, 1:], scores, 0.5))
+
+
+def _head_inputs(n=2, k=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(k, 2, generator=g) * 12
+    rois = torch.cat([torch.randint(0, n, (k, 1), generator=g).float(), xy,
+                      xy + 2 + torch.rand(k, 2, generator=g) * 10], 1)
+    return torch.randn(n, 8, 16, 16, generator=g), rois
+
+
+def test_compile_fullgraph_matches_eager_and_trains():
+    torch.manual_seed(0)
+    model, (x, rois) = _Head(), _head_inputs()
+    eager = model(x, rois)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x, rois)
+    torch.testing.assert_close(out[0], eager[0])
+    assert torch.equal(out[1], eager[1]) and torch.equal(out[2], eager[2])
+    # gradients through the compiled graph equal eager's, and a few steps lower the loss
+    target = torch.tensor([0, 1, 2] * 4)
+    loss = torch.nn.functional.cross_entropy(out[0], target)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref = torch.autograd.grad(torch.nn.functional.cross_entropy(eager[0], target),
+                              list(model.parameters()))
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(compiled(x, rois)[0], target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_compile_inductor_fullgraph_matches_eager():
+    torch.manual_seed(1)
+    model, (x, rois) = _Head(), _head_inputs(seed=1)
+    torch._dynamo.reset()
+    out = torch.compile(model, fullgraph=True)(x, rois)        # the default backend: inductor
+    eager = model(x, rois)
+    torch.testing.assert_close(out[0], eager[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[1], eager[1]) and torch.equal(out[2], eager[2])
+
+
+def test_export_with_a_dynamic_batch_runs():
+    from torch.export import Dim, export
+    torch.manual_seed(2)
+    model, (x, rois) = _Head(), _head_inputs()
+    ep = export(model, (x, rois), dynamic_shapes={"x": {0: Dim("batch", min=1, max=64)},
+                                                   "rois": {0: Dim("rois", min=1)}})
+    names = {n.target.name() for n in ep.graph.nodes if n.op == "call_function"
+             and hasattr(n.target, "name") and n.target.name().startswith("fastnorm::")}
+    assert names == {"fastnorm::group_norm", "fastnorm::deform_conv2d", "fastnorm::roi_align",
+                     "fastnorm::roi_pool", "fastnorm::ps_roi_align", "fastnorm::deform_roi_pool",
+                     "fastnorm::batched_nms", "fastnorm::nms"}, names
+    for n, k in ((2, 12), (3, 7)):                        # another batch size and RoI count
+        x, rois = _head_inputs(n, k, seed=n)
+        got, want = ep.module()(x, rois), model(x, rois)
+        torch.testing.assert_close(got[0], want[0])
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])

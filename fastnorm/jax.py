@@ -5,7 +5,13 @@
 fastnorm's kernels through :func:`jax.pure_callback`: inside a traced computation XLA hands the
 operands to the host, fastnorm computes on NumPy arrays (Cython/OpenMP kernels), and the result
 goes back. Output shapes and dtypes are derived from the operand shapes at trace time, so the ops
-compose with everything else in a jitted function. ``vmap`` loops over the mapped axis.
+compose with everything else in a jitted function.
+
+``vmap`` (inside or outside ``jit``) runs the callback sequentially (``vmap_method=
+"sequential"``): once per element of the mapped axis, on that element's arrays, one after the
+other, with unmapped operands (weights, RoIs) passed whole each time. Nothing is batched across
+elements, and nothing needs to be: each call already uses every fastnorm thread. To process a
+batch in one kernel call, give the op the batched array itself (every op takes a batch axis).
 
 Devices
 -------

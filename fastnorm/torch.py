@@ -13,6 +13,7 @@ are turned into one (K, 5) tensor first, as torchvision does.
 Each op is a ``torch.library.custom_op`` in the ``fastnorm::`` namespace with a fake (shape)
 implementation and, when differentiable, an autograd formula whose backward is a ``fastnorm::``
 op too; none mutates its inputs, so compiled and exported graphs hold them as single nodes.
+:func:`onnx_translation_table` exports them to ONNX (``torch.onnx.export(..., dynamo=True)``).
 
 Functions (differentiable; rois/offsets of the RoI ops are not differentiated except the
 deformable RoI pooling offset and mask; the NMS ops are not differentiable, and the number of
@@ -57,8 +58,8 @@ from torch.nn.modules.utils import _pair
 import fastnorm as _fn
 
 __all__ = ["group_norm", "deform_conv2d", "roi_align", "roi_pool", "ps_roi_align",
-           "deform_roi_pool", "nms", "batched_nms", "GroupNorm", "DeformConv2d",
-           "ModulatedDeformConv2d", "RoIAlign", "RoIPool", "PSRoIAlign"]
+           "deform_roi_pool", "nms", "batched_nms", "onnx_translation_table", "GroupNorm",
+           "DeformConv2d", "ModulatedDeformConv2d", "RoIAlign", "RoIPool", "PSRoIAlign"]
 
 
 @contextlib.contextmanager
@@ -72,11 +73,6 @@ def _stream(t):
     ptr = torch.cuda.current_stream(dev).cuda_stream
     with cupy.cuda.Device(dev), cupy.cuda.ExternalStream(ptr, dev):
         yield
-
-
-def _c(t):
-    """Contiguous view (autograd's incoming gradients may be expanded or strided)."""
-    return None if t is None else t.contiguous()
 
 
 def _rois(rois, ref):
@@ -458,6 +454,159 @@ def batched_nms(boxes, scores, idxs, iou_threshold):
     """``torchvision.ops.batched_nms``: class-aware (boxes of different ``idxs`` never
     interact), int64 indices by decreasing score."""
     return _batched_nms(boxes, scores, idxs, float(iou_threshold))
+
+
+# ---------------------------------------------------------------- ONNX export
+
+# The fastnorm-domain nodes of the ONNX export: name -> (inputs, optional inputs, attributes)
+_ONNX_CUSTOM = {
+    "RoIAlign": (("X", "rois"), (), (("output_size", "INTS"), ("spatial_scale", "FLOAT"),
+                                     ("sampling_ratio", "INT"), ("aligned", "INT"),
+                                     ("mode", "STRING"))),
+    "PSRoIAlign": (("X", "rois"), (), (("output_size", "INTS"), ("spatial_scale", "FLOAT"),
+                                       ("sampling_ratio", "INT"))),
+    "DeformRoIPool": (("X", "rois"), ("offset", "mask"),
+                      (("output_size", "INTS"), ("spatial_scale", "FLOAT"),
+                       ("sampling_ratio", "INT"), ("gamma", "FLOAT"))),
+}
+
+
+def _register_onnx_schemas():
+    """Declare the fastnorm-domain nodes to onnx (once), so that onnxscript can emit them."""
+    from onnx import defs
+    S = defs.OpSchema
+    for name, (inputs, optional, attrs) in _ONNX_CUSTOM.items():
+        if defs.has(name, "fastnorm"):
+            continue
+        params = [S.FormalParameter(n, "T") for n in inputs] + [
+            S.FormalParameter(n, "T", param_option=S.FormalParameterOption.Optional)
+            for n in optional]
+        defs.register_schema(S(
+            name, "fastnorm", 1, inputs=params, outputs=[S.FormalParameter("Y", "T")],
+            type_constraints=[("T", ["tensor(float)", "tensor(double)", "tensor(float16)",
+                                     "tensor(bfloat16)"], "")],
+            attributes=[S.Attribute(a, getattr(S.AttrType, t), "", required=True)
+                        for a, t in attrs]))
+
+
+def onnx_translation_table():
+    """The ``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True,
+    opset_version=21)`` (needs onnxscript): each ``fastnorm::`` op as standard ONNX operators
+    where the semantics agree, else as a node of the custom domain ``fastnorm`` (which ONNX
+    Runtime cannot run without a custom-op library).
+
+    ==================  ===============================================================
+    ``group_norm``      ``GroupNormalization`` (opset 21: per-channel scale and bias), then
+                        ``x * Sigmoid(x)`` ("silu", no fused SiLU in ONNX) or ``Relu``
+    ``deform_conv2d``   ``DeformConv`` (opset 19; the same (dy, dx) offset layout)
+    ``roi_align``       ``RoiAlign`` (opset 16): ``coordinate_transformation_mode``
+                        "half_pixel" when aligned, else "output_half_pixel";
+                        ``sampling_ratio`` <= 0 becomes ONNX's adaptive 0. ``mode="max"``
+                        (mmcv: max of the sampled values, not ONNX's max) is
+                        ``fastnorm::RoIAlign``
+    ``roi_pool``        ``MaxRoiPool`` (torchvision's rounding)
+    ``nms``             ``NonMaxSuppression`` on one class, column 2 of its selection
+    ``batched_nms``     ``NonMaxSuppression`` over the classes (a one-hot of ``idxs`` masks
+                        the scores: exact, no coordinate-offset trick), then ``TopK`` by score
+    ``ps_roi_align``    ``fastnorm::PSRoIAlign`` (no ONNX operator)
+    ``deform_roi_pool`` ``fastnorm::DeformRoIPool`` (no ONNX operator)
+    ==================  ===============================================================
+
+    The NMS translations drop boxes whose score is NaN or -inf (ONNX's score threshold),
+    where fastnorm keeps them last; IoU there is ONNX Runtime's float32.
+    """
+    import numpy as np
+    import onnxscript
+    from onnxscript import ir
+    from onnxscript import opset21 as op
+
+    custom = onnxscript.values.Opset(domain="fastnorm", version=1)
+    _register_onnx_schemas()
+
+    def ints(*v):
+        return op.Constant(value_ints=list(v))
+
+    def column(t, lo, hi):                   # t[:, lo:hi]
+        return op.Slice(t, ints(lo), ints(hi), ints(1))
+
+    def channels_of(x, value):               # (C,) filled with value, x's dtype
+        c = op.Slice(op.Shape(x), ints(1), ints(2))
+        return op.CastLike(op.ConstantOfShape(c, value=ir.tensor(np.array([value], np.float32))),
+                           x)
+
+    def group_norm(x, weight, bias, num_groups, eps, activation):
+        y = op.GroupNormalization(x, channels_of(x, 1.0) if weight is None else weight,
+                                  channels_of(x, 0.0) if bias is None else bias,
+                                  num_groups=num_groups, epsilon=eps)
+        if activation == "silu":
+            y = op.Mul(y, op.Sigmoid(y))
+        elif activation == "relu":
+            y = op.Relu(y)
+        # the statistics outputs (unused in inference graphs, removed by the optimiser)
+        xg = op.Reshape(x, op.Concat(op.Slice(op.Shape(x), ints(0), ints(1)),
+                                     ints(num_groups, -1), axis=0))
+        mean = op.ReduceMean(xg, ints(2), keepdims=0)
+        d = op.Sub(xg, op.Unsqueeze(mean, ints(2)))
+        var = op.ReduceMean(op.Mul(d, d), ints(2), keepdims=0)
+        rstd = op.Reciprocal(op.Sqrt(op.Add(var, op.CastLike(op.Constant(value_float=eps), var))))
+        return y, mean, rstd
+
+    def deform_conv2d(x, offset, mask, weight, bias, stride, padding, dilation):
+        kh, kw = weight.shape[2], weight.shape[3]
+        return op.DeformConv(x, weight, offset, bias, mask, dilations=list(dilation),
+                             group=x.shape[1] // weight.shape[1],
+                             offset_group=offset.shape[1] // (2 * kh * kw), kernel_shape=[kh, kw],
+                             pads=[padding[0], padding[1], padding[0], padding[1]],
+                             strides=list(stride))
+
+    def roi_align(x, rois, output_size, spatial_scale, sampling_ratio, aligned, mode):
+        if mode != "avg":
+            return custom.RoIAlign(x, rois, output_size=list(output_size),
+                                   spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+                                   aligned=int(aligned), mode=mode)
+        batch = op.Cast(op.Squeeze(column(rois, 0, 1), ints(1)), to=ir.DataType.INT64)
+        return op.RoiAlign(x, column(rois, 1, 5), batch, mode="avg",
+                           output_height=output_size[0], output_width=output_size[1],
+                           sampling_ratio=max(sampling_ratio, 0), spatial_scale=spatial_scale,
+                           coordinate_transformation_mode="half_pixel" if aligned
+                           else "output_half_pixel")
+
+    def roi_pool(x, rois, output_size, spatial_scale):
+        return op.MaxRoiPool(x, rois, pooled_shape=list(output_size), spatial_scale=spatial_scale)
+
+    def ps_roi_align(x, rois, output_size, spatial_scale, sampling_ratio):
+        return custom.PSRoIAlign(x, rois, output_size=list(output_size),
+                                 spatial_scale=spatial_scale, sampling_ratio=sampling_ratio)
+
+    def deform_roi_pool(x, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma):
+        return custom.DeformRoIPool(x, rois, offset, mask, output_size=list(output_size),
+                                    spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+                                    gamma=gamma)
+
+    def selected(boxes, scores, iou_threshold):   # scores (1, classes, N) -> kept box indices
+        sel = op.NonMaxSuppression(op.Unsqueeze(boxes, ints(0)), scores,
+                                   op.Slice(op.Shape(boxes), ints(0), ints(1)),
+                                   op.Constant(value_floats=[iou_threshold]),
+                                   op.Constant(value_floats=[float(np.finfo(np.float32).min)]))
+        return op.Squeeze(column(sel, 2, 3), ints(1))
+
+    def nms(boxes, scores, iou_threshold):
+        return selected(boxes, op.Unsqueeze(scores, ints(0, 1)), iou_threshold)
+
+    def batched_nms(boxes, scores, idxs, iou_threshold):
+        classes = op.Add(op.ReduceMax(idxs, keepdims=1), ints(1))
+        mine = op.Cast(op.OneHot(idxs, classes, ints(0, 1), axis=0), to=ir.DataType.BOOL)
+        masked = op.Where(mine, op.Unsqueeze(scores, ints(0)),
+                          op.CastLike(op.Constant(value_float=float("-inf")), scores))
+        keep = selected(boxes, op.Unsqueeze(masked, ints(0)), iou_threshold)
+        _, order = op.TopK(op.Gather(scores, keep), op.Shape(keep), axis=0, largest=1, sorted=1)
+        return op.Gather(keep, order)
+
+    ops = torch.ops.fastnorm
+    return {ops.group_norm.default: group_norm, ops.deform_conv2d.default: deform_conv2d,
+            ops.roi_align.default: roi_align, ops.roi_pool.default: roi_pool,
+            ops.ps_roi_align.default: ps_roi_align, ops.deform_roi_pool.default: deform_roi_pool,
+            ops.nms.default: nms, ops.batched_nms.default: batched_nms}
 
 
 # ---------------------------------------------------------------- modules

@@ -55,6 +55,23 @@ def test_float32_and_grad_under_jit(rng):
                                atol=1e-6)
 
 
+def test_vmap_under_jit_runs_the_kernel_once_per_element(rng, monkeypatch):
+    """vmap_method="sequential", as documented: one host call per mapped element, on that
+    element's arrays; the unmapped weight is passed whole."""
+    calls, real = [], fastnorm.group_norm
+
+    def counting(x, G, w, *args, **kw):
+        calls.append((x.shape, w.shape))
+        return real(x, G, w, *args, **kw)
+    monkeypatch.setattr(fj._fn, "group_norm", counting)
+    xs = rng.standard_normal((3, 2, 4, 5)).astype(np.float32)
+    w = rng.standard_normal(4).astype(np.float32)
+    ys = np.asarray(jax.jit(jax.vmap(lambda x: fj.group_norm(x, 2, w)))(xs))
+    assert calls == [((2, 4, 5), (4,))] * 3
+    for i in range(3):
+        np.testing.assert_allclose(ys[i], real(xs[i], 2, w), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("v2,bias", [(False, True), (True, False)])
 def test_deform_conv2d(rng, v2, bias):
     x = rng.standard_normal((1, 4, 5, 5))

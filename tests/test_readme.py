@@ -36,3 +36,16 @@ def test_emulator_example_runs(capsys):
                  if "emulator as cp" in b)
     exec(block, {})
     assert float(capsys.readouterr().out) < 1e-5
+
+
+def test_torch_compile_export_and_onnx_example_runs(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+                 if "onnx_translation_table" in b)
+    monkeypatch.chdir(tmp_path)
+    ns = {}
+    exec(block, ns)
+    assert ns["y"].shape == (2, 64, 7, 7) and (tmp_path / "head.onnx").stat().st_size > 0
+    ops = {n.op_type for n in ns["onnx_program"].model_proto.graph.node}
+    assert {"GroupNormalization", "DeformConv", "RoiAlign"} <= ops, ops

@@ -400,6 +400,10 @@ def test_compile_inductor_fullgraph_matches_eager():
     eager = model(x, rois)
     torch.testing.assert_close(out[0], eager[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(out[1], eager[1]) and torch.equal(out[2], eager[2])
+    params = list(model.parameters())                           # the compiled backward too
+    for g, r in zip(torch.autograd.grad(out[0].square().sum(), params),
+                    torch.autograd.grad(eager[0].square().sum(), params)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
 
 def test_export_with_a_dynamic_batch_runs():
@@ -418,3 +422,74 @@ def test_export_with_a_dynamic_batch_runs():
         got, want = ep.module()(x, rois), model(x, rois)
         torch.testing.assert_close(got[0], want[0])
         assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+# ---------------------------------------------------------------- ONNX export
+
+class _OnnxHead(torch.nn.Module):
+    """The ops with a standard ONNX translation: GroupNorm + SiLU, DCN v1 and v2, RoIAlign
+    (aligned and not), RoIPool, NMS and class-aware NMS."""
+
+    def __init__(self, C=8):
+        super().__init__()
+        self.gn = ft.GroupNorm(4, C, activation="silu")
+        self.gn_relu = ft.GroupNorm(2, C, activation="relu", affine=False)
+        self.offset = torch.nn.Conv2d(C, 18, 3, padding=1)
+        self.dcn = ft.DeformConv2d(C, C, 3, padding=1)
+        self.mdcn = ft.ModulatedDeformConv2d(C, C, 3, padding=1, groups=2, deform_groups=2)
+        self.align = ft.RoIAlign(2, 0.5, 2, aligned=True)
+        self.align_legacy = ft.RoIAlign((3, 2), 0.5, -1, aligned=False)
+        self.pool = ft.RoIPool(2, 0.5)
+        with torch.no_grad():                           # offsets and masks that do something
+            self.offset.weight.normal_(0, 0.1)
+            self.mdcn.conv_offset.weight.normal_(0, 0.05)
+
+    def forward(self, x, rois):
+        h = self.gn_relu(self.gn(x))
+        h = self.mdcn(self.dcn(h, self.offset(h)))
+        a, b, p = self.align(h, rois), self.align_legacy(h, rois), self.pool(h, rois)
+        scores = a.mean((1, 2, 3)).sigmoid()
+        labels = (b.mean((1, 2, 3)) > 0).long() + (p.mean((1, 2, 3)) > 0).long()
+        return h, a, b, p, ft.nms(rois[:, 1:], scores, 0.3), \
+            ft.batched_nms(rois[:, 1:], scores, labels, 0.3)
+
+
+def _onnx_program(model, x, rois):
+    pytest.importorskip("onnxscript")
+    return torch.onnx.export(model, (x, rois), dynamo=True, opset_version=21,
+                             custom_translation_table=ft.onnx_translation_table())
+
+
+def test_onnx_export_uses_standard_operators_and_runs_in_onnxruntime():
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(3)
+    model = _OnnxHead()
+    x, rois = _head_inputs(2, 40, seed=3)          # overlapping RoIs: the NMS ops suppress
+    prog = _onnx_program(model, x, rois)
+    nodes = {(n.domain, n.op_type) for n in prog.model_proto.graph.node}
+    assert {("", op) for op in ("GroupNormalization", "DeformConv", "RoiAlign", "MaxRoiPool",
+                                "NonMaxSuppression", "Sigmoid")} <= nodes, nodes
+    assert not any(domain for domain, _ in nodes), nodes
+    assert {i.version for i in prog.model_proto.opset_import if i.domain == ""} == {21}
+    sess = ort.InferenceSession(prog.model_proto.SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    got = sess.run(None, dict(zip(names, (x.numpy(), rois.numpy()))))
+    want = [t.detach().numpy() for t in model(x, rois)]
+    for g, w in zip(got[:4], want[:4]):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    for g, w in zip(got[4:], want[4:]):
+        assert 0 < len(w) < len(rois) and np.array_equal(g, w)
+
+
+def test_onnx_export_without_an_onnx_operator_emits_custom_domain_nodes():
+    torch.manual_seed(4)
+    model, (x, rois) = _Head(), _head_inputs(seed=4)
+    nodes = {(n.domain, n.op_type) for n in _onnx_program(model, x, rois).model_proto.graph.node}
+    assert {("fastnorm", "PSRoIAlign"), ("fastnorm", "DeformRoIPool")} <= nodes, nodes
+
+    class MaxAlign(torch.nn.Module):
+        def forward(self, x, rois):
+            return ft.roi_align(x, rois, 2, 0.5, 2, True, mode="max")
+    nodes = {(n.domain, n.op_type) for n in _onnx_program(MaxAlign(), x, rois).model_proto.graph.node}
+    assert ("fastnorm", "RoIAlign") in nodes and ("", "RoiAlign") not in nodes

@@ -182,9 +182,20 @@ class Call:
 _FRAMEWORK_OF_MODULE = {"jaxlib": "jax"}
 
 
+_FROM_DLPACK = {}             # array type -> its framework's from_dlpack (or None)
+
+
 def _from_dlpack_of(obj):
     """The ``from_dlpack`` of ``obj``'s framework, or None if it has none (then NumPy/CuPy come
-    back)."""
+    back); looked up once per array type (a failed import is not cached by Python and costs a
+    search of sys.path every time)."""
+    t = type(obj)
+    if t not in _FROM_DLPACK:
+        _FROM_DLPACK[t] = _find_from_dlpack(obj)
+    return _FROM_DLPACK[t]
+
+
+def _find_from_dlpack(obj):
     try:
         from array_api_compat import array_namespace
         return array_namespace(obj).from_dlpack

@@ -237,32 +237,36 @@ def _(x, rois, output_size, spatial_scale, sampling_ratio, aligned, mode):
 
 
 @torch.library.custom_op("fastnorm::roi_align_backward", mutates_args=())
-def _roi_align_backward(grad_out: Tensor, rois: Tensor, x: Tensor, output_size: List[int],
-                        spatial_scale: float, sampling_ratio: int, aligned: bool,
-                        mode: str) -> Tensor:
-    with _stream(x):
-        return _fn.roi_align_backward(grad_out, rois, tuple(x.shape), tuple(output_size),
-                                      spatial_scale, sampling_ratio, aligned, mode=mode,
-                                      x=x if mode == "max" else None)
+def _roi_align_backward(grad_out: Tensor, rois: Tensor, x: Optional[Tensor],
+                        input_shape: List[int], output_size: List[int], spatial_scale: float,
+                        sampling_ratio: int, aligned: bool, mode: str) -> Tensor:
+    with _stream(grad_out):
+        return _fn.roi_align_backward(grad_out, rois, tuple(input_shape), tuple(output_size),
+                                      spatial_scale, sampling_ratio, aligned, mode=mode, x=x)
 
 
 @_roi_align_backward.register_fake
-def _(grad_out, rois, x, output_size, spatial_scale, sampling_ratio, aligned, mode):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def _(grad_out, rois, x, input_shape, output_size, spatial_scale, sampling_ratio, aligned, mode):
+    return grad_out.new_empty(input_shape)
 
 
-def _roi_align_setup(ctx, inputs, output):
-    x, rois = inputs[:2]
-    ctx.save_for_backward(x, rois)
-    ctx.cfg = inputs[2:]
+def _roi_autograd(op, backward, needs_x):
+    """Register a RoI op's autograd formula: x's gradient by its ``backward`` op, none for the
+    rois and the other arguments. x itself is saved only where ``needs_x(inputs)`` (the
+    backward reads it: roi_align's mode "max", roi_pool's argmax); else its shape is enough."""
+    def setup(ctx, inputs, output):
+        x, rois = inputs[:2]
+        ctx.save_for_backward(rois, x if needs_x(inputs) else None)
+        ctx.shape, ctx.cfg = list(x.shape), inputs[2:]
+
+    def grad(ctx, gy):
+        rois, x = ctx.saved_tensors
+        return ((backward(gy.contiguous(), rois, x, ctx.shape, *ctx.cfg),)
+                + (None,) * (1 + len(ctx.cfg)))
+    op.register_autograd(grad, setup_context=setup)
 
 
-def _roi_align_grad(ctx, gy):
-    x, rois = ctx.saved_tensors
-    return (_roi_align_backward(gy.contiguous(), rois, x, *ctx.cfg),) + (None,) * 6
-
-
-_roi_align.register_autograd(_roi_align_grad, setup_context=_roi_align_setup)
+_roi_autograd(_roi_align, _roi_align_backward, lambda inputs: inputs[6] == "max")
 
 
 @torch.library.custom_op("fastnorm::roi_pool", mutates_args=())
@@ -277,24 +281,20 @@ def _(x, rois, output_size, spatial_scale):
 
 
 @torch.library.custom_op("fastnorm::roi_pool_backward", mutates_args=())
-def _roi_pool_backward(grad_out: Tensor, rois: Tensor, x: Tensor, output_size: List[int],
+def _roi_pool_backward(grad_out: Tensor, rois: Tensor, x: Optional[Tensor],
+                       input_shape: List[int], output_size: List[int],
                        spatial_scale: float) -> Tensor:
-    with _stream(x):
-        return _fn.roi_pool_backward(grad_out, rois, tuple(x.shape), tuple(output_size),
+    with _stream(grad_out):
+        return _fn.roi_pool_backward(grad_out, rois, tuple(input_shape), tuple(output_size),
                                      spatial_scale, x=x)
 
 
 @_roi_pool_backward.register_fake
-def _(grad_out, rois, x, output_size, spatial_scale):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def _(grad_out, rois, x, input_shape, output_size, spatial_scale):
+    return grad_out.new_empty(input_shape)
 
 
-def _roi_pool_grad(ctx, gy):
-    x, rois = ctx.saved_tensors
-    return (_roi_pool_backward(gy.contiguous(), rois, x, *ctx.cfg),) + (None,) * 3
-
-
-_roi_pool.register_autograd(_roi_pool_grad, setup_context=_roi_align_setup)
+_roi_autograd(_roi_pool, _roi_pool_backward, lambda inputs: True)
 
 
 @torch.library.custom_op("fastnorm::ps_roi_align", mutates_args=())
@@ -311,24 +311,20 @@ def _(x, rois, output_size, spatial_scale, sampling_ratio):
 
 
 @torch.library.custom_op("fastnorm::ps_roi_align_backward", mutates_args=())
-def _ps_roi_align_backward(grad_out: Tensor, rois: Tensor, x: Tensor, output_size: List[int],
-                           spatial_scale: float, sampling_ratio: int) -> Tensor:
-    with _stream(x):
-        return _fn.ps_roi_align_backward(grad_out, rois, tuple(x.shape), tuple(output_size),
+def _ps_roi_align_backward(grad_out: Tensor, rois: Tensor, x: Optional[Tensor],
+                           input_shape: List[int], output_size: List[int], spatial_scale: float,
+                           sampling_ratio: int) -> Tensor:
+    with _stream(grad_out):
+        return _fn.ps_roi_align_backward(grad_out, rois, tuple(input_shape), tuple(output_size),
                                          spatial_scale, sampling_ratio)
 
 
 @_ps_roi_align_backward.register_fake
-def _(grad_out, rois, x, output_size, spatial_scale, sampling_ratio):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def _(grad_out, rois, x, input_shape, output_size, spatial_scale, sampling_ratio):
+    return grad_out.new_empty(input_shape)
 
 
-def _ps_roi_align_grad(ctx, gy):
-    x, rois = ctx.saved_tensors
-    return (_ps_roi_align_backward(gy.contiguous(), rois, x, *ctx.cfg),) + (None,) * 4
-
-
-_ps_roi_align.register_autograd(_ps_roi_align_grad, setup_context=_roi_align_setup)
+_roi_autograd(_ps_roi_align, _ps_roi_align_backward, lambda inputs: False)
 
 
 @torch.library.custom_op("fastnorm::deform_roi_pool", mutates_args=())

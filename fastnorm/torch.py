@@ -237,16 +237,16 @@ def _(x, rois, output_size, spatial_scale, sampling_ratio, aligned, mode):
 
 
 @torch.library.custom_op("fastnorm::roi_align_backward", mutates_args=())
-def _roi_align_backward(grad_out: Tensor, rois: Tensor, x: Optional[Tensor],
-                        input_shape: List[int], output_size: List[int], spatial_scale: float,
-                        sampling_ratio: int, aligned: bool, mode: str) -> Tensor:
+def _roi_align_backward(grad_out: Tensor, rois: Tensor, input_shape: List[int],
+                        output_size: List[int], spatial_scale: float, sampling_ratio: int,
+                        aligned: bool, mode: str, x: Optional[Tensor]) -> Tensor:
     with _stream(grad_out):
         return _fn.roi_align_backward(grad_out, rois, tuple(input_shape), tuple(output_size),
                                       spatial_scale, sampling_ratio, aligned, mode=mode, x=x)
 
 
 @_roi_align_backward.register_fake
-def _(grad_out, rois, x, input_shape, output_size, spatial_scale, sampling_ratio, aligned, mode):
+def _(grad_out, rois, input_shape, output_size, spatial_scale, sampling_ratio, aligned, mode, x):
     return grad_out.new_empty(input_shape)
 
 
@@ -261,7 +261,7 @@ def _roi_autograd(op, backward, needs_x):
 
     def grad(ctx, gy):
         rois, x = ctx.saved_tensors
-        return ((backward(gy.contiguous(), rois, x, ctx.shape, *ctx.cfg),)
+        return ((backward(gy.contiguous(), rois, ctx.shape, *ctx.cfg, x),)
                 + (None,) * (1 + len(ctx.cfg)))
     op.register_autograd(grad, setup_context=setup)
 
@@ -281,16 +281,16 @@ def _(x, rois, output_size, spatial_scale):
 
 
 @torch.library.custom_op("fastnorm::roi_pool_backward", mutates_args=())
-def _roi_pool_backward(grad_out: Tensor, rois: Tensor, x: Optional[Tensor],
-                       input_shape: List[int], output_size: List[int],
-                       spatial_scale: float) -> Tensor:
+def _roi_pool_backward(grad_out: Tensor, rois: Tensor, input_shape: List[int],
+                       output_size: List[int], spatial_scale: float,
+                       x: Optional[Tensor]) -> Tensor:
     with _stream(grad_out):
         return _fn.roi_pool_backward(grad_out, rois, tuple(input_shape), tuple(output_size),
                                      spatial_scale, x=x)
 
 
 @_roi_pool_backward.register_fake
-def _(grad_out, rois, x, input_shape, output_size, spatial_scale):
+def _(grad_out, rois, input_shape, output_size, spatial_scale, x):
     return grad_out.new_empty(input_shape)
 
 
@@ -311,16 +311,16 @@ def _(x, rois, output_size, spatial_scale, sampling_ratio):
 
 
 @torch.library.custom_op("fastnorm::ps_roi_align_backward", mutates_args=())
-def _ps_roi_align_backward(grad_out: Tensor, rois: Tensor, x: Optional[Tensor],
-                           input_shape: List[int], output_size: List[int], spatial_scale: float,
-                           sampling_ratio: int) -> Tensor:
+def _ps_roi_align_backward(grad_out: Tensor, rois: Tensor, input_shape: List[int],
+                           output_size: List[int], spatial_scale: float, sampling_ratio: int,
+                           x: Optional[Tensor]) -> Tensor:
     with _stream(grad_out):
         return _fn.ps_roi_align_backward(grad_out, rois, tuple(input_shape), tuple(output_size),
                                          spatial_scale, sampling_ratio)
 
 
 @_ps_roi_align_backward.register_fake
-def _(grad_out, rois, x, input_shape, output_size, spatial_scale, sampling_ratio):
+def _(grad_out, rois, input_shape, output_size, spatial_scale, sampling_ratio, x):
     return grad_out.new_empty(input_shape)
 
 

@@ -34,6 +34,12 @@ from ._kernels import DeformConvBackward, DeformConvForward
 WORKSPACE_BYTES = 256 << 20
 
 
+def out_size(size, kernel, stride, padding, dilation):
+    """Output size along one spatial axis: (size + 2 padding - dilation (kernel - 1) - 1) //
+    stride + 1 (also for fastnorm.torch's shape inference)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def _check(call, x, offset, weight, bias, mask, stride, padding, dilation):
     """Validate; returns the kernel's geometry arguments and the output shape."""
     v.float_array(call, "x", x, ndim=4)
@@ -56,8 +62,7 @@ def _check(call, x, offset, weight, bias, mask, stride, padding, dilation):
     if Cout % groups:
         raise ValueError(f"`weight`'s output channels ({Cout}) must be divisible by the number "
                          f"of groups ({groups} = {C} // {Cg})")
-    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    Ho, Wo = out_size(H, kh, sh, ph, dh), out_size(W, kw, sw, pw, dw)
     if Ho <= 0 or Wo <= 0:
         raise ValueError(f"the output size of `x` {tuple(x.shape)} with kernel ({kh}, {kw}), "
                          f"stride ({sh}, {sw}), padding ({ph}, {pw}), dilation ({dh}, {dw}) "

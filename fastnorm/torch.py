@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 import fastnorm as _fn
+from fastnorm.deform_conv import out_size
 
 __all__ = ["group_norm", "deform_conv2d", "roi_align", "roi_pool", "ps_roi_align",
            "deform_roi_pool", "nms", "batched_nms", "onnx_translation_table", "GroupNorm",
@@ -164,10 +165,6 @@ _group_norm.register_autograd(_group_norm_grad, setup_context=_group_norm_setup)
 
 # deformable convolution
 
-def _conv_out(size, k, s, p, d):
-    return (size + 2 * p - (d * (k - 1) + 1)) // s + 1
-
-
 @torch.library.custom_op("fastnorm::deform_conv2d", mutates_args=())
 def _deform_conv2d(x: Tensor, offset: Tensor, mask: Optional[Tensor], weight: Tensor,
                    bias: Optional[Tensor], stride: List[int], padding: List[int],
@@ -179,10 +176,9 @@ def _deform_conv2d(x: Tensor, offset: Tensor, mask: Optional[Tensor], weight: Te
 
 @_deform_conv2d.register_fake
 def _(x, offset, mask, weight, bias, stride, padding, dilation):
-    kh, kw = weight.shape[2], weight.shape[3]
-    return x.new_empty((x.shape[0], weight.shape[0],
-                        _conv_out(x.shape[2], kh, stride[0], padding[0], dilation[0]),
-                        _conv_out(x.shape[3], kw, stride[1], padding[1], dilation[1])))
+    return x.new_empty((x.shape[0], weight.shape[0]) + tuple(
+        out_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
+        for i in range(2)))
 
 
 @torch.library.custom_op("fastnorm::deform_conv2d_backward", mutates_args=())
@@ -231,9 +227,15 @@ def _roi_align(x: Tensor, rois: Tensor, output_size: List[int], spatial_scale: f
                              aligned, mode=mode)
 
 
+def _pooled(x, rois, output_size, channels=None):
+    """A RoI op's output: (K, C, oh, ow) of x's dtype and device (``channels``: C if not x's)."""
+    return x.new_empty((rois.shape[0], x.shape[1] if channels is None else channels,
+                        output_size[0], output_size[1]))
+
+
 @_roi_align.register_fake
 def _(x, rois, output_size, spatial_scale, sampling_ratio, aligned, mode):
-    return x.new_empty((rois.shape[0], x.shape[1], output_size[0], output_size[1]))
+    return _pooled(x, rois, output_size)
 
 
 @torch.library.custom_op("fastnorm::roi_align_backward", mutates_args=())
@@ -277,7 +279,7 @@ def _roi_pool(x: Tensor, rois: Tensor, output_size: List[int], spatial_scale: fl
 
 @_roi_pool.register_fake
 def _(x, rois, output_size, spatial_scale):
-    return x.new_empty((rois.shape[0], x.shape[1], output_size[0], output_size[1]))
+    return _pooled(x, rois, output_size)
 
 
 @torch.library.custom_op("fastnorm::roi_pool_backward", mutates_args=())
@@ -306,8 +308,7 @@ def _ps_roi_align(x: Tensor, rois: Tensor, output_size: List[int], spatial_scale
 
 @_ps_roi_align.register_fake
 def _(x, rois, output_size, spatial_scale, sampling_ratio):
-    ph, pw = output_size
-    return x.new_empty((rois.shape[0], x.shape[1] // (ph * pw), ph, pw))
+    return _pooled(x, rois, output_size, x.shape[1] // (output_size[0] * output_size[1]))
 
 
 @torch.library.custom_op("fastnorm::ps_roi_align_backward", mutates_args=())
@@ -338,7 +339,7 @@ def _deform_roi_pool(x: Tensor, rois: Tensor, offset: Optional[Tensor], mask: Op
 
 @_deform_roi_pool.register_fake
 def _(x, rois, offset, mask, output_size, spatial_scale, sampling_ratio, gamma):
-    return x.new_empty((rois.shape[0], x.shape[1], output_size[0], output_size[1]))
+    return _pooled(x, rois, output_size)
 
 
 @torch.library.custom_op("fastnorm::deform_roi_pool_backward", mutates_args=())

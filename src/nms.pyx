@@ -106,27 +106,32 @@ cdef inline double _centre_penalty(double ax1, double ay1, double ax2, double ay
 
 # ---------------------------------------------------------------- ranking (stable LSD radix)
 
-cdef inline uint64_t _desc_key32(float v) noexcept nogil:
-    """uint key ascending in decreasing v; -0.0 == 0.0; NaN largest (last)."""
+cdef inline uint64_t _flip32(float v) noexcept nogil:
+    """uint key ascending in decreasing v, for numbers (not NaN), branch-free: -0.0 + 0.0
+    is +0.0, so -0.0 == 0.0."""
     cdef uint32_t u
-    if v != v:
-        return 0xFFFFFFFFu
-    if v == 0:
-        v = 0.0
+    v = v + 0.0
     memcpy(&u, &v, 4)
-    u = (~u) if (u >> 31) else (u | 0x80000000u)       # ascending in v
+    u = u ^ (<uint32_t>((<int32_t>u) >> 31) | 0x80000000u)
     return <uint64_t>(~u)
 
 
-cdef inline uint64_t _desc_key64(double v) noexcept nogil:
+cdef inline uint64_t _flip64(double v) noexcept nogil:
+    """As _flip32."""
     cdef uint64_t u
-    if v != v:
-        return 0xFFFFFFFFFFFFFFFFu
-    if v == 0:
-        v = 0.0
+    v = v + 0.0
     memcpy(&u, &v, 8)
-    u = (~u) if (u >> 63) else (u | 0x8000000000000000u)
+    u = u ^ (<uint64_t>((<int64_t>u) >> 63) | 0x8000000000000000u)
     return ~u
+
+
+cdef inline uint64_t _desc_key32(float v) noexcept nogil:
+    """uint key ascending in decreasing v; -0.0 == 0.0; NaN largest (last)."""
+    return 0xFFFFFFFFu if v != v else _flip32(v)
+
+
+cdef inline uint64_t _desc_key64(double v) noexcept nogil:
+    return 0xFFFFFFFFFFFFFFFFu if v != v else _flip64(v)
 
 
 cdef void _radix(uint64_t* key, int64_t* val, uint64_t* tkey, int64_t* tval, Py_ssize_t m,
@@ -1198,24 +1203,6 @@ cdef extern from *:
 cdef enum:
     TOPBITS = 16                # the histogram of step 2: 2^16 counts
     SCAN = 32                   # scores tested at once in step 1
-
-
-cdef inline uint64_t _flip32(float v) noexcept nogil:
-    """_desc_key32 without branches, for numbers (not NaN): -0.0 + 0.0 is +0.0."""
-    cdef uint32_t u
-    v = v + 0.0
-    memcpy(&u, &v, 4)
-    u = u ^ (<uint32_t>((<int32_t>u) >> 31) | 0x80000000u)
-    return <uint64_t>(~u)
-
-
-cdef inline uint64_t _flip64(double v) noexcept nogil:
-    """_desc_key64 without branches, for numbers (not NaN)."""
-    cdef uint64_t u
-    v = v + 0.0
-    memcpy(&u, &v, 8)
-    u = u ^ (<uint64_t>((<int64_t>u) >> 63) | 0x8000000000000000u)
-    return ~u
 
 
 cdef struct Combined:

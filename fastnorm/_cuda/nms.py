@@ -21,7 +21,7 @@ from . import ctype, cupy, function, i64, instantiate, launch, run
 _NS = "fastnorm::nms::"
 _KERNELS = ("nms_mask<{}>", "nms_assign<{}>", "box_metric<{}>", "matrix_comp<{}>",
             "matrix_decay<{}>", "weighted_fuse<{}>", "soft_nms_seg<{}>", "softer_nms_seg<{}>",
-            "cluster_max<{}>")
+            "cluster_max<{}>", "combined_flag<{}>", "combined_gather<{}>")
 _EXPRS = [_NS + e for k in _KERNELS for e in instantiate(k)] + [_NS + "nms_sweep"]
 SOFT_THREADS = 256          # SOFT_THREADS in nms.cu
 _SWEEP_THREADS = 256
@@ -350,10 +350,6 @@ def adaptive_nms(boxes, scores, densities, batch, method, sigma, iou_threshold, 
 # top-k and the merge are CuPy sorts (stable; ties keep the lower g); the greedy kernels above run
 # on segments (image, class) -- one per image when class-agnostic -- with the per-class cap;
 # combined_gather writes the padded outputs. Host synchronisations: the sizes only.
-
-_COMBINED = ("combined_flag<{}>", "combined_gather<{}>")
-_EXPRS += [_NS + e for k in _COMBINED for e in instantiate(k)]
-
 
 def _desc(cp, s):
     """Sort key of scores s, ascending in decreasing score (half types exactly in float32;

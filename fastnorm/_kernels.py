@@ -11,6 +11,7 @@ fields, and that the integer codes below match the constants of the ``.pyx``/``.
 
 Integer codes shared with the kernel sources (their names there in brackets):
 """
+import math
 from typing import Any, NamedTuple, Optional
 
 Array = Any          # a C-contiguous NumPy or CuPy array of the call's backend
@@ -26,6 +27,9 @@ CRITERIA = {"iou": 0, "diou": 1}
 DECAYS = {"gaussian": 0, "linear": 1, "hard": 2}
 #: box_iou metrics [METRIC_IOU, METRIC_GIOU, METRIC_DIOU, METRIC_CIOU]
 METRICS = {"iou": 0, "giou": 1, "diou": 2, "ciou": 3}
+#: rotated boxes' angle units -> radians per unit (the kernels take ``angle_scale``: radians per
+#: unit of the input's angles, negated for clockwise angles; see ``_validation.angle_scale``)
+ANGLE_UNITS = {"degrees": math.pi / 180, "radians": 1.0}
 #: the sources' names of these codes (checked by tests/test_contract.py)
 SOURCE_NAMES = {
     "ACT": ACTIVATIONS, "MODE": ROI_MODES, "CRIT": CRITERIA, "DECAY": DECAYS, "METRIC": METRICS,

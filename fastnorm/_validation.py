@@ -6,6 +6,8 @@ names the argument and says what was expected and what came.
 import math
 import numbers
 
+from ._kernels import ANGLE_UNITS
+
 CPU_FLOATS = ("float32", "float64")
 CUDA_FLOATS = ("float32", "float64", "float16", "bfloat16")
 
@@ -75,6 +77,15 @@ def choice(name, v, choices):
     if v not in choices:
         raise ValueError(f"`{name}` must be one of {choices}, got {v!r}")
     return v
+
+
+def angle_scale(clockwise, angle_unit):
+    """Rotated boxes' angle convention -> the kernels' ``angle_scale`` (radians per unit of the
+    given angles; negative for clockwise angles, detectron2's counter-clockwise being positive)."""
+    if not isinstance(clockwise, (bool, numbers.Integral)) or clockwise not in (0, 1):
+        raise TypeError(f"`clockwise` must be a bool, got {clockwise!r}")
+    scale = ANGLE_UNITS[choice("angle_unit", angle_unit, tuple(ANGLE_UNITS))]
+    return -scale if clockwise else scale
 
 
 def pair(name, v, *, min=None):

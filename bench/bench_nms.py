@@ -1,12 +1,13 @@
 """Benchmark: fastnorm nms / batched_nms vs torchvision, ONNX Runtime NonMaxSuppression and
 OpenCV cv2.dnn.NMSBoxes, float32, clustered random boxes, --threads threads for every
 implementation (default 2); the NMS variants beside nms and their NumPy loops; combined_nms at a
-YOLO head's size vs ONNX Runtime NonMaxSuppression + top-k.
+YOLO head's size vs ONNX Runtime NonMaxSuppression + top-k; box_iou_rotated and nms_rotated vs
+OpenCV (rotatedRectangleIntersection, dnn.NMSBoxesRotated) and shapely, with the IoU agreement.
 
     python bench/bench_nms.py [--threads N] [--torchvision-python PATH] [--no-write | --out DIR]
 
 Run it in the environment that has fastnorm built (plus onnxruntime, onnx and
-opencv-python-headless for those peers). torchvision is timed in this process when it imports
+opencv-python-headless and shapely for those peers). torchvision is timed in this process when it imports
 here; otherwise in the interpreter named by --torchvision-python or $FASTNORM_TV_PYTHON (a second
 environment, see the README's "Benchmarks"), as a subprocess on the very same inputs saved as
 .npy files. Every peer's output is checked against fastnorm's (same kept indices) before it is
@@ -29,9 +30,11 @@ TARGETS = {("nms", 10_000): {"torchvision": 10, "onnxruntime": 3},
            ("batched", 20_000): {"torchvision": 2}}
 
 
-def clustered_boxes(n, seed=0, per_cluster=16):
+def clustered_boxes(n, seed=0, per_cluster=16, rotated=False):
     """Detector-like output: clusters of ~16 jittered boxes (16..120 px) around random objects in
-    an image whose side grows as sqrt(n) (constant density); uniform scores."""
+    an image whose side grows as sqrt(n) (constant density); uniform scores. ``rotated``: the
+    boxes as (cx, cy, w, h, angle), one orientation per cluster, uniform in [-90, 90) degrees,
+    jittered by +-5 degrees per box (counter-clockwise, fastnorm's default convention)."""
     rng = np.random.default_rng(seed)
     k = max(1, n // per_cluster)
     side = 32.0 * np.sqrt(n)
@@ -40,8 +43,11 @@ def clustered_boxes(n, seed=0, per_cluster=16):
     c = rng.integers(0, k, n)
     ctr = centres[c] + rng.normal(0, 0.1, (n, 2)) * sizes[c]
     wh = sizes[c] * rng.uniform(0.8, 1.25, (n, 2))
-    boxes = np.concatenate([ctr - wh / 2, ctr + wh / 2], 1).astype(np.float32)
-    return boxes, rng.random(n).astype(np.float32)
+    scores = rng.random(n).astype(np.float32)
+    if rotated:
+        angle = rng.uniform(-90, 90, k)[c] + rng.uniform(-5, 5, n)
+        return np.concatenate([ctr, wh, angle[:, None]], 1).astype(np.float32), scores
+    return np.concatenate([ctr - wh / 2, ctr + wh / 2], 1).astype(np.float32), scores
 
 
 def _timer(n):
@@ -143,11 +149,11 @@ def main(argv=None):
              "torchvision " + (" ".join(tv["versions"]) + f" timed {tv['where']}"
                                if tv else "unavailable") +
              ". 'Mbox/s' = input boxes per second / 1e6.")
-    for more in (variant_table, combined_table):
+    for more in (variant_table, combined_table, lambda th: rotated_table(th, cv2)):
         t, more_lines = more(threads)
         tables.append(t)
         lines += more_lines
-    notes += VARIANT_NOTES + "\n\nTargets:\n" + "\n".join(lines)
+    notes += VARIANT_NOTES + ROTATED_NOTES + "\n\nTargets:\n" + "\n".join(lines)
     tables += cuda_tables(inputs)
     return finish(args, "nms", tables, notes)
 
@@ -315,6 +321,132 @@ def variant_table(threads):
             got = ratios[(name, 10_000, "nms")]
             lines.append(f"- {name} 10000: within 2x of nms: "
                          f"{'PASS' if got >= 0.5 else 'MISS'} ({1 / got:.2f}x nms's time)")
+    return t, lines
+
+
+# ---------------------------------------------------------------- rotated boxes
+
+ROTATED_SIZES = (1000, 10_000)
+ROTATED_TARGET = ("nms_rotated", 10_000, "opencv NMSBoxesRotated", 10)   # >= 10x OpenCV at 10k
+IOU_SIDE = 1000                   # box_iou_rotated IOU_SIDE x IOU_SIDE
+LOOP_ROWS = 50                    # rows of that matrix the per-pair peers are timed on (scaled)
+ROTATED_NOTES = (
+    "\n\nRotated boxes: the clustered boxes of nms_<n> with one orientation per cluster "
+    "(uniform in [-90, 90) degrees, +-5 per box), float32, generated in OpenCV's clockwise "
+    "degrees and passed to fastnorm with `clockwise=True`. OpenCV `cv2.dnn.NMSBoxesRotated` gets "
+    "its RotatedRect list prepared outside the timing; shapely 2 runs vectorised over the "
+    "remaining boxes (`shapely.intersection` on polygons built outside the timing), with a NumPy "
+    "bounding-box prefilter in the NMS loop. box_iou_rotated's per-pair peers (shapely, OpenCV "
+    "`rotatedRectangleIntersection` + `contourArea`) are timed on the first "
+    f"{LOOP_ROWS} rows of the {IOU_SIDE}x{IOU_SIDE} matrix and scaled to the whole matrix; "
+    "the 'Mbox/s' column there counts box pairs.")
+
+
+def _rects(b):
+    """OpenCV RotatedRects ((cx, cy), (w, h), angle) of (cx, cy, w, h, clockwise degrees) rows."""
+    return [((float(r[0]), float(r[1])), (float(r[2]), float(r[3])), float(r[4])) for r in b]
+
+
+def _polygons(b):
+    """shapely polygons of (cx, cy, w, h, clockwise degrees) rows (OpenCV's corners)."""
+    import shapely
+    t = np.deg2rad(b[:, 4].astype(np.float64))
+    c, s = np.cos(t), np.sin(t)
+    u = np.array([-0.5, 0.5, 0.5, -0.5])[None] * b[:, 2:3]
+    v = np.array([-0.5, -0.5, 0.5, 0.5])[None] * b[:, 3:4]
+    xy = np.stack([b[:, :1] + c[:, None] * u - s[:, None] * v,
+                   b[:, 1:2] + s[:, None] * u + c[:, None] * v], -1)
+    return shapely.polygons(xy), xy
+
+
+def _cv2_iou(cv2, ra, rb):
+    """IoU of two RotatedRects by OpenCV (rotatedRectangleIntersection + contourArea)."""
+    ret, pts = cv2.rotatedRectangleIntersection(ra, rb)
+    inter = 0.0 if pts is None or ret == cv2.INTERSECT_NONE else \
+        float(cv2.contourArea(cv2.convexHull(pts)))
+    aa, ab = ra[1][0] * ra[1][1], rb[1][0] * rb[1][1]
+    return inter / (aa + ab - inter)
+
+
+def shapely_nms(polys, xy, scores, thr):
+    """Greedy rotated NMS with shapely: the best remaining box, IoU with the remaining boxes whose
+    bounding boxes overlap it (vectorised), drop those above thr."""
+    import shapely
+    lo, hi = xy.min(1), xy.max(1)
+    area = shapely.area(polys)
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        near = rest[(lo[rest] < hi[i]).all(1) & (hi[rest] > lo[i]).all(1)]
+        inter = shapely.area(shapely.intersection(polys[i], polys[near]))
+        drop = near[inter / (area[i] + area[near] - inter) > thr]
+        order = rest[~np.isin(rest, drop)]
+    return np.array(keep, np.int64)
+
+
+def rotated_table(threads, cv2):
+    """box_iou_rotated and nms_rotated against OpenCV and shapely, and the IoU agreement with
+    OpenCV's rotatedRectangleIntersection."""
+    t = Table(f"rotated boxes, float32, IoU {IOU}, {threads} threads, clustered boxes",
+              unit="Mbox/s")
+    lines = []
+    try:
+        import shapely
+    except ImportError:
+        shapely = None
+    b, _ = clustered_boxes(IOU_SIDE, seed=5, rotated=True)
+    pairs = IOU_SIDE * IOU_SIDE
+    case = f"box_iou_rotated {IOU_SIDE}x{IOU_SIDE}"
+    ours = fastnorm.box_iou_rotated(b, b, clockwise=True)
+    t.add(case, "fastnorm", timeit(lambda: fastnorm.box_iou_rotated(b, b, clockwise=True)), pairs)
+    rows = b[:LOOP_ROWS]
+    scale = IOU_SIDE / LOOP_ROWS
+    if shapely is not None:
+        polys, _ = _polygons(b)
+        fn = lambda: shapely.area(shapely.intersection(polys[:LOOP_ROWS, None], polys[None]))
+        t.add(case, f"shapely (timed on {LOOP_ROWS} rows, scaled)",
+              timeit(fn, repeat=3, min_time=0.0) * scale, pairs)
+        area = shapely.area(polys)
+        inter = fn()
+        ref = inter / (area[:LOOP_ROWS, None] + area[None] - inter)
+        lines.append(f"- box_iou_rotated vs shapely on {ref.size} pairs (float32 boxes): max |diff| "
+                     f"{np.abs(ref - ours[:LOOP_ROWS]).max():.1e}")
+    if cv2 is not None:
+        ra, rb = _rects(rows), _rects(b)
+        fn = lambda: [[_cv2_iou(cv2, p, q) for q in rb] for p in ra]
+        t.add(case, f"opencv rotatedRectangleIntersection (timed on {LOOP_ROWS} rows, scaled)",
+              timeit(fn, repeat=1, min_time=0.0) * scale, pairs)
+        d = np.abs(np.array(fn()) - ours[:LOOP_ROWS])
+        lines.append(f"- IoU agreement with OpenCV rotatedRectangleIntersection on {d.size} pairs: "
+                     f"max |diff| {d.max():.1e}, {int((d > 1e-3).sum())} pairs differ by > 1e-3, "
+                     f"{int((d > 1e-5).sum())} by > 1e-5 (OpenCV intersects in float32)")
+    for n in ROTATED_SIZES:
+        b, s = clustered_boxes(n, seed=6, rotated=True)
+        keep = fastnorm.nms_rotated(b, s, IOU, clockwise=True)
+        case = f"nms_rotated {n} ({len(keep)} kept)"
+        t_ours = timeit(lambda: fastnorm.nms_rotated(b, s, IOU, clockwise=True), **_timer(n))
+        t.add(case, "fastnorm", t_ours, n)
+        if cv2 is not None:
+            rects, sl = _rects(b), s.tolist()
+            fn = lambda: cv2.dnn.NMSBoxesRotated(rects, sl, 0.0, IOU)
+            kc = np.asarray(fn(), np.int64).ravel()
+            t_cv = timeit(fn, **_timer(n))
+            t.add(case, "opencv NMSBoxesRotated", t_cv, n)
+            diff = len(set(kc.tolist()) ^ set(keep.tolist()))
+            lines.append(f"- nms_rotated {n}: OpenCV keeps {len(kc)} boxes, {diff} differ from "
+                         "fastnorm's (float32 intersections near the threshold)")
+            if (ROTATED_TARGET[0], n) == ROTATED_TARGET[:2]:
+                x = t_cv / t_ours
+                lines.append(f"- nms_rotated {n}: >= {ROTATED_TARGET[3]}x OpenCV NMSBoxesRotated: "
+                             f"{'PASS' if x >= ROTATED_TARGET[3] else 'MISS'} ({x:.1f}x)")
+        if shapely is not None:
+            polys, xy = _polygons(b)
+            ks = shapely_nms(polys, xy, s, IOU)
+            assert np.array_equal(ks, keep), n
+            t.add(case, "shapely loop", timeit(lambda: shapely_nms(polys, xy, s, IOU),
+                                               repeat=1 if n >= 10_000 else 3, min_time=0.0), n)
     return t, lines
 
 

@@ -8,15 +8,16 @@ equals the in-memory call on the concatenated data.
 * :func:`group_norm` and :func:`deform_conv2d`: one task per batch chunk
   (``dask.array.map_blocks``). Non-batch axes are merged into one chunk first (a sample is
   normalised/convolved as a whole).
-* :func:`roi_align`, :func:`roi_pool`, :func:`ps_roi_align`, :func:`deform_roi_pool`: one task per
-  batch chunk of x with the RoIs of that chunk's images. ``rois`` is a list of per-image
-  (K_i, 4) arrays (NumPy or dask) or a (K, 5) array with batch indices; the result has the
-  in-memory call's RoI order.
+* :func:`roi_align`, :func:`roi_pool`, :func:`ps_roi_align`, :func:`deform_roi_pool`,
+  :func:`roi_align_rotated`: one task per batch chunk of x with the RoIs of that chunk's images.
+  ``rois`` is a list of per-image (K_i, 4) arrays ((K_i, 5) rotated boxes) (NumPy or dask) or a
+  (K, 5) ((K, 6)) array with batch indices; the result has the in-memory call's RoI order.
 * The NMS family (:func:`nms`, :func:`batched_nms`, :func:`diou_nms`, :func:`soft_nms`,
   :func:`weighted_nms`, :func:`matrix_nms`, :func:`iou_guided_nms`, :func:`softer_nms`,
-  :func:`adaptive_nms`): images are independent, so they are grouped ``images_per_task`` at a
-  time. Boxes come as lists of per-image arrays (the result is a list of per-image dask arrays,
-  like the in-memory list call) or as (N, 4) arrays with a
+  :func:`adaptive_nms`, :func:`nms_rotated`, :func:`batched_nms_rotated`): images are
+  independent, so they are grouped ``images_per_task`` at a time. Boxes come as lists of
+  per-image arrays (the result is a list of per-image dask arrays, like the in-memory list
+  call) or as (N, 4) ((N, 5) rotated) arrays with a
   ``batch_idx`` (one dask array of indices into the input, grouped by image, like the in-memory
   call). Kept-box counts are unknown until computed, so those arrays have unknown (NaN) chunk
   sizes.
@@ -47,7 +48,8 @@ from fastnorm import _lists
 
 __all__ = ["group_norm", "deform_conv2d", "roi_align", "roi_pool", "ps_roi_align",
            "deform_roi_pool", "nms", "batched_nms", "diou_nms", "soft_nms", "weighted_nms",
-           "matrix_nms", "iou_guided_nms", "softer_nms", "adaptive_nms", "combined_nms"]
+           "matrix_nms", "iou_guided_nms", "softer_nms", "adaptive_nms", "combined_nms",
+           "roi_align_rotated", "nms_rotated", "batched_nms_rotated"]
 
 
 def _small(a):
@@ -174,6 +176,16 @@ def deform_roi_pool(x, rois, offset=None, output_size=7, spatial_scale=1.0, samp
                            spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
                            gamma=gamma)
     return _per_image_rois(fn, x, rois, x.shape[1], output_size, (offset, mask))
+
+
+def roi_align_rotated(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True,
+                      *, clockwise=False, angle_unit="degrees"):
+    """:func:`fastnorm.roi_align_rotated`, per batch chunk (see :func:`roi_align`; rois a list of
+    per-image (K_i, 5) arrays or a (K, 6) array)."""
+    fn = functools.partial(_fn.roi_align_rotated, output_size=output_size,
+                           spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+                           aligned=aligned, clockwise=clockwise, angle_unit=angle_unit)
+    return _per_image_rois(fn, x, rois, x.shape[1], output_size)
 
 
 # ---------------------------------------------------------------- per image: NMS family
@@ -331,6 +343,25 @@ def softer_nms(boxes, scores, variances, *, sigma_t=0.01, method="gaussian", sig
     return _nms_family("softer_nms", boxes, scores, variances, parts=_VOTED, batch_idx=batch_idx,
                        images_per_task=images_per_task, sigma_t=sigma_t, method=method,
                        sigma=sigma, iou_threshold=iou_threshold, score_threshold=score_threshold)
+
+
+def nms_rotated(boxes, scores, iou_threshold, *, score_threshold=None, max_output=None,
+                batch_idx=None, clockwise=False, angle_unit="degrees", images_per_task=8):
+    """:func:`fastnorm.nms_rotated` per image (see :func:`nms`; boxes (N, 5))."""
+    return _nms_family("nms_rotated", boxes, scores, batch_idx=batch_idx,
+                       images_per_task=images_per_task, iou_threshold=iou_threshold,
+                       score_threshold=score_threshold, max_output=max_output,
+                       clockwise=clockwise, angle_unit=angle_unit)
+
+
+def batched_nms_rotated(boxes, scores, idxs, iou_threshold, *, score_threshold=None,
+                        max_output=None, batch_idx=None, clockwise=False, angle_unit="degrees",
+                        images_per_task=8):
+    """:func:`fastnorm.batched_nms_rotated` per image (see :func:`nms`; boxes (N, 5))."""
+    return _nms_family("batched_nms_rotated", boxes, scores, idxs, batch_idx=batch_idx,
+                       images_per_task=images_per_task, iou_threshold=iou_threshold,
+                       score_threshold=score_threshold, max_output=max_output,
+                       clockwise=clockwise, angle_unit=angle_unit)
 
 
 def combined_nms(boxes, scores, max_output_per_class, max_total, iou_threshold=0.5,

@@ -27,13 +27,18 @@ boxes they keep is a data-dependent size in compiled and exported graphs):
 ``ps_roi_align``           ``torchvision.ops.ps_roi_align``
 ``deform_roi_pool``        mmcv ``deform_roi_pool`` (offset and modulation ``mask``)
 ``nms``, ``batched_nms``   ``torchvision.ops.nms`` / ``batched_nms``
+``roi_align_rotated``      detectron2 ``ROIAlignRotated`` / mmcv ``roi_align_rotated``
+``box_iou_rotated``,       detectron2 ``pairwise_iou_rotated`` / ``nms_rotated`` /
+``nms_rotated``,           ``batched_nms_rotated`` (rotated boxes (cx, cy, w, h, angle);
+``batched_nms_rotated``    ``clockwise`` and ``angle_unit`` as in fastnorm)
 =========================  ==========================================================
 
 Modules: :class:`GroupNorm` (a ``torch.nn.GroupNorm`` subclass: same parameters, same
 ``state_dict``), :class:`DeformConv2d` (``torchvision.ops.DeformConv2d``: ``weight``, ``bias``),
 :class:`ModulatedDeformConv2d` (mmcv ``ModulatedDeformConv2dPack``: ``weight``, ``bias``,
 ``conv_offset.weight``, ``conv_offset.bias``), :class:`RoIAlign`, :class:`RoIPool`,
-:class:`PSRoIAlign` (no parameters, as in torchvision).
+:class:`PSRoIAlign` (no parameters, as in torchvision), :class:`RoIAlignRotated` (detectron2's
+``ROIAlignRotated``, mmcv's ``RoIAlignRotated``).
 
 Dtypes are fastnorm's: float32/float64 on the CPU, plus float16/bfloat16 on CUDA. Double
 backward is not supported (the backward passes are fastnorm kernels, not differentiable graphs).
@@ -59,8 +64,10 @@ import fastnorm as _fn
 from fastnorm.deform_conv import out_size
 
 __all__ = ["group_norm", "deform_conv2d", "roi_align", "roi_pool", "ps_roi_align",
-           "deform_roi_pool", "nms", "batched_nms", "onnx_translation_table", "GroupNorm",
-           "DeformConv2d", "ModulatedDeformConv2d", "RoIAlign", "RoIPool", "PSRoIAlign"]
+           "deform_roi_pool", "nms", "batched_nms", "roi_align_rotated", "box_iou_rotated",
+           "nms_rotated", "batched_nms_rotated", "onnx_translation_table", "GroupNorm",
+           "DeformConv2d", "ModulatedDeformConv2d", "RoIAlign", "RoIPool", "PSRoIAlign",
+           "RoIAlignRotated"]
 
 
 @contextlib.contextmanager
@@ -76,14 +83,15 @@ def _stream(t):
         yield
 
 
-def _rois(rois, ref):
-    """torchvision's rois forms as one (K, 5) tensor [batch, x1, y1, x2, y2] in ref's dtype: a
-    (K, 5) tensor as it is, a list of per-image (K_i, 4) tensors with their image index
-    prepended (as torchvision's convert_boxes_to_roi_format)."""
+def _rois(rois, ref, width=4):
+    """torchvision's rois forms as one (K, 1 + width) tensor [batch, box] in ref's dtype: a
+    tensor as it is, a list of per-image (K_i, width) tensors with their image index prepended
+    (as torchvision's convert_boxes_to_roi_format); ``width`` 5 for rotated boxes."""
     if not isinstance(rois, (list, tuple)):
         return rois
     if len(rois) == 0:
-        raise ValueError("`rois` must be a (K, 5) tensor or a non-empty list of (K_i, 4) tensors")
+        raise ValueError(f"`rois` must be a (K, {width + 1}) tensor or a non-empty list of "
+                         f"(K_i, {width}) tensors")
     return torch.cat([torch.cat([torch.full_like(r[:, :1], i, dtype=ref.dtype),
                                  r.to(ref.dtype)], 1) for i, r in enumerate(rois)])
 
@@ -387,7 +395,7 @@ def _nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 
 @_nms.register_fake
 def _(boxes, scores, iou_threshold):
-    return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
+    return _kept(boxes)
 
 
 @torch.library.custom_op("fastnorm::batched_nms", mutates_args=())
@@ -398,7 +406,85 @@ def _batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: flo
 
 @_batched_nms.register_fake
 def _(boxes, scores, idxs, iou_threshold):
+    return _kept(boxes)
+
+
+def _kept(boxes):
+    """An NMS op's output: int64 indices of a data-dependent count."""
     return boxes.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
+
+
+# Rotated boxes (cx, cy, w, h, angle); ``clockwise`` and ``angle_unit`` as in fastnorm
+
+@torch.library.custom_op("fastnorm::roi_align_rotated", mutates_args=())
+def _roi_align_rotated(x: Tensor, rois: Tensor, output_size: List[int], spatial_scale: float,
+                       sampling_ratio: int, aligned: bool, clockwise: bool,
+                       angle_unit: str) -> Tensor:
+    with _stream(x):
+        return _fn.roi_align_rotated(x, rois, tuple(output_size), spatial_scale, sampling_ratio,
+                                     aligned, clockwise=clockwise, angle_unit=angle_unit)
+
+
+@_roi_align_rotated.register_fake
+def _(x, rois, output_size, spatial_scale, sampling_ratio, aligned, clockwise, angle_unit):
+    return _pooled(x, rois, output_size)
+
+
+@torch.library.custom_op("fastnorm::roi_align_rotated_backward", mutates_args=())
+def _roi_align_rotated_backward(grad_out: Tensor, rois: Tensor, input_shape: List[int],
+                                output_size: List[int], spatial_scale: float,
+                                sampling_ratio: int, aligned: bool, clockwise: bool,
+                                angle_unit: str, x: Optional[Tensor]) -> Tensor:
+    with _stream(grad_out):
+        return _fn.roi_align_rotated_backward(
+            grad_out, rois, tuple(input_shape), tuple(output_size), spatial_scale,
+            sampling_ratio, aligned, clockwise=clockwise, angle_unit=angle_unit)
+
+
+@_roi_align_rotated_backward.register_fake
+def _(grad_out, rois, input_shape, output_size, spatial_scale, sampling_ratio, aligned,
+      clockwise, angle_unit, x):
+    return grad_out.new_empty(input_shape)
+
+
+_roi_autograd(_roi_align_rotated, _roi_align_rotated_backward, lambda inputs: False)
+
+
+@torch.library.custom_op("fastnorm::box_iou_rotated", mutates_args=())
+def _box_iou_rotated(a: Tensor, b: Tensor, clockwise: bool, angle_unit: str) -> Tensor:
+    with _stream(a):
+        return _fn.box_iou_rotated(a, b, clockwise=clockwise, angle_unit=angle_unit)
+
+
+@_box_iou_rotated.register_fake
+def _(a, b, clockwise, angle_unit):
+    return a.new_empty((a.shape[0], b.shape[0]))
+
+
+@torch.library.custom_op("fastnorm::nms_rotated", mutates_args=())
+def _nms_rotated(boxes: Tensor, scores: Tensor, iou_threshold: float, clockwise: bool,
+                 angle_unit: str) -> Tensor:
+    with _stream(boxes):
+        return _fn.nms_rotated(boxes, scores, iou_threshold, clockwise=clockwise,
+                               angle_unit=angle_unit)
+
+
+@_nms_rotated.register_fake
+def _(boxes, scores, iou_threshold, clockwise, angle_unit):
+    return _kept(boxes)
+
+
+@torch.library.custom_op("fastnorm::batched_nms_rotated", mutates_args=())
+def _batched_nms_rotated(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float,
+                         clockwise: bool, angle_unit: str) -> Tensor:
+    with _stream(boxes):
+        return _fn.batched_nms_rotated(boxes, scores, idxs, iou_threshold, clockwise=clockwise,
+                                       angle_unit=angle_unit)
+
+
+@_batched_nms_rotated.register_fake
+def _(boxes, scores, idxs, iou_threshold, clockwise, angle_unit):
+    return _kept(boxes)
 
 
 # ---------------------------------------------------------------- functional API
@@ -453,9 +539,38 @@ def batched_nms(boxes, scores, idxs, iou_threshold):
     return _batched_nms(boxes, scores, idxs, float(iou_threshold))
 
 
+def roi_align_rotated(input, rois, output_size, spatial_scale=1.0, sampling_ratio=-1,
+                      aligned=True, *, clockwise=False, angle_unit="degrees"):
+    """detectron2 ``ROIAlignRotated`` / mmcv ``roi_align_rotated`` (rois: (K, 6) tensor
+    [batch, cx, cy, w, h, angle] or list of (K_i, 5) tensors); differentiable in input."""
+    return _roi_align_rotated(input, _rois(rois, input, 5), list(_pair(output_size)),
+                              float(spatial_scale), int(sampling_ratio), bool(aligned),
+                              bool(clockwise), angle_unit)
+
+
+def box_iou_rotated(boxes1, boxes2, *, clockwise=False, angle_unit="degrees"):
+    """IoU (N, M) of rotated boxes (cx, cy, w, h, angle) (detectron2 ``pairwise_iou_rotated``)."""
+    return _box_iou_rotated(boxes1, boxes2, bool(clockwise), angle_unit)
+
+
+def nms_rotated(boxes, scores, iou_threshold, *, clockwise=False, angle_unit="degrees"):
+    """detectron2 ``nms_rotated``: int64 indices of the kept rotated boxes by decreasing score."""
+    return _nms_rotated(boxes, scores, float(iou_threshold), bool(clockwise), angle_unit)
+
+
+def batched_nms_rotated(boxes, scores, idxs, iou_threshold, *, clockwise=False,
+                        angle_unit="degrees"):
+    """detectron2 ``batched_nms_rotated``: class-aware rotated NMS (exact, no offset trick)."""
+    return _batched_nms_rotated(boxes, scores, idxs, float(iou_threshold), bool(clockwise),
+                                angle_unit)
+
+
 # ---------------------------------------------------------------- ONNX export
 
-# The fastnorm-domain nodes of the ONNX export: name -> (inputs, optional inputs, attributes)
+# The fastnorm-domain nodes of the ONNX export: name -> (inputs, optional inputs, attributes,
+# output); an input or output is a name of type T (the float type) or a (name, type) pair
+_INDICES = ("indices", "tensor(int64)")
+_ROTATED = (("clockwise", "INT"), ("angle_unit", "STRING"))
 _ONNX_CUSTOM = {
     "RoIAlign": (("X", "rois"), (), (("output_size", "INTS"), ("spatial_scale", "FLOAT"),
                                      ("sampling_ratio", "INT"), ("aligned", "INT"),
@@ -465,6 +580,13 @@ _ONNX_CUSTOM = {
     "DeformRoIPool": (("X", "rois"), ("offset", "mask"),
                       (("output_size", "INTS"), ("spatial_scale", "FLOAT"),
                        ("sampling_ratio", "INT"), ("gamma", "FLOAT"))),
+    "RoIAlignRotated": (("X", "rois"), (), (("output_size", "INTS"), ("spatial_scale", "FLOAT"),
+                                            ("sampling_ratio", "INT"), ("aligned", "INT"))
+                        + _ROTATED),
+    "BoxIouRotated": (("boxes1", "boxes2"), (), _ROTATED),
+    "NMSRotated": (("boxes", "scores"), (), (("iou_threshold", "FLOAT"),) + _ROTATED, _INDICES),
+    "BatchedNMSRotated": (("boxes", "scores", ("idxs", "tensor(int64)")), (),
+                          (("iou_threshold", "FLOAT"),) + _ROTATED, _INDICES),
 }
 
 
@@ -472,14 +594,15 @@ def _register_onnx_schemas():
     """Declare the fastnorm-domain nodes to onnx (once), so that onnxscript can emit them."""
     from onnx import defs
     S = defs.OpSchema
-    for name, (inputs, optional, attrs) in _ONNX_CUSTOM.items():
+    def param(p, **kw):
+        return S.FormalParameter(*((p, "T") if isinstance(p, str) else p), **kw)
+    for name, (inputs, optional, attrs, *output) in _ONNX_CUSTOM.items():
         if defs.has(name, "fastnorm"):
             continue
-        params = [S.FormalParameter(n, "T") for n in inputs] + [
-            S.FormalParameter(n, "T", param_option=S.FormalParameterOption.Optional)
-            for n in optional]
+        params = [param(p) for p in inputs] + [
+            param(p, param_option=S.FormalParameterOption.Optional) for p in optional]
         defs.register_schema(S(
-            name, "fastnorm", 1, inputs=params, outputs=[S.FormalParameter("Y", "T")],
+            name, "fastnorm", 1, inputs=params, outputs=[param(output[0] if output else "Y")],
             type_constraints=[("T", ["tensor(float)", "tensor(double)", "tensor(float16)",
                                      "tensor(bfloat16)"], "")],
             attributes=[S.Attribute(a, getattr(S.AttrType, t), "", required=True)
@@ -507,6 +630,9 @@ def onnx_translation_table():
                         the scores: exact, no coordinate-offset trick), then ``TopK`` by score
     ``ps_roi_align``    ``fastnorm::PSRoIAlign`` (no ONNX operator)
     ``deform_roi_pool`` ``fastnorm::DeformRoIPool`` (no ONNX operator)
+    rotated boxes       ``fastnorm::RoIAlignRotated``, ``fastnorm::BoxIouRotated``,
+                        ``fastnorm::NMSRotated``, ``fastnorm::BatchedNMSRotated`` (no ONNX
+                        operator; ``clockwise`` as an int attribute)
     ==================  ===============================================================
 
     The NMS translations drop boxes whose score is NaN or -inf (ONNX's score threshold),
@@ -599,11 +725,32 @@ def onnx_translation_table():
         _, order = op.TopK(op.Gather(scores, keep), op.Shape(keep), axis=0, largest=1, sorted=1)
         return op.Gather(keep, order)
 
+    def roi_align_rotated(x, rois, output_size, spatial_scale, sampling_ratio, aligned, clockwise,
+                          angle_unit):
+        return custom.RoIAlignRotated(x, rois, output_size=list(output_size),
+                                      spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+                                      aligned=int(aligned), clockwise=int(clockwise),
+                                      angle_unit=angle_unit)
+
+    def box_iou_rotated(a, b, clockwise, angle_unit):
+        return custom.BoxIouRotated(a, b, clockwise=int(clockwise), angle_unit=angle_unit)
+
+    def nms_rotated(boxes, scores, iou_threshold, clockwise, angle_unit):
+        return custom.NMSRotated(boxes, scores, iou_threshold=iou_threshold,
+                                 clockwise=int(clockwise), angle_unit=angle_unit)
+
+    def batched_nms_rotated(boxes, scores, idxs, iou_threshold, clockwise, angle_unit):
+        return custom.BatchedNMSRotated(boxes, scores, idxs, iou_threshold=iou_threshold,
+                                        clockwise=int(clockwise), angle_unit=angle_unit)
+
     ops = torch.ops.fastnorm
     return {ops.group_norm.default: group_norm, ops.deform_conv2d.default: deform_conv2d,
             ops.roi_align.default: roi_align, ops.roi_pool.default: roi_pool,
             ops.ps_roi_align.default: ps_roi_align, ops.deform_roi_pool.default: deform_roi_pool,
-            ops.nms.default: nms, ops.batched_nms.default: batched_nms}
+            ops.nms.default: nms, ops.batched_nms.default: batched_nms,
+            ops.roi_align_rotated.default: roi_align_rotated,
+            ops.box_iou_rotated.default: box_iou_rotated, ops.nms_rotated.default: nms_rotated,
+            ops.batched_nms_rotated.default: batched_nms_rotated}
 
 
 # ---------------------------------------------------------------- modules
@@ -736,6 +883,27 @@ class RoIPool(_RoIModule):
 
     def forward(self, input, rois):
         return roi_pool(input, rois, self.output_size, self.spatial_scale)
+
+
+class RoIAlignRotated(_RoIModule):
+    """detectron2 ``ROIAlignRotated(output_size, spatial_scale, sampling_ratio)`` (always
+    aligned) and mmcv ``RoIAlignRotated(output_size, spatial_scale, sampling_ratio, aligned,
+    clockwise)`` (angles in radians: ``angle_unit="radians"``); ``forward(input, rois)``, rois
+    (K, 6) [batch, cx, cy, w, h, angle] or a list of (K_i, 5). No parameters."""
+    _fields = ("output_size", "spatial_scale", "sampling_ratio", "aligned", "clockwise",
+               "angle_unit")
+
+    def __init__(self, output_size, spatial_scale, sampling_ratio, aligned=True, clockwise=False,
+                 angle_unit="degrees"):
+        super().__init__()
+        self.output_size, self.spatial_scale = output_size, spatial_scale
+        self.sampling_ratio, self.aligned = sampling_ratio, aligned
+        self.clockwise, self.angle_unit = clockwise, angle_unit
+
+    def forward(self, input, rois):
+        return roi_align_rotated(input, rois, self.output_size, self.spatial_scale,
+                                 self.sampling_ratio, self.aligned, clockwise=self.clockwise,
+                                 angle_unit=self.angle_unit)
 
 
 class PSRoIAlign(_RoIModule):

@@ -161,6 +161,43 @@ def test_nms_family_batch_idx(client, rng):
     np.testing.assert_array_equal(fd.nms(bd, sd, 0.4).compute(), fastnorm.nms(b, s, 0.4))
 
 
+def _rotated(boxes):
+    """xyxy boxes as (cx, cy, w, h, angle) rotated boxes with angles in [-90, 90)."""
+    angle = np.linspace(-90, 89, len(boxes))[:, None]
+    return np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2],
+                           angle], 1)
+
+
+def test_rotated_ops(client, rng):
+    n = 200
+    b, s = _boxes(rng, n)
+    rb, batch, labels = _rotated(b), rng.integers(0, 5, n), rng.integers(0, 3, n)
+    kw = dict(batch_idx=batch, images_per_task=2)
+    np.testing.assert_array_equal(
+        fd.nms_rotated(da.from_array(rb, chunks=(50, 5)), s, 0.3, **kw).compute(),
+        fastnorm.nms_rotated(rb, s, 0.3, batch_idx=batch))
+    np.testing.assert_array_equal(
+        fd.batched_nms_rotated(rb, s, labels, 0.3, clockwise=True, **kw).compute(),
+        fastnorm.batched_nms_rotated(rb, s, labels, 0.3, clockwise=True, batch_idx=batch))
+    lists = [rb[batch == i] for i in range(5)], [s[batch == i] for i in range(5)]
+    got = dask.compute(fd.nms_rotated(*lists, 0.3, angle_unit="radians"))[0]
+    for g, r in zip(got, fastnorm.nms_rotated(*lists, 0.3, angle_unit="radians")):
+        np.testing.assert_array_equal(g, r)
+    x = rng.standard_normal((5, 4, 10, 10))
+    xd = da.from_array(x, chunks=(2, 4, 10, 10))
+    per_image = [_rotated(_boxes(rng, int(rng.integers(0, 4)), 8.0)[0]) for _ in range(5)]
+    per_image[1] = per_image[1][:0]                          # an image without RoIs
+    np.testing.assert_array_equal(
+        fd.roi_align_rotated(xd, per_image, 2, 1.0, 2).compute(),
+        fastnorm.roi_align_rotated(x, per_image, 2, 1.0, 2))
+    rois = np.concatenate([np.concatenate([np.full((len(r), 1), i), r], 1)
+                           for i, r in enumerate(per_image)])
+    rois = rois[rng.permutation(len(rois))]
+    np.testing.assert_array_equal(
+        fd.roi_align_rotated(xd, rois, 2, 0.5, 2, False, clockwise=True).compute(),
+        fastnorm.roi_align_rotated(x, rois, 2, 0.5, 2, False, clockwise=True))
+
+
 def test_needs_dask_input():
     with pytest.raises(TypeError, match="`x`"):
         fd.group_norm(np.zeros((2, 4, 3)), 2)

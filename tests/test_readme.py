@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
@@ -19,6 +20,16 @@ def test_numpy_quickstart_runs():
     assert ns["keep"].dtype.name == "int64" and 0 < len(ns["keep"]) <= 1000
     assert ns["det_boxes"].shape == (8, 300, 4) and ns["num"].shape == (8,)
     assert (ns["num"] > 0).all() and (ns["det_scores"][:, :ns["num"].min()] > 0.25).all()
+
+
+def test_rotated_example_runs():
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+                 if "rboxes" in b)
+    ns = {}
+    exec(block, ns)
+    assert ns["iou"].shape == (3, 3) and ns["iou"].dtype.name == "float32"
+    assert np.allclose(np.diag(ns["iou"]), 1) and 0.5 < ns["iou"][0, 1] < 1
+    assert ns["keep"].tolist() == [0, 2] and ns["feats"].shape == (3, 8, 7, 7)
 
 
 def test_main_job_runs(tmp_path):

@@ -96,6 +96,21 @@ def test_gradcheck_deform_roi_pool(rng, with_mask):
         _gradcheck(lambda x, o: ft.deform_roi_pool(x, rois, o, 2, 1.0, 2, 0.1), x, off)
 
 
+def _rotated(rois):
+    """(K, 5) [batch, x1, y1, x2, y2] RoIs as (K, 6) [batch, cx, cy, w, h, angle] with random
+    angles (the same centres and sizes)."""
+    xy, wh = (rois[:, 1:3] + rois[:, 3:5]) / 2, rois[:, 3:5] - rois[:, 1:3]
+    angle = np.linspace(-170, 170, len(rois))[:, None]
+    return np.concatenate([rois[:, :1], xy, wh, angle], 1).astype(rois.dtype)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_gradcheck_roi_align_rotated(rng, aligned):
+    x = _t(rng.standard_normal((2, 3, 8, 8)), True)
+    rois = _t(_rotated(_rois(rng, 4, 2, 8)))
+    _gradcheck(lambda x: ft.roi_align_rotated(x, rois, (2, 3), 1.0, 2, aligned), x)
+
+
 def test_gradcheck_modulated_deform_conv_module(rng):
     torch.manual_seed(0)
     m = ft.ModulatedDeformConv2d(4, 3, 3, padding=1, dtype=D)
@@ -218,6 +233,29 @@ def test_roi_modules(rng):
                                   fastnorm.roi_pool(x, rois, 2, 0.5))
     np.testing.assert_array_equal(ft.PSRoIAlign(2, 0.5, 2)(_t(x), _t(rois)).numpy(),
                                   fastnorm.ps_roi_align(x, rois, 2, 0.5, 2))
+    rot = _rotated(rois)
+    m = ft.RoIAlignRotated(2, 0.5, 2, clockwise=True, angle_unit="radians")
+    assert not list(m.state_dict()) and "clockwise=True" in repr(m)
+    np.testing.assert_array_equal(m(_t(x), _t(rot)).numpy(), fastnorm.roi_align_rotated(
+        x, rot, 2, 0.5, 2, clockwise=True, angle_unit="radians"))
+    # the list form: per-image (K_i, 5) rotated boxes
+    order = np.argsort(rot[:, 0], kind="stable")
+    per_image = [_t(rot[order][rot[order, 0] == i, 1:]) for i in range(2)]
+    np.testing.assert_array_equal(ft.roi_align_rotated(_t(x), per_image, 2, 0.5, 2).numpy(),
+                                  fastnorm.roi_align_rotated(x, rot, 2, 0.5, 2)[order])
+
+
+def test_rotated_box_functions_match_fastnorm(rng):
+    b = _rotated(_rois(rng, 30, 1, 40, np.float32))[:, 1:]
+    s, labels = rng.random(30).astype(np.float32), rng.integers(0, 3, 30)
+    np.testing.assert_array_equal(ft.box_iou_rotated(_t(b), _t(b[:7]), clockwise=True).numpy(),
+                                  fastnorm.box_iou_rotated(b, b[:7], clockwise=True))
+    keep = ft.nms_rotated(_t(b), _t(s), 0.3)
+    assert keep.dtype == torch.int64 and 0 < len(keep) < 30
+    np.testing.assert_array_equal(keep.numpy(), fastnorm.nms_rotated(b, s, 0.3))
+    np.testing.assert_array_equal(
+        ft.batched_nms_rotated(_t(b), _t(s), _t(labels), 0.3, angle_unit="radians").numpy(),
+        fastnorm.batched_nms_rotated(b, s, labels, 0.3, angle_unit="radians"))
 
 
 # ---------------------------------------------------------------- a tiny model trains
@@ -293,6 +331,8 @@ def _op_cases(rng, dtype, k):
     off_r, m_r = t(rng.uniform(-0.2, 0.2, (k, 2, 2, 2))), t(rng.random((k, 1, 2, 2)))
     boxes = t(_rois(rng, 3 * k, 1, 40)[:, 1:], False)
     scores, labels = t(rng.random(3 * k), False), torch.from_numpy(rng.integers(0, 3, 3 * k))
+    rot = t(_rotated(_rois(rng, k, 2, 6)), False)
+    rboxes = t(_rotated(_rois(rng, 3 * k, 1, 40))[:, 1:], False)
     ops = torch.ops.fastnorm
     return [
         (ops.group_norm, (x, w, b, 3, 1e-5, "silu")),
@@ -308,6 +348,11 @@ def _op_cases(rng, dtype, k):
         (ops.deform_roi_pool, (x, rois, None, None, [2, 2], 1.0, 2, 0.1)),
         (ops.nms, (boxes, scores, 0.5)),
         (ops.batched_nms, (boxes, scores, labels, 0.5)),
+        (ops.roi_align_rotated, (x, rot, [2, 3], 0.5, 2, True, False, "degrees")),
+        (ops.roi_align_rotated, (x, rot, [2, 2], 1.0, -1, False, True, "radians")),
+        (ops.box_iou_rotated, (rboxes, rboxes[:k], False, "degrees")),
+        (ops.nms_rotated, (rboxes, scores, 0.5, True, "degrees")),
+        (ops.batched_nms_rotated, (rboxes, scores, labels, 0.5, False, "radians")),
     ]
 
 
@@ -322,7 +367,7 @@ def test_opcheck_every_operator(rng, dtype, k, device):
              for op, args in _op_cases(rng, dtype, k)]
     assert {op._qualified_op_name.split("::")[1] for op, _ in cases} | {
         f"{n}_backward" for n in ("group_norm", "deform_conv2d", "roi_align", "roi_pool",
-                                  "ps_roi_align", "deform_roi_pool")} == \
+                                  "ps_roi_align", "deform_roi_pool", "roi_align_rotated")} == \
         {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
          if n.startswith("fastnorm::")}
     for op, args in cases:
@@ -495,3 +540,20 @@ def test_onnx_export_without_an_onnx_operator_emits_custom_domain_nodes():
             return ft.roi_align(x, rois, 2, 0.5, 2, True, mode="max")
     nodes = {(n.domain, n.op_type) for n in _onnx_program(MaxAlign(), x, rois).model_proto.graph.node}
     assert ("fastnorm", "RoIAlign") in nodes and ("", "RoiAlign") not in nodes
+
+    class Rotated(torch.nn.Module):
+        def forward(self, x, rois):
+            boxes = rois[:, 1:]
+            scores = boxes[:, 2] * boxes[:, 3]
+            return (ft.roi_align_rotated(x, rois, 2, 0.5, 2, clockwise=True),
+                    ft.box_iou_rotated(boxes, boxes), ft.nms_rotated(boxes, scores, 0.5),
+                    ft.batched_nms_rotated(boxes, scores, rois[:, 0].long(), 0.5))
+    rot = torch.from_numpy(_rotated(rois.numpy()))
+    nodes = [n for n in _onnx_program(Rotated(), x, rot).model_proto.graph.node
+             if n.domain == "fastnorm"]
+    assert sorted(n.op_type for n in nodes) == ["BatchedNMSRotated", "BoxIouRotated",
+                                                "NMSRotated", "RoIAlignRotated"]
+    clockwise = {n.op_type: next(a.i for a in n.attribute if a.name == "clockwise")
+                 for n in nodes}
+    assert clockwise == {"RoIAlignRotated": 1, "BoxIouRotated": 0, "NMSRotated": 0,
+                         "BatchedNMSRotated": 0}

@@ -18,6 +18,13 @@ Peers
   PyPI's torchvision does not import beside the CPU torch build, see the README's "Benchmarks").
 * On a GPU (CuPy present): fastnorm CUDA, and torchvision CUDA when importable in this process.
 
+roi_align_rotated: the same RoIs as (cx, cy, w, h, angle) with angles uniform in [-90, 90)
+degrees, forward and backward, beside roi_align on the unrotated RoIs (the cost of rotation)
+and beside the PyTorch way without detectron2/mmcv (``torch.nn.functional.grid_sample`` on a
+rotated sampling grid per RoI, then ``avg_pool2d`` over each bin's samples; torch in this
+process). grid_sample pads with zeros where RoIAlign clamps samples within one pixel of the
+border, so its max deviation is reported over the RoIs whose samples all lie inside the map.
+
 The "GB/s" column counts the bytes of the output (forward) or of grad_out + grad_x (backward).
 """
 import os
@@ -133,7 +140,7 @@ def main(argv=None):
                 out_bytes)
         bwd.add("P2", f"torchvision {tv['version']} CPU (autograd)", tv["bwd"],
                 out_bytes + x.nbytes)
-    tables = [fwd, bwd]
+    tables = [fwd, bwd, rotated_table(x, rois, g, threads)]
     cuda = cuda_tables(x, rois, g)
     tables += cuda
     checks = []
@@ -151,6 +158,83 @@ def main(argv=None):
              + ", ".join(f"{v:.2f}" for v in os.getloadavg()) +
              f" (on a shared machine the {threads}-thread rows only scale when the load is low).")
     return finish(args, "roi_ops", tables, notes)
+
+
+def rotated(rois, seed=2):
+    """(K, 5) RoIs -> (K, 6) [batch, cx, cy, w, h, angle] with angles uniform in [-90, 90)."""
+    a = np.random.default_rng(seed).uniform(-90, 90, len(rois))
+    return np.stack([rois[:, 0], (rois[:, 1] + rois[:, 3]) / 2, (rois[:, 2] + rois[:, 4]) / 2,
+                     rois[:, 3] - rois[:, 1], rois[:, 4] - rois[:, 2], a], 1).astype(rois.dtype)
+
+
+def torch_rotated(x, rrois, threads):
+    """roi_align_rotated the PyTorch way: a rotated grid of each bin's SR x SR sample points per
+    RoI, grid_sample (bilinear, zero padding) on the RoI's image, avg_pool2d per bin. Returns
+    (forward, backward, output, inside: RoIs whose samples all lie in the map) or None."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    N, C, H, W = x.shape
+    r = torch.from_numpy(rrois.astype(np.float64))
+    t = torch.deg2rad(r[:, 5])
+    cx, cy = r[:, 1] * SCALE - 0.5, r[:, 2] * SCALE - 0.5
+    w, h = r[:, 3] * SCALE, r[:, 4] * SCALE
+    steps = (torch.arange(PH * SR, dtype=torch.float64) + 0.5) / (PH * SR) - 0.5
+    yy = steps[None, :, None] * h[:, None, None]            # local sample offsets (K, PH*SR, 1)
+    xx = steps[None, None, :] * w[:, None, None]            # (K, 1, PW*SR)
+    c, s = torch.cos(t)[:, None, None], torch.sin(t)[:, None, None]
+    px = xx * c + yy * s + cx[:, None, None]
+    py = yy * c - xx * s + cy[:, None, None]
+    grid = torch.stack([(2 * px + 1) / W - 1, (2 * py + 1) / H - 1], -1).float()
+    inside = ((px >= 0) & (px <= W - 1) & (py >= 0) & (py <= H - 1)).flatten(1).all(1).numpy()
+    batch = r[:, 0].long()
+    groups = [torch.nonzero(batch == b).flatten() for b in range(N)]
+    xt = torch.from_numpy(x)
+
+    def forward(xt):
+        out = xt.new_empty((len(rrois), C, PH, PW))
+        for b, sel in enumerate(groups):
+            xs = xt[b:b + 1].expand(len(sel), C, H, W)
+            out[sel] = F.avg_pool2d(F.grid_sample(xs, grid[sel], "bilinear", "zeros",
+                                                  align_corners=False), SR)
+        return out
+    xg = xt.clone().requires_grad_(True)
+    y = forward(xg)
+
+    def backward(g=torch.from_numpy(np.ones(y.shape, np.float32))):
+        torch.autograd.grad(y, xg, g, retain_graph=True)
+    return (lambda: forward(xt)), backward, forward(xt).numpy(), inside
+
+
+def rotated_table(x, rois, g, threads):
+    """roi_align_rotated forward/backward beside roi_align and the PyTorch way (see above)."""
+    rr = rotated(rois)
+    out_bytes = g.nbytes
+    t = Table(f"roi_align_rotated, same workload, angles in [-90, 90), {threads} threads",
+              unit="GB/s")
+    with fastnorm.threads(threads):
+        y = fastnorm.roi_align_rotated(x, rr, PH, SCALE, SR, True)
+        t.add("forward", "fastnorm", timeit(lambda: fastnorm.roi_align_rotated(
+            x, rr, PH, SCALE, SR, True)), out_bytes)
+        t.add("forward", "fastnorm roi_align, unrotated RoIs", timeit(
+            lambda: fastnorm.roi_align(x, rois, PH, SCALE, SR, True)), out_bytes)
+        t.add("backward", "fastnorm", timeit(lambda: fastnorm.roi_align_rotated_backward(
+            g, rr, x.shape, PH, SCALE, SR, True)), out_bytes + x.nbytes)
+        t.add("backward", "fastnorm roi_align, unrotated RoIs", timeit(
+            lambda: fastnorm.roi_align_backward(g, rois, x.shape, PH, SCALE, SR, True)),
+            out_bytes + x.nbytes)
+    peer = torch_rotated(x, rr, threads)
+    if peer is not None:
+        fwd, bwd, ref, inside = peer
+        err = float(np.abs(ref - y)[inside].max()) if inside.any() else float("nan")
+        t.add("forward", f"torch grid_sample + avg_pool2d (max diff {err:.1e})",
+              timeit(fwd, repeat=3), out_bytes)
+        t.add("backward", "torch grid_sample + avg_pool2d (autograd)", timeit(bwd, repeat=3),
+              out_bytes + x.nbytes)
+    return t
 
 
 def cuda_tables(x, rois, g):

@@ -92,7 +92,8 @@ class DeformConvBackward(NamedTuple):
 
 # ---------------------------------------------------------------- roi_ops
 #
-# rois: (K, 5) [batch index, x1, y1, x2, y2] of x's dtype, batch indices validated.
+# rois: (K, 5) [batch index, x1, y1, x2, y2] of x's dtype (rotated RoIs: (K, 6), below), batch
+# indices validated.
 
 class RoiAlignForward(NamedTuple):
     """-> (K, C, PH, PW), or (K, PH, PW, C) with channels_last."""
@@ -120,6 +121,32 @@ class RoiAlignBackward(NamedTuple):
     aligned: bool
     mode: int
     channels_last: bool
+    deterministic: bool      # CUDA: no atomics (the CPU is always deterministic)
+
+
+class RoiAlignRotatedForward(NamedTuple):
+    """-> (K, C, PH, PW). rois: (K, 6) [batch index, cx, cy, w, h, angle]."""
+    x: Array                 # (N, C, H, W)
+    rois: Array
+    pooled_h: int
+    pooled_w: int
+    spatial_scale: float
+    sampling_ratio: int
+    aligned: bool
+    angle_scale: float       # radians per unit of rois[:, 5], negative for clockwise angles
+
+
+class RoiAlignRotatedBackward(NamedTuple):
+    """-> grad_x of shape input_shape."""
+    grad_out: Array          # (K, C, PH, PW)
+    rois: Array
+    input_shape: tuple       # (N, C, H, W)
+    pooled_h: int
+    pooled_w: int
+    spatial_scale: float
+    sampling_ratio: int
+    aligned: bool
+    angle_scale: float
     deterministic: bool      # CUDA: no atomics (the CPU is always deterministic)
 
 
@@ -313,6 +340,8 @@ CONTRACTS = {
     ("deform_conv", "backward"): DeformConvBackward,
     ("roi_ops", "roi_align_forward"): RoiAlignForward,
     ("roi_ops", "roi_align_backward"): RoiAlignBackward,
+    ("roi_ops", "roi_align_rotated_forward"): RoiAlignRotatedForward,
+    ("roi_ops", "roi_align_rotated_backward"): RoiAlignRotatedBackward,
     ("roi_ops", "roi_pool_forward"): RoiPoolForward,
     ("roi_ops", "roi_pool_backward"): RoiPoolBackward,
     ("roi_ops", "ps_roi_align_forward"): PsRoiAlignForward,

@@ -18,10 +18,11 @@ def flatten(xp, parts, dtype=None):
     return flat, image, lengths
 
 
-def rois(xp, parts, dtype):
-    """Per-image (K_i, 4) boxes -> (K, 5) ``[image index, x1, y1, x2, y2]`` of ``dtype``."""
+def rois(xp, parts, dtype, width=4):
+    """Per-image (K_i, width) boxes -> (K, width + 1) ``[image index, *box]`` of ``dtype``
+    (width 4: ``x1, y1, x2, y2``; 5: rotated ``cx, cy, w, h, angle``)."""
     if not parts:
-        return xp.zeros((0, 5), dtype=dtype)
+        return xp.zeros((0, width + 1), dtype=dtype)
     flat, image, _ = flatten(xp, parts, dtype)
     return xp.ascontiguousarray(xp.concatenate([image[:, None].astype(dtype), flat], axis=1))
 

@@ -138,23 +138,24 @@ def input_shape(name, s):
     return out
 
 
-def rois(call, rois, ref, ref_name, N):
-    """(K, 5) RoIs ``[batch_index, x1, y1, x2, y2]`` of `ref_name`'s dtype, batch indices
-    integers in [0, N); or a list of per-image (K_i, 4) arrays (at most N of them). Checking the
-    indices of an array on CUDA reads one flag back from the device."""
+def rois(call, rois, ref, ref_name, N, width=4):
+    """(K, width + 1) RoIs ``[batch_index, <width coordinates>]`` of `ref_name`'s dtype (width 4:
+    ``x1, y1, x2, y2``; 5: rotated ``cx, cy, w, h, angle``), batch indices integers in [0, N);
+    or a list of per-image (K_i, width) arrays (at most N of them). Checking the indices of an
+    array on CUDA reads one flag back from the device."""
     if isinstance(rois, (list, tuple)):
         if len(rois) > N:
             raise ValueError(f"`rois` has {len(rois)} per-image entries but `{ref_name}` has "
                              f"only {N} images")
         for i, r in enumerate(rois):
-            if r.ndim != 2 or r.shape[1] != 4:
-                raise ValueError(f"`rois` entry {i} must have shape (K_{i}, 4), got "
+            if r.ndim != 2 or r.shape[1] != width:
+                raise ValueError(f"`rois` entry {i} must have shape (K_{i}, {width}), got "
                                  f"{tuple(r.shape)}")
             if r.dtype != ref.dtype:
                 raise TypeError(f"`rois` entry {i} must have the dtype of `{ref_name}` "
                                 f"({ref.dtype}), got {r.dtype}")
         return
-    shape("rois", rois, (None, 5), "(K, 5)")
+    shape("rois", rois, (None, width + 1), f"(K, {width + 1})")
     if rois.dtype != ref.dtype:
         raise TypeError(f"`rois` must have the dtype of `{ref_name}` ({ref.dtype}), "
                         f"got {rois.dtype}")

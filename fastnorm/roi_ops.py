@@ -1,4 +1,5 @@
-"""RoI feature extractors: RoIAlign (avg/max), RoIPool, PS-RoIAlign and deformable RoI pooling.
+"""RoI feature extractors: RoIAlign (avg/max, and rotated), RoIPool, PS-RoIAlign and deformable
+RoI pooling.
 
 Common conventions
 ------------------
@@ -18,6 +19,10 @@ Common conventions
   accumulates with atomics; ``deterministic=True`` gives bitwise reproducible gradients by letting
   each thread own a block of grad_x rows and visit the RoIs of its image in order (slower: every
   thread scans all RoIs of its image).
+* Rotated RoIs (:func:`roi_align_rotated`) are (K, 6) ``[batch_index, cx, cy, w, h, angle]`` or
+  per-image (K_i, 5) ``[cx, cy, w, h, angle]``, angles counter-clockwise in degrees by default
+  (detectron2); their adaptive grid is capped at ``2 * max(H, W) + 64`` per bin and axis (a bin's
+  axes are not the map's).
 """
 from . import _lists
 from . import _validation as v
@@ -26,7 +31,8 @@ from ._cuda import roi_ops as cuda
 from ._dispatch import op, resolve
 from ._kernels import (ROI_MODES, DeformRoiPoolBackward, DeformRoiPoolForward,
                        PsRoiAlignBackward, PsRoiAlignForward, RoiAlignBackward, RoiAlignForward,
-                       RoiPoolBackward, RoiPoolForward)
+                       RoiAlignRotatedBackward, RoiAlignRotatedForward, RoiPoolBackward,
+                       RoiPoolForward)
 
 
 # ---------------------------------------------------------------- argument handling
@@ -48,10 +54,11 @@ def _resolve(rois, **arrays):
     return call, nat[:n], (list(nat[n:]) if is_list else nat[n])
 
 
-def _rois(call, rois, ref, ref_name, N):
-    """Validated rois as one (K, 5) array of ``ref``'s dtype (per-image lists flattened)."""
-    v.rois(call, rois, ref, ref_name, N)
-    return _lists.rois(call.xp, rois, ref.dtype) if _lists.is_list(rois) else rois
+def _rois(call, rois, ref, ref_name, N, width=4):
+    """Validated rois as one (K, width + 1) array of ``ref``'s dtype (per-image lists
+    flattened); width 4: axis-aligned boxes, 5: rotated boxes."""
+    v.rois(call, rois, ref, ref_name, N, width)
+    return _lists.rois(call.xp, rois, ref.dtype, width) if _lists.is_list(rois) else rois
 
 
 def _grad_out(call, grad_out, K, shape4):
@@ -164,6 +171,125 @@ def roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale=1
         grad_out=grad_out, rois=rois, x=x, input_shape=shape, pooled_h=PH, pooled_w=PW,
         spatial_scale=scale, sampling_ratio=sr, aligned=bool(aligned), mode=ROI_MODES[mode],
         channels_last=bool(channels_last), deterministic=bool(deterministic))))
+
+
+# ---------------------------------------------------------------- rotated RoIAlign
+
+@op
+def roi_align_rotated(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True,
+                      *, clockwise=False, angle_unit="degrees"):
+    """RoIAlign over rotated boxes, with detectron2's ``ROIAlignRotated`` semantics.
+
+    A RoI ``[cx, cy, w, h, angle]`` is scaled (``cx * spatial_scale - 0.5`` when ``aligned``,
+    likewise cy; ``w * spatial_scale``, ``h * spatial_scale``, clamped to >= 1 without
+    ``aligned``) and cut into PH x PW bins in its own frame; bin (ph, pw) samples ``gh x gw``
+    points (``sampling_ratio`` per axis, or ``ceil(h / PH)`` and ``ceil(w / PW)`` when
+    ``sampling_ratio <= 0``) at the local offsets ``yy = -h/2 + (ph + (iy + .5) / gh) * h / PH``,
+    ``xx = -w/2 + (pw + (ix + .5) / gw) * w / PW``, placed in the map at
+    ``x = xx * cos(t) + yy * sin(t) + cx``, ``y = yy * cos(t) - xx * sin(t) + cy``, and averages
+    their bilinear interpolations as :func:`roi_align` does (samples outside (-1, H) x (-1, W)
+    are 0). With angle 0 it is :func:`roi_align` on ``[cx - w/2, cy - h/2, cx + w/2, cy + h/2]``.
+
+    The angle ``t`` is counter-clockwise in degrees (detectron2) unless ``clockwise`` /
+    ``angle_unit`` say otherwise: mmcv's ``roi_align_rotated(..., clockwise=c)`` takes radians,
+    i.e. ``angle_unit="radians", clockwise=c`` here. ``t`` is counter-clockwise as seen in the
+    usual picture of an image (y pointing down), which detectron2 implements as the formulas
+    above.
+
+    A RoI with a non-finite entry, or (with ``aligned``) a negative scaled width or height, gives
+    zeros and no gradient (detectron2 rejects negative sizes; without ``aligned`` they are
+    clamped to 1 like any size below 1). A zero width or height gives zeros with adaptive
+    sampling and samples along the centre line with an explicit ``sampling_ratio``.
+
+    Parameters
+    ----------
+    x : array (N, C, H, W)
+        float32/float64 (and float16/bfloat16 on CUDA, float32 accumulation).
+    rois : array (K, 6) ``[batch_index, cx, cy, w, h, angle]`` or list of (K_i, 5) arrays
+        Same dtype as x; list entry i holds image i's RoIs ``[cx, cy, w, h, angle]``.
+    output_size : int or (int, int)
+        (PH, PW).
+    spatial_scale : float
+        Scale from RoI coordinates to x's pixels.
+    sampling_ratio : int
+        Samples per bin and axis; <= 0 for adaptive (capped at ``2 * max(H, W) + 64``).
+    aligned : bool
+        Half-pixel shift of the centre (detectron2's default, True).
+    clockwise : bool
+        Angles are clockwise (mmcv ``clockwise=True``).
+    angle_unit : {"degrees", "radians"}
+
+    Returns
+    -------
+    out : array (K, C, PH, PW)
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    >>> rois = np.array([[0, 2, 2, 2, 2, 90]], dtype=np.float32)   # a quarter turn
+    >>> fastnorm.roi_align_rotated(x, rois, 2, sampling_ratio=1)[0, 0]
+    array([[ 9.,  5.],
+           [10.,  6.]], dtype=float32)
+    >>> y = fastnorm.roi_align_rotated(x, [rois[:, 1:]], 2, sampling_ratio=1, clockwise=True)
+    >>> y[0, 0]
+    array([[ 6., 10.],
+           [ 5.,  9.]], dtype=float32)
+    """
+    PH, PW, scale, sr = _scalars(output_size, spatial_scale, sampling_ratio)
+    angle_scale = v.angle_scale(clockwise, angle_unit)
+    call, (x,), rois = _resolve(rois, x=x)
+    v.float_array(call, "x", x, ndim=4)
+    rois = _rois(call, rois, x, "x", x.shape[0], width=5)
+    return call.wrap(call.run(cpu.roi_align_rotated_forward, cuda.roi_align_rotated_forward,
+                              RoiAlignRotatedForward(x=x, rois=rois, pooled_h=PH, pooled_w=PW,
+                                                     spatial_scale=scale, sampling_ratio=sr,
+                                                     aligned=bool(aligned),
+                                                     angle_scale=angle_scale)))
+
+
+@op
+def roi_align_rotated_backward(grad_out, rois, input_shape, output_size, spatial_scale=1.0,
+                               sampling_ratio=-1, aligned=True, *, clockwise=False,
+                               angle_unit="degrees", deterministic=False):
+    """Gradient of :func:`roi_align_rotated` with respect to x.
+
+    Parameters
+    ----------
+    grad_out : array (K, C, PH, PW)
+    rois : as in :func:`roi_align_rotated`
+    input_shape : tuple (N, C, H, W)
+    output_size, spatial_scale, sampling_ratio, aligned, clockwise, angle_unit :
+        As in the forward call.
+    deterministic : bool
+        CUDA only (the CPU is always deterministic): bitwise reproducible gradients.
+
+    Returns
+    -------
+    grad_x : array (N, C, H, W)
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> rois = np.array([[0, 2, 2, 2, 2, 30]], dtype=np.float64)
+    >>> g = fastnorm.roi_align_rotated_backward(np.ones((1, 1, 1, 1)), rois, (1, 1, 4, 4), 1,
+    ...                                         sampling_ratio=2)
+    >>> round(float(g.sum()), 12)
+    1.0
+    """
+    shape = v.input_shape("input_shape", input_shape)
+    PH, PW, scale, sr = _scalars(output_size, spatial_scale, sampling_ratio)
+    angle_scale = v.angle_scale(clockwise, angle_unit)
+    call, (grad_out,), rois = _resolve(rois, grad_out=grad_out)
+    rois = _rois(call, rois, grad_out, "grad_out", shape[0], width=5)
+    _grad_out(call, grad_out, rois.shape[0], (shape[1], PH, PW))
+    return call.wrap(call.run(cpu.roi_align_rotated_backward, cuda.roi_align_rotated_backward,
+                              RoiAlignRotatedBackward(grad_out=grad_out, rois=rois,
+                                                      input_shape=shape, pooled_h=PH,
+                                                      pooled_w=PW, spatial_scale=scale,
+                                                      sampling_ratio=sr, aligned=bool(aligned),
+                                                      angle_scale=angle_scale,
+                                                      deterministic=bool(deterministic))))
 
 
 # ---------------------------------------------------------------- RoIPool

@@ -1,6 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 # cython: initializedcheck=False, nonecheck=False, embedsignature=True
-"""RoIAlign (avg/max), RoIPool, PS-RoIAlign and deformable RoI pooling on the CPU (OpenMP).
+"""RoIAlign (avg/max, rotated), RoIPool, PS-RoIAlign and deformable RoI pooling on the CPU
+(OpenMP).
 
 Geometry is separable: a RoIAlign sample's bilinear weight is the product of a row factor and a
 column factor (``roi_linear`` in _interp.pxd), and a bin's average over its sample grid is
@@ -21,7 +22,7 @@ Non-finite RoIs give zeros (and no gradient).
 import numpy as np
 cimport numpy as cnp
 from cython.parallel cimport prange, parallel
-from libc.math cimport ceil, floor, round, fabs, INFINITY
+from libc.math cimport ceil, floor, round, fabs, cos, sin, INFINITY
 from libc.float cimport FLT_MAX
 from libc.stdlib cimport malloc, free
 
@@ -628,6 +629,261 @@ cdef void _align_max(const floating* x, const floating* dy, const floating* rois
                       clamp1, sr, cl, False)
 
 
+# ---------------------------------------------------------------- rotated RoIAlign (detectron2)
+#
+# The rotation breaks separability, so a RoI's table lists, per bin, the four bilinear corners
+# (plane offset, weight) of each of its samples, samples outside the map left out. Tables are
+# built once per RoI (in parallel, for RoI chunks up to TABLE_BYTES) and shared by every channel;
+# a RoI whose table alone would exceed ROT_TABLE_MAX (huge adaptive grids) samples on the fly.
+
+cdef Py_ssize_t ROT_TABLE_MAX = 8 << 20
+
+
+cdef struct RTab:
+    Py_ssize_t* bp      # bin b's entries: idx/wt[bp[b]:bp[b + 1]]
+    Py_ssize_t* idx
+    void* wt
+    Py_ssize_t n        # batch index
+    double inv          # 1 / samples per bin; 0: the RoI contributes nothing
+    bint direct         # no table: samples computed on the fly
+    Py_ssize_t ne       # entries reserved
+
+
+cdef inline bint _rgeom(const floating* r, double scale, double off, bint aligned, double ascale,
+                        Py_ssize_t PH, Py_ssize_t PW, int sr, Py_ssize_t L, floating* g,
+                        Py_ssize_t* grid) noexcept nogil:
+    """Rotated RoIAlign geometry: g = [cy, cx, bin_h, bin_w, -roi_h/2, -roi_w/2, cos, sin],
+    grid = [gh, gw] (adaptive grids capped at 2 L + 64, L = max(H, W)). False (zeros) for a
+    non-finite RoI or, aligned, a negative size."""
+    cdef floating rw, rh
+    cdef double t
+    cdef int i
+    for i in range(1, 6):
+        if not (fabs(r[i]) < INFINITY):
+            return False
+    rw = <floating>(r[3] * scale)
+    rh = <floating>(r[4] * scale)
+    if aligned:
+        if rw < 0 or rh < 0:
+            return False
+    else:
+        rw = max(rw, <floating>1)
+        rh = max(rh, <floating>1)
+    t = r[5] * ascale
+    g[0] = <floating>(r[2] * scale - off)
+    g[1] = <floating>(r[1] * scale - off)
+    g[2] = rh / PH
+    g[3] = rw / PW
+    g[4] = -rh / 2
+    g[5] = -rw / 2
+    g[6] = <floating>cos(t)
+    g[7] = <floating>sin(t)
+    grid[0] = _grid(rh, PH, sr, L)
+    grid[1] = _grid(rw, PW, sr, L)
+    return True
+
+
+cdef inline bint _rsample(const floating* g, const Py_ssize_t* grid, Py_ssize_t ph,
+                          Py_ssize_t pw, Py_ssize_t iy, Py_ssize_t ix, Py_ssize_t H,
+                          Py_ssize_t W, Py_ssize_t* o, floating* w) noexcept nogil:
+    """The four bilinear corners of sample (iy, ix) of bin (ph, pw); False when outside."""
+    cdef floating yy, xx, ly, lx
+    cdef Py_ssize_t y0, y1, x0, x1
+    yy = g[4] + ph * g[2] + <floating>(iy + 0.5) * g[2] / <floating>grid[0]
+    xx = g[5] + pw * g[3] + <floating>(ix + 0.5) * g[3] / <floating>grid[1]
+    if roi_linear(yy * g[6] - xx * g[7] + g[0], H, &y0, &y1, &ly) == 0 or \
+            roi_linear(yy * g[7] + xx * g[6] + g[1], W, &x0, &x1, &lx) == 0:
+        return False
+    o[0] = y0 * W + x0
+    o[1] = y0 * W + x1
+    o[2] = y1 * W + x0
+    o[3] = y1 * W + x1
+    w[0] = (1 - ly) * (1 - lx)
+    w[1] = (1 - ly) * lx
+    w[2] = ly * (1 - lx)
+    w[3] = ly * lx
+    return True
+
+
+cdef double _rbin_direct(const floating* plane, floating* gplane, floating gg, const floating* g,
+                         const Py_ssize_t* grid, Py_ssize_t ph, Py_ssize_t pw, Py_ssize_t H,
+                         Py_ssize_t W) noexcept nogil:
+    """Without a table: the sum of bin (ph, pw)'s samples of ``plane``, or (gplane not NULL)
+    their adjoint, gplane += gg * weights."""
+    cdef Py_ssize_t iy, ix, i
+    cdef Py_ssize_t o[4]
+    cdef floating w[4]
+    cdef double s = 0
+    for iy in range(grid[0]):
+        for ix in range(grid[1]):
+            if not _rsample(g, grid, ph, pw, iy, ix, H, W, o, w):
+                continue
+            for i in range(4):
+                if gplane != NULL:
+                    gplane[o[i]] += gg * w[i]
+                else:
+                    s += w[i] * plane[o[i]]
+    return s
+
+
+cdef void _rfill(RTab* t, const floating* r, double scale, double off, bint aligned,
+                 double ascale, Py_ssize_t PH, Py_ssize_t PW, int sr, Py_ssize_t H,
+                 Py_ssize_t W) noexcept nogil:
+    """Fill one RoI's table (arrays placed by _rot_tables)."""
+    cdef floating g[8]
+    cdef Py_ssize_t grid[2]
+    cdef Py_ssize_t ph, pw, iy, ix, i, e = 0
+    cdef Py_ssize_t o[4]
+    cdef floating w[4]
+    cdef floating* wt = <floating*>t.wt
+    t.n = <Py_ssize_t>r[0]
+    t.inv = 0
+    t.bp[0] = 0
+    if _rgeom(r, scale, off, aligned, ascale, PH, PW, sr, max(H, W), g, grid) \
+            and grid[0] * grid[1] > 0:
+        t.inv = 1.0 / (<double>grid[0] * <double>grid[1])
+    for ph in range(PH):
+        for pw in range(PW):
+            if t.inv > 0 and not t.direct:
+                for iy in range(grid[0]):
+                    for ix in range(grid[1]):
+                        if _rsample(g, grid, ph, pw, iy, ix, H, W, o, w):
+                            for i in range(4):
+                                t.idx[e] = o[i]
+                                wt[e] = w[i]
+                                e += 1
+            t.bp[ph * PW + pw + 1] = e
+
+
+cdef Py_ssize_t _rot_tables(const floating* rois, Py_ssize_t k0, Py_ssize_t K, double scale,
+                            double off, bint aligned, double ascale, Py_ssize_t PH,
+                            Py_ssize_t PW, int sr, Py_ssize_t H, Py_ssize_t W, RTab* tabs,
+                            void** mem, int nthreads) noexcept nogil:
+    """Tables of RoIs k0..k1-1 in tabs[0:k1-k0], as many RoIs as fit TABLE_BYTES (at least
+    one); returns k1 (k0 on failure). The memory is one block in mem[0] (free it)."""
+    cdef floating g[8]
+    cdef Py_ssize_t grid[2]
+    cdef Py_ssize_t k, k1 = k0, total = 0, size, ne, nb = PH * PW
+    cdef Py_ssize_t fs = sizeof(floating)
+    cdef double est
+    cdef char* m
+    cdef RTab* t
+    while k1 < K:
+        t = &tabs[k1 - k0]
+        t.direct = False
+        ne = 0
+        if _rgeom(rois + 6 * k1, scale, off, aligned, ascale, PH, PW, sr, max(H, W), g, grid):
+            est = <double>nb * grid[0] * grid[1] * 4
+            if est * (sizeof(Py_ssize_t) + fs) > ROT_TABLE_MAX:
+                t.direct = True
+            else:
+                ne = <Py_ssize_t>est
+        size = (nb + 1 + ne) * sizeof(Py_ssize_t) + _al8(ne * fs)
+        if k1 > k0 and total + size > TABLE_BYTES:
+            break
+        t.ne = ne
+        t.bp = <Py_ssize_t*>total                  # byte offset for now
+        total += size
+        k1 += 1
+    m = <char*>malloc(total)
+    mem[0] = m
+    if m == NULL:
+        return k0
+    for k in range(k1 - k0):
+        t = &tabs[k]
+        t.bp = <Py_ssize_t*>(m + <Py_ssize_t>t.bp)
+        t.idx = t.bp + nb + 1
+        t.wt = <void*>(t.idx + t.ne)
+    for k in prange(k1 - k0, num_threads=nthreads, schedule="dynamic"):
+        _rfill(&tabs[k], rois + 6 * (k0 + k), scale, off, aligned, ascale, PH, PW, sr, H, W)
+    return k1
+
+
+cdef void _rot_unit(const floating* x, const floating* dy, floating* out, floating* gx,
+                    const floating* rois, const RTab* t, Py_ssize_t k, Py_ssize_t c0,
+                    Py_ssize_t c1, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH,
+                    Py_ssize_t PW, double scale, double off, bint aligned, double ascale, int sr,
+                    bint backward) noexcept nogil:
+    """RoI k, channels [c0, c1): forward into out, or backward into gx."""
+    cdef floating g[8]
+    cdef Py_ssize_t grid[2]
+    cdef Py_ssize_t c, b, e, nb = PH * PW
+    cdef const floating* wt = <const floating*>t.wt
+    cdef const floating* plane
+    cdef floating* gp
+    cdef floating gg
+    cdef double s
+    if t.inv == 0:
+        if not backward:
+            for c in range(c0, c1):
+                for b in range(nb):
+                    out[(k * C + c) * nb + b] = 0
+        return
+    if t.direct:
+        _rgeom(rois + 6 * k, scale, off, aligned, ascale, PH, PW, sr, max(H, W), g, grid)
+    for c in range(c0, c1):
+        if backward:
+            gp = gx + (t.n * C + c) * H * W
+            for b in range(nb):
+                gg = <floating>(dy[(k * C + c) * nb + b] * t.inv)
+                if t.direct:
+                    _rbin_direct(NULL, gp, gg, g, grid, b // PW, b % PW, H, W)
+                    continue
+                for e in range(t.bp[b], t.bp[b + 1]):
+                    gp[t.idx[e]] += gg * wt[e]
+        else:
+            plane = x + (t.n * C + c) * H * W
+            for b in range(nb):
+                if t.direct:
+                    s = _rbin_direct(plane, NULL, 0, g, grid, b // PW, b % PW, H, W)
+                else:
+                    s = 0
+                    for e in range(t.bp[b], t.bp[b + 1]):
+                        s += wt[e] * plane[t.idx[e]]
+                out[(k * C + c) * nb + b] = <floating>(s * t.inv)
+
+
+cdef int _rot(const floating* x, const floating* dy, const floating* rois, floating* out,
+              floating* gx, const Py_ssize_t* order, const Py_ssize_t* seg, Py_ssize_t K,
+              Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH,
+              Py_ssize_t PW, double scale, double off, bint aligned, double ascale, int sr,
+              bint backward, Py_ssize_t cb, int nthreads) noexcept nogil:
+    """Rotated RoIAlign forward (units: channel block x RoI, RoIs in image order) or backward
+    (units: image x channel block, RoIs in index order: race-free, the same bits for any thread
+    count), in RoI chunks whose tables fit TABLE_BYTES."""
+    cdef RTab* tabs = <RTab*>malloc(max(K, 1) * sizeof(RTab))
+    cdef void* mem = NULL
+    cdef Py_ssize_t k0 = 0, k1, nblk = (C + cb - 1) // cb, u, k, c0, n, j
+    if tabs == NULL:
+        return -1
+    while k0 < K:
+        k1 = _rot_tables(rois, k0, K, scale, off, aligned, ascale, PH, PW, sr, H, W, tabs, &mem,
+                         nthreads)
+        if k1 == k0:
+            free(tabs)
+            return -1
+        if not backward:
+            for u in prange(nblk * K, num_threads=nthreads, schedule="dynamic"):
+                c0 = (u // K) * cb
+                k = order[u % K]
+                if k >= k0 and k < k1:
+                    _rot_unit(x, dy, out, gx, rois, &tabs[k - k0], k, c0, min(C, c0 + cb), C, H,
+                              W, PH, PW, scale, off, aligned, ascale, sr, False)
+        else:
+            for u in prange(N * nblk, num_threads=nthreads, schedule="dynamic"):
+                n = u // nblk
+                c0 = (u % nblk) * cb
+                for j in range(seg[n], seg[n + 1]):
+                    k = order[j]
+                    if k >= k0 and k < k1:
+                        _rot_unit(x, dy, out, gx, rois, &tabs[k - k0], k, c0, min(C, c0 + cb), C,
+                                  H, W, PH, PW, scale, off, aligned, ascale, sr, True)
+        free(mem)
+        k0 = k1
+    free(tabs)
+    return 0
+
+
 # ---------------------------------------------------------------- PS-RoIAlign
 
 cdef void _ps_unit(const floating* x, const floating* dy, floating* out, floating* gx,
@@ -988,6 +1244,63 @@ def _align(x, dy, rois, out, gx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ss
     if rc != 0:
         raise MemoryError("roi_align: out of memory for the sampling tables")
 
+
+def roi_align_rotated_forward(x, rois, Py_ssize_t pooled_h, Py_ssize_t pooled_w,
+                              double spatial_scale, int sampling_ratio, bint aligned,
+                              double angle_scale, int nthreads):
+    """out (K, C, PH, PW) from x (N, C, H, W) and rois (K, 6) [b, cx, cy, w, h, angle]."""
+    cdef Py_ssize_t K = rois.shape[0]
+    N, C, H, W = x.shape
+    out = _cache.empty((K, C, pooled_h, pooled_w), x.dtype)
+    if out.size == 0:
+        return out
+    if H * W == 0:
+        out[...] = 0
+        return out
+    _rotated(x, None, rois, out, None, N, C, H, W, pooled_h, pooled_w, spatial_scale,
+             sampling_ratio, aligned, angle_scale, False, nthreads)
+    return out
+
+
+def roi_align_rotated_backward(grad_out, rois, input_shape, Py_ssize_t pooled_h,
+                               Py_ssize_t pooled_w, double spatial_scale, int sampling_ratio,
+                               bint aligned, double angle_scale, bint deterministic, int nthreads):
+    """grad_x (N, C, H, W) of roi_align_rotated (always deterministic on the CPU)."""
+    N, C, H, W = input_shape
+    gx = np.zeros(input_shape, dtype=grad_out.dtype)
+    if gx.size == 0 or rois.shape[0] == 0:
+        return gx
+    _rotated(None, grad_out, rois, None, gx, N, C, H, W, pooled_h, pooled_w, spatial_scale,
+             sampling_ratio, aligned, angle_scale, True, nthreads)
+    return gx
+
+
+def _rotated(x, dy, rois, out, gx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+             Py_ssize_t PH, Py_ssize_t PW, double scale, int sr, bint aligned, double ascale,
+             bint backward, int nthreads):
+    cdef Py_ssize_t K = rois.shape[0]
+    order, seg = _segments(rois, N)
+    cdef double off = 0.5 if aligned else 0.0
+    cdef Py_ssize_t cb = min(4, _bwd_block(N, C, nthreads)) if backward else min(C, FWD_BLOCK)
+    cdef void* px = _p(x)
+    cdef void* pd = _p(dy)
+    cdef void* pr = _p(rois)
+    cdef void* po = _p(out)
+    cdef void* pg = _p(gx)
+    cdef Py_ssize_t* pod = <Py_ssize_t*>_p(order)
+    cdef Py_ssize_t* ps = <Py_ssize_t*>_p(seg)
+    cdef bint f32 = rois.dtype == np.float32
+    cdef int rc
+    with nogil:
+        if f32:
+            rc = _rot(<float*>px, <float*>pd, <float*>pr, <float*>po, <float*>pg, pod, ps, K, N,
+                      C, H, W, PH, PW, scale, off, aligned, ascale, sr, backward, cb, nthreads)
+        else:
+            rc = _rot(<double*>px, <double*>pd, <double*>pr, <double*>po, <double*>pg, pod, ps,
+                      K, N, C, H, W, PH, PW, scale, off, aligned, ascale, sr, backward, cb,
+                      nthreads)
+    if rc != 0:
+        raise MemoryError("roi_align_rotated: out of memory for the sampling tables")
 
 def ps_roi_align_forward(x, rois, Py_ssize_t pooled_h, Py_ssize_t pooled_w,
                          double spatial_scale, int sampling_ratio, int nthreads):

@@ -27,6 +27,8 @@ def _inputs(read_only=False):
                  rng.uniform(4, 12, (12, 2))].astype(f)
     g_ra = rng.standard_normal((12, 8, 3, 3)).astype(f)
     g_ps = rng.standard_normal((12, 2, 2, 2)).astype(f)
+    rrois = np.c_[rng.integers(0, 2, 12), rng.uniform(0, 11, (12, 2)), rng.uniform(1, 9, (12, 2)),
+                  rng.uniform(-180, 180, 12)].astype(f)
     off_r = rng.standard_normal((12, 2, 3, 3)).astype(f)
     mask_r = rng.random((12, 1, 3, 3)).astype(f)
     xd = rng.standard_normal((2, 4, 7, 7)).astype(f)
@@ -39,7 +41,7 @@ def _inputs(read_only=False):
     scores = rng.random(300).astype(f)
     classes = rng.integers(0, 5, 300)
     var = rng.uniform(0.1, 4, (300, 4)).astype(f)
-    (_ro if read_only else lambda *a: a)(x, w, b, mean, rstd, dy, rois, g_ra, g_ps, off_r, mask_r, xd, wd, offd, maskd, gd, boxes,
+    (_ro if read_only else lambda *a: a)(x, w, b, mean, rstd, dy, rois, rrois, g_ra, g_ps, off_r, mask_r, xd, wd, offd, maskd, gd, boxes,
         scores, classes, var)
     F = fastnorm
     return {
@@ -49,6 +51,9 @@ def _inputs(read_only=False):
         "roi_align": lambda: F.roi_align(x, rois, 3, 0.5, 2, True),
         "roi_align_max": lambda: F.roi_align(x, rois, 3, 0.5, -1, mode="max"),
         "roi_align_backward": lambda: F.roi_align_backward(g_ra, rois, x.shape, 3, 0.5, 2, True),
+        "roi_align_rotated": lambda: F.roi_align_rotated(x, rrois, 3, 0.5, 2),
+        "roi_align_rotated_backward": lambda: F.roi_align_rotated_backward(g_ra, rrois, x.shape,
+                                                                           3, 0.5, 2),
         "roi_pool": lambda: F.roi_pool(x, rois, 3, 0.5),
         "roi_pool_backward": lambda: F.roi_pool_backward(g_ra, rois, x.shape, 3, 0.5, x=x),
         "ps_roi_align": lambda: F.ps_roi_align(x, rois, 2, 0.5, 2),
@@ -153,18 +158,22 @@ def _gil_cases():
     xd = rng.standard_normal((1, 16, 48, 48)).astype(f)
     wd = rng.standard_normal((16, 16, 3, 3)).astype(f)
     offd = rng.standard_normal((1, 18, 48, 48)).astype(f)
+    rrois = np.c_[np.zeros(2000), rng.uniform(20, 140, (2000, 2)), rng.uniform(10, 60, (2000, 2)),
+                  rng.uniform(-90, 90, 2000)].astype(f)
     boxes = rng.uniform(0, 1000, (6000, 4)).astype(f)
     boxes[:, 2:] = boxes[:, :2] + rng.uniform(5, 60, (6000, 2)).astype(f)
     scores = rng.random(6000).astype(f)
     return {
         "group_norm": lambda: fastnorm.group_norm(x, 8),
         "roi_ops": lambda: fastnorm.roi_align(x, rois, 7, 1.0, 2),
+        "roi_align_rotated": lambda: fastnorm.roi_align_rotated(x, rrois, 7, 1.0, 2),
         "deform_conv": lambda: fastnorm.deform_conv2d(xd, offd, wd, padding=1),
         "nms": lambda: fastnorm.soft_nms(boxes, scores),
     }
 
 
-@pytest.mark.parametrize("module", ["group_norm", "roi_ops", "deform_conv", "nms"])
+@pytest.mark.parametrize("module", ["group_norm", "roi_ops", "roi_align_rotated", "deform_conv",
+                                    "nms"])
 def test_kernels_release_the_gil(module):
     fn = _gil_cases()[module]
     frac = max(_overlap(fn) for _ in range(2))       # best of two: tolerate a busy machine

@@ -28,6 +28,7 @@ def _cases():
     y, mean, rstd = fastnorm.group_norm(x, 2, return_stats=True)
     rois = np.array([[0, 0.5, 0.5, 3.5, 4.0], [1, 1, 1, 2, 2], [0, np.nan, 0, 1, 1]], f)
     bad_rois = np.array([[5, 0, 0, 1, 1]], f)
+    rrois = np.array([[0, 2, 2, 3, 2, 30], [1, 1, 3, 2, 2, -100], [0, np.nan, 0, 1, 1, 0]], f)
     g = rng.standard_normal((3, 4, 2, 2))
     off = rng.standard_normal((3, 2, 2, 2))
     xd, wd = rng.standard_normal((1, 2, 4, 4)), rng.standard_normal((3, 2, 3, 3))
@@ -64,6 +65,11 @@ def _cases():
         "deform_roi_pool_backward": (
             lambda: F.deform_roi_pool_backward(g, x, rois, off, 2),
             lambda: err(F.deform_roi_pool_backward, g, x, rois, off, 2, gamma=np.nan)),
+        "roi_align_rotated": (lambda: F.roi_align_rotated(x, rrois, 2, sampling_ratio=2),
+                              lambda: err(F.roi_align_rotated, x, rois, 2)),
+        "roi_align_rotated_backward": (
+            lambda: F.roi_align_rotated_backward(g, rrois, x.shape, 2),
+            lambda: err(F.roi_align_rotated_backward, g, rrois, x.shape, 2, angle_unit="deg")),
         "deform_conv2d": (lambda: F.deform_conv2d(xd, offd, wd),
                           lambda: err(F.deform_conv2d, xd, offd[:, :4], wd)),
         "deform_conv2d_backward": (lambda: F.deform_conv2d_backward(gd, xd, offd, wd),

@@ -712,6 +712,369 @@ def test_sample_count_beyond_int32(backend, request, monkeypatch):
     np.testing.assert_allclose(y, 1, rtol=1e-6)
 
 
+# ---------------------------------------------------------------- rotated RoIAlign
+
+DEG = np.pi / 180
+
+
+def _rcase(rng, dtype, N=2, C=4, H=11, W=14, K=30, scale=0.5):
+    """x and rotated rois (K, 6) in `dtype` (rounded to it: the oracles take these values)."""
+    x = rng.standard_normal((N, C, H, W)).astype(_dtype(dtype))
+    rois = ref.random_rotated_rois(rng, K, N, H, W, scale).astype(_dtype(dtype))
+    return x, rois
+
+
+def _check_roi_align_rotated(backend, rng, dtype, aligned, sr, spatial_scale=0.5, **case):
+    """Forward and backward (atomics and deterministic) vs the oracle, degrees counter-clockwise
+    and the same RoIs as clockwise radians (mmcv's convention)."""
+    x, rois = _rcase(rng, dtype, scale=spatial_scale, **case)
+    PH, PW = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    args = ((PH, PW), spatial_scale, sr, aligned)
+    r64 = _f64(rois)
+    want = ref.roi_align_rotated(_f64(x), r64, PH, PW, spatial_scale, sr, aligned, DEG)
+    g = rng.standard_normal(want.shape).astype(x.dtype)
+    gwant = ref.roi_align_rotated_backward(_f64(g), r64, x.shape, PH, PW, spatial_scale, sr,
+                                           aligned, DEG)
+    rad = rois.copy()
+    rad[:, 5] = (-r64[:, 5] * DEG).astype(x.dtype)
+    rwant = ref.roi_align_rotated(_f64(x), _f64(rad), PH, PW, spatial_scale, sr, aligned, -1.0)
+    X, R, RR, G = backend.asarray([x, rois, rad, g])
+    _close(backend, fastnorm.roi_align_rotated(X, R, *args), want, dtype)
+    _close(backend, fastnorm.roi_align_rotated(X, RR, *args, clockwise=True,
+                                               angle_unit="radians"), rwant, dtype)
+    for det in (False, True):
+        _close(backend, fastnorm.roi_align_rotated_backward(G, R, x.shape, *args,
+                                                            deterministic=det), gwant, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sr", [-1, 0, 1, 2, 3])
+def test_roi_align_rotated_matches_oracle(backend, rng, dtype, aligned, sr):
+    s = float(rng.choice([1.0, 0.5, 0.25]))
+    _check_roi_align_rotated(backend, rng, dtype, aligned, sr, spatial_scale=s)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_roi_align_rotated_half_types_match_oracle(cuda_backend, rng, dtype):
+    for aligned, sr in ((True, 2), (False, -1)):
+        _check_roi_align_rotated(cuda_backend, rng, dtype, aligned, sr, N=3, K=40)
+
+
+def test_roi_align_rotated_several_images(backend, rng):
+    """Many RoIs per image on bigger planes (several row blocks per plane in CUDA's
+    deterministic backward)."""
+    _check_roi_align_rotated(backend, rng, "float32", True, 2, N=3, C=3, H=29, W=23, K=90)
+    _check_roi_align_rotated(backend, rng, "float64", False, -1, N=3, C=2, H=37, W=19, K=60)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sr", [-1, 2])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_roi_align_rotated_at_angle_zero_is_roi_align(backend, rng, aligned, sr, dtype):
+    """Angle 0 (and 360) is roi_align on the box [cx - w/2, cy - h/2, cx + w/2, cy + h/2],
+    forward and backward. Without aligned, sizes below 1 are clamped about the centre (roi_align
+    clamps about the top-left corner): the box is then 1 pixel, centred."""
+    x, r = _rcase(rng, "float64", K=40)
+    # sizes whose adaptive grids ceil(size * 0.5 / P) are not at a step (the two compute the
+    # size differently in float32: one rounding could change the grid); a quarter are tiny
+    for col, P in ((3, 2), (4, 3)):
+        r[:, col] = (rng.integers(1, 6, len(r)) + rng.uniform(0.1, 0.9, len(r))) * P / 0.5
+        r[::4, col] = rng.uniform(0, 2, len(r[::4]))
+    r[:, 5] = rng.choice([0.0, 360.0, -720.0], len(r))
+    half = r[:, 3:5] / 2 if aligned else np.maximum(r[:, 3:5] * 0.5, 1) / 0.5 / 2
+    boxes = np.c_[r[:, 0], r[:, 1:3] - half, r[:, 1:3] + half]
+    g = rng.standard_normal((len(r), x.shape[1], 3, 2))
+    X, R, B, G = backend.asarray([x.astype(dtype), r.astype(dtype), boxes.astype(dtype),
+                                  g.astype(dtype)])
+    args = ((3, 2), 0.5, sr, aligned)
+    a = fastnorm.roi_align_rotated(X, R, *args)
+    b = fastnorm.roi_align(X, B, *args)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == "float64" else TOL[dtype]
+    _close(backend, a, _f64(backend.asnumpy(b)), dtype, tol)
+    ga = fastnorm.roi_align_rotated_backward(G, R, x.shape, *args)
+    gb = fastnorm.roi_align_backward(G, B, x.shape, *args)
+    _close(backend, ga, _f64(backend.asnumpy(gb)), dtype, tol)
+
+
+def test_roi_align_rotated_angle_conventions(backend, rng):
+    """clockwise negates the angle, radians = degrees * pi / 180, a turn changes nothing, and a
+    quarter turn of a square RoI with sampling_ratio 1 reads the bins rotated."""
+    x, r = _rcase(rng, "float64", K=20)
+    X, R = backend.asarray([x, r])
+    A = backend.asnumpy
+    f = fastnorm.roi_align_rotated
+    base = A(f(X, R, 3, 0.5, 2))
+    neg = r.copy()
+    neg[:, 5] *= -1
+    rad = r.copy()
+    rad[:, 5] *= DEG
+    turn = r.copy()
+    turn[:, 5] += 360
+    N = backend.asarray(neg)
+    np.testing.assert_array_equal(A(f(X, N, 3, 0.5, 2, clockwise=True)), base)
+    np.testing.assert_allclose(A(f(X, backend.asarray(rad), 3, 0.5, 2, angle_unit="radians")),
+                               base, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(A(f(X, backend.asarray(turn), 3, 0.5, 2)), base, rtol=1e-10,
+                               atol=1e-10)
+    # a quarter turn of the 2 x 2 RoI centred on pixel (1.5, 1.5) of x[i, j] = 4 i + j, one
+    # sample per bin: counter-clockwise (detectron2) local +x (bin column) points up the map (-y)
+    x = np.arange(16.0).reshape(1, 1, 4, 4)
+    sq = backend.asarray(np.array([[0, 2, 2, 2, 2, 90]], np.float64))
+    X = backend.asarray(x)
+    np.testing.assert_array_equal(A(f(X, sq, 2, 1.0, 1))[0, 0], [[9, 5], [10, 6]])
+    np.testing.assert_array_equal(A(f(X, sq, 2, 1.0, 1, clockwise=True))[0, 0], [[6, 10], [5, 9]])
+
+
+def test_roi_align_rotated_backward_matches_finite_differences(backend, rng):
+    """float64: the gradient is the derivative of the computed forward (finite differences on
+    x), and the oracle's gradient is the derivative of the oracle's forward."""
+    x, r = _rcase(rng, "float64", N=2, C=2, H=6, W=7, K=6, scale=1.0)
+    g = rng.standard_normal((6, 2, 2, 3))
+    X, R, G = backend.asarray([x, r, g])
+    for aligned, sr in ((True, 2), (False, -1), (True, 0)):
+        args = ((2, 3), 1.0, sr, aligned)
+        got = backend.asnumpy(fastnorm.roi_align_rotated_backward(G, R, x.shape, *args))
+
+        def fwd():
+            return float((backend.asnumpy(fastnorm.roi_align_rotated(backend.asarray(x), R,
+                                                                     *args)) * g).sum())
+        np.testing.assert_allclose(got, _fd(fwd, x), rtol=1e-7, atol=1e-7)
+        num = _fd(lambda: float((ref.roi_align_rotated(x, r, 2, 3, 1.0, sr, aligned, DEG)
+                                 * g).sum()), x)
+        np.testing.assert_allclose(ref.roi_align_rotated_backward(g, r, x.shape, 2, 3, 1.0, sr,
+                                                                  aligned, DEG), num,
+                                   rtol=1e-7, atol=1e-7)
+
+
+def test_roi_align_rotated_backward_is_adjoint(backend, rng):
+    """<grad_x, dx> == <g, f(dx)> on a larger random case (float64)."""
+    x, r = _rcase(rng, "float64", N=3, C=5, H=23, W=31, K=60, scale=0.25)
+    g = rng.standard_normal((60, 5, 7, 7))
+    X, R, G = backend.asarray([x, r, g])
+    for sr, al in ((-1, False), (2, True), (0, True)):
+        for det in (False, True):
+            y = backend.asnumpy(fastnorm.roi_align_rotated(X, R, 7, 0.25, sr, al))
+            gx = backend.asnumpy(fastnorm.roi_align_rotated_backward(G, R, x.shape, 7, 0.25, sr,
+                                                                     al, deterministic=det))
+            lhs = (g * y).sum()
+            assert abs(lhs - (gx * x).sum()) < 1e-10 * max(1, abs(lhs))
+            assert np.abs(gx).max() > 0
+
+
+def test_roi_align_rotated_deterministic_backward(cuda_backend, rng):
+    """CUDA: deterministic=True takes the owner-computes kernel, agrees with the atomics to
+    rounding and gives the same bits on every run."""
+    x, r = _rcase(rng, "float32", N=3, C=4, H=20, W=24, K=80)
+    g = rng.standard_normal((80, 4, 2, 3)).astype(np.float32)
+    G, R = cuda_backend.asarray([g, r])
+
+    def run(d):
+        return cuda_backend.asnumpy(fastnorm.roi_align_rotated_backward(G, R, x.shape, (2, 3),
+                                                                        0.5, 2, deterministic=d))
+    a, b, c = run(False), run(True), run(True)
+    assert np.any(a)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(b.view(np.uint32), c.view(np.uint32))
+
+
+@pytest.mark.emulated
+def test_roi_align_rotated_deterministic_backward_launches_its_own_kernel(rng):
+    emu = pytest.importorskip("fastnorm._cuda.emulator")
+    x, r = _rcase(rng, "float32", K=10)
+    G, R = emu.asarray(rng.standard_normal((10, 4, 2, 2)).astype(np.float32)), emu.asarray(r)
+    for d, want in ((False, "align_bwd<float>"), (True, "align_bwd_det<float>")):
+        with emu.counting() as c:
+            fastnorm.roi_align_rotated_backward(G, R, x.shape, 2, deterministic=d)
+        assert want in {k.split("::")[-1] for k in c.kernels}
+
+
+def test_roi_align_rotated_across_threads(rng):
+    """CPU: forward and backward bitwise identical for 1, 2 and 3 threads."""
+    x, r = _rcase(rng, "float32", N=2, C=16, H=20, W=24, K=80)
+    g = rng.standard_normal((80, 16, 3, 2)).astype(np.float32)
+    outs = []
+    for n in (1, 2, 3):
+        with fastnorm.threads(n):
+            outs.append((fastnorm.roi_align_rotated(x, r, (3, 2), 0.5, 2),
+                         fastnorm.roi_align_rotated_backward(g, r, x.shape, (3, 2), 0.5, 2)))
+    assert np.any(outs[0][1])
+    for y, gx in outs[1:]:
+        assert np.array_equal(y, outs[0][0]) and np.array_equal(gx, outs[0][1])
+
+
+def test_roi_align_rotated_lists_equal_arrays(backend, rng):
+    x = rng.standard_normal((3, 2, 9, 9))
+    per = [ref.random_rotated_rois(rng, k, 1, 9, 9)[:, 1:] for k in (3, 0, 4)]
+    rois = np.concatenate([np.c_[np.full(len(p), i), p] for i, p in enumerate(per)])
+    g = rng.standard_normal((7, 2, 2, 2))
+    X, G, P, R = backend.asarray([x, g, per, rois])
+    for f in (lambda r: fastnorm.roi_align_rotated(X, r, 2, 1.0, 2),
+              lambda r: fastnorm.roi_align_rotated_backward(G, r, x.shape, 2, 1.0, 2)):
+        assert np.array_equal(backend.asnumpy(f(P)), backend.asnumpy(f(R)))
+    np.testing.assert_allclose(backend.asnumpy(fastnorm.roi_align_rotated(X, P, 2, 1.0, 2)),
+                               ref.roi_align_rotated(x, rois, 2, 2, 1.0, 2, True, DEG),
+                               rtol=1e-11, atol=1e-11)
+
+
+def test_roi_align_rotated_empty(backend, rng):
+    x = rng.standard_normal((2, 3, 5, 5)).astype(np.float32)
+    X = backend.asarray(x)
+    R = backend.asarray(np.zeros((0, 6), np.float32))
+    A = backend.asnumpy
+    assert A(fastnorm.roi_align_rotated(X, R, (2, 3))).shape == (0, 3, 2, 3)
+    assert A(fastnorm.roi_align_rotated(X, [], 2)).shape == (0, 3, 2, 2)
+    assert A(fastnorm.roi_align_rotated(X, [R[:, 1:], R[:, 1:]], 2)).shape == (0, 3, 2, 2)
+    G = backend.asarray(np.zeros((0, 3, 2, 2), np.float32))
+    for det in (False, True):
+        gx = A(fastnorm.roi_align_rotated_backward(G, R, x.shape, 2, deterministic=det))
+        assert gx.shape == x.shape and gx.dtype == np.float32 and not gx.any()
+    # empty maps, and an image without RoIs
+    r = np.array([[1, 2, 2, 3, 2, 30]], np.float32)
+    for shape in ((2, 3, 0, 5), (2, 3, 5, 0), (2, 0, 5, 5)):
+        y = A(fastnorm.roi_align_rotated(backend.asarray(np.zeros(shape, np.float32)),
+                                         backend.asarray(r), 2))
+        assert y.shape == (1, shape[1], 2, 2) and not y.any()
+        G1 = backend.asarray(np.ones((1, shape[1], 2, 2), np.float32))
+        for det in (False, True):
+            gx = A(fastnorm.roi_align_rotated_backward(G1, backend.asarray(r), shape, 2,
+                                                       deterministic=det))
+            assert gx.shape == shape and not gx.any()
+    G1 = backend.asarray(np.ones((1, 3, 2, 2), np.float32))
+    gx = A(fastnorm.roi_align_rotated_backward(G1, backend.asarray(r), x.shape, 2))
+    assert not gx[0].any() and gx[1].any()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_roi_align_rotated_non_finite_and_negative_rois(backend, rng, bad):
+    """A non-finite entry (angle included) gives zeros and no gradient; so does a negative size
+    when aligned; without aligned a negative size is clamped to 1 like any size below 1."""
+    x = rng.standard_normal((1, 3, 8, 8))
+    ok = [0, 4, 4, 3, 2, 20]
+    rows = [ok]
+    for i in range(1, 6):
+        r = list(ok)
+        r[i] = bad
+        rows.append(r)
+    rows += [[0, 4, 4, -3, 2, 20], [0, 4, 4, 3, -0.5, 20]]
+    rois = np.array(rows, np.float64)
+    g = np.ones((len(rois), 3, 2, 2))
+    X, R, G = backend.asarray([x, rois, g])
+    A = backend.asnumpy
+    y = A(fastnorm.roi_align_rotated(X, R, 2, 1.0, 2))
+    assert y[0].all() and not y[1:].any()
+    for det in (False, True):
+        assert not A(fastnorm.roi_align_rotated_backward(G[1:], R[1:], x.shape, 2, 1.0, 2,
+                                                         deterministic=det)).any()
+    # without aligned: negative sizes clamp to 1, as a size of 1 (non-finite RoIs still zeros)
+    clamp = rois[-2:].copy()
+    clamp[:, 3:5] = np.maximum(clamp[:, 3:5], 1)
+    y = A(fastnorm.roi_align_rotated(X, R, 2, 1.0, 2, aligned=False))
+    assert not y[1:6].any()
+    np.testing.assert_allclose(y[-2:], A(fastnorm.roi_align_rotated(X, backend.asarray(clamp), 2,
+                                                                    1.0, 2, aligned=False)),
+                               rtol=1e-13, atol=1e-13)
+
+
+def test_roi_align_rotated_degenerate_and_huge_rois(backend, rng):
+    """Zero width/height, points, RoIs far outside, huge RoIs whose adaptive grid hits the cap
+    (2 max(H, W) + 64), huge angles: the oracle, and finite float32 results."""
+    x = rng.standard_normal((2, 2, 7, 9))
+    rois = np.array([[0, 3, 3, 0, 4, 30], [0, 3, 3, 4, 0, -30], [1, 3, 3, 0, 0, 45],
+                     [0, 0, 0, 2, 2, 1e6], [1, -50, -50, 10, 10, 10], [0, 4, 3, 9, 7, 90],
+                     [1, 4, 3, 9, 7, -270], [0, 4, 4, 1e4, 1e4, 33], [1, 0, 0, 1e6, 5, 0],
+                     [0, 4.5, 3.5, 1e30, 1e30, 12], [1, 1e7, 1e7, 10, 10, 0]], np.float64)
+    g = rng.standard_normal((len(rois), 2, 2, 2))
+    X, R, G = backend.asarray([x, rois, g])
+    A = backend.asnumpy
+    for al, sr in ((True, -1), (False, -1), (True, 2), (False, 3)):
+        np.testing.assert_allclose(A(fastnorm.roi_align_rotated(X, R, 2, 1.0, sr, al)),
+                                   ref.roi_align_rotated(x, rois, 2, 2, 1.0, sr, al, DEG),
+                                   rtol=1e-11, atol=1e-11)
+        want = ref.roi_align_rotated_backward(g, rois, x.shape, 2, 2, 1.0, sr, al, DEG)
+        for det in (False, True):
+            np.testing.assert_allclose(A(fastnorm.roi_align_rotated_backward(
+                G, R, x.shape, 2, 1.0, sr, al, deterministic=det)), want, rtol=1e-11,
+                atol=1e-11)
+    X32, R32 = backend.asarray([x.astype(np.float32), rois.astype(np.float32)])
+    assert np.isfinite(A(fastnorm.roi_align_rotated(X32, R32, 7, 1.0, -1))).all()
+    G32 = backend.asarray(np.ones((len(rois), 2, 7, 7), np.float32))
+    assert np.isfinite(A(fastnorm.roi_align_rotated_backward(G32, R32, x.shape, 7))).all()
+
+
+def test_roi_align_rotated_without_a_table(backend, rng):
+    """A RoI whose per-sample table would be too big (here 7 x 7 bins of 70 x 70 samples) is
+    sampled on the fly on the CPU: the same results as the oracle."""
+    x = rng.standard_normal((1, 2, 9, 11))
+    rois = np.array([[0, 5, 4, 8, 6, 25], [0, 5, 4, 3, 2, -60]], np.float64)
+    g = rng.standard_normal((2, 2, 7, 7))
+    X, R, G = backend.asarray([x, rois, g])
+    A = backend.asnumpy
+    np.testing.assert_allclose(A(fastnorm.roi_align_rotated(X, R, 7, 1.0, 70)),
+                               ref.roi_align_rotated(x, rois, 7, 7, 1.0, 70, True, DEG),
+                               rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(A(fastnorm.roi_align_rotated_backward(G, R, x.shape, 7, 1.0, 70)),
+                               ref.roi_align_rotated_backward(g, rois, x.shape, 7, 7, 1.0, 70,
+                                                              True, DEG), rtol=1e-11, atol=1e-11)
+
+
+def test_roi_align_rotated_inputs_not_modified(backend, rng):
+    x, r = _rcase(rng, "float32")
+    g = np.ones((len(r), 4, 2, 2), np.float32)
+    X, R, G = backend.asarray([x, r, g])
+    fastnorm.roi_align_rotated(X, R, 2)
+    for det in (False, True):
+        fastnorm.roi_align_rotated_backward(G, R, x.shape, 2, deterministic=det)
+    for a, b in ((X, x), (R, r), (G, g)):
+        assert np.array_equal(backend.asnumpy(a), b)
+
+
+def test_roi_align_rotated_bad_arguments(backend):
+    A = backend.asarray
+    x = A(np.zeros((2, 4, 4, 4), np.float32))
+    r = A(np.array([[0, 1, 1, 2, 2, 30]], np.float32))
+    g = A(np.zeros((1, 4, 2, 2), np.float32))
+    f, fb = fastnorm.roi_align_rotated, fastnorm.roi_align_rotated_backward
+    with pytest.raises(ValueError, match=r"`rois` must have shape \(K, 6\)"):
+        f(x, r[:, :5], 2)
+    with pytest.raises(ValueError, match=r"`rois` entry 0 must have shape \(K_0, 5\)"):
+        f(x, [r[:, 1:5]], 2)
+    with pytest.raises(ValueError, match=r"`rois` must have shape \(K, 6\)"):
+        fb(g, r[:, :5], (2, 4, 4, 4), 2)
+    for b in (2, -1, 0.5, np.nan):
+        rb = A(np.array([[b, 1, 1, 2, 2, 30]], np.float32))
+        with pytest.raises(ValueError, match="`rois`"):
+            f(x, rb, 2)
+        for det in (False, True):
+            with pytest.raises(ValueError, match="`rois`"):
+                fb(g, rb, (2, 4, 4, 4), 2, deterministic=det)
+    with pytest.raises(ValueError, match="`rois`"):
+        f(x, [r[:, 1:]] * 3, 2)
+    with pytest.raises(TypeError, match="`rois`"):
+        f(x, A(np.array([[0, 1, 1, 2, 2, 30]], np.float64)), 2)
+    with pytest.raises(TypeError, match="`rois`"):
+        fb(g, A(np.array([[0, 1, 1, 2, 2, 30]], np.float64)), (2, 4, 4, 4), 2)
+    with pytest.raises(TypeError, match="`x`"):
+        f(A(np.zeros((1, 4, 4, 4), np.int32)), r, 2)
+    with pytest.raises(ValueError, match="`x`"):
+        f(x[0], r, 2)
+    with pytest.raises(ValueError, match="`angle_unit`"):
+        f(x, r, 2, angle_unit="gradians")
+    with pytest.raises(ValueError, match="`angle_unit`"):
+        fb(g, r, (2, 4, 4, 4), 2, angle_unit="deg")
+    with pytest.raises(TypeError, match="`clockwise`"):
+        f(x, r, 2, clockwise="yes")
+    for bad in (0, (2, 0), -1, (1, 2, 3)):
+        with pytest.raises(ValueError, match="`output_size`"):
+            f(x, r, bad)
+    with pytest.raises(ValueError, match="`spatial_scale`"):
+        f(x, r, 2, np.inf)
+    with pytest.raises(ValueError, match="`grad_out`"):
+        fb(A(np.zeros((1, 4, 3, 2), np.float32)), r, (2, 4, 4, 4), 2)
+    with pytest.raises(ValueError, match="`input_shape`"):
+        fb(g, r, (2, 4, 4), 2)
+
+
 # ---------------------------------------------------------------- devices and interop
 
 def test_arrays_on_another_device(cuda_backend, rng):

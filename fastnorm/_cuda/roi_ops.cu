@@ -1,4 +1,4 @@
-// RoIAlign (avg/max), PS-RoIAlign, deformable RoI pooling and RoIPool on CUDA.
+// RoIAlign (avg/max, rotated), PS-RoIAlign, deformable RoI pooling and RoIPool on CUDA.
 //
 // One thread per output element computes its RoI geometry and samples (torchvision / mmcv
 // semantics, see fastnorm/roi_ops.py). Backward:
@@ -8,20 +8,26 @@
 //    and visits the RoIs of its image in index order (order/seg), adding only the corners that
 //    fall into its rows: no atomics, bitwise reproducible; every thread scans its image's RoIs.
 // The grad_offset / grad_mask of deformable pooling are always one thread per (RoI, bin).
+// Rotated RoIAlign (KIND_ROTATED, detectron2) is RoIAlign whose samples are placed by a rotation
+// about the RoI's centre; its deterministic backward bounds a bin's rows by the bin's rotated
+// rectangle's bounding box.
 #include "common.cuh"
 
 namespace fastnorm {
 namespace roi_ops {
 
 // the kernel family (KIND_* in roi_ops.py) and RoIAlign's reduction (fastnorm._kernels.ROI_MODES)
-enum { KIND_ALIGN = 0, KIND_PS = 1, KIND_DEFORM = 2 };
+enum { KIND_ALIGN = 0, KIND_PS = 1, KIND_DEFORM = 2, KIND_ROTATED = 3 };
 enum { MODE_AVG = 0, MODE_MAX = 1 };
 
-// gh x gw samples per bin: each up to 2 L + 64, so their product needs 64 bits
+// gh x gw samples per bin: each up to 2 L + 64, so their product needs 64 bits. Rotated RoIs
+// (rot): ys, xs are the local frame's start (-rh/2, -rw/2), rotated by (cs, sn) about (cy, cx).
 template <typename A> struct Geo {
     A ys, xs, bh, bw, rh, rw;
     i64 gh, gw;
     i64 n;
+    bool rot;
+    A cy, cx, cs, sn;
 };
 
 __device__ __forceinline__ i64 grid_of(double size, int P, int sr, i64 L) {
@@ -53,26 +59,67 @@ __device__ bool roi_geom(const T* roi, double scale, double off, bool clamp1, in
     g.bw = g.rw / A(PW);
     g.gh = grid_of(double(g.rh), PH, sr, H);
     g.gw = grid_of(double(g.rw), PW, sr, W);
+    g.rot = false;
+    return g.gh > 0 && g.gw > 0;
+}
+
+// rotated RoI [n, cx, cy, w, h, angle] (detectron2); false also for a negative size when aligned
+// (off > 0). Adaptive grids are capped at 2 max(H, W) + 64 (a bin's axes are not the map's).
+template <typename T, typename A>
+__device__ bool rot_geom(const T* roi, double scale, double off, bool clamp1, double ascale,
+                         int PH, int PW, int sr, i64 H, i64 W, Geo<A>& g) {
+    A r[6];
+    for (int i = 0; i < 6; ++i) r[i] = load(roi + i);
+    for (int i = 1; i < 6; ++i)
+        if (!isfinite(double(r[i]))) return false;
+    g.n = (i64)r[0];
+    g.cx = A(double(r[1]) * scale - off);
+    g.cy = A(double(r[2]) * scale - off);
+    g.rw = A(double(r[3]) * scale);
+    g.rh = A(double(r[4]) * scale);
+    if (clamp1) {
+        g.rw = g.rw > A(1) ? g.rw : A(1);
+        g.rh = g.rh > A(1) ? g.rh : A(1);
+    } else if (g.rw < A(0) || g.rh < A(0)) {
+        return false;
+    }
+    const double t = double(r[5]) * ascale;
+    g.cs = A(cos(t));
+    g.sn = A(sin(t));
+    g.ys = -g.rh / A(2);
+    g.xs = -g.rw / A(2);
+    g.bh = g.rh / A(PH);
+    g.bw = g.rw / A(PW);
+    const i64 L = H > W ? H : W;
+    g.gh = grid_of(double(g.rh), PH, sr, L);
+    g.gw = grid_of(double(g.rw), PW, sr, L);
+    g.rot = true;
     return g.gh > 0 && g.gw > 0;
 }
 
 struct Params {
     i64 K, N, C, CO, H, W;
     int PH, PW, sr, kind, mode, aligned, has_offset, has_mask;
-    double scale, gamma;
+    double scale, gamma, angle_scale;   // angle_scale: radians per unit of a rotated RoI's angle
 };
 // kernels take the parameters as scalars (launcher: roi_ops.py `_params`)
 #define PARAM_ARGS i64 K, i64 N, i64 C, i64 CO, i64 H, i64 W, int PH, int PW, int sr, int kind, \
-    int mode, int aligned, int has_offset, int has_mask, double scale, double gamma
+    int mode, int aligned, int has_offset, int has_mask, double scale, double gamma, \
+    double angle_scale
 #define PARAM_INIT const Params p{K, N, C, CO, H, W, PH, PW, sr, kind, mode, aligned, has_offset, \
-    has_mask, scale, gamma}
+    has_mask, scale, gamma, angle_scale}
 #define NEG_FLT_MAX (-3.402823466e+38f)
 
 // geometry + per-bin shift (deformable) for RoI k, bin (ph, pw)
 template <typename T, typename A>
 __device__ bool bin_geom(const T* rois, const T* offset, const Params& p, i64 k, int ph, int pw,
                          Geo<A>& g, A& sy, A& sx) {
-    const bool al = p.kind != KIND_ALIGN || p.aligned;
+    const bool al = (p.kind != KIND_ALIGN && p.kind != KIND_ROTATED) || p.aligned;
+    if (p.kind == KIND_ROTATED) {
+        sy = sx = A(0);
+        return rot_geom<T, A>(rois + 6 * k, p.scale, al ? 0.5 : 0.0, !al, p.angle_scale, p.PH,
+                              p.PW, p.sr, p.H, p.W, g);
+    }
     if (!roi_geom<T, A>(rois + 5 * k, p.scale, al ? 0.5 : 0.0, !al, p.PH, p.PW, p.sr, p.H, p.W, g))
         return false;
     sy = A(0);
@@ -94,6 +141,17 @@ template <typename A>
 __device__ __forceinline__ A sample_x(const Geo<A>& g, int pw, A sx, i64 ix) {
     return g.xs + sx + A(pw) * g.bw + (A(ix) + A(0.5)) * g.bw / A(g.gw);
 }
+// the map position of a sample at local (yy, xx) (rotated RoIs), or (yy, xx) itself
+template <typename A>
+__device__ __forceinline__ void place(const Geo<A>& g, A yy, A xx, A& y, A& x) {
+    if (g.rot) {
+        y = yy * g.cs - xx * g.sn + g.cy;
+        x = yy * g.sn + xx * g.cs + g.cx;
+    } else {
+        y = yy;
+        x = xx;
+    }
+}
 
 // average (mode 0) or max (mode 1, *arg = argmax sample, first on ties) over a bin's samples;
 // the sum goes row by row (a float sum of more than 2**24 samples would stall)
@@ -103,13 +161,14 @@ __device__ A bin_value(const T* plane, const Geo<A>& g, int ph, int pw, A sy, A 
     A acc = A(0), best = A(0);
     i64 a = 0, s = 0;
     for (i64 iy = 0; iy < g.gh; ++iy) {
-        const A y = sample_y(g, ph, sy, iy);
+        const A yy = sample_y(g, ph, sy, iy);
         A row = A(0);
         for (i64 ix = 0; ix < g.gw; ++ix, ++s) {
-            A wt[4];
+            A wt[4], y, x;
             i64 o[4];
             A v = A(0);
-            if (roi_bilinear(y, sample_x(g, pw, sx, ix), H, W, o, wt))
+            place(g, yy, sample_x(g, pw, sx, ix), y, x);
+            if (roi_bilinear(y, x, H, W, o, wt))
                 v = wt[0] * load(plane + o[0]) + wt[1] * load(plane + o[1]) +
                     wt[2] * load(plane + o[2]) + wt[3] * load(plane + o[3]);
             row += v;
@@ -119,6 +178,29 @@ __device__ A bin_value(const T* plane, const Geo<A>& g, int ph, int pw, A sy, A 
     }
     if (arg) *arg = a;
     return mode == MODE_MAX ? best : acc / A(g.gh * g.gw);
+}
+
+// a bound on the rows bin (ph, pw)'s samples read: [lo, hi] (the bounding box of its rotated
+// rectangle for rotated RoIs), widened by 2 for the bilinear corners and rounding
+template <typename A>
+__device__ void bin_rows(const Geo<A>& g, int ph, int pw, A sy, A& lo, A& hi) {
+    const A ya = g.ys + sy + A(ph) * g.bh, yb = ya + g.bh;
+    lo = ya < yb ? ya : yb;
+    hi = ya < yb ? yb : ya;
+    if (g.rot) {
+        const A xa = g.xs + A(pw) * g.bw, xb = xa + g.bw;
+        A y, x;
+        place(g, ya, xa, y, x);
+        lo = hi = y;
+        const A cy[3] = {ya, yb, yb}, cx[3] = {xb, xa, xb};
+        for (int c = 0; c < 3; ++c) {
+            place(g, cy[c], cx[c], y, x);
+            lo = y < lo ? y : lo;
+            hi = y > hi ? y : hi;
+        }
+    }
+    lo = lo - A(2);
+    hi = hi + A(2);
 }
 
 // input channel read by output channel co at bin (ph, pw)
@@ -166,11 +248,12 @@ __device__ void bin_scatter(const T* xplane, const Geo<A>& g, int ph, int pw, A 
         gv = gv / A(g.gh * g.gw);
     }
     for (i64 iy = y0; iy < y1; ++iy) {
-        const A y = sample_y(g, ph, sy, iy);
+        const A yy = sample_y(g, ph, sy, iy);
         for (i64 ix = x0; ix < x1; ++ix) {
-            A wt[4];
+            A wt[4], y, x;
             i64 o[4];
-            if (!roi_bilinear(y, sample_x(g, pw, sx, ix), H, W, o, wt)) continue;
+            place(g, yy, sample_x(g, pw, sx, ix), y, x);
+            if (!roi_bilinear(y, x, H, W, o, wt)) continue;
             for (int c = 0; c < 4; ++c) add(o[c], gv * wt[c]);
         }
     }
@@ -239,8 +322,8 @@ __global__ void align_bwd_det(const T* __restrict__ dy, const T* __restrict__ x,
                 A sy, sx;
                 if (!bin_geom<T, A>(rois, offset, p, k, ph, pw, g, sy, sx)) break;
                 // rows this bin can touch: [y_first - 1, y_last + 1]
-                const A ya = g.ys + sy + A(ph) * g.bh, yb = ya + g.bh;
-                const A lo = (ya < yb ? ya : yb) - A(2), hi = (ya < yb ? yb : ya) + A(2);
+                A lo, hi;
+                bin_rows(g, ph, pw, sy, lo, hi);
                 if (!(hi >= A(r0) - A(1)) || !(lo <= A(r1))) continue;
                 A gv = load(dy + ((k * p.CO + co) * nb + b));
                 if (p.kind == KIND_DEFORM && p.has_mask) gv *= load(mask + k * nb + b);

@@ -11,7 +11,7 @@ _NS = "fastnorm::roi_ops::"
 _KERNELS = ("align_fwd", "align_bwd", "align_bwd_det", "deform_bwd_offmask", "pool_fwd",
             "pool_bwd", "pool_bwd_det")
 _EXPRS = tuple(e for k in _KERNELS for e in instantiate(_NS + k + "<{}>"))
-KIND_ALIGN, KIND_PS, KIND_DEFORM = 0, 1, 2      # the kernel family (KIND_* in roi_ops.cu)
+KIND_ALIGN, KIND_PS, KIND_DEFORM, KIND_ROTATED = 0, 1, 2, 3   # kernel family (KIND_* in roi_ops.cu)
 RB = 8      # rows of grad_x owned by one thread of the deterministic backward
 
 
@@ -20,13 +20,13 @@ def _k(name, dtype):
 
 
 def _params(K, N, C, CO, H, W, PH, PW, sr=0, kind=0, mode=0, aligned=0, has_offset=0,
-            has_mask=0, scale=1.0, gamma=0.0):
+            has_mask=0, scale=1.0, gamma=0.0, angle_scale=0.0):
     """The kernels' scalar parameters (PARAM_ARGS in roi_ops.cu). Only built for a launch: an
     empty result may have an output_size beyond int32, which a launch never sees."""
     i32 = np.int32
     return (i64(K), i64(N), i64(C), i64(CO), i64(H), i64(W), i32(PH), i32(PW), i32(sr),
             i32(kind), i32(mode), i32(aligned), i32(has_offset), i32(has_mask),
-            np.float64(scale), np.float64(gamma))
+            np.float64(scale), np.float64(gamma), np.float64(angle_scale))
 
 
 def _acc_dtype(dtype):
@@ -115,6 +115,24 @@ def roi_align_backward(grad_out, rois, x, input_shape, pooled_h, pooled_w, spati
                          _nchw(cp, x, channels_last), rois, None, None, N, C, H, W, prm,
                          deterministic)
     return _nhwc(cp, gx, channels_last)
+
+
+def roi_align_rotated_forward(x, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio,
+                              aligned, angle_scale, nthreads):
+    N, C, H, W = x.shape
+    prm = functools.partial(_params, rois.shape[0], N, C, C, H, W, pooled_h, pooled_w,
+                            sampling_ratio, KIND_ROTATED, 0, int(aligned), scale=spatial_scale,
+                            angle_scale=angle_scale)
+    return _align_forward(x, rois, None, None, pooled_h, pooled_w, C, prm)
+
+
+def roi_align_rotated_backward(grad_out, rois, input_shape, pooled_h, pooled_w, spatial_scale,
+                               sampling_ratio, aligned, angle_scale, deterministic, nthreads):
+    N, C, H, W = input_shape
+    prm = functools.partial(_params, rois.shape[0], N, C, C, H, W, pooled_h, pooled_w,
+                            sampling_ratio, KIND_ROTATED, 0, int(aligned), scale=spatial_scale,
+                            angle_scale=angle_scale)
+    return _align_backward(grad_out, None, rois, None, None, N, C, H, W, prm, deterministic)
 
 
 def ps_roi_align_forward(x, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, nthreads):

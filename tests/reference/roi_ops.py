@@ -1,9 +1,11 @@
 """Float64 oracles for the RoI ops, written as plain scalar loops straight from the formulas
-(torchvision RoIAlign / RoIPool / PS-RoIAlign, mmcv max-mode RoIAlign and DeformRoIPool), and
-their gradients with respect to x (each forward loop with the sample read turned into a scatter).
+(torchvision RoIAlign / RoIPool / PS-RoIAlign, mmcv max-mode RoIAlign and DeformRoIPool,
+detectron2 ROIAlignRotated), and their gradients with respect to x (each forward loop with the
+sample read turned into a scatter).
 
-rois are (K, 5) [batch, x1, y1, x2, y2]; everything is computed in float64. The adaptive sample
-grid is capped at 2 L + 64 per bin and axis (L = H or W), as fastnorm documents."""
+rois are (K, 5) [batch, x1, y1, x2, y2] (rotated: (K, 6) [batch, cx, cy, w, h, angle]);
+everything is computed in float64. The adaptive sample grid is capped at 2 L + 64 per bin and
+axis (L = H or W; max(H, W) for rotated RoIs), as fastnorm documents."""
 import numpy as np
 from numba import njit
 
@@ -358,6 +360,88 @@ def roi_pool_backward(g, rois, x, PH, PW, scale):
                     if hm >= 0:
                         gx[n, c, hm, wm] += g[k, c, ph, pw]
     return gx
+
+
+@njit(cache=True)
+def _rot_geom(roi, PH, PW, L, scale, sr, aligned, angle_scale):
+    """detectron2's ROIAlignRotated geometry of roi [b, cx, cy, w, h, angle]:
+    (ok, cy, cx, rh, rw, cos, sin, gh, gw). Not ok (zeros, no gradient): a non-finite entry, a
+    negative size when aligned, or an empty sample grid (capped at 2 L + 64, L = max(H, W))."""
+    off = 0.5 if aligned else 0.0
+    rw = roi[3] * scale
+    rh = roi[4] * scale
+    ok = np.all(np.isfinite(roi[1:6])) and not (aligned and (rw < 0 or rh < 0))
+    if not aligned:
+        rw = max(rw, 1.0)
+        rh = max(rh, 1.0)
+    t = roi[5] * angle_scale
+    gh = _grid(rh, PH, sr, L) if ok else 0
+    gw = _grid(rw, PW, sr, L) if ok else 0
+    return (gh * gw > 0, roi[2] * scale - off, roi[1] * scale - off, rh, rw, np.cos(t),
+            np.sin(t), gh, gw)
+
+
+@njit(cache=True)
+def _rot_point(cy, cx, rh, rw, c, s, PH, PW, gh, gw, ph, pw, iy, ix):
+    """Sample (iy, ix) of bin (ph, pw): local (yy, xx) from the RoI's centre, rotated."""
+    yy = -rh / 2 + ph * rh / PH + (iy + 0.5) * rh / PH / gh
+    xx = -rw / 2 + pw * rw / PW + (ix + 0.5) * rw / PW / gw
+    return yy * c - xx * s + cy, yy * s + xx * c + cx
+
+
+@njit(cache=True)
+def _rotated(x, g, rois, PH, PW, scale, sr, aligned, angle_scale, backward):
+    """Forward (out) or, with ``backward``, grad_x for grad_out g."""
+    K = rois.shape[0]
+    N, C, H, W = x.shape
+    out = np.zeros((K, C, PH, PW))
+    gx = np.zeros(x.shape)
+    for k in range(K):
+        n = int(rois[k, 0])
+        ok, cy, cx, rh, rw, cs, sn, gh, gw = _rot_geom(rois[k], PH, PW, max(H, W), scale, sr,
+                                                       aligned, angle_scale)
+        if not ok:
+            continue
+        for c in range(C):
+            for ph in range(PH):
+                for pw in range(PW):
+                    acc = 0.0
+                    for iy in range(gh):
+                        for ix in range(gw):
+                            y, xx = _rot_point(cy, cx, rh, rw, cs, sn, PH, PW, gh, gw, ph, pw,
+                                               iy, ix)
+                            if backward:
+                                scatter(gx[n, c], y, xx, g[k, c, ph, pw] / (gh * gw))
+                            else:
+                                acc += bilinear(x[n, c], y, xx)
+                    out[k, c, ph, pw] = acc / (gh * gw)
+    return gx if backward else out
+
+
+def roi_align_rotated(x, rois, PH, PW, scale, sr, aligned, angle_scale):
+    """rois (K, 6) [b, cx, cy, w, h, angle]; angle * angle_scale: counter-clockwise radians."""
+    return _rotated(x, np.zeros((1, 1, 1, 1)), rois, PH, PW, scale, sr, aligned, angle_scale,
+                    False)
+
+
+def roi_align_rotated_backward(g, rois, x_shape, PH, PW, scale, sr, aligned, angle_scale):
+    return _rotated(np.zeros(x_shape), g, rois, PH, PW, scale, sr, aligned, angle_scale, True)
+
+
+def random_rotated_rois(rng, K, N, H, W, scale=1.0):
+    """K random rotated RoIs [b, cx, cy, w, h, angle_degrees] in image coordinates: centres
+    partly outside the map, tiny to map-sized boxes, some of zero or negative size, angles
+    anywhere (negative, beyond 360, multiples of 90)."""
+    Wi, Hi = W / scale, H / scale
+    cx = rng.uniform(-0.3 * Wi, 1.3 * Wi, K)
+    cy = rng.uniform(-0.3 * Hi, 1.3 * Hi, K)
+    ms = max(Wi, Hi)
+    w = rng.uniform(-0.05, 1.0, K) * ms * rng.choice([0.05, 0.3, 1.0], K)
+    h = rng.uniform(-0.05, 1.0, K) * ms * rng.choice([0.05, 0.3, 1.0], K)
+    w[rng.random(K) < 0.05] = 0
+    a = np.where(rng.random(K) < 0.3, rng.choice([0, 90, -90, 180, 270, 360, -720, 450], K),
+                 rng.uniform(-800, 800, K))
+    return np.stack([rng.integers(0, N, K), cx, cy, w, h, a], 1).astype(np.float64)
 
 
 def random_rois(rng, K, N, H, W, scale=1.0, lo=-0.3, hi=1.3, max_size=None):

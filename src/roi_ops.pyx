@@ -631,22 +631,26 @@ cdef void _align_max(const floating* x, const floating* dy, const floating* rois
 
 # ---------------------------------------------------------------- rotated RoIAlign (detectron2)
 #
-# The rotation breaks separability, so a RoI's table lists, per bin, the four bilinear corners
-# (plane offset, weight) of each of its samples, samples outside the map left out. Tables are
-# built once per RoI (in parallel, for RoI chunks up to TABLE_BYTES) and shared by every channel;
-# a RoI whose table alone would exceed ROT_TABLE_MAX (huge adaptive grids) samples on the fly.
+# The rotation breaks separability, so a RoI's table lists, per bin, each sample inside the map as
+# one packed corner offset (its top-left corner y0 * W + x0, times 4, plus bit 0: x1 = x0 + 1 and
+# bit 1: y1 = y0 + 1; clamped at the last row/column otherwise) and its two fractions (ly, lx):
+# 16 bytes per sample in float32. Tables are built once per RoI (in parallel, for RoI chunks up
+# to TABLE_BYTES) and shared by every channel; a RoI whose table alone would exceed ROT_TABLE_MAX
+# (huge adaptive grids) samples on the fly.
 
 cdef Py_ssize_t ROT_TABLE_MAX = 8 << 20
+cdef enum:
+    ROT_BLOCK = 8        # at most this many channels per unit (each sample decoded once for them)
 
 
 cdef struct RTab:
-    Py_ssize_t* bp      # bin b's entries: idx/wt[bp[b]:bp[b + 1]]
+    Py_ssize_t* bp      # bin b's samples: idx[bp[b]:bp[b + 1]], fractions wt[2 * s], wt[2 * s + 1]
     Py_ssize_t* idx
     void* wt
     Py_ssize_t n        # batch index
     double inv          # 1 / samples per bin; 0: the RoI contributes nothing
     bint direct         # no table: samples computed on the fly
-    Py_ssize_t ne       # entries reserved
+    Py_ssize_t ne       # samples reserved
 
 
 cdef inline bint _rgeom(const floating* r, double scale, double off, bint aligned, double ascale,
@@ -685,24 +689,46 @@ cdef inline bint _rgeom(const floating* r, double scale, double off, bint aligne
 
 cdef inline bint _rsample(const floating* g, const Py_ssize_t* grid, Py_ssize_t ph,
                           Py_ssize_t pw, Py_ssize_t iy, Py_ssize_t ix, Py_ssize_t H,
-                          Py_ssize_t W, Py_ssize_t* o, floating* w) noexcept nogil:
-    """The four bilinear corners of sample (iy, ix) of bin (ph, pw); False when outside."""
-    cdef floating yy, xx, ly, lx
+                          Py_ssize_t W, Py_ssize_t* o, floating* l) noexcept nogil:
+    """Sample (iy, ix) of bin (ph, pw): its packed corner offset and fractions (ly, lx) in l;
+    False when outside the map."""
+    cdef floating yy, xx
     cdef Py_ssize_t y0, y1, x0, x1
     yy = g[4] + ph * g[2] + <floating>(iy + 0.5) * g[2] / <floating>grid[0]
     xx = g[5] + pw * g[3] + <floating>(ix + 0.5) * g[3] / <floating>grid[1]
-    if roi_linear(yy * g[6] - xx * g[7] + g[0], H, &y0, &y1, &ly) == 0 or \
-            roi_linear(yy * g[7] + xx * g[6] + g[1], W, &x0, &x1, &lx) == 0:
+    if roi_linear(yy * g[6] - xx * g[7] + g[0], H, &y0, &y1, &l[0]) == 0 or \
+            roi_linear(yy * g[7] + xx * g[6] + g[1], W, &x0, &x1, &l[1]) == 0:
         return False
-    o[0] = y0 * W + x0
-    o[1] = y0 * W + x1
-    o[2] = y1 * W + x0
-    o[3] = y1 * W + x1
+    o[0] = 4 * (y0 * W + x0) + (x1 - x0) + 2 * (y1 - y0)
+    return True
+
+
+cdef inline void _rweights(floating ly, floating lx, floating* w) noexcept nogil:
+    """The four corner weights of fractions (ly, lx), in the order of the packed offset's
+    corners: (y0, x0), (y0, x1), (y1, x0), (y1, x1)."""
     w[0] = (1 - ly) * (1 - lx)
     w[1] = (1 - ly) * lx
     w[2] = ly * (1 - lx)
     w[3] = ly * lx
-    return True
+
+
+cdef inline floating _rval(const floating* plane, Py_ssize_t o, const floating* w,
+                           Py_ssize_t W) noexcept nogil:
+    """The bilinear value of a sample (packed offset o, corner weights w)."""
+    cdef const floating* q = plane + (o >> 2)
+    cdef Py_ssize_t sx = o & 1, sy = W if o & 2 else 0
+    return w[0] * q[0] + w[1] * q[sx] + w[2] * q[sy] + w[3] * q[sy + sx]
+
+
+cdef inline void _radd(floating* plane, Py_ssize_t o, const floating* w, Py_ssize_t W,
+                       floating gg) noexcept nogil:
+    """The adjoint of _rval: plane += gg * d value / d plane."""
+    cdef floating* q = plane + (o >> 2)
+    cdef Py_ssize_t sx = o & 1, sy = W if o & 2 else 0
+    q[0] += gg * w[0]
+    q[sx] += gg * w[1]
+    q[sy] += gg * w[2]
+    q[sy + sx] += gg * w[3]
 
 
 cdef double _rbin_direct(const floating* plane, floating* gplane, floating gg, const floating* g,
@@ -710,19 +736,19 @@ cdef double _rbin_direct(const floating* plane, floating* gplane, floating gg, c
                          Py_ssize_t W) noexcept nogil:
     """Without a table: the sum of bin (ph, pw)'s samples of ``plane``, or (gplane not NULL)
     their adjoint, gplane += gg * weights."""
-    cdef Py_ssize_t iy, ix, i
-    cdef Py_ssize_t o[4]
+    cdef Py_ssize_t iy, ix, o
+    cdef floating l[2]
     cdef floating w[4]
     cdef double s = 0
     for iy in range(grid[0]):
         for ix in range(grid[1]):
-            if not _rsample(g, grid, ph, pw, iy, ix, H, W, o, w):
+            if not _rsample(g, grid, ph, pw, iy, ix, H, W, &o, l):
                 continue
-            for i in range(4):
-                if gplane != NULL:
-                    gplane[o[i]] += gg * w[i]
-                else:
-                    s += w[i] * plane[o[i]]
+            _rweights(l[0], l[1], w)
+            if gplane != NULL:
+                _radd(gplane, o, w, W, gg)
+            else:
+                s += _rval(plane, o, w, W)
     return s
 
 
@@ -732,9 +758,7 @@ cdef void _rfill(RTab* t, const floating* r, double scale, double off, bint alig
     """Fill one RoI's table (arrays placed by _rot_tables)."""
     cdef floating g[8]
     cdef Py_ssize_t grid[2]
-    cdef Py_ssize_t ph, pw, iy, ix, i, e = 0
-    cdef Py_ssize_t o[4]
-    cdef floating w[4]
+    cdef Py_ssize_t ph, pw, iy, ix, e = 0
     cdef floating* wt = <floating*>t.wt
     t.n = <Py_ssize_t>r[0]
     t.inv = 0
@@ -747,11 +771,8 @@ cdef void _rfill(RTab* t, const floating* r, double scale, double off, bint alig
             if t.inv > 0 and not t.direct:
                 for iy in range(grid[0]):
                     for ix in range(grid[1]):
-                        if _rsample(g, grid, ph, pw, iy, ix, H, W, o, w):
-                            for i in range(4):
-                                t.idx[e] = o[i]
-                                wt[e] = w[i]
-                                e += 1
+                        if _rsample(g, grid, ph, pw, iy, ix, H, W, &t.idx[e], &wt[2 * e]):
+                            e += 1
             t.bp[ph * PW + pw + 1] = e
 
 
@@ -773,12 +794,12 @@ cdef Py_ssize_t _rot_tables(const floating* rois, Py_ssize_t k0, Py_ssize_t K, d
         t.direct = False
         ne = 0
         if _rgeom(rois + 6 * k1, scale, off, aligned, ascale, PH, PW, sr, max(H, W), g, grid):
-            est = <double>nb * grid[0] * grid[1] * 4
-            if est * (sizeof(Py_ssize_t) + fs) > ROT_TABLE_MAX:
+            est = <double>nb * grid[0] * grid[1]
+            if est * (sizeof(Py_ssize_t) + 2 * fs) > ROT_TABLE_MAX:
                 t.direct = True
             else:
                 ne = <Py_ssize_t>est
-        size = (nb + 1 + ne) * sizeof(Py_ssize_t) + _al8(ne * fs)
+        size = (nb + 1 + ne) * sizeof(Py_ssize_t) + _al8(2 * ne * fs)
         if k1 > k0 and total + size > TABLE_BYTES:
             break
         t.ne = ne
@@ -804,15 +825,17 @@ cdef void _rot_unit(const floating* x, const floating* dy, floating* out, floati
                     Py_ssize_t c1, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH,
                     Py_ssize_t PW, double scale, double off, bint aligned, double ascale, int sr,
                     bint backward) noexcept nogil:
-    """RoI k, channels [c0, c1): forward into out, or backward into gx."""
+    """RoI k, channels [c0, c1) (at most ROT_BLOCK): forward into out, or backward into gx.
+    Each table sample is decoded once for all the unit's channels."""
     cdef floating g[8]
     cdef Py_ssize_t grid[2]
-    cdef Py_ssize_t c, b, e, nb = PH * PW
+    cdef Py_ssize_t c, b, e, o, nb = PH * PW, nc = c1 - c0, HW = H * W
     cdef const floating* wt = <const floating*>t.wt
-    cdef const floating* plane
-    cdef floating* gp
-    cdef floating gg
-    cdef double s
+    cdef const floating* q
+    cdef floating* p
+    cdef floating w[4]
+    cdef double acc[ROT_BLOCK]
+    cdef floating gg[ROT_BLOCK]
     if t.inv == 0:
         if not backward:
             for c in range(c0, c1):
@@ -821,26 +844,38 @@ cdef void _rot_unit(const floating* x, const floating* dy, floating* out, floati
         return
     if t.direct:
         _rgeom(rois + 6 * k, scale, off, aligned, ascale, PH, PW, sr, max(H, W), g, grid)
-    for c in range(c0, c1):
-        if backward:
-            gp = gx + (t.n * C + c) * H * W
+        for c in range(c0, c1):
             for b in range(nb):
-                gg = <floating>(dy[(k * C + c) * nb + b] * t.inv)
-                if t.direct:
-                    _rbin_direct(NULL, gp, gg, g, grid, b // PW, b % PW, H, W)
-                    continue
-                for e in range(t.bp[b], t.bp[b + 1]):
-                    gp[t.idx[e]] += gg * wt[e]
-        else:
-            plane = x + (t.n * C + c) * H * W
-            for b in range(nb):
-                if t.direct:
-                    s = _rbin_direct(plane, NULL, 0, g, grid, b // PW, b % PW, H, W)
+                if backward:
+                    _rbin_direct(NULL, gx + (t.n * C + c) * HW,
+                                 <floating>(dy[(k * C + c) * nb + b] * t.inv), g, grid, b // PW,
+                                 b % PW, H, W)
                 else:
-                    s = 0
-                    for e in range(t.bp[b], t.bp[b + 1]):
-                        s += wt[e] * plane[t.idx[e]]
-                out[(k * C + c) * nb + b] = <floating>(s * t.inv)
+                    out[(k * C + c) * nb + b] = <floating>(
+                        _rbin_direct(x + (t.n * C + c) * HW, NULL, 0, g, grid, b // PW, b % PW,
+                                     H, W) * t.inv)
+        return
+    for b in range(nb):
+        for c in range(nc):
+            acc[c] = 0
+            if backward:
+                gg[c] = <floating>(dy[(k * C + c0 + c) * nb + b] * t.inv)
+        for e in range(t.bp[b], t.bp[b + 1]):
+            o = t.idx[e]
+            _rweights(wt[2 * e], wt[2 * e + 1], w)
+            if backward:
+                p = gx + (t.n * C + c0) * HW
+                for c in range(nc):
+                    _radd(p, o, w, W, gg[c])
+                    p = p + HW
+            else:
+                q = x + (t.n * C + c0) * HW
+                for c in range(nc):
+                    acc[c] += _rval(q, o, w, W)
+                    q = q + HW
+        if not backward:
+            for c in range(nc):
+                out[(k * C + c0 + c) * nb + b] = <floating>(acc[c] * t.inv)
 
 
 cdef int _rot(const floating* x, const floating* dy, const floating* rois, floating* out,
@@ -1281,7 +1316,7 @@ def _rotated(x, dy, rois, out, gx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_
     cdef Py_ssize_t K = rois.shape[0]
     order, seg = _segments(rois, N)
     cdef double off = 0.5 if aligned else 0.0
-    cdef Py_ssize_t cb = min(4, _bwd_block(N, C, nthreads)) if backward else min(C, FWD_BLOCK)
+    cdef Py_ssize_t cb = min(ROT_BLOCK, _bwd_block(N, C, nthreads) if backward else C)
     cdef void* px = _p(x)
     cdef void* pd = _p(dy)
     cdef void* pr = _p(rois)

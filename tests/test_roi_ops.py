@@ -978,12 +978,14 @@ def test_roi_align_rotated_non_finite_and_negative_rois(backend, rng, bad):
 
 def test_roi_align_rotated_degenerate_and_huge_rois(backend, rng):
     """Zero width/height, points, RoIs far outside, huge RoIs whose adaptive grid hits the cap
-    (2 max(H, W) + 64), huge angles: the oracle, and finite float32 results."""
+    (2 max(H, W) + 64; the last two with samples inside the map), huge angles: the oracle, and
+    finite float32 results."""
     x = rng.standard_normal((2, 2, 7, 9))
     rois = np.array([[0, 3, 3, 0, 4, 30], [0, 3, 3, 4, 0, -30], [1, 3, 3, 0, 0, 45],
                      [0, 0, 0, 2, 2, 1e6], [1, -50, -50, 10, 10, 10], [0, 4, 3, 9, 7, 90],
                      [1, 4, 3, 9, 7, -270], [0, 4, 4, 1e4, 1e4, 33], [1, 0, 0, 1e6, 5, 0],
-                     [0, 4.5, 3.5, 1e30, 1e30, 12], [1, 1e7, 1e7, 10, 10, 0]], np.float64)
+                     [0, 4.5, 3.5, 1e30, 1e30, 12], [1, 1e7, 1e7, 10, 10, 0],
+                     [0, 4, 3, 200, 150, 30], [1, 5, 2, 150, 200, -60]], np.float64)
     g = rng.standard_normal((len(rois), 2, 2, 2))
     X, R, G = backend.asarray([x, rois, g])
     A = backend.asnumpy
@@ -1003,18 +1005,18 @@ def test_roi_align_rotated_degenerate_and_huge_rois(backend, rng):
 
 
 def test_roi_align_rotated_without_a_table(backend, rng):
-    """A RoI whose per-sample table would be too big (here 7 x 7 bins of 70 x 70 samples) is
-    sampled on the fly on the CPU: the same results as the oracle."""
+    """A RoI whose per-sample table would be too big (here 7 x 7 bins of 100 x 100 float64
+    samples: 11.8 MB) is sampled on the fly on the CPU: the same results as the oracle."""
     x = rng.standard_normal((1, 2, 9, 11))
     rois = np.array([[0, 5, 4, 8, 6, 25], [0, 5, 4, 3, 2, -60]], np.float64)
     g = rng.standard_normal((2, 2, 7, 7))
     X, R, G = backend.asarray([x, rois, g])
     A = backend.asnumpy
-    np.testing.assert_allclose(A(fastnorm.roi_align_rotated(X, R, 7, 1.0, 70)),
-                               ref.roi_align_rotated(x, rois, 7, 7, 1.0, 70, True, DEG),
+    np.testing.assert_allclose(A(fastnorm.roi_align_rotated(X, R, 7, 1.0, 100)),
+                               ref.roi_align_rotated(x, rois, 7, 7, 1.0, 100, True, DEG),
                                rtol=1e-11, atol=1e-11)
-    np.testing.assert_allclose(A(fastnorm.roi_align_rotated_backward(G, R, x.shape, 7, 1.0, 70)),
-                               ref.roi_align_rotated_backward(g, rois, x.shape, 7, 7, 1.0, 70,
+    np.testing.assert_allclose(A(fastnorm.roi_align_rotated_backward(G, R, x.shape, 7, 1.0, 100)),
+                               ref.roi_align_rotated_backward(g, rois, x.shape, 7, 7, 1.0, 100,
                                                               True, DEG), rtol=1e-11, atol=1e-11)
 
 

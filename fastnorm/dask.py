@@ -104,15 +104,16 @@ def deform_conv2d(x, offset, weight, bias=None, *, mask=None, stride=1, padding=
 
 # ---------------------------------------------------------------- per image: RoI ops
 
-def _roi_parts(rois, bounds, extra):
-    """Split the RoIs (and per-RoI arrays ``extra``) by the batch chunks ``bounds``.
+def _roi_parts(rois, bounds, extra, width=4):
+    """Split the RoIs (and per-RoI arrays ``extra``) by the batch chunks ``bounds``; ``width``:
+    values per box of a per-image list (4, or 5 for rotated boxes).
 
     Returns per chunk (rois in the kernel's form with chunk-local image indices, extras), and the
     permutation that restores the caller's RoI order (None when already in order).
     """
-    if _lists.is_list(rois):                  # -> (K, 5), in image order (the caller's)
+    if _lists.is_list(rois):                  # -> (K, 1 + width), in image order (the caller's)
         rois = [np.asarray(r) for r in rois]
-        rois = _lists.rois(np, rois, rois[0].dtype if rois else np.float32)
+        rois = _lists.rois(np, rois, rois[0].dtype if rois else np.float32, width)
     rois = _small(rois)
     batch = rois[:, 0]
     order = np.argsort(batch, kind="stable")
@@ -125,12 +126,12 @@ def _roi_parts(rois, bounds, extra):
     return parts, (None if np.array_equal(order, np.arange(len(order))) else np.argsort(order))
 
 
-def _per_image_rois(fn, x, rois, out_channels, output_size, extra=()):
+def _per_image_rois(fn, x, rois, out_channels, output_size, extra=(), width=4):
     x = _batched(x, "x")
     PH, PW = (output_size, output_size) if np.ndim(output_size) == 0 else tuple(output_size)
     edges = np.cumsum((0,) + x.chunks[0])
     bounds = list(zip(edges[:-1], edges[1:]))
-    parts, inverse = _roi_parts(rois, bounds, extra)
+    parts, inverse = _roi_parts(rois, bounds, extra, width)
     blocks = x.to_delayed().ravel()
     outs = []
     for blk, (r, ex) in zip(blocks, parts):
@@ -185,7 +186,7 @@ def roi_align_rotated(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1
     fn = functools.partial(_fn.roi_align_rotated, output_size=output_size,
                            spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
                            aligned=aligned, clockwise=clockwise, angle_unit=angle_unit)
-    return _per_image_rois(fn, x, rois, x.shape[1], output_size)
+    return _per_image_rois(fn, x, rois, x.shape[1], output_size, width=5)
 
 
 # ---------------------------------------------------------------- per image: NMS family

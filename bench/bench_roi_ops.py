@@ -22,8 +22,9 @@ roi_align_rotated: the same RoIs as (cx, cy, w, h, angle) with angles uniform in
 degrees, forward and backward, beside roi_align on the unrotated RoIs (the cost of rotation)
 and beside the PyTorch way without detectron2/mmcv (``torch.nn.functional.grid_sample`` on a
 rotated sampling grid per RoI, then ``avg_pool2d`` over each bin's samples; torch in this
-process). grid_sample pads with zeros where RoIAlign clamps samples within one pixel of the
-border, so its max deviation is reported over the RoIs whose samples all lie inside the map.
+process; forward only: autograd through the expanded image would allocate K x C x H x W).
+grid_sample pads with zeros where RoIAlign clamps samples within one pixel of the border, so its
+max deviation is reported over the RoIs whose samples all lie inside the map.
 
 The "GB/s" column counts the bytes of the output (forward) or of grad_out + grad_x (backward).
 """
@@ -169,8 +170,10 @@ def rotated(rois, seed=2):
 
 def torch_rotated(x, rrois, threads):
     """roi_align_rotated the PyTorch way: a rotated grid of each bin's SR x SR sample points per
-    RoI, grid_sample (bilinear, zero padding) on the RoI's image, avg_pool2d per bin. Returns
-    (forward, backward, output, inside: RoIs whose samples all lie in the map) or None."""
+    RoI, grid_sample (bilinear, zero padding) on the RoI's image (expanded to the RoI count
+    without a copy), avg_pool2d per bin. Returns (forward, output, inside: RoIs whose samples
+    all lie in the map) or None. Its backward is not timed: the gradient of the expanded image
+    is materialised, K x C x H x W floats (27 GB here)."""
     try:
         import torch
         import torch.nn.functional as F
@@ -201,12 +204,7 @@ def torch_rotated(x, rrois, threads):
             out[sel] = F.avg_pool2d(F.grid_sample(xs, grid[sel], "bilinear", "zeros",
                                                   align_corners=False), SR)
         return out
-    xg = xt.clone().requires_grad_(True)
-    y = forward(xg)
-
-    def backward(g=torch.from_numpy(np.ones(y.shape, np.float32))):
-        torch.autograd.grad(y, xg, g, retain_graph=True)
-    return (lambda: forward(xt)), backward, forward(xt).numpy(), inside
+    return (lambda: forward(xt)), forward(xt).numpy(), inside
 
 
 def rotated_table(x, rois, g, threads):
@@ -228,12 +226,10 @@ def rotated_table(x, rois, g, threads):
             out_bytes + x.nbytes)
     peer = torch_rotated(x, rr, threads)
     if peer is not None:
-        fwd, bwd, ref, inside = peer
+        fwd, ref, inside = peer
         err = float(np.abs(ref - y)[inside].max()) if inside.any() else float("nan")
         t.add("forward", f"torch grid_sample + avg_pool2d (max diff {err:.1e})",
               timeit(fwd, repeat=3), out_bytes)
-        t.add("backward", "torch grid_sample + avg_pool2d (autograd)", timeit(bwd, repeat=3),
-              out_bytes + x.nbytes)
     return t
 
 

@@ -12,7 +12,8 @@ from .roi_ops import (roi_align, roi_align_backward, roi_pool, roi_pool_backward
                       ps_roi_align_backward, deform_roi_pool, deform_roi_pool_backward)
 from .deform_conv import deform_conv2d, deform_conv2d_backward
 from .nms import (nms, batched_nms, soft_nms, diou_nms, weighted_nms, matrix_nms, box_iou,
-                  iou_guided_nms, softer_nms, adaptive_nms, combined_nms)
+                  iou_guided_nms, softer_nms, adaptive_nms, combined_nms, box_iou_rotated,
+                  nms_rotated, batched_nms_rotated)
 
 __all__ = [
     "__version__", "info", "get_num_threads", "set_num_threads", "threads",
@@ -23,6 +24,7 @@ __all__ = [
     "deform_conv2d", "deform_conv2d_backward",
     "nms", "batched_nms", "soft_nms", "diou_nms", "weighted_nms", "matrix_nms", "box_iou",
     "iou_guided_nms", "softer_nms", "adaptive_nms", "combined_nms",
+    "box_iou_rotated", "nms_rotated", "batched_nms_rotated",
 ]
 
 

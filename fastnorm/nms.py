@@ -622,9 +622,11 @@ def box_iou_rotated(a, b, *, clockwise=False, angle_unit="degrees"):
     >>> b = np.array([[0, 0, 4, 2, 90], [0, 0, 4, 2, 0], [4, 0, 4, 2, 0]], np.float64)
     >>> fastnorm.box_iou_rotated(a, b).round(4)
     array([[0.3333, 1.    , 0.    ]])
-    >>> fastnorm.box_iou_rotated(a, b[:, [0, 1, 2, 3, 4]] * [1, 1, 1, 1, np.pi / 180],
-    ...                          angle_unit="radians").round(4)
+    >>> rad = np.array([1, 1, 1, 1, np.pi / 180])
+    >>> fastnorm.box_iou_rotated(a * rad, b * rad, angle_unit="radians").round(4)
     array([[0.3333, 1.    , 0.    ]])
+    >>> fastnorm.box_iou_rotated(a, np.array([[1, 0, 4, 2, 30.0]]), clockwise=True).round(4)
+    array([[0.4518]])
     """
     call, (a, b) = resolve(a=a, b=b)
     v.boxes_and_scores(call, "a", a, width=5)

@@ -26,6 +26,19 @@ Layout of one greedy NMS call (nms, batched_nms, diou_nms, weighted_nms)
 
 IoU is evaluated in float64 for float32 and float64 input (exact decisions for float32 boxes:
 their differences and products are exact in float64), as ``inter / (area_a + area_b - inter)``.
+
+Rotated boxes (nms_rotated, batched_nms_rotated: criterion CRIT_ROTATED)
+----------------------------------------------------------------------
+The same ranking, grid and sweep, no second copy: ``_rank_impl`` copies the (cx, cy, w, h, angle)
+rows in rank order, ``_prepare_rotated`` turns each into a *prepared* box (centre, half sizes,
+cos and sin of its angle, area, circumradius; ROT_W doubles) and its axis-aligned bounding box,
+widened beyond any rounding of the corners. The grid is built on the bounding boxes, so its
+window stays conservative; the sweep (``_scan_generic``) tests a candidate by the exact rotated
+IoU (``_rot_iou``: the other box clipped against the kept box's sides in its frame,
+Sutherland-Hodgman, shoelace area) only when their bounding boxes overlap. A box that overlaps
+nothing (w <= 0, h <= 0, a non-finite field) has a NaN bounding box and stays out of the grid.
+Memory: O(N) (ROT_W + 4 doubles per box besides the axis-aligned path's). box_iou_rotated
+prepares both sets once and evaluates the (N, M) pairs in parallel.
 """
 import numpy as np
 cimport numpy as cnp

@@ -242,6 +242,7 @@ def test_nms_edge_cases(backend):
 def test_nms_inputs_not_modified(backend, rng):
     b, s = clusters(rng, 300)
     bd, sd = backend.asarray((b, s))
+    b, s = b.copy(), s.copy()                   # (on the CPU bd is b)
     idxs = backend.asarray(np.arange(300) % 3)
     fastnorm.nms(bd, sd, 0.5)
     fastnorm.batched_nms(bd, sd, idxs, 0.5)
@@ -1631,6 +1632,7 @@ def test_nms_rotated_nan_and_degenerate(backend):
 def test_rotated_inputs_not_modified(backend, rng):
     b, s = rotated_clusters(rng, 300)
     bd, sd = backend.asarray((b, s))
+    b, s = b.copy(), s.copy()                   # (on the CPU bd is b)
     idxs = backend.asarray(np.arange(300) % 3)
     fastnorm.nms_rotated(bd, sd, 0.5, clockwise=True)
     fastnorm.batched_nms_rotated(bd, sd, idxs, 0.5, angle_unit="radians")

@@ -652,16 +652,8 @@ def nms_rotated(boxes, scores, iou_threshold, *, score_threshold=None, max_outpu
     boxes : array (N, 5), or list of (N_i, 5) arrays (one per image)
         ``[cx, cy, w, h, angle]``, float32/float64 (float16/bfloat16 on CUDA). NumPy, CuPy or
         DLPack.
-    scores : array (N,), or list of (N_i,) arrays
-        Same dtype as boxes.
-    iou_threshold : float
-        Finite, >= 0; suppression when IoU > iou_threshold.
-    score_threshold : float, optional
-        Only boxes with ``score > score_threshold`` take part (NaN scores are then dropped).
-    max_output : int, optional
-        Keep at most this many boxes (per image with a batch).
-    batch_idx : integer array (N,), optional
-        Image index (>= 0) of each box; images are suppressed independently in one call.
+    scores, iou_threshold, score_threshold, max_output, batch_idx
+        As in :func:`nms`.
     clockwise : bool
         The angles turn clockwise on screen (mmcv's default, OpenCV); see
         :func:`box_iou_rotated`.
@@ -707,19 +699,10 @@ def batched_nms_rotated(boxes, scores, idxs, iou_threshold, *, score_threshold=N
     ----------
     boxes : array (N, 5), or list of per-image arrays
         ``[cx, cy, w, h, angle]`` (see :func:`box_iou_rotated`).
-    scores : array (N,), or list of per-image arrays
-    idxs : integer array (N,), or list of per-image arrays
-        Class label of each box (any integers).
-    iou_threshold : float
-        Finite, >= 0.
-    score_threshold : float, optional
-        Only boxes with ``score > score_threshold`` take part.
-    max_output : int, optional
-        At most this many boxes in total (over all classes) per image.
-    batch_idx : integer array (N,), optional
-        Image index of each box (see :func:`nms`).
-    clockwise : bool
-    angle_unit : {"degrees", "radians"}
+    scores, idxs, iou_threshold, score_threshold, max_output, batch_idx
+        As in :func:`batched_nms`.
+    clockwise, angle_unit
+        The angle convention, as in :func:`box_iou_rotated`.
 
     Returns
     -------

@@ -79,6 +79,19 @@ def test_nms_half_types(cuda_backend, rng, dtype):
                                atol=1e-3)
     iou = B.asnumpy(fastnorm.box_iou(bd[:30], bd[:20], metric="ciou")).astype(np.float64)
     np.testing.assert_allclose(iou, box_metric(b64[:30], b64[:20], 3), rtol=1e-2, atol=1e-2)
+    # rotated boxes: the same boxes turned (decisions in float64 on the rounded values)
+    (rl,), (r64,) = rounded(dtype, np.c_[(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2],
+                                         rng.uniform(-90, 90, 600)])
+    rd = B.asarray(rl)
+    np.testing.assert_array_equal(B.asnumpy(fastnorm.nms_rotated(rd, sd, 0.5)),
+                                  greedy_nms_rotated(r64, s64, 0.5))
+    np.testing.assert_array_equal(
+        B.asnumpy(fastnorm.batched_nms_rotated(rd, sd, B.asarray(idxs), 0.5)),
+        batched_rotated(r64, s64, idxs, 0.5))
+    iou = B.asnumpy(fastnorm.box_iou_rotated(rd[:30], rd[:20]))
+    assert iou.dtype == _dtype(dtype)
+    np.testing.assert_allclose(iou.astype(np.float64), ref_iou_rotated(r64[:30], r64[:20]),
+                               rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -286,31 +299,41 @@ def test_batched_nms_exact_with_huge_coordinates(backend):
                                   [0, 1, 2])
 
 
-def test_batch_idx_and_lists(backend, rng):
-    B = backend
-    imgs = [clusters(rng, n) for n in (50, 0, 120, 1)]
+def check_lists_and_batch_idx(B, rng, imgs, nms_fn, oracle, batched_fn, batched_oracle):
+    """On per-image lists ``imgs`` of (boxes, scores): ``nms_fn(boxes, scores, **kw)`` equals
+    ``oracle(b, s)`` image by image, and through ``batch_idx`` (the boxes of all images
+    shuffled) the same, grouped by image; ``batched_fn(boxes, scores, idxs)`` with lists of
+    class labels equals ``batched_oracle(b, s, i)``. Returns the lists and ``B``'s arrays."""
     bl, sl = [i[0] for i in imgs], [i[1] for i in imgs]
     bld, sld = B.asarray(bl), B.asarray(sl)
-    per = [greedy_nms(b, s, 0.5, max_output=10) for b, s in zip(bl, sl)]
-    got = B.asnumpy(fastnorm.nms(bld, sld, 0.5, max_output=10))
-    assert len(got) == 4
+    per = [oracle(b, s) for b, s in zip(bl, sl)]
+    got = B.asnumpy(nms_fn(bld, sld))
+    assert isinstance(got, list) and len(got) == len(bl)
     for g, r in zip(got, per):
         np.testing.assert_array_equal(g, r)
-    # the same through batch_idx (images need not be contiguous)
+    sizes = [len(s) for s in sl]
     b, s = np.concatenate(bl), np.concatenate(sl)
-    bi = np.repeat(np.arange(4), [50, 0, 120, 1])
+    bi = np.repeat(np.arange(len(sizes)), sizes)
     perm = rng.permutation(len(s))
     inv = np.argsort(perm)
-    got = fastnorm.nms(*B.asarray((b[perm], s[perm])), 0.5, max_output=10,
-                       batch_idx=B.asarray(bi[perm]))
-    offs = np.concatenate([[0], np.cumsum([50, 0, 120, 1])])
+    got = nms_fn(*B.asarray((b[perm], s[perm])), batch_idx=B.asarray(bi[perm]))
+    offs = np.concatenate([[0], np.cumsum(sizes)])
     want = np.concatenate([inv[r + offs[i]] for i, r in enumerate(per)])
     np.testing.assert_array_equal(B.asnumpy(got), want)
-    # batched_nms with lists of idxs
     il = [rng.integers(0, 3, len(x)) for x in sl]
-    got = B.asnumpy(fastnorm.batched_nms(bld, sld, B.asarray(il), 0.5))
+    got = B.asnumpy(batched_fn(bld, sld, B.asarray(il)))
     for g, b_, s_, i_ in zip(got, bl, sl, il):
-        np.testing.assert_array_equal(g, batched(b_, s_, i_, 0.5) if len(s_) else [])
+        np.testing.assert_array_equal(g, batched_oracle(b_, s_, i_) if len(s_) else [])
+    return bl, sl, bld, sld
+
+
+def test_batch_idx_and_lists(backend, rng):
+    B = backend
+    bl, sl, bld, sld = check_lists_and_batch_idx(
+        B, rng, [clusters(rng, n) for n in (50, 0, 120, 1)],
+        lambda b, s, **kw: fastnorm.nms(b, s, 0.5, max_output=10, **kw),
+        lambda b, s: greedy_nms(b, s, 0.5, max_output=10),
+        lambda b, s, i: fastnorm.batched_nms(b, s, i, 0.5), lambda b, s, i: batched(b, s, i, 0.5))
     # soft/weighted/matrix accept lists too
     ks = B.asnumpy(fastnorm.soft_nms(bld, sld))
     assert len(ks) == 4 and len(ks[1][0]) == 0
@@ -324,10 +347,14 @@ def test_batch_idx_and_lists(backend, rng):
 def test_threads_deterministic(rng):
     b, s = clusters(rng, 6000, np.float32, side=300.0)
     idxs = rng.integers(0, 8, 6000)
+    r = np.c_[(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2],
+              rng.uniform(-90, 90, 6000)].astype(np.float32)      # rotated boxes
     out = []
     for t in (1, 2):
         with fastnorm.threads(t):
             out.append((fastnorm.nms(b, s, 0.5), fastnorm.batched_nms(b, s, idxs, 0.5),
+                        fastnorm.nms_rotated(r, s, 0.5), fastnorm.batched_nms_rotated(
+                            r, s, idxs, 0.5), fastnorm.box_iou_rotated(r[:300], r[:200]),
                         fastnorm.matrix_nms(b[:500], s[:500]),
                         fastnorm.box_iou(b[:300], b[:200], metric="ciou")))
     for x, y in zip(*out):
@@ -1436,16 +1463,6 @@ def test_box_iou_rotated_matches_oracle(backend, rng, dtype):
     assert backend.asnumpy(fastnorm.box_iou_rotated(ad, bd[:0])).shape == (60, 0)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_box_iou_rotated_half_types(cuda_backend, rng, dtype):
-    B = cuda_backend
-    (al, bl), (a64, b64) = rounded(dtype, random_rotated(rng, 30), random_rotated(rng, 25))
-    got = B.asnumpy(fastnorm.box_iou_rotated(*B.asarray((al, bl))))
-    assert got.dtype == _dtype(dtype)
-    np.testing.assert_allclose(got.astype(np.float64), ref_iou_rotated(a64, b64), rtol=1e-2,
-                               atol=1e-2)
-
-
 def test_box_iou_rotated_edge_cases(backend):
     B = backend
 
@@ -1588,27 +1605,12 @@ def test_batched_nms_rotated_matches_per_class(backend, rng, dtype):
 
 def test_nms_rotated_batches_and_lists(backend, rng):
     B = backend
-    imgs = [rotated_clusters(rng, n) for n in (60, 0, 140, 1)]
-    bl, sl = [i[0] for i in imgs], [i[1] for i in imgs]
-    bld, sld = B.asarray(bl), B.asarray(sl)
-    per = [greedy_nms_rotated(b, s, 0.5, max_output=12) for b, s in zip(bl, sl)]
-    got = B.asnumpy(fastnorm.nms_rotated(bld, sld, 0.5, max_output=12))
-    assert isinstance(got, list) and len(got) == 4
-    for g, r in zip(got, per):
-        np.testing.assert_array_equal(g, r)
-    b, s = np.concatenate(bl), np.concatenate(sl)
-    bi = np.repeat(np.arange(4), [60, 0, 140, 1])
-    perm = rng.permutation(len(s))
-    inv = np.argsort(perm)
-    got = fastnorm.nms_rotated(*B.asarray((b[perm], s[perm])), 0.5, max_output=12,
-                               batch_idx=B.asarray(bi[perm]))
-    offs = np.concatenate([[0], np.cumsum([60, 0, 140, 1])])
-    want = np.concatenate([inv[r + offs[i]] for i, r in enumerate(per)])
-    np.testing.assert_array_equal(B.asnumpy(got), want)
-    il = [rng.integers(0, 3, len(x)) for x in sl]
-    got = B.asnumpy(fastnorm.batched_nms_rotated(bld, sld, B.asarray(il), 0.5))
-    for g, b_, s_, i_ in zip(got, bl, sl, il):
-        np.testing.assert_array_equal(g, batched_rotated(b_, s_, i_, 0.5) if len(s_) else [])
+    check_lists_and_batch_idx(
+        B, rng, [rotated_clusters(rng, n) for n in (60, 0, 140, 1)],
+        lambda b, s, **kw: fastnorm.nms_rotated(b, s, 0.5, max_output=12, **kw),
+        lambda b, s: greedy_nms_rotated(b, s, 0.5, max_output=12),
+        lambda b, s, i: fastnorm.batched_nms_rotated(b, s, i, 0.5),
+        lambda b, s, i: batched_rotated(b, s, i, 0.5))
 
 
 def test_nms_rotated_nan_and_degenerate(backend):
@@ -1639,33 +1641,6 @@ def test_rotated_inputs_not_modified(backend, rng):
     fastnorm.box_iou_rotated(bd, bd[:20])
     np.testing.assert_array_equal(backend.asnumpy(bd), b)
     np.testing.assert_array_equal(backend.asnumpy(sd), s)
-
-
-def test_rotated_threads_deterministic(rng):
-    b, s = rotated_clusters(rng, 6000, np.float32, side=300.0)
-    idxs = rng.integers(0, 8, 6000)
-    out = []
-    for t in (1, 2):
-        with fastnorm.threads(t):
-            out.append((fastnorm.nms_rotated(b, s, 0.5),
-                        fastnorm.batched_nms_rotated(b, s, idxs, 0.5),
-                        fastnorm.box_iou_rotated(b[:300], b[:200])))
-    for x, y in zip(*out):
-        assert x.tobytes() == y.tobytes()
-
-
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_nms_rotated_half_types(cuda_backend, rng, dtype):
-    B = cuda_backend
-    b, s = rotated_clusters(rng, 400, side=100.0, tie_levels=30)
-    (bl, sl), (b64, s64) = rounded(dtype, b, s)
-    bd, sd = B.asarray((bl, sl))
-    np.testing.assert_array_equal(B.asnumpy(fastnorm.nms_rotated(bd, sd, 0.5)),
-                                  greedy_nms_rotated(b64, s64, 0.5))
-    idxs = rng.integers(0, 4, 400)
-    np.testing.assert_array_equal(
-        B.asnumpy(fastnorm.batched_nms_rotated(bd, sd, B.asarray(idxs), 0.5)),
-        batched_rotated(b64, s64, idxs, 0.5))
 
 
 def test_cuda_nms_rotated_in_chunks(cuda_backend, rng, monkeypatch):

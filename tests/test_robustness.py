@@ -445,6 +445,17 @@ def test_roi_ops_hostile(backend, op, data):
 
 # ---------------------------------------------------------------- NMS family and box_iou
 
+def _scores_and_layouts(draw, rng, b, dtype):
+    """Scores for the boxes b (ties, NaN, inf sometimes), then both in drawn memory layouts."""
+    n = len(b)
+    s = rng.choice([0.1, 0.5, 0.9, 0.5], n) if draw(st.booleans()) else rng.random(n)
+    if draw(st.booleans()) and n:
+        s = np.where(rng.random(n) < 0.2, rng.choice([np.nan, np.inf, -np.inf, -1.0], n), s)
+    boxes = _layout(b.astype(dtype), draw(st.sampled_from(["c", "f", "strided", "reversed"])))
+    scores = _layout(s.astype(dtype), draw(st.sampled_from(["c", "strided", "reversed"])))
+    return boxes, scores
+
+
 @st.composite
 def boxes_case(draw, n_max=24, n=None):
     dtype = draw(DTYPES)
@@ -461,12 +472,7 @@ def boxes_case(draw, n_max=24, n=None):
     elif flav == "special" and n:
         hit = rng.random((n, 4)) < 0.15
         b = np.where(hit, rng.choice([np.nan, np.inf, -np.inf], (n, 4)), b)
-    s = rng.choice([0.1, 0.5, 0.9, 0.5], n) if draw(st.booleans()) else rng.random(n)
-    if draw(st.booleans()) and n:
-        s = np.where(rng.random(n) < 0.2, rng.choice([np.nan, np.inf, -np.inf, -1.0], n), s)
-    boxes = _layout(b.astype(dtype), draw(st.sampled_from(["c", "f", "strided", "reversed"])))
-    scores = _layout(s.astype(dtype), draw(st.sampled_from(["c", "strided", "reversed"])))
-    return boxes, scores, flav, rng
+    return (*_scores_and_layouts(draw, rng, b, dtype), flav, rng)
 
 
 def _box_errors(draw, boxes, scores, kw, thr_name="iou_threshold"):
@@ -649,12 +655,7 @@ def rotated_case(draw, n_max=20, n=None):
     elif flav == "special" and n:
         hit = rng.random((n, 5)) < 0.1
         b = np.where(hit, rng.choice([np.nan, np.inf, -np.inf], (n, 5)), b)
-    s = rng.choice([0.1, 0.5, 0.9, 0.5], n) if draw(st.booleans()) else rng.random(n)
-    if draw(st.booleans()) and n:
-        s = np.where(rng.random(n) < 0.2, rng.choice([np.nan, np.inf, -np.inf, -1.0], n), s)
-    boxes = _layout(b.astype(dtype), draw(st.sampled_from(["c", "f", "strided", "reversed"])))
-    scores = _layout(s.astype(dtype), draw(st.sampled_from(["c", "strided", "reversed"])))
-    return boxes, scores, flav, rng
+    return (*_scores_and_layouts(draw, rng, b, dtype), flav, rng)
 
 
 ROTATED = ["box_iou_rotated", "nms_rotated", "batched_nms_rotated"]

@@ -13,7 +13,8 @@ from .roi_ops import (roi_align, roi_align_backward, roi_pool, roi_pool_backward
                       roi_align_rotated, roi_align_rotated_backward)
 from .deform_conv import deform_conv2d, deform_conv2d_backward
 from .nms import (nms, batched_nms, soft_nms, diou_nms, weighted_nms, matrix_nms, box_iou,
-                  iou_guided_nms, softer_nms, adaptive_nms, combined_nms)
+                  iou_guided_nms, softer_nms, adaptive_nms, combined_nms, box_iou_rotated,
+                  nms_rotated, batched_nms_rotated)
 
 __all__ = [
     "__version__", "info", "get_num_threads", "set_num_threads", "threads",
@@ -25,6 +26,7 @@ __all__ = [
     "deform_conv2d", "deform_conv2d_backward",
     "nms", "batched_nms", "soft_nms", "diou_nms", "weighted_nms", "matrix_nms", "box_iou",
     "iou_guided_nms", "softer_nms", "adaptive_nms", "combined_nms",
+    "box_iou_rotated", "nms_rotated", "batched_nms_rotated",
 ]
 
 

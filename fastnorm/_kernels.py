@@ -20,8 +20,9 @@ Array = Any          # a C-contiguous NumPy or CuPy array of the call's backend
 ACTIVATIONS = {None: 0, "relu": 1, "silu": 2}
 #: RoIAlign reduction over a bin's samples [MODE_AVG, MODE_MAX]
 ROI_MODES = {"avg": 0, "max": 1}
-#: greedy NMS criterion [CRIT_IOU, CRIT_DIOU]
-CRITERIA = {"iou": 0, "diou": 1}
+#: greedy NMS criterion [CRIT_IOU, CRIT_DIOU, CRIT_ROTATED]; "rotated": the exact IoU of rotated
+#: boxes (nms_rotated's kernels; the greedy sweep sees their bounding boxes)
+CRITERIA = {"iou": 0, "diou": 1, "rotated": 2}
 #: how a selected box treats the boxes it overlaps [DECAY_GAUSSIAN, DECAY_LINEAR, DECAY_HARD]:
 #: Soft-NMS decays (and Matrix-NMS kernels: gaussian and linear only), or removal ("hard")
 DECAYS = {"gaussian": 0, "linear": 1, "hard": 2}
@@ -277,6 +278,26 @@ class BoxIou(NamedTuple):
     metric: int                        # METRICS
 
 
+class NmsRotated(NamedTuple):
+    """Greedy NMS of rotated boxes (the IoU of the exact intersection polygon) -> int64
+    indices, as Nms."""
+    boxes: Array                       # (N, 5) (cx, cy, w, h, angle)
+    scores: Array
+    batch: Optional[Array]
+    classes: Optional[Array]           # int64 (N,) class of each box (class-aware), or None
+    iou_threshold: float
+    score_threshold: Optional[float]   # only boxes with score > this take part; None: all
+    max_output: int                    # per image; -1: unlimited
+    angle_scale: float                 # radians per unit of angle, negative for clockwise
+
+
+class BoxIouRotated(NamedTuple):
+    """-> (N, M) IoU of rotated boxes, of the boxes' dtype (computed in float64)."""
+    a: Array                           # (N, 5) (cx, cy, w, h, angle)
+    b: Array                           # (M, 5)
+    angle_scale: float                 # radians per unit of angle, negative for clockwise
+
+
 class IouGuidedNms(NamedTuple):
     """IoU-guided NMS (IoU-Net) -> (indices, updated scores of the scores' dtype), grouped by
     image, in decreasing updated score within an image (ties: lower index first). Greedy NMS
@@ -353,6 +374,8 @@ CONTRACTS = {
     ("nms", "soft_nms"): SoftNms,
     ("nms", "matrix_nms"): MatrixNms,
     ("nms", "box_iou"): BoxIou,
+    ("nms", "nms_rotated"): NmsRotated,
+    ("nms", "box_iou_rotated"): BoxIouRotated,
     ("nms", "iou_guided_nms"): IouGuidedNms,
     ("nms", "adaptive_nms"): AdaptiveNms,
     ("nms", "softer_nms"): SofterNms,

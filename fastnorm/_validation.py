@@ -110,10 +110,11 @@ def int_array(name, a, n, ref_name):
     return a.astype("int64", copy=False)
 
 
-def boxes_and_scores(call, bname, boxes, sname=None, scores=None):
-    """(N, 4) floating boxes and, when given, (N,) scores of the same dtype."""
+def boxes_and_scores(call, bname, boxes, sname=None, scores=None, *, width=4):
+    """(N, width) floating boxes (4: xyxy, 5: rotated) and, when given, (N,) scores of the
+    same dtype."""
     float_array(call, bname, boxes)
-    shape(bname, boxes, (None, 4), "(N, 4)")
+    shape(bname, boxes, (None, width), f"(N, {width})")
     if scores is not None:
         float_array(call, sname, scores)
         same_dtype(sname, scores, bname, boxes)

@@ -26,11 +26,25 @@ Layout of one greedy NMS call (nms, batched_nms, diou_nms, weighted_nms)
 
 IoU is evaluated in float64 for float32 and float64 input (exact decisions for float32 boxes:
 their differences and products are exact in float64), as ``inter / (area_a + area_b - inter)``.
+
+Rotated boxes (nms_rotated, batched_nms_rotated: criterion CRIT_ROTATED)
+----------------------------------------------------------------------
+The same ranking, grid and sweep, no second copy: ``_rank_impl`` copies the (cx, cy, w, h, angle)
+rows in rank order, ``_prepare_rotated`` turns each into a *prepared* box (centre, half sizes,
+cos and sin of its angle, area, circumradius; ROT_W doubles) and its axis-aligned bounding box,
+widened beyond any rounding of the corners. The grid is built on the bounding boxes, so its
+window stays conservative; the sweep (``_scan_generic``) tests a candidate by the exact rotated
+IoU (``_rot_iou``: the other box clipped against the kept box's sides in its frame,
+Sutherland-Hodgman, shoelace area) only when their bounding boxes overlap. A box that overlaps
+nothing (w <= 0, h <= 0, a non-finite field) has a NaN bounding box and stays out of the grid.
+Memory: O(N) (ROT_W + 4 doubles per box besides the axis-aligned path's). box_iou_rotated
+prepares both sets once and evaluates the (N, M) pairs in parallel.
 """
 import numpy as np
 cimport numpy as cnp
 from cython.parallel cimport prange, threadid
-from libc.math cimport exp, sqrt, atan2, pow, isnan, nextafter, nextafterf, NAN, INFINITY, M_PI
+from libc.math cimport (exp, sqrt, atan2, pow, isnan, nextafter, nextafterf, NAN, INFINITY, M_PI,
+                        cos, sin, fabs)
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
 from libc.float cimport DBL_MAX
@@ -44,6 +58,7 @@ cnp.import_array()
 cdef enum:
     CRIT_IOU = 0
     CRIT_DIOU = 1
+    CRIT_ROTATED = 2
 cdef enum:
     DECAY_GAUSSIAN = 0
     DECAY_LINEAR = 1
@@ -102,6 +117,153 @@ cdef inline double _centre_penalty(double ax1, double ay1, double ax2, double ay
     if c2 > 0:
         return (dx * dx + dy * dy) / c2
     return 0.0
+
+
+# ---------------------------------------------------------------- rotated boxes
+#
+# A rotated box (cx, cy, w, h, angle) is *prepared* once (ROT_W doubles): its centre, half
+# sizes, cos/sin of theta = angle * angle_scale, area and circumradius. Its local point (u, v)
+# is at (cx + u cos + v sin, cy - u sin + v cos). A box with a non-finite field, w <= 0, h <= 0
+# or a bounding box of non-finite area is prepared with area 0: it overlaps nothing. The same
+# layout and arithmetic are in fastnorm/_cuda/nms.cu (rotated_prepare, rotated_iou).
+
+cdef enum:
+    ROT_W = 8       # prepared box: cx, cy, w/2, h/2, cos, sin, area, circumradius
+
+
+cdef inline void _rot_prepare(double cx, double cy, double w, double h, double angle,
+                              double scale, double* p, double* bb) noexcept nogil:
+    """Prepare one rotated box into p[0:ROT_W] and its padded bounding box xyxy into bb (NaN
+    for a box that overlaps nothing). The bounding box is widened by 1e-12 of the box's size
+    and 4e-16 of its centre's magnitude, beyond any rounding of the exact IoU's corners, so
+    boxes whose bounding boxes do not meet have IoU 0."""
+    cdef double hw = 0.5 * w, hh = 0.5 * h, t, c, sn, ex, ey, pad
+    cdef int k
+    p[6] = 0.0
+    bb[0] = bb[1] = bb[2] = bb[3] = NAN
+    if w > 0 and h > 0 and fabs(cx) <= DBL_MAX and fabs(cy) <= DBL_MAX and w * h <= DBL_MAX \
+            and fabs(angle) <= DBL_MAX:
+        t = angle * scale
+        c = cos(t)
+        sn = sin(t)
+        ex = fabs(hw * c) + fabs(hh * sn)
+        ey = fabs(hw * sn) + fabs(hh * c)
+        pad = 1e-12 * (ex + ey)
+        bb[0] = cx - ex - pad - 4e-16 * fabs(cx)
+        bb[2] = cx + ex + pad + 4e-16 * fabs(cx)
+        bb[1] = cy - ey - pad - 4e-16 * fabs(cy)
+        bb[3] = cy + ey + pad + 4e-16 * fabs(cy)
+        if (bb[2] - bb[0]) * (bb[3] - bb[1]) <= DBL_MAX:
+            p[0] = cx; p[1] = cy; p[2] = hw; p[3] = hh; p[4] = c; p[5] = sn
+            p[6] = w * h
+            p[7] = sqrt(hw * hw + hh * hh)
+            return
+        bb[0] = bb[1] = bb[2] = bb[3] = NAN
+    for k in range(ROT_W):
+        p[k] = 0.0
+
+
+cdef inline int _clip(const double* U, const double* V, int n, double* OU, double* OV,
+                      double bound, double sgn) noexcept nogil:
+    """Sutherland-Hodgman: the polygon (U, V)[0:n] clipped to the half-plane sgn * U <= bound
+    -> (OU, OV)[0:count]. Points on the line are inside; a NaN vertex is outside."""
+    cdef int i, prev, k = 0
+    cdef double t
+    cdef bint inc, inp
+    for i in range(n):
+        prev = i - 1 if i > 0 else n - 1
+        inc = sgn * U[i] <= bound
+        inp = sgn * U[prev] <= bound
+        if inc != inp:
+            t = (bound - sgn * U[prev]) / (sgn * U[i] - sgn * U[prev])
+            OU[k] = sgn * bound
+            OV[k] = V[prev] + t * (V[i] - V[prev])
+            k += 1
+        if inc:
+            OU[k] = U[i]
+            OV[k] = V[i]
+            k += 1
+    return k
+
+
+cdef inline double _rot_iou(const double* a, const double* b) noexcept nogil:
+    """IoU of two prepared rotated boxes, in float64: b's corners in a's frame (a becomes
+    [-w/2, w/2] x [-h/2, h/2]), clipped against a's four sides, shoelace area clamped to the
+    smaller box. 0 when either box has area 0 or they do not overlap."""
+    cdef double x[16], y[16], X[16], Y[16]
+    cdef double dx, dy, rr, cd, sd, px, py, uc, us, vc, vs, inter, r
+    cdef int n, i, j
+    if not (a[6] > 0 and b[6] > 0):
+        return 0.0
+    dx = b[0] - a[0]
+    dy = b[1] - a[1]
+    rr = a[7] + b[7]
+    if dx * dx + dy * dy > rr * rr * (1.0 + 1e-9):      # circumcircles apart
+        return 0.0
+    if a[4] == b[4] and a[5] == b[5]:                      # same angle: exactly aligned
+        cd = 1.0
+        sd = 0.0
+    else:                                                  # cos / sin of theta_b - theta_a
+        cd = b[4] * a[4] + b[5] * a[5]
+        sd = b[5] * a[4] - b[4] * a[5]
+    px = dx * a[4] - dy * a[5]                             # b's centre in a's frame
+    py = dx * a[5] + dy * a[4]
+    uc = b[2] * cd; us = b[2] * sd; vc = b[3] * cd; vs = b[3] * sd
+    x[0] = px - uc - vs; y[0] = py + us - vc
+    x[1] = px + uc - vs; y[1] = py - us - vc
+    x[2] = px + uc + vs; y[2] = py - us + vc
+    x[3] = px - uc + vs; y[3] = py + us + vc
+    n = _clip(x, y, 4, X, Y, a[2], 1.0)
+    n = _clip(X, Y, n, x, y, a[2], -1.0)
+    n = _clip(y, x, n, Y, X, a[3], 1.0)
+    n = _clip(Y, X, n, y, x, a[3], -1.0)
+    inter = 0.0
+    for i in range(n):
+        j = i + 1 if i + 1 < n else 0
+        inter += x[i] * y[j] - x[j] * y[i]
+    inter = 0.5 * fabs(inter)
+    r = a[6] if a[6] < b[6] else b[6]
+    if inter > r:
+        inter = r
+    if not (inter > 0):
+        return 0.0
+    r = inter / (a[6] + b[6] - inter)
+    return r if r > 0 else 0.0
+
+
+cdef void _rot_prepare_all(const floating* boxes, Py_ssize_t n, double scale, double* p,
+                           double* bb) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double scratch[4]
+    for i in range(n):
+        _rot_prepare(boxes[5 * i], boxes[5 * i + 1], boxes[5 * i + 2], boxes[5 * i + 3],
+                     boxes[5 * i + 4], scale, p + ROT_W * i, bb + 4 * i if bb != NULL else scratch)
+
+
+def _prepare_rotated(boxes, double angle_scale, bint bounding):
+    """Prepared rotated boxes (n, ROT_W) float64 of (n, 5) boxes, and, with ``bounding``, their
+    bounding boxes (n, 4) (else None)."""
+    cdef Py_ssize_t n = boxes.shape[0]
+    prep = np.empty((n + 1, ROT_W), dtype=np.float64)
+    bbox = np.empty((n + 1, 4), dtype=np.float64) if bounding else None
+    cdef double[:, ::1] pv = prep
+    cdef double[:, ::1] bv
+    cdef double* bp = NULL
+    cdef const float[:, ::1] bf
+    cdef const double[:, ::1] bd
+    if bounding:
+        bv = bbox
+        bp = &bv[0, 0]
+    if n:
+        if boxes.dtype == np.float32:
+            bf = boxes
+            with nogil:
+                _rot_prepare_all(&bf[0, 0], n, angle_scale, &pv[0, 0], bp)
+        else:
+            bd = boxes
+            with nogil:
+                _rot_prepare_all(&bd[0, 0], n, angle_scale, &pv[0, 0], bp)
+    return prep[:n], (bbox[:n] if bounding else None)
 
 
 # ---------------------------------------------------------------- ranking (stable LSD radix)
@@ -202,12 +364,13 @@ cdef void _radix_by(const int64_t* a, const int64_t* idx, uint64_t* key, int64_t
 
 
 cdef Py_ssize_t _rank_impl(const floating* boxes, const floating* scores, const int64_t* batch,
-                           const int64_t* classes, Py_ssize_t n, bint use_thr, double thr,
-                           int64_t* order, int64_t* spos, int64_t* rstart, double* rb,
-                           Py_ssize_t* S_out) noexcept nogil:
+                           const int64_t* classes, Py_ssize_t n, int width, bint use_thr,
+                           double thr, int64_t* order, int64_t* spos, int64_t* rstart,
+                           double* rb, Py_ssize_t* S_out) noexcept nogil:
     """Candidates in (image, class, score desc, index) order: order[r] the input index of rank r,
     spos[r] its position in the (score desc, index) order of all candidates, segments of equal
-    (image, class) rstart[0:S+1], rank-ordered boxes rb (float64). Returns m (-1: no memory)."""
+    (image, class) rstart[0:S+1], rank-ordered boxes rb (float64, ``width`` values per box: 4
+    xyxy, 5 rotated). Returns m (-1: no memory)."""
     cdef Py_ssize_t i, r, m = 0, S = 0
     cdef int64_t o
     cdef uint64_t* key = <uint64_t*>malloc((n + 1) * sizeof(uint64_t))
@@ -246,8 +409,8 @@ cdef Py_ssize_t _rank_impl(const floating* boxes, const floating* scores, const 
                 (batch != NULL and batch[o] != batch[order[r - 1]]):
             rstart[S] = r
             S += 1
-        for i in range(4):
-            rb[4 * r + i] = boxes[4 * o + i]
+        for i in range(width):
+            rb[width * r + i] = boxes[width * o + i]
     rstart[S] = m
     S_out[0] = S
     free(key); free(tkey); free(tval)
@@ -255,15 +418,16 @@ cdef Py_ssize_t _rank_impl(const floating* boxes, const floating* scores, const 
 
 
 class _Ranked:
-    """Ranked candidates (see _rank_impl): m, S, order, spos, rstart, rb (m, 4) float64;
+    """Ranked candidates (see _rank_impl): m, S, order, spos, rstart, rb (m, width) float64;
     ``score_threshold`` None: every box is a candidate."""
 
     def __init__(self, boxes, scores, batch, classes, score_threshold):
         cdef Py_ssize_t n = scores.shape[0], S = 0, m
+        cdef int width = boxes.shape[1]
         order = np.empty(n + 1, dtype=np.int64)
         spos = np.empty(n + 1, dtype=np.int64)
         rstart = np.empty(n + 2, dtype=np.int64)
-        rb = np.empty((n + 1, 4), dtype=np.float64)
+        rb = np.empty((n + 1, width), dtype=np.float64)
         cdef int64_t[::1] ov = order, sv = spos, rv = rstart
         cdef double[:, ::1] bv = rb
         cdef const int64_t* bp = NULL
@@ -287,13 +451,13 @@ class _Ranked:
         elif scores.dtype == np.float32:
             bf, sf = boxes, scores
             with nogil:
-                m = _rank_impl(&bf[0, 0], &sf[0], bp, cp, n, ut, t, &ov[0], &sv[0], &rv[0],
-                               &bv[0, 0], &S)
+                m = _rank_impl(&bf[0, 0], &sf[0], bp, cp, n, width, ut, t, &ov[0], &sv[0],
+                               &rv[0], &bv[0, 0], &S)
         else:
             bd, sd = boxes, scores
             with nogil:
-                m = _rank_impl(&bd[0, 0], &sd[0], bp, cp, n, ut, t, &ov[0], &sv[0], &rv[0],
-                               &bv[0, 0], &S)
+                m = _rank_impl(&bd[0, 0], &sd[0], bp, cp, n, width, ut, t, &ov[0], &sv[0],
+                               &rv[0], &bv[0, 0], &S)
         if m < 0:
             raise MemoryError()
         self.m, self.S = m, S
@@ -321,6 +485,7 @@ cdef struct Grid:
     int64_t* cs
     uint8_t* done           # kept or suppressed, by grid position
     Seg* seg
+    const double* rot       # CRIT_ROTATED: the prepared rotated box of each rank (ROT_W each)
 
 
 cdef inline Py_ssize_t _cell(double v, double lo, double inv, Py_ssize_t n) noexcept nogil:
@@ -444,8 +609,14 @@ cdef inline void _scan_generic(const Grid* g, Py_ssize_t p, Py_ssize_t lo, Py_ss
     for q in range(lo, hi):
         if g.done[q]:
             continue
-        iou = _iou(g.X1[p], g.Y1[p], g.X2[p], g.Y2[p], g.A[p],
-                   g.X1[q], g.Y1[q], g.X2[q], g.Y2[q], g.A[q])
+        if crit == CRIT_ROTATED:      # the grid holds bounding boxes: exact IoU where they meet
+            iou = 0.0
+            if _inter(g.X1[p], g.Y1[p], g.X2[p], g.Y2[p],
+                      g.X1[q], g.Y1[q], g.X2[q], g.Y2[q]) > 0:
+                iou = _rot_iou(g.rot + ROT_W * g.R[p], g.rot + ROT_W * g.R[q])
+        else:
+            iou = _iou(g.X1[p], g.Y1[p], g.X2[p], g.Y2[p], g.A[p],
+                       g.X1[q], g.Y1[q], g.X2[q], g.Y2[q], g.A[q])
         if crit == CRIT_DIOU and iou > 0:
             pen = _centre_penalty(g.X1[p], g.Y1[p], g.X2[p], g.Y2[p],
                                   g.X1[q], g.Y1[q], g.X2[q], g.Y2[q], 0.0)
@@ -497,7 +668,7 @@ cdef int _grid_alloc(Grid* g, const int64_t* rstart, Py_ssize_t m, Py_ssize_t S)
     """Room for the grids of the S segments of m ranks (rstart): 0, or -1 (memory; then
     _grid_free is still the way out)."""
     cdef Py_ssize_t s, ncs = 0
-    g.X1 = NULL; g.R = NULL; g.cs = NULL; g.done = NULL
+    g.X1 = NULL; g.R = NULL; g.cs = NULL; g.done = NULL; g.rot = NULL
     g.seg = <Seg*>malloc((S + 1) * sizeof(Seg))
     if g.seg == NULL:
         return -1
@@ -536,13 +707,15 @@ cdef inline void _window(const Grid* g, const Seg* sg, Py_ssize_t p, Py_ssize_t*
 
 cdef int _greedy_impl(const double* rb, const int64_t* rstart, Py_ssize_t m, Py_ssize_t S,
                       int64_t* kept, int64_t* nkept, Py_ssize_t cap, double thr, int crit,
-                      double beta, int64_t* assign, const double* rthr, double cellscale,
-                      int nthreads) noexcept nogil:
+                      double beta, int64_t* assign, const double* rthr, const double* rot,
+                      double cellscale, int nthreads) noexcept nogil:
     """Build each segment's grid and sweep it; segment s writes its kept ranks to
-    kept[rstart[s]:] and their count to nkept[s]. Segments run in parallel. 0 or -1 (memory)."""
+    kept[rstart[s]:] and their count to nkept[s]. Segments run in parallel. 0 or -1 (memory).
+    CRIT_ROTATED: rb holds the bounding boxes of the prepared rotated boxes ``rot``."""
     cdef Grid g
     cdef Py_ssize_t s
     cdef int err = _grid_alloc(&g, rstart, m, S)
+    g.rot = rot
     if err == 0:
         if S == 1 or nthreads <= 1:
             for s in range(S):
@@ -588,9 +761,10 @@ cdef Py_ssize_t _collect(const int64_t* kept, const int64_t* nkept, const int64_
 
 
 def _greedy(rk, batch, bint merge, double thr, int crit, double beta, Py_ssize_t cap,
-            bint want_assign, int nthreads, rthr=None):
+            bint want_assign, int nthreads, rthr=None, double angle_scale=0.0):
     """Kept ranks in output order (see _collect) and, optionally, each rank's suppressor.
-    ``rthr``: float64 (m,) threshold of each rank, >= 0 (see _sweep), or None."""
+    ``rthr``: float64 (m,) threshold of each rank, >= 0 (see _sweep), or None. CRIT_ROTATED:
+    ``rk.rb`` holds rotated boxes, their angles times ``angle_scale`` in radians."""
     cdef Py_ssize_t m = rk.m, S = rk.S, k = 0
     out = np.empty(m + 1, dtype=np.int64)
     assign_np = np.full(m + 1, -1, dtype=np.int64) if want_assign else None
@@ -598,6 +772,12 @@ def _greedy(rk, batch, bint merge, double thr, int crit, double beta, Py_ssize_t
         return out[:0], assign_np
     cdef int64_t[::1] ov = out
     cdef const double[:, ::1] rb = rk.rb
+    cdef const double* rotp = NULL
+    cdef double[:, ::1] rotv
+    if crit == CRIT_ROTATED:        # the grid sees bounding boxes, the sweep the rotated boxes
+        rot, rb = _prepare_rotated(rk.rb, angle_scale, True)
+        rotv = rot
+        rotp = &rotv[0, 0]
     cdef const int64_t[::1] rs = rk.rstart, order = rk.order, spos = rk.spos
     cdef const int64_t[::1] bt
     cdef const int64_t* bp = NULL
@@ -625,7 +805,7 @@ def _greedy(rk, batch, bint merge, double thr, int crit, double beta, Py_ssize_t
     else:
         with nogil:
             err = _greedy_impl(&rb[0, 0], &rs[0], m, S, kept, nkept, cap, thr, crit, beta, ap,
-                               tp, cellscale, nthreads)
+                               tp, rotp, cellscale, nthreads)
             if err == 0:
                 k = _collect(kept, nkept, &rs[0], S, &order[0], &spos[0], bp, merge, cap,
                              &ov[0], key, key + m + 1, tval)
@@ -649,6 +829,18 @@ def nms(boxes, scores, batch, classes, double iou_threshold, score_threshold,
     rk = _Ranked(boxes, scores, batch, classes, score_threshold)
     ranks, _ = _greedy(rk, batch, classes is not None, iou_threshold, criterion, beta, cap,
                        False, nthreads)
+    return rk.order[ranks]
+
+
+def nms_rotated(boxes, scores, batch, classes, double iou_threshold, score_threshold,
+                Py_ssize_t max_output, double angle_scale, int nthreads):
+    """Greedy NMS of rotated boxes (N, 5), class-aware when ``classes``: the sweep of
+    :func:`nms` on the boxes' bounding boxes, deciding by the exact rotated IoU (CRIT_ROTATED).
+    Returns int64 indices."""
+    cap = max_output if max_output >= 0 else scores.shape[0] + 1
+    rk = _Ranked(boxes, scores, batch, classes, score_threshold)
+    ranks, _ = _greedy(rk, batch, classes is not None, iou_threshold, CRIT_ROTATED, 1.0, cap,
+                       False, nthreads, angle_scale=angle_scale)
     return rk.order[ranks]
 
 
@@ -1082,6 +1274,37 @@ def box_iou(a, b, int metric, int nthreads):
         ad, bd, od = a, b, out
         with nogil:
             _box_iou_f(&ad[0, 0], &bd[0, 0], &od[0, 0], N, M, metric, nthreads)
+    return out
+
+
+cdef void _box_iou_rotated_f(const double* pa, const double* pb, floating* out, Py_ssize_t N,
+                             Py_ssize_t M, int nthreads) noexcept nogil:
+    cdef Py_ssize_t i, j
+    for i in prange(N, num_threads=nthreads, schedule="dynamic", chunksize=8):
+        for j in range(M):
+            out[i * M + j] = <floating>_rot_iou(&pa[ROT_W * i], &pb[ROT_W * j])
+
+
+def box_iou_rotated(a, b, double angle_scale, int nthreads):
+    """(N, M) IoU of rotated boxes a (N, 5) and b (M, 5), computed in float64 and returned in
+    the boxes' dtype."""
+    cdef Py_ssize_t N = a.shape[0], M = b.shape[0]
+    out = np.empty((N, M), dtype=a.dtype)
+    if N == 0 or M == 0:
+        return out
+    pa_np, _ = _prepare_rotated(a, angle_scale, False)
+    pb_np, _ = _prepare_rotated(b, angle_scale, False)
+    cdef const double[:, ::1] pa = pa_np, pb = pb_np
+    cdef float[:, ::1] of
+    cdef double[:, ::1] od
+    if a.dtype == np.float32:
+        of = out
+        with nogil:
+            _box_iou_rotated_f(&pa[0, 0], &pb[0, 0], &of[0, 0], N, M, nthreads)
+    else:
+        od = out
+        with nogil:
+            _box_iou_rotated_f(&pa[0, 0], &pb[0, 0], &od[0, 0], N, M, nthreads)
     return out
 
 

@@ -41,8 +41,10 @@ def _inputs(read_only=False):
     scores = rng.random(300).astype(f)
     classes = rng.integers(0, 5, 300)
     var = rng.uniform(0.1, 4, (300, 4)).astype(f)
+    rbox = np.c_[(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2],
+                 rng.uniform(-90, 90, 300)].astype(f)
     (_ro if read_only else lambda *a: a)(x, w, b, mean, rstd, dy, rois, rrois, g_ra, g_ps, off_r, mask_r, xd, wd, offd, maskd, gd, boxes,
-        scores, classes, var)
+        scores, classes, var, rbox)
     F = fastnorm
     return {
         "group_norm": lambda: F.group_norm(x, 4, w, b, activation="silu"),
@@ -75,6 +77,9 @@ def _inputs(read_only=False):
         "adaptive_nms": lambda: F.adaptive_nms(boxes, scores, scores[::-1], 0.5),
         "matrix_nms": lambda: F.matrix_nms(boxes, scores),
         "box_iou": lambda: F.box_iou(boxes, boxes[:50], metric="ciou"),
+        "box_iou_rotated": lambda: F.box_iou_rotated(rbox, rbox[:50]),
+        "nms_rotated": lambda: F.nms_rotated(rbox, scores, 0.5),
+        "batched_nms_rotated": lambda: F.batched_nms_rotated(rbox, scores, classes, 0.5),
         "combined_nms": lambda: F.combined_nms(boxes[:150].reshape(3, 50, 4),
                                                scores.reshape(3, 50, 2), 20, 50, 0.5, 0.1,
                                                return_indices=True),

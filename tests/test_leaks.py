@@ -36,6 +36,8 @@ def _cases():
     boxes = np.array([[0, 0, 4, 4], [1, 1, 5, 5], [8, 8, 9, 9], [0, 0, 4, 4.5]], f)
     scores = np.array([0.9, 0.8, 0.7, np.nan])
     var = np.array([[1, 2, 1, 0], [1, 1, np.inf, 1], [1, 1, 1, 1], [0.5, 1, 1, 1]], f)
+    rbox = np.array([[2, 2, 4, 4, 0], [3, 3, 4, 4, 30], [8.5, 8.5, 1, 1, 45],
+                     [2, 2, 4, 4.5, np.nan]], f)
     F = fastnorm
 
     def err(fn, *a, **k):
@@ -96,6 +98,14 @@ def _cases():
                        lambda: err(F.matrix_nms, boxes, scores, sigma=0.0)),
         "box_iou": (lambda: F.box_iou(boxes, boxes, metric="giou"),
                     lambda: err(F.box_iou, boxes, boxes.astype(np.float32))),
+        "box_iou_rotated": (lambda: F.box_iou_rotated(rbox, rbox[:3], clockwise=True),
+                            lambda: err(F.box_iou_rotated, rbox, boxes)),
+        "nms_rotated": (lambda: F.nms_rotated([rbox, rbox[:2]], [scores, scores[:2]], 0.5),
+                        lambda: err(F.nms_rotated, rbox, scores, 0.5, angle_unit="grad")),
+        "batched_nms_rotated": (
+            lambda: F.batched_nms_rotated(rbox, scores, np.array([0, 1, 0, 1]), 0.5,
+                                          batch_idx=np.array([0, 0, 1, 1])),
+            lambda: err(F.batched_nms_rotated, boxes, scores, np.array([0, 1, 0, 1]), 0.5)),
         "combined_nms": (lambda: F.combined_nms(boxes[None], scores.reshape(1, 4, 1), 2, 3,
                                                 return_indices=True),
                          lambda: err(F.combined_nms, boxes[None], scores.reshape(1, 2, 2), 2, 3)),

@@ -79,6 +79,19 @@ def test_nms_half_types(cuda_backend, rng, dtype):
                                atol=1e-3)
     iou = B.asnumpy(fastnorm.box_iou(bd[:30], bd[:20], metric="ciou")).astype(np.float64)
     np.testing.assert_allclose(iou, box_metric(b64[:30], b64[:20], 3), rtol=1e-2, atol=1e-2)
+    # rotated boxes: the same boxes turned (decisions in float64 on the rounded values)
+    (rl,), (r64,) = rounded(dtype, np.c_[(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2],
+                                         rng.uniform(-90, 90, 600)])
+    rd = B.asarray(rl)
+    np.testing.assert_array_equal(B.asnumpy(fastnorm.nms_rotated(rd, sd, 0.5)),
+                                  greedy_nms_rotated(r64, s64, 0.5))
+    np.testing.assert_array_equal(
+        B.asnumpy(fastnorm.batched_nms_rotated(rd, sd, B.asarray(idxs), 0.5)),
+        batched_rotated(r64, s64, idxs, 0.5))
+    iou = B.asnumpy(fastnorm.box_iou_rotated(rd[:30], rd[:20]))
+    assert iou.dtype == _dtype(dtype)
+    np.testing.assert_allclose(iou.astype(np.float64), ref_iou_rotated(r64[:30], r64[:20]),
+                               rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -242,6 +255,7 @@ def test_nms_edge_cases(backend):
 def test_nms_inputs_not_modified(backend, rng):
     b, s = clusters(rng, 300)
     bd, sd = backend.asarray((b, s))
+    b, s = b.copy(), s.copy()                   # (on the CPU bd is b)
     idxs = backend.asarray(np.arange(300) % 3)
     fastnorm.nms(bd, sd, 0.5)
     fastnorm.batched_nms(bd, sd, idxs, 0.5)
@@ -285,31 +299,41 @@ def test_batched_nms_exact_with_huge_coordinates(backend):
                                   [0, 1, 2])
 
 
-def test_batch_idx_and_lists(backend, rng):
-    B = backend
-    imgs = [clusters(rng, n) for n in (50, 0, 120, 1)]
+def check_lists_and_batch_idx(B, rng, imgs, nms_fn, oracle, batched_fn, batched_oracle):
+    """On per-image lists ``imgs`` of (boxes, scores): ``nms_fn(boxes, scores, **kw)`` equals
+    ``oracle(b, s)`` image by image, and through ``batch_idx`` (the boxes of all images
+    shuffled) the same, grouped by image; ``batched_fn(boxes, scores, idxs)`` with lists of
+    class labels equals ``batched_oracle(b, s, i)``. Returns the lists and ``B``'s arrays."""
     bl, sl = [i[0] for i in imgs], [i[1] for i in imgs]
     bld, sld = B.asarray(bl), B.asarray(sl)
-    per = [greedy_nms(b, s, 0.5, max_output=10) for b, s in zip(bl, sl)]
-    got = B.asnumpy(fastnorm.nms(bld, sld, 0.5, max_output=10))
-    assert len(got) == 4
+    per = [oracle(b, s) for b, s in zip(bl, sl)]
+    got = B.asnumpy(nms_fn(bld, sld))
+    assert isinstance(got, list) and len(got) == len(bl)
     for g, r in zip(got, per):
         np.testing.assert_array_equal(g, r)
-    # the same through batch_idx (images need not be contiguous)
+    sizes = [len(s) for s in sl]
     b, s = np.concatenate(bl), np.concatenate(sl)
-    bi = np.repeat(np.arange(4), [50, 0, 120, 1])
+    bi = np.repeat(np.arange(len(sizes)), sizes)
     perm = rng.permutation(len(s))
     inv = np.argsort(perm)
-    got = fastnorm.nms(*B.asarray((b[perm], s[perm])), 0.5, max_output=10,
-                       batch_idx=B.asarray(bi[perm]))
-    offs = np.concatenate([[0], np.cumsum([50, 0, 120, 1])])
+    got = nms_fn(*B.asarray((b[perm], s[perm])), batch_idx=B.asarray(bi[perm]))
+    offs = np.concatenate([[0], np.cumsum(sizes)])
     want = np.concatenate([inv[r + offs[i]] for i, r in enumerate(per)])
     np.testing.assert_array_equal(B.asnumpy(got), want)
-    # batched_nms with lists of idxs
     il = [rng.integers(0, 3, len(x)) for x in sl]
-    got = B.asnumpy(fastnorm.batched_nms(bld, sld, B.asarray(il), 0.5))
+    got = B.asnumpy(batched_fn(bld, sld, B.asarray(il)))
     for g, b_, s_, i_ in zip(got, bl, sl, il):
-        np.testing.assert_array_equal(g, batched(b_, s_, i_, 0.5) if len(s_) else [])
+        np.testing.assert_array_equal(g, batched_oracle(b_, s_, i_) if len(s_) else [])
+    return bl, sl, bld, sld
+
+
+def test_batch_idx_and_lists(backend, rng):
+    B = backend
+    bl, sl, bld, sld = check_lists_and_batch_idx(
+        B, rng, [clusters(rng, n) for n in (50, 0, 120, 1)],
+        lambda b, s, **kw: fastnorm.nms(b, s, 0.5, max_output=10, **kw),
+        lambda b, s: greedy_nms(b, s, 0.5, max_output=10),
+        lambda b, s, i: fastnorm.batched_nms(b, s, i, 0.5), lambda b, s, i: batched(b, s, i, 0.5))
     # soft/weighted/matrix accept lists too
     ks = B.asnumpy(fastnorm.soft_nms(bld, sld))
     assert len(ks) == 4 and len(ks[1][0]) == 0
@@ -323,10 +347,14 @@ def test_batch_idx_and_lists(backend, rng):
 def test_threads_deterministic(rng):
     b, s = clusters(rng, 6000, np.float32, side=300.0)
     idxs = rng.integers(0, 8, 6000)
+    r = np.c_[(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2],
+              rng.uniform(-90, 90, 6000)].astype(np.float32)      # rotated boxes
     out = []
     for t in (1, 2):
         with fastnorm.threads(t):
             out.append((fastnorm.nms(b, s, 0.5), fastnorm.batched_nms(b, s, idxs, 0.5),
+                        fastnorm.nms_rotated(r, s, 0.5), fastnorm.batched_nms_rotated(
+                            r, s, idxs, 0.5), fastnorm.box_iou_rotated(r[:300], r[:200]),
                         fastnorm.matrix_nms(b[:500], s[:500]),
                         fastnorm.box_iou(b[:300], b[:200], metric="ciou")))
     for x, y in zip(*out):
@@ -1350,3 +1378,325 @@ def test_new_variants_errors(backend):
     if backend.is_cuda:
         with pytest.raises(TypeError, match="`localization` is a numpy.ndarray"):
             fastnorm.iou_guided_nms(b, s, np.zeros(3, np.float32), 0.5)
+
+
+# ---------------------------------------------------------------- rotated boxes
+
+from reference.nms import (DEG, batched_rotated, box_iou_rotated as ref_iou_rotated,  # noqa: E402
+                           greedy_nms_rotated, rotated_iou_pair)
+
+
+def rotated_clusters(rng, n, dtype=np.float64, side=200.0, per=6, tie_levels=None):
+    """Rotated boxes (cx, cy, w, h, degrees) in clusters of near-duplicates of similar angle,
+    plus a few degenerate ones; scores optionally quantised to force ties."""
+    k = max(1, n // per)
+    c = rng.uniform(0, side, (k, 2))
+    size = rng.uniform(5, 40, (k, 2))
+    ang = rng.uniform(-180, 180, k)
+    which = rng.integers(0, k, n)
+    ctr = c[which] + rng.normal(0, 0.15, (n, 2)) * size[which]
+    wh = size[which] * rng.uniform(0.7, 1.3, (n, 2))
+    a = ang[which] + rng.normal(0, 12, n)
+    b = np.round(np.concatenate([ctr, wh, a[:, None]], 1) * 4) / 4   # exact in float32 too
+    if n >= 20:
+        b[rng.choice(n, n // 20, replace=False), 2] = 0.0           # degenerate: w = 0
+    s = rng.random(n)
+    if tie_levels:
+        s = np.round(s * tie_levels) / tie_levels
+    return b.astype(dtype), s.astype(dtype)
+
+
+def random_rotated(rng, n, side=20.0):
+    return np.concatenate([rng.uniform(0, side, (n, 2)), rng.uniform(0.5, 10, (n, 2)),
+                           rng.uniform(-360, 360, (n, 1))], 1)
+
+
+def xyxy(r):
+    """Axis-aligned boxes of rotated boxes whose angles are multiples of 90 degrees."""
+    r = np.asarray(r, np.float64)
+    swap = (np.round(r[:, 4] / 90).astype(int) % 2).astype(bool)
+    w = np.where(swap, r[:, 3], r[:, 2])
+    h = np.where(swap, r[:, 2], r[:, 3])
+    return np.stack([r[:, 0] - w / 2, r[:, 1] - h / 2, r[:, 0] + w / 2, r[:, 1] + h / 2], 1)
+
+
+def test_rotated_oracle_matches_shapely(rng):
+    shapely = pytest.importorskip("shapely")
+    from shapely.geometry import Polygon
+
+    def poly(b):
+        c, s = np.cos(b[4] * DEG), np.sin(b[4] * DEG)
+        u = np.array([-1, 1, 1, -1]) * b[2] / 2
+        v = np.array([-1, -1, 1, 1]) * b[3] / 2
+        return Polygon(np.stack([b[0] + u * c + v * s, b[1] - u * s + v * c], 1))
+
+    assert shapely.__version__ >= "2"
+    a, b = random_rotated(rng, 400), random_rotated(rng, 400)
+    b[:100, :2] = a[:100, :2] + rng.normal(0, 0.5, (100, 2))       # many heavy overlaps
+    b[100:150] = a[100:150]                                          # identical
+    b[150:200, 4] = a[150:200, 4] + 90                               # crossing
+    n_overlap = 0
+    for p, q in zip(a, b):
+        pa, pb = poly(p), poly(q)
+        inter = pa.intersection(pb).area
+        want = inter / (pa.area + pb.area - inter)
+        n_overlap += want > 0
+        assert abs(rotated_iou_pair(p, q, DEG) - want) < 1e-9, (p, q)
+    assert n_overlap > 200
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_box_iou_rotated_matches_oracle(backend, rng, dtype):
+    a = random_rotated(rng, 60).astype(dtype)
+    b = random_rotated(rng, 45).astype(dtype)
+    b[:20, :2] = a[:20, :2]                  # concentric pairs of every relative angle
+    b[20:25] = a[20:25]                      # identical
+    ad, bd = backend.asarray((a, b))
+    got = backend.asnumpy(fastnorm.box_iou_rotated(ad, bd))
+    ref = ref_iou_rotated(a.astype(np.float64), b.astype(np.float64))
+    assert got.shape == (60, 45) and got.dtype == dtype
+    assert (ref > 0).mean() > 0.2
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(np.diagonal(got[20:25, 20:25]), 1)
+    assert backend.asnumpy(fastnorm.box_iou_rotated(ad[:0], bd)).shape == (0, 45)
+    assert backend.asnumpy(fastnorm.box_iou_rotated(ad, bd[:0])).shape == (60, 0)
+
+
+def test_box_iou_rotated_edge_cases(backend):
+    B = backend
+
+    def iou(a, b, **kw):
+        a = np.asarray(a, np.float64).reshape(-1, 5)
+        b = np.asarray(b, np.float64).reshape(-1, 5)
+        return B.asnumpy(fastnorm.box_iou_rotated(*B.asarray((a, b)), **kw))
+
+    box = [3.0, 4.0, 6.0, 2.0, 30.0]
+    # identical, at any angle and position (huge coordinates too)
+    for ang in (0.0, 30.0, 45.0, 90.0, -137.5, 1000.0):
+        for off in (0.0, 1e7):
+            b = [off + 3, off - 4, 6.0, 2.0, ang]
+            assert abs(iou(b, b)[0, 0] - 1) <= 1e-15
+    # nested: a small box inside a large one, any angles
+    assert abs(iou([0, 0, 10, 10, 0], [1, 1, 2, 2, 33])[0, 0] - 0.04) < 1e-14
+    assert abs(iou([0, 0, 10, 10, 17], [0, 0, 2, 2, 80])[0, 0] - 0.04) < 1e-14
+    # touching edges and corners: 0 (exactly when axis-aligned)
+    assert iou([0, 0, 2, 2, 0], [[2, 0, 2, 2, 0], [2, 2, 2, 2, 0], [0, -2, 2, 2, 0]]).max() == 0
+    c, s = np.cos(30 * DEG), np.sin(30 * DEG)
+    side = [2 * c, -2 * s, 2, 2, 30]          # the neighbour along the rotated u axis
+    corner = [2 * c + 2 * s, -2 * s + 2 * c, 2, 2, 30]
+    assert iou([0, 0, 2, 2, 30], [side, corner]).max() < 1e-12
+    assert iou([0, 0, 2, 2, 45], [np.sqrt(2) * 2, 0, 2, 2, 45])[0, 0] < 1e-12   # tips touch
+    # shared edge, half overlapping along it; collinear edges
+    np.testing.assert_allclose(iou([0, 0, 4, 2, 0], [[2, 0, 4, 2, 0], [0, 1, 4, 4, 0]]),
+                               [[1 / 3, 8 / (8 + 16 - 8)]], rtol=1e-14)
+    np.testing.assert_allclose(iou([0, 0, 4, 2, 30], [2 * c, -2 * s, 4, 2, 30]), [[1 / 3]],
+                               rtol=1e-12)
+    # multiples of 90 degrees agree with box_iou on the axis-aligned boxes
+    rng = np.random.default_rng(5)
+    a = random_rotated(rng, 40, side=10)
+    b = random_rotated(rng, 30, side=10)
+    a[:, 4] = rng.integers(-4, 5, 40) * 90.0
+    b[:, 4] = rng.integers(-4, 5, 30) * 90.0
+    want = B.asnumpy(fastnorm.box_iou(*B.asarray((xyxy(a), xyxy(b)))))
+    assert (want > 0).mean() > 0.2
+    np.testing.assert_allclose(iou(a, b), want, rtol=1e-12, atol=1e-12)
+    # degenerate and non-finite boxes have IoU 0 with everything, themselves included
+    bad = [[0, 0, 0, 2, 0], [0, 0, 2, 0, 10], [0, 0, -2, 2, 0], [0, 0, 2, -2, 45],
+           [0, 0, 1e200, 1e200, 0], [0, 0, 1e300, 1e-300, 45]]
+    for k in range(5):
+        for v in (np.nan, np.inf, -np.inf):
+            b = [0.0, 0.0, 2.0, 2.0, 10.0]
+            b[k] = v
+            bad.append(b)
+    got = iou(bad, bad + [[0, 0, 2, 2, 0], [0, 0, 4, 4, 10]])
+    np.testing.assert_array_equal(got, 0)
+    # huge coordinates: computed relative to the box centres
+    h = iou([1e7 + 0.5, -1e7, 4, 2, 30], [[1e7 + 0.5, -1e7, 4, 2, 0], [1e7 + 1.5, -1e7, 4, 2, 30]])
+    np.testing.assert_allclose(h, iou([0, 0, 4, 2, 30], [[0, 0, 4, 2, 0], [1, 0, 4, 2, 30]]),
+                               rtol=1e-9)
+    assert iou(np.zeros((0, 5)), np.zeros((3, 5))).shape == (0, 3)
+
+
+def test_rotated_angle_conventions(backend, rng):
+    B = backend
+    a, b = random_rotated(rng, 20, side=8), random_rotated(rng, 15, side=8)
+    ad, bd = B.asarray((a, b))
+    ref = B.asnumpy(fastnorm.box_iou_rotated(ad, bd))
+    np.testing.assert_allclose(ref, ref_iou_rotated(a, b), rtol=1e-12, atol=1e-12)
+    neg = np.array([1, 1, 1, 1, -1.0])
+    cw = B.asnumpy(fastnorm.box_iou_rotated(*B.asarray((a * neg, b * neg)), clockwise=True))
+    np.testing.assert_allclose(cw, ref, rtol=1e-13, atol=1e-14)
+    rad = np.array([1, 1, 1, 1, np.pi / 180])
+    got = B.asnumpy(fastnorm.box_iou_rotated(*B.asarray((a * rad, b * rad)),
+                                             angle_unit="radians"))
+    np.testing.assert_allclose(got, ref, rtol=1e-13, atol=1e-14)
+    # a clockwise angle is not a counter-clockwise one (the sign matters)
+    assert np.abs(B.asnumpy(fastnorm.box_iou_rotated(ad, bd, clockwise=True)) - ref).max() > 0.1
+    # mmcv: clockwise radians; OpenCV RotatedRect: clockwise degrees
+    bb, s = rotated_clusters(rng, 300)
+    want = greedy_nms_rotated(bb, s, 0.3)
+    for kw, f in (({"clockwise": True, "angle_unit": "radians"}, -np.pi / 180),
+                  ({"clockwise": True}, -1.0), ({"angle_unit": "radians"}, np.pi / 180)):
+        got = fastnorm.nms_rotated(*B.asarray((bb * [1, 1, 1, 1, f], s)), 0.3, **kw)
+        np.testing.assert_array_equal(B.asnumpy(got), want)
+        got = fastnorm.batched_nms_rotated(*B.asarray((bb * [1, 1, 1, 1, f], s,
+                                                       np.zeros(300, np.int64))), 0.3, **kw)
+        np.testing.assert_array_equal(B.asnumpy(got), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 150, 1500])
+@pytest.mark.parametrize("thr", [0.0, 0.3, 0.5, 0.75])
+def test_nms_rotated_matches_oracle(backend, rng, dtype, n, thr):
+    if backend.is_cuda and n == 1500 and thr in (0.3, 0.75):
+        n = 600
+    b, s = rotated_clusters(rng, n, dtype, tie_levels=20 if n > 100 else None)
+    got = backend.asnumpy(fastnorm.nms_rotated(*backend.asarray((b, s)), thr))
+    assert got.dtype == np.int64
+    want = greedy_nms_rotated(b, s, thr)
+    np.testing.assert_array_equal(got, want)
+    if n >= 150:
+        assert 1 < len(want) < n                # some kept, some suppressed
+
+
+def test_nms_rotated_large_single_image(rng):
+    b, s = rotated_clusters(rng, 5000, side=600.0, tie_levels=50)
+    b[::97, 2] = 300.0                          # a few very wide boxes: a coarse grid
+    with fastnorm.threads(2):
+        got = fastnorm.nms_rotated(b, s, 0.4)
+    np.testing.assert_array_equal(got, greedy_nms_rotated(b, s, 0.4))
+
+
+def test_nms_rotated_angle_zero_equals_nms(backend, rng):
+    B = backend
+    b, s = clusters(rng, 800, tie_levels=15)
+    r = np.concatenate([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2], np.zeros((800, 1))], 1)
+    r[::50, 2] = -1.0                           # inverted boxes: x2 < x1
+    b = np.concatenate([r[:, :2] - r[:, 2:4] / 2, r[:, :2] + r[:, 2:4] / 2], 1)
+    idxs = rng.integers(0, 3, 800)
+    for thr in (0.0, 0.5):
+        np.testing.assert_array_equal(
+            B.asnumpy(fastnorm.nms_rotated(*B.asarray((r, s)), thr)),
+            B.asnumpy(fastnorm.nms(*B.asarray((b, s)), thr)))
+        np.testing.assert_array_equal(
+            B.asnumpy(fastnorm.batched_nms_rotated(*B.asarray((r, s, idxs)), thr)),
+            B.asnumpy(fastnorm.batched_nms(*B.asarray((b, s, idxs)), thr)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batched_nms_rotated_matches_per_class(backend, rng, dtype):
+    B = backend
+    n = 1200 if not B.is_cuda else 500
+    b, s = rotated_clusters(rng, n, dtype, side=60.0, tie_levels=10)
+    idxs = rng.integers(-3, 5, n)
+    bd, sd = B.asarray((b, s))
+    np.testing.assert_array_equal(
+        B.asnumpy(fastnorm.batched_nms_rotated(bd, sd, B.asarray(idxs), 0.5)),
+        batched_rotated(b, s, idxs, 0.5))
+    got = fastnorm.batched_nms_rotated(bd, sd, B.asarray(idxs.astype(np.int32)), 0.5,
+                                       score_threshold=0.3, max_output=50)
+    np.testing.assert_array_equal(B.asnumpy(got), batched_rotated(
+        b, s, idxs, 0.5, score_threshold=0.3, max_output=50))
+    got = fastnorm.nms_rotated(bd, sd, 0.4, score_threshold=0.25, max_output=40)
+    np.testing.assert_array_equal(B.asnumpy(got), greedy_nms_rotated(
+        b, s, 0.4, score_threshold=0.25, max_output=40))
+
+
+def test_nms_rotated_batches_and_lists(backend, rng):
+    B = backend
+    check_lists_and_batch_idx(
+        B, rng, [rotated_clusters(rng, n) for n in (60, 0, 140, 1)],
+        lambda b, s, **kw: fastnorm.nms_rotated(b, s, 0.5, max_output=12, **kw),
+        lambda b, s: greedy_nms_rotated(b, s, 0.5, max_output=12),
+        lambda b, s, i: fastnorm.batched_nms_rotated(b, s, i, 0.5),
+        lambda b, s, i: batched_rotated(b, s, i, 0.5))
+
+
+def test_nms_rotated_nan_and_degenerate(backend):
+    B = backend
+    box = [5.0, 5.0, 10.0, 4.0, 30.0]
+    b = np.array([box, box, [5, 5, 0, 4, 30], [5, 5, 10, -4, 30], [5, 5, np.nan, 4, 30],
+                  [5, 5, 10, 4, np.inf], box, box], np.float64)
+    s = np.array([0.9, np.nan, 0.95, 0.8, 0.7, 0.6, 0.5, 0.5])
+    got = B.asnumpy(fastnorm.nms_rotated(*B.asarray((b, s)), 0.5))
+    np.testing.assert_array_equal(got, [2, 0, 3, 4, 5])         # NaN score last, suppressed
+    np.testing.assert_array_equal(got, greedy_nms_rotated(b, s, 0.5))
+    got = B.asnumpy(fastnorm.nms_rotated(*B.asarray((b, s)), 0.5, score_threshold=0.55))
+    np.testing.assert_array_equal(got, [2, 0, 3, 4, 5])
+    got = B.asnumpy(fastnorm.nms_rotated(*B.asarray((b[[0, 6, 7]], s[[0, 6, 7]])), 0.5))
+    np.testing.assert_array_equal(got, [0])                     # ties: lower index first
+    got = B.asnumpy(fastnorm.nms_rotated(*B.asarray((b[[7, 6]], s[[7, 6]])), 0.5))
+    np.testing.assert_array_equal(got, [0])
+    assert B.asnumpy(fastnorm.nms_rotated(*B.asarray((b[:0], s[:0])), 0.5)).shape == (0,)
+
+
+def test_rotated_inputs_not_modified(backend, rng):
+    b, s = rotated_clusters(rng, 300)
+    bd, sd = backend.asarray((b, s))
+    b, s = b.copy(), s.copy()                   # (on the CPU bd is b)
+    idxs = backend.asarray(np.arange(300) % 3)
+    fastnorm.nms_rotated(bd, sd, 0.5, clockwise=True)
+    fastnorm.batched_nms_rotated(bd, sd, idxs, 0.5, angle_unit="radians")
+    fastnorm.box_iou_rotated(bd, bd[:20])
+    np.testing.assert_array_equal(backend.asnumpy(bd), b)
+    np.testing.assert_array_equal(backend.asnumpy(sd), s)
+
+
+def test_cuda_nms_rotated_in_chunks(cuda_backend, rng, monkeypatch):
+    from fastnorm._cuda import nms as cuda_nms
+    monkeypatch.setattr(cuda_nms, "MASK_BYTES", 64 * 8 * 40)
+    B = cuda_backend
+    b, s = rotated_clusters(rng, 700, side=80.0)
+    idxs = rng.integers(0, 3, 700)
+    np.testing.assert_array_equal(B.asnumpy(fastnorm.nms_rotated(*B.asarray((b, s)), 0.5)),
+                                  greedy_nms_rotated(b, s, 0.5))
+    np.testing.assert_array_equal(
+        B.asnumpy(fastnorm.batched_nms_rotated(*B.asarray((b, s, idxs)), 0.5, max_output=30)),
+        batched_rotated(b, s, idxs, 0.5, max_output=30))
+
+
+def test_rotated_errors(backend):
+    A = backend.asarray
+    b = A(np.zeros((3, 5), np.float32))
+    s = A(np.zeros(3, np.float32))
+    for fn, extra in ((fastnorm.nms_rotated, ()),
+                      (fastnorm.batched_nms_rotated, (A(np.zeros(3, np.int64)),))):
+        with pytest.raises(ValueError, match=r"`boxes` must have shape \(N, 5\)"):
+            fn(A(np.zeros((3, 4), np.float32)), s, *extra, 0.5)
+        with pytest.raises(ValueError, match=r"`boxes\[1\]` must have shape \(N, 5\)"):
+            fn([b, A(np.zeros((3, 4), np.float32))], [s, s],
+               *([list(extra) * 2] if extra else []), 0.5)
+        with pytest.raises(TypeError, match="`boxes`"):
+            fn(A(np.zeros((3, 5), np.int64)), s, *extra, 0.5)
+        with pytest.raises(ValueError, match="`scores`"):
+            fn(b, A(np.zeros(4, np.float32)), *extra, 0.5)
+        with pytest.raises(TypeError, match="`scores`"):
+            fn(b, A(np.zeros(3, np.float64)), *extra, 0.5)
+        with pytest.raises(ValueError, match="`angle_unit`"):
+            fn(b, s, *extra, 0.5, angle_unit="grad")
+        with pytest.raises(TypeError, match="`clockwise`"):
+            fn(b, s, *extra, 0.5, clockwise="yes")
+        with pytest.raises(ValueError, match="`iou_threshold`"):
+            fn(b, s, *extra, np.nan)
+        with pytest.raises(ValueError, match="`max_output`"):
+            fn(b, s, *extra, 0.5, max_output=-2)
+        with pytest.raises(ValueError, match="`batch_idx`"):
+            fn(b, s, *extra, 0.5, batch_idx=A(np.array([0, -1, 0])))
+    with pytest.raises(ValueError, match="`idxs`"):
+        fastnorm.batched_nms_rotated(b, s, A(np.zeros(2, np.int64)), 0.5)
+    with pytest.raises(TypeError, match="`idxs`"):
+        fastnorm.batched_nms_rotated(b, s, None, 0.5)
+    with pytest.raises(ValueError, match=r"`a` must have shape \(N, 5\)"):
+        fastnorm.box_iou_rotated(A(np.zeros((3, 4), np.float32)), b)
+    with pytest.raises(ValueError, match=r"`b` must have shape \(N, 5\)"):
+        fastnorm.box_iou_rotated(b, A(np.zeros(5, np.float32)))
+    with pytest.raises(TypeError, match="`b`"):
+        fastnorm.box_iou_rotated(b, A(np.zeros((3, 5), np.float64)))
+    with pytest.raises(TypeError, match="`a`"):
+        fastnorm.box_iou_rotated(A(np.zeros((3, 5), np.int32)), b)
+    with pytest.raises(ValueError, match="`angle_unit`"):
+        fastnorm.box_iou_rotated(b, b, angle_unit="turns")
+    if backend.is_cuda:
+        with pytest.raises(TypeError, match="`scores` is a numpy.ndarray"):
+            fastnorm.nms_rotated(b, np.zeros(3, np.float32), 0.5)

@@ -479,6 +479,17 @@ def test_roi_ops_hostile(backend, op, data):
 
 # ---------------------------------------------------------------- NMS family and box_iou
 
+def _scores_and_layouts(draw, rng, b, dtype):
+    """Scores for the boxes b (ties, NaN, inf sometimes), then both in drawn memory layouts."""
+    n = len(b)
+    s = rng.choice([0.1, 0.5, 0.9, 0.5], n) if draw(st.booleans()) else rng.random(n)
+    if draw(st.booleans()) and n:
+        s = np.where(rng.random(n) < 0.2, rng.choice([np.nan, np.inf, -np.inf, -1.0], n), s)
+    boxes = _layout(b.astype(dtype), draw(st.sampled_from(["c", "f", "strided", "reversed"])))
+    scores = _layout(s.astype(dtype), draw(st.sampled_from(["c", "strided", "reversed"])))
+    return boxes, scores
+
+
 @st.composite
 def boxes_case(draw, n_max=24, n=None):
     dtype = draw(DTYPES)
@@ -495,12 +506,7 @@ def boxes_case(draw, n_max=24, n=None):
     elif flav == "special" and n:
         hit = rng.random((n, 4)) < 0.15
         b = np.where(hit, rng.choice([np.nan, np.inf, -np.inf], (n, 4)), b)
-    s = rng.choice([0.1, 0.5, 0.9, 0.5], n) if draw(st.booleans()) else rng.random(n)
-    if draw(st.booleans()) and n:
-        s = np.where(rng.random(n) < 0.2, rng.choice([np.nan, np.inf, -np.inf, -1.0], n), s)
-    boxes = _layout(b.astype(dtype), draw(st.sampled_from(["c", "f", "strided", "reversed"])))
-    scores = _layout(s.astype(dtype), draw(st.sampled_from(["c", "strided", "reversed"])))
-    return boxes, scores, flav, rng
+    return (*_scores_and_layouts(draw, rng, b, dtype), flav, rng)
 
 
 def _box_errors(draw, boxes, scores, kw, thr_name="iou_threshold"):
@@ -662,6 +668,96 @@ def test_score_decay_and_iou_hostile(backend, op, data):
                               kw["score_threshold"])
         np.testing.assert_array_equal(keep, ki)
         np.testing.assert_allclose(new, ks, rtol=1e-12)
+
+
+@st.composite
+def rotated_case(draw, n_max=20, n=None):
+    """Rotated boxes (cx, cy, w, h, degrees): small integer centres and sizes (some <= 0),
+    angles of every kind; flavours as boxes_case."""
+    dtype = draw(DTYPES)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    n = int(rng.integers(0, n_max + 1)) if n is None else n     # not shrunk towards 0
+    b = np.concatenate([rng.integers(0, 12, (n, 2)), rng.integers(-2, 9, (n, 2)),
+                        np.zeros((n, 1))], 1).astype(np.float64)
+    angles = draw(st.sampled_from(["random", "random", "right", "mixed", "huge"]))
+    b[:, 4] = {"random": rng.uniform(-360, 360, n), "right": rng.integers(-4, 5, n) * 90.0,
+               "mixed": rng.choice([0.0, 15.0, 30.0, 45.0, 60.0, -90.0, 180.0], n),
+               "huge": rng.uniform(-1e6, 1e6, n)}[angles]
+    flav = draw(st.sampled_from(["plain", "plain", "plain", "huge", "special"]))
+    if flav == "huge":
+        b[:, :4] *= 2.0 ** (50 if dtype == np.float32 else 200)
+    elif flav == "special" and n:
+        hit = rng.random((n, 5)) < 0.1
+        b = np.where(hit, rng.choice([np.nan, np.inf, -np.inf], (n, 5)), b)
+    return (*_scores_and_layouts(draw, rng, b, dtype), flav, rng)
+
+
+ROTATED = ["box_iou_rotated", "nms_rotated", "batched_nms_rotated"]
+
+
+@pytest.mark.parametrize("op", ROTATED)
+@fuzz
+@given(data=st.data())
+def test_rotated_hostile(backend, op, data):
+    boxes, scores, flav, rng = data.draw(rotated_case(8 if op == "box_iou_rotated" else 32))
+    n = len(boxes)
+    conv = dict(clockwise=data.draw(st.booleans()),
+                angle_unit=data.draw(st.sampled_from(["degrees", "radians"])))
+    scale = (-1 if conv["clockwise"] else 1) * (ref_nms.DEG if conv["angle_unit"] == "degrees"
+                                                else 1.0)
+    err = None
+    if data.draw(st.integers(0, 9)) == 0:
+        conv["angle_unit"], err = "gradians", (ValueError, "angle_unit")
+    b64 = np.asarray(boxes, np.float64)
+    if op == "box_iou_rotated":
+        with np.errstate(over="ignore"):              # huge float64 boxes: inf in float32
+            b2 = data.draw(rotated_case(8))[0].astype(boxes.dtype)
+        if err is None and data.draw(st.integers(0, 4)) == 0:
+            b2, err = np.zeros((len(b2), 4), b2.dtype), (ValueError, "b")
+        out = _run(fastnorm.box_iou_rotated, (boxes, b2), conv, err, backend)
+        if out is None:
+            return
+        assert out.shape == (n, len(b2)) and out.dtype == boxes.dtype
+        assert ((out >= 0) & (out <= 1)).all()           # no NaN, whatever the boxes
+        if flav != "special":
+            ref = ref_nms.box_iou_rotated(b64, np.asarray(b2, np.float64), scale)
+            np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-9)
+        return
+    # the options from the case's generator: varied, not shrunk towards the simplest
+    kw = dict(iou_threshold=float(rng.choice([0.05, 0.137, 0.137, 0.37, 0.61, 1.0])),
+              score_threshold=[None, None, 0.2, 0.9][rng.integers(4)],
+              max_output=[None, None, None, 0, 3][rng.integers(5)], **conv)
+    idxs = rng.integers(-1, 1, n) if op == "batched_nms_rotated" else None
+    if data.draw(st.booleans()):
+        kw["batch_idx"] = rng.integers(0, 3, n)
+    if err is None and data.draw(st.integers(0, 2)) == 0:    # mostly valid calls: the oracle
+        (boxes, scores), err = _box_errors(data.draw, boxes, scores, kw)
+        if err is not None and err[1] == "boxes" and boxes.ndim == 2 and boxes.shape[1] == 5:
+            boxes = np.zeros((n, 4), boxes.dtype)          # wrong width for rotated boxes
+    thr = kw.pop("iou_threshold")
+    fn = getattr(fastnorm, op)
+    args = (boxes, scores, idxs, thr) if idxs is not None else (boxes, scores, thr)
+    keep = _run(fn, args, kw, err, backend)
+    if keep is None:
+        return
+    nimg = len(np.unique(kw["batch_idx"])) if "batch_idx" in kw else 1
+    _check_keep(keep, scores, n, None if kw["max_output"] is None else kw["max_output"] * nimg)
+    if flav == "special":          # (huge: scaled by a power of two, the same decisions)
+        return
+    images = kw.get("batch_idx", np.zeros(n, np.int64))
+    for t in (thr, 0.05, 0.3):          # (more decisions per example against the oracle)
+        if t != thr:
+            keep = _run(fn, args[:-1] + (t,), kw, None, backend)
+        expected = []
+        for im in np.unique(images):
+            sel = np.flatnonzero(images == im)
+            b, s = b64[sel], np.asarray(scores, np.float64)[sel]
+            opts = dict(scale=scale, score_threshold=kw["score_threshold"],
+                        max_output=kw["max_output"])
+            k = ref_nms.batched_rotated(b, s, idxs[sel], t, **opts) if idxs is not None \
+                else ref_nms.greedy_nms_rotated(b, s, t, **opts)
+            expected.extend(sel[k].tolist())
+        np.testing.assert_array_equal(keep, expected)
 
 
 @fuzz
@@ -919,7 +1015,7 @@ def test_every_public_function_is_fuzzed():
     """A new public op must get a property test here."""
     covered = {"group_norm", "group_norm_backward", "deform_conv2d", "deform_conv2d_backward",
                "box_iou", "soft_nms", "matrix_nms", "softer_nms", "iou_guided_nms",
-               "adaptive_nms", "combined_nms", *GREEDY, *ROI_OPS,
+               "adaptive_nms", "combined_nms", *GREEDY, *ROTATED, *ROI_OPS,
                *(f"{op}_backward" for op in ROI_OPS)}
     public = {n for n in fastnorm.__all__ if callable(getattr(fastnorm, n))} - {
         "info", "get_num_threads", "set_num_threads", "threads",           # configuration,

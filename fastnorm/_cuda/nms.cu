@@ -13,7 +13,7 @@ namespace nms {
 typedef unsigned long long u64;
 
 // integer codes of fastnorm._kernels: CRITERIA, DECAYS, METRICS (tests/test_contract.py)
-enum { CRIT_IOU = 0, CRIT_DIOU = 1 };
+enum { CRIT_IOU = 0, CRIT_DIOU = 1, CRIT_ROTATED = 2 };
 enum { DECAY_GAUSSIAN = 0, DECAY_LINEAR = 1, DECAY_HARD = 2 };
 enum { METRIC_IOU = 0, METRIC_GIOU = 1, METRIC_DIOU = 2, METRIC_CIOU = 3 };
 
@@ -39,9 +39,91 @@ __device__ __forceinline__ double box_iou(const double* a, double aa, const doub
     return r > 0 ? r : 0.0;
 }
 
-// criterion 0: IoU; 1: DIoU, IoU - (d^2 / c^2)^beta for overlapping boxes
+// ------------------------------------------------------------------ rotated boxes
+//
+// A rotated box (cx, cy, w, h, angle) is prepared once into ROT_W doubles: cx, cy, w/2, h/2,
+// cos, sin of theta = angle * angle_scale, area, circumradius; its local point (u, v) is at
+// (cx + u cos + v sin, cy - u sin + v cos). A box with a non-finite field, w <= 0, h <= 0 or a
+// bounding box of non-finite area gets area 0: it overlaps nothing. The CPU's arithmetic
+// (src/nms.pyx _rot_prepare, _rot_iou), step for step.
+const int ROT_W = 8;               // ROT_W in nms.py
+
+__device__ __forceinline__ void rotated_prepare_one(double cx, double cy, double w, double h,
+                                                    double angle, double scale, double* p) {
+    const double hw = 0.5 * w, hh = 0.5 * h;
+    for (int k = 0; k < ROT_W; ++k) p[k] = 0.0;
+    if (!(w > 0 && h > 0 && isfinite(cx) && isfinite(cy) && isfinite(w * h) && isfinite(angle)))
+        return;
+    const double t = angle * scale, c = cos(t), s = sin(t);
+    const double ex = fabs(hw * c) + fabs(hh * s), ey = fabs(hw * s) + fabs(hh * c);
+    const double pad = 1e-12 * (ex + ey);
+    const double bw = (cx + ex + pad + 4e-16 * fabs(cx)) - (cx - ex - pad - 4e-16 * fabs(cx));
+    const double bh = (cy + ey + pad + 4e-16 * fabs(cy)) - (cy - ey - pad - 4e-16 * fabs(cy));
+    if (!isfinite(bw * bh)) return;
+    p[0] = cx; p[1] = cy; p[2] = hw; p[3] = hh; p[4] = c; p[5] = s;
+    p[6] = w * h;
+    p[7] = sqrt(hw * hw + hh * hh);
+}
+
+// Sutherland-Hodgman: polygon (U, V)[0:n] clipped to sgn * U <= bound -> (OU, OV); points on
+// the line are inside, a NaN vertex is outside.
+__device__ __forceinline__ int clip_half_plane(const double* U, const double* V, int n,
+                                               double* OU, double* OV, double bound, double sgn) {
+    int k = 0;
+    for (int i = 0; i < n; ++i) {
+        const int prev = i > 0 ? i - 1 : n - 1;
+        const bool inc = sgn * U[i] <= bound, inp = sgn * U[prev] <= bound;
+        if (inc != inp) {
+            const double t = (bound - sgn * U[prev]) / (sgn * U[i] - sgn * U[prev]);
+            OU[k] = sgn * bound;
+            OV[k] = V[prev] + t * (V[i] - V[prev]);
+            ++k;
+        }
+        if (inc) { OU[k] = U[i]; OV[k] = V[i]; ++k; }
+    }
+    return k;
+}
+
+// IoU of two prepared rotated boxes: b's corners in a's frame, clipped against a's sides,
+// shoelace area clamped to the smaller box; 0 for a box of area 0 or no overlap.
+__device__ __forceinline__ double rotated_iou(const double* a, const double* b) {
+    if (!(a[6] > 0 && b[6] > 0)) return 0.0;
+    const double dx = b[0] - a[0], dy = b[1] - a[1], rr = a[7] + b[7];
+    if (dx * dx + dy * dy > rr * rr * (1.0 + 1e-9)) return 0.0;     // circumcircles apart
+    double cd = 1.0, sd = 0.0;                                        // same angle: aligned
+    if (!(a[4] == b[4] && a[5] == b[5])) {
+        cd = b[4] * a[4] + b[5] * a[5];
+        sd = b[5] * a[4] - b[4] * a[5];
+    }
+    const double px = dx * a[4] - dy * a[5], py = dx * a[5] + dy * a[4];
+    const double uc = b[2] * cd, us = b[2] * sd, vc = b[3] * cd, vs = b[3] * sd;
+    double x[16], y[16], X[16], Y[16];
+    x[0] = px - uc - vs; y[0] = py + us - vc;
+    x[1] = px + uc - vs; y[1] = py - us - vc;
+    x[2] = px + uc + vs; y[2] = py - us + vc;
+    x[3] = px - uc + vs; y[3] = py + us + vc;
+    int n = clip_half_plane(x, y, 4, X, Y, a[2], 1.0);
+    n = clip_half_plane(X, Y, n, x, y, a[2], -1.0);
+    n = clip_half_plane(y, x, n, Y, X, a[3], 1.0);
+    n = clip_half_plane(Y, X, n, y, x, a[3], -1.0);
+    double inter = 0.0;
+    for (int i = 0; i < n; ++i) {
+        const int j = i + 1 < n ? i + 1 : 0;
+        inter += x[i] * y[j] - x[j] * y[i];
+    }
+    inter = 0.5 * fabs(inter);
+    const double amin = a[6] < b[6] ? a[6] : b[6];
+    if (inter > amin) inter = amin;
+    if (!(inter > 0)) return 0.0;
+    const double r = inter / (a[6] + b[6] - inter);
+    return r > 0 ? r : 0.0;
+}
+
+// criterion 0: IoU; 1: DIoU, IoU - (d^2 / c^2)^beta for overlapping boxes; 2: the IoU of
+// prepared rotated boxes
 __device__ __forceinline__ double criterion(const double* a, const double* b, int crit,
                                             double beta) {
+    if (crit == CRIT_ROTATED) return rotated_iou(a, b);
     double v = box_iou(a, box_area(a), b, box_area(b));
     if (crit == CRIT_IOU || !(v > 0)) return v;
     const double dx = (a[0] + a[2] - b[0] - b[2]) * 0.5, dy = (a[1] + a[3] - b[1] - b[3]) * 0.5;
@@ -54,8 +136,8 @@ __device__ __forceinline__ double criterion(const double* a, const double* b, in
 }
 
 template <typename T>
-__device__ __forceinline__ void load_box(const T* boxes, i64 r, double* out) {
-    for (int k = 0; k < 4; ++k) out[k] = (double)load(boxes + 4 * r + k);
+__device__ __forceinline__ void load_box(const T* boxes, i64 r, double* out, int width = 4) {
+    for (int k = 0; k < width; ++k) out[k] = (double)load(boxes + width * r + k);
 }
 
 __device__ __forceinline__ double quiet_nan() { return __longlong_as_double(0x7ff8000000000000LL); }
@@ -73,6 +155,7 @@ __device__ __forceinline__ double infinity() { return __longlong_as_double(0x7ff
 // Mask of one chunk: block (x, y) takes the ranks c0 + 64 y .. + 63 (one per thread) against the
 // 64 ranks of word (c0 + 64 y) / 64 + x. Ranks already removed by earlier chunks are skipped
 // (their rows are never read). rthr: each rank's own threshold (adaptive NMS), or null: thr.
+// CRIT_ROTATED: boxes are the prepared rotated boxes (double, ROT_W each).
 template <typename T>
 __global__ void nms_mask(const T* __restrict__ boxes, const i64* __restrict__ seg,
                          const i64* __restrict__ pa, const i64* __restrict__ pe,
@@ -80,7 +163,8 @@ __global__ void nms_mask(const T* __restrict__ boxes, const i64* __restrict__ se
                          i64 c1, i64 p0, i64 s0, const u64* __restrict__ removed,
                          const double* __restrict__ rthr, double thr, int crit, double beta,
                          u64* __restrict__ mask) {
-    __shared__ double cbox[64 * 4];
+    __shared__ double cbox[64 * ROT_W];
+    const int bw = crit == CRIT_ROTATED ? ROT_W : 4;
     const i64 row0 = c0 + 64 * (i64)blockIdx.y;
     const i64 w = (row0 >> 6) + blockIdx.x, col0 = w * 64;
     const i64 r = row0 + threadIdx.x;
@@ -91,18 +175,18 @@ __global__ void nms_mask(const T* __restrict__ boxes, const i64* __restrict__ se
     }
     if (col0 >= end) return;                         // uniform: the whole block leaves
     const i64 ncol = min((i64)64, end - col0);
-    if (threadIdx.x < ncol) load_box(boxes, col0 + threadIdx.x, &cbox[threadIdx.x * 4]);
+    if (threadIdx.x < ncol) load_box(boxes, col0 + threadIdx.x, &cbox[threadIdx.x * bw], bw);
     __syncthreads();
     if (r >= c1 || ((removed[r >> 6] >> (r & 63)) & 1ULL)) return;
     const i64 p = p0 + seg[r] - s0, e = pe[p];
     if (col0 >= e) return;                           // past this rank's segment
-    double a[4];
-    load_box(boxes, r, a);
+    double a[ROT_W];
+    load_box(boxes, r, a, bw);
     const double t = rthr ? rthr[r] : thr;
     u64 bits = 0;
     for (int k = 0; k < ncol; ++k) {
         const i64 c = col0 + k;
-        if (c > r && c < e && criterion(a, &cbox[k * 4], crit, beta) > t) bits |= 1ULL << k;
+        if (c > r && c < e && criterion(a, &cbox[k * bw], crit, beta) > t) bits |= 1ULL << k;
     }
     mask[poff[p] + (r - pa[p]) * pw[p] + (w - (pa[p] >> 6))] = bits;
 }
@@ -224,6 +308,28 @@ __global__ void box_metric(const T* __restrict__ a, const T* __restrict__ b, i64
         }
         store(out + t, (typename acc<T>::type)v);
     }
+}
+
+// Rotated boxes (n, 5) -> prepared (n, ROT_W) double (rotated_prepare_one).
+template <typename T>
+__global__ void rotated_prepare(const T* __restrict__ boxes, i64 n, double scale,
+                                double* __restrict__ out) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += stride) {
+        double b[5];
+        load_box(boxes, i, b, 5);
+        rotated_prepare_one(b[0], b[1], b[2], b[3], b[4], scale, out + ROT_W * i);
+    }
+}
+
+// Pairwise IoU of prepared rotated boxes pa (N, ROT_W) and pb (M, ROT_W), in double, stored as T.
+template <typename T>
+__global__ void box_iou_rotated(const double* __restrict__ pa, const double* __restrict__ pb,
+                                i64 N, i64 M, T* __restrict__ out) {
+    for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < N * M;
+         t += (i64)gridDim.x * blockDim.x)
+        store(out + t, (typename acc<T>::type)rotated_iou(pa + ROT_W * (t / M),
+                                                          pb + ROT_W * (t % M)));
 }
 
 // ------------------------------------------------------------------ Matrix NMS

@@ -11,19 +11,25 @@ box's first kept suppressor) and ``weighted_fuse`` (per-cluster weighted mean in
 summation order, after a stable sort of the boxes by cluster); soft_nms runs ``soft_nms_seg``,
 one block per image, which selects (block argmax) and decays on the device; softer_nms runs
 ``softer_nms_seg``, the same with the variance vote of each selected box (block reductions).
-Decisions are made in double, as on the CPU.
+Rotated boxes: ``rotated_prepare`` turns them into ROT_W doubles each (centre, half sizes,
+cos/sin, area, circumradius); ``nms_rotated`` runs the same greedy chunks on the prepared boxes
+of the ranks with criterion CRIT_ROTATED (the exact rotated IoU, ``rotated_iou``), and
+``box_iou_rotated`` computes the pairs of the prepared a and b (memory O(N + M) besides the
+result). Decisions are made in double, as on the CPU.
 """
 import numpy as np
 
-from .._kernels import DECAYS
+from .._kernels import CRITERIA, DECAYS
 from . import ctype, cupy, function, i64, instantiate, launch, run
 
 _NS = "fastnorm::nms::"
 _KERNELS = ("nms_mask<{}>", "nms_assign<{}>", "box_metric<{}>", "matrix_comp<{}>",
             "matrix_decay<{}>", "weighted_fuse<{}>", "soft_nms_seg<{}>", "softer_nms_seg<{}>",
-            "cluster_max<{}>", "combined_flag<{}>", "combined_gather<{}>")
+            "cluster_max<{}>", "combined_flag<{}>", "combined_gather<{}>",
+            "rotated_prepare<{}>", "box_iou_rotated<{}>")
 _EXPRS = [_NS + e for k in _KERNELS for e in instantiate(k)] + [_NS + "nms_sweep"]
 SOFT_THREADS = 256          # SOFT_THREADS in nms.cu
+ROT_W = 8                   # ROT_W in nms.cu: doubles per prepared rotated box
 _SWEEP_THREADS = 256
 
 #: Bound, in bytes, on one chunk of the greedy suppression mask (each chunk holds at least 64
@@ -119,9 +125,10 @@ def _plan(starts, budget_words):
 
 
 def _greedy(cp, boxes, scores, batch, classes, iou_threshold, score_threshold, cap, criterion,
-            beta, densities=None):
+            beta, densities=None, angle_scale=0.0):
     """Ranking and greedy suppression: (order, seg, rstart, keep (uint8 per rank)). With
-    ``densities``, each kept box suppresses above its own threshold (adaptive NMS)."""
+    ``densities``, each kept box suppresses above its own threshold (adaptive NMS). Criterion
+    "rotated": boxes are (N, 5) rotated boxes, angles times ``angle_scale`` in radians."""
     order, seg, rstart = _rank(cp, scores, batch, classes, score_threshold)
     m = order.shape[0]
     keep = cp.zeros(m, dtype=cp.uint8)
@@ -140,11 +147,13 @@ def _greedy(cp, boxes, scores, batch, classes, iou_threshold, score_threshold, c
     pa, pb, pe, pw, poff, pseg = (cp.asarray(np.ascontiguousarray(pieces[:, i]))
                                   for i in range(6))
     rb = cp.ascontiguousarray(boxes[order])
+    if criterion == CRITERIA["rotated"]:
+        rb = _prepare_rotated(cp, rb, angle_scale)
     rthr = _thresholds(cp, iou_threshold, densities, order)
     removed = cp.zeros((m + 63) // 64, dtype=cp.uint64)
     count = cp.zeros(len(starts) - 1, dtype=cp.int64)
     seg_cap = cap if classes is None else m + 1  # with classes, the cap applies after merging
-    mask_fn = _fn("nms_mask<{}>", boxes.dtype)
+    mask_fn = _fn("nms_mask<{}>", rb.dtype)
     sweep_fn = _fn("nms_sweep")
     for c0, c1, p0, p1, gx, _ in chunks:
         s0 = int(pieces[p0, 5])
@@ -187,6 +196,17 @@ def nms(boxes, scores, batch, classes, iou_threshold, score_threshold, max_outpu
     cap = max_output if max_output >= 0 else scores.shape[0] + 1
     order, _, _, keep = _greedy(cp, boxes, scores, batch, classes, iou_threshold,
                                 score_threshold, cap, criterion, beta)
+    idx = order[cp.flatnonzero(keep)]
+    return _assemble(cp, idx, scores, batch, cap, classes is not None)
+
+
+def nms_rotated(boxes, scores, batch, classes, iou_threshold, score_threshold, max_output,
+                angle_scale, nthreads):
+    cp = cupy()
+    cap = max_output if max_output >= 0 else scores.shape[0] + 1
+    order, _, _, keep = _greedy(cp, boxes, scores, batch, classes, iou_threshold,
+                                score_threshold, cap, CRITERIA["rotated"], 1.0,
+                                angle_scale=angle_scale)
     idx = order[cp.flatnonzero(keep)]
     return _assemble(cp, idx, scores, batch, cap, classes is not None)
 
@@ -291,6 +311,25 @@ def box_iou(a, b, metric, nthreads):
     launch(_fn("box_metric<{}>", a.dtype), out.size,
            (a, b, i64(a.shape[0]), i64(b.shape[0]), np.int32(metric), out))
     return out
+
+def _prepare_rotated(cp, boxes, angle_scale):
+    """Rotated boxes (n, 5) -> prepared (n, ROT_W) float64 (``rotated_prepare``)."""
+    n = boxes.shape[0]
+    out = cp.empty((n, ROT_W), dtype=cp.float64)
+    launch(_fn("rotated_prepare<{}>", boxes.dtype), n,
+           (boxes, i64(n), np.float64(angle_scale), out))
+    return out
+
+
+def box_iou_rotated(a, b, angle_scale, nthreads):
+    cp = cupy()
+    out = cp.empty((a.shape[0], b.shape[0]), dtype=a.dtype)
+    if out.size:
+        pa, pb = _prepare_rotated(cp, a, angle_scale), _prepare_rotated(cp, b, angle_scale)
+        launch(_fn("box_iou_rotated<{}>", a.dtype), out.size,
+               (pa, pb, i64(a.shape[0]), i64(b.shape[0]), out))
+    return out
+
 
 # ---------------------------------------------------------------- IoU-guided and adaptive NMS
 

@@ -417,3 +417,163 @@ def combined(boxes, scores, max_output_per_class, max_total, iou_threshold,
             k += 1
         out[3][i] = k
     return out
+
+
+# ---------------------------------------------------------------- rotated boxes
+#
+# A rotated box (cx, cy, w, h, angle): its point (u, v) (u along w, v along h, centred) is at
+# x = cx + u cos t + v sin t, y = cy - u sin t + v cos t, t = angle * scale (radians). The
+# intersection is built from its vertex set: the corners of each box inside the other and the
+# crossings of their edges, ordered by angle around their centroid (a convex polygon), shoelace.
+# A box with w <= 0, h <= 0 or a non-finite field overlaps nothing.
+
+DEG = math.pi / 180
+
+
+@njit(cache=True)
+def _rot_valid(b):
+    for k in range(5):
+        if not math.isfinite(b[k]):
+            return False
+    return b[2] > 0 and b[3] > 0 and math.isfinite(b[2] * b[3])
+
+
+@njit(cache=True)
+def _rot_corners(cx, cy, w, h, t):
+    c, s = math.cos(t), math.sin(t)
+    out = np.empty((4, 2))
+    us = np.array([-0.5, 0.5, 0.5, -0.5]) * w
+    vs = np.array([-0.5, -0.5, 0.5, 0.5]) * h
+    for k in range(4):
+        out[k, 0] = cx + us[k] * c + vs[k] * s
+        out[k, 1] = cy - us[k] * s + vs[k] * c
+    return out
+
+
+@njit(cache=True)
+def _rot_inside(x, y, cx, cy, w, h, t, eps):
+    """Is (x, y) inside (or within eps of) the box?"""
+    c, s = math.cos(t), math.sin(t)
+    dx, dy = x - cx, y - cy
+    u = dx * c - dy * s
+    v = dx * s + dy * c
+    return abs(u) <= w / 2 + eps and abs(v) <= h / 2 + eps
+
+
+@njit(cache=True)
+def rotated_iou_pair(a, b, scale):
+    """IoU of two rotated boxes (float64 (5,) each), angles times ``scale`` in radians."""
+    if not (_rot_valid(a) and _rot_valid(b)):
+        return 0.0
+    # relative to a's centre (translation changes nothing but the rounding)
+    bx, by = b[0] - a[0], b[1] - a[1]
+    if math.hypot(bx, by) > math.hypot(a[2], a[3]) / 2 + math.hypot(b[2], b[3]) / 2:
+        return 0.0
+    ta, tb = a[4] * scale, b[4] * scale
+    A = _rot_corners(0.0, 0.0, a[2], a[3], ta)
+    B = _rot_corners(bx, by, b[2], b[3], tb)
+    eps = 1e-12 * max(max(a[2], a[3]), max(b[2], b[3]))
+    px = np.empty(24)
+    py = np.empty(24)
+    n = 0
+    for k in range(4):
+        if _rot_inside(A[k, 0], A[k, 1], bx, by, b[2], b[3], tb, eps):
+            px[n], py[n] = A[k, 0], A[k, 1]
+            n += 1
+        if _rot_inside(B[k, 0], B[k, 1], 0.0, 0.0, a[2], a[3], ta, eps):
+            px[n], py[n] = B[k, 0], B[k, 1]
+            n += 1
+    for i in range(4):
+        p0x, p0y = A[i, 0], A[i, 1]
+        rx, ry = A[(i + 1) % 4, 0] - p0x, A[(i + 1) % 4, 1] - p0y
+        for j in range(4):
+            q0x, q0y = B[j, 0], B[j, 1]
+            sx, sy = B[(j + 1) % 4, 0] - q0x, B[(j + 1) % 4, 1] - q0y
+            den = rx * sy - ry * sx
+            if den == 0:
+                continue                     # parallel: covered by the corners inside
+            qpx, qpy = q0x - p0x, q0y - p0y
+            t = (qpx * sy - qpy * sx) / den
+            u = (qpx * ry - qpy * rx) / den
+            if -1e-12 <= t <= 1 + 1e-12 and -1e-12 <= u <= 1 + 1e-12:
+                px[n], py[n] = p0x + t * rx, p0y + t * ry
+                n += 1
+    if n < 3:
+        return 0.0
+    mx, my = 0.0, 0.0
+    for k in range(n):
+        mx += px[k]
+        my += py[k]
+    mx /= n
+    my /= n
+    ang = np.empty(n)
+    for k in range(n):
+        ang[k] = math.atan2(py[k] - my, px[k] - mx)
+    o = np.argsort(ang)
+    s = 0.0
+    for k in range(n):
+        i, j = o[k], o[(k + 1) % n]
+        s += (px[i] - mx) * (py[j] - my) - (px[j] - mx) * (py[i] - my)
+    inter = abs(s) / 2
+    if not inter > 0:
+        return 0.0
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+@njit(cache=True)
+def _rot_matrix(a, b, scale, out):
+    for i in range(a.shape[0]):
+        for j in range(b.shape[0]):
+            out[i, j] = rotated_iou_pair(a[i], b[j], scale)
+
+
+def box_iou_rotated(a, b, scale=DEG):
+    """(N, M) IoU of rotated boxes, float64."""
+    a = np.asarray(a, np.float64).reshape(-1, 5)
+    b = np.asarray(b, np.float64).reshape(-1, 5)
+    out = np.empty((a.shape[0], b.shape[0]))
+    _rot_matrix(a, b, float(scale), out)
+    return out
+
+
+@njit(cache=True)
+def _greedy_rotated(boxes, order, thr, scale, max_output):
+    n = order.shape[0]
+    removed = np.zeros(n, dtype=np.bool_)
+    keep = np.empty(n, dtype=np.int64)
+    k = 0
+    for a in range(n):
+        if k >= max_output:
+            break
+        if removed[a]:
+            continue
+        keep[k] = order[a]
+        k += 1
+        for c in range(a + 1, n):
+            if not removed[c] and rotated_iou_pair(boxes[order[a]], boxes[order[c]], scale) > thr:
+                removed[c] = True
+    return keep[:k]
+
+
+def greedy_nms_rotated(boxes, scores, thr, *, scale=DEG, score_threshold=None, max_output=None):
+    """Greedy NMS of rotated boxes: visit by rank; keep a box unless its IoU with a kept box is
+    > thr."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
+    scores = np.asarray(scores, dtype=np.float64)
+    mask = None if score_threshold is None else scores > score_threshold
+    order = rank(scores, mask)
+    return _greedy_rotated(boxes, order, float(thr), float(scale),
+                           len(scores) + 1 if max_output is None else max_output)
+
+
+def batched_rotated(boxes, scores, idxs, thr, *, scale=DEG, score_threshold=None,
+                    max_output=None):
+    """Per-class greedy rotated NMS, merged by score."""
+    kept = []
+    for c in np.unique(idxs):
+        sel = np.flatnonzero(idxs == c)
+        k = greedy_nms_rotated(boxes[sel], scores[sel], thr, scale=scale,
+                               score_threshold=score_threshold)
+        kept.extend(sel[k].tolist())
+    out = merge_by_score(kept, scores)
+    return out if max_output is None else out[:max_output]

@@ -672,6 +672,10 @@ def nms_rotated(boxes, scores, iou_threshold, *, score_threshold=None, max_outpu
     is O(N). mmcv's ``nms_rotated`` takes ``(boxes, scores, iou_threshold, labels=None,
     clockwise=True)`` with angles in radians: ``nms_rotated(boxes, scores, thr,
     clockwise=True, angle_unit="radians")`` here (``batched_nms_rotated`` for labels).
+    detectron2's CPU ``nms_rotated`` suppresses at IoU ``>=`` the threshold (its CUDA kernel
+    and torchvision's ``nms`` at ``>``): they differ only on an exact tie. OpenCV's
+    ``NMSBoxesRotated`` counts a box lying entirely inside another as IoU 1 and suppresses it
+    whatever their true IoU; here its IoU is its area ratio.
 
     Examples
     --------

@@ -26,28 +26,68 @@ typedef float fn_rvf16 __attribute__((vector_size(FN_RL * 4), aligned(4), may_al
 typedef double fn_rvd16 __attribute__((vector_size(FN_RL * 8), aligned(8), may_alias));
 
 #define FN_ROI_DEFS(T, V, VB, SFX)                                                               \
-/* dst[0:FN_RL] = inv * sum_a rw[a] * sum_b cw[b] * S[(ri[a] * W + ci[b]) * ps + 0:FN_RL] */      \
-static inline void fn_roi_bin_##SFX(const T* S, ptrdiff_t ps, ptrdiff_t W, const ptrdiff_t* ri,  \
-                                    const T* rw,                                                 \
-                                    ptrdiff_t nr, const ptrdiff_t* ci, const T* cw,              \
-                                    ptrdiff_t nc, T inv, T* dst) {                               \
-    enum { L = 32 / sizeof(T), NV = FN_RL / L };                                                 \
-    V s[NV];                                                                                     \
-    _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) s[v] = (V){0};                          \
-    for (ptrdiff_t a = 0; a < nr; a++) {                                                         \
-        const T* row = S + ri[a] * W * ps;                                                       \
-        V u[NV];                                                                                 \
-        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) u[v] = (V){0};                      \
-        for (ptrdiff_t b = 0; b < nc; b++) {                                                     \
-            const T* p = row + ci[b] * ps;                                                       \
-            const T w = cw[b];                                                                   \
-            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                 \
-                u[v] = u[v] + w * *(const V*)(p + v * L);                                        \
+/* channels-last, all C channels of a bin at once: dst[0:C] = inv * sum_a rw[a] * sum_b cw[b] *   \
+ * x[(ri[a] * W + ci[b]) * C + 0:C], the same operations per channel as fn_roi_bin; rows outer,   \
+ * then vectors of channels, then the (<= 4) corners of the row, so every corner pixel's C        \
+ * channels are read front to back (streams the prefetchers follow); dst holds the row sums. */  \
+static inline void fn_roi_bin_cl_##SFX(const T* x, ptrdiff_t C, ptrdiff_t W, const ptrdiff_t* ri, \
+                                       const T* rw, ptrdiff_t nr, const ptrdiff_t* ci,           \
+                                       const T* cw, ptrdiff_t nc, T inv, T* dst) {               \
+    enum { L = 32 / sizeof(T) };                                                                 \
+    const T* P[16];                                                                              \
+    const ptrdiff_t cv = C - C % L;                                                              \
+    if (nr > 4 || nc > 4) {             /* adaptive grids: rows one at a time, through dst */    \
+        for (ptrdiff_t c = 0; c < C; c++) dst[c] = 0;                                            \
+        for (ptrdiff_t a = 0; a < nr; a++) {                                                     \
+            const T* row = x + ri[a] * W * C;                                                    \
+            for (ptrdiff_t c = 0; c < C; c++) {                                                  \
+                T u = 0;                                                                         \
+                for (ptrdiff_t b = 0; b < nc; b++) u = u + cw[b] * row[ci[b] * C + c];           \
+                dst[c] = dst[c] + rw[a] * u;                                                     \
+            }                                                                                    \
         }                                                                                        \
-        const T w = rw[a];                                                                       \
-        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) s[v] = s[v] + w * u[v];             \
+        for (ptrdiff_t c = 0; c < C; c++) dst[c] = dst[c] * inv;                                 \
+        return;                                                                                  \
     }                                                                                            \
-    _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) *(V*)(dst + v * L) = s[v] * inv;        \
+    for (ptrdiff_t a = 0; a < nr; a++)                                                           \
+        for (ptrdiff_t b = 0; b < nc; b++) P[a * 4 + b] = x + (ri[a] * W + ci[b]) * C;           \
+    ptrdiff_t c = 0;                                                                             \
+    if (nr == 4 && nc == 4) {           /* the common bin of sampling_ratio 2: unrolled */       \
+        const T r0 = rw[0], r1 = rw[1], r2 = rw[2], r3 = rw[3];                                  \
+        const T w0 = cw[0], w1 = cw[1], w2 = cw[2], w3 = cw[3];                                  \
+        for (; c < cv; c += L) {                                                                 \
+            V s = (V){0};                                                                        \
+            _Pragma("GCC unroll 4") for (int a = 0; a < 4; a++) {                                \
+                const T wr = a == 0 ? r0 : a == 1 ? r1 : a == 2 ? r2 : r3;                       \
+                V u = (V){0};                                                                    \
+                u = u + w0 * *(const V*)(P[a * 4] + c);                                          \
+                u = u + w1 * *(const V*)(P[a * 4 + 1] + c);                                      \
+                u = u + w2 * *(const V*)(P[a * 4 + 2] + c);                                      \
+                u = u + w3 * *(const V*)(P[a * 4 + 3] + c);                                      \
+                s = s + wr * u;                                                                  \
+            }                                                                                    \
+            *(V*)(dst + c) = s * inv;                                                            \
+        }                                                                                        \
+    } else {                                                                                     \
+        for (; c < cv; c += L) {                                                                 \
+            V s = (V){0};                                                                        \
+            for (ptrdiff_t a = 0; a < nr; a++) {                                                 \
+                V u = (V){0};                                                                    \
+                for (ptrdiff_t b = 0; b < nc; b++) u = u + cw[b] * *(const V*)(P[a * 4 + b] + c); \
+                s = s + rw[a] * u;                                                               \
+            }                                                                                    \
+            *(V*)(dst + c) = s * inv;                                                            \
+        }                                                                                        \
+    }                                                                                            \
+    for (; c < C; c++) {                                                                         \
+        T s = 0;                                                                                 \
+        for (ptrdiff_t a = 0; a < nr; a++) {                                                     \
+            T u = 0;                                                                             \
+            for (ptrdiff_t b = 0; b < nc; b++) u = u + cw[b] * P[a * 4 + b][c];                 \
+            s = s + rw[a] * u;                                                                   \
+        }                                                                                        \
+        dst[c] = s * inv;                                                                        \
+    }                                                                                            \
 }                                                                                                \
 /* the adjoint: S[(ri[a] * W + ci[b]) * ps + 0:FN_RL] += (g * inv * rw[a]) * cw[b] */            \
 static inline void fn_roi_scatter_##SFX(T* S, ptrdiff_t ps, ptrdiff_t W, const ptrdiff_t* ri,    \
@@ -57,6 +97,27 @@ static inline void fn_roi_scatter_##SFX(T* S, ptrdiff_t ps, ptrdiff_t W, const p
     enum { L = 32 / sizeof(T), NV = FN_RL / L };                                                 \
     V gg[NV];                                                                                    \
     _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) gg[v] = *(const V*)(g + v * L) * inv;   \
+    if (nr == 4 && nc == 4) {           /* the common bin of sampling_ratio 2: unrolled */       \
+        T* P[16];                                                                                \
+        for (int a = 0; a < 4; a++)                                                              \
+            for (int b = 0; b < 4; b++) P[a * 4 + b] = S + (ri[a] * W + ci[b]) * ps;             \
+        const T w0 = cw[0], w1 = cw[1], w2 = cw[2], w3 = cw[3];                                  \
+        _Pragma("GCC unroll 4") for (int a = 0; a < 4; a++) {                                    \
+            const T wr = rw[a];                                                                  \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                               \
+                const V u = gg[v] * wr;                                                          \
+                V* p0 = (V*)(P[a * 4] + v * L);                                                  \
+                V* p1 = (V*)(P[a * 4 + 1] + v * L);                                              \
+                V* p2 = (V*)(P[a * 4 + 2] + v * L);                                              \
+                V* p3 = (V*)(P[a * 4 + 3] + v * L);                                              \
+                *p0 = *p0 + u * w0;                                                              \
+                *p1 = *p1 + u * w1;                                                              \
+                *p2 = *p2 + u * w2;                                                              \
+                *p3 = *p3 + u * w3;                                                              \
+            }                                                                                    \
+        }                                                                                        \
+        return;                                                                                  \
+    }                                                                                            \
     for (ptrdiff_t a = 0; a < nr; a++) {                                                         \
         T* row = S + ri[a] * W * ps;                                                             \
         V u[NV];                                                                                 \
@@ -145,6 +206,45 @@ static inline void fn_roi_tr8(const float* src, ptrdiff_t ss, float* dst, ptrdif
     _mm256_storeu_ps(dst + 7 * ds, _mm256_permute2f128_ps(u3, u7, 0x31));
 }
 #endif
+
+/* NCHW outputs of one RoI and channel block: out[c * nb + b] = tile[b][c] (c < nch, b < nb),
+ * and the reverse for grad_out (tile lanes c >= nch are left alone) */
+static inline void fn_roi_tile_out_f(const float* tile, ptrdiff_t nb, ptrdiff_t nch, float* out) {
+    ptrdiff_t b = 0;
+#if defined(__AVX2__)
+    if (nch == FN_RL)
+        for (; b + 8 <= nb; b += 8) {
+            fn_roi_tr8(tile + b * FN_RL, FN_RL, out + b, nb);
+            fn_roi_tr8(tile + b * FN_RL + 8, FN_RL, out + 8 * nb + b, nb);
+        }
+#endif
+    for (; b < nb; b++)
+        for (ptrdiff_t c = 0; c < nch; c++) out[c * nb + b] = tile[b * FN_RL + c];
+}
+
+static inline void fn_roi_tile_in_f(const float* g, ptrdiff_t nb, ptrdiff_t nch, float* tile) {
+    ptrdiff_t b = 0;
+#if defined(__AVX2__)
+    if (nch == FN_RL)
+        for (; b + 8 <= nb; b += 8) {
+            fn_roi_tr8(g + b, nb, tile + b * FN_RL, FN_RL);
+            fn_roi_tr8(g + 8 * nb + b, nb, tile + b * FN_RL + 8, FN_RL);
+        }
+#endif
+    for (; b < nb; b++)
+        for (ptrdiff_t c = 0; c < nch; c++) tile[b * FN_RL + c] = g[c * nb + b];
+}
+
+static inline void fn_roi_tile_out_d(const double* tile, ptrdiff_t nb, ptrdiff_t nch,
+                                     double* out) {
+    for (ptrdiff_t b = 0; b < nb; b++)
+        for (ptrdiff_t c = 0; c < nch; c++) out[c * nb + b] = tile[b * FN_RL + c];
+}
+
+static inline void fn_roi_tile_in_d(const double* g, ptrdiff_t nb, ptrdiff_t nch, double* tile) {
+    for (ptrdiff_t b = 0; b < nb; b++)
+        for (ptrdiff_t c = 0; c < nch; c++) tile[b * FN_RL + c] = g[c * nb + b];
+}
 
 /* S[p][c] = x[c * HW + p] for p in [p0, p1), c < nch (lanes c >= nch: 0); x: nch planes */
 static inline void fn_roi_tr_in_f(const float* x, ptrdiff_t HW, ptrdiff_t nch, ptrdiff_t p0,

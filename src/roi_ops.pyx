@@ -320,18 +320,22 @@ cdef void _sep_fill(Tab* t, const floating* r, double scale, double off, bint cl
 cdef extern from "_roi_simd.h" nogil:
     enum:
         FN_RL
-    void fn_roi_bin_f(const float* S, Py_ssize_t ps, Py_ssize_t W, const Py_ssize_t* ri, const float* rw,
-                      Py_ssize_t nr, const Py_ssize_t* ci, const float* cw, Py_ssize_t nc,
-                      float inv, float* dst)
-    void fn_roi_bin_d(const double* S, Py_ssize_t ps, Py_ssize_t W, const Py_ssize_t* ri, const double* rw,
-                      Py_ssize_t nr, const Py_ssize_t* ci, const double* cw, Py_ssize_t nc,
-                      double inv, double* dst)
     void fn_roi_scatter_f(float* S, Py_ssize_t ps, Py_ssize_t W, const Py_ssize_t* ri, const float* rw,
                           Py_ssize_t nr, const Py_ssize_t* ci, const float* cw, Py_ssize_t nc,
                           float inv, const float* g)
     void fn_roi_scatter_d(double* S, Py_ssize_t ps, Py_ssize_t W, const Py_ssize_t* ri, const double* rw,
                           Py_ssize_t nr, const Py_ssize_t* ci, const double* cw, Py_ssize_t nc,
                           double inv, const double* g)
+    void fn_roi_bin_cl_f(const float* x, Py_ssize_t C, Py_ssize_t W, const Py_ssize_t* ri,
+                         const float* rw, Py_ssize_t nr, const Py_ssize_t* ci, const float* cw,
+                         Py_ssize_t nc, float inv, float* dst)
+    void fn_roi_bin_cl_d(const double* x, Py_ssize_t C, Py_ssize_t W, const Py_ssize_t* ri,
+                         const double* rw, Py_ssize_t nr, const Py_ssize_t* ci, const double* cw,
+                         Py_ssize_t nc, double inv, double* dst)
+    void fn_roi_tile_out_f(const float* tile, Py_ssize_t nb, Py_ssize_t nch, float* out)
+    void fn_roi_tile_out_d(const double* tile, Py_ssize_t nb, Py_ssize_t nch, double* out)
+    void fn_roi_tile_in_f(const float* g, Py_ssize_t nb, Py_ssize_t nch, float* tile)
+    void fn_roi_tile_in_d(const double* g, Py_ssize_t nb, Py_ssize_t nch, double* tile)
     void fn_roi_tr_in_f(const float* x, Py_ssize_t HW, Py_ssize_t nch, Py_ssize_t p0,
                         Py_ssize_t p1, float* S)
     void fn_roi_tr_in_d(const double* x, Py_ssize_t HW, Py_ssize_t nch, Py_ssize_t p0,
@@ -342,18 +346,18 @@ cdef extern from "_roi_simd.h" nogil:
                          Py_ssize_t p1, double* x)
 
 
-cdef inline void _cv_bin(const floating* S, Py_ssize_t ps, Py_ssize_t W, const Tab* t,
+cdef inline void _cv_bin(const floating* x, Py_ssize_t C, Py_ssize_t W, const Tab* t,
                          Py_ssize_t ph, Py_ssize_t pw, floating inv,
                          floating* dst) noexcept nogil:
-    """dst[0:FN_RL] = bin (ph, pw) of one RoI over the FN_RL channels at S, pixel stride ps
-    (_roi_simd.h)."""
+    """dst[0:C] = bin (ph, pw) of one RoI over the C channels-last channels of x
+    (fn_roi_bin_cl, _roi_simd.h)."""
     cdef Py_ssize_t r0 = t.rp[ph], c0 = t.cp[pw]
     if floating is float:
-        fn_roi_bin_f(S, ps, W, t.ri + r0, <const float*>t.rw + r0, t.rp[ph + 1] - r0,
-                     t.ci + c0, <const float*>t.cw + c0, t.cp[pw + 1] - c0, inv, dst)
+        fn_roi_bin_cl_f(x, C, W, t.ri + r0, <const float*>t.rw + r0, t.rp[ph + 1] - r0,
+                        t.ci + c0, <const float*>t.cw + c0, t.cp[pw + 1] - c0, inv, dst)
     else:
-        fn_roi_bin_d(S, ps, W, t.ri + r0, <const double*>t.rw + r0, t.rp[ph + 1] - r0,
-                     t.ci + c0, <const double*>t.cw + c0, t.cp[pw + 1] - c0, inv, dst)
+        fn_roi_bin_cl_d(x, C, W, t.ri + r0, <const double*>t.rw + r0, t.rp[ph + 1] - r0,
+                        t.ci + c0, <const double*>t.cw + c0, t.cp[pw + 1] - c0, inv, dst)
 
 
 cdef inline void _cv_scatter(floating* S, Py_ssize_t ps, Py_ssize_t W, const Tab* t,
@@ -373,41 +377,22 @@ cdef void _cl_fwd_rois(const floating* x, floating* out, const Tab* tabs,
                        const Py_ssize_t* order, Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t k0,
                        Py_ssize_t k1, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH,
                        Py_ssize_t PW) noexcept nogil:
-    """Channels-last forward of the RoIs order[j0:j1] (spatially sorted) that lie in the table
-    chunk k0..k1: straight from x, every bin a pass over the channels in FN_RL-channel vectors
-    (the corners' channel vectors are contiguous), then the scalar tail of C % FN_RL channels
-    (same order of operations)."""
-    cdef Py_ssize_t nb = PH * PW, nfull = C // FN_RL, j, k, ph, pw, blk, c, a, b
+    """Channels-last forward of the RoIs order[j0:j1] (spatially sorted: neighbours share
+    corners in cache) that lie in the table chunk k0..k1, straight from x: every bin one pass
+    over its corners' contiguous channel vectors (fn_roi_bin_cl)."""
+    cdef Py_ssize_t nb = PH * PW, j, k, ph, pw
     cdef const Tab* t
-    cdef const floating* base
-    cdef const floating* rw
-    cdef const floating* cw
-    cdef const floating* row
-    cdef floating* o
-    cdef floating inv, u, sacc
+    cdef floating inv
     for j in range(j0, j1):
         k = order[j]
         if k < k0 or k >= k1:
             continue
         t = &tabs[k - k0]
         inv = <floating>(1 / t.cnt) if t.cnt > 0 else 0
-        base = x + t.n * H * W * C
-        rw = <const floating*>t.rw
-        cw = <const floating*>t.cw
         for ph in range(PH):
             for pw in range(PW):
-                o = out + (k * nb + ph * PW + pw) * C
-                for blk in range(nfull):
-                    _cv_bin(base + blk * FN_RL, C, W, t, ph, pw, inv, o + blk * FN_RL)
-                for c in range(nfull * FN_RL, C):
-                    sacc = 0
-                    for a in range(t.rp[ph], t.rp[ph + 1]):
-                        row = base + t.ri[a] * W * C + c
-                        u = 0
-                        for b in range(t.cp[pw], t.cp[pw + 1]):
-                            u = u + cw[b] * row[t.ci[b] * C]
-                        sacc = sacc + rw[a] * u
-                    o[c] = sacc * inv
+                _cv_bin(x + t.n * H * W * C, C, W, t, ph, pw, inv,
+                        out + (k * nb + ph * PW + pw) * C)
 
 
 cdef void _cv_load(const floating* x, floating* S, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t nch,
@@ -512,14 +497,16 @@ cdef void _avg_unit(const floating* x, const floating* dy, floating* out, floati
         if backward:
             if t.cnt == 0:
                 continue
+            if cl:
+                for b in range(nb):
+                    for c in range(nch):
+                        tile[b * FN_RL + c] = dy[(k * nb + b) * C + c0 + c]
+            elif floating is float:
+                fn_roi_tile_in_f(dy + (k * C + c0) * nb, nb, nch, tile)
+            else:
+                fn_roi_tile_in_d(dy + (k * C + c0) * nb, nb, nch, tile)
             for b in range(nb):
-                if cl:
-                    for c in range(nch):
-                        tile[c] = dy[(k * nb + b) * C + c0 + c]
-                else:
-                    for c in range(nch):
-                        tile[c] = dy[(k * C + c0 + c) * nb + b]
-                _cv_scatter(S, FN_RL, W, t, b // PW, b % PW, inv, tile)
+                _cv_scatter(S, FN_RL, W, t, b // PW, b % PW, inv, tile + b * FN_RL)
             continue
         for ph in range(PH):
             for pw in range(PW):
@@ -528,15 +515,15 @@ cdef void _avg_unit(const floating* x, const floating* dy, floating* out, floati
             for b in range(nb):
                 for c in range(nch):
                     out[(k * nb + b) * C + c0 + c] = tile[b * FN_RL + c]
+        elif floating is float:
+            fn_roi_tile_out_f(tile, nb, nch, out + (k * C + c0) * nb)
         else:
-            for c in range(nch):
-                for b in range(nb):
-                    out[(k * C + c0 + c) * nb + b] = tile[b * FN_RL + c]
+            fn_roi_tile_out_d(tile, nb, nch, out + (k * C + c0) * nb)
     if backward:
         _cv_store(S, gx, n, c0, nch, C, HW, p0, p1, cl)
 
 
-cdef Py_ssize_t CL_ROIS = 4       # channels-last forward: spatially sorted RoIs per unit
+cdef Py_ssize_t CL_ROIS = 8       # channels-last forward: spatially sorted RoIs per unit
 
 
 cdef inline Py_ssize_t _cv_per(Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH,
@@ -569,8 +556,8 @@ cdef int _align_avg(const floating* x, const floating* dy, const floating* rois,
         if cl and not backward:
             for u in prange((K + CL_ROIS - 1) // CL_ROIS, num_threads=nthreads,
                             schedule="dynamic"):
-                _cl_fwd_rois(x, out, tabs, order, u * CL_ROIS, min(K, (u + 1) * CL_ROIS), k0, k1,
-                             C, H, W, PH, PW)
+                _cl_fwd_rois(x, out, tabs, order, u * CL_ROIS, min(K, (u + 1) * CL_ROIS), k0,
+                             k1, C, H, W, PH, PW)
             free(mem)
             k0 = k1
             continue
@@ -1601,3 +1588,5 @@ def deform_roi_pool_backward(grad_out, x, rois, offset, mask, Py_ssize_t pooled_
                         <double*>pg, <double*>pgo, <double*>pgm, po, ps, K, N, C, H, W, PH, PW,
                         scale, sr, gamma, what, cb, nthreads)
     return gx, goff, gm
+
+

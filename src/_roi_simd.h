@@ -214,8 +214,8 @@ static inline void fn_roi_tile_out_f(const float* tile, ptrdiff_t nb, ptrdiff_t 
 #if defined(__AVX2__)
     if (nch == FN_RL)
         for (; b + 8 <= nb; b += 8) {
-            fn_roi_tr8(tile + b * FN_RL, FN_RL, out + b, nb);
-            fn_roi_tr8(tile + b * FN_RL + 8, FN_RL, out + 8 * nb + b, nb);
+            for (int q = 0; q < FN_RL; q += 8)
+                fn_roi_tr8(tile + b * FN_RL + q, FN_RL, out + q * nb + b, nb);
         }
 #endif
     for (; b < nb; b++)
@@ -227,8 +227,8 @@ static inline void fn_roi_tile_in_f(const float* g, ptrdiff_t nb, ptrdiff_t nch,
 #if defined(__AVX2__)
     if (nch == FN_RL)
         for (; b + 8 <= nb; b += 8) {
-            fn_roi_tr8(g + b, nb, tile + b * FN_RL, FN_RL);
-            fn_roi_tr8(g + 8 * nb + b, nb, tile + b * FN_RL + 8, FN_RL);
+            for (int q = 0; q < FN_RL; q += 8)
+                fn_roi_tr8(g + q * nb + b, nb, tile + b * FN_RL + q, FN_RL);
         }
 #endif
     for (; b < nb; b++)
@@ -253,8 +253,8 @@ static inline void fn_roi_tr_in_f(const float* x, ptrdiff_t HW, ptrdiff_t nch, p
     if (nch == FN_RL) {
         ptrdiff_t p = p0;
         for (; p + 8 <= p1; p += 8) {
-            fn_roi_tr8(x + p, HW, S + p * FN_RL, FN_RL);
-            fn_roi_tr8(x + 8 * HW + p, HW, S + p * FN_RL + 8, FN_RL);
+            for (int q = 0; q < FN_RL; q += 8)
+                fn_roi_tr8(x + q * HW + p, HW, S + p * FN_RL + q, FN_RL);
         }
         fn_roi_tr_in_sf(x, HW, nch, p, p1, S);
         return;
@@ -275,8 +275,8 @@ static inline void fn_roi_tr_out_f(const float* S, ptrdiff_t HW, ptrdiff_t nch, 
     if (nch == FN_RL) {
         ptrdiff_t p = p0;
         for (; p + 8 <= p1; p += 8) {
-            fn_roi_tr8(S + p * FN_RL, FN_RL, x + p, HW);
-            fn_roi_tr8(S + p * FN_RL + 8, FN_RL, x + 8 * HW + p, HW);
+            for (int q = 0; q < FN_RL; q += 8)
+                fn_roi_tr8(S + p * FN_RL + q, FN_RL, x + q * HW + p, HW);
         }
         fn_roi_tr_out_sf(S, HW, nch, p, p1, x);
         return;

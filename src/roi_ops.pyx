@@ -13,9 +13,18 @@ bin these (index, weight) tables are built once and shared by every channel, so 
 |rows| x |cols| multiply-adds per channel (<= 16 for sampling_ratio 2, fewer when samples share
 pixels) and huge adaptive grids cost at most the pixels they cover.
 
-Forward work units are (RoI, channel block); backward units are (image, channel block): a unit
-owns its channel planes of grad_x and visits that image's RoIs in index order, so gradients are
-race-free and bitwise identical for any thread count. The adaptive sampling grid is capped at
+Average RoIAlign (the hot path) is vectorised over channels (_roi_simd.h): a bin's corner is a
+vector of contiguous channels, multiply-added with the per-axis weights, the same operations per
+channel in every layout. Channels-last input is read in place: forward units are a few RoIs in
+spatial order (_segments: by image, then in bands of box centres, so neighbours share the corner
+pixels in cache), each bin reading its corners' C channels front to back. NCHW units are (image,
+block of FN_RL = 16 channels): the rows that image's RoIs touch are transposed (8x8 AVX2 blocks)
+into a per-thread channel-block-last scratch image, then its RoIs run the channels-last kernel
+on it. Backward units are (image, channel block) in both layouts: the unit scatters into the
+scratch in the fixed spatial RoI order and writes its whole part of grad_x back (grad_x comes
+from the caching allocator, so no page faults), so gradients are race-free and bitwise identical
+for any thread count. The other ops: forward units (RoI, channel block), backward units (image,
+channel block), RoIs in index order. The adaptive sampling grid is capped at
 ``2 * L + 64`` samples per bin along an axis of length L (never reached by RoIs inside the map).
 Non-finite RoIs give zeros (and no gradient).
 """

@@ -34,7 +34,7 @@ from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport ceil, floor, round, fabs, cos, sin, INFINITY
 from libc.float cimport FLT_MAX
 from libc.stdlib cimport malloc, free
-from libc.string cimport memset
+from libc.string cimport memset, memcpy
 
 from _types cimport floating
 from fastnorm._cpu import _pool as _cache   # output arrays from the caching allocator
@@ -418,6 +418,9 @@ cdef void _cv_load(const floating* x, floating* S, Py_ssize_t n, Py_ssize_t c0, 
         return
     for p in range(p0, p1):
         src = x + (n * HW + p) * C + c0
+        if nch == FN_RL:                # a constant size: two vector moves
+            memcpy(S + p * FN_RL, src, FN_RL * sizeof(floating))
+            continue
         for c in range(nch):
             S[p * FN_RL + c] = src[c]
         for c in range(nch, FN_RL):     # lanes past the last channel: finite
@@ -438,6 +441,9 @@ cdef void _cv_store(const floating* S, floating* x, Py_ssize_t n, Py_ssize_t c0,
         return
     for p in range(p0, p1):
         dst = x + (n * HW + p) * C + c0
+        if nch == FN_RL:
+            memcpy(dst, S + p * FN_RL, FN_RL * sizeof(floating))
+            continue
         for c in range(nch):
             dst[c] = S[p * FN_RL + c]
 
@@ -452,6 +458,9 @@ cdef void _cv_zero(floating* x, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t nch, Py_
     if cl:
         for p in range(p0, p1):
             d = x + (n * HW + p) * C + c0
+            if nch == FN_RL:
+                memset(d, 0, FN_RL * sizeof(floating))
+                continue
             for c in range(nch):
                 d[c] = 0
         return
@@ -508,6 +517,10 @@ cdef void _avg_unit(const floating* x, const floating* dy, floating* out, floati
                 continue
             if cl:
                 for b in range(nb):
+                    if nch == FN_RL:
+                        memcpy(tile + b * FN_RL, dy + (k * nb + b) * C + c0,
+                               FN_RL * sizeof(floating))
+                        continue
                     for c in range(nch):
                         tile[b * FN_RL + c] = dy[(k * nb + b) * C + c0 + c]
             elif floating is float:

@@ -25,11 +25,30 @@ typedef double fn_rvd __attribute__((vector_size(32), aligned(8), may_alias));
 typedef float fn_rvf16 __attribute__((vector_size(FN_RL * 4), aligned(4), may_alias));
 typedef double fn_rvd16 __attribute__((vector_size(FN_RL * 8), aligned(8), may_alias));
 
+/* one unrolled bin shape of fn_roi_bin_cl: NR rows x NC columns, per vector of channels */
+#define FN_ROI_CASE(T, V, NR, NC)                                                                \
+    case NR * 8 + NC:                                                                            \
+        for (; c < cv; c += L) {                                                                 \
+            V s = (V){0};                                                                        \
+            _Pragma("GCC unroll 4") for (int a = 0; a < NR; a++) {                               \
+                V u = (V){0};                                                                    \
+                _Pragma("GCC unroll 4") for (int b = 0; b < NC; b++)                             \
+                    u = u + cw[b] * *(const V*)(P[a * 4 + b] + c);                               \
+                s = s + rw[a] * u;                                                               \
+            }                                                                                    \
+            *(V*)(dst + c) = s * inv;                                                            \
+        }                                                                                        \
+        break;
+#define FN_ROI_CASES(T, V)                                                                       \
+    FN_ROI_CASE(T, V, 4, 4) FN_ROI_CASE(T, V, 4, 3) FN_ROI_CASE(T, V, 3, 4)                      \
+    FN_ROI_CASE(T, V, 3, 3) FN_ROI_CASE(T, V, 4, 2) FN_ROI_CASE(T, V, 2, 4)                      \
+    FN_ROI_CASE(T, V, 3, 2) FN_ROI_CASE(T, V, 2, 3) FN_ROI_CASE(T, V, 2, 2)
+
 #define FN_ROI_DEFS(T, V, VB, SFX)                                                               \
 /* channels-last, all C channels of a bin at once: dst[0:C] = inv * sum_a rw[a] * sum_b cw[b] *   \
- * x[(ri[a] * W + ci[b]) * C + 0:C], the same operations per channel as fn_roi_bin; rows outer,   \
- * then vectors of channels, then the (<= 4) corners of the row, so every corner pixel's C        \
- * channels are read front to back (streams the prefetchers follow); dst holds the row sums. */  \
+ * x[(ri[a] * W + ci[b]) * C + 0:C] (per channel s = sum_r Wy (sum_c Wx x), the scalar order);  \
+ * vectors of channels outer, then rows, then the (<= 4) corners of a row, so every corner      \
+ * pixel's channels are read front to back (streams the prefetchers follow). */                  \
 static inline void fn_roi_bin_cl_##SFX(const T* x, ptrdiff_t C, ptrdiff_t W, const ptrdiff_t* ri, \
                                        const T* rw, ptrdiff_t nr, const ptrdiff_t* ci,           \
                                        const T* cw, ptrdiff_t nc, T inv, T* dst) {               \
@@ -52,23 +71,10 @@ static inline void fn_roi_bin_cl_##SFX(const T* x, ptrdiff_t C, ptrdiff_t W, con
     for (ptrdiff_t a = 0; a < nr; a++)                                                           \
         for (ptrdiff_t b = 0; b < nc; b++) P[a * 4 + b] = x + (ri[a] * W + ci[b]) * C;           \
     ptrdiff_t c = 0;                                                                             \
-    if (nr == 4 && nc == 4) {           /* the common bin of sampling_ratio 2: unrolled */       \
-        const T r0 = rw[0], r1 = rw[1], r2 = rw[2], r3 = rw[3];                                  \
-        const T w0 = cw[0], w1 = cw[1], w2 = cw[2], w3 = cw[3];                                  \
-        for (; c < cv; c += L) {                                                                 \
-            V s = (V){0};                                                                        \
-            _Pragma("GCC unroll 4") for (int a = 0; a < 4; a++) {                                \
-                const T wr = a == 0 ? r0 : a == 1 ? r1 : a == 2 ? r2 : r3;                       \
-                V u = (V){0};                                                                    \
-                u = u + w0 * *(const V*)(P[a * 4] + c);                                          \
-                u = u + w1 * *(const V*)(P[a * 4 + 1] + c);                                      \
-                u = u + w2 * *(const V*)(P[a * 4 + 2] + c);                                      \
-                u = u + w3 * *(const V*)(P[a * 4 + 3] + c);                                      \
-                s = s + wr * u;                                                                  \
-            }                                                                                    \
-            *(V*)(dst + c) = s * inv;                                                            \
-        }                                                                                        \
-    } else {                                                                                     \
+    /* bins of sampling_ratio <= 2 have <= 4 rows and columns: the loops unrolled per shape */   \
+    switch (nr * 8 + nc) {                                                                       \
+    FN_ROI_CASES(T, V)                                                                           \
+    default:                                                                                     \
         for (; c < cv; c += L) {                                                                 \
             V s = (V){0};                                                                        \
             for (ptrdiff_t a = 0; a < nr; a++) {                                                 \

@@ -152,9 +152,6 @@ cdef struct Tab:
     void* mem
     Py_ssize_t n        # batch index (separable tables of _sep_tables)
     double cnt          # samples per bin; 0: the RoI contributes nothing
-    Py_ssize_t c_lo     # separable tables: first column any bin touches
-    Py_ssize_t c_span   # and the number of columns up to the last one (0: none)
-    Py_ssize_t ncol_bins
 
 
 cdef inline bint _tab_alloc(Tab* t, Py_ssize_t nbins, Py_ssize_t gh, Py_ssize_t gw,
@@ -292,11 +289,8 @@ cdef void _sep_fill(Tab* t, const floating* r, double scale, double off, bint cl
     """Fill one RoI's separable tables (arrays already placed by _sep_tables)."""
     cdef floating g[6]
     cdef Py_ssize_t grid[2]
-    cdef Py_ssize_t ph, pw, e = 0, lo, hi
+    cdef Py_ssize_t ph, pw, e = 0
     t.n = <Py_ssize_t>r[0]
-    t.c_lo = 0
-    t.c_span = 0
-    t.ncol_bins = PW
     t.cnt = 0
     t.rp[0] = 0
     t.cp[0] = 0
@@ -314,16 +308,6 @@ cdef void _sep_fill(Tab* t, const floating* r, double scale, double off, bint cl
     for pw in range(PW):
         e = _axis(g[1], g[3], pw, grid[1], W, False, t.ci, <floating*>t.cw, e)
         t.cp[pw + 1] = e
-    t.c_lo = 0
-    t.c_span = 0
-    if e > 0:
-        lo = t.ci[0]
-        hi = t.ci[0]
-        for pw in range(e):
-            lo = min(lo, t.ci[pw])
-            hi = max(hi, t.ci[pw])
-        t.c_lo = lo
-        t.c_span = hi - lo + 1
 
 
 cdef extern from "_roi_simd.h" nogil:

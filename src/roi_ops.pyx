@@ -13,18 +13,30 @@ bin these (index, weight) tables are built once and shared by every channel, so 
 |rows| x |cols| multiply-adds per channel (<= 16 for sampling_ratio 2, fewer when samples share
 pixels) and huge adaptive grids cost at most the pixels they cover.
 
-Forward work units are (RoI, channel block); backward units are (image, channel block): a unit
-owns its channel planes of grad_x and visits that image's RoIs in index order, so gradients are
-race-free and bitwise identical for any thread count. The adaptive sampling grid is capped at
+Average RoIAlign (the hot path) is vectorised over channels (_roi_simd.h): a bin's corner is a
+vector of contiguous channels, multiply-added with the per-axis weights, the same operations per
+channel in every layout. Channels-last input is read in place: forward units are a few RoIs in
+spatial order (_segments: by image, then in bands of box centres, so neighbours share the corner
+pixels in cache), each bin reading its corners' C channels front to back. NCHW units are (image,
+block of FN_RL = 16 channels): the rows that image's RoIs touch are transposed (8x8 AVX2 blocks)
+into a per-thread channel-block-last scratch band, then its RoIs run the channels-last kernel
+on it. Backward units are (image, channel block) in both layouts: the unit scatters into the
+band in the fixed spatial RoI order and writes its whole part of grad_x back (grad_x comes
+from the caching allocator, so no page faults), so gradients are race-free and bitwise identical
+for any thread count. A band holds at most BAND_BYTES (4 MiB: a whole FPN P2 map); on wider or
+taller maps a unit's RoIs go in consecutive groups that each fit one band, and a RoI reading
+more rows than a band holds is computed channel by channel on x / grad_x (same RoI order). The other ops: forward units (RoI, channel block), backward units (image,
+channel block), RoIs in index order. The adaptive sampling grid is capped at
 ``2 * L + 64`` samples per bin along an axis of length L (never reached by RoIs inside the map).
 Non-finite RoIs give zeros (and no gradient).
 """
 import numpy as np
 cimport numpy as cnp
-from cython.parallel cimport prange, parallel
+from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport ceil, floor, round, fabs, cos, sin, INFINITY
 from libc.float cimport FLT_MAX
 from libc.stdlib cimport malloc, free
+from libc.string cimport memset, memcpy
 
 from _types cimport floating
 from fastnorm._cpu import _pool as _cache   # output arrays from the caching allocator
@@ -142,9 +154,7 @@ cdef struct Tab:
     void* mem
     Py_ssize_t n        # batch index (separable tables of _sep_tables)
     double cnt          # samples per bin; 0: the RoI contributes nothing
-    Py_ssize_t c_lo     # separable tables: first column any bin touches
-    Py_ssize_t c_span   # and the number of columns up to the last one (0: none)
-    Py_ssize_t ncol_bins
+    Py_ssize_t lo, hi   # rows read, lo..hi (lo > hi: none; separable tables of _sep_tables)
 
 
 cdef inline bint _tab_alloc(Tab* t, Py_ssize_t nbins, Py_ssize_t gh, Py_ssize_t gw,
@@ -221,47 +231,9 @@ cdef inline void _bin_scatter(floating* plane, Py_ssize_t W, const Tab* t, Py_ss
             row[t.ci[b]] += u * cw[b]
 
 
-# ---------------------------------------------------------------- channels-last helpers
-
-cdef inline void _bin_dot_cl(const floating* img, Py_ssize_t W, Py_ssize_t C, Py_ssize_t nc,
-                             const Tab* t, Py_ssize_t rb, Py_ssize_t cb,
-                             floating* acc) noexcept nogil:
-    """acc[0:nc] = sum_r sum_c Wy Wx img[r, c, 0:nc] (img points at channel c0 of pixel 0)."""
-    cdef const floating* rw = <const floating*>t.rw
-    cdef const floating* cw = <const floating*>t.cw
-    cdef Py_ssize_t a, b, c
-    cdef floating w
-    cdef const floating* p
-    for c in range(nc):
-        acc[c] = 0
-    for a in range(t.rp[rb], t.rp[rb + 1]):
-        for b in range(t.cp[cb], t.cp[cb + 1]):
-            w = rw[a] * cw[b]
-            p = img + (t.ri[a] * W + t.ci[b]) * C
-            for c in range(nc):
-                acc[c] += w * p[c]
-
-
-cdef inline void _bin_scatter_cl(floating* img, Py_ssize_t W, Py_ssize_t C, Py_ssize_t nc,
-                                 const Tab* t, Py_ssize_t rb, Py_ssize_t cb, const floating* g,
-                                 floating scale) noexcept nogil:
-    cdef const floating* rw = <const floating*>t.rw
-    cdef const floating* cw = <const floating*>t.cw
-    cdef Py_ssize_t a, b, c
-    cdef floating w
-    cdef floating* p
-    for a in range(t.rp[rb], t.rp[rb + 1]):
-        for b in range(t.cp[cb], t.cp[cb + 1]):
-            w = rw[a] * cw[b] * scale
-            p = img + (t.ri[a] * W + t.ci[b]) * C
-            for c in range(nc):
-                p[c] += w * g[c]
-
-
 # ---------------------------------------------------------------- RoIAlign kernels
 
 cdef Py_ssize_t TABLE_BYTES = 32 << 20   # separable tables are built for RoI chunks up to this
-FWD_BLOCK = 2                            # NCHW forward: channels per unit (cache blocking)
 
 
 cdef inline Py_ssize_t _al8(Py_ssize_t b) noexcept nogil:
@@ -320,12 +292,11 @@ cdef void _sep_fill(Tab* t, const floating* r, double scale, double off, bint cl
     """Fill one RoI's separable tables (arrays already placed by _sep_tables)."""
     cdef floating g[6]
     cdef Py_ssize_t grid[2]
-    cdef Py_ssize_t ph, pw, e = 0, lo, hi
+    cdef Py_ssize_t ph, pw, e = 0
     t.n = <Py_ssize_t>r[0]
-    t.c_lo = 0
-    t.c_span = 0
-    t.ncol_bins = PW
     t.cnt = 0
+    t.lo = H
+    t.hi = -1
     t.rp[0] = 0
     t.cp[0] = 0
     if not _geom(r, scale, off, clamp1, PH, PW, sr, H, W, g, grid):
@@ -338,149 +309,348 @@ cdef void _sep_fill(Tab* t, const floating* r, double scale, double off, bint cl
     for ph in range(PH):
         e = _axis(g[0], g[2], ph, grid[0], H, False, t.ri, <floating*>t.rw, e)
         t.rp[ph + 1] = e
+    for ph in range(e):
+        t.lo = min(t.lo, t.ri[ph])
+        t.hi = max(t.hi, t.ri[ph])
     e = 0
     for pw in range(PW):
         e = _axis(g[1], g[3], pw, grid[1], W, False, t.ci, <floating*>t.cw, e)
         t.cp[pw + 1] = e
-    t.c_lo = 0
-    t.c_span = 0
-    if e > 0:
-        lo = t.ci[0]
-        hi = t.ci[0]
-        for pw in range(e):
-            lo = min(lo, t.ci[pw])
-            hi = max(hi, t.ci[pw])
-        t.c_lo = lo
-        t.c_span = hi - lo + 1
 
 
-cdef void _avg_fwd_unit(const floating* x, floating* out, const Tab* t, Py_ssize_t k,
-                        Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
-                        Py_ssize_t PH, Py_ssize_t PW, bint cl, floating* acc) noexcept nogil:
-    cdef Py_ssize_t c, ph, pw, nb = PH * PW
-    cdef floating inv = <floating>(1 / t.cnt) if t.cnt > 0 else 0
-    cdef const floating* plane
-    cdef floating* o
-    if cl:
+cdef extern from "_roi_simd.h" nogil:
+    enum:
+        FN_RL
+    void fn_roi_scatter_f(float* S, Py_ssize_t ps, Py_ssize_t W, const Py_ssize_t* ri, const float* rw,
+                          Py_ssize_t nr, const Py_ssize_t* ci, const float* cw, Py_ssize_t nc,
+                          float inv, const float* g)
+    void fn_roi_scatter_d(double* S, Py_ssize_t ps, Py_ssize_t W, const Py_ssize_t* ri, const double* rw,
+                          Py_ssize_t nr, const Py_ssize_t* ci, const double* cw, Py_ssize_t nc,
+                          double inv, const double* g)
+    void fn_roi_bin_cl_f(const float* x, Py_ssize_t C, Py_ssize_t W, const Py_ssize_t* ri,
+                         const float* rw, Py_ssize_t nr, const Py_ssize_t* ci, const float* cw,
+                         Py_ssize_t nc, float inv, float* dst)
+    void fn_roi_bin_cl_d(const double* x, Py_ssize_t C, Py_ssize_t W, const Py_ssize_t* ri,
+                         const double* rw, Py_ssize_t nr, const Py_ssize_t* ci, const double* cw,
+                         Py_ssize_t nc, double inv, double* dst)
+    void fn_roi_tile_out_f(const float* tile, Py_ssize_t nb, Py_ssize_t nch, float* out)
+    void fn_roi_tile_out_d(const double* tile, Py_ssize_t nb, Py_ssize_t nch, double* out)
+    void fn_roi_tile_in_f(const float* g, Py_ssize_t nb, Py_ssize_t nch, float* tile)
+    void fn_roi_tile_in_d(const double* g, Py_ssize_t nb, Py_ssize_t nch, double* tile)
+    void fn_roi_tr_in_f(const float* x, Py_ssize_t HW, Py_ssize_t nch, Py_ssize_t p0,
+                        Py_ssize_t p1, float* S)
+    void fn_roi_tr_in_d(const double* x, Py_ssize_t HW, Py_ssize_t nch, Py_ssize_t p0,
+                        Py_ssize_t p1, double* S)
+    void fn_roi_tr_out_f(const float* S, Py_ssize_t HW, Py_ssize_t nch, Py_ssize_t p0,
+                         Py_ssize_t p1, float* x)
+    void fn_roi_tr_out_d(const double* S, Py_ssize_t HW, Py_ssize_t nch, Py_ssize_t p0,
+                         Py_ssize_t p1, double* x)
+
+
+cdef inline void _cv_bin(const floating* x, Py_ssize_t C, Py_ssize_t W, const Tab* t,
+                         Py_ssize_t ph, Py_ssize_t pw, floating inv,
+                         floating* dst) noexcept nogil:
+    """dst[0:C] = bin (ph, pw) of one RoI over the C channels-last channels of x
+    (fn_roi_bin_cl, _roi_simd.h)."""
+    cdef Py_ssize_t r0 = t.rp[ph], c0 = t.cp[pw]
+    if floating is float:
+        fn_roi_bin_cl_f(x, C, W, t.ri + r0, <const float*>t.rw + r0, t.rp[ph + 1] - r0,
+                        t.ci + c0, <const float*>t.cw + c0, t.cp[pw + 1] - c0, inv, dst)
+    else:
+        fn_roi_bin_cl_d(x, C, W, t.ri + r0, <const double*>t.rw + r0, t.rp[ph + 1] - r0,
+                        t.ci + c0, <const double*>t.cw + c0, t.cp[pw + 1] - c0, inv, dst)
+
+
+cdef inline void _cv_scatter(floating* S, Py_ssize_t ps, Py_ssize_t W, const Tab* t,
+                             Py_ssize_t ph, Py_ssize_t pw, floating inv,
+                             const floating* g) noexcept nogil:
+    """The adjoint of _cv_bin: S += g[0:FN_RL] * inv spread over bin (ph, pw)'s corners."""
+    cdef Py_ssize_t r0 = t.rp[ph], c0 = t.cp[pw]
+    if floating is float:
+        fn_roi_scatter_f(S, ps, W, t.ri + r0, <const float*>t.rw + r0, t.rp[ph + 1] - r0,
+                         t.ci + c0, <const float*>t.cw + c0, t.cp[pw + 1] - c0, inv, g)
+    else:
+        fn_roi_scatter_d(S, ps, W, t.ri + r0, <const double*>t.rw + r0, t.rp[ph + 1] - r0,
+                         t.ci + c0, <const double*>t.cw + c0, t.cp[pw + 1] - c0, inv, g)
+
+
+cdef void _cl_fwd_rois(const floating* x, floating* out, const Tab* tabs,
+                       const Py_ssize_t* order, Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t k0,
+                       Py_ssize_t k1, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH,
+                       Py_ssize_t PW) noexcept nogil:
+    """Channels-last forward of the RoIs order[j0:j1] (spatially sorted: neighbours share
+    corners in cache) that lie in the table chunk k0..k1, straight from x: every bin one pass
+    over its corners' contiguous channel vectors (fn_roi_bin_cl)."""
+    cdef Py_ssize_t nb = PH * PW, j, k, ph, pw
+    cdef const Tab* t
+    cdef floating inv
+    for j in range(j0, j1):
+        k = order[j]
+        if k < k0 or k >= k1:
+            continue
+        t = &tabs[k - k0]
+        inv = <floating>(1 / t.cnt) if t.cnt > 0 else 0
         for ph in range(PH):
             for pw in range(PW):
-                o = out + (k * nb + ph * PW + pw) * C
-                _bin_dot_cl(x + t.n * H * W * C + c0, W, C, c1 - c0, t, ph, pw, acc)
-                for c in range(c0, c1):
-                    o[c] = acc[c - c0] * inv
+                _cv_bin(x + t.n * H * W * C, C, W, t, ph, pw, inv,
+                        out + (k * nb + ph * PW + pw) * C)
+
+
+cdef void _cv_load(const floating* x, floating* S, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t nch,
+                   Py_ssize_t C, Py_ssize_t HW, Py_ssize_t p0, Py_ssize_t p1,
+                   bint cl) noexcept nogil:
+    """S[p][0:nch] = channels c0..c0+nch of pixel p of image n, p in [p0, p1)."""
+    cdef Py_ssize_t p, c
+    cdef const floating* src
+    if not cl:
+        if floating is float:
+            fn_roi_tr_in_f(x + (n * C + c0) * HW, HW, nch, p0, p1, S)
+        else:
+            fn_roi_tr_in_d(x + (n * C + c0) * HW, HW, nch, p0, p1, S)
         return
-    for c in range(c0, c1):
-        plane = x + (t.n * C + c) * H * W
-        o = out + (k * C + c) * nb
-        if acc != NULL:
-            _vpass_fwd(plane, o, t, W, PH, PW, inv, acc)
+    for p in range(p0, p1):
+        src = x + (n * HW + p) * C + c0
+        if nch == FN_RL:                # a constant size: two vector moves
+            memcpy(S + p * FN_RL, src, FN_RL * sizeof(floating))
             continue
-        for ph in range(PH):
-            for pw in range(PW):
-                o[ph * PW + pw] = _bin_dot(plane, W, t, ph, t, pw) * inv
+        for c in range(nch):
+            S[p * FN_RL + c] = src[c]
+        for c in range(nch, FN_RL):     # lanes past the last channel: finite
+            S[p * FN_RL + c] = 0
 
 
-cdef void _vpass_fwd(const floating* plane, floating* o, const Tab* t, Py_ssize_t W,
-                     Py_ssize_t PH, Py_ssize_t PW, floating inv, floating* V) noexcept nogil:
-    """One channel of one RoI: for each bin row ph, V = sum_r Wy[r] x[r, lo:lo+span] (contiguous,
-    vectorised), then each bin is a short dot of its column table with V."""
+cdef void _cv_store(const floating* S, floating* x, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t nch,
+                    Py_ssize_t C, Py_ssize_t HW, Py_ssize_t p0, Py_ssize_t p1,
+                    bint cl) noexcept nogil:
+    """The inverse of _cv_load."""
+    cdef Py_ssize_t p, c
+    cdef floating* dst
+    if not cl:
+        if floating is float:
+            fn_roi_tr_out_f(S, HW, nch, p0, p1, x + (n * C + c0) * HW)
+        else:
+            fn_roi_tr_out_d(S, HW, nch, p0, p1, x + (n * C + c0) * HW)
+        return
+    for p in range(p0, p1):
+        dst = x + (n * HW + p) * C + c0
+        if nch == FN_RL:
+            memcpy(dst, S + p * FN_RL, FN_RL * sizeof(floating))
+            continue
+        for c in range(nch):
+            dst[c] = S[p * FN_RL + c]
+
+
+cdef void _cv_zero(floating* x, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t nch, Py_ssize_t C,
+                   Py_ssize_t HW, Py_ssize_t p0, Py_ssize_t p1, bint cl) noexcept nogil:
+    """Channels c0..c0+nch of pixels [p0, p1) of image n = 0."""
+    cdef Py_ssize_t p, c
+    cdef floating* d
+    if p1 <= p0:
+        return
+    if cl:
+        for p in range(p0, p1):
+            d = x + (n * HW + p) * C + c0
+            if nch == FN_RL:
+                memset(d, 0, FN_RL * sizeof(floating))
+                continue
+            for c in range(nch):
+                d[c] = 0
+        return
+    for c in range(nch):
+        memset(x + (n * C + c0 + c) * HW + p0, 0, (p1 - p0) * sizeof(floating))
+
+
+cdef inline void _bin_scatter_ps(floating* plane, Py_ssize_t W, Py_ssize_t ps, const Tab* t,
+                                 Py_ssize_t rb, Py_ssize_t cb, floating gg) noexcept nogil:
+    """_bin_scatter on a plane whose pixels are ``ps`` apart (channels-last: ps = C)."""
     cdef const floating* rw = <const floating*>t.rw
     cdef const floating* cw = <const floating*>t.cw
-    cdef Py_ssize_t ph, pw, a, b, j, lo = t.c_lo, span = t.c_span
-    cdef const floating* row
-    cdef floating w, s
-    for ph in range(PH):
-        if t.rp[ph + 1] == t.rp[ph]:
-            for pw in range(PW):
-                o[ph * PW + pw] = 0
-            continue
-        a = t.rp[ph]
-        row = plane + t.ri[a] * W + lo
-        w = rw[a]
-        for j in range(span):
-            V[j] = w * row[j]
-        for a in range(t.rp[ph] + 1, t.rp[ph + 1]):
-            row = plane + t.ri[a] * W + lo
-            w = rw[a]
-            for j in range(span):
-                V[j] += w * row[j]
-        for pw in range(PW):
-            s = 0
-            for b in range(t.cp[pw], t.cp[pw + 1]):
-                s = s + cw[b] * V[t.ci[b] - lo]
-            o[ph * PW + pw] = s * inv
-
-
-cdef void _vpass_bwd(floating* plane, const floating* g, const Tab* t, Py_ssize_t W,
-                     Py_ssize_t PH, Py_ssize_t PW, floating inv, floating* V) noexcept nogil:
-    """Adjoint of _vpass_fwd: V = column-table scatter of a bin row's gradients, then one
-    contiguous axpy per row."""
-    cdef const floating* rw = <const floating*>t.rw
-    cdef const floating* cw = <const floating*>t.cw
-    cdef Py_ssize_t ph, pw, a, b, j, lo = t.c_lo, span = t.c_span
+    cdef Py_ssize_t a, b
+    cdef floating u
     cdef floating* row
-    cdef floating w, gg
-    for ph in range(PH):
-        if t.rp[ph + 1] == t.rp[ph]:
+    for a in range(t.rp[rb], t.rp[rb + 1]):
+        row = plane + t.ri[a] * W * ps
+        u = gg * rw[a]
+        for b in range(t.cp[cb], t.cp[cb + 1]):
+            row[t.ci[b] * ps] += u * cw[b]
+
+
+cdef void _avg_band(const floating* x, const floating* dy, floating* out, floating* gx,
+                    const Tab* tabs, const Py_ssize_t* order, Py_ssize_t j0, Py_ssize_t j1,
+                    Py_ssize_t k0, Py_ssize_t k1, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t C,
+                    Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW, bint cl,
+                    bint backward, Py_ssize_t r0, Py_ssize_t r1, bint fresh, floating* S,
+                    floating* tile) noexcept nogil:
+    """The RoIs order[j0:j1] of the table chunk k0..k1, all of whose rows lie in r0..r1-1, on
+    image n, channels c0..c0+FN_RL (fewer at the end). Those rows are brought
+    channel-block-last into the scratch S (NCHW: a transpose; channels-last: a strided copy),
+    then every bin is one FN_RL-channel vector kernel. Backward scatters into S in the fixed RoI
+    order and stores the rows back into grad_x (which this unit owns): race-free and the same for
+    any thread count; ``fresh``: grad_x is uninitialised (caching allocator, no page faults), so
+    the unit writes all of its part, zeros outside the band."""
+    cdef Py_ssize_t nch = min(FN_RL, C - c0), HW = H * W, nb = PH * PW
+    cdef Py_ssize_t j, k, a, ph, pw, b, c
+    cdef Py_ssize_t p0 = r0 * W if r1 > r0 else 0, p1 = r1 * W if r1 > r0 else 0
+    cdef floating* Sb = S - p0 * FN_RL        # pixel p of the band at Sb[p * FN_RL]
+    cdef const Tab* t
+    cdef floating inv
+    if backward:
+        if fresh:
+            _cv_zero(gx, n, c0, nch, C, HW, 0, p0, cl)
+            _cv_zero(gx, n, c0, nch, C, HW, p1, HW, cl)
+            for a in range((p1 - p0) * FN_RL):
+                S[a] = 0
+        elif p1 > p0:
+            _cv_load(gx, Sb, n, c0, nch, C, HW, p0, p1, cl)
+        if p1 == p0:
+            return
+    elif p1 > p0:
+        _cv_load(x, Sb, n, c0, nch, C, HW, p0, p1, cl)
+    for j in range(j0, j1):
+        k = order[j]
+        if k < k0 or k >= k1:
             continue
-        for j in range(span):
-            V[j] = 0
-        for pw in range(PW):
-            gg = g[ph * PW + pw] * inv
-            for b in range(t.cp[pw], t.cp[pw + 1]):
-                V[t.ci[b] - lo] += gg * cw[b]
-        for a in range(t.rp[ph], t.rp[ph + 1]):
-            row = plane + t.ri[a] * W + lo
-            w = rw[a]
-            for j in range(span):
-                row[j] += w * V[j]
+        t = &tabs[k - k0]
+        inv = <floating>(1 / t.cnt) if t.cnt > 0 else 0
+        if backward:
+            if t.cnt == 0:
+                continue
+            if cl:
+                for b in range(nb):
+                    if nch == FN_RL:
+                        memcpy(tile + b * FN_RL, dy + (k * nb + b) * C + c0,
+                               FN_RL * sizeof(floating))
+                        continue
+                    for c in range(nch):
+                        tile[b * FN_RL + c] = dy[(k * nb + b) * C + c0 + c]
+            elif floating is float:
+                fn_roi_tile_in_f(dy + (k * C + c0) * nb, nb, nch, tile)
+            else:
+                fn_roi_tile_in_d(dy + (k * C + c0) * nb, nb, nch, tile)
+            for b in range(nb):
+                _cv_scatter(Sb, FN_RL, W, t, b // PW, b % PW, inv, tile + b * FN_RL)
+            continue
+        for ph in range(PH):
+            for pw in range(PW):
+                _cv_bin(Sb, FN_RL, W, t, ph, pw, inv, tile + (ph * PW + pw) * FN_RL)
+        if cl:
+            for b in range(nb):
+                for c in range(nch):
+                    out[(k * nb + b) * C + c0 + c] = tile[b * FN_RL + c]
+        elif floating is float:
+            fn_roi_tile_out_f(tile, nb, nch, out + (k * C + c0) * nb)
+        else:
+            fn_roi_tile_out_d(tile, nb, nch, out + (k * C + c0) * nb)
+    if backward:
+        _cv_store(Sb, gx, n, c0, nch, C, HW, p0, p1, cl)
 
 
-cdef void _avg_bwd_unit(const floating* dy, floating* gx, const Tab* t, Py_ssize_t k,
-                        Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
-                        Py_ssize_t PH, Py_ssize_t PW, bint cl, floating* V) noexcept nogil:
-    cdef Py_ssize_t c, ph, pw, nb = PH * PW
+cdef void _avg_direct(const floating* x, const floating* dy, floating* out, floating* gx,
+                      const Tab* t, Py_ssize_t k, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t C,
+                      Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW, bint cl,
+                      bint backward) noexcept nogil:
+    """One RoI whose rows do not fit a thread's scratch band (_band_rows), channel by channel
+    straight on x (forward, NCHW) or on this unit's part of grad_x (backward)."""
+    cdef Py_ssize_t nch = min(FN_RL, C - c0), HW = H * W, nb = PH * PW, c, b, o
+    cdef Py_ssize_t ps = C if cl else 1
     cdef floating inv = <floating>(1 / t.cnt) if t.cnt > 0 else 0
-    cdef floating* plane
-    cdef const floating* g
-    if t.cnt == 0:
-        return
-    if cl:
-        for ph in range(PH):
-            for pw in range(PW):
-                _bin_scatter_cl(gx + t.n * H * W * C + c0, W, C, c1 - c0, t, ph, pw,
-                                dy + (k * nb + ph * PW + pw) * C + c0, inv)
-        return
-    for c in range(c0, c1):
-        plane = gx + (t.n * C + c) * H * W
-        g = dy + (k * C + c) * nb
-        if V != NULL:
-            _vpass_bwd(plane, g, t, W, PH, PW, inv, V)
-            continue
-        for ph in range(PH):
-            for pw in range(PW):
-                _bin_scatter(plane, W, t, ph, pw, g[ph * PW + pw] * inv)
+    for c in range(c0, c0 + nch):
+        o = n * HW * C + c if cl else (n * C + c) * HW
+        for b in range(nb):
+            if backward:
+                _bin_scatter_ps(gx + o, W, ps, t, b // PW, b % PW,
+                                (dy[(k * nb + b) * C + c] if cl else dy[(k * C + c) * nb + b])
+                                * inv)
+            else:
+                out[(k * C + c) * nb + b] = _bin_dot(x + o, W, t, b // PW, t, b % PW) * inv
 
 
-cdef inline bint _use_vpass(const Tab* t, bint cl) noexcept nogil:
-    """Channels-last units always need their accumulators; NCHW units use the vertical-pass form
-    when the RoI's column span is not much wider than its column tables (a contiguous,
-    vectorised row sweep beats gathers then), else the gather form."""
-    return cl or (t.c_span > 0 and t.c_span <= 4 * t.cp[t.ncol_bins])
+cdef void _avg_unit(const floating* x, const floating* dy, floating* out, floating* gx,
+                    const Tab* tabs, const Py_ssize_t* order, Py_ssize_t j0, Py_ssize_t j1,
+                    Py_ssize_t k0, Py_ssize_t k1, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t C,
+                    Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW, bint cl,
+                    bint backward, Py_ssize_t cap, floating* S, floating* tile) noexcept nogil:
+    """One unit: image n, channels c0..c0+FN_RL, the RoIs order[j0:j1] (spatially sorted,
+    _segments) that lie in the table chunk k0..k1, with a scratch of ``cap`` rows. Usually one
+    band holds every row they read (_avg_band); otherwise they go in consecutive groups that
+    each fit one band, and a RoI reading more than ``cap`` rows goes direct (_avg_direct), in
+    the same fixed RoI order (backward: bitwise the same for any thread count)."""
+    cdef Py_ssize_t j, jg, k, lo = H, hi = -1, glo, ghi
+    cdef bint big = False
+    cdef const Tab* t
+    for j in range(j0, j1):
+        k = order[j]
+        if k >= k0 and k < k1 and tabs[k - k0].lo <= tabs[k - k0].hi:
+            t = &tabs[k - k0]
+            lo = min(lo, t.lo)
+            hi = max(hi, t.hi)
+            big = big or t.hi - t.lo >= cap
+    if not big and hi - lo < cap:
+        _avg_band(x, dy, out, gx, tabs, order, j0, j1, k0, k1, n, c0, C, H, W, PH, PW, cl,
+                  backward, lo, hi + 1, k0 == 0, S, tile)
+        return
+    if backward and k0 == 0:
+        _cv_zero(gx, n, c0, min(FN_RL, C - c0), C, H * W, 0, H * W, cl)
+    j = j0
+    while j < j1:
+        jg = j
+        glo = H
+        ghi = -1
+        while j < j1:
+            k = order[j]
+            if k >= k0 and k < k1 and tabs[k - k0].lo <= tabs[k - k0].hi:
+                t = &tabs[k - k0]
+                if t.hi - t.lo >= cap or max(ghi, t.hi) - min(glo, t.lo) >= cap:
+                    break
+                glo = min(glo, t.lo)
+                ghi = max(ghi, t.hi)
+            j += 1
+        _avg_band(x, dy, out, gx, tabs, order, jg, j, k0, k1, n, c0, C, H, W, PH, PW, cl,
+                  backward, glo, ghi + 1, False, S, tile)
+        if j < j1 and tabs[order[j] - k0].hi - tabs[order[j] - k0].lo >= cap:
+            _avg_direct(x, dy, out, gx, &tabs[order[j] - k0], order[j], n, c0, C, H, W, PH, PW,
+                        cl, backward)
+            j += 1
+
+
+cdef Py_ssize_t CL_ROIS = 8       # channels-last forward: spatially sorted RoIs per unit
+cdef Py_ssize_t BAND_BYTES = 4 << 20   # a thread's scratch band of FN_RL-channel rows
+
+
+def _set_band_bytes(Py_ssize_t n):
+    """Set the per-thread scratch budget of the RoIAlign units (a test hook); returns the old."""
+    global BAND_BYTES
+    old = BAND_BYTES
+    BAND_BYTES = n
+    return old
+
+
+cdef inline Py_ssize_t _band_rows(Py_ssize_t H, Py_ssize_t W, Py_ssize_t fs) noexcept nogil:
+    """Rows of FN_RL channels in a thread's scratch band (0: not one; every RoI goes direct)."""
+    return min(H, BAND_BYTES // max(1, W * FN_RL * fs))
+
+
+cdef inline Py_ssize_t _cv_per(Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW,
+                              Py_ssize_t fs) noexcept nogil:
+    """Scratch elements per thread of _align_avg: the band and a bin tile."""
+    return _al8(_band_rows(H, W, fs) * W * FN_RL + PH * PW * FN_RL)
 
 
 cdef int _align_avg(const floating* x, const floating* dy, const floating* rois, floating* out,
                     floating* gx, const Py_ssize_t* order, const Py_ssize_t* seg, Py_ssize_t K,
                     Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH,
                     Py_ssize_t PW, double scale, double off, bint clamp1, int sr, bint cl,
-                    bint backward, Py_ssize_t cb, int nthreads) noexcept nogil:
-    """Average RoIAlign forward (units: channel block x RoI, channel-block-major so that a block
-    of x stays in cache across RoIs) or backward (units: image x channel block, RoIs in index
-    order), in RoI chunks whose tables fit TABLE_BYTES."""
+                    bint backward, floating* scratch, int nthreads) noexcept nogil:
+    """Average RoIAlign forward or backward, units (image, block of FN_RL channels) (_avg_unit),
+    in RoI chunks whose tables fit TABLE_BYTES; channels-last forward reads x in place, CL_ROIS
+    RoIs per unit (_cl_fwd_rois). Each thread owns a band of _band_rows rows and a tile of
+    PH x PW x FN_RL outputs in ``scratch`` (nthreads x _cv_per elements, from the caching
+    allocator: no page faults per call)."""
     cdef Tab* tabs = <Tab*>malloc(max(K, 1) * sizeof(Tab))
     cdef void* mem = NULL
-    cdef Py_ssize_t k0 = 0, k1, Kc, nblk = (C + cb - 1) // cb, u, k, c0, n, j
-    cdef floating* buf
+    cdef Py_ssize_t k0 = 0, k1, nblk = (C + FN_RL - 1) // FN_RL, u, n, tid
+    cdef Py_ssize_t fs = sizeof(floating), cap = _band_rows(H, W, fs)
+    cdef Py_ssize_t per = _cv_per(H, W, PH, PW, fs)
     if tabs == NULL:
         return -1
     while k0 < K:
@@ -489,28 +659,20 @@ cdef int _align_avg(const floating* x, const floating* dy, const floating* rois,
         if k1 == k0:
             free(tabs)
             return -1
-        Kc = k1 - k0
-        with parallel(num_threads=nthreads):
-            buf = <floating*>malloc(max(cb, W) * sizeof(floating))    # per-thread scratch
-            if not backward:
-                # RoIs in image order: a unit's working set is cb planes of one image
-                for u in prange(nblk * K, schedule="dynamic"):
-                    c0 = (u // K) * cb
-                    k = order[u % K]
-                    if k >= k0 and k < k1 and buf != NULL:
-                        _avg_fwd_unit(x, out, &tabs[k - k0], k, c0, min(C, c0 + cb), C, H, W,
-                                      PH, PW, cl, buf if _use_vpass(&tabs[k - k0], cl) else NULL)
-            else:
-                for u in prange(N * nblk, schedule="dynamic"):
-                    n = u // nblk
-                    c0 = (u % nblk) * cb
-                    for j in range(seg[n], seg[n + 1]):
-                        k = order[j]
-                        if k >= k0 and k < k1 and buf != NULL:
-                            _avg_bwd_unit(dy, gx, &tabs[k - k0], k, c0, min(C, c0 + cb), C, H,
-                                          W, PH, PW, cl,
-                                          buf if _use_vpass(&tabs[k - k0], cl) else NULL)
-            free(buf)
+        if cl and not backward:
+            for u in prange((K + CL_ROIS - 1) // CL_ROIS, num_threads=nthreads,
+                            schedule="dynamic"):
+                _cl_fwd_rois(x, out, tabs, order, u * CL_ROIS, min(K, (u + 1) * CL_ROIS), k0,
+                             k1, C, H, W, PH, PW)
+            free(mem)
+            k0 = k1
+            continue
+        for u in prange(N * nblk, num_threads=nthreads, schedule="dynamic"):
+            n = u // nblk
+            tid = threadid()
+            _avg_unit(x, dy, out, gx, tabs, order, seg[n], seg[n + 1], k0, k1, n,
+                      (u % nblk) * FN_RL, C, H, W, PH, PW, cl, backward, cap,
+                      scratch + tid * per, scratch + tid * per + cap * W * FN_RL)
         free(mem)
         k0 = k1
     free(tabs)
@@ -1182,10 +1344,23 @@ cdef void _deform(const floating* x, const floating* dy, const floating* rois,
 
 # ---------------------------------------------------------------- Python entry points
 
-def _segments(rois, Py_ssize_t N):
-    """RoI indices grouped by image (stable) and the per-image segment bounds."""
+SPATIAL_BAND = 16
+
+
+def _segments(rois, Py_ssize_t N, scale=None):
+    """RoI indices grouped by image (stable) and the per-image segment bounds; with the spatial
+    scale, in spatial order within each image instead (deterministic: it depends on rois only)."""
     b = rois[:, 0].astype(np.int64)
-    order = np.argsort(b, kind="stable").astype(np.intp)
+    if scale is None:
+        order = np.argsort(b, kind="stable").astype(np.intp)
+    else:
+        # within an image: bands of SPATIAL_BAND feature rows by box centre, left to right in
+        # a band, so neighbouring RoIs share the pixels they read (cache reuse)
+        with np.errstate(invalid="ignore", over="ignore"):
+            yc = (rois[:, 2].astype(np.float64) + rois[:, 4]) * (0.5 * scale)
+            xc = (rois[:, 1].astype(np.float64) + rois[:, 3]) * (0.5 * scale)
+            band = np.floor(yc / SPATIAL_BAND)
+        order = np.lexsort((np.arange(len(b)), xc, band, b)).astype(np.intp)
     seg = np.searchsorted(b[order], np.arange(N + 1)).astype(np.intp)
     return np.ascontiguousarray(order), np.ascontiguousarray(seg)
 
@@ -1231,9 +1406,12 @@ def roi_align_backward(grad_out, rois, x, input_shape, Py_ssize_t pooled_h,
         N, H, W, C = input_shape
     else:
         N, C, H, W = input_shape
-    gx = np.zeros(input_shape, dtype=grad_out.dtype)
-    if gx.size == 0 or rois.shape[0] == 0:
-        return gx
+    if mode == MODE_MAX or rois.shape[0] == 0 or np.prod(input_shape) == 0:
+        gx = np.zeros(input_shape, dtype=grad_out.dtype)
+        if gx.size == 0 or rois.shape[0] == 0:
+            return gx
+    else:
+        gx = _cache.empty(input_shape, grad_out.dtype)     # every element written (_avg_unit)
     _align(x, grad_out, rois, None, gx, N, C, H, W, pooled_h, pooled_w, spatial_scale,
            sampling_ratio, aligned, mode, channels_last, True, nthreads)
     return gx
@@ -1243,7 +1421,7 @@ def _align(x, dy, rois, out, gx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ss
            Py_ssize_t PH, Py_ssize_t PW, double scale, int sr, bint aligned, int mode, bint cl,
            bint backward, int nthreads):
     cdef Py_ssize_t K = rois.shape[0], cb
-    order, seg = _segments(rois, N)
+    order, seg = _segments(rois, N, None if mode == MODE_MAX else scale)
     cdef double off = 0.5 if aligned else 0.0
     cdef void* px = _p(x)
     cdef void* pd = _p(dy)
@@ -1254,10 +1432,15 @@ def _align(x, dy, rois, out, gx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ss
     cdef Py_ssize_t* ps = <Py_ssize_t*>_p(seg)
     cdef bint f32 = rois.dtype == np.float32
     cdef int rc = 0
+    scratch = None
+    if mode != MODE_MAX and (backward or not cl):
+        scratch = _cache.empty((max(nthreads, 1), _cv_per(H, W, PH, PW, rois.itemsize)),
+                                rois.dtype)
+    cdef void* psc = _p(scratch)
     if backward:
         cb = _bwd_block(N, C, nthreads) if cl else min(4, _bwd_block(N, C, nthreads))
     else:
-        cb = min(C, 64) if (cl or mode == MODE_MAX) else min(C, FWD_BLOCK)
+        cb = min(C, 64)
     with nogil:
         if mode == MODE_MAX:
             if f32:
@@ -1270,12 +1453,12 @@ def _align(x, dy, rois, out, gx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ss
                            cb, nthreads)
         elif f32:
             rc = _align_avg(<float*>px, <float*>pd, <float*>pr, <float*>po, <float*>pg, pod, ps,
-                            K, N, C, H, W, PH, PW, scale, off, not aligned, sr, cl, backward, cb,
-                            nthreads)
+                            K, N, C, H, W, PH, PW, scale, off, not aligned, sr, cl, backward,
+                            <float*>psc, nthreads)
         else:
             rc = _align_avg(<double*>px, <double*>pd, <double*>pr, <double*>po, <double*>pg, pod,
                             ps, K, N, C, H, W, PH, PW, scale, off, not aligned, sr, cl, backward,
-                            cb, nthreads)
+                            <double*>psc, nthreads)
     if rc != 0:
         raise MemoryError("roi_align: out of memory for the sampling tables")
 
@@ -1512,3 +1695,5 @@ def deform_roi_pool_backward(grad_out, x, rois, offset, mask, Py_ssize_t pooled_
                         <double*>pg, <double*>pgo, <double*>pgm, po, ps, K, N, C, H, W, PH, PW,
                         scale, sr, gamma, what, cb, nthreads)
     return gx, goff, gm
+
+

@@ -25,8 +25,13 @@ band in the fixed spatial RoI order and writes its whole part of grad_x back (gr
 from the caching allocator, so no page faults), so gradients are race-free and bitwise identical
 for any thread count. A band holds at most BAND_BYTES (4 MiB: a whole FPN P2 map); on wider or
 taller maps a unit's RoIs go in consecutive groups that each fit one band, and a RoI reading
-more rows than a band holds is computed channel by channel on x / grad_x (same RoI order). The other ops: forward units (RoI, channel block), backward units (image,
-channel block), RoIs in index order. The adaptive sampling grid is capped at
+more rows than a band holds is computed channel by channel on x / grad_x (same RoI order).
+Deformable RoI pooling runs on the same units with per-bin tables (each bin's samples shifted by
+its offset) and the mask folded into each bin's 1/count; its offset/mask gradients are a third
+pass of those units over x, with derivative tables, leaving per-(RoI, bin, channel block) sums
+that are then added in block order (deterministic). The other ops (max RoIAlign, RoIPool,
+PS-RoIAlign, rotated): forward units (RoI, channel block), backward units (image, channel
+block), RoIs in index order. The adaptive sampling grid is capped at
 ``2 * L + 64`` samples per bin along an axis of length L (never reached by RoIs inside the map).
 Non-finite RoIs give zeros (and no gradient).
 """
@@ -240,26 +245,46 @@ cdef inline Py_ssize_t _al8(Py_ssize_t b) noexcept nogil:
     return (b + 7) & ~(<Py_ssize_t>7)
 
 
+cdef struct Deform:
+    # deformable RoI pooling's extras for the RoIAlign units: per-bin tables shifted by
+    # gamma * roi size * offset (K, 2, PH, PW) (or not: NULL), outputs scaled by mask (K, 1, PH, PW)
+    const void* offset
+    const void* mask
+    double gamma
+    void* part          # non-NULL: the gradient pass of offset/mask instead of the forward:
+                        # per (RoI, bin, channel block) sums (K, PH * PW, nblk, 3) of
+                        # dy * bin (mask), dy * d bin / dy, dy * d bin / dx over the block
+    Py_ssize_t nblk
+    Tab* dtabs          # (gradient pass) per RoI of the chunk: derivative tables, rows d/dy,
+                        # columns d/dx (built by _sep_tables beside the tables)
+
+
 cdef Py_ssize_t _sep_tables(const floating* rois, Py_ssize_t k0, Py_ssize_t K, double scale,
                             double off, bint clamp1, Py_ssize_t PH, Py_ssize_t PW, int sr,
-                            Py_ssize_t H, Py_ssize_t W, Tab* tabs, void** mem,
+                            Py_ssize_t H, Py_ssize_t W, const Deform* dfm, Tab* tabs, void** mem,
                             int nthreads) noexcept nogil:
     """Separable (row tables per ph, column tables per pw) RoIAlign tables of RoIs k0..k1-1 in
     tabs[0:k1-k0], as many RoIs as fit TABLE_BYTES (at least one); returns k1 (k0 on failure).
-    The memory is one block in mem[0] (free it)."""
+    With ``dfm``: deformable RoI pooling's tables, per bin (rows and columns of bin b at rp[b],
+    cp[b]) and shifted by its offsets. The memory is one block in mem[0] (free it)."""
     cdef floating g[6]
     cdef Py_ssize_t grid[2]
-    cdef Py_ssize_t k, k1 = k0, total = 0, size, nr, nc, ph, pw, e
+    cdef Py_ssize_t k, k1 = k0, total = 0, size, nr, nc, e
+    cdef Py_ssize_t fs = sizeof(floating), nb = PH * PW
+    cdef Py_ssize_t nrb = PH if dfm == NULL else nb, ncb = PW if dfm == NULL else nb
+    cdef Py_ssize_t extra = 0 if dfm == NULL else _al8(2 * nb * fs)   # the bins' shifts
+    cdef bint two = dfm != NULL and dfm.dtabs != NULL                   # + derivative tables
     cdef char* m
     cdef Tab* t
-    cdef Py_ssize_t fs = sizeof(floating)
+    cdef Tab* d
     while k1 < K:
         nr = 0
         nc = 0
         if _geom(rois + 5 * k1, scale, off, clamp1, PH, PW, sr, H, W, g, grid):
-            nr = PH * 2 * grid[0]
-            nc = PW * 2 * grid[1]
-        size = (PH + PW + 2 + nr + nc) * sizeof(Py_ssize_t) + _al8(nr * fs) + _al8(nc * fs)
+            nr = nrb * 2 * grid[0]
+            nc = ncb * 2 * grid[1]
+        size = ((nrb + ncb + 2 + nr + nc) * sizeof(Py_ssize_t) + _al8(nr * fs) + _al8(nc * fs))
+        size = size * (2 if two else 1) + extra
         if k1 > k0 and total + size > TABLE_BYTES:
             break
         tabs[k1 - k0].mem = <void*>total          # byte offset for now
@@ -276,15 +301,58 @@ cdef Py_ssize_t _sep_tables(const floating* rois, Py_ssize_t k0, Py_ssize_t K, d
         nr = <Py_ssize_t>t.rp
         nc = <Py_ssize_t>t.cp
         t.rp = <Py_ssize_t*>(m + <Py_ssize_t>t.mem)
-        t.cp = t.rp + PH + 1
-        t.ri = t.cp + PW + 1
+        t.cp = t.rp + nrb + 1
+        t.ri = t.cp + ncb + 1
         t.ci = t.ri + nr
         t.rw = <void*>(t.ci + nc)
         t.cw = <void*>(<char*>t.rw + _al8(nr * fs))
-        t.mem = NULL
+        t.mem = <void*>(<char*>t.cw + _al8(nc * fs)) if dfm != NULL else NULL
+        if two:
+            d = &dfm.dtabs[k]
+            d.rp = <Py_ssize_t*>(<char*>t.mem + extra)
+            d.cp = d.rp + nrb + 1
+            d.ri = d.cp + ncb + 1
+            d.ci = d.ri + nr
+            d.rw = <void*>(d.ci + nc)
+            d.cw = <void*>(<char*>d.rw + _al8(nr * fs))
     for k in prange(k1 - k0, num_threads=nthreads, schedule="static"):
-        _sep_fill(&tabs[k], rois + 5 * (k0 + k), scale, off, clamp1, PH, PW, sr, H, W)
+        if dfm == NULL:
+            _sep_fill(&tabs[k], rois + 5 * (k0 + k), scale, off, clamp1, PH, PW, sr, H, W)
+        else:
+            _dfm_fill(&tabs[k], rois, k0 + k, k0, dfm, scale, off, clamp1, PH, PW, sr, H, W)
     return k1
+
+
+cdef void _dfm_fill(Tab* t, const floating* rois, Py_ssize_t k, Py_ssize_t k0, const Deform* dfm,
+                    double scale,
+                    double off, bint clamp1, Py_ssize_t PH, Py_ssize_t PW, int sr, Py_ssize_t H,
+                    Py_ssize_t W) noexcept nogil:
+    """Fill RoI k's per-bin deformable tables (arrays placed by _sep_tables; t.mem: room for
+    the bins' shifts)."""
+    cdef floating g[6]
+    cdef Py_ssize_t grid[2]
+    cdef Py_ssize_t b, nb = PH * PW
+    t.n = <Py_ssize_t>rois[5 * k]
+    t.cnt = 0
+    t.lo = H
+    t.hi = -1
+    t.rp[0] = 0
+    t.cp[0] = 0
+    if not _geom(rois + 5 * k, scale, off, clamp1, PH, PW, sr, H, W, g, grid):
+        for b in range(nb):
+            t.rp[b + 1] = 0
+            t.cp[b + 1] = 0
+        return
+    t.cnt = <double>(grid[0] * grid[1])
+    _deform_shifts(g, <const floating*>dfm.offset, k, nb, <floating>dfm.gamma,
+                   <floating*>t.mem)
+    _tab_build(t, g, grid, PH, PW, H, W, <const floating*>t.mem, nb, False, False)
+    if dfm.dtabs != NULL:
+        _tab_build(&dfm.dtabs[k - k0], g, grid, PH, PW, H, W, <const floating*>t.mem, nb, True,
+                   True)
+    for b in range(t.rp[nb]):
+        t.lo = min(t.lo, t.ri[b])
+        t.hi = max(t.hi, t.ri[b])
 
 
 cdef void _sep_fill(Tab* t, const floating* r, double scale, double off, bint clamp1,
@@ -347,18 +415,18 @@ cdef extern from "_roi_simd.h" nogil:
                          Py_ssize_t p1, double* x)
 
 
-cdef inline void _cv_bin(const floating* x, Py_ssize_t C, Py_ssize_t W, const Tab* t,
-                         Py_ssize_t ph, Py_ssize_t pw, floating inv,
+cdef inline void _cv_bin(const floating* x, Py_ssize_t C, Py_ssize_t W, const Tab* tr,
+                         Py_ssize_t ph, const Tab* tc, Py_ssize_t pw, floating inv,
                          floating* dst) noexcept nogil:
-    """dst[0:C] = bin (ph, pw) of one RoI over the C channels-last channels of x
-    (fn_roi_bin_cl, _roi_simd.h)."""
-    cdef Py_ssize_t r0 = t.rp[ph], c0 = t.cp[pw]
+    """dst[0:C] = bin (ph, pw) of one RoI over the C channels-last channels of x, with the row
+    table ph of ``tr`` and the column table pw of ``tc`` (fn_roi_bin_cl, _roi_simd.h)."""
+    cdef Py_ssize_t r0 = tr.rp[ph], c0 = tc.cp[pw]
     if floating is float:
-        fn_roi_bin_cl_f(x, C, W, t.ri + r0, <const float*>t.rw + r0, t.rp[ph + 1] - r0,
-                        t.ci + c0, <const float*>t.cw + c0, t.cp[pw + 1] - c0, inv, dst)
+        fn_roi_bin_cl_f(x, C, W, tr.ri + r0, <const float*>tr.rw + r0, tr.rp[ph + 1] - r0,
+                        tc.ci + c0, <const float*>tc.cw + c0, tc.cp[pw + 1] - c0, inv, dst)
     else:
-        fn_roi_bin_cl_d(x, C, W, t.ri + r0, <const double*>t.rw + r0, t.rp[ph + 1] - r0,
-                        t.ci + c0, <const double*>t.cw + c0, t.cp[pw + 1] - c0, inv, dst)
+        fn_roi_bin_cl_d(x, C, W, tr.ri + r0, <const double*>tr.rw + r0, tr.rp[ph + 1] - r0,
+                        tc.ci + c0, <const double*>tc.cw + c0, tc.cp[pw + 1] - c0, inv, dst)
 
 
 cdef inline void _cv_scatter(floating* S, Py_ssize_t ps, Py_ssize_t W, const Tab* t,
@@ -392,7 +460,7 @@ cdef void _cl_fwd_rois(const floating* x, floating* out, const Tab* tabs,
         inv = <floating>(1 / t.cnt) if t.cnt > 0 else 0
         for ph in range(PH):
             for pw in range(PW):
-                _cv_bin(x + t.n * H * W * C, C, W, t, ph, pw, inv,
+                _cv_bin(x + t.n * H * W * C, C, W, t, ph, t, pw, inv,
                         out + (k * nb + ph * PW + pw) * C)
 
 
@@ -475,12 +543,59 @@ cdef inline void _bin_scatter_ps(floating* plane, Py_ssize_t W, Py_ssize_t ps, c
             row[t.ci[b] * ps] += u * cw[b]
 
 
+cdef inline Py_ssize_t _rbin(Py_ssize_t b, Py_ssize_t PW, const Deform* dfm) noexcept nogil:
+    """The row table of bin b: ph (separable) or b (deformable, per-bin tables)."""
+    return b if dfm != NULL else b // PW
+
+
+cdef inline Py_ssize_t _cbin(Py_ssize_t b, Py_ssize_t PW, const Deform* dfm) noexcept nogil:
+    return b if dfm != NULL else b % PW
+
+
+cdef inline floating _binv(floating inv, const Deform* dfm, Py_ssize_t i) noexcept nogil:
+    """1 / count of a bin, times deformable pooling's mask[i] if there is one (a RoI without
+    samples stays 0 whatever its mask)."""
+    if dfm != NULL and dfm.mask != NULL and inv != 0:
+        return inv * (<const floating*>dfm.mask)[i]
+    return inv
+
+
+cdef void _dfm_grads(const floating* Sb, const floating* dy, const Tab* t, const Tab* d,
+                     const Deform* dfm, Py_ssize_t k, Py_ssize_t c0, Py_ssize_t nch,
+                     Py_ssize_t C, Py_ssize_t W, Py_ssize_t nb, floating* tile) noexcept nogil:
+    """The gradient pass of deformable RoI pooling, RoI k, channels c0..c0+nch of x in the band
+    Sb: per bin, the sums over these channels (in order) of dy * bin, dy * d bin / dy and
+    dy * d bin / dx (row / column derivative tables of ``d``) into dfm.part."""
+    cdef floating v[3 * FN_RL]
+    cdef floating* q
+    cdef floating gg
+    cdef Py_ssize_t b, c, i
+    if floating is float:
+        fn_roi_tile_in_f(dy + (k * C + c0) * nb, nb, nch, tile)
+    else:
+        fn_roi_tile_in_d(dy + (k * C + c0) * nb, nb, nch, tile)
+    for b in range(nb):
+        if dfm.mask != NULL:
+            _cv_bin(Sb, FN_RL, W, t, b, t, b, 1, v)
+        if dfm.offset != NULL:
+            _cv_bin(Sb, FN_RL, W, d, b, t, b, 1, v + FN_RL)
+            _cv_bin(Sb, FN_RL, W, t, b, d, b, 1, v + 2 * FN_RL)
+        q = <floating*>dfm.part + ((k * nb + b) * dfm.nblk + c0 // FN_RL) * 3
+        for i in range(3):
+            q[i] = 0
+        for c in range(nch):
+            gg = tile[b * FN_RL + c]
+            for i in range(3):
+                if (i == 0 and dfm.mask != NULL) or (i > 0 and dfm.offset != NULL):
+                    q[i] = q[i] + gg * v[i * FN_RL + c]
+
+
 cdef void _avg_band(const floating* x, const floating* dy, floating* out, floating* gx,
                     const Tab* tabs, const Py_ssize_t* order, Py_ssize_t j0, Py_ssize_t j1,
                     Py_ssize_t k0, Py_ssize_t k1, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t C,
                     Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW, bint cl,
-                    bint backward, Py_ssize_t r0, Py_ssize_t r1, bint fresh, floating* S,
-                    floating* tile) noexcept nogil:
+                    bint backward, const Deform* dfm, Py_ssize_t r0, Py_ssize_t r1, bint fresh,
+                    floating* S, floating* tile) noexcept nogil:
     """The RoIs order[j0:j1] of the table chunk k0..k1, all of whose rows lie in r0..r1-1, on
     image n, channels c0..c0+FN_RL (fewer at the end). Those rows are brought
     channel-block-last into the scratch S (NCHW: a transpose; channels-last: a strided copy),
@@ -528,11 +643,16 @@ cdef void _avg_band(const floating* x, const floating* dy, floating* out, floati
             else:
                 fn_roi_tile_in_d(dy + (k * C + c0) * nb, nb, nch, tile)
             for b in range(nb):
-                _cv_scatter(Sb, FN_RL, W, t, b // PW, b % PW, inv, tile + b * FN_RL)
+                _cv_scatter(Sb, FN_RL, W, t, _rbin(b, PW, dfm), _cbin(b, PW, dfm),
+                            _binv(inv, dfm, k * nb + b), tile + b * FN_RL)
             continue
-        for ph in range(PH):
-            for pw in range(PW):
-                _cv_bin(Sb, FN_RL, W, t, ph, pw, inv, tile + (ph * PW + pw) * FN_RL)
+        if dfm != NULL and dfm.part != NULL:
+            if t.cnt > 0:
+                _dfm_grads(Sb, dy, t, &dfm.dtabs[k - k0], dfm, k, c0, nch, C, W, nb, tile)
+            continue
+        for b in range(nb):
+            _cv_bin(Sb, FN_RL, W, t, _rbin(b, PW, dfm), t, _cbin(b, PW, dfm),
+                    _binv(inv, dfm, k * nb + b), tile + b * FN_RL)
         if cl:
             for b in range(nb):
                 for c in range(nch):
@@ -548,28 +668,51 @@ cdef void _avg_band(const floating* x, const floating* dy, floating* out, floati
 cdef void _avg_direct(const floating* x, const floating* dy, floating* out, floating* gx,
                       const Tab* t, Py_ssize_t k, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t C,
                       Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW, bint cl,
-                      bint backward) noexcept nogil:
+                      bint backward, const Deform* dfm, const Tab* d) noexcept nogil:
     """One RoI whose rows do not fit a thread's scratch band (_band_rows), channel by channel
-    straight on x (forward, NCHW) or on this unit's part of grad_x (backward)."""
+    straight on x (forward, NCHW; deformable pooling's gradient pass with its derivative tables
+    ``d``) or on this unit's part of grad_x (backward)."""
     cdef Py_ssize_t nch = min(FN_RL, C - c0), HW = H * W, nb = PH * PW, c, b, o
     cdef Py_ssize_t ps = C if cl else 1
     cdef floating inv = <floating>(1 / t.cnt) if t.cnt > 0 else 0
+    cdef floating gg
+    cdef floating* q
+    if d != NULL:
+        if t.cnt == 0:
+            return
+        for b in range(nb):
+            q = <floating*>dfm.part + ((k * nb + b) * dfm.nblk + c0 // FN_RL) * 3
+            q[0] = 0
+            q[1] = 0
+            q[2] = 0
+            for c in range(c0, c0 + nch):
+                o = (n * C + c) * HW
+                gg = dy[(k * C + c) * nb + b]
+                if dfm.mask != NULL:
+                    q[0] = q[0] + gg * _bin_dot(x + o, W, t, b, t, b)
+                if dfm.offset != NULL:
+                    q[1] = q[1] + gg * _bin_dot(x + o, W, d, b, t, b)
+                    q[2] = q[2] + gg * _bin_dot(x + o, W, t, b, d, b)
+        return
     for c in range(c0, c0 + nch):
         o = n * HW * C + c if cl else (n * C + c) * HW
         for b in range(nb):
             if backward:
-                _bin_scatter_ps(gx + o, W, ps, t, b // PW, b % PW,
+                _bin_scatter_ps(gx + o, W, ps, t, _rbin(b, PW, dfm), _cbin(b, PW, dfm),
                                 (dy[(k * nb + b) * C + c] if cl else dy[(k * C + c) * nb + b])
-                                * inv)
+                                * _binv(inv, dfm, k * nb + b))
             else:
-                out[(k * C + c) * nb + b] = _bin_dot(x + o, W, t, b // PW, t, b % PW) * inv
+                out[(k * C + c) * nb + b] = (_bin_dot(x + o, W, t, _rbin(b, PW, dfm), t,
+                                                      _cbin(b, PW, dfm))
+                                             * _binv(inv, dfm, k * nb + b))
 
 
 cdef void _avg_unit(const floating* x, const floating* dy, floating* out, floating* gx,
                     const Tab* tabs, const Py_ssize_t* order, Py_ssize_t j0, Py_ssize_t j1,
                     Py_ssize_t k0, Py_ssize_t k1, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t C,
                     Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW, bint cl,
-                    bint backward, Py_ssize_t cap, floating* S, floating* tile) noexcept nogil:
+                    bint backward, const Deform* dfm, Py_ssize_t cap, floating* S,
+                    floating* tile) noexcept nogil:
     """One unit: image n, channels c0..c0+FN_RL, the RoIs order[j0:j1] (spatially sorted,
     _segments) that lie in the table chunk k0..k1, with a scratch of ``cap`` rows. Usually one
     band holds every row they read (_avg_band); otherwise they go in consecutive groups that
@@ -587,7 +730,7 @@ cdef void _avg_unit(const floating* x, const floating* dy, floating* out, floati
             big = big or t.hi - t.lo >= cap
     if not big and hi - lo < cap:
         _avg_band(x, dy, out, gx, tabs, order, j0, j1, k0, k1, n, c0, C, H, W, PH, PW, cl,
-                  backward, lo, hi + 1, k0 == 0, S, tile)
+                  backward, dfm, lo, hi + 1, k0 == 0, S, tile)
         return
     if backward and k0 == 0:
         _cv_zero(gx, n, c0, min(FN_RL, C - c0), C, H * W, 0, H * W, cl)
@@ -606,10 +749,11 @@ cdef void _avg_unit(const floating* x, const floating* dy, floating* out, floati
                 ghi = max(ghi, t.hi)
             j += 1
         _avg_band(x, dy, out, gx, tabs, order, jg, j, k0, k1, n, c0, C, H, W, PH, PW, cl,
-                  backward, glo, ghi + 1, False, S, tile)
+                  backward, dfm, glo, ghi + 1, False, S, tile)
         if j < j1 and tabs[order[j] - k0].hi - tabs[order[j] - k0].lo >= cap:
             _avg_direct(x, dy, out, gx, &tabs[order[j] - k0], order[j], n, c0, C, H, W, PH, PW,
-                        cl, backward)
+                        cl, backward, dfm, &dfm.dtabs[order[j] - k0]
+                        if dfm != NULL and dfm.part != NULL else NULL)
             j += 1
 
 
@@ -640,21 +784,28 @@ cdef int _align_avg(const floating* x, const floating* dy, const floating* rois,
                     floating* gx, const Py_ssize_t* order, const Py_ssize_t* seg, Py_ssize_t K,
                     Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH,
                     Py_ssize_t PW, double scale, double off, bint clamp1, int sr, bint cl,
-                    bint backward, floating* scratch, int nthreads) noexcept nogil:
-    """Average RoIAlign forward or backward, units (image, block of FN_RL channels) (_avg_unit),
-    in RoI chunks whose tables fit TABLE_BYTES; channels-last forward reads x in place, CL_ROIS
-    RoIs per unit (_cl_fwd_rois). Each thread owns a band of _band_rows rows and a tile of
-    PH x PW x FN_RL outputs in ``scratch`` (nthreads x _cv_per elements, from the caching
-    allocator: no page faults per call)."""
-    cdef Tab* tabs = <Tab*>malloc(max(K, 1) * sizeof(Tab))
+                    bint backward, const Deform* dfm, floating* scratch,
+                    int nthreads) noexcept nogil:
+    """Average RoIAlign forward or backward (or deformable RoI pooling's: ``dfm``), units
+    (image, block of FN_RL channels) (_avg_unit), in RoI chunks whose tables fit TABLE_BYTES;
+    channels-last forward reads x in place, CL_ROIS RoIs per unit (_cl_fwd_rois). Each thread
+    owns a band of _band_rows rows and a tile of PH x PW x FN_RL outputs in ``scratch``
+    (nthreads x _cv_per elements, from the caching allocator: no page faults per call)."""
+    cdef bint grads = dfm != NULL and dfm.part != NULL
+    cdef Tab* tabs = <Tab*>malloc(max(K, 1) * (2 if grads else 1) * sizeof(Tab))
+    cdef Deform dd                     # dfm with room for the derivative tables
     cdef void* mem = NULL
     cdef Py_ssize_t k0 = 0, k1, nblk = (C + FN_RL - 1) // FN_RL, u, n, tid
     cdef Py_ssize_t fs = sizeof(floating), cap = _band_rows(H, W, fs)
     cdef Py_ssize_t per = _cv_per(H, W, PH, PW, fs)
     if tabs == NULL:
         return -1
+    if dfm != NULL:
+        dd = dfm[0]
+        dd.dtabs = tabs + K if grads else NULL
+        dfm = &dd
     while k0 < K:
-        k1 = _sep_tables(rois, k0, K, scale, off, clamp1, PH, PW, sr, H, W, tabs, &mem,
+        k1 = _sep_tables(rois, k0, K, scale, off, clamp1, PH, PW, sr, H, W, dfm, tabs, &mem,
                          nthreads)
         if k1 == k0:
             free(tabs)
@@ -671,7 +822,7 @@ cdef int _align_avg(const floating* x, const floating* dy, const floating* rois,
             n = u // nblk
             tid = threadid()
             _avg_unit(x, dy, out, gx, tabs, order, seg[n], seg[n + 1], k0, k1, n,
-                      (u % nblk) * FN_RL, C, H, W, PH, PW, cl, backward, cap,
+                      (u % nblk) * FN_RL, C, H, W, PH, PW, cl, backward, dfm, cap,
                       scratch + tid * per, scratch + tid * per + cap * W * FN_RL)
         free(mem)
         k0 = k1
@@ -1241,105 +1392,36 @@ cdef inline void _deform_shifts(const floating* g, const floating* offset, Py_ss
             dyx[nb + b] = gamma * g[5] * offset[2 * k * nb + b]
 
 
-cdef void _deform_unit(const floating* x, const floating* dy, const floating* rois,
-                       const floating* offset, const floating* mask, floating* out, floating* gx,
-                       floating* goff, floating* gmask, const Py_ssize_t* order, Py_ssize_t k0,
-                       Py_ssize_t k1, Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t C, Py_ssize_t H,
-                       Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW, double scale, int sr,
-                       floating gamma, int what) noexcept nogil:
-    """what 0: forward; 1: grad_x (channels [c0, c1)); 2: grad_offset/grad_mask of RoIs k0..k1
-    (all channels)."""
+cdef void _dfm_reduce(const floating* rois, const floating* mask, const floating* part,
+                      floating* goff, floating* gmask, Py_ssize_t k, Py_ssize_t nblk,
+                      Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW, double scale,
+                      int sr, floating gamma) noexcept nogil:
+    """grad_offset / grad_mask of RoI k from the gradient pass's per-block sums (in block
+    order)."""
     cdef floating g[6]
     cdef Py_ssize_t grid[2]
-    cdef Py_ssize_t j, k, n, c, bn, nb = PH * PW
-    cdef Tab t, ty, tx
-    cdef floating cnt, m, gg, sy, sx, sm, v
-    cdef floating* dyx = <floating*>malloc(2 * nb * sizeof(floating))
-    cdef const floating* plane
-    if dyx == NULL:
+    cdef Py_ssize_t b, i, nb = PH * PW
+    cdef floating cnt, m, sm, sy, sx
+    cdef const floating* q
+    if not _geom(rois + 5 * k, scale, 0.5, False, PH, PW, sr, H, W, g, grid) \
+            or grid[0] * grid[1] == 0:
         return
-    for j in range(k0, k1):
-        k = order[j] if order != NULL else j
-        n = <Py_ssize_t>rois[5 * k]
-        if not _geom(rois + 5 * k, scale, 0.5, False, PH, PW, sr, H, W, g, grid) \
-                or grid[0] * grid[1] == 0:
-            if what == 0:
-                for c in range(c0, c1):
-                    for bn in range(nb):
-                        out[(k * C + c) * nb + bn] = 0
-            continue
-        cnt = <floating>(grid[0] * grid[1])
-        _deform_shifts(g, offset, k, nb, gamma, dyx)
-        if not _tab_alloc(&t, nb, grid[0], grid[1], sizeof(floating)):
-            break
-        _tab_build(&t, g, grid, PH, PW, H, W, dyx, nb, False, False)
-        if what == 2:
-            if not _tab_alloc(&ty, nb, grid[0], grid[1], sizeof(floating)):
-                free(t.mem)
-                break
-            if not _tab_alloc(&tx, nb, grid[0], grid[1], sizeof(floating)):
-                free(t.mem)
-                free(ty.mem)
-                break
-            _tab_build(&ty, g, grid, PH, PW, H, W, dyx, nb, True, False)
-            _tab_build(&tx, g, grid, PH, PW, H, W, dyx, nb, False, True)
-            for bn in range(nb):
-                m = mask[k * nb + bn] if mask != NULL else 1
-                sy = 0
-                sx = 0
-                sm = 0
-                for c in range(C):
-                    plane = x + (n * C + c) * H * W
-                    gg = dy[(k * C + c) * nb + bn]
-                    if mask != NULL:
-                        sm = sm + gg * _bin_dot(plane, W, &t, bn, &t, bn)
-                    if offset != NULL:
-                        # d/dy: derivative rows x weight columns; d/dx: weight rows x derivative
-                        # columns (row tables of ty, column tables of tx are the derivatives)
-                        sy = sy + gg * _bin_dot(plane, W, &ty, bn, &t, bn)
-                        sx = sx + gg * _bin_dot(plane, W, &t, bn, &tx, bn)
-                if mask != NULL:
-                    gmask[k * nb + bn] = sm / cnt
-                if offset != NULL:
-                    goff[(2 * k + 1) * nb + bn] = m * gamma * g[4] * sy / cnt
-                    goff[2 * k * nb + bn] = m * gamma * g[5] * sx / cnt
-            free(ty.mem)
-            free(tx.mem)
-        else:
-            for c in range(c0, c1):
-                plane = x + (n * C + c) * H * W
-                for bn in range(nb):
-                    m = mask[k * nb + bn] if mask != NULL else 1
-                    if what == 0:
-                        out[(k * C + c) * nb + bn] = m * (_bin_dot(plane, W, &t, bn, &t, bn) / cnt)
-                    else:
-                        _bin_scatter(gx + (n * C + c) * H * W, W, &t, bn, bn,
-                                     dy[(k * C + c) * nb + bn] * m / cnt)
-        free(t.mem)
-    free(dyx)
-
-
-cdef void _deform(const floating* x, const floating* dy, const floating* rois,
-                  const floating* offset, const floating* mask, floating* out, floating* gx,
-                  floating* goff, floating* gmask, const Py_ssize_t* order, const Py_ssize_t* seg,
-                  Py_ssize_t K, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
-                  Py_ssize_t PH, Py_ssize_t PW, double scale, int sr, floating gamma, int what,
-                  Py_ssize_t cb, int nthreads) noexcept nogil:
-    cdef Py_ssize_t nblk = (C + cb - 1) // cb, u, m, c0
-    if what == 2:
-        for u in prange(K, num_threads=nthreads, schedule="dynamic"):
-            _deform_unit(x, dy, rois, offset, mask, out, gx, goff, gmask, <Py_ssize_t*>NULL,
-                         u, u + 1, 0, C, C, H, W, PH, PW, scale, sr, gamma, 2)
-        return
-    for u in prange((N if what == 1 else K) * nblk, num_threads=nthreads, schedule="dynamic"):
-        m = u // nblk
-        c0 = (u % nblk) * cb
-        if what == 1:
-            _deform_unit(x, dy, rois, offset, mask, out, gx, goff, gmask, order, seg[m],
-                         seg[m + 1], c0, min(C, c0 + cb), C, H, W, PH, PW, scale, sr, gamma, 1)
-        else:
-            _deform_unit(x, dy, rois, offset, mask, out, gx, goff, gmask, <Py_ssize_t*>NULL, m,
-                         m + 1, c0, min(C, c0 + cb), C, H, W, PH, PW, scale, sr, gamma, 0)
+    cnt = <floating>(grid[0] * grid[1])
+    for b in range(nb):
+        sm = 0
+        sy = 0
+        sx = 0
+        for i in range(nblk):
+            q = part + ((k * nb + b) * nblk + i) * 3
+            sm = sm + q[0]
+            sy = sy + q[1]
+            sx = sx + q[2]
+        m = mask[k * nb + b] if mask != NULL else 1
+        if gmask != NULL:
+            gmask[k * nb + b] = sm / cnt
+        if goff != NULL:
+            goff[(2 * k + 1) * nb + b] = m * gamma * g[4] * sy / cnt
+            goff[2 * k * nb + b] = m * gamma * g[5] * sx / cnt
 
 
 # ---------------------------------------------------------------- Python entry points
@@ -1454,11 +1536,11 @@ def _align(x, dy, rois, out, gx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ss
         elif f32:
             rc = _align_avg(<float*>px, <float*>pd, <float*>pr, <float*>po, <float*>pg, pod, ps,
                             K, N, C, H, W, PH, PW, scale, off, not aligned, sr, cl, backward,
-                            <float*>psc, nthreads)
+                            NULL, <float*>psc, nthreads)
         else:
             rc = _align_avg(<double*>px, <double*>pd, <double*>pr, <double*>po, <double*>pg, pod,
                             ps, K, N, C, H, W, PH, PW, scale, off, not aligned, sr, cl, backward,
-                            <double*>psc, nthreads)
+                            NULL, <double*>psc, nthreads)
     if rc != 0:
         raise MemoryError("roi_align: out of memory for the sampling tables")
 
@@ -1628,72 +1710,93 @@ def roi_pool_backward(grad_out, rois, x, Py_ssize_t pooled_h, Py_ssize_t pooled_
 def deform_roi_pool_forward(x, rois, offset, mask, Py_ssize_t pooled_h, Py_ssize_t pooled_w,
                             double spatial_scale, int sampling_ratio, double gamma, int nthreads):
     """out (K, C, PH, PW); offset (K, 2, PH, PW) or None; mask (K, 1, PH, PW) or None."""
-    cdef Py_ssize_t PH = pooled_h, PW = pooled_w
-    cdef double scale = spatial_scale
-    cdef int sr = sampling_ratio
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
-    cdef Py_ssize_t K = rois.shape[0]
-    out = np.zeros((K, C, PH, PW), dtype=x.dtype)
-    if out.size == 0 or H * W == 0:
+    out = _cache.empty((rois.shape[0], C, pooled_h, pooled_w), x.dtype)
+    if out.size == 0:
         return out
-    cdef void* px = _p(x)
-    cdef void* pr = _p(rois)
-    cdef void* pf = _p(offset)
-    cdef void* pm = _p(mask)
-    cdef void* po = _p(out)
-    cdef bint f32 = x.dtype == np.float32
-    with nogil:
-        if f32:
-            _deform(<float*>px, <float*>NULL, <float*>pr, <float*>pf, <float*>pm, <float*>po,
-                    <float*>NULL, <float*>NULL, <float*>NULL, NULL, NULL, K, N, C, H, W, PH, PW, scale, sr, <float>gamma, 0,
-                    min(C, 64), nthreads)
-        else:
-            _deform(<double*>px, <double*>NULL, <double*>pr, <double*>pf, <double*>pm,
-                    <double*>po, <double*>NULL, <double*>NULL, <double*>NULL, NULL, NULL, K, N, C, H, W, PH, PW, scale, sr, gamma, 0,
-                    min(C, 64), nthreads)
+    if H * W == 0:
+        out[...] = 0
+        return out
+    _deform(x, None, rois, offset, mask, out, None, N, C, H, W, pooled_h, pooled_w,
+            spatial_scale, sampling_ratio, gamma, nthreads)
     return out
 
 
 def deform_roi_pool_backward(grad_out, x, rois, offset, mask, Py_ssize_t pooled_h,
                              Py_ssize_t pooled_w, double spatial_scale, int sampling_ratio,
                              double gamma, bint deterministic, int nthreads):
-    """(grad_x, grad_offset or None, grad_mask or None)."""
+    """(grad_x, grad_offset or None, grad_mask or None); always deterministic on the CPU."""
     cdef Py_ssize_t PH = pooled_h, PW = pooled_w
     cdef double scale = spatial_scale
     cdef int sr = sampling_ratio
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
-    cdef Py_ssize_t K = rois.shape[0]
-    gx = np.zeros((N, C, H, W), dtype=x.dtype)
+    cdef Py_ssize_t K = rois.shape[0], k
     goff = None if offset is None else np.zeros((K, 2, PH, PW), dtype=x.dtype)
     gm = None if mask is None else np.zeros((K, 1, PH, PW), dtype=x.dtype)
-    if gx.size == 0 or K == 0:
+    if x.size == 0 or K == 0:
+        return np.zeros(x.shape, dtype=x.dtype), goff, gm
+    gx = _cache.empty(x.shape, x.dtype)          # every element written (_avg_unit)
+    _deform(x, grad_out, rois, offset, mask, None, gx, N, C, H, W, PH, PW, scale, sr, gamma,
+            nthreads)
+    if goff is None and gm is None:
         return gx, goff, gm
-    order, seg = _segments(rois, N)
-    cdef Py_ssize_t cb = _bwd_block(N, C, nthreads)
-    cdef void* px = _p(x)
-    cdef void* pd = _p(grad_out)
+    part = np.zeros((K, PH * PW, (C + FN_RL - 1) // FN_RL, 3), dtype=x.dtype)
+    _deform(x, grad_out, rois, offset, mask, None, None, N, C, H, W, PH, PW, scale, sr, gamma,
+            nthreads, part)
     cdef void* pr = _p(rois)
-    cdef void* pf = _p(offset)
     cdef void* pm = _p(mask)
-    cdef void* pg = _p(gx)
+    cdef void* pp = _p(part)
     cdef void* pgo = _p(goff)
     cdef void* pgm = _p(gm)
-    cdef Py_ssize_t* po = <Py_ssize_t*>_p(order)
-    cdef Py_ssize_t* ps = <Py_ssize_t*>_p(seg)
-    cdef int what
+    cdef Py_ssize_t nblk = part.shape[2]
     cdef bint f32 = x.dtype == np.float32
     with nogil:
-        for what in range(1, 3):
-            if what == 2 and pgo == NULL and pgm == NULL:
-                break
+        for k in prange(K, num_threads=nthreads, schedule="static"):
             if f32:
-                _deform(<float*>px, <float*>pd, <float*>pr, <float*>pf, <float*>pm, <float*>NULL,
-                        <float*>pg, <float*>pgo, <float*>pgm, po, ps, K, N, C, H, W, PH, PW,
-                        scale, sr, <float>gamma, what, cb, nthreads)
+                _dfm_reduce(<float*>pr, <float*>pm, <float*>pp, <float*>pgo, <float*>pgm, k,
+                            nblk, H, W, PH, PW, scale, sr, <float>gamma)
             else:
-                _deform(<double*>px, <double*>pd, <double*>pr, <double*>pf, <double*>pm, <double*>NULL,
-                        <double*>pg, <double*>pgo, <double*>pgm, po, ps, K, N, C, H, W, PH, PW,
-                        scale, sr, gamma, what, cb, nthreads)
+                _dfm_reduce(<double*>pr, <double*>pm, <double*>pp, <double*>pgo, <double*>pgm,
+                            k, nblk, H, W, PH, PW, scale, sr, gamma)
     return gx, goff, gm
+
+
+def _deform(x, dy, rois, offset, mask, out, gx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H,
+            Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW, double scale, int sr, double gamma,
+            int nthreads, part=None):
+    """Deformable RoI pooling's forward (out), grad_x (gx) or gradient pass of offset/mask
+    (``part``, Deform): the RoIAlign units (_align_avg) on per-bin tables shifted by the
+    offsets, scaled by the mask (aligned, NCHW)."""
+    cdef Py_ssize_t K = rois.shape[0]
+    order, seg = _segments(rois, N, scale)
+    scratch = _cache.empty((max(nthreads, 1), _cv_per(H, W, PH, PW, x.itemsize)), x.dtype)
+    cdef Deform d
+    d.offset = _p(offset)
+    d.mask = _p(mask)
+    d.gamma = gamma
+    d.part = _p(part)
+    d.nblk = 0 if part is None else part.shape[2]
+    d.dtabs = NULL
+    cdef void* px = _p(x)
+    cdef void* pd = _p(dy)
+    cdef void* pr = _p(rois)
+    cdef void* po = _p(out)
+    cdef void* pg = _p(gx)
+    cdef void* psc = _p(scratch)
+    cdef Py_ssize_t* pod = <Py_ssize_t*>_p(order)
+    cdef Py_ssize_t* ps = <Py_ssize_t*>_p(seg)
+    cdef bint backward = gx is not None, f32 = x.dtype == np.float32
+    cdef int rc
+    with nogil:
+        if f32:
+            rc = _align_avg(<float*>px, <float*>pd, <float*>pr, <float*>po, <float*>pg, pod, ps,
+                            K, N, C, H, W, PH, PW, scale, 0.5, False, sr, False, backward, &d,
+                            <float*>psc, nthreads)
+        else:
+            rc = _align_avg(<double*>px, <double*>pd, <double*>pr, <double*>po, <double*>pg,
+                            pod, ps, K, N, C, H, W, PH, PW, scale, 0.5, False, sr, False,
+                            backward, &d, <double*>psc, nthreads)
+    if rc != 0:
+        raise MemoryError("deform_roi_pool: out of memory for the sampling tables")
 
 

@@ -350,7 +350,8 @@ def test_backward_deterministic_across_threads(rng, fn):
 def test_roi_align_scratch_bands(rng, dtype, rows):
     """CPU: a per-thread scratch of only ``rows`` feature rows (maps wider than the budget, as in
     test_huge.py) splits a unit's RoIs into bands and sends taller RoIs straight to x / grad_x:
-    same results as the oracle, bitwise the same for any thread count."""
+    same results as the oracle (RoIAlign and deformable RoI pooling, which shares its units),
+    bitwise the same for any thread count."""
     from conftest import Backend
     cpu = pytest.importorskip("fastnorm._cpu.roi_ops")
     for sr in (2, -1):
@@ -360,6 +361,8 @@ def test_roi_align_scratch_bands(rng, dtype, rows):
         try:
             _check_roi_align(Backend("cpu"), rng, dtype, True, sr, "avg", N=2, C=19, H=23, W=17,
                              K=40)
+            _check_deform_roi_pool(Backend("cpu"), rng, dtype, True, True, N=2, C=19, H=23,
+                                   W=17, K=40)
             g = rng.standard_normal((40, 19, 3, 2)).astype(x.dtype)
             got = []
             for n in (1, 2, 3):

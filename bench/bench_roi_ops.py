@@ -200,7 +200,8 @@ def main(argv=None):
                 fwd_bytes)
         bwd.add("P2", f"torchvision {tv['version']} CPU (autograd)", tv["bwd"],
                 out_bytes + x.nbytes)
-    tables = [fwd, bwd, rotated_table(x, rois, g, threads)]
+    deform, deform_lines = deform_table(x, rois, g, threads)
+    tables = [fwd, bwd, rotated_table(x, rois, g, threads), deform]
     cuda = cuda_tables(x, rois, g)
     tables += cuda
     checks = []
@@ -219,6 +220,7 @@ def main(argv=None):
     for name, r in (("forward", t_f1 / t_f), ("backward", t_b1 / t_b)):
         lines.append(f"{'PASS' if r >= 1.8 else 'MISS'}: {name} 1 -> {threads} thread "
                      f"scaling >= 1.8x (got {r:.2f}x)")
+    lines += deform_lines
     samples = K * PH * PW * SR * SR
     flops = samples * 4 * C * 2
     model = cost_model([("forward NCHW", t_f, fwd_bytes),
@@ -310,6 +312,102 @@ def rotated_table(x, rois, g, threads):
         t.add("forward", f"torch grid_sample + avg_pool2d (max diff {err:.1e})",
               timeit(fwd, repeat=3), out_bytes)
     return t
+
+
+def deform_inputs(K, seed=3):
+    """mmdet's modulated deformable RoI pooling on the same RoIs: offsets N(0, 0.1) (an fc
+    layer's output), gamma 0.1, mask in (0, 1)."""
+    rng = np.random.default_rng(seed)
+    return (rng.normal(0, 0.1, (K, 2, PH, PW)).astype(np.float32),
+            rng.uniform(0, 1, (K, 1, PH, PW)).astype(np.float32))
+
+
+def torch_deform(x, rois, off, mask, threads, gamma=0.1):
+    """deform_roi_pool the PyTorch way (mmcv has no CPU kernel): each bin's SR x SR sample
+    points shifted by gamma * RoI size * offset, grid_sample (bilinear, zero padding) on the
+    RoI's image expanded to the RoI count, avg_pool2d per bin, times the mask. Returns (forward,
+    output, inside: RoIs whose samples all lie in the map, where zero padding and mmcv's border
+    rule agree) or None."""
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    N, C, H, W = x.shape
+    r = torch.from_numpy(rois.astype(np.float64))
+    x1, y1 = r[:, 1] * SCALE - 0.5, r[:, 2] * SCALE - 0.5
+    w, h = (r[:, 3] - r[:, 1]) * SCALE, (r[:, 4] - r[:, 2]) * SCALE
+    o = torch.from_numpy(off.astype(np.float64))
+    sy = (gamma * h[:, None, None] * o[:, 1]).repeat_interleave(SR, 1).repeat_interleave(SR, 2)
+    sx = (gamma * w[:, None, None] * o[:, 0]).repeat_interleave(SR, 1).repeat_interleave(SR, 2)
+    steps = (torch.arange(PH * SR, dtype=torch.float64) + 0.5) / SR    # in bins
+    py = y1[:, None, None] + steps[None, :, None] * (h / PH)[:, None, None] + sy
+    px = x1[:, None, None] + steps[None, None, :] * (w / PW)[:, None, None] + sx
+    grid = torch.stack([(2 * px + 1) / W - 1, (2 * py + 1) / H - 1], -1).float()
+    inside = ((px >= 0) & (px <= W - 1) & (py >= 0) & (py <= H - 1)).flatten(1).all(1).numpy()
+    batch = r[:, 0].long()
+    groups = [torch.nonzero(batch == b).flatten() for b in range(N)]
+    xt, mt = torch.from_numpy(x), torch.from_numpy(mask)
+
+    def forward():
+        out = xt.new_empty((len(rois), C, PH, PW))
+        for b, sel in enumerate(groups):
+            xs = xt[b:b + 1].expand(len(sel), C, H, W)
+            out[sel] = F.avg_pool2d(F.grid_sample(xs, grid[sel], "bilinear", "zeros",
+                                                  align_corners=False), SR) * mt[sel]
+        return out
+    return forward, forward().numpy(), inside
+
+
+def deform_table(x, rois, g, threads):
+    """deform_roi_pool forward / backward beside roi_align on the same RoIs (the same work plus
+    per-bin shifts; its targets carry over as ratios) and the PyTorch way; returns the table
+    and PASS/MISS lines."""
+    off, mask = deform_inputs(len(rois))
+    b_out, b_x = g.nbytes, x.nbytes
+    t = Table(f"deform_roi_pool (modulated, gamma 0.1), same workload, {threads} threads",
+              unit="GB/s")
+    times = {}
+    for n in (threads, 1):
+        with fastnorm.threads(n):
+            times["fwd", n] = timeit(lambda: fastnorm.deform_roi_pool(
+                x, rois, off, PH, SCALE, SR, mask=mask))
+            times["gx", n] = timeit(lambda: fastnorm.deform_roi_pool_backward(
+                g, x, rois, None, PH, SCALE, SR))
+            times["all", n] = timeit(lambda: fastnorm.deform_roi_pool_backward(
+                g, x, rois, off, PH, SCALE, SR, mask=mask), repeat=3)
+    with fastnorm.threads(threads):
+        y = fastnorm.deform_roi_pool(x, rois, off, PH, SCALE, SR, mask=mask)
+        t_af = timeit(lambda: fastnorm.roi_align(x, rois, PH, SCALE, SR, True))
+        t_ab = timeit(lambda: fastnorm.roi_align_backward(g, rois, x.shape, PH, SCALE, SR,
+                                                          True))
+    t.add("forward", "fastnorm", times["fwd", threads], b_out + b_x)
+    t.add("forward", "fastnorm, 1 thread (scaling check)", times["fwd", 1], b_out + b_x)
+    t.add("forward", "fastnorm roi_align, same RoIs", t_af, b_out + b_x)
+    t.add("backward grad_x", "fastnorm", times["gx", threads], b_out + b_x)
+    t.add("backward grad_x", "fastnorm, 1 thread (scaling check)", times["gx", 1], b_out + b_x)
+    t.add("backward grad_x", "fastnorm roi_align, same RoIs", t_ab, b_out + b_x)
+    t.add("backward grad_x, grad_offset, grad_mask", "fastnorm", times["all", threads],
+          b_out + 2 * b_x)
+    t.add("backward grad_x, grad_offset, grad_mask", "fastnorm, 1 thread (scaling check)",
+          times["all", 1], b_out + 2 * b_x)
+    peer = torch_deform(x, rois, off, mask, threads)
+    if peer is not None:
+        fwd, ref, inside = peer
+        err = float(np.abs(ref - y)[inside].max()) if inside.any() else float("nan")
+        t.add("forward", f"torch grid_sample + avg_pool2d (max diff {err:.1e})",
+              timeit(fwd, repeat=3), b_out + b_x)
+    lines = []
+    for name, a, b in (("forward", times["fwd", threads], t_af),
+                       ("grad_x", times["gx", threads], t_ab)):
+        lines.append(f"{'PASS' if a <= 1.3 * b else 'MISS'}: deform_roi_pool {name} <= 1.3x "
+                     f"roi_align's on the same RoIs (got {a / b:.2f}x)")
+    for name in ("fwd", "gx", "all"):
+        r = times[name, 1] / times[name, threads]
+        lines.append(f"{'PASS' if r >= 1.8 else 'MISS'}: deform_roi_pool {name} 1 -> {threads} "
+                     f"thread scaling >= 1.8x (got {r:.2f}x)")
+    return t, lines
 
 
 def cuda_tables(x, rois, g):

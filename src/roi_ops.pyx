@@ -568,8 +568,9 @@ cdef void _dfm_grads(const floating* Sb, const floating* dy, const Tab* t, const
     dy * d bin / dx (row / column derivative tables of ``d``) into dfm.part."""
     cdef floating v[3 * FN_RL]
     cdef floating* q
-    cdef floating gg
-    cdef Py_ssize_t b, c, i
+    cdef floating gg, s0 = 0, s1 = 0, s2 = 0
+    cdef Py_ssize_t b, c
+    memset(v, 0, 3 * FN_RL * sizeof(floating))      # the sums not asked for stay 0
     if floating is float:
         fn_roi_tile_in_f(dy + (k * C + c0) * nb, nb, nch, tile)
     else:
@@ -580,14 +581,18 @@ cdef void _dfm_grads(const floating* Sb, const floating* dy, const Tab* t, const
         if dfm.offset != NULL:
             _cv_bin(Sb, FN_RL, W, d, b, t, b, 1, v + FN_RL)
             _cv_bin(Sb, FN_RL, W, t, b, d, b, 1, v + 2 * FN_RL)
-        q = <floating*>dfm.part + ((k * nb + b) * dfm.nblk + c0 // FN_RL) * 3
-        for i in range(3):
-            q[i] = 0
+        s0 = 0
+        s1 = 0
+        s2 = 0
         for c in range(nch):
             gg = tile[b * FN_RL + c]
-            for i in range(3):
-                if (i == 0 and dfm.mask != NULL) or (i > 0 and dfm.offset != NULL):
-                    q[i] = q[i] + gg * v[i * FN_RL + c]
+            s0 = s0 + gg * v[c]
+            s1 = s1 + gg * v[FN_RL + c]
+            s2 = s2 + gg * v[2 * FN_RL + c]
+        q = <floating*>dfm.part + ((k * nb + b) * dfm.nblk + c0 // FN_RL) * 3
+        q[0] = s0
+        q[1] = s1
+        q[2] = s2
 
 
 cdef void _avg_band(const floating* x, const floating* dy, floating* out, floating* gx,

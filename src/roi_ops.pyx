@@ -259,12 +259,13 @@ cdef struct Deform:
                         # columns d/dx (built by _sep_tables beside the tables)
 
 
-cdef Py_ssize_t _sep_tables(const floating* rois, Py_ssize_t k0, Py_ssize_t K, double scale,
-                            double off, bint clamp1, Py_ssize_t PH, Py_ssize_t PW, int sr,
-                            Py_ssize_t H, Py_ssize_t W, const Deform* dfm, Tab* tabs, void** mem,
-                            int nthreads) noexcept nogil:
-    """Separable (row tables per ph, column tables per pw) RoIAlign tables of RoIs k0..k1-1 in
-    tabs[0:k1-k0], as many RoIs as fit TABLE_BYTES (at least one); returns k1 (k0 on failure).
+cdef Py_ssize_t _sep_tables(const floating* rois, const Py_ssize_t* order, Py_ssize_t k0,
+                            Py_ssize_t K, double scale, double off, bint clamp1, Py_ssize_t PH,
+                            Py_ssize_t PW, int sr, Py_ssize_t H, Py_ssize_t W, const Deform* dfm,
+                            Tab* tabs, void** mem, int nthreads) noexcept nogil:
+    """Separable (row tables per ph, column tables per pw) RoIAlign tables of the RoIs
+    order[k0:k1] in tabs[0:k1-k0], as many RoIs as fit TABLE_BYTES (at least one); returns k1
+    (k0 on failure).
     With ``dfm``: deformable RoI pooling's tables, per bin (rows and columns of bin b at rp[b],
     cp[b]) and shifted by its offsets. The memory is one block in mem[0] (free it)."""
     cdef floating g[6]
@@ -280,7 +281,7 @@ cdef Py_ssize_t _sep_tables(const floating* rois, Py_ssize_t k0, Py_ssize_t K, d
     while k1 < K:
         nr = 0
         nc = 0
-        if _geom(rois + 5 * k1, scale, off, clamp1, PH, PW, sr, H, W, g, grid):
+        if _geom(rois + 5 * order[k1], scale, off, clamp1, PH, PW, sr, H, W, g, grid):
             nr = nrb * 2 * grid[0]
             nc = ncb * 2 * grid[1]
         size = ((nrb + ncb + 2 + nr + nc) * sizeof(Py_ssize_t) + _al8(nr * fs) + _al8(nc * fs))
@@ -317,18 +318,19 @@ cdef Py_ssize_t _sep_tables(const floating* rois, Py_ssize_t k0, Py_ssize_t K, d
             d.cw = <void*>(<char*>d.rw + _al8(nr * fs))
     for k in prange(k1 - k0, num_threads=nthreads, schedule="static"):
         if dfm == NULL:
-            _sep_fill(&tabs[k], rois + 5 * (k0 + k), scale, off, clamp1, PH, PW, sr, H, W)
+            _sep_fill(&tabs[k], rois + 5 * order[k0 + k], scale, off, clamp1, PH, PW, sr, H, W)
         else:
-            _dfm_fill(&tabs[k], rois, k0 + k, k0, dfm, scale, off, clamp1, PH, PW, sr, H, W)
+            _dfm_fill(&tabs[k], rois, order[k0 + k], k, dfm, scale, off, clamp1, PH, PW, sr, H,
+                      W)
     return k1
 
 
-cdef void _dfm_fill(Tab* t, const floating* rois, Py_ssize_t k, Py_ssize_t k0, const Deform* dfm,
+cdef void _dfm_fill(Tab* t, const floating* rois, Py_ssize_t k, Py_ssize_t i, const Deform* dfm,
                     double scale,
                     double off, bint clamp1, Py_ssize_t PH, Py_ssize_t PW, int sr, Py_ssize_t H,
                     Py_ssize_t W) noexcept nogil:
     """Fill RoI k's per-bin deformable tables (arrays placed by _sep_tables; t.mem: room for
-    the bins' shifts)."""
+    the bins' shifts), and its derivative tables dfm.dtabs[i] if asked."""
     cdef floating g[6]
     cdef Py_ssize_t grid[2]
     cdef Py_ssize_t b, nb = PH * PW
@@ -348,7 +350,7 @@ cdef void _dfm_fill(Tab* t, const floating* rois, Py_ssize_t k, Py_ssize_t k0, c
                    <floating*>t.mem)
     _tab_build(t, g, grid, PH, PW, H, W, <const floating*>t.mem, nb, False, False)
     if dfm.dtabs != NULL:
-        _tab_build(&dfm.dtabs[k - k0], g, grid, PH, PW, H, W, <const floating*>t.mem, nb, True,
+        _tab_build(&dfm.dtabs[i], g, grid, PH, PW, H, W, <const floating*>t.mem, nb, True,
                    True)
     for b in range(t.rp[nb]):
         t.lo = min(t.lo, t.ri[b])
@@ -443,20 +445,18 @@ cdef inline void _cv_scatter(floating* S, Py_ssize_t ps, Py_ssize_t W, const Tab
 
 
 cdef void _cl_fwd_rois(const floating* x, floating* out, const Tab* tabs,
-                       const Py_ssize_t* order, Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t k0,
-                       Py_ssize_t k1, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH,
+                       const Py_ssize_t* order, Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t jc,
+                       Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH,
                        Py_ssize_t PW) noexcept nogil:
     """Channels-last forward of the RoIs order[j0:j1] (spatially sorted: neighbours share
-    corners in cache) that lie in the table chunk k0..k1, straight from x: every bin one pass
-    over its corners' contiguous channel vectors (fn_roi_bin_cl)."""
+    corners in cache; their tables at tabs[j - jc]), straight from x: every bin one pass over
+    its corners' contiguous channel vectors (fn_roi_bin_cl)."""
     cdef Py_ssize_t nb = PH * PW, j, k, ph, pw
     cdef const Tab* t
     cdef floating inv
     for j in range(j0, j1):
         k = order[j]
-        if k < k0 or k >= k1:
-            continue
-        t = &tabs[k - k0]
+        t = &tabs[j - jc]
         inv = <floating>(1 / t.cnt) if t.cnt > 0 else 0
         for ph in range(PH):
             for pw in range(PW):
@@ -597,11 +597,11 @@ cdef void _dfm_grads(const floating* Sb, const floating* dy, const Tab* t, const
 
 cdef void _avg_band(const floating* x, const floating* dy, floating* out, floating* gx,
                     const Tab* tabs, const Py_ssize_t* order, Py_ssize_t j0, Py_ssize_t j1,
-                    Py_ssize_t k0, Py_ssize_t k1, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t C,
+                    Py_ssize_t jc, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t C,
                     Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW, bint cl,
                     bint backward, const Deform* dfm, Py_ssize_t r0, Py_ssize_t r1, bint fresh,
                     floating* S, floating* tile) noexcept nogil:
-    """The RoIs order[j0:j1] of the table chunk k0..k1, all of whose rows lie in r0..r1-1, on
+    """The RoIs order[j0:j1] (tables at tabs[j - jc]), all of whose rows lie in r0..r1-1, on
     image n, channels c0..c0+FN_RL (fewer at the end). Those rows are brought
     channel-block-last into the scratch S (NCHW: a transpose; channels-last: a strided copy),
     then every bin is one FN_RL-channel vector kernel. Backward scatters into S in the fixed RoI
@@ -628,9 +628,7 @@ cdef void _avg_band(const floating* x, const floating* dy, floating* out, floati
         _cv_load(x, Sb, n, c0, nch, C, HW, p0, p1, cl)
     for j in range(j0, j1):
         k = order[j]
-        if k < k0 or k >= k1:
-            continue
-        t = &tabs[k - k0]
+        t = &tabs[j - jc]
         inv = <floating>(1 / t.cnt) if t.cnt > 0 else 0
         if backward:
             if t.cnt == 0:
@@ -653,7 +651,7 @@ cdef void _avg_band(const floating* x, const floating* dy, floating* out, floati
             continue
         if dfm != NULL and dfm.part != NULL:
             if t.cnt > 0:
-                _dfm_grads(Sb, dy, t, &dfm.dtabs[k - k0], dfm, k, c0, nch, C, W, nb, tile)
+                _dfm_grads(Sb, dy, t, &dfm.dtabs[j - jc], dfm, k, c0, nch, C, W, nb, tile)
             continue
         for b in range(nb):
             _cv_bin(Sb, FN_RL, W, t, _rbin(b, PW, dfm), t, _cbin(b, PW, dfm),
@@ -714,30 +712,30 @@ cdef void _avg_direct(const floating* x, const floating* dy, floating* out, floa
 
 cdef void _avg_unit(const floating* x, const floating* dy, floating* out, floating* gx,
                     const Tab* tabs, const Py_ssize_t* order, Py_ssize_t j0, Py_ssize_t j1,
-                    Py_ssize_t k0, Py_ssize_t k1, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t C,
+                    Py_ssize_t jc, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t C,
                     Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW, bint cl,
                     bint backward, const Deform* dfm, Py_ssize_t cap, floating* S,
                     floating* tile) noexcept nogil:
     """One unit: image n, channels c0..c0+FN_RL, the RoIs order[j0:j1] (spatially sorted,
-    _segments) that lie in the table chunk k0..k1, with a scratch of ``cap`` rows. Usually one
-    band holds every row they read (_avg_band); otherwise they go in consecutive groups that
-    each fit one band, and a RoI reading more than ``cap`` rows goes direct (_avg_direct), in
-    the same fixed RoI order (backward: bitwise the same for any thread count)."""
-    cdef Py_ssize_t j, jg, k, lo = H, hi = -1, glo, ghi
+    _segments; tables at tabs[j - jc], the chunk starting at jc), with a scratch of ``cap``
+    rows. Usually one band holds every row they read (_avg_band); otherwise they go in
+    consecutive groups that each fit one band, and a RoI reading more than ``cap`` rows goes
+    direct (_avg_direct), in the same fixed RoI order (backward: bitwise the same for any thread
+    count). Backward, the first chunk (jc == 0) writes all of the unit's part of grad_x."""
+    cdef Py_ssize_t j, jg, lo = H, hi = -1, glo, ghi
     cdef bint big = False
     cdef const Tab* t
     for j in range(j0, j1):
-        k = order[j]
-        if k >= k0 and k < k1 and tabs[k - k0].lo <= tabs[k - k0].hi:
-            t = &tabs[k - k0]
+        t = &tabs[j - jc]
+        if t.lo <= t.hi:
             lo = min(lo, t.lo)
             hi = max(hi, t.hi)
             big = big or t.hi - t.lo >= cap
     if not big and hi - lo < cap:
-        _avg_band(x, dy, out, gx, tabs, order, j0, j1, k0, k1, n, c0, C, H, W, PH, PW, cl,
-                  backward, dfm, lo, hi + 1, k0 == 0, S, tile)
+        _avg_band(x, dy, out, gx, tabs, order, j0, j1, jc, n, c0, C, H, W, PH, PW, cl,
+                  backward, dfm, lo, hi + 1, jc == 0, S, tile)
         return
-    if backward and k0 == 0:
+    if backward and jc == 0:
         _cv_zero(gx, n, c0, min(FN_RL, C - c0), C, H * W, 0, H * W, cl)
     j = j0
     while j < j1:
@@ -745,20 +743,19 @@ cdef void _avg_unit(const floating* x, const floating* dy, floating* out, floati
         glo = H
         ghi = -1
         while j < j1:
-            k = order[j]
-            if k >= k0 and k < k1 and tabs[k - k0].lo <= tabs[k - k0].hi:
-                t = &tabs[k - k0]
+            t = &tabs[j - jc]
+            if t.lo <= t.hi:
                 if t.hi - t.lo >= cap or max(ghi, t.hi) - min(glo, t.lo) >= cap:
                     break
                 glo = min(glo, t.lo)
                 ghi = max(ghi, t.hi)
             j += 1
-        _avg_band(x, dy, out, gx, tabs, order, jg, j, k0, k1, n, c0, C, H, W, PH, PW, cl,
+        _avg_band(x, dy, out, gx, tabs, order, jg, j, jc, n, c0, C, H, W, PH, PW, cl,
                   backward, dfm, glo, ghi + 1, False, S, tile)
-        if j < j1 and tabs[order[j] - k0].hi - tabs[order[j] - k0].lo >= cap:
-            _avg_direct(x, dy, out, gx, &tabs[order[j] - k0], order[j], n, c0, C, H, W, PH, PW,
-                        cl, backward, dfm, &dfm.dtabs[order[j] - k0]
-                        if dfm != NULL and dfm.part != NULL else NULL)
+        if j < j1 and tabs[j - jc].hi - tabs[j - jc].lo >= cap:
+            _avg_direct(x, dy, out, gx, &tabs[j - jc], order[j], n, c0, C, H, W, PH, PW, cl,
+                        backward, dfm,
+                        &dfm.dtabs[j - jc] if dfm != NULL and dfm.part != NULL else NULL)
             j += 1
 
 
@@ -766,11 +763,12 @@ cdef Py_ssize_t CL_ROIS = 8       # channels-last forward: spatially sorted RoIs
 cdef Py_ssize_t BAND_BYTES = 4 << 20   # a thread's scratch band of FN_RL-channel rows
 
 
-def _set_band_bytes(Py_ssize_t n):
-    """Set the per-thread scratch budget of the RoIAlign units (a test hook); returns the old."""
-    global BAND_BYTES
-    old = BAND_BYTES
-    BAND_BYTES = n
+def _set_limits(band_bytes, table_bytes):
+    """Set BAND_BYTES and TABLE_BYTES (a test hook: small values exercise the banded, direct and
+    chunked paths on small inputs); returns the old pair."""
+    global BAND_BYTES, TABLE_BYTES
+    old = BAND_BYTES, TABLE_BYTES
+    BAND_BYTES, TABLE_BYTES = band_bytes, table_bytes
     return old
 
 
@@ -791,8 +789,10 @@ cdef int _align_avg(const floating* x, const floating* dy, const floating* rois,
                     Py_ssize_t PW, double scale, double off, bint clamp1, int sr, bint cl,
                     bint backward, const Deform* dfm, floating* scratch,
                     int nthreads) noexcept nogil:
-    """Average RoIAlign forward or backward (or deformable RoI pooling's: ``dfm``), units
-    (image, block of FN_RL channels) (_avg_unit), in RoI chunks whose tables fit TABLE_BYTES;
+    """Average RoIAlign forward or backward (or deformable RoI pooling's: ``dfm``) of the RoIs
+    order[0:K] (all of rois, or a subset such as one pyramid level's: outputs and grad_out rows
+    are the RoIs' indices in rois; seg: per-image bounds in order), units (image, block of
+    FN_RL channels) (_avg_unit), in chunks of order whose tables fit TABLE_BYTES;
     channels-last forward reads x in place, CL_ROIS RoIs per unit (_cl_fwd_rois). Each thread
     owns a band of _band_rows rows and a tile of PH x PW x FN_RL outputs in ``scratch``
     (nthreads x _cv_per elements, from the caching allocator: no page faults per call)."""
@@ -810,25 +810,26 @@ cdef int _align_avg(const floating* x, const floating* dy, const floating* rois,
         dd.dtabs = tabs + K if grads else NULL
         dfm = &dd
     while k0 < K:
-        k1 = _sep_tables(rois, k0, K, scale, off, clamp1, PH, PW, sr, H, W, dfm, tabs, &mem,
-                         nthreads)
+        k1 = _sep_tables(rois, order, k0, K, scale, off, clamp1, PH, PW, sr, H, W, dfm, tabs,
+                         &mem, nthreads)
         if k1 == k0:
             free(tabs)
             return -1
         if cl and not backward:
-            for u in prange((K + CL_ROIS - 1) // CL_ROIS, num_threads=nthreads,
+            for u in prange((k1 - k0 + CL_ROIS - 1) // CL_ROIS, num_threads=nthreads,
                             schedule="dynamic"):
-                _cl_fwd_rois(x, out, tabs, order, u * CL_ROIS, min(K, (u + 1) * CL_ROIS), k0,
-                             k1, C, H, W, PH, PW)
+                _cl_fwd_rois(x, out, tabs, order, k0 + u * CL_ROIS,
+                             min(k1, k0 + (u + 1) * CL_ROIS), k0, C, H, W, PH, PW)
             free(mem)
             k0 = k1
             continue
         for u in prange(N * nblk, num_threads=nthreads, schedule="dynamic"):
             n = u // nblk
             tid = threadid()
-            _avg_unit(x, dy, out, gx, tabs, order, seg[n], seg[n + 1], k0, k1, n,
-                      (u % nblk) * FN_RL, C, H, W, PH, PW, cl, backward, dfm, cap,
-                      scratch + tid * per, scratch + tid * per + cap * W * FN_RL)
+            _avg_unit(x, dy, out, gx, tabs, order, max(seg[n], k0),
+                      max(min(seg[n + 1], k1), max(seg[n], k0)), k0, n, (u % nblk) * FN_RL, C,
+                      H, W, PH, PW, cl, backward, dfm, cap, scratch + tid * per,
+                      scratch + tid * per + cap * W * FN_RL)
         free(mem)
         k0 = k1
     free(tabs)

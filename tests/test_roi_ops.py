@@ -345,19 +345,20 @@ def test_backward_deterministic_across_threads(rng, fn):
     assert np.array_equal(y1, y2)
 
 
-@pytest.mark.parametrize("rows", [0, 1, 3, 7])
+@pytest.mark.parametrize("rows, table_bytes", [(0, 1 << 25), (1, 1), (3, 1 << 25), (7, 3000)])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_roi_align_scratch_bands(rng, dtype, rows):
+def test_roi_align_scratch_bands_and_chunks(rng, dtype, rows, table_bytes):
     """CPU: a per-thread scratch of only ``rows`` feature rows (maps wider than the budget, as in
-    test_huge.py) splits a unit's RoIs into bands and sends taller RoIs straight to x / grad_x:
-    same results as the oracle (RoIAlign and deformable RoI pooling, which shares its units),
-    bitwise the same for any thread count."""
+    test_huge.py) splits a unit's RoIs into bands and sends taller RoIs straight to x / grad_x;
+    small table budgets split the RoIs into chunks (1: one RoI each). Same results as the oracle
+    (RoIAlign and deformable RoI pooling, which shares its units), bitwise the same for any
+    thread count."""
     from conftest import Backend
     cpu = pytest.importorskip("fastnorm._cpu.roi_ops")
     for sr in (2, -1):
         x, rois = _case(rng, dtype, N=2, C=19, H=23, W=17, K=40, scale=0.5)
         itemsize = np.dtype(_dtype(dtype)).itemsize
-        old = cpu._set_band_bytes(rows * 17 * 16 * itemsize)
+        old = cpu._set_limits(rows * 17 * 16 * itemsize, table_bytes)
         try:
             _check_roi_align(Backend("cpu"), rng, dtype, True, sr, "avg", N=2, C=19, H=23, W=17,
                              K=40)
@@ -371,7 +372,7 @@ def test_roi_align_scratch_bands(rng, dtype, rows):
                                 fastnorm.roi_align_backward(g, rois, x.shape, (3, 2), 0.5, sr,
                                                             True)))
         finally:
-            cpu._set_band_bytes(old)
+            cpu._set_limits(*old)
         for y, gx in got[1:]:
             assert np.array_equal(y, got[0][0]) and np.array_equal(gx, got[0][1])
         want = fastnorm.roi_align_backward(g, rois, x.shape, (3, 2), 0.5, sr, True)

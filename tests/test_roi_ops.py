@@ -1214,8 +1214,12 @@ def test_multi_scale_roi_align_default_pyramid(backend, rng):
     feats = [rng.standard_normal((1, 2, 256 >> i, 256 >> i)) for i in range(4)]
     sides = [28.0, 56.0, 111.9, 112.0, 224.0, 447.0, 448.0, 896.0, 5.0, 1000.0]
     rois = np.array([[0, 10, 20, 10 + s, 20 + s] for s in sides])
+    # 224 less 2 float32 ulps: log2(side / 224) = -2e-7, level 4 only thanks to the 1e-6
+    below = float(np.nextafter(np.nextafter(np.float32(224), 0), 0))
+    rois = np.r_[rois, [[0, 0, 0, below, below]]]
+    assert np.floor(4 + np.log2(below / 224)) == 3
     scales = [0.25, 0.125, 0.0625, 0.03125]
-    assert [ref.fpn_level(r, 4, 224, 2, 5) for r in rois] == [2, 2, 2, 3, 4, 4, 5, 5, 2, 5]
+    assert [ref.fpn_level(r, 4, 224, 2, 5) for r in rois] == [2, 2, 2, 3, 4, 4, 5, 5, 2, 5, 4]
     want = ref.multi_scale_roi_align(feats, rois, 7, 7, scales, 224, 4, 2, True)
     F, R = backend.asarray([feats, rois])
     _close(backend, fastnorm.multi_scale_roi_align(F, R, 7), want, "float64")
@@ -1492,3 +1496,62 @@ def test_multi_scale_roi_align_bad_arguments(backend):
         fb(A(np.zeros((1, 3, 3, 2), np.float32)), r, shapes, 2)
     with pytest.raises(ValueError, match="`grad_out`"):
         fb(g, r, [(2, 8 >> i, 8 >> i, 3) for i in range(3)], 2, channels_last=True)
+
+
+# torchvision's MultiScaleRoIAlign on the same inputs, in the interpreter that has torchvision
+# (fastnorm._bench.run_torchvision: this process if torchvision imports here, else
+# $FASTNORM_TV_PYTHON, e.g. FASTNORM_TV_PYTHON=/path/to/venv-with-torchvision/bin/python)
+TV_MSRA = r"""
+def run(d, threads, levels, images, image_hw, output_size, sr):
+    import collections, numpy as np, torch, torchvision
+    torch.set_num_threads(threads)
+    z = np.load(d + "/in.npz")
+    names = [f"p{i}" for i in range(levels)]
+    feats = [torch.from_numpy(z[n]).requires_grad_(True) for n in names]
+    boxes = [torch.from_numpy(z[f"b{i}"]) for i in range(images)]
+    m = torchvision.ops.MultiScaleRoIAlign(names, output_size, sr)
+    y = m(collections.OrderedDict(zip(names, feats)), boxes, [tuple(image_hw)] * images)
+    grads = torch.autograd.grad(y, feats, torch.from_numpy(z["g"]))
+    np.savez(d + "/out.npz", y=y.detach().numpy(), **{f"g{i}": g.numpy()
+                                                      for i, g in enumerate(grads)})
+    return {"version": torchvision.__version__, "scales": list(m.scales)}
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("levels", [4, 1])
+def test_multi_scale_roi_align_matches_torchvision(backend, rng, tmp_path, dtype, levels):
+    """torchvision.ops.MultiScaleRoIAlign (aligned=False, its inferred scales, canonical 224 /
+    level 4): the same output and gradients, including the RoIs on level boundaries, beyond
+    the clamps, and inverted along one axis (zeros)."""
+    from fastnorm._bench import run_torchvision
+    N, C, img = 2, 4, (256, 320)
+    feats = [rng.standard_normal((N, C, img[0] >> (2 + i), img[1] >> (2 + i))).astype(dtype)
+             for i in range(levels)]
+    per = []
+    for _ in range(N):
+        r = ref.pyramid_rois(rng, 30, 1, *img)[:, 1:] * rng.choice([1, 2], (30, 1))
+        below = float(np.nextafter(np.nextafter(np.float32(224), 0), 0))
+        extra = [[0, 0, below, below], [5, 5, 700, 900], [3, 3, 4, 4], [40, 9, 20, 60]]
+        per.append(np.r_[r, extra].astype(dtype))
+    K = sum(len(p) for p in per)
+    g = rng.standard_normal((K, C, 7, 7)).astype(dtype)
+    np.savez(tmp_path / "in.npz", g=g, **{f"p{i}": f for i, f in enumerate(feats)},
+             **{f"b{i}": b for i, b in enumerate(per)})
+    tv = run_torchvision(TV_MSRA, str(tmp_path), 1, levels=levels, images=N, image_hw=img,
+                         output_size=7, sr=2)
+    if tv is None:
+        pytest.skip("torchvision unavailable: set FASTNORM_TV_PYTHON to an interpreter with it")
+    z = np.load(tmp_path / "out.npz")
+    assert tv["scales"] == [2.0 ** -(2 + i) for i in range(levels)]
+    F, P, G = backend.asarray([feats, per, g])
+    kw = dict(spatial_scales=tv["scales"], sampling_ratio=2, aligned=False)
+    y = backend.asnumpy(fastnorm.multi_scale_roi_align(F, P, 7, **kw))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y, z["y"], **tol)
+    # the box inverted along one axis: zeros on a pyramid, pooled when there is one level
+    assert y[30 + 1].any() and bool(y[30 + 3].any()) == (levels == 1)
+    grads = backend.asnumpy(fastnorm.multi_scale_roi_align_backward(
+        G, P, [f.shape for f in feats], 7, **kw))
+    for i, a in enumerate(grads):
+        np.testing.assert_allclose(a, z[f"g{i}"], **tol)

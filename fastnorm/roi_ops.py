@@ -254,12 +254,13 @@ def multi_scale_roi_align(features, rois, output_size, *, spatial_scales=None,
     call, feats, rois = _resolve(rois, **{f"features[{i}]": f for i, f in enumerate(features)})
     N, _ = v.feature_levels(call, "features", feats, bool(channels_last))
     rois = _rois(call, rois, feats[0], "features[0]", N)
-    return call.wrap(call.run(cpu.multi_scale_roi_align_forward,
-                              cuda.multi_scale_roi_align_forward, MultiScaleRoiAlignForward(
-                                  features=tuple(feats), rois=rois, pooled_h=PH, pooled_w=PW,
-                                  spatial_scales=scales, level_min=kmin, canonical_scale=s0,
-                                  canonical_level=k0, sampling_ratio=sr, aligned=bool(aligned),
-                                  channels_last=bool(channels_last))))
+    out = call.run(cpu.multi_scale_roi_align_forward, cuda.multi_scale_roi_align_forward,
+                   MultiScaleRoiAlignForward(
+                       features=tuple(feats), rois=rois, pooled_h=PH, pooled_w=PW,
+                       spatial_scales=scales, level_min=kmin, canonical_scale=s0,
+                       canonical_level=k0, sampling_ratio=sr, aligned=bool(aligned),
+                       channels_last=bool(channels_last)))
+    return call.wrap(out)
 
 
 @op
@@ -308,13 +309,14 @@ channels_last :
     call, (grad_out,), rois = _resolve(rois, grad_out=grad_out)
     rois = _rois(call, rois, grad_out, "grad_out", N)
     _grad_out(call, grad_out, rois.shape[0], (PH, PW, C) if cl else (C, PH, PW))
-    return call.wrap(call.run(cpu.multi_scale_roi_align_backward,
-                              cuda.multi_scale_roi_align_backward, MultiScaleRoiAlignBackward(
-                                  grad_out=grad_out, rois=rois, input_shapes=tuple(shapes),
-                                  pooled_h=PH, pooled_w=PW, spatial_scales=scales,
-                                  level_min=kmin, canonical_scale=s0, canonical_level=k0,
-                                  sampling_ratio=sr, aligned=bool(aligned), channels_last=cl,
-                                  deterministic=bool(deterministic))))
+    grads = call.run(cpu.multi_scale_roi_align_backward, cuda.multi_scale_roi_align_backward,
+                     MultiScaleRoiAlignBackward(
+                         grad_out=grad_out, rois=rois, input_shapes=tuple(shapes), pooled_h=PH,
+                         pooled_w=PW, spatial_scales=scales, level_min=kmin,
+                         canonical_scale=s0, canonical_level=k0, sampling_ratio=sr,
+                         aligned=bool(aligned), channels_last=cl,
+                         deterministic=bool(deterministic)))
+    return call.wrap(grads)
 
 
 # ---------------------------------------------------------------- rotated RoIAlign

@@ -5,6 +5,7 @@ output 7x7, sampling_ratio 2, aligned=True, spatial_scale 1/4; forward and backw
 threads for every implementation (default 2).
 
     python bench/bench_roi_ops.py [--threads N] [--torchvision-python PATH] [--no-write | --out DIR]
+                                  [--multi-scale-only] [--repeat R]
 
 Peers
 -----
@@ -25,6 +26,14 @@ rotated sampling grid per RoI, then ``avg_pool2d`` over each bin's samples; torc
 process; forward only: autograd through the expanded image would allocate K x C x H x W).
 grid_sample pads with zeros where RoIAlign clamps samples within one pixel of the border, so its
 max deviation is reported over the RoIs whose samples all lie inside the map.
+
+multi_scale_roi_align: the 4-level FPN P2-P5 of an 800 x 1088 image (2, 256, 200 x 272 / 100 x
+136 / 50 x 68 / 25 x 34) float32, 1000 RoIs with sides log-uniform in 16..800 px (about 50 / 18 /
+18 / 14 % on P2 / P3 / P4 / P5), 7x7, sampling_ratio 2, aligned=False (torchvision's
+MultiScaleRoIAlign pools unaligned), forward and backward (grads of all four levels), against
+torchvision's ``MultiScaleRoIAlign`` (scales inferred from the image size, as in Faster R-CNN)
+in the torchvision interpreter, with the max deviations of its output and gradients.
+``--multi-scale-only`` runs just this case (with ``--repeat``: a quick check).
 
 Cost model (roi_align)
 ----------------------
@@ -82,6 +91,86 @@ def run(d, threads, ph, scale, sr, aligned):
     return {"fwd": timeit(f), "bwd": timeit(bwd), "err": err,
             "version": torchvision.__version__}
 """
+
+
+# multi_scale_roi_align: torchvision's MultiScaleRoIAlign on the same pyramid and boxes
+TV_MS_SCRIPT = r"""
+def run(d, threads, repeat):
+    import collections, numpy as np, torch, torchvision
+    torch.set_num_threads(threads)
+    z = np.load(d + "/ms.npz")
+    names = ["p2", "p3", "p4", "p5"]
+    feats = collections.OrderedDict((n, torch.from_numpy(z[n])) for n in names)
+    rois = torch.from_numpy(z["rois"])
+    boxes = [rois[rois[:, 0] == i, 1:] for i in range(int(z["n"]))]
+    sizes = [tuple(int(v) for v in z["image"])] * len(boxes)
+    m = torchvision.ops.MultiScaleRoIAlign(names, int(z["ph"]), int(z["sr"]))
+    f = lambda: m(feats, boxes, sizes)
+    err = float(np.abs(f().numpy() - z["y"]).max())
+    leaves = [t.clone().requires_grad_(True) for t in feats.values()]
+    y = m(collections.OrderedDict(zip(names, leaves)), boxes, sizes)
+    g = torch.from_numpy(z["g"])
+    grads = torch.autograd.grad(y, leaves, g, retain_graph=True)
+    gerr = max(float(np.abs(a.numpy() - z[f"g{i}"]).max()) for i, a in enumerate(grads))
+
+    def bwd():
+        torch.autograd.grad(y, leaves, g, retain_graph=True)
+    return {"fwd": timeit(f, repeat=repeat), "bwd": timeit(bwd, repeat=repeat), "err": err,
+            "gerr": gerr, "scales": list(m.scales), "version": torchvision.__version__}
+"""
+IMAGE = (800, 1088)
+
+
+def pyramid_workload(seed=4, K=1000):
+    """FPN P2..P5 of an 800 x 1088 image (N = 2, C = 256) and K RoIs (K, 5), sides log-uniform
+    in 16..800 px, grouped by image (torchvision's per-image lists keep that order)."""
+    rng = np.random.default_rng(seed)
+    feats = [rng.standard_normal((2, 256, 200 >> i, 272 >> i), dtype=np.float32)
+             for i in range(4)]
+    cx, cy = rng.uniform(0, IMAGE[1], K), rng.uniform(0, IMAGE[0], K)
+    w = np.exp(rng.uniform(np.log(16), np.log(800), K))
+    h = w * np.exp(rng.uniform(-0.7, 0.7, K))
+    rois = np.stack([rng.integers(0, 2, K), cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2],
+                    1).astype(np.float32)
+    return feats, rois[np.argsort(rois[:, 0], kind="stable")]
+
+
+def multi_scale_table(threads, python=None, repeat=11):
+    """multi_scale_roi_align forward/backward vs torchvision's MultiScaleRoIAlign (CPU)."""
+    feats, rois = pyramid_workload()
+    K, C = rois.shape[0], feats[0].shape[1]
+    g = np.random.default_rng(5).standard_normal((K, C, PH, PW), dtype=np.float32)
+    kw = dict(spatial_scales=[0.25, 0.125, 0.0625, 0.03125], sampling_ratio=SR, aligned=False)
+    shapes = [f.shape for f in feats]
+    with fastnorm.threads(threads):
+        y = fastnorm.multi_scale_roi_align(feats, rois, PH, **kw)
+        grads = fastnorm.multi_scale_roi_align_backward(g, rois, shapes, PH, **kw)
+        t_f = timeit(lambda: fastnorm.multi_scale_roi_align(feats, rois, PH, **kw),
+                     repeat=repeat)
+        t_b = timeit(lambda: fastnorm.multi_scale_roi_align_backward(g, rois, shapes, PH, **kw),
+                     repeat=repeat)
+    lv = np.clip(np.floor(4 + np.log2(np.sqrt((rois[:, 3] - rois[:, 1])
+                                              * (rois[:, 4] - rois[:, 2])) / 224) + 1e-6), 2, 5)
+    counts = "/".join(str(int((lv == k).sum())) for k in range(2, 6))
+    fbytes = sum(f.nbytes for f in feats) + g.nbytes
+    t = Table(f"multi_scale_roi_align, 4-level FPN P2-P5 of an 800x1088 image (2, 256, "
+              f"200x272 .. 25x34) float32, {K} RoIs ({counts} on P2/P3/P4/P5), 7x7, sr 2, "
+              f"aligned=False, {threads} threads (GB/s: levels read + output written)",
+              unit="GB/s")
+    t.add("forward", "fastnorm", t_f, fbytes)
+    t.add("backward", "fastnorm", t_b, fbytes)
+    with tempfile.TemporaryDirectory() as d:
+        np.savez(f"{d}/ms.npz", rois=rois, y=y, g=g, n=2, image=np.array(IMAGE), ph=PH, sr=SR,
+                 **{f"p{i + 2}": f for i, f in enumerate(feats)},
+                 **{f"g{i}": a for i, a in enumerate(grads)})
+        tv = run_torchvision(TV_MS_SCRIPT, d, threads, python, repeat=repeat)
+    if tv is not None:
+        assert tv["scales"] == kw["spatial_scales"], tv["scales"]
+        t.add("forward", f"torchvision {tv['version']} MultiScaleRoIAlign (max diff "
+              f"{tv['err']:.1e})", tv["fwd"], fbytes)
+        t.add("backward", f"torchvision {tv['version']} (autograd, max grad diff "
+              f"{tv['gerr']:.1e})", tv["bwd"], fbytes)
+    return t, tv
 
 
 def torchvision_cpu(x, rois, y, g, threads, python=None):
@@ -149,10 +238,30 @@ def cost_model(rows, samples, flops, bw, peak):
     return out
 
 
+def _args(argv):
+    """bench_args plus --multi-scale-only and --repeat."""
+    extra = [a for a in (argv if argv is not None else sys.argv[1:])]
+    only = "--multi-scale-only" in extra
+    repeat = 11
+    if "--repeat" in extra:
+        i = extra.index("--repeat")
+        repeat = int(extra[i + 1])
+        del extra[i:i + 2]
+    extra = [a for a in extra if a != "--multi-scale-only"]
+    args = bench_args(__doc__, __file__, extra, torchvision=True)
+    args.multi_scale_only, args.repeat = only, repeat
+    return args
+
+
 def main(argv=None):
-    args = bench_args(__doc__, __file__, argv, torchvision=True)
+    args = _args(argv)
     threads = args.threads
     fastnorm.set_num_threads(threads)                # also what the report's machine line says
+    if args.multi_scale_only:
+        table, tv = multi_scale_table(threads, args.torchvision_python, args.repeat)
+        tv_note = f"{tv['version']} timed {tv['where']}" if tv else "unavailable"
+        return finish(args, "roi_ops_multi_scale", [table],
+                      f"torchvision {tv_note}; best of {args.repeat} repeats.")
     x, rois = workload()
     K, C = rois.shape[0], x.shape[1]
     rng = np.random.default_rng(1)
@@ -201,7 +310,10 @@ def main(argv=None):
         bwd.add("P2", f"torchvision {tv['version']} CPU (autograd)", tv["bwd"],
                 out_bytes + x.nbytes)
     deform, deform_lines = deform_table(x, rois, g, threads)
-    tables = [fwd, bwd, rotated_table(x, rois, g, threads), deform]
+    ms, tv_ms = multi_scale_table(threads, args.torchvision_python)
+    tables = [fwd, bwd, rotated_table(x, rois, g, threads), deform, ms]
+    if tv_ms is not None:
+        results["tv_ms_fwd"], results["tv_ms_bwd"] = tv_ms["fwd"], tv_ms["bwd"]
     cuda = cuda_tables(x, rois, g)
     tables += cuda
     checks = []

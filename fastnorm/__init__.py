@@ -10,7 +10,8 @@ from ._memory import cached_bytes, empty_cache, set_cache_limit
 from .group_norm import group_norm, group_norm_backward
 from .roi_ops import (roi_align, roi_align_backward, roi_pool, roi_pool_backward, ps_roi_align,
                       ps_roi_align_backward, deform_roi_pool, deform_roi_pool_backward,
-                      roi_align_rotated, roi_align_rotated_backward)
+                      roi_align_rotated, roi_align_rotated_backward, multi_scale_roi_align,
+                      multi_scale_roi_align_backward)
 from .deform_conv import deform_conv2d, deform_conv2d_backward
 from .nms import (nms, batched_nms, soft_nms, diou_nms, weighted_nms, matrix_nms, box_iou,
                   iou_guided_nms, softer_nms, adaptive_nms, combined_nms, box_iou_rotated,
@@ -23,6 +24,7 @@ __all__ = [
     "roi_align", "roi_align_backward", "roi_pool", "roi_pool_backward", "ps_roi_align",
     "ps_roi_align_backward", "deform_roi_pool", "deform_roi_pool_backward",
     "roi_align_rotated", "roi_align_rotated_backward",
+    "multi_scale_roi_align", "multi_scale_roi_align_backward",
     "deform_conv2d", "deform_conv2d_backward",
     "nms", "batched_nms", "soft_nms", "diou_nms", "weighted_nms", "matrix_nms", "box_iou",
     "iou_guided_nms", "softer_nms", "adaptive_nms", "combined_nms",

@@ -150,7 +150,10 @@ class Call:
             yield
 
     def contiguous(self, a):
-        """``a`` C-contiguous (copied only when it is not); anything else as it is."""
+        """``a`` C-contiguous (copied only when it is not), also each array of a tuple (a
+        contract's sequence of arrays); anything else as it is."""
+        if isinstance(a, tuple):
+            return tuple(self.contiguous(e) for e in a)
         if isinstance(a, np.ndarray):
             return a if a.flags.c_contiguous else np.ascontiguousarray(a)
         if self.backend == "cuda" and isinstance(a, self.xp.ndarray):

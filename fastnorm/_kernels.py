@@ -151,6 +151,39 @@ class RoiAlignRotatedBackward(NamedTuple):
     deterministic: bool      # CUDA: no atomics (the CPU is always deterministic)
 
 
+class MultiScaleRoiAlignForward(NamedTuple):
+    """-> (K, C, PH, PW), or (K, PH, PW, C) with channels_last: RoI k pooled (RoIAlign avg) on
+    the level torchvision's LevelMapper gives it (see fastnorm.roi_ops.multi_scale_roi_align)."""
+    features: tuple          # L maps (N, C, H_l, W_l), or (N, H_l, W_l, C) with channels_last
+    rois: Array
+    pooled_h: int
+    pooled_w: int
+    spatial_scales: tuple    # L floats, spatial_scales[l] = 2 ** -(level_min + l)
+    level_min: int           # k_min = -log2(spatial_scales[0])
+    canonical_scale: float
+    canonical_level: int
+    sampling_ratio: int
+    aligned: bool
+    channels_last: bool
+
+
+class MultiScaleRoiAlignBackward(NamedTuple):
+    """-> [grad of features[l] of shape input_shapes[l] for each level l]."""
+    grad_out: Array
+    rois: Array
+    input_shapes: tuple      # L shapes (N, C, H_l, W_l), or (N, H_l, W_l, C) with channels_last
+    pooled_h: int
+    pooled_w: int
+    spatial_scales: tuple
+    level_min: int
+    canonical_scale: float
+    canonical_level: int
+    sampling_ratio: int
+    aligned: bool
+    channels_last: bool
+    deterministic: bool      # CUDA: no atomics (the CPU is always deterministic)
+
+
 class RoiPoolForward(NamedTuple):
     """-> (K, C, PH, PW)."""
     x: Array
@@ -363,6 +396,8 @@ CONTRACTS = {
     ("roi_ops", "roi_align_backward"): RoiAlignBackward,
     ("roi_ops", "roi_align_rotated_forward"): RoiAlignRotatedForward,
     ("roi_ops", "roi_align_rotated_backward"): RoiAlignRotatedBackward,
+    ("roi_ops", "multi_scale_roi_align_forward"): MultiScaleRoiAlignForward,
+    ("roi_ops", "multi_scale_roi_align_backward"): MultiScaleRoiAlignBackward,
     ("roi_ops", "roi_pool_forward"): RoiPoolForward,
     ("roi_ops", "roi_pool_backward"): RoiPoolBackward,
     ("roi_ops", "ps_roi_align_forward"): PsRoiAlignForward,

@@ -166,3 +166,57 @@ def rois(call, rois, ref, ref_name, N, width=4):
         if not bool(((b == xp.floor(b)) & (b >= 0) & (b < N)).all()):
             raise ValueError(f"`rois` batch indices (column 0) must be integers in [0, {N}) "
                              f"(the batch size of `{ref_name}`)")
+
+
+def feature_levels(call, name, features, channels_last):
+    """A non-empty list of 4-D floating maps (one per pyramid level) of one dtype, batch size
+    and channel count: -> (N, C)."""
+    c_axis = 3 if channels_last else 1
+    x0 = features[0]
+    for i, f in enumerate(features):
+        float_array(call, f"{name}[{i}]", f, ndim=4)
+        if i == 0:
+            continue
+        same_dtype(f"{name}[{i}]", f, f"{name}[0]", x0)
+        if f.shape[0] != x0.shape[0]:
+            raise ValueError(f"`{name}[{i}]` must have the batch size of `{name}[0]` "
+                             f"({x0.shape[0]}), got shape {tuple(f.shape)}")
+        if f.shape[c_axis] != x0.shape[c_axis]:
+            layout = "(N, H, W, C) with channels_last" if channels_last else "(N, C, H, W)"
+            raise ValueError(f"`{name}[{i}]` must have the channel count of `{name}[0]` "
+                             f"({x0.shape[c_axis]}; layout {layout}), got shape "
+                             f"{tuple(f.shape)}")
+    return x0.shape[0], x0.shape[c_axis]
+
+
+def level_list(name, seq):
+    """A non-empty list/tuple (one entry per pyramid level) -> list."""
+    if not isinstance(seq, (list, tuple)):
+        raise TypeError(f"`{name}` must be a list of arrays, one per pyramid level, got "
+                        f"{type(seq).__name__}")
+    if len(seq) == 0:
+        raise ValueError(f"`{name}` must hold at least one pyramid level, got an empty list")
+    return list(seq)
+
+
+def pyramid_scales(name, scales, L, default_min=2):
+    """Per-level spatial scales 2**-k, 2**-(k+1), ... (halving from one level to the next, as
+    torchvision's level mapper assumes); None: 2**-default_min onwards (FPN P2 = 1/4, ...).
+    -> (tuple of L floats, k)."""
+    if scales is None:
+        return tuple(2.0 ** -(default_min + i) for i in range(L)), default_min
+    if not isinstance(scales, (list, tuple)):
+        try:
+            scales = [float(s) for s in scales]
+        except TypeError:
+            raise TypeError(f"`{name}` must be a sequence of {L} floats (one per level), got "
+                            f"{type(scales).__name__}") from None
+    if len(scales) != L:
+        raise ValueError(f"`{name}` must have one scale per feature level ({L}), got "
+                         f"{len(scales)}")
+    scales = tuple(number(name, s, min=0, min_exclusive=True) for s in scales)
+    k = round(-math.log2(scales[0]))
+    if any(s != 2.0 ** -(k + i) for i, s in enumerate(scales)):
+        raise ValueError(f"`{name}` must be powers of two halving from one level to the next "
+                         f"(2**-k, 2**-(k+1), ...), got {list(scales)}")
+    return scales, k

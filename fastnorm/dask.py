@@ -9,7 +9,8 @@ equals the in-memory call on the concatenated data.
   (``dask.array.map_blocks``). Non-batch axes are merged into one chunk first (a sample is
   normalised/convolved as a whole).
 * :func:`roi_align`, :func:`roi_pool`, :func:`ps_roi_align`, :func:`deform_roi_pool`,
-  :func:`roi_align_rotated`: one task per batch chunk of x with the RoIs of that chunk's images.
+  :func:`roi_align_rotated`, :func:`multi_scale_roi_align` (a list of levels, rechunked to the
+  first level's batch chunks): one task per batch chunk of x with the RoIs of that chunk's images.
   ``rois`` is a list of per-image (K_i, 4) arrays ((K_i, 5) rotated boxes) (NumPy or dask) or a
   (K, 5) ((K, 6)) array with batch indices; the result has the in-memory call's RoI order.
 * The NMS family (:func:`nms`, :func:`batched_nms`, :func:`diou_nms`, :func:`soft_nms`,
@@ -49,7 +50,7 @@ from fastnorm import _lists
 __all__ = ["group_norm", "deform_conv2d", "roi_align", "roi_pool", "ps_roi_align",
            "deform_roi_pool", "nms", "batched_nms", "diou_nms", "soft_nms", "weighted_nms",
            "matrix_nms", "iou_guided_nms", "softer_nms", "adaptive_nms", "combined_nms",
-           "roi_align_rotated", "nms_rotated", "batched_nms_rotated"]
+           "roi_align_rotated", "nms_rotated", "batched_nms_rotated", "multi_scale_roi_align"]
 
 
 def _small(a):
@@ -149,6 +150,33 @@ def roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligne
     fn = functools.partial(_fn.roi_align, output_size=output_size, spatial_scale=spatial_scale,
                            sampling_ratio=sampling_ratio, aligned=aligned, mode=mode)
     return _per_image_rois(fn, x, rois, x.shape[1], output_size)
+
+
+def _multi_scale_block(*levels, rois, **kw):
+    return _fn.multi_scale_roi_align(list(levels), rois, **kw)
+
+
+def multi_scale_roi_align(features, rois, output_size, *, spatial_scales=None,
+                          canonical_scale=224, canonical_level=4, sampling_ratio=2, aligned=True):
+    """:func:`fastnorm.multi_scale_roi_align` of a list of dask levels (N, C, H_l, W_l) chunked
+    along the batch axis (every level is rechunked to the first one's batch chunks): one task
+    per batch chunk with all its levels and the RoIs of its images (see :func:`roi_align`)."""
+    feats = [_batched(features[0], "features[0]")]
+    feats += [_batched(f, f"features[{i}]", feats[0].chunks[0])
+              for i, f in enumerate(features[1:], 1)]
+    PH, PW = (output_size, output_size) if np.ndim(output_size) == 0 else tuple(output_size)
+    edges = np.cumsum((0,) + feats[0].chunks[0])
+    parts, inverse = _roi_parts(rois, list(zip(edges[:-1], edges[1:])), ())
+    fn = functools.partial(_multi_scale_block, output_size=output_size,
+                           spatial_scales=spatial_scales, canonical_scale=canonical_scale,
+                           canonical_level=canonical_level, sampling_ratio=sampling_ratio,
+                           aligned=aligned)
+    blocks = [f.to_delayed().ravel() for f in feats]
+    C, dtype = feats[0].shape[1], feats[0].dtype
+    outs = [da.from_delayed(dask.delayed(fn)(*(b[j] for b in blocks), rois=r),
+                            (len(r), C, PH, PW), dtype=dtype) for j, (r, _) in enumerate(parts)]
+    out = da.concatenate(outs, axis=0) if outs else da.zeros((0, C, PH, PW), dtype)
+    return out if inverse is None else out[inverse]
 
 
 def roi_pool(x, rois, output_size, spatial_scale=1.0):

@@ -19,6 +19,9 @@ Common conventions
   accumulates with atomics; ``deterministic=True`` gives bitwise reproducible gradients by letting
   each thread own a block of grad_x rows and visit the RoIs of its image in order (slower: every
   thread scans all RoIs of its image).
+* :func:`multi_scale_roi_align` pools each RoI on one level of a feature pyramid (torchvision's
+  ``MultiScaleRoIAlign``); on CUDA it reads the per-level RoI counts back once (the per-level
+  launches need their sizes).
 * Rotated RoIs (:func:`roi_align_rotated`) are (K, 6) ``[batch_index, cx, cy, w, h, angle]`` or
   per-image (K_i, 5) ``[cx, cy, w, h, angle]``, angles counter-clockwise in degrees by default
   (detectron2); their adaptive grid is capped at ``2 * max(H, W) + 64`` per bin and axis (a bin's
@@ -30,7 +33,8 @@ from ._cpu import roi_ops as cpu
 from ._cuda import roi_ops as cuda
 from ._dispatch import op, resolve
 from ._kernels import (ROI_MODES, DeformRoiPoolBackward, DeformRoiPoolForward,
-                       PsRoiAlignBackward, PsRoiAlignForward, RoiAlignBackward, RoiAlignForward,
+                       MultiScaleRoiAlignBackward, MultiScaleRoiAlignForward, PsRoiAlignBackward,
+                       PsRoiAlignForward, RoiAlignBackward, RoiAlignForward,
                        RoiAlignRotatedBackward, RoiAlignRotatedForward, RoiPoolBackward,
                        RoiPoolForward)
 
@@ -171,6 +175,148 @@ def roi_align_backward(grad_out, rois, input_shape, output_size, spatial_scale=1
         grad_out=grad_out, rois=rois, x=x, input_shape=shape, pooled_h=PH, pooled_w=PW,
         spatial_scale=scale, sampling_ratio=sr, aligned=bool(aligned), mode=ROI_MODES[mode],
         channels_last=bool(channels_last), deterministic=bool(deterministic))))
+
+
+# ---------------------------------------------------------------- multi-scale RoIAlign (FPN)
+
+def _pyramid(output_size, sampling_ratio, canonical_scale, canonical_level):
+    PH, PW = v.pair("output_size", output_size, min=1)
+    sr = v.integer("sampling_ratio", sampling_ratio, min=-2**31, max=2**31 - 1)
+    s0 = v.number("canonical_scale", canonical_scale, min=0, min_exclusive=True)
+    k0 = v.integer("canonical_level", canonical_level, min=-2**31, max=2**31 - 1)
+    return PH, PW, sr, s0, k0
+
+
+@op
+def multi_scale_roi_align(features, rois, output_size, *, spatial_scales=None,
+                          canonical_scale=224, canonical_level=4, sampling_ratio=2, aligned=True,
+                          channels_last=False):
+    """RoIAlign over a feature pyramid: torchvision's ``MultiScaleRoIAlign`` (FPN, Lin et al.).
+
+    RoI ``[x1, y1, x2, y2]`` (image coordinates) goes to pyramid level ``k = floor(
+    canonical_level + log2(sqrt((x2 - x1) * (y2 - y1)) / canonical_scale) + 1e-6)`` clamped to
+    ``[k_min, k_max]`` (``k_min = -log2(spatial_scales[0])``, ``k_max =
+    -log2(spatial_scales[-1])``), i.e. to ``features[k - k_min]``, and is pooled there by
+    :func:`roi_align` (mode avg) with that level's ``spatial_scale``, ``sampling_ratio`` and
+    ``aligned``. The level is computed as torchvision's ``LevelMapper`` does, in the RoIs' dtype
+    (float32 for float16/bfloat16 RoIs on CUDA, whose areas would overflow). A RoI whose level is
+    NaN (a non-finite coordinate, or a negative area: a box inverted along one axis only) is
+    pooled on no level and gives zeros and no gradient, as in torchvision; non-finite RoIs give
+    zeros as in :func:`roi_align` anyway. With a single level every RoI is pooled there (no
+    mapping, as torchvision). Output rows follow the RoI order.
+
+    Note: torchvision's ``MultiScaleRoIAlign`` pools with ``aligned=False``; the default here is
+    ``aligned=True`` (the half-pixel-correct RoIAlign). Pass ``aligned=False`` for torchvision's
+    numbers.
+
+    Parameters
+    ----------
+    features : list of L arrays (N, C, H_l, W_l), or (N, H_l, W_l, C) with ``channels_last``
+        The pyramid, finest level first; one dtype (float32/float64, and float16/bfloat16 on
+        CUDA), batch size, channel count and backend.
+    rois : array (K, 5) ``[batch_index, x1, y1, x2, y2]`` or list of (K_i, 4) arrays
+        In image coordinates; the dtype of the features.
+    output_size : int or (int, int)
+        (PH, PW).
+    spatial_scales : sequence of L floats, optional
+        Each level's scale from image coordinates to its pixels: powers of two halving from one
+        level to the next (``2**-k, 2**-(k+1), ...``). Default: the FPN convention from P2, i.e.
+        ``1/4, 1/8, 1/16, ...``. torchvision infers them from the sizes instead: ``2 **
+        round(log2(H_l / image_height))`` with the largest image size of the batch
+        (``_infer_scale``); pass those for its behaviour with other strides.
+    canonical_scale : float
+        Side (pixels) of the RoI that maps to ``canonical_level`` (FPN's 224).
+    canonical_level : int
+        FPN's k0 (4).
+    sampling_ratio : int
+        Samples per bin and axis; <= 0 for adaptive (as :func:`roi_align`).
+    aligned : bool
+        Half-pixel shift (default True; torchvision's MultiScaleRoIAlign uses False).
+    channels_last : bool
+        The maps are (N, H, W, C) and the result is (K, PH, PW, C).
+
+    Returns
+    -------
+    out : array (K, C, PH, PW), or (K, PH, PW, C) with ``channels_last=True``
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> feats = [np.full((1, 2, 64 // 2**i, 64 // 2**i), float(i), np.float32) for i in range(4)]
+    >>> rois = np.array([[0, 0, 0, 32, 32], [0, 0, 0, 256, 256]], np.float32)
+    >>> y = fastnorm.multi_scale_roi_align(feats, rois, 7)   # P2..P5: scales 1/4 .. 1/32
+    >>> y.shape, float(y[0, 0, 3, 3]), float(y[1, 0, 3, 3])     # levels P2 and P4
+    ((2, 2, 7, 7), 0.0, 2.0)
+    """
+    PH, PW, sr, s0, k0 = _pyramid(output_size, sampling_ratio, canonical_scale, canonical_level)
+    features = v.level_list("features", features)
+    scales, kmin = v.pyramid_scales("spatial_scales", spatial_scales, len(features))
+    call, feats, rois = _resolve(rois, **{f"features[{i}]": f for i, f in enumerate(features)})
+    N, _ = v.feature_levels(call, "features", feats, bool(channels_last))
+    rois = _rois(call, rois, feats[0], "features[0]", N)
+    out = call.run(cpu.multi_scale_roi_align_forward, cuda.multi_scale_roi_align_forward,
+                   MultiScaleRoiAlignForward(
+                       features=tuple(feats), rois=rois, pooled_h=PH, pooled_w=PW,
+                       spatial_scales=scales, level_min=kmin, canonical_scale=s0,
+                       canonical_level=k0, sampling_ratio=sr, aligned=bool(aligned),
+                       channels_last=bool(channels_last)))
+    return call.wrap(out)
+
+
+@op
+def multi_scale_roi_align_backward(grad_out, rois, input_shapes, output_size, *,
+                                   spatial_scales=None, canonical_scale=224, canonical_level=4,
+                                   sampling_ratio=2, aligned=True, channels_last=False,
+                                   deterministic=False):
+    """Gradient of :func:`multi_scale_roi_align` with respect to each pyramid level.
+
+    Parameters
+    ----------
+    grad_out : array (K, C, PH, PW), or (K, PH, PW, C) with ``channels_last=True``
+    rois : as in :func:`multi_scale_roi_align`
+    input_shapes : list of L tuples of 4 ints
+        The shapes of the levels as laid out ((N, H_l, W_l, C) with ``channels_last``).
+    output_size, spatial_scales, canonical_scale, canonical_level, sampling_ratio, aligned, \
+channels_last :
+        As in the forward call.
+    deterministic : bool
+        CUDA only (the CPU is always deterministic): bitwise reproducible gradients.
+
+    Returns
+    -------
+    grads : list of L arrays, of shapes ``input_shapes``
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> shapes = [(1, 2, 64 // 2**i, 64 // 2**i) for i in range(4)]
+    >>> rois = np.array([[0, 0, 0, 32, 32], [0, 0, 0, 256, 256]], np.float64)
+    >>> g = fastnorm.multi_scale_roi_align_backward(np.ones((2, 2, 7, 7)), rois, shapes, 7)
+    >>> [round(float(a.sum()), 9) for a in g]     # 2 x 49 bins of weight 1 on P2 and P4
+    [98.0, 0.0, 98.0, 0.0]
+    """
+    PH, PW, sr, s0, k0 = _pyramid(output_size, sampling_ratio, canonical_scale, canonical_level)
+    shapes = [v.input_shape(f"input_shapes[{i}]", s)
+              for i, s in enumerate(v.level_list("input_shapes", input_shapes))]
+    scales, kmin = v.pyramid_scales("spatial_scales", spatial_scales, len(shapes))
+    cl = bool(channels_last)
+    c_axis = 3 if cl else 1
+    for i, s in enumerate(shapes[1:], 1):
+        if s[0] != shapes[0][0] or s[c_axis] != shapes[0][c_axis]:
+            raise ValueError(f"`input_shapes[{i}]` must have the batch size and channel count "
+                             f"of `input_shapes[0]` {shapes[0]}, got {s}")
+    N, C = shapes[0][0], shapes[0][c_axis]
+    call, (grad_out,), rois = _resolve(rois, grad_out=grad_out)
+    rois = _rois(call, rois, grad_out, "grad_out", N)
+    _grad_out(call, grad_out, rois.shape[0], (PH, PW, C) if cl else (C, PH, PW))
+    grads = call.run(cpu.multi_scale_roi_align_backward, cuda.multi_scale_roi_align_backward,
+                     MultiScaleRoiAlignBackward(
+                         grad_out=grad_out, rois=rois, input_shapes=tuple(shapes), pooled_h=PH,
+                         pooled_w=PW, spatial_scales=scales, level_min=kmin,
+                         canonical_scale=s0, canonical_level=k0, sampling_ratio=sr,
+                         aligned=bool(aligned), channels_last=cl,
+                         deterministic=bool(deterministic)))
+    return call.wrap(grads)
 
 
 # ---------------------------------------------------------------- rotated RoIAlign

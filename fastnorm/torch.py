@@ -31,6 +31,8 @@ boxes they keep is a data-dependent size in compiled and exported graphs):
 ``box_iou_rotated``,       detectron2 ``pairwise_iou_rotated`` / ``nms_rotated`` /
 ``nms_rotated``,           ``batched_nms_rotated`` (rotated boxes (cx, cy, w, h, angle);
 ``batched_nms_rotated``    ``clockwise`` and ``angle_unit`` as in fastnorm)
+``multi_scale_roi_align``  ``torchvision.ops.MultiScaleRoIAlign``'s pooling (a list of
+                           feature tensors, finest first; ``aligned=True`` by default)
 =========================  ==========================================================
 
 Modules: :class:`GroupNorm` (a ``torch.nn.GroupNorm`` subclass: same parameters, same
@@ -38,7 +40,8 @@ Modules: :class:`GroupNorm` (a ``torch.nn.GroupNorm`` subclass: same parameters,
 :class:`ModulatedDeformConv2d` (mmcv ``ModulatedDeformConv2dPack``: ``weight``, ``bias``,
 ``conv_offset.weight``, ``conv_offset.bias``), :class:`RoIAlign`, :class:`RoIPool`,
 :class:`PSRoIAlign` (no parameters, as in torchvision), :class:`RoIAlignRotated` (detectron2's
-``ROIAlignRotated``, mmcv's ``RoIAlignRotated``).
+``ROIAlignRotated``, mmcv's ``RoIAlignRotated``), :class:`MultiScaleRoIAlign` (torchvision's,
+taking the pyramid as a list).
 
 Dtypes are fastnorm's: float32/float64 on the CPU, plus float16/bfloat16 on CUDA. Double
 backward is not supported (the backward passes are fastnorm kernels, not differentiable graphs).
@@ -65,9 +68,9 @@ from fastnorm.deform_conv import out_size
 
 __all__ = ["group_norm", "deform_conv2d", "roi_align", "roi_pool", "ps_roi_align",
            "deform_roi_pool", "nms", "batched_nms", "roi_align_rotated", "box_iou_rotated",
-           "nms_rotated", "batched_nms_rotated", "onnx_translation_table", "GroupNorm",
-           "DeformConv2d", "ModulatedDeformConv2d", "RoIAlign", "RoIPool", "PSRoIAlign",
-           "RoIAlignRotated"]
+           "nms_rotated", "batched_nms_rotated", "multi_scale_roi_align",
+           "onnx_translation_table", "GroupNorm", "DeformConv2d", "ModulatedDeformConv2d",
+           "RoIAlign", "RoIPool", "PSRoIAlign", "RoIAlignRotated", "MultiScaleRoIAlign"]
 
 
 @contextlib.contextmanager
@@ -450,6 +453,62 @@ def _(grad_out, rois, input_shape, output_size, spatial_scale, sampling_ratio, a
 _roi_autograd(_roi_align_rotated, _roi_align_rotated_backward, lambda inputs: False)
 
 
+# Multi-scale RoIAlign over a feature pyramid (torchvision's MultiScaleRoIAlign); the levels'
+# shapes travel to the backward flattened (4 ints per level: the schema has no int[][])
+
+@torch.library.custom_op("fastnorm::multi_scale_roi_align", mutates_args=())
+def _multi_scale_roi_align(features: List[Tensor], rois: Tensor, output_size: List[int],
+                           spatial_scales: Optional[List[float]], canonical_scale: float,
+                           canonical_level: int, sampling_ratio: int, aligned: bool) -> Tensor:
+    with _stream(rois):
+        return _fn.multi_scale_roi_align(
+            list(features), rois, tuple(output_size), spatial_scales=spatial_scales,
+            canonical_scale=canonical_scale, canonical_level=canonical_level,
+            sampling_ratio=sampling_ratio, aligned=aligned)
+
+
+@_multi_scale_roi_align.register_fake
+def _(features, rois, output_size, spatial_scales, canonical_scale, canonical_level,
+      sampling_ratio, aligned):
+    return _pooled(features[0], rois, output_size)
+
+
+@torch.library.custom_op("fastnorm::multi_scale_roi_align_backward", mutates_args=())
+def _multi_scale_roi_align_backward(grad_out: Tensor, rois: Tensor, input_shapes: List[int],
+                                    output_size: List[int],
+                                    spatial_scales: Optional[List[float]],
+                                    canonical_scale: float, canonical_level: int,
+                                    sampling_ratio: int, aligned: bool) -> List[Tensor]:
+    shapes = [tuple(input_shapes[i:i + 4]) for i in range(0, len(input_shapes), 4)]
+    with _stream(grad_out):
+        return _fn.multi_scale_roi_align_backward(
+            grad_out, rois, shapes, tuple(output_size), spatial_scales=spatial_scales,
+            canonical_scale=canonical_scale, canonical_level=canonical_level,
+            sampling_ratio=sampling_ratio, aligned=aligned)
+
+
+@_multi_scale_roi_align_backward.register_fake
+def _(grad_out, rois, input_shapes, output_size, spatial_scales, canonical_scale,
+      canonical_level, sampling_ratio, aligned):
+    return [grad_out.new_empty(input_shapes[i:i + 4]) for i in range(0, len(input_shapes), 4)]
+
+
+def _multi_scale_setup(ctx, inputs, output):
+    features, rois = inputs[:2]
+    ctx.save_for_backward(rois)
+    ctx.shapes = [d for f in features for d in f.shape]
+    ctx.cfg = inputs[2:]
+
+
+def _multi_scale_grad(ctx, gy):
+    rois, = ctx.saved_tensors
+    grads = _multi_scale_roi_align_backward(gy.contiguous(), rois, ctx.shapes, *ctx.cfg)
+    return (list(grads),) + (None,) * (1 + len(ctx.cfg))
+
+
+_multi_scale_roi_align.register_autograd(_multi_scale_grad, setup_context=_multi_scale_setup)
+
+
 @torch.library.custom_op("fastnorm::box_iou_rotated", mutates_args=())
 def _box_iou_rotated(a: Tensor, b: Tensor, clockwise: bool, angle_unit: str) -> Tensor:
     with _stream(a):
@@ -548,6 +607,21 @@ def roi_align_rotated(input, rois, output_size, spatial_scale=1.0, sampling_rati
                               bool(clockwise), angle_unit)
 
 
+def multi_scale_roi_align(features, boxes, output_size, *, spatial_scales=None,
+                          canonical_scale=224, canonical_level=4, sampling_ratio=2, aligned=True):
+    """torchvision ``MultiScaleRoIAlign``'s pooling (see :func:`fastnorm.multi_scale_roi_align`)
+    on a list of NCHW feature tensors (finest level first); boxes: (K, 5) tensor or list of
+    (K_i, 4) tensors; differentiable in every level. ``aligned`` defaults to True (torchvision
+    uses False)."""
+    features = list(features.values()) if isinstance(features, dict) else list(features)
+    if not features:
+        raise ValueError("`features` must hold at least one pyramid level, got an empty list")
+    return _multi_scale_roi_align(
+        features, _rois(boxes, features[0]), list(_pair(output_size)),
+        None if spatial_scales is None else [float(s) for s in spatial_scales],
+        float(canonical_scale), int(canonical_level), int(sampling_ratio), bool(aligned))
+
+
 def box_iou_rotated(boxes1, boxes2, *, clockwise=False, angle_unit="degrees"):
     """IoU (N, M) of rotated boxes (cx, cy, w, h, angle) (detectron2 ``pairwise_iou_rotated``)."""
     return _box_iou_rotated(boxes1, boxes2, bool(clockwise), angle_unit)
@@ -587,6 +661,12 @@ _ONNX_CUSTOM = {
     "NMSRotated": (("boxes", "scores"), (), (("iou_threshold", "FLOAT"),) + _ROTATED, _INDICES),
     "BatchedNMSRotated": (("boxes", "scores", ("idxs", "tensor(int64)")), (),
                           (("iou_threshold", "FLOAT"),) + _ROTATED, _INDICES),
+    # one variadic input (a name ending in "..."): rois, then the pyramid's levels, finest
+    # first (onnxscript binds a variadic after a plain input wrongly)
+    "MultiScaleRoIAlign": (("rois_and_features...",), (),
+                           (("output_size", "INTS"), ("spatial_scales", "FLOATS"),
+                            ("canonical_scale", "FLOAT"), ("canonical_level", "INT"),
+                            ("sampling_ratio", "INT"), ("aligned", "INT"))),
 }
 
 
@@ -595,7 +675,10 @@ def _register_onnx_schemas():
     from onnx import defs
     S = defs.OpSchema
     def param(p, **kw):
-        return S.FormalParameter(*((p, "T") if isinstance(p, str) else p), **kw)
+        name, typ = (p, "T") if isinstance(p, str) else p
+        if name.endswith("..."):                    # a variadic input
+            name, kw = name[:-3], dict(kw, param_option=S.FormalParameterOption.Variadic)
+        return S.FormalParameter(name, typ, **kw)
     for name, (inputs, optional, attrs, *output) in _ONNX_CUSTOM.items():
         if defs.has(name, "fastnorm"):
             continue
@@ -633,6 +716,9 @@ def onnx_translation_table():
     rotated boxes       ``fastnorm::RoIAlignRotated``, ``fastnorm::BoxIouRotated``,
                         ``fastnorm::NMSRotated``, ``fastnorm::BatchedNMSRotated`` (no ONNX
                         operator; ``clockwise`` as an int attribute)
+    ``multi_scale_...`` ``fastnorm::MultiScaleRoIAlign(rois, *features)`` (no ONNX operator;
+                        one variadic input: rois, then the levels; ``spatial_scales``
+                        always explicit)
     ==================  ===============================================================
 
     The NMS translations drop boxes whose score is NaN or -inf (ONNX's score threshold),
@@ -732,6 +818,15 @@ def onnx_translation_table():
                                       aligned=int(aligned), clockwise=int(clockwise),
                                       angle_unit=angle_unit)
 
+    def multi_scale_roi_align(features, rois, output_size, spatial_scales, canonical_scale,
+                              canonical_level, sampling_ratio, aligned):
+        scales = spatial_scales or [2.0 ** -(2 + i) for i in range(len(features))]
+        return custom.MultiScaleRoIAlign(rois, *features, output_size=list(output_size),
+                                         spatial_scales=[float(v) for v in scales],
+                                         canonical_scale=canonical_scale,
+                                         canonical_level=canonical_level,
+                                         sampling_ratio=sampling_ratio, aligned=int(aligned))
+
     def box_iou_rotated(a, b, clockwise, angle_unit):
         return custom.BoxIouRotated(a, b, clockwise=int(clockwise), angle_unit=angle_unit)
 
@@ -750,7 +845,8 @@ def onnx_translation_table():
             ops.nms.default: nms, ops.batched_nms.default: batched_nms,
             ops.roi_align_rotated.default: roi_align_rotated,
             ops.box_iou_rotated.default: box_iou_rotated, ops.nms_rotated.default: nms_rotated,
-            ops.batched_nms_rotated.default: batched_nms_rotated}
+            ops.batched_nms_rotated.default: batched_nms_rotated,
+            ops.multi_scale_roi_align.default: multi_scale_roi_align}
 
 
 # ---------------------------------------------------------------- modules
@@ -904,6 +1000,32 @@ class RoIAlignRotated(_RoIModule):
         return roi_align_rotated(input, rois, self.output_size, self.spatial_scale,
                                  self.sampling_ratio, self.aligned, clockwise=self.clockwise,
                                  angle_unit=self.angle_unit)
+
+
+class MultiScaleRoIAlign(_RoIModule):
+    """torchvision ``MultiScaleRoIAlign(featmap_names, output_size, sampling_ratio, *,
+    canonical_scale=224, canonical_level=4)`` without the names and the scale inference:
+    ``forward(features, boxes)`` takes the pyramid as a list of tensors (or a dict: its values
+    in order, finest first) and boxes as a (K, 5) tensor or a list of per-image (K_i, 4)
+    tensors. ``spatial_scales`` default to 1/4, 1/8, ... (FPN from P2); torchvision infers
+    ``2 ** round(log2(feature_size / image_size))`` per level. ``aligned`` defaults to True;
+    ``aligned=False`` gives torchvision's numbers. No parameters."""
+    _fields = ("output_size", "sampling_ratio", "canonical_scale", "canonical_level",
+               "spatial_scales", "aligned")
+
+    def __init__(self, output_size, sampling_ratio, *, canonical_scale=224, canonical_level=4,
+                 spatial_scales=None, aligned=True):
+        super().__init__()
+        self.output_size, self.sampling_ratio = output_size, sampling_ratio
+        self.canonical_scale, self.canonical_level = canonical_scale, canonical_level
+        self.spatial_scales, self.aligned = spatial_scales, aligned
+
+    def forward(self, features, boxes):
+        return multi_scale_roi_align(features, boxes, self.output_size,
+                                     spatial_scales=self.spatial_scales,
+                                     canonical_scale=self.canonical_scale,
+                                     canonical_level=self.canonical_level,
+                                     sampling_ratio=self.sampling_ratio, aligned=self.aligned)
 
 
 class PSRoIAlign(_RoIModule):

@@ -1507,9 +1507,16 @@ def roi_align_backward(grad_out, rois, x, input_shape, Py_ssize_t pooled_h,
 
 def _align(x, dy, rois, out, gx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
            Py_ssize_t PH, Py_ssize_t PW, double scale, int sr, bint aligned, int mode, bint cl,
-           bint backward, int nthreads):
+           bint backward, int nthreads, subset=None):
+    """The RoIAlign kernels on all of rois, or (MODE_AVG) on the rows ``subset`` only: outputs
+    and grad_out rows at those indices (multi_scale_roi_align: one pyramid level's RoIs)."""
     cdef Py_ssize_t K = rois.shape[0], cb
-    order, seg = _segments(rois, N, None if mode == MODE_MAX else scale)
+    if subset is None:
+        order, seg = _segments(rois, N, None if mode == MODE_MAX else scale)
+    else:
+        order, seg = _segments(rois[subset], N, scale)
+        order = np.ascontiguousarray(subset[order], dtype=np.intp)
+        K = len(order)
     cdef double off = 0.5 if aligned else 0.0
     cdef void* px = _p(x)
     cdef void* pd = _p(dy)
@@ -1806,3 +1813,132 @@ def _deform(x, dy, rois, offset, mask, out, gx, Py_ssize_t N, Py_ssize_t C, Py_s
         raise MemoryError("deform_roi_pool: out of memory for the sampling tables")
 
 
+# ---------------------------------------------------------------- multi-scale RoIAlign (FPN)
+#
+# torchvision's MultiScaleRoIAlign: each RoI is pooled by roi_align on the level that
+# LevelMapper gives it. The RoIs are grouped by level once (_fpn_groups), and each level's RoIs
+# run through the RoIAlign units (_align with a subset) writing their output rows in place
+# (backward: reading their grad_out rows in place): no copy of RoIs, outputs or gradients.
+
+from libc.math cimport sqrt, log2
+
+
+cdef void _fpn_levels(const floating* rois, Py_ssize_t K, floating s0, floating lvl0,
+                      double kmin, Py_ssize_t L, Py_ssize_t* lv) noexcept nogil:
+    """torchvision's LevelMapper, in the RoIs' dtype as torchvision computes it:
+    ``floor(lvl0 + log2(sqrt(area) / s0) + eps)`` (eps = 1e-6), clamped to [kmin, kmin + L - 1],
+    minus kmin. A NaN level (a non-finite coordinate, or a negative area: a box inverted along
+    one axis) gives L: pooled on no level (torchvision's rows of zeros)."""
+    cdef Py_ssize_t k
+    cdef const floating* r
+    cdef floating area, q, t, v
+    cdef floating eps = <floating>1e-6
+    cdef double lev
+    for k in range(K):
+        r = rois + 5 * k
+        area = (r[3] - r[1]) * (r[4] - r[2])
+        q = <floating>sqrt(area)
+        q = q / s0
+        t = <floating>log2(q)
+        v = lvl0 + t
+        v = v + eps
+        lev = floor(v)
+        if lev != lev:
+            lv[k] = L
+        elif lev <= kmin:
+            lv[k] = 0
+        elif lev >= kmin + (L - 1):
+            lv[k] = L - 1
+        else:
+            lv[k] = <Py_ssize_t>(lev - kmin)
+
+
+def _fpn_groups(rois, Py_ssize_t L, Py_ssize_t level_min, double canonical_scale,
+                Py_ssize_t canonical_level):
+    """(order, bounds): RoI indices grouped by level, in RoI order within a level; level l's are
+    ``order[bounds[l]:bounds[l + 1]]``, those pooled nowhere ``order[bounds[L]:]``."""
+    cdef Py_ssize_t K = rois.shape[0]
+    lv = np.empty(K, dtype=np.intp)
+    cdef Py_ssize_t* pl = <Py_ssize_t*>_p(lv)
+    cdef void* pr = _p(rois)
+    cdef bint f32 = rois.dtype == np.float32
+    with nogil:
+        if f32:
+            _fpn_levels(<float*>pr, K, <float>canonical_scale, <float>canonical_level,
+                        level_min, L, pl)
+        else:
+            _fpn_levels(<double*>pr, K, canonical_scale, <double>canonical_level, level_min, L,
+                        pl)
+    order = np.argsort(lv, kind="stable")
+    bounds = np.zeros(L + 2, dtype=np.intp)
+    np.cumsum(np.bincount(lv, minlength=L + 1), out=bounds[1:])
+    return order, bounds
+
+
+# The contracts MultiScaleRoiAlignForward / MultiScaleRoiAlignBackward of fastnorm._kernels.
+
+def multi_scale_roi_align_forward(features, rois, Py_ssize_t pooled_h, Py_ssize_t pooled_w,
+                                  spatial_scales, Py_ssize_t level_min, double canonical_scale,
+                                  Py_ssize_t canonical_level, int sampling_ratio, bint aligned,
+                                  bint channels_last, int nthreads):
+    """out (K, C, PH, PW) or (K, PH, PW, C): RoI k pooled on its level's map."""
+    cdef Py_ssize_t L = len(features), K = rois.shape[0], l, N, C, H, W
+    if L == 1:                          # no level mapping (torchvision pools every RoI there)
+        return roi_align_forward(features[0], rois, pooled_h, pooled_w, spatial_scales[0],
+                                 sampling_ratio, aligned, MODE_AVG, channels_last, nthreads)
+    x0 = features[0]
+    C = x0.shape[3] if channels_last else x0.shape[1]
+    shape = (K, pooled_h, pooled_w, C) if channels_last else (K, C, pooled_h, pooled_w)
+    out = _cache.empty(shape, x0.dtype)
+    if out.size == 0:
+        return out
+    order, bounds = _fpn_groups(rois, L, level_min, canonical_scale, canonical_level)
+    out[order[bounds[L]:]] = 0          # pooled on no level
+    for l in range(L):
+        x = features[l]
+        if channels_last:
+            N, H, W, C = x.shape
+        else:
+            N, C, H, W = x.shape
+        if bounds[l] == bounds[l + 1]:
+            continue
+        if H * W == 0:
+            out[order[bounds[l]:bounds[l + 1]]] = 0
+            continue
+        _align(x, None, rois, out, None, N, C, H, W, pooled_h, pooled_w, spatial_scales[l],
+               sampling_ratio, aligned, MODE_AVG, channels_last, False, nthreads,
+               order[bounds[l]:bounds[l + 1]])
+    return out
+
+
+def multi_scale_roi_align_backward(grad_out, rois, input_shapes, Py_ssize_t pooled_h,
+                                   Py_ssize_t pooled_w, spatial_scales, Py_ssize_t level_min,
+                                   double canonical_scale, Py_ssize_t canonical_level,
+                                   int sampling_ratio, bint aligned, bint channels_last,
+                                   bint deterministic, int nthreads):
+    """[grad of each level's map]: each level's RoIs' grad_out rows through the RoIAlign
+    backward units (deterministic, as roi_align_backward)."""
+    cdef Py_ssize_t L = len(input_shapes), K = rois.shape[0], l, N, C, H, W
+    if L == 1:
+        return [roi_align_backward(grad_out, rois, None, input_shapes[0], pooled_h, pooled_w,
+                                   spatial_scales[0], sampling_ratio, aligned, MODE_AVG,
+                                   channels_last, deterministic, nthreads)]
+    if K == 0:
+        return [np.zeros(s, dtype=grad_out.dtype) for s in input_shapes]
+    order, bounds = _fpn_groups(rois, L, level_min, canonical_scale, canonical_level)
+    grads = []
+    for l in range(L):
+        shape = tuple(input_shapes[l])
+        if bounds[l] == bounds[l + 1] or np.prod(shape) == 0:
+            grads.append(np.zeros(shape, dtype=grad_out.dtype))
+            continue
+        if channels_last:
+            N, H, W, C = shape
+        else:
+            N, C, H, W = shape
+        gx = _cache.empty(shape, grad_out.dtype)     # every element written (_avg_unit)
+        _align(None, grad_out, rois, None, gx, N, C, H, W, pooled_h, pooled_w,
+               spatial_scales[l], sampling_ratio, aligned, MODE_AVG, channels_last, True,
+               nthreads, order[bounds[l]:bounds[l + 1]])
+        grads.append(gx)
+    return grads

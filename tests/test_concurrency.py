@@ -56,6 +56,12 @@ def _inputs(read_only=False):
         "roi_align_rotated": lambda: F.roi_align_rotated(x, rrois, 3, 0.5, 2),
         "roi_align_rotated_backward": lambda: F.roi_align_rotated_backward(g_ra, rrois, x.shape,
                                                                            3, 0.5, 2),
+        "multi_scale_roi_align": lambda: F.multi_scale_roi_align(
+            [x, x[:, :, ::2, ::2], x[:, :, ::4, ::4]], rois, 3, spatial_scales=[1, 0.5, 0.25],
+            canonical_scale=4, canonical_level=1),
+        "multi_scale_roi_align_backward": lambda: F.multi_scale_roi_align_backward(
+            g_ra, rois, [x.shape, (2, 8, 5, 6), (2, 8, 3, 3)], 3,
+            spatial_scales=[1, 0.5, 0.25], canonical_scale=4, canonical_level=1),
         "roi_pool": lambda: F.roi_pool(x, rois, 3, 0.5),
         "roi_pool_backward": lambda: F.roi_pool_backward(g_ra, rois, x.shape, 3, 0.5, x=x),
         "ps_roi_align": lambda: F.ps_roi_align(x, rois, 2, 0.5, 2),
@@ -172,13 +178,16 @@ def _gil_cases():
         "group_norm": lambda: fastnorm.group_norm(x, 8),
         "roi_ops": lambda: fastnorm.roi_align(x, rois, 7, 1.0, 2),
         "roi_align_rotated": lambda: fastnorm.roi_align_rotated(x, rrois, 7, 1.0, 2),
+        "multi_scale_roi_align": lambda: fastnorm.multi_scale_roi_align(
+            [x, x[:, :, ::2, ::2]], rois, 7, spatial_scales=[1.0, 0.5], canonical_scale=64,
+            canonical_level=1),
         "deform_conv": lambda: fastnorm.deform_conv2d(xd, offd, wd, padding=1),
         "nms": lambda: fastnorm.soft_nms(boxes, scores),
     }
 
 
 @pytest.mark.parametrize("module", ["group_norm", "roi_ops", "roi_align_rotated", "deform_conv",
-                                    "nms"])
+                                    "nms", "multi_scale_roi_align"])
 def test_kernels_release_the_gil(module):
     fn = _gil_cases()[module]
     frac = max(_overlap(fn) for _ in range(2))       # best of two: tolerate a busy machine

@@ -217,3 +217,25 @@ def test_combined_nms(client, rng):
             np.testing.assert_array_equal(g, w)
     with pytest.raises(ValueError, match="`max_total`"):
         fd.combined_nms(boxes, sd, 4, -1)
+
+
+def test_multi_scale_roi_align_per_batch_chunk(rng):
+    """A pyramid of dask levels (chunked differently: rechunked to the first level's batch
+    chunks), per-image lists and shuffled (K, 5) RoIs: the in-memory result, in RoI order."""
+    feats = [rng.standard_normal((5, 3, 32 >> i, 40 >> i)) for i in range(3)]
+    fds = [da.from_array(f, chunks=(c, 3, 32 >> i, 40 >> i)) for i, (f, c) in
+           enumerate(zip(feats, (2, 3, 5)))]
+    per_image = []
+    for _ in range(5):
+        k = int(rng.integers(0, 5))
+        xy = rng.uniform(0, 60, (k, 2))
+        per_image.append(np.c_[xy, xy + rng.uniform(1, 120, (k, 2))])
+    per_image[1] = per_image[1][:0]
+    kw = dict(spatial_scales=[0.5, 0.25, 0.125], canonical_scale=16, canonical_level=2)
+    np.testing.assert_array_equal(fd.multi_scale_roi_align(fds, per_image, 2, **kw).compute(),
+                                  fastnorm.multi_scale_roi_align(feats, per_image, 2, **kw))
+    rois = np.concatenate([np.c_[np.full(len(r), i), r] for i, r in enumerate(per_image)])
+    rois = rois[rng.permutation(len(rois))]
+    np.testing.assert_array_equal(
+        fd.multi_scale_roi_align(fds, rois, (2, 3), aligned=False, **kw).compute(),
+        fastnorm.multi_scale_roi_align(feats, rois, (2, 3), aligned=False, **kw))

@@ -15,7 +15,7 @@ import pytest
 MODULES = {
     "fastnorm.group_norm": (None, 2, 10),
     "fastnorm.deform_conv": (None, 2, 16),
-    "fastnorm.roi_ops": (None, 10, 46),
+    "fastnorm.roi_ops": (None, 12, 56),
     "fastnorm.nms": (None, 14, 77),
     "fastnorm._threads": (None, 1, 2),          # fastnorm.threads
     "fastnorm.torch": ("torch", 1, 5),

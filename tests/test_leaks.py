@@ -72,6 +72,15 @@ def _cases():
         "roi_align_rotated_backward": (
             lambda: F.roi_align_rotated_backward(g, rrois, x.shape, 2),
             lambda: err(F.roi_align_rotated_backward, g, rrois, x.shape, 2, angle_unit="deg")),
+        "multi_scale_roi_align": (
+            lambda: F.multi_scale_roi_align([x, x[:, :, ::2, ::2]], rois, 2,
+                                            spatial_scales=[1.0, 0.5], canonical_scale=2),
+            lambda: err(F.multi_scale_roi_align, [x, x], rois, 2, spatial_scales=[1.0, 0.25])),
+        "multi_scale_roi_align_backward": (
+            lambda: F.multi_scale_roi_align_backward(g, rois, [x.shape, (2, 4, 3, 3)], 2,
+                                                     spatial_scales=[1.0, 0.5],
+                                                     canonical_scale=2),
+            lambda: err(F.multi_scale_roi_align_backward, g, rois, [], 2)),
         "deform_conv2d": (lambda: F.deform_conv2d(xd, offd, wd),
                           lambda: err(F.deform_conv2d, xd, offd[:, :4], wd)),
         "deform_conv2d_backward": (lambda: F.deform_conv2d_backward(gd, xd, offd, wd),

@@ -32,6 +32,16 @@ def test_rotated_example_runs():
     assert ns["keep"].tolist() == [0, 2] and ns["feats"].shape == (3, 8, 7, 7)
 
 
+def test_multi_scale_example_runs():
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+                 if "multi_scale_roi_align" in b)
+    ns = {}
+    exec(block, ns)
+    assert ns["pooled"].shape == (3, 16, 7, 7)
+    assert [g.shape for g in ns["grads"]] == [p.shape for p in ns["pyramid"]]
+    assert [bool(g.any()) for g in ns["grads"]] == [True, True, False, True]    # P2, P3, P5
+
+
 def test_main_job_runs(tmp_path):
     # report + demo pipeline + quick benchmark, in a fresh interpreter outside the source tree
     out = subprocess.run([sys.executable, "-m", "fastnorm"], capture_output=True, text=True,

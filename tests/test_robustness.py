@@ -477,6 +477,119 @@ def test_roi_ops_hostile(backend, op, data):
                      _absdot(out, g) + _absdot(kw["mask"], gmask), x.dtype)
 
 
+@st.composite
+def pyramid_case(draw):
+    """multi_scale_roi_align: 1..3 levels (each half the last, possibly empty maps), RoIs of
+    every size and flavour, one argument possibly corrupted."""
+    dtype = draw(DTYPES)
+    L, N, C = draw(st.integers(1, 3)), draw(st.integers(0, 2)), draw(st.integers(0, 3))
+    H, W = draw(st.integers(0, 12)), draw(st.integers(0, 12))
+    cl = draw(st.booleans())
+    kmin = draw(st.integers(0, 2))
+    scales = [2.0 ** -(kmin + i) for i in range(L)]
+    xflav = draw(st.sampled_from(FLAVOURS))
+    feats = [draw(arrays((N, H >> i, W >> i, C) if cl else (N, C, H >> i, W >> i), dtype, xflav))
+             for i in range(L)]
+    K = draw(st.integers(0, 6)) if N else 0
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    img = max(H, W, 1) / scales[0]
+    r = np.empty((K, 5))
+    r[:, 0] = rng.integers(0, max(N, 1), K)
+    r[:, 1:3] = rng.uniform(-0.5 * img, 1.2 * img, (K, 2))
+    r[:, 3:5] = r[:, 1:3] + rng.uniform(-0.2 * img, 1.5 * img, (K, 2)) * rng.choice(
+        [0.05, 0.3, 1, 4], (K, 1))
+    rflav = draw(st.sampled_from(["plain", "plain", "special", "huge"]))
+    if rflav == "special" and K:
+        hit = rng.random(r[:, 1:].shape) < 0.3
+        r[:, 1:] = np.where(hit, rng.choice([np.nan, np.inf, -np.inf, 1e30], hit.shape), r[:, 1:])
+    elif rflav == "huge" and K:
+        r[:, 1:5] = r[:, 1:5] * rng.choice([1e6, 1e15, -1e30], (K, 1))
+    rois = _layout(r.astype(dtype), draw(st.sampled_from(["c", "f", "strided"])))
+    kw = dict(output_size=draw(st.sampled_from([1, 2, (2, 3)])),
+              spatial_scales=scales if kmin != 2 or draw(st.booleans()) else None,
+              canonical_scale=draw(st.sampled_from([224, 8, 3.5])),
+              canonical_level=draw(st.sampled_from([4, 1, 0, -3])),
+              sampling_ratio=draw(st.sampled_from([-1, 0, 1, 2, 10**6])),
+              aligned=draw(st.booleans()), channels_last=cl)
+    if kw["spatial_scales"] is None:
+        kw.pop("spatial_scales")
+    as_list = draw(st.booleans()) and K
+    if as_list:
+        rois = [np.ascontiguousarray(r[r[:, 0] == i, 1:]).astype(dtype) for i in range(N)]
+    err = None
+    bad = draw(st.sampled_from([None] * 8 + list(range(7))))
+    if bad == 0:
+        kw["output_size"], err = draw(st.sampled_from([0, (2, 0), -1, (1, 2, 3)])), \
+            (ValueError, "output_size")
+    elif bad == 1:
+        kw["spatial_scales"] = draw(st.sampled_from([scales[:-1] + [scales[-1] * 3],
+                                                      scales + [scales[-1] / 2], [np.nan] * L,
+                                                      [0.0] * L]))
+        err = (ValueError, "spatial_scales")
+    elif bad == 2 and K and not as_list:
+        rois = rois.copy()
+        rois[rng.integers(0, K), 0] = draw(st.sampled_from([-1, N, 0.5, np.nan, np.inf]))
+        err = (ValueError, "rois")
+    elif bad == 3 and not as_list:
+        rois, err = rois.astype(np.float32 if dtype == np.float64 else np.float64), \
+            (TypeError, "rois")
+    elif bad == 4:
+        feats[-1], err = feats[-1].astype(draw(st.sampled_from([np.int64, np.float16]))), \
+            (TypeError, f"features[{L - 1}]")
+    elif bad == 5 and L > 1:
+        shape = list(feats[-1].shape)
+        shape[3 if cl else 1] += 1
+        feats[-1], err = np.zeros(shape, dtype), (ValueError, f"features[{L - 1}]")
+    elif bad == 6:
+        kw["canonical_scale"], err = draw(st.sampled_from([0.0, -1.0, np.nan])), \
+            (ValueError, "canonical_scale")
+    return feats, rois, kw, err, xflav
+
+
+@fuzz
+@given(data=st.data())
+def test_multi_scale_roi_align_hostile(backend, data):
+    feats, rois, kw, err, xflav = data.draw(pyramid_case())
+    assume(not _valid_on(backend, err, feats[-1]))
+    out = _run(fastnorm.multi_scale_roi_align, (feats, rois), kw, err, backend)
+    if out is None:
+        return
+    PH, PW = (kw["output_size"],) * 2 if np.isscalar(kw["output_size"]) else kw["output_size"]
+    bad_roi, r5 = _roi_zero(rois, kw)
+    K, cl, x0 = len(r5), kw["channels_last"], feats[0]
+    C = x0.shape[-1 if cl else 1]
+    assert out.shape == ((K, PH, PW, C) if cl else (K, C, PH, PW)) and out.dtype == x0.dtype
+    assert not out[bad_roi].any(), "a RoI with a non-finite coordinate must give zeros"
+    x_ok = _finite(*feats)
+    if x_ok:
+        assert np.isfinite(out).all()
+    r64 = np.asarray(r5, np.float64)
+    scales = kw.get("spatial_scales") or [2.0 ** -(2 + i) for i in range(len(feats))]
+    if x_ok and np.isfinite(r64).all() and np.abs(r64[:, 1:5]).max(initial=0) < 1e4 \
+            and kw["sampling_ratio"] < 10 and not cl and 0 not in x0.shape:
+        with np.errstate(all="ignore"):
+            ref = ref_roi.multi_scale_roi_align(
+                [np.asarray(f, np.float64) for f in feats], r64, PH, PW, scales,
+                kw["canonical_scale"], kw["canonical_level"], kw["sampling_ratio"],
+                kw["aligned"])
+        s = 1 + np.abs(ref).max(initial=0)
+        np.testing.assert_allclose(out, ref, rtol=_tol(x0.dtype), atol=_tol(x0.dtype) * s)
+    # backward: the adjoint identity over every level
+    g = np.random.default_rng(K).standard_normal(out.shape).astype(x0.dtype)
+    bkw = {k: v for k, v in kw.items()}
+    bkw["deterministic"] = K % 2 == 1
+    grads = _run(fastnorm.multi_scale_roi_align_backward,
+                 (g, rois, [f.shape for f in feats], bkw.pop("output_size")), bkw, None, backend)
+    assert [(a.shape, a.dtype) for a in grads] == [(f.shape, f.dtype) for f in feats]
+    if not x_ok or not np.isfinite(out).all():
+        return
+    assert all(np.isfinite(a).all() for a in grads)
+    if xflav in ("huge",):
+        return
+    _adjoint(_dot(out, g), sum(_dot(f, a) for f, a in zip(feats, grads)),
+             _absdot(out, g) + sum(_absdot(f, a) for f, a in zip(feats, grads)), x0.dtype)
+
+
 # ---------------------------------------------------------------- NMS family and box_iou
 
 def _scores_and_layouts(draw, rng, b, dtype):
@@ -1015,7 +1128,8 @@ def test_every_public_function_is_fuzzed():
     """A new public op must get a property test here."""
     covered = {"group_norm", "group_norm_backward", "deform_conv2d", "deform_conv2d_backward",
                "box_iou", "soft_nms", "matrix_nms", "softer_nms", "iou_guided_nms",
-               "adaptive_nms", "combined_nms", *GREEDY, *ROTATED, *ROI_OPS,
+               "adaptive_nms", "combined_nms", "multi_scale_roi_align",
+               "multi_scale_roi_align_backward", *GREEDY, *ROTATED, *ROI_OPS,
                *(f"{op}_backward" for op in ROI_OPS)}
     public = {n for n in fastnorm.__all__ if callable(getattr(fastnorm, n))} - {
         "info", "get_num_threads", "set_num_threads", "threads",           # configuration,

@@ -1146,3 +1146,446 @@ def test_torch_round_trip(rng):
     g = fastnorm.roi_align_backward(torch.ones(tuple(y.shape)), torch.from_numpy(rois), x.shape,
                                     3, 0.5, 2, True)
     assert isinstance(g, torch.Tensor) and tuple(g.shape) == x.shape
+
+
+# ---------------------------------------------------------------- multi-scale RoIAlign (FPN)
+# A 64 x 96 image, levels at scales 1/2 .. 1/16 (k = 1..4); canonical_scale 32 and
+# canonical_level 3 put RoI sides < 16 on k 1, 16..32 on 2, 32..64 on 3, >= 64 on 4: every
+# level gets RoIs, and the RoIs beyond either end are clamped.
+
+MS_IMG = (64, 96)
+MS_KW = dict(canonical_scale=32, canonical_level=3)
+
+
+def _ms_case(rng, dtype, N=2, C=3, K=40, levels=4, kmin=1, channels_last=False):
+    """(features, rois, scales): a pyramid in `dtype` and RoIs spanning every level."""
+    scales = [2.0 ** -(kmin + i) for i in range(levels)]
+    feats = [rng.standard_normal((N, C, int(MS_IMG[0] * s), int(MS_IMG[1] * s)))
+             .astype(_dtype(dtype)) for s in scales]
+    rois = ref.pyramid_rois(rng, K, N, *MS_IMG, s0=MS_KW["canonical_scale"],
+                            k0=MS_KW["canonical_level"]).astype(_dtype(dtype))
+    return feats, rois, scales
+
+
+def _ms_levels(rois, scales, s0=32, k0=3):
+    kmin = int(round(-np.log2(scales[0])))
+    return [ref.fpn_level(r, k0, s0, kmin, kmin + len(scales) - 1) for r in _f64(rois)]
+
+
+def _check_msra(backend, rng, dtype, aligned, sr, channels_last=False, **case):
+    feats, rois, scales = _ms_case(rng, dtype, **case)
+    PH, PW = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    f64 = [_f64(f) for f in feats]
+    r64 = _f64(rois)
+    want = ref.multi_scale_roi_align(f64, r64, PH, PW, scales, 32, 3, sr, aligned)
+    g = rng.standard_normal(want.shape).astype(feats[0].dtype)
+    gwant = ref.multi_scale_roi_align_backward(_f64(g), r64, f64, PH, PW, scales, 32, 3, sr,
+                                               aligned)
+    kw = dict(spatial_scales=scales, sampling_ratio=sr, aligned=aligned, **MS_KW)
+    if channels_last:
+        feats, g = [_nhwc(f) for f in feats], _nhwc(g)
+        want, gwant = _nhwc(want), [_nhwc(a) for a in gwant]
+    F, R, G = backend.asarray([feats, rois, g])
+    kw["channels_last"] = channels_last
+    _close(backend, fastnorm.multi_scale_roi_align(F, R, (PH, PW), **kw), want, dtype)
+    for det in (False, True):
+        grads = fastnorm.multi_scale_roi_align_backward(G, R, [f.shape for f in feats],
+                                                        (PH, PW), deterministic=det, **kw)
+        assert isinstance(grads, list) and len(grads) == len(feats)
+        for got, w in zip(grads, gwant):
+            _close(backend, got, w, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sr", [-1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_multi_scale_roi_align_matches_oracle(backend, rng, dtype, aligned, sr, channels_last):
+    _check_msra(backend, rng, dtype, aligned, sr, channels_last)
+
+
+def test_multi_scale_roi_align_every_level_used(rng):
+    """The random cases reach every level, and both clamps."""
+    _, rois, scales = _ms_case(rng, "float64", K=40)
+    kmin = int(round(-np.log2(scales[0])))
+    raw = [np.floor(3 + np.log2(np.sqrt((r[3] - r[1]) * (r[4] - r[2])) / 32) + 1e-6)
+           for r in rois]
+    assert set(_ms_levels(rois, scales)) == {1, 2, 3, 4}
+    assert min(raw) < kmin and max(raw) > kmin + 3
+
+
+@pytest.mark.parametrize("levels,kmin", [(1, 2), (2, 1), (3, 0), (5, 1)])
+def test_multi_scale_roi_align_level_counts(backend, rng, levels, kmin):
+    """One level (no mapping: every RoI there, as torchvision), and pyramids of 2..5 levels
+    starting at other scales (1, 1/2)."""
+    if levels == 5:
+        feats, rois, scales = _ms_case(rng, "float64", levels=4, kmin=kmin)
+        scales = scales + [scales[-1] / 2]
+        feats = feats + [rng.standard_normal((2, 3, 2, 3))]
+    else:
+        feats, rois, scales = _ms_case(rng, "float64", levels=levels, kmin=kmin)
+    want = ref.multi_scale_roi_align(feats, rois, 3, 2, scales, 32, 3, 2, True)
+    g = rng.standard_normal(want.shape)
+    gwant = ref.multi_scale_roi_align_backward(g, rois, feats, 3, 2, scales, 32, 3, 2, True)
+    F, R, G = backend.asarray([feats, rois, g])
+    kw = dict(spatial_scales=scales, **MS_KW)
+    _close(backend, fastnorm.multi_scale_roi_align(F, R, (3, 2), **kw), want, "float64")
+    for got, w in zip(fastnorm.multi_scale_roi_align_backward(G, R, [f.shape for f in feats],
+                                                              (3, 2), **kw), gwant):
+        _close(backend, got, w, "float64")
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_multi_scale_roi_align_half_types(cuda_backend, rng, dtype):
+    """float16/bfloat16 (levels computed in float32: a half area overflows past 65504)."""
+    _check_msra(cuda_backend, rng, dtype, True, 2)
+    _check_msra(cuda_backend, rng, dtype, False, -1, channels_last=True)
+
+
+def test_multi_scale_roi_align_default_pyramid(backend, rng):
+    """Defaults: scales 1/4 .. (FPN P2..), canonical 224 / level 4, sampling_ratio 2, aligned;
+    boxes of side exactly 224 * 2**j sit on level 4 + j (the 1e-6 of LevelMapper)."""
+    feats = [rng.standard_normal((1, 2, 256 >> i, 256 >> i)) for i in range(4)]
+    sides = [28.0, 56.0, 111.9, 112.0, 224.0, 447.0, 448.0, 896.0, 5.0, 1000.0]
+    rois = np.array([[0, 10, 20, 10 + s, 20 + s] for s in sides])
+    # 224 less 2 float32 ulps: log2(side / 224) = -2e-7, level 4 only thanks to the 1e-6
+    below = float(np.nextafter(np.nextafter(np.float32(224), 0), 0))
+    rois = np.r_[rois, [[0, 0, 0, below, below]]]
+    assert np.floor(4 + np.log2(below / 224)) == 3
+    scales = [0.25, 0.125, 0.0625, 0.03125]
+    assert [ref.fpn_level(r, 4, 224, 2, 5) for r in rois] == [2, 2, 2, 3, 4, 4, 5, 5, 2, 5, 4]
+    want = ref.multi_scale_roi_align(feats, rois, 7, 7, scales, 224, 4, 2, True)
+    F, R = backend.asarray([feats, rois])
+    _close(backend, fastnorm.multi_scale_roi_align(F, R, 7), want, "float64")
+    for dt in ("float32",):
+        F32, R32 = backend.asarray([[f.astype(dt) for f in feats], rois.astype(dt)])
+        _close(backend, fastnorm.multi_scale_roi_align(F32, R32, 7), want, dt)
+
+
+def test_multi_scale_roi_align_backward_finite_differences(backend, rng):
+    """float64: the gradients are the derivatives of the computed forward (central differences
+    at 12 elements of each level, where the oracle's gradient is largest and at random), and
+    the oracle's are those of the oracle's forward (every element)."""
+    feats, rois, scales = _ms_case(rng, "float64", N=1, C=1, K=30)
+    g = rng.standard_normal((30, 1, 2, 3))
+    kw = dict(spatial_scales=scales, **MS_KW)
+    R, G = backend.asarray([rois, g])
+    for aligned, sr in ((True, 2), (False, -1)):
+        grads = backend.asnumpy(fastnorm.multi_scale_roi_align_backward(
+            G, R, [f.shape for f in feats], (2, 3), sampling_ratio=sr, aligned=aligned, **kw))
+        want = ref.multi_scale_roi_align_backward(g, rois, feats, 2, 3, scales, 32, 3, sr,
+                                                  aligned)
+
+        def fwd():
+            y = fastnorm.multi_scale_roi_align(backend.asarray(feats), R, (2, 3),
+                                               sampling_ratio=sr, aligned=aligned, **kw)
+            return float((backend.asnumpy(y) * g).sum())
+        for i, f in enumerate(feats):
+            assert np.abs(want[i]).max() > 0
+            flat, eps = f.reshape(-1), 1e-6
+            pick = np.r_[np.argsort(-np.abs(want[i]).reshape(-1))[:8],
+                         rng.integers(0, flat.size, 4)]
+            for j in pick:
+                old = flat[j]
+                flat[j] = old + eps
+                fp = fwd()
+                flat[j] = old - eps
+                fm = fwd()
+                flat[j] = old
+                assert abs(grads[i].reshape(-1)[j] - (fp - fm) / (2 * eps)) < 1e-7
+            np.testing.assert_allclose(grads[i], want[i], rtol=1e-11, atol=1e-11)
+            if i == 0:
+                small = [a[:, :, :5, :6].copy() for a in feats]     # the oracle, everywhere
+                num = _fd(lambda: float((ref.multi_scale_roi_align(
+                    small, rois, 2, 3, scales, 32, 3, sr, aligned) * g).sum()), small[0])
+                np.testing.assert_allclose(ref.multi_scale_roi_align_backward(
+                    g, rois, small, 2, 3, scales, 32, 3, sr, aligned)[0], num, rtol=1e-7,
+                    atol=1e-7)
+
+
+def test_multi_scale_roi_align_backward_is_adjoint(backend, rng):
+    feats, rois, scales = _ms_case(rng, "float64", N=3, C=5, K=80)
+    g = rng.standard_normal((80, 5, 7, 7))
+    F, R, G = backend.asarray([feats, rois, g])
+    kw = dict(spatial_scales=scales, **MS_KW)
+    for sr, al in ((-1, False), (2, True), (0, True)):
+        for det in (False, True):
+            y = backend.asnumpy(fastnorm.multi_scale_roi_align(F, R, 7, sampling_ratio=sr,
+                                                               aligned=al, **kw))
+            gs = backend.asnumpy(fastnorm.multi_scale_roi_align_backward(
+                G, R, [f.shape for f in feats], 7, sampling_ratio=sr, aligned=al,
+                deterministic=det, **kw))
+            lhs = (g * y).sum()
+            rhs = sum((a * f).sum() for a, f in zip(gs, feats))
+            assert abs(lhs - rhs) < 1e-10 * max(1, abs(lhs))
+            assert all(np.abs(a).max() > 0 for a in gs)
+
+
+def test_multi_scale_roi_align_lists_equal_arrays(backend, rng):
+    feats, rois, scales = _ms_case(rng, "float64", N=3, K=30)
+    order = np.argsort(rois[:, 0], kind="stable")
+    rois = rois[order]
+    per = [rois[rois[:, 0] == i, 1:] for i in range(3)]
+    g = rng.standard_normal((30, 3, 2, 2))
+    F, P, R, G = backend.asarray([feats, per, rois, g])
+    kw = dict(spatial_scales=scales, **MS_KW)
+    A = backend.asnumpy
+    assert np.array_equal(A(fastnorm.multi_scale_roi_align(F, P, 2, **kw)),
+                          A(fastnorm.multi_scale_roi_align(F, R, 2, **kw)))
+    shapes = [f.shape for f in feats]
+    for a, b in zip(A(fastnorm.multi_scale_roi_align_backward(G, P, shapes, 2, **kw)),
+                    A(fastnorm.multi_scale_roi_align_backward(G, R, shapes, 2, **kw))):
+        assert np.array_equal(a, b)
+
+
+def test_multi_scale_roi_align_empty(backend, rng):
+    """K = 0 (array, empty list, lists of empties), levels without RoIs, empty maps."""
+    feats, rois, scales = _ms_case(rng, "float32", K=4)
+    kw = dict(spatial_scales=scales, **MS_KW)
+    F = backend.asarray(feats)
+    A = backend.asnumpy
+    shapes = [f.shape for f in feats]
+    R0 = backend.asarray(np.zeros((0, 5), np.float32))
+    for r in (R0, [], [R0[:, 1:], R0[:, 1:]]):
+        y = A(fastnorm.multi_scale_roi_align(F, r, (2, 3), **kw))
+        assert y.shape == (0, 3, 2, 3) and y.dtype == np.float32
+        gs = A(fastnorm.multi_scale_roi_align_backward(
+            backend.asarray(np.zeros((0, 3, 2, 3), np.float32)), r, shapes, (2, 3), **kw))
+        assert [a.shape for a in gs] == shapes and not any(a.any() for a in gs)
+    FL = backend.asarray([_nhwc(f) for f in feats])
+    y = A(fastnorm.multi_scale_roi_align(FL, R0, (2, 3), channels_last=True, **kw))
+    assert y.shape == (0, 2, 3, 3)
+    # one RoI: three levels have none (zero gradients there)
+    r1 = backend.asarray(np.array([[1, 5, 5, 40, 40]], np.float32))     # side 35: level 3
+    g1 = backend.asarray(np.ones((1, 3, 2, 2), np.float32))
+    gs = A(fastnorm.multi_scale_roi_align_backward(g1, r1, shapes, 2, **kw))
+    assert [bool(a.any()) for a in gs] == [False, False, True, False]
+    assert not gs[2][0].any() and gs[2][1].any()
+    # empty maps: zeros of the right shapes
+    E = backend.asarray([np.zeros((2, 3, 0, 5), np.float32)] * 2)
+    y = A(fastnorm.multi_scale_roi_align(E, r1, 2, spatial_scales=[0.5, 0.25]))
+    assert y.shape == (1, 3, 2, 2) and not y.any()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_multi_scale_roi_align_non_finite_and_inverted_rois(backend, rng, bad):
+    """Non-finite RoIs and boxes inverted along one axis (negative area: a NaN level) give
+    zeros and no gradient, as torchvision; inverted along both axes (positive area) is pooled
+    like any RoI on its level; zero-area RoIs go to the first level."""
+    feats, _, scales = _ms_case(rng, "float64", N=1, K=1)
+    rois = np.array([[0, 4, 4, 40, 30], [0, 4, bad, 40, 30], [0, 4, 4, bad, 30],
+                     [0, 40, 4, 4, 30], [0, 4, 30, 40, 4], [0, 40, 30, 4, 4],
+                     [0, 8, 8, 8, 30], [0, 8, 8, 8, 8]], np.float64)
+    levels = _ms_levels(rois, scales)
+    assert levels[3:5] == [None, None] and levels[5] == 2 and levels[6:] == [1, 1]
+    g = np.ones((len(rois), 3, 2, 2))
+    F, R, G = backend.asarray([feats, rois, g])
+    kw = dict(spatial_scales=scales, **MS_KW)
+    A = backend.asnumpy
+    for al in (True, False):
+        y = A(fastnorm.multi_scale_roi_align(F, R, 2, aligned=al, **kw))
+        assert np.isfinite(y).all() and y[0].any() and not y[1:5].any()
+        np.testing.assert_allclose(y, ref.multi_scale_roi_align(feats, rois, 2, 2, scales, 32,
+                                                                3, 2, al), rtol=1e-12,
+                                   atol=1e-12)
+        gs = A(fastnorm.multi_scale_roi_align_backward(G[1:5], R[1:5], [f.shape for f in feats],
+                                                       2, aligned=al, **kw))
+        assert not any(a.any() for a in gs)
+
+
+def test_multi_scale_roi_align_across_threads(rng):
+    """CPU: forward and backward bitwise identical for 1 and 2 threads."""
+    feats, rois, scales = _ms_case(rng, "float32", N=2, C=16, K=60)
+    g = rng.standard_normal((60, 16, 3, 2)).astype(np.float32)
+    kw = dict(spatial_scales=scales, **MS_KW)
+    outs = []
+    for n in (1, 2):
+        with fastnorm.threads(n):
+            outs.append((fastnorm.multi_scale_roi_align(feats, rois, (3, 2), **kw),
+                         fastnorm.multi_scale_roi_align_backward(
+                             g, rois, [f.shape for f in feats], (3, 2), **kw)))
+    assert np.array_equal(outs[0][0], outs[1][0])
+    assert all(np.array_equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+
+
+def test_multi_scale_roi_align_deterministic_cuda(cuda_backend, rng):
+    feats, rois, scales = _ms_case(rng, "float32", N=3, C=4, K=80)
+    g = rng.standard_normal((80, 4, 2, 3)).astype(np.float32)
+    G, R = cuda_backend.asarray([g, rois])
+    kw = dict(spatial_scales=scales, **MS_KW)
+
+    def run(d):
+        return cuda_backend.asnumpy(fastnorm.multi_scale_roi_align_backward(
+            G, R, [f.shape for f in feats], (2, 3), deterministic=d, **kw))
+    a, b, c = run(False), run(True), run(True)
+    for u, v, w in zip(a, b, c):
+        assert np.any(u)
+        np.testing.assert_allclose(v, u, rtol=1e-5, atol=1e-5)
+        assert np.array_equal(v.view(np.uint32), w.view(np.uint32))
+
+
+@pytest.mark.emulated
+def test_multi_scale_roi_align_launches_per_level(rng):
+    """CUDA: one roi_align launch per level that has RoIs, and one read-back (the level counts)
+    besides the batch-index check."""
+    emu = pytest.importorskip("fastnorm._cuda.emulator")
+    feats, rois, scales = _ms_case(rng, "float32", K=40)
+    F, R = [emu.asarray(f) for f in feats], emu.asarray(rois)
+    kw = dict(spatial_scales=scales, **MS_KW)
+    with emu.counting() as c0:
+        fastnorm.roi_align(F[0], R, 2)
+    with emu.counting() as c:
+        fastnorm.multi_scale_roi_align(F, R, 2, **kw)
+    assert [k.split("::")[-1] for k in c.kernels] == ["align_fwd<float>"] * 4
+    assert c.syncs == c0.syncs + 1
+
+
+def test_multi_scale_roi_align_inputs_not_modified(backend, rng):
+    feats, rois, scales = _ms_case(rng, "float32")
+    g = np.ones((len(rois), 3, 2, 2), np.float32)
+    F, R, G = backend.asarray([feats, rois, g])
+    kw = dict(spatial_scales=scales, **MS_KW)
+    fastnorm.multi_scale_roi_align(F, R, 2, **kw)
+    for det in (False, True):
+        fastnorm.multi_scale_roi_align_backward(G, R, [f.shape for f in feats], 2,
+                                                deterministic=det, **kw)
+    for a, b in list(zip(F, feats)) + [(R, rois), (G, g)]:
+        assert np.array_equal(backend.asnumpy(a), b)
+
+
+def test_multi_scale_roi_align_bad_arguments(backend):
+    A = backend.asarray
+    feats = [A(np.zeros((2, 3, 8 >> i, 8 >> i), np.float32)) for i in range(3)]
+    r = A(np.array([[0, 1, 1, 5, 5]], np.float32))
+    g = A(np.zeros((1, 3, 2, 2), np.float32))
+    shapes = [tuple(f.shape) for f in feats]
+    f, fb = fastnorm.multi_scale_roi_align, fastnorm.multi_scale_roi_align_backward
+    with pytest.raises(ValueError, match="`features`.*empty"):
+        f([], r, 2)
+    with pytest.raises(TypeError, match="`features` must be a list"):
+        f(feats[0], r, 2)
+    with pytest.raises(ValueError, match=r"`features\[1\]`.*batch size"):
+        f([feats[0], A(np.zeros((1, 3, 4, 4), np.float32))], r, 2)
+    with pytest.raises(ValueError, match=r"`features\[2\]`.*channel"):
+        f(feats[:2] + [A(np.zeros((2, 4, 2, 2), np.float32))], r, 2)
+    with pytest.raises(ValueError, match=r"`features\[1\]`.*channel"):     # mixed layouts
+        f([feats[0], A(np.zeros((2, 4, 4, 3), np.float32))], r, 2)
+    with pytest.raises(TypeError, match=r"`features\[1\]`.*dtype"):
+        f([feats[0], A(np.zeros((2, 3, 4, 4), np.float64))], r, 2)
+    with pytest.raises(ValueError, match=r"`features\[1\]` must be 4-D"):
+        f([feats[0], A(np.zeros((3, 4, 4), np.float32))], r, 2)
+    with pytest.raises(TypeError, match=r"`features\[0\]`"):
+        f([A(np.zeros((2, 3, 4, 4), np.int32))], r, 2)
+    if backend.is_cuda:                 # one backend per call, no implicit transfers
+        with pytest.raises(TypeError, match=r"`features\[1\]`"):
+            f([feats[0], np.zeros((2, 3, 4, 4), np.float32)], r, 2)
+    else:
+        emu = pytest.importorskip("fastnorm._cuda.emulator")
+        with pytest.raises(TypeError, match=r"`features\[1\]`"):
+            f([feats[0], emu.asarray(np.zeros((2, 3, 4, 4), np.float32))], r, 2)
+    for bad, what in (([0.25, 0.125], "one scale per feature level"),
+                      ([0.25, 0.125, 0.0625, 0.03125], "one scale per feature level"),
+                      ([0.25, 0.125, 0.03125], "powers of two halving"),
+                      ([0.3, 0.15, 0.075], "powers of two halving"),
+                      ([0.25, 0.5, 1.0], "powers of two halving"),
+                      ([0.25, 0.125, 0.0], "must be >"), ([0.25, 0.125, np.nan], "finite")):
+        with pytest.raises(ValueError, match="`spatial_scales`.*" + what):
+            f(feats, r, 2, spatial_scales=bad)
+        with pytest.raises(ValueError, match="`spatial_scales`"):
+            fb(g, r, shapes, 2, spatial_scales=bad)
+    with pytest.raises(TypeError, match="`spatial_scales`"):
+        f(feats, r, 2, spatial_scales=0.25)
+    for bad in (0, (2, 0), -1, (1, 2, 3)):
+        with pytest.raises(ValueError, match="`output_size`"):
+            f(feats, r, bad)
+    with pytest.raises(ValueError, match="`sampling_ratio`"):
+        f(feats, r, 2, sampling_ratio=2**31)
+    with pytest.raises(TypeError, match="`sampling_ratio`"):
+        f(feats, r, 2, sampling_ratio=1.5)
+    with pytest.raises(ValueError, match="`canonical_scale`"):
+        f(feats, r, 2, canonical_scale=0)
+    with pytest.raises(TypeError, match="`canonical_level`"):
+        f(feats, r, 2, canonical_level=4.5)
+    with pytest.raises(ValueError, match=r"`rois` must have shape \(K, 5\)"):
+        f(feats, r[:, 1:], 2)
+    with pytest.raises(ValueError, match=r"`rois` entry 0"):
+        f(feats, [r], 2)
+    with pytest.raises(ValueError, match="`rois`"):
+        f(feats, [r[:, 1:]] * 3, 2)
+    with pytest.raises(TypeError, match="`rois`"):
+        f(feats, A(np.array([[0, 1, 1, 5, 5]], np.float64)), 2)
+    for b in (2, -1, 0.5, np.nan):
+        rb = A(np.array([[b, 1, 1, 5, 5]], np.float32))
+        with pytest.raises(ValueError, match="`rois`"):
+            f(feats, rb, 2)
+        with pytest.raises(ValueError, match="`rois`"):
+            fb(g, rb, shapes, 2)
+    with pytest.raises(ValueError, match="`input_shapes`.*empty"):
+        fb(g, r, [], 2)
+    with pytest.raises(ValueError, match=r"`input_shapes\[1\]`"):
+        fb(g, r, [shapes[0], (2, 3, 4)], 2)
+    with pytest.raises(ValueError, match=r"`input_shapes\[1\]`"):
+        fb(g, r, [shapes[0], (2, 4, 4, 4)], 2)
+    with pytest.raises(ValueError, match="`grad_out`"):
+        fb(A(np.zeros((1, 3, 3, 2), np.float32)), r, shapes, 2)
+    with pytest.raises(ValueError, match="`grad_out`"):
+        fb(g, r, [(2, 8 >> i, 8 >> i, 3) for i in range(3)], 2, channels_last=True)
+
+
+# torchvision's MultiScaleRoIAlign on the same inputs, in the interpreter that has torchvision
+# (fastnorm._bench.run_torchvision: this process if torchvision imports here, else
+# $FASTNORM_TV_PYTHON, e.g. FASTNORM_TV_PYTHON=/path/to/venv-with-torchvision/bin/python)
+TV_MSRA = r"""
+def run(d, threads, levels, images, image_hw, output_size, sr):
+    import collections, numpy as np, torch, torchvision
+    torch.set_num_threads(threads)
+    z = np.load(d + "/in.npz")
+    names = [f"p{i}" for i in range(levels)]
+    feats = [torch.from_numpy(z[n]).requires_grad_(True) for n in names]
+    boxes = [torch.from_numpy(z[f"b{i}"]) for i in range(images)]
+    m = torchvision.ops.MultiScaleRoIAlign(names, output_size, sr)
+    y = m(collections.OrderedDict(zip(names, feats)), boxes, [tuple(image_hw)] * images)
+    grads = torch.autograd.grad(y, feats, torch.from_numpy(z["g"]))
+    np.savez(d + "/out.npz", y=y.detach().numpy(), **{f"g{i}": g.numpy()
+                                                      for i, g in enumerate(grads)})
+    return {"version": torchvision.__version__, "scales": list(m.scales)}
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("levels", [4, 1])
+def test_multi_scale_roi_align_matches_torchvision(backend, rng, tmp_path, dtype, levels):
+    """torchvision.ops.MultiScaleRoIAlign (aligned=False, its inferred scales, canonical 224 /
+    level 4): the same output and gradients, including the RoIs on level boundaries, beyond
+    the clamps, and inverted along one axis (zeros)."""
+    from fastnorm._bench import run_torchvision
+    N, C, img = 2, 4, (256, 320)
+    feats = [rng.standard_normal((N, C, img[0] >> (2 + i), img[1] >> (2 + i))).astype(dtype)
+             for i in range(levels)]
+    per = []
+    for _ in range(N):
+        r = ref.pyramid_rois(rng, 30, 1, *img)[:, 1:] * rng.choice([1, 2], (30, 1))
+        below = float(np.nextafter(np.nextafter(np.float32(224), 0), 0))
+        extra = [[0, 0, below, below], [5, 5, 700, 900], [3, 3, 4, 4], [40, 9, 20, 60]]
+        per.append(np.r_[r, extra].astype(dtype))
+    K = sum(len(p) for p in per)
+    g = rng.standard_normal((K, C, 7, 7)).astype(dtype)
+    np.savez(tmp_path / "in.npz", g=g, **{f"p{i}": f for i, f in enumerate(feats)},
+             **{f"b{i}": b for i, b in enumerate(per)})
+    tv = run_torchvision(TV_MSRA, str(tmp_path), 1, levels=levels, images=N, image_hw=img,
+                         output_size=7, sr=2)
+    if tv is None:
+        pytest.skip("torchvision unavailable: set FASTNORM_TV_PYTHON to an interpreter with it")
+    z = np.load(tmp_path / "out.npz")
+    assert tv["scales"] == [2.0 ** -(2 + i) for i in range(levels)]
+    F, P, G = backend.asarray([feats, per, g])
+    kw = dict(spatial_scales=tv["scales"], sampling_ratio=2, aligned=False)
+    y = backend.asnumpy(fastnorm.multi_scale_roi_align(F, P, 7, **kw))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y, z["y"], **tol)
+    # the box inverted along one axis: zeros on a pyramid, pooled when there is one level
+    assert y[30 + 1].any() and bool(y[30 + 3].any()) == (levels == 1)
+    grads = backend.asnumpy(fastnorm.multi_scale_roi_align_backward(
+        G, P, [f.shape for f in feats], 7, **kw))
+    for i, a in enumerate(grads):
+        np.testing.assert_allclose(a, z[f"g{i}"], **tol)

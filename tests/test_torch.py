@@ -111,6 +111,18 @@ def test_gradcheck_roi_align_rotated(rng, aligned):
     _gradcheck(lambda x: ft.roi_align_rotated(x, rois, (2, 3), 1.0, 2, aligned), x)
 
 
+@pytest.mark.parametrize("aligned", [True, False])
+def test_gradcheck_multi_scale_roi_align(rng, aligned):
+    """Every level's gradient (RoIs on three levels of a 16 x 24 image's pyramid)."""
+    feats = [_t(rng.standard_normal((2, 2, 8 >> i, 12 >> i)), True) for i in range(3)]
+    rois = _t(np.array([[0, 1, 1, 5, 6], [1, 2, 1, 12, 9], [0, 0, 0, 22, 16], [1, 3, 3, 4, 4]],
+                       np.float64))
+    kw = dict(spatial_scales=[0.5, 0.25, 0.125], canonical_scale=8, canonical_level=2,
+              sampling_ratio=2, aligned=aligned)
+    _gradcheck(lambda *f: ft.multi_scale_roi_align(list(f), rois, (2, 3), **kw), *feats,
+               fast=False)
+
+
 def test_gradcheck_modulated_deform_conv_module(rng):
     torch.manual_seed(0)
     m = ft.ModulatedDeformConv2d(4, 3, 3, padding=1, dtype=D)
@@ -243,6 +255,16 @@ def test_roi_modules(rng):
     per_image = [_t(rot[order][rot[order, 0] == i, 1:]) for i in range(2)]
     np.testing.assert_array_equal(ft.roi_align_rotated(_t(x), per_image, 2, 0.5, 2).numpy(),
                                   fastnorm.roi_align_rotated(x, rot, 2, 0.5, 2)[order])
+    # multi-scale: a list (or dict) of levels, rois (K, 5) or per image
+    feats = [rng.standard_normal((2, 8, 9 >> i, 9 >> i)).astype(np.float32) for i in range(3)]
+    kw = dict(canonical_scale=4, canonical_level=1, spatial_scales=[1.0, 0.5, 0.25])
+    m = ft.MultiScaleRoIAlign(2, 2, aligned=False, **kw)
+    assert not list(m.state_dict()) and "canonical_scale=4" in repr(m)
+    want = fastnorm.multi_scale_roi_align(feats, rois, 2, sampling_ratio=2, aligned=False, **kw)
+    np.testing.assert_array_equal(m([_t(f) for f in feats], _t(rois)).numpy(), want)
+    per_image = [_t(rois[order][rois[order, 0] == i, 1:]) for i in range(2)]
+    np.testing.assert_array_equal(m({"p2": _t(feats[0]), "p3": _t(feats[1]),
+                                     "p4": _t(feats[2])}, per_image).numpy(), want[order])
 
 
 def test_rotated_box_functions_match_fastnorm(rng):
@@ -353,6 +375,10 @@ def _op_cases(rng, dtype, k):
         (ops.box_iou_rotated, (rboxes, rboxes[:k], False, "degrees")),
         (ops.nms_rotated, (rboxes, scores, 0.5, True, "degrees")),
         (ops.batched_nms_rotated, (rboxes, scores, labels, 0.5, False, "radians")),
+        (ops.multi_scale_roi_align, ([x, t(rng.standard_normal((2, 6, 3, 3))),
+                                      t(rng.standard_normal((2, 6, 2, 2)))], rois, [2, 3],
+                                     [1.0, 0.5, 0.25], 3.0, 1, 2, True)),
+        (ops.multi_scale_roi_align, ([x], rois, [2, 2], None, 224.0, 4, -1, False)),
     ]
 
 
@@ -362,12 +388,16 @@ def _op_cases(rng, dtype, k):
 def test_opcheck_every_operator(rng, dtype, k, device):
     """torch.library.opcheck: schema, fake (meta) implementation against the real one, autograd
     registration and AOT dispatch, forward and backward, for every fastnorm:: operator."""
-    cases = [(op, tuple(a.to(device).detach().requires_grad_(a.requires_grad)
-                        if isinstance(a, torch.Tensor) else a for a in args))
-             for op, args in _op_cases(rng, dtype, k)]
+    def move(a):
+        if isinstance(a, list):
+            return [move(e) for e in a]
+        return a.to(device).detach().requires_grad_(a.requires_grad) \
+            if isinstance(a, torch.Tensor) else a
+    cases = [(op, tuple(move(a) for a in args)) for op, args in _op_cases(rng, dtype, k)]
     assert {op._qualified_op_name.split("::")[1] for op, _ in cases} | {
         f"{n}_backward" for n in ("group_norm", "deform_conv2d", "roi_align", "roi_pool",
-                                  "ps_roi_align", "deform_roi_pool", "roi_align_rotated")} == \
+                                  "ps_roi_align", "deform_roi_pool", "roi_align_rotated",
+                                  "multi_scale_roi_align")} == \
         {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
          if n.startswith("fastnorm::")}
     for op, args in cases:
@@ -557,3 +587,24 @@ def test_onnx_export_without_an_onnx_operator_emits_custom_domain_nodes():
                  for n in nodes}
     assert clockwise == {"RoIAlignRotated": 1, "BoxIouRotated": 0, "NMSRotated": 0,
                          "BatchedNMSRotated": 0}
+
+
+def test_onnx_export_of_multi_scale_roi_align_is_one_custom_node():
+    pytest.importorskip("onnxscript")
+
+    class Pyramid(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = ft.MultiScaleRoIAlign(2, 2, canonical_scale=16, canonical_level=3)
+
+        def forward(self, p2, p3, rois):
+            return self.pool([p2, p3], rois)
+    p2, p3 = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 8, 8)
+    rois = torch.tensor([[0, 1.0, 1, 20, 30], [1, 4, 4, 60, 50]])
+    prog = torch.onnx.export(Pyramid(), (p2, p3, rois), dynamo=True, opset_version=21,
+                             custom_translation_table=ft.onnx_translation_table())
+    nodes = [n for n in prog.model_proto.graph.node if n.domain == "fastnorm"]
+    assert [n.op_type for n in nodes] == ["MultiScaleRoIAlign"] and len(nodes[0].input) == 3
+    attrs = {a.name: a for a in nodes[0].attribute}
+    assert list(attrs["spatial_scales"].floats) == [0.25, 0.125]
+    assert attrs["canonical_level"].i == 3 and attrs["aligned"].i == 1

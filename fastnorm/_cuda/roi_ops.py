@@ -135,6 +135,87 @@ def roi_align_rotated_backward(grad_out, rois, input_shape, pooled_h, pooled_w, 
     return _align_backward(grad_out, None, rois, None, None, N, C, H, W, prm, deterministic)
 
 
+def _fpn_groups(cp, rois, L, level_min, canonical_scale, canonical_level):
+    """torchvision's LevelMapper, as fastnorm._cpu.roi_ops computes it: ``floor(lvl0 +
+    log2(sqrt(area) / s0) + 1e-6)`` in the RoIs' dtype (float32 for half types, whose areas
+    overflow), clamped to the levels; a NaN level (a non-finite coordinate or a negative area)
+    gives L, pooled nowhere. Returns (order, bounds): the RoI indices grouped by level, in RoI
+    order within a level (unique sort keys), and the group bounds on the host -- the per-level
+    launches need their sizes: one read-back of L + 2 integers."""
+    K = rois.shape[0]
+    r = rois if rois.dtype in (np.float32, np.float64) else rois.astype(np.float32)
+    dt = r.dtype.type
+    with np.errstate(all="ignore"):       # the emulator's NumPy warns on sqrt(-1), log2(0)
+        area = (r[:, 3] - r[:, 1]) * (r[:, 4] - r[:, 2])
+        lev = cp.floor(dt(canonical_level) + cp.log2(cp.sqrt(area) / dt(canonical_scale))
+                       + dt(1e-6))
+        lev = cp.clip(lev, dt(level_min), dt(level_min + L - 1)) - dt(level_min)
+        lev = cp.nan_to_num(lev, nan=L).astype(cp.int64)
+    order = cp.argsort(lev * K + cp.arange(K, dtype=cp.int64))
+    bounds = cp.zeros(L + 2, dtype=cp.int64)
+    bounds[1:] = cp.cumsum(cp.bincount(lev, minlength=L + 1))
+    return order, [int(b) for b in bounds.get()]
+
+
+def multi_scale_roi_align_forward(features, rois, pooled_h, pooled_w, spatial_scales, level_min,
+                                  canonical_scale, canonical_level, sampling_ratio, aligned,
+                                  channels_last, nthreads):
+    """Each level's RoIs through roi_align_forward, rows scattered back to RoI order."""
+    cp = cupy()
+    L, K = len(features), rois.shape[0]
+    if L == 1:                            # no level mapping (torchvision pools every RoI there)
+        return roi_align_forward(features[0], rois, pooled_h, pooled_w, spatial_scales[0],
+                                 sampling_ratio, aligned, 0, channels_last, nthreads)
+    x0 = features[0]
+    C = x0.shape[3] if channels_last else x0.shape[1]
+    out = cp.empty((K, pooled_h, pooled_w, C) if channels_last else (K, C, pooled_h, pooled_w),
+                   dtype=x0.dtype)
+    if out.size == 0:
+        return out
+    order, bounds = _fpn_groups(cp, rois, L, level_min, canonical_scale, canonical_level)
+    for lvl in range(L + 1):
+        a, b = bounds[lvl], bounds[lvl + 1]
+        if a == b:
+            continue
+        idx = order[a:b]
+        if lvl == L:
+            out[idx] = 0
+        else:
+            out[idx] = roi_align_forward(features[lvl], cp.ascontiguousarray(rois[idx]),
+                                         pooled_h, pooled_w, spatial_scales[lvl], sampling_ratio,
+                                         aligned, 0, channels_last, nthreads)
+    return out
+
+
+def multi_scale_roi_align_backward(grad_out, rois, input_shapes, pooled_h, pooled_w,
+                                   spatial_scales, level_min, canonical_scale, canonical_level,
+                                   sampling_ratio, aligned, channels_last, deterministic,
+                                   nthreads):
+    """Each level's grad_out rows (gathered) through roi_align_backward."""
+    cp = cupy()
+    L, K = len(input_shapes), rois.shape[0]
+    if L == 1:
+        return [roi_align_backward(grad_out, rois, None, input_shapes[0], pooled_h, pooled_w,
+                                   spatial_scales[0], sampling_ratio, aligned, 0, channels_last,
+                                   deterministic, nthreads)]
+    if K == 0:
+        return [cp.zeros(s, dtype=grad_out.dtype) for s in input_shapes]
+    order, bounds = _fpn_groups(cp, rois, L, level_min, canonical_scale, canonical_level)
+    grads = []
+    for lvl in range(L):
+        a, b = bounds[lvl], bounds[lvl + 1]
+        if a == b:
+            grads.append(cp.zeros(input_shapes[lvl], dtype=grad_out.dtype))
+            continue
+        idx = order[a:b]
+        grads.append(roi_align_backward(cp.ascontiguousarray(grad_out[idx]),
+                                        cp.ascontiguousarray(rois[idx]), None,
+                                        input_shapes[lvl], pooled_h, pooled_w,
+                                        spatial_scales[lvl], sampling_ratio, aligned, 0,
+                                        channels_last, deterministic, nthreads))
+    return grads
+
+
 def ps_roi_align_forward(x, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, nthreads):
     N, C, H, W = x.shape
     CO = C // (pooled_h * pooled_w)

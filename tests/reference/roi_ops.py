@@ -455,3 +455,65 @@ def random_rois(rng, K, N, H, W, scale=1.0, lo=-0.3, hi=1.3, max_size=None):
     h = rng.uniform(-0.05, 1.0, K) * ms * rng.choice([0.05, 0.3, 1.0], K)
     b = rng.integers(0, N, K)
     return np.stack([b, x1, y1, x1 + w, y1 + h], 1).astype(np.float64)
+
+
+def fpn_level(roi, k0, s0, kmin, kmax):
+    """torchvision's LevelMapper (FPN eq. 1) for one RoI [b, x1, y1, x2, y2]: the pyramid level
+    floor(k0 + log2(sqrt(area) / s0) + 1e-6) clamped to [kmin, kmax], or None when it is NaN
+    (a non-finite coordinate, a negative area), which torchvision pools on no level."""
+    area = (roi[3] - roi[1]) * (roi[4] - roi[2])
+    if not area >= 0:                              # NaN, or a box inverted along one axis
+        return None
+    if area == 0:                                  # log2(0) = -inf
+        return kmin
+    k = np.floor(k0 + np.log2(np.sqrt(area) / s0) + 1e-6)
+    if np.isnan(k):                                # inf - inf inside the area
+        return None
+    return int(min(max(k, kmin), kmax))
+
+
+def multi_scale_roi_align(features, rois, PH, PW, scales, s0, k0, sr, aligned):
+    """torchvision's MultiScaleRoIAlign: RoI k pooled by the RoIAlign oracle on the map of its
+    level (scales[l] = 2**-(kmin + l)); zeros for a RoI of no level. One level: no mapping."""
+    L = len(features)
+    kmin = int(round(-np.log2(scales[0])))
+    K, C = rois.shape[0], features[0].shape[1]
+    out = np.zeros((K, C, PH, PW))
+    for k in range(K):
+        lev = kmin if L == 1 else fpn_level(rois[k], k0, s0, kmin, kmin + L - 1)
+        if lev is None:
+            continue
+        out[k] = roi_align(features[lev - kmin], rois[k:k + 1], PH, PW, scales[lev - kmin], sr,
+                           aligned, False)[0]
+    return out
+
+
+def multi_scale_roi_align_backward(g, rois, features, PH, PW, scales, s0, k0, sr, aligned):
+    """The gradient of :func:`multi_scale_roi_align` with respect to each level's map."""
+    L = len(features)
+    kmin = int(round(-np.log2(scales[0])))
+    grads = [np.zeros(f.shape) for f in features]
+    for k in range(rois.shape[0]):
+        lev = kmin if L == 1 else fpn_level(rois[k], k0, s0, kmin, kmin + L - 1)
+        if lev is None:
+            continue
+        i = lev - kmin
+        grads[i] += roi_align_backward(g[k:k + 1], rois[k:k + 1], features[i], PH, PW,
+                                       scales[i], sr, aligned, False)
+    return grads
+
+
+def pyramid_rois(rng, K, N, img_h, img_w, s0=224.0, k0=4, margin=1e-3):
+    """K random RoIs in image coordinates whose sides span 1/8 .. 2x the image (log-uniform),
+    so that every level of a pyramid gets some, none within `margin` of a level boundary (the
+    float32 level computations would be free to round either way there), a few inside out."""
+    out = []
+    while len(out) < K:
+        side = np.exp(rng.uniform(np.log(2.0), np.log(2.0 * max(img_h, img_w))))
+        w, h = side * np.exp(rng.uniform(-0.5, 0.5, 2))
+        x1, y1 = rng.uniform(-0.2 * img_w, img_w), rng.uniform(-0.2 * img_h, img_h)
+        t = k0 + np.log2(np.sqrt(np.float32(w) * np.float32(h)) / s0) + 1e-6
+        if abs(t - np.round(t)) < margin:
+            continue
+        out.append([rng.integers(0, N), x1, y1, x1 + w, y1 + h])
+    return np.array(out, np.float64)

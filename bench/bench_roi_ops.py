@@ -238,23 +238,15 @@ def cost_model(rows, samples, flops, bw, peak):
     return out
 
 
-def _args(argv):
-    """bench_args plus --multi-scale-only and --repeat."""
-    extra = [a for a in (argv if argv is not None else sys.argv[1:])]
-    only = "--multi-scale-only" in extra
-    repeat = 11
-    if "--repeat" in extra:
-        i = extra.index("--repeat")
-        repeat = int(extra[i + 1])
-        del extra[i:i + 2]
-    extra = [a for a in extra if a != "--multi-scale-only"]
-    args = bench_args(__doc__, __file__, extra, torchvision=True)
-    args.multi_scale_only, args.repeat = only, repeat
-    return args
+def _options(p):
+    p.add_argument("--multi-scale-only", action="store_true",
+                   help="only the multi_scale_roi_align table (result file roi_ops_multi_scale)")
+    p.add_argument("--repeat", type=int, default=11, metavar="N",
+                   help="timing samples per case of --multi-scale-only (default: 11)")
 
 
 def main(argv=None):
-    args = _args(argv)
+    args = bench_args(__doc__, __file__, argv, torchvision=True, extra=_options)
     threads = args.threads
     fastnorm.set_num_threads(threads)                # also what the report's machine line says
     if args.multi_scale_only:

@@ -268,9 +268,10 @@ nothing unless given --out DIR. --json PATH also writes the tables as JSON (what
 `python -m fastnorm bench` reads)."""
 
 
-def bench_args(doc, script, argv=None, *, quick=False, torchvision=False):
+def bench_args(doc, script, argv=None, *, quick=False, torchvision=False, extra=None):
     """The suites' command line. ``--help`` shows the script's docstring and the rule for result
-    files; ``script`` is the suite's ``__file__`` (its results/ folder is the default output).
+    files; ``script`` is the suite's ``__file__`` (its results/ folder is the default output);
+    ``extra(parser)`` adds a suite's own options.
 
     Returns the parsed arguments, with ``results_dir``: where to write the result file (None:
     nowhere).
@@ -290,6 +291,8 @@ def bench_args(doc, script, argv=None, *, quick=False, torchvision=False):
         p.add_argument("--quick", action="store_true", help="one shape only")
     if torchvision:
         p.add_argument("--torchvision-python", metavar="PATH", help=TV_HELP)
+    if extra is not None:
+        extra(p)
     args = p.parse_args(argv)
     if args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")

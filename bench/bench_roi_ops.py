@@ -361,11 +361,9 @@ def torch_rotated(x, rrois, threads):
     is materialised, K x C x H x W floats (27 GB here)."""
     try:
         import torch
-        import torch.nn.functional as F
     except ImportError:
         return None
     torch.set_num_threads(threads)
-    N, C, H, W = x.shape
     r = torch.from_numpy(rrois.astype(np.float64))
     t = torch.deg2rad(r[:, 5])
     cx, cy = r[:, 1] * SCALE - 0.5, r[:, 2] * SCALE - 0.5
@@ -376,20 +374,30 @@ def torch_rotated(x, rrois, threads):
     c, s = torch.cos(t)[:, None, None], torch.sin(t)[:, None, None]
     px = xx * c + yy * s + cx[:, None, None]
     py = yy * c - xx * s + cy[:, None, None]
+    return _grid_pool(torch, x, r[:, 0], px, py)
+
+
+def _grid_pool(torch, x, batch, px, py, mask=None):
+    """The PyTorch way's common part: sample points (px, py) (K, PH * SR, PW * SR) in pixels,
+    grid_sample (bilinear, zero padding) on each RoI's image expanded to its RoI count,
+    avg_pool2d per bin (times ``mask``). Returns (forward, output, inside)."""
+    import torch.nn.functional as F
+    N, C, H, W = x.shape
     grid = torch.stack([(2 * px + 1) / W - 1, (2 * py + 1) / H - 1], -1).float()
     inside = ((px >= 0) & (px <= W - 1) & (py >= 0) & (py <= H - 1)).flatten(1).all(1).numpy()
-    batch = r[:, 0].long()
-    groups = [torch.nonzero(batch == b).flatten() for b in range(N)]
+    groups = [torch.nonzero(batch.long() == b).flatten() for b in range(N)]
     xt = torch.from_numpy(x)
+    mt = None if mask is None else torch.from_numpy(mask)
 
-    def forward(xt):
-        out = xt.new_empty((len(rrois), C, PH, PW))
+    def forward():
+        out = xt.new_empty((len(px), C, PH, PW))
         for b, sel in enumerate(groups):
             xs = xt[b:b + 1].expand(len(sel), C, H, W)
-            out[sel] = F.avg_pool2d(F.grid_sample(xs, grid[sel], "bilinear", "zeros",
-                                                  align_corners=False), SR)
+            y = F.avg_pool2d(F.grid_sample(xs, grid[sel], "bilinear", "zeros",
+                                           align_corners=False), SR)
+            out[sel] = y if mt is None else y * mt[sel]
         return out
-    return (lambda: forward(xt)), forward(xt).numpy(), inside
+    return forward, forward().numpy(), inside
 
 
 def rotated_table(x, rois, g, threads):
@@ -434,11 +442,9 @@ def torch_deform(x, rois, off, mask, threads, gamma=0.1):
     rule agree) or None."""
     try:
         import torch
-        import torch.nn.functional as F
     except ImportError:
         return None
     torch.set_num_threads(threads)
-    N, C, H, W = x.shape
     r = torch.from_numpy(rois.astype(np.float64))
     x1, y1 = r[:, 1] * SCALE - 0.5, r[:, 2] * SCALE - 0.5
     w, h = (r[:, 3] - r[:, 1]) * SCALE, (r[:, 4] - r[:, 2]) * SCALE
@@ -448,20 +454,7 @@ def torch_deform(x, rois, off, mask, threads, gamma=0.1):
     steps = (torch.arange(PH * SR, dtype=torch.float64) + 0.5) / SR    # in bins
     py = y1[:, None, None] + steps[None, :, None] * (h / PH)[:, None, None] + sy
     px = x1[:, None, None] + steps[None, None, :] * (w / PW)[:, None, None] + sx
-    grid = torch.stack([(2 * px + 1) / W - 1, (2 * py + 1) / H - 1], -1).float()
-    inside = ((px >= 0) & (px <= W - 1) & (py >= 0) & (py <= H - 1)).flatten(1).all(1).numpy()
-    batch = r[:, 0].long()
-    groups = [torch.nonzero(batch == b).flatten() for b in range(N)]
-    xt, mt = torch.from_numpy(x), torch.from_numpy(mask)
-
-    def forward():
-        out = xt.new_empty((len(rois), C, PH, PW))
-        for b, sel in enumerate(groups):
-            xs = xt[b:b + 1].expand(len(sel), C, H, W)
-            out[sel] = F.avg_pool2d(F.grid_sample(xs, grid[sel], "bilinear", "zeros",
-                                                  align_corners=False), SR) * mt[sel]
-        return out
-    return forward, forward().numpy(), inside
+    return _grid_pool(torch, x, r[:, 0], px, py, mask)
 
 
 def deform_table(x, rois, g, threads):

@@ -12,6 +12,9 @@
 #define FASTNORM_ROI_SIMD_H
 #include <stddef.h>
 #include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
@@ -183,7 +186,6 @@ FN_ROI_DEFS(float, fn_rvf, fn_rvf16, f)
 FN_ROI_DEFS(double, fn_rvd, fn_rvd16, d)
 
 #if defined(__AVX2__)
-#include <immintrin.h>
 /* dst[j * ds + i] = src[i * ss + j], i, j < 8 (float32, AVX2 shuffles) */
 static inline void fn_roi_tr8(const float* src, ptrdiff_t ss, float* dst, ptrdiff_t ds) {
     __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + ss);
@@ -294,6 +296,31 @@ static inline void fn_roi_tr_out_f(const float* S, ptrdiff_t HW, ptrdiff_t nch, 
 static inline void fn_roi_tr_out_d(const double* S, ptrdiff_t HW, ptrdiff_t nch, ptrdiff_t p0,
                                    ptrdiff_t p1, double* x) {
     fn_roi_tr_out_sd(S, HW, nch, p0, p1, x);
+}
+
+/* dst[0:n] = src[0:n] with non-temporal stores where dst is 32-byte aligned (results that are
+ * not read again soon, e.g. RoIAlign's channels-last output: no read-for-ownership of the lines,
+ * half the output's DRAM traffic); fn_roi_sfence() orders them before the unit ends. */
+static inline void fn_roi_stream_f(float* dst, const float* src, ptrdiff_t n) {
+    ptrdiff_t i = 0;
+#if defined(__AVX__)
+    if (((size_t)dst & 31) == 0)
+        for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+#endif
+    for (; i < n; i++) dst[i] = src[i];
+}
+static inline void fn_roi_stream_d(double* dst, const double* src, ptrdiff_t n) {
+    ptrdiff_t i = 0;
+#if defined(__AVX__)
+    if (((size_t)dst & 31) == 0)
+        for (; i + 4 <= n; i += 4) _mm256_stream_pd(dst + i, _mm256_loadu_pd(src + i));
+#endif
+    for (; i < n; i++) dst[i] = src[i];
+}
+static inline void fn_roi_sfence(void) {
+#if defined(__SSE__) && (defined(__x86_64__) || defined(__i386__))
+    _mm_sfence();
+#endif
 }
 
 #endif

@@ -403,6 +403,9 @@ cdef extern from "_roi_simd.h" nogil:
     void fn_roi_bin_cl_d(const double* x, Py_ssize_t C, Py_ssize_t W, const Py_ssize_t* ri,
                          const double* rw, Py_ssize_t nr, const Py_ssize_t* ci, const double* cw,
                          Py_ssize_t nc, double inv, double* dst)
+    void fn_roi_stream_f(float* dst, const float* src, Py_ssize_t n)
+    void fn_roi_stream_d(double* dst, const double* src, Py_ssize_t n)
+    void fn_roi_sfence()
     void fn_roi_tile_out_f(const float* tile, Py_ssize_t nb, Py_ssize_t nch, float* out)
     void fn_roi_tile_out_d(const double* tile, Py_ssize_t nb, Py_ssize_t nch, double* out)
     void fn_roi_tile_in_f(const float* g, Py_ssize_t nb, Py_ssize_t nch, float* tile)
@@ -444,6 +447,10 @@ cdef inline void _cv_scatter(floating* S, Py_ssize_t ps, Py_ssize_t W, const Tab
                          t.ci + c0, <const double*>t.cw + c0, t.cp[pw + 1] - c0, inv, g)
 
 
+cdef enum:
+    CL_STREAM = 1024      # channels-last forward: bins of up to this many channels are streamed
+
+
 cdef void _cl_fwd_rois(const floating* x, floating* out, const Tab* tabs,
                        const Py_ssize_t* order, Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t jc,
                        Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH,
@@ -454,14 +461,25 @@ cdef void _cl_fwd_rois(const floating* x, floating* out, const Tab* tabs,
     cdef Py_ssize_t nb = PH * PW, j, k, ph, pw
     cdef const Tab* t
     cdef floating inv
+    cdef floating v[CL_STREAM]
+    cdef floating* o
     for j in range(j0, j1):
         k = order[j]
         t = &tabs[j - jc]
         inv = <floating>(1 / t.cnt) if t.cnt > 0 else 0
         for ph in range(PH):
             for pw in range(PW):
-                _cv_bin(x + t.n * H * W * C, C, W, t, ph, t, pw, inv,
-                        out + (k * nb + ph * PW + pw) * C)
+                o = out + (k * nb + ph * PW + pw) * C
+                if C > CL_STREAM:
+                    _cv_bin(x + t.n * H * W * C, C, W, t, ph, t, pw, inv, o)
+                    continue
+                # through a small buffer to non-temporal stores: the output is not read back
+                _cv_bin(x + t.n * H * W * C, C, W, t, ph, t, pw, inv, v)
+                if floating is float:
+                    fn_roi_stream_f(o, v, C)
+                else:
+                    fn_roi_stream_d(o, v, C)
+    fn_roi_sfence()
 
 
 cdef void _cv_load(const floating* x, floating* S, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t nch,

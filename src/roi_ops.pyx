@@ -1019,49 +1019,271 @@ cdef inline Py_ssize_t _pool_argmax(const floating* plane, Py_ssize_t W, const P
     return arg
 
 
+# Units (image, RP_L = 16 channels): the rows and columns any of the image's RoIs reads (their
+# union rectangle) are transposed once into a per-thread channel-block-last scratch, and every bin
+# is a lane-parallel max over it (_roi_pool_simd.h), in the scalar kernel's order and comparison,
+# so values, argmaxes (first maximum in row-major order), NaN and signed-zero handling are those
+# of the scalar loop bit for bit. Backward gradients accumulate in a second scratch in RoI index
+# order (the scalar order) and are transposed into the unit's own grad_x planes: race-free and
+# bitwise identical for any thread count. A union larger than LANE_SCRATCH_BYTES falls back to
+# transposing each RoI's rectangle (scattering gradients straight into grad_x, same order), and a
+# RoI larger than that to the scalar loop over its planes.
+
+cdef extern from "_roi_pool_simd.h" nogil:
+    enum: RP_L
+    void rp_pool_row_f(const float* s, Py_ssize_t sw, Py_ssize_t h0, Py_ssize_t h1,
+                       const Py_ssize_t* ws, const Py_ssize_t* we, Py_ssize_t PW, Py_ssize_t sx0,
+                       Py_ssize_t px0, Py_ssize_t px1, Py_ssize_t ph1, float* out,
+                       Py_ssize_t* idx, void* abuf, int track)
+    void rp_pool_row_d(const double* s, Py_ssize_t sw, Py_ssize_t h0, Py_ssize_t h1,
+                       const Py_ssize_t* ws, const Py_ssize_t* we, Py_ssize_t PW, Py_ssize_t sx0,
+                       Py_ssize_t px0, Py_ssize_t px1, Py_ssize_t ph1, double* out,
+                       Py_ssize_t* idx, void* abuf, int track)
+    void rp_tr_in_f(const float* x, Py_ssize_t plane, Py_ssize_t nc, Py_ssize_t W, Py_ssize_t y0,
+                    Py_ssize_t y1, Py_ssize_t x0, Py_ssize_t x1, float* s)
+    void rp_tr_in_d(const double* x, Py_ssize_t plane, Py_ssize_t nc, Py_ssize_t W,
+                    Py_ssize_t y0, Py_ssize_t y1, Py_ssize_t x0, Py_ssize_t x1, double* s)
+    void rp_tr_out_f(float* x, Py_ssize_t plane, Py_ssize_t nc, Py_ssize_t W, Py_ssize_t y0,
+                     Py_ssize_t y1, Py_ssize_t x0, Py_ssize_t x1, const float* s)
+    void rp_tr_out_d(double* x, Py_ssize_t plane, Py_ssize_t nc, Py_ssize_t W, Py_ssize_t y0,
+                     Py_ssize_t y1, Py_ssize_t x0, Py_ssize_t x1, const double* s)
+    void rp_ps_in_f(const float* x, Py_ssize_t cstride, Py_ssize_t L, Py_ssize_t W,
+                    Py_ssize_t y0, Py_ssize_t y1, Py_ssize_t x0, Py_ssize_t x1, float* s)
+    void rp_ps_in_d(const double* x, Py_ssize_t cstride, Py_ssize_t L, Py_ssize_t W,
+                    Py_ssize_t y0, Py_ssize_t y1, Py_ssize_t x0, Py_ssize_t x1, double* s)
+    void rp_ps_out_f(float* x, Py_ssize_t cstride, Py_ssize_t L, Py_ssize_t W, Py_ssize_t y0,
+                     Py_ssize_t y1, Py_ssize_t x0, Py_ssize_t x1, const float* s)
+    void rp_ps_out_d(double* x, Py_ssize_t cstride, Py_ssize_t L, Py_ssize_t W, Py_ssize_t y0,
+                     Py_ssize_t y1, Py_ssize_t x0, Py_ssize_t x1, const double* s)
+    void rp_ps_dot_f(const float* s, Py_ssize_t sw, Py_ssize_t L, const Py_ssize_t* ri,
+                     const float* rw, Py_ssize_t nr, const Py_ssize_t* ci, const float* cw,
+                     Py_ssize_t ncol, Py_ssize_t y0, Py_ssize_t x0, float* acc, float* u)
+    void rp_ps_dot_d(const double* s, Py_ssize_t sw, Py_ssize_t L, const Py_ssize_t* ri,
+                     const double* rw, Py_ssize_t nr, const Py_ssize_t* ci, const double* cw,
+                     Py_ssize_t ncol, Py_ssize_t y0, Py_ssize_t x0, double* acc, double* u)
+    void rp_ps_scatter_f(float* s, Py_ssize_t sw, Py_ssize_t L, const Py_ssize_t* ri,
+                         const float* rw, Py_ssize_t nr, const Py_ssize_t* ci, const float* cw,
+                         Py_ssize_t ncol, Py_ssize_t y0, Py_ssize_t x0, const float* gg, float* u)
+    void rp_ps_scatter_d(double* s, Py_ssize_t sw, Py_ssize_t L, const Py_ssize_t* ri,
+                         const double* rw, Py_ssize_t nr, const Py_ssize_t* ci,
+                         const double* cw, Py_ssize_t ncol, Py_ssize_t y0, Py_ssize_t x0,
+                         const double* gg, double* u)
+
+
+# per-thread scratch of the lane kernels (RoIPool, PS-RoIAlign), bytes; _set_lane_scratch_bytes
+cdef Py_ssize_t LANE_SCRATCH_BYTES = 16 << 20
+
+
+def _set_lane_scratch_bytes(Py_ssize_t nbytes):
+    """Set the per-thread scratch bound of the RoIPool / PS-RoIAlign lane kernels (tests force
+    their fallbacks with it); returns the previous value."""
+    global LANE_SCRATCH_BYTES
+    old = LANE_SCRATCH_BYTES
+    LANE_SCRATCH_BYTES = nbytes
+    return old
+
+
+cdef inline void _tr_in(const floating* x, Py_ssize_t plane, Py_ssize_t nc, Py_ssize_t W,
+                        const Py_ssize_t* r, floating* s) noexcept nogil:
+    if floating is float:
+        rp_tr_in_f(x, plane, nc, W, r[0], r[1], r[2], r[3], s)
+    else:
+        rp_tr_in_d(x, plane, nc, W, r[0], r[1], r[2], r[3], s)
+
+
+cdef void _pool_fill(const floating* r, double scale, Py_ssize_t PH, Py_ssize_t PW, Py_ssize_t H,
+                     Py_ssize_t W, Py_ssize_t* w) noexcept nogil:
+    """w = [y0, y1, x0, x1, hstart[PH], hend[PH], wstart[PW], wend[PW]] of one RoI, with
+    [y0, y1) x [x0, x1) the union of its non-empty bins (all 0: it reads nothing)."""
+    cdef Py_ssize_t win[4]
+    cdef Py_ssize_t ph, pw, i
+    cdef Py_ssize_t* hs = w + 4
+    cdef Py_ssize_t* ws = w + 4 + 2 * PH
+    for i in range(4 + 2 * PH + 2 * PW):
+        w[i] = 0
+    if not _finite4(r):
+        return
+    for ph in range(PH):
+        _pool_window(r, scale, ph, 0, PH, PW, H, W, win)
+        hs[ph] = win[0]
+        hs[PH + ph] = win[1]
+    for pw in range(PW):
+        _pool_window(r, scale, 0, pw, PH, PW, H, W, win)
+        ws[pw] = win[2]
+        ws[PW + pw] = win[3]
+    w[0] = H
+    w[2] = W
+    for ph in range(PH):
+        if hs[PH + ph] > hs[ph]:
+            w[0] = min(w[0], hs[ph])
+            w[1] = max(w[1], hs[PH + ph])
+    for pw in range(PW):
+        if ws[PW + pw] > ws[pw]:
+            w[2] = min(w[2], ws[pw])
+            w[3] = max(w[3], ws[PW + pw])
+    if w[1] <= w[0] or w[3] <= w[2]:
+        w[0] = 0; w[1] = 0; w[2] = 0; w[3] = 0
+
+
+cdef inline Py_ssize_t _area(const Py_ssize_t* r) noexcept nogil:
+    return (r[1] - r[0]) * (r[3] - r[2]) if (r[1] > r[0] and r[3] > r[2]) else 0
+
+
 cdef void _pool_unit(const floating* x, const floating* dy, floating* out, floating* gx,
-                     const floating* rois, const Py_ssize_t* order, Py_ssize_t k0, Py_ssize_t k1,
-                     Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
-                     Py_ssize_t PH, Py_ssize_t PW, double scale, bint backward) noexcept nogil:
-    cdef Py_ssize_t j, k, n, c, ph, pw, nb = PH * PW, arg
+                     const Py_ssize_t* wins, Py_ssize_t wstride, const Py_ssize_t* order,
+                     Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t C,
+                     Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW,
+                     const Py_ssize_t* urect, Py_ssize_t cap, bint backward, floating* xs,
+                     floating* gs) noexcept nogil:
+    """Image n, channels [c0, c0 + RP_L) ∩ [0, C), RoIs order[j0:j1] (see above). cap: scratch
+    pixels (0: the scalar loop only)."""
+    cdef Py_ssize_t nc = min(<Py_ssize_t>RP_L, C - c0), HW = H * W, nb = PH * PW
+    cdef Py_ssize_t j, k, l, ph, pw, b, sw = 0, sy0 = 0, sx0 = 0, i, arg, y, xx
+    cdef const Py_ssize_t* w
+    cdef const Py_ssize_t* hs
+    cdef const Py_ssize_t* ws
+    cdef Py_ssize_t* idx = <Py_ssize_t*>malloc(nb * RP_L * sizeof(Py_ssize_t))
+    cdef floating* val = <floating*>malloc(nb * RP_L * sizeof(floating))
+    cdef void* abuf = malloc(PW * RP_L * 8)
     cdef Py_ssize_t win[4]
     cdef floating best
-    cdef bint ok
-    win[0] = 0; win[1] = 0; win[2] = 0; win[3] = 0
-    for j in range(k0, k1):
-        k = order[j] if order != NULL else j
-        n = <Py_ssize_t>rois[5 * k]
-        for ph in range(PH):
-            for pw in range(PW):
-                ok = _pool_window(rois + 5 * k, scale, ph, pw, PH, PW, H, W, win)
-                for c in range(c0, c1):
-                    best = 0
-                    arg = -1
-                    if ok:
-                        arg = _pool_argmax(x + (n * C + c) * H * W, W, win, &best)
-                    if backward:
-                        if arg >= 0:
-                            gx[(n * C + c) * H * W + arg] += dy[(k * C + c) * nb + ph * PW + pw]
-                    else:
-                        out[(k * C + c) * nb + ph * PW + pw] = best
-
-
-cdef void _pool(const floating* x, const floating* dy, floating* out, floating* gx,
-                const floating* rois, const Py_ssize_t* order, const Py_ssize_t* seg,
-                Py_ssize_t K, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
-                Py_ssize_t PH, Py_ssize_t PW, double scale, bint backward, Py_ssize_t cb,
-                int nthreads) noexcept nogil:
-    cdef Py_ssize_t nblk = (C + cb - 1) // cb, u, m, c0
-    cdef Py_ssize_t units = (N if backward else K) * nblk
-    for u in prange(units, num_threads=nthreads, schedule="dynamic"):
-        m = u // nblk
-        c0 = (u % nblk) * cb
+    cdef const floating* xn = x + (n * C + c0) * HW
+    cdef bint whole = _area(urect) > 0 and _area(urect) <= cap
+    cdef bint lanes
+    if idx == NULL or val == NULL or abuf == NULL:
+        cap = 0                                # the scalar loop only
+        whole = False
+    if whole:
+        _tr_in(xn, HW, nc, W, urect, xs)
         if backward:
-            _pool_unit(x, dy, out, gx, rois, order, seg[m], seg[m + 1], c0, min(C, c0 + cb), C,
-                       H, W, PH, PW, scale, True)
+            for i in range(_area(urect) * RP_L):
+                gs[i] = 0
+    for j in range(j0, j1):
+        k = order[j]
+        w = wins + k * wstride
+        hs = w + 4
+        ws = w + 4 + 2 * PH
+        if _area(w) == 0:                      # reads nothing: zeros
+            if not backward:
+                for l in range(nc):
+                    for b in range(nb):
+                        out[(k * C + c0 + l) * nb + b] = 0
+            continue
+        lanes = True
+        if whole:
+            sy0 = urect[0]; sx0 = urect[2]; sw = urect[3] - urect[2]
+        elif _area(w) <= cap:
+            _tr_in(xn, HW, nc, W, w, xs)
+            sy0 = w[0]; sx0 = w[2]; sw = w[3] - w[2]
         else:
-            _pool_unit(x, dy, out, gx, rois, <Py_ssize_t*>NULL, m, m + 1, c0, min(C, c0 + cb),
-                       C, H, W, PH, PW, scale, False)
+            lanes = False
+        if not lanes:
+            for ph in range(PH):
+                for pw in range(PW):
+                    b = ph * PW + pw
+                    win[0] = hs[ph]; win[1] = hs[PH + ph]; win[2] = ws[pw]; win[3] = ws[PW + pw]
+                    for l in range(nc):
+                        best = 0
+                        arg = _pool_argmax(xn + l * HW, W, win, &best)
+                        if backward:
+                            if arg >= 0:
+                                gx[(n * C + c0 + l) * HW + arg] += dy[(k * C + c0 + l) * nb + b]
+                        else:
+                            out[(k * C + c0 + l) * nb + b] = best
+            continue
+        for ph in range(PH):
+            if floating is float:
+                if backward:
+                    rp_pool_row_f(xs, sw, hs[ph] - sy0, hs[PH + ph] - sy0, ws, ws + PW, PW, sx0,
+                                  0, 0, 0, val + ph * PW * RP_L, idx + ph * PW * RP_L, abuf, 1)
+                else:
+                    rp_pool_row_f(xs, sw, hs[ph] - sy0, hs[PH + ph] - sy0, ws, ws + PW, PW, sx0,
+                                  0, 0, 0, val + ph * PW * RP_L, idx, abuf, 0)
+            else:
+                if backward:
+                    rp_pool_row_d(xs, sw, hs[ph] - sy0, hs[PH + ph] - sy0, ws, ws + PW, PW, sx0,
+                                  0, 0, 0, val + ph * PW * RP_L, idx + ph * PW * RP_L, abuf, 1)
+                else:
+                    rp_pool_row_d(xs, sw, hs[ph] - sy0, hs[PH + ph] - sy0, ws, ws + PW, PW, sx0,
+                                  0, 0, 0, val + ph * PW * RP_L, idx, abuf, 0)
+        if not backward:                       # the RoI's block of out is contiguous
+            for l in range(nc):
+                for b in range(nb):
+                    out[(k * C + c0 + l) * nb + b] = val[b * RP_L + l]
+            continue
+        for b in range(nb):                    # bins in order: the scalar accumulation order
+            for l in range(nc):
+                i = idx[b * RP_L + l]
+                if i < 0:
+                    continue
+                if whole:
+                    gs[i * RP_L + l] += dy[(k * C + c0 + l) * nb + b]
+                else:
+                    y = sy0 + i // sw
+                    xx = sx0 + i % sw
+                    gx[(n * C + c0 + l) * HW + y * W + xx] += dy[(k * C + c0 + l) * nb + b]
+    if whole and backward:
+        if floating is float:
+            rp_tr_out_f(gx + (n * C + c0) * HW, HW, nc, W, urect[0], urect[1], urect[2],
+                        urect[3], gs)
+        else:
+            rp_tr_out_d(gx + (n * C + c0) * HW, HW, nc, W, urect[0], urect[1], urect[2],
+                        urect[3], gs)
+    free(idx)
+    free(val)
+    free(abuf)
+
+
+cdef int _pool(const floating* x, const floating* dy, floating* out, floating* gx,
+               const floating* rois, const Py_ssize_t* order, const Py_ssize_t* seg,
+               Py_ssize_t K, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+               Py_ssize_t PH, Py_ssize_t PW, double scale, bint backward,
+               int nthreads) noexcept nogil:
+    """RoIPool forward/backward over units (image, RP_L channels); -1 when out of memory."""
+    cdef Py_ssize_t ws_ = 4 + 2 * PH + 2 * PW, nblk = (C + RP_L - 1) // RP_L
+    cdef Py_ssize_t k, j, n, u, a, need = 0, ua
+    cdef Py_ssize_t cap = LANE_SCRATCH_BYTES // (RP_L * sizeof(floating) * (2 if backward else 1))
+    cdef Py_ssize_t* wins = <Py_ssize_t*>malloc(max(K * ws_, 1) * sizeof(Py_ssize_t))
+    cdef Py_ssize_t* urects = <Py_ssize_t*>malloc(max(4 * N, 1) * sizeof(Py_ssize_t))
+    cdef Py_ssize_t* r
+    cdef floating* xs
+    cdef floating* gs
+    if wins == NULL or urects == NULL:
+        free(wins)
+        free(urects)
+        return -1
+    for k in prange(K, num_threads=nthreads, schedule="static"):
+        _pool_fill(rois + 5 * k, scale, PH, PW, H, W, wins + k * ws_)
+    for n in range(N):                     # union rectangles; the largest scratch any unit uses
+        r = urects + 4 * n
+        r[0] = H; r[1] = 0; r[2] = W; r[3] = 0
+        for j in range(seg[n], seg[n + 1]):
+            k = order[j]
+            if _area(wins + k * ws_) > 0:
+                r[0] = min(r[0], wins[k * ws_]); r[1] = max(r[1], wins[k * ws_ + 1])
+                r[2] = min(r[2], wins[k * ws_ + 2]); r[3] = max(r[3], wins[k * ws_ + 3])
+        ua = _area(r)
+        if ua <= cap:
+            need = max(need, ua)
+        else:
+            for j in range(seg[n], seg[n + 1]):
+                a = _area(wins + order[j] * ws_)
+                if a <= cap:
+                    need = max(need, a)
+    with parallel(num_threads=nthreads):
+        xs = <floating*>malloc(max(need, 1) * RP_L * sizeof(floating))
+        gs = <floating*>malloc(max(need, 1) * RP_L * sizeof(floating)) if backward else NULL
+        for u in prange(N * nblk, schedule="dynamic"):
+            n = u // nblk
+            _pool_unit(x, dy, out, gx, wins, ws_, order, seg[n], seg[n + 1], n,
+                       (u % nblk) * RP_L, C, H, W, PH, PW, urects + 4 * n,
+                       cap if (xs != NULL and (gs != NULL or not backward)) else 0, backward,
+                       xs, gs)
+        free(xs)
+        free(gs)
+    free(wins)
+    free(urects)
+    return 0
 
 
 # ---------------------------------------------------------------- deformable RoI pooling (mmcv)
@@ -1397,20 +1619,26 @@ def roi_pool_forward(x, rois, Py_ssize_t pooled_h, Py_ssize_t pooled_w, double s
     cdef double scale = spatial_scale
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = rois.shape[0]
-    out = np.zeros((K, C, PH, PW), dtype=x.dtype)
+    out = _cache.empty((K, C, PH, PW), x.dtype)
     if out.size == 0:
         return out
+    order, seg = _segments(rois, N)
     cdef void* px = _p(x)
     cdef void* pr = _p(rois)
     cdef void* po = _p(out)
+    cdef Py_ssize_t* pod = <Py_ssize_t*>_p(order)
+    cdef Py_ssize_t* ps = <Py_ssize_t*>_p(seg)
     cdef bint f32 = x.dtype == np.float32
+    cdef int rc
     with nogil:
         if f32:
-            _pool(<float*>px, <float*>NULL, <float*>po, <float*>NULL, <float*>pr, NULL, NULL, K,
-                  N, C, H, W, PH, PW, scale, False, min(C, 64), nthreads)
+            rc = _pool(<float*>px, <float*>NULL, <float*>po, <float*>NULL, <float*>pr, pod, ps,
+                       K, N, C, H, W, PH, PW, scale, False, nthreads)
         else:
-            _pool(<double*>px, <double*>NULL, <double*>po, <double*>NULL, <double*>pr, NULL,
-                  NULL, K, N, C, H, W, PH, PW, scale, False, min(C, 64), nthreads)
+            rc = _pool(<double*>px, <double*>NULL, <double*>po, <double*>NULL, <double*>pr, pod,
+                       ps, K, N, C, H, W, PH, PW, scale, False, nthreads)
+    if rc != 0:
+        raise MemoryError("roi_pool: out of memory for the bin windows")
     return out
 
 
@@ -1424,7 +1652,6 @@ def roi_pool_backward(grad_out, rois, x, Py_ssize_t pooled_h, Py_ssize_t pooled_
     if gx.size == 0 or K == 0:
         return gx
     order, seg = _segments(rois, N)
-    cdef Py_ssize_t cb = _bwd_block(N, C, nthreads)
     cdef void* px = _p(x)
     cdef void* pd = _p(grad_out)
     cdef void* pr = _p(rois)
@@ -1432,13 +1659,16 @@ def roi_pool_backward(grad_out, rois, x, Py_ssize_t pooled_h, Py_ssize_t pooled_
     cdef Py_ssize_t* po = <Py_ssize_t*>_p(order)
     cdef Py_ssize_t* ps = <Py_ssize_t*>_p(seg)
     cdef bint f32 = x.dtype == np.float32
+    cdef int rc
     with nogil:
         if f32:
-            _pool(<float*>px, <float*>pd, <float*>NULL, <float*>pg, <float*>pr, po, ps, K, N, C,
-                  H, W, PH, PW, scale, True, cb, nthreads)
+            rc = _pool(<float*>px, <float*>pd, <float*>NULL, <float*>pg, <float*>pr, po, ps, K,
+                       N, C, H, W, PH, PW, scale, True, nthreads)
         else:
-            _pool(<double*>px, <double*>pd, <double*>NULL, <double*>pg, <double*>pr, po, ps, K,
-                  N, C, H, W, PH, PW, scale, True, cb, nthreads)
+            rc = _pool(<double*>px, <double*>pd, <double*>NULL, <double*>pg, <double*>pr, po, ps,
+                       K, N, C, H, W, PH, PW, scale, True, nthreads)
+    if rc != 0:
+        raise MemoryError("roi_pool: out of memory for the bin windows")
     return gx
 
 

@@ -21,7 +21,7 @@ Non-finite RoIs give zeros (and no gradient).
 """
 import numpy as np
 cimport numpy as cnp
-from cython.parallel cimport prange, parallel
+from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport ceil, floor, round, fabs, cos, sin, INFINITY
 from libc.float cimport FLT_MAX
 from libc.stdlib cimport malloc, free
@@ -978,6 +978,200 @@ cdef void _ps(const floating* x, const floating* dy, floating* out, floating* gx
                      min(CO, o0 + cb), C, CO, H, W, PH, PW, scale, sr, False)
 
 
+# Lane path: units (image, bin) own the input channels co * PH * PW + bin (co < CO) of their
+# image; those CO planes, over the rectangle the image's RoIs sample, are transposed into a
+# per-thread scratch s[pixel][CO], and each RoI's bin is one separable sum with the output channels
+# as vector lanes (rp_ps_dot / rp_ps_scatter in _roi_pool_simd.h), from per-RoI row tables per ph
+# and column tables per pw (the same entries as _tab_build's per-bin tables). Sums run in the
+# scalar kernel's order per channel; backward accumulates in RoI index order into the scratch and
+# transposes into the unit's own grad_x planes (race-free, identical for any thread count).
+
+cdef void _ps_fill(const floating* r, double scale, Py_ssize_t PH, Py_ssize_t PW, int sr,
+                   Py_ssize_t H, Py_ssize_t W, Py_ssize_t* rp, Py_ssize_t* cp, Py_ssize_t* ri,
+                   Py_ssize_t* ci, floating* rw, floating* cw, Py_ssize_t* rect,
+                   floating* cnt) noexcept nogil:
+    """One RoI's row tables (bin row ph: ri/rw[rp[ph]:rp[ph+1]]), column tables, count and the
+    rows [rect[0], rect[1]) and columns [rect[2], rect[3]) they touch (empty: 0, 0)."""
+    cdef floating g[6]
+    cdef Py_ssize_t grid[2]
+    cdef Py_ssize_t ph, pw, e, i
+    rect[0] = 0; rect[1] = 0; rect[2] = 0; rect[3] = 0
+    cnt[0] = 0
+    if not _geom(r, scale, 0.5, False, PH, PW, sr, H, W, g, grid) or grid[0] * grid[1] == 0:
+        for ph in range(PH):
+            rp[ph + 1] = rp[0]
+        for pw in range(PW):
+            cp[pw + 1] = cp[0]
+        return
+    cnt[0] = <floating>(grid[0] * grid[1])
+    e = rp[0]
+    for ph in range(PH):
+        e = _axis(g[0], g[2], ph, grid[0], H, False, ri, rw, e)
+        rp[ph + 1] = e
+    e = cp[0]
+    for pw in range(PW):
+        e = _axis(g[1], g[3], pw, grid[1], W, False, ci, cw, e)
+        cp[pw + 1] = e
+    if rp[PH] > rp[0]:
+        rect[0] = H
+        for i in range(rp[0], rp[PH]):
+            rect[0] = min(rect[0], ri[i])
+            rect[1] = max(rect[1], ri[i] + 1)
+    if cp[PW] > cp[0]:
+        rect[2] = W
+        for i in range(cp[0], cp[PW]):
+            rect[2] = min(rect[2], ci[i])
+            rect[3] = max(rect[3], ci[i] + 1)
+
+
+cdef void _ps_lane_unit(const floating* x, const floating* dy, floating* out, floating* gx,
+                        const Py_ssize_t* rp, const Py_ssize_t* cp, const Py_ssize_t* ri,
+                        const Py_ssize_t* ci, const floating* rw, const floating* cw,
+                        const floating* cnt, const Py_ssize_t* order, Py_ssize_t j0, Py_ssize_t j1,
+                        Py_ssize_t n, Py_ssize_t bn, Py_ssize_t C, Py_ssize_t CO, Py_ssize_t H,
+                        Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW, const Py_ssize_t* ur,
+                        bint backward, floating* xs, floating* u,
+                        floating* acc) noexcept nogil:
+    cdef Py_ssize_t ph = bn // PW, pw = bn % PW, nb = PH * PW, HW = H * W, j, k, co, i
+    cdef Py_ssize_t a0, a1, b0, b1, sw = ur[3] - ur[2]
+    cdef Py_ssize_t base = (n * C + bn) * HW, cstride = nb * HW
+    if _area(ur) == 0:
+        return                             # nothing sampled in the map: zeros / no gradient
+    if not backward:
+        if floating is float:
+            rp_ps_in_f(x + base, cstride, CO, W, ur[0], ur[1], ur[2], ur[3], xs)
+        else:
+            rp_ps_in_d(x + base, cstride, CO, W, ur[0], ur[1], ur[2], ur[3], xs)
+    else:
+        for i in range(_area(ur) * CO):
+            xs[i] = 0
+    for j in range(j0, j1):
+        k = order[j]
+        if cnt[k] == 0:
+            continue
+        a0 = rp[k * (PH + 1) + ph]
+        a1 = rp[k * (PH + 1) + ph + 1]
+        b0 = cp[k * (PW + 1) + pw]
+        b1 = cp[k * (PW + 1) + pw + 1]
+        if not backward:
+            if floating is float:
+                rp_ps_dot_f(xs, sw, CO, ri + a0, rw + a0, a1 - a0, ci + b0, cw + b0, b1 - b0,
+                            ur[0], ur[2], acc, u)
+            else:
+                rp_ps_dot_d(xs, sw, CO, ri + a0, rw + a0, a1 - a0, ci + b0, cw + b0, b1 - b0,
+                            ur[0], ur[2], acc, u)
+            for co in range(CO):
+                out[(k * CO + co) * nb + bn] = acc[co] / cnt[k]
+        else:
+            for co in range(CO):
+                acc[co] = dy[(k * CO + co) * nb + bn] / cnt[k]
+            if floating is float:
+                rp_ps_scatter_f(xs, sw, CO, ri + a0, rw + a0, a1 - a0, ci + b0, cw + b0, b1 - b0,
+                                ur[0], ur[2], acc, u)
+            else:
+                rp_ps_scatter_d(xs, sw, CO, ri + a0, rw + a0, a1 - a0, ci + b0, cw + b0, b1 - b0,
+                                ur[0], ur[2], acc, u)
+    if backward:
+        if floating is float:
+            rp_ps_out_f(gx + base, cstride, CO, W, ur[0], ur[1], ur[2], ur[3], xs)
+        else:
+            rp_ps_out_d(gx + base, cstride, CO, W, ur[0], ur[1], ur[2], ur[3], xs)
+
+
+cdef int _ps_lanes(const floating* x, const floating* dy, floating* out, floating* gx,
+                   const floating* rois, const Py_ssize_t* order, const Py_ssize_t* seg,
+                   Py_ssize_t K, Py_ssize_t N, Py_ssize_t C, Py_ssize_t CO, Py_ssize_t H,
+                   Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW, double scale, int sr,
+                   bint backward, int nthreads) noexcept nogil:
+    """PS-RoIAlign over units (image, bin) (see above): 0 done, 1 when the tables or the scratch
+    would exceed the LANE_SCRATCH_BYTES bounds (the caller runs _ps), -1 out of memory."""
+    cdef floating g[6]
+    cdef Py_ssize_t grid[2]
+    cdef Py_ssize_t k, j, n, u, tr = 0, tc = 0, need = 0, nb = PH * PW, fs = sizeof(floating)
+    cdef Py_ssize_t* roff
+    cdef Py_ssize_t* coff
+    cdef Py_ssize_t* rp
+    cdef Py_ssize_t* cp
+    cdef Py_ssize_t* ri
+    cdef Py_ssize_t* ci
+    cdef Py_ssize_t* rects
+    cdef Py_ssize_t* urects
+    cdef Py_ssize_t* rr
+    cdef floating* rw
+    cdef floating* cw
+    cdef floating* cnt
+    cdef floating* xs
+    cdef floating* ub
+    cdef char* mem
+    cdef Py_ssize_t nbytes
+    if LANE_SCRATCH_BYTES <= 0 or CO <= 0:
+        return 1
+    roff = <Py_ssize_t*>malloc((2 * K + 2) * sizeof(Py_ssize_t))
+    if roff == NULL:
+        return -1
+    coff = roff + K + 1
+    roff[0] = 0
+    coff[0] = 0
+    for k in range(K):
+        roff[k + 1] = roff[k]
+        coff[k + 1] = coff[k]
+        if _geom(rois + 5 * k, scale, 0.5, False, PH, PW, sr, H, W, g, grid):
+            roff[k + 1] += PH * 2 * grid[0]
+            coff[k + 1] += PW * 2 * grid[1]
+    tr = roff[K]
+    tc = coff[K]
+    nbytes = ((tr + tc + K * (PH + PW + 6) + 4 * N) * sizeof(Py_ssize_t) + (tr + tc + K) * fs)
+    if nbytes > 4 * LANE_SCRATCH_BYTES:
+        free(roff)
+        return 1
+    mem = <char*>malloc(nbytes)
+    if mem == NULL:
+        free(roff)
+        return -1
+    ri = <Py_ssize_t*>mem
+    ci = ri + tr
+    rp = ci + tc
+    cp = rp + K * (PH + 1)
+    rects = cp + K * (PW + 1)
+    urects = rects + 4 * K
+    rw = <floating*>(urects + 4 * N)
+    cw = rw + tr
+    cnt = cw + tc
+    for k in prange(K, num_threads=nthreads, schedule="static"):
+        rp[k * (PH + 1)] = roff[k]
+        cp[k * (PW + 1)] = coff[k]
+        _ps_fill(rois + 5 * k, scale, PH, PW, sr, H, W, rp + k * (PH + 1), cp + k * (PW + 1),
+                 ri, ci, rw, cw, rects + 4 * k, cnt + k)
+    free(roff)
+    for n in range(N):                     # rows and columns any RoI of image n samples
+        rr = urects + 4 * n
+        rr[0] = H; rr[1] = 0; rr[2] = W; rr[3] = 0
+        for j in range(seg[n], seg[n + 1]):
+            k = order[j]
+            if rects[4 * k + 1] > rects[4 * k]:
+                rr[0] = min(rr[0], rects[4 * k]); rr[1] = max(rr[1], rects[4 * k + 1])
+            if rects[4 * k + 3] > rects[4 * k + 2]:
+                rr[2] = min(rr[2], rects[4 * k + 2]); rr[3] = max(rr[3], rects[4 * k + 3])
+        need = max(need, _area(rr))
+    if need * CO * fs > LANE_SCRATCH_BYTES:
+        free(mem)
+        return 1
+    nbytes = max(need, 1) * CO + 2 * CO            # per thread: scratch, u, acc
+    xs = <floating*>malloc(nthreads * nbytes * fs)
+    if xs == NULL:
+        free(mem)
+        return -1
+    for u in prange(N * nb, num_threads=nthreads, schedule="dynamic"):
+        n = u // nb
+        ub = xs + threadid() * nbytes
+        _ps_lane_unit(x, dy, out, gx, rp, cp, ri, ci, rw, cw, cnt, order, seg[n], seg[n + 1], n,
+                      u % nb, C, CO, H, W, PH, PW, urects + 4 * n, backward, ub,
+                      ub + max(need, 1) * CO, ub + max(need, 1) * CO + CO)
+    free(xs)
+    free(mem)
+    return 0
+
+
 # ---------------------------------------------------------------- RoIPool (torchvision)
 
 cdef inline bint _pool_window(const floating* r, double scale, Py_ssize_t ph, Py_ssize_t pw,
@@ -1570,17 +1764,29 @@ def ps_roi_align_forward(x, rois, Py_ssize_t pooled_h, Py_ssize_t pooled_w,
     out = np.zeros((K, CO, PH, PW), dtype=x.dtype)
     if out.size == 0 or H * W == 0:
         return out
+    order, seg = _segments(rois, N)
     cdef void* px = _p(x)
     cdef void* pr = _p(rois)
     cdef void* po = _p(out)
+    cdef Py_ssize_t* pod = <Py_ssize_t*>_p(order)
+    cdef Py_ssize_t* ps = <Py_ssize_t*>_p(seg)
     cdef bint f32 = x.dtype == np.float32
+    cdef int rc
     with nogil:
         if f32:
-            _ps(<float*>px, <float*>NULL, <float*>po, <float*>NULL, <float*>pr, NULL, NULL, K, N,
-                C, CO, H, W, PH, PW, scale, sr, False, min(CO, 64), nthreads)
+            rc = _ps_lanes(<float*>px, <float*>NULL, <float*>po, <float*>NULL, <float*>pr, pod,
+                           ps, K, N, C, CO, H, W, PH, PW, scale, sr, False, nthreads)
+            if rc == 1:
+                _ps(<float*>px, <float*>NULL, <float*>po, <float*>NULL, <float*>pr, NULL, NULL,
+                    K, N, C, CO, H, W, PH, PW, scale, sr, False, min(CO, 64), nthreads)
         else:
-            _ps(<double*>px, <double*>NULL, <double*>po, <double*>NULL, <double*>pr, NULL, NULL,
-                K, N, C, CO, H, W, PH, PW, scale, sr, False, min(CO, 64), nthreads)
+            rc = _ps_lanes(<double*>px, <double*>NULL, <double*>po, <double*>NULL, <double*>pr,
+                           pod, ps, K, N, C, CO, H, W, PH, PW, scale, sr, False, nthreads)
+            if rc == 1:
+                _ps(<double*>px, <double*>NULL, <double*>po, <double*>NULL, <double*>pr, NULL,
+                    NULL, K, N, C, CO, H, W, PH, PW, scale, sr, False, min(CO, 64), nthreads)
+    if rc < 0:
+        raise MemoryError("ps_roi_align: out of memory for the sampling tables")
     return out
 
 
@@ -1603,13 +1809,22 @@ def ps_roi_align_backward(grad_out, rois, input_shape, Py_ssize_t pooled_h, Py_s
     cdef Py_ssize_t* po = <Py_ssize_t*>_p(order)
     cdef Py_ssize_t* ps = <Py_ssize_t*>_p(seg)
     cdef bint f32 = grad_out.dtype == np.float32
+    cdef int rc
     with nogil:
         if f32:
-            _ps(<float*>NULL, <float*>pd, <float*>NULL, <float*>pg, <float*>pr, po, ps, K, N, C,
-                CO, H, W, PH, PW, scale, sr, True, cb, nthreads)
+            rc = _ps_lanes(<float*>NULL, <float*>pd, <float*>NULL, <float*>pg, <float*>pr, po,
+                           ps, K, N, C, CO, H, W, PH, PW, scale, sr, True, nthreads)
+            if rc == 1:
+                _ps(<float*>NULL, <float*>pd, <float*>NULL, <float*>pg, <float*>pr, po, ps, K, N,
+                    C, CO, H, W, PH, PW, scale, sr, True, cb, nthreads)
         else:
-            _ps(<double*>NULL, <double*>pd, <double*>NULL, <double*>pg, <double*>pr, po, ps, K,
-                N, C, CO, H, W, PH, PW, scale, sr, True, cb, nthreads)
+            rc = _ps_lanes(<double*>NULL, <double*>pd, <double*>NULL, <double*>pg, <double*>pr,
+                           po, ps, K, N, C, CO, H, W, PH, PW, scale, sr, True, nthreads)
+            if rc == 1:
+                _ps(<double*>NULL, <double*>pd, <double*>NULL, <double*>pg, <double*>pr, po, ps,
+                    K, N, C, CO, H, W, PH, PW, scale, sr, True, cb, nthreads)
+    if rc < 0:
+        raise MemoryError("ps_roi_align: out of memory for the sampling tables")
     return gx
 
 

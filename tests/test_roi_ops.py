@@ -1205,3 +1205,39 @@ def test_roi_pool_lanes_bitwise_scalar_semantics(rng, lane_scratch, dtype, C):
                 gx = fastnorm.roi_pool_backward(g, rois, x.shape, (PH, PW), scale, x=x)
             assert y.tobytes() == want.tobytes(), (path, t)
             assert gx.tobytes() == gwant.tobytes(), (path, t)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("CO", [1, 3, 10])
+def test_ps_roi_align_lanes_paths_and_threads(rng, lane_scratch, dtype, CO):
+    """The lane path (units image x bin) is bitwise identical at 1 and 2 threads, forward and
+    backward, and matches the per-RoI scalar path (taken when the scratch bound is 0) and the
+    float64 oracle."""
+    PH, PW, N, H, W, K = 3, 2, 2, 15, 19, 40
+    x = rng.standard_normal((N, CO * PH * PW, H, W)).astype(dtype)
+    rois = random_rois(rng, K, N, H, W, 0.5).astype(dtype)
+    rois[0, 1:] = [-30, -30, 2 * W + 30, 2 * H + 30]
+    rois[1, 1:] = [4 * W, 4 * H, 4 * W + 9, 4 * H + 9]
+    rois[2, 3] = np.inf
+    g = rng.standard_normal((K, CO, PH, PW)).astype(dtype)
+    res = {}
+    for path in ("default", "scalar"):
+        lane_scratch(path)
+        for t in (1, 2):
+            with fastnorm.threads(t):
+                res[path, t] = (fastnorm.ps_roi_align(x, rois, (PH, PW), 0.5, 2),
+                                fastnorm.ps_roi_align_backward(g, rois, x.shape, (PH, PW), 0.5, 2))
+    for path in ("default", "scalar"):
+        for a, b in zip(res[path, 1], res[path, 2]):
+            assert a.tobytes() == b.tobytes(), path
+    want = ref.ps_roi_align(_f64(x), _f64(rois), PH, PW, 0.5, 2)
+    gwant = ref.ps_roi_align_backward(_f64(g), _f64(rois), _f64(x), PH, PW, 0.5, 2)
+    name = np.dtype(dtype).name
+    for path in ("default", "scalar"):
+        y, gx = res[path, 1]
+        _close(_CPU, y, want, name)
+        _close(_CPU, gx, gwant, name)
+
+
+class _CPU:
+    asnumpy = staticmethod(np.asarray)

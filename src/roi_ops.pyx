@@ -1342,6 +1342,7 @@ cdef void _pool_unit(const floating* x, const floating* dy, floating* out, float
     cdef Py_ssize_t win[4]
     cdef floating best
     cdef const floating* xn = x + (n * C + c0) * HW
+    cdef const floating* g
     cdef bint whole = _area(urect) > 0 and _area(urect) <= cap
     cdef bint lanes
     if idx == NULL or val == NULL or abuf == NULL:
@@ -1405,17 +1406,19 @@ cdef void _pool_unit(const floating* x, const floating* dy, floating* out, float
                 for b in range(nb):
                     out[(k * C + c0 + l) * nb + b] = val[b * RP_L + l]
             continue
-        for b in range(nb):                    # bins in order: the scalar accumulation order
-            for l in range(nc):
+        # per channel, bins in order (the scalar accumulation order), grad_out read contiguously
+        for l in range(nc):
+            g = dy + (k * C + c0 + l) * nb
+            for b in range(nb):
                 i = idx[b * RP_L + l]
                 if i < 0:
                     continue
                 if whole:
-                    gs[i * RP_L + l] += dy[(k * C + c0 + l) * nb + b]
+                    gs[i * RP_L + l] += g[b]
                 else:
                     y = sy0 + i // sw
                     xx = sx0 + i % sw
-                    gx[(n * C + c0 + l) * HW + y * W + xx] += dy[(k * C + c0 + l) * nb + b]
+                    gx[(n * C + c0 + l) * HW + y * W + xx] += g[b]
     if whole and backward:
         if floating is float:
             rp_tr_out_f(gx + (n * C + c0) * HW, HW, nc, W, urect[0], urect[1], urect[2],

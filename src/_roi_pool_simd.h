@@ -49,6 +49,71 @@ typedef int64_t rp_vid __attribute__((vector_size(RP_VB), aligned(8), may_alias)
         }                                                                                        \
     } while (0)
 
+/* Whole-block transposes of one row (all RP_L lanes): pixels [0, n) of the channel rows
+ * r + c * plane <-> d[pixel * RP_L + c], 8 pixels at a time with AVX 8 x 8 float transposes;
+ * they return how many pixels they moved (the caller's scalar loops do the rest). Pure data
+ * movement: the same bits as the scalar loops. */
+#if defined(__AVX__)
+#include <immintrin.h>
+RP_INLINE void rp_tr8(__m256* r) {
+    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+    r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+    r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+    r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+    r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+RP_INLINE ptrdiff_t rp_tr8_in_f(const float* r, ptrdiff_t plane, ptrdiff_t n, float* d) {
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int half = 0; half < RP_L / 8; half++) {
+            __m256 v[8];
+            for (int c = 0; c < 8; c++) v[c] = _mm256_loadu_ps(r + (half * 8 + c) * plane + i);
+            rp_tr8(v);
+            for (int p = 0; p < 8; p++) _mm256_storeu_ps(d + (i + p) * RP_L + half * 8, v[p]);
+        }
+    return i;
+}
+RP_INLINE ptrdiff_t rp_tr8_out_f(float* r, ptrdiff_t plane, ptrdiff_t n, const float* d) {
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int half = 0; half < RP_L / 8; half++) {
+            __m256 v[8];
+            for (int p = 0; p < 8; p++) v[p] = _mm256_loadu_ps(d + (i + p) * RP_L + half * 8);
+            rp_tr8(v);
+            for (int c = 0; c < 8; c++) _mm256_storeu_ps(r + (half * 8 + c) * plane + i, v[c]);
+        }
+    return i;
+}
+#else
+RP_INLINE ptrdiff_t rp_tr8_in_f(const float* r, ptrdiff_t plane, ptrdiff_t n, float* d) {
+    (void)r; (void)plane; (void)n; (void)d; return 0;
+}
+RP_INLINE ptrdiff_t rp_tr8_out_f(float* r, ptrdiff_t plane, ptrdiff_t n, const float* d) {
+    (void)r; (void)plane; (void)n; (void)d; return 0;
+}
+#endif
+RP_INLINE ptrdiff_t rp_tr8_in_d(const double* r, ptrdiff_t plane, ptrdiff_t n, double* d) {
+    (void)r; (void)plane; (void)n; (void)d; return 0;
+}
+RP_INLINE ptrdiff_t rp_tr8_out_d(double* r, ptrdiff_t plane, ptrdiff_t n, const double* d) {
+    (void)r; (void)plane; (void)n; (void)d; return 0;
+}
+
 #define RP_DEFINE(T, V, VI, I, SFX)                                                              \
 /* One row of bins: bin pw's window is [h0, h1) x [ws[pw] - sx0, we[pw] - sx0) of the scratch; \
  * out[pw * RP_L + l] gets lane l's maximum and (track) idx[...] its pixel, -1 for none, as      \
@@ -96,6 +161,7 @@ static inline void rp_tr_in_##SFX(const T* x, ptrdiff_t plane, ptrdiff_t nc, ptr
         ptrdiff_t i = 0;                                                                         \
         if (nc == RP_L) {                                                                        \
             const T* r = x + y * W + x0;                                                         \
+            i = rp_tr8_in_##SFX(r, plane, sw, d);                                                \
             for (; i + 4 <= sw; i += 4) {                                                        \
                 for (int c = 0; c < RP_L; c++) {                                                 \
                     const T* rc = r + c * plane + i;                                             \
@@ -123,9 +189,10 @@ static inline void rp_tr_out_##SFX(T* restrict x, ptrdiff_t plane, ptrdiff_t nc,
     const ptrdiff_t sw = x1 - x0;                                                                \
     for (ptrdiff_t y = y0; y < y1; y++) {                                                        \
         const T* d = s + (y - y0) * sw * RP_L;                                                   \
+        const ptrdiff_t i = nc == RP_L ? rp_tr8_out_##SFX(x + y * W + x0, plane, sw, d) : 0;     \
         for (ptrdiff_t c = 0; c < nc; c++) {                                                     \
             T* r = x + c * plane + y * W + x0;                                                   \
-            for (ptrdiff_t j = 0; j < sw; j++) r[j] = d[j * RP_L + c];                           \
+            for (ptrdiff_t j = i; j < sw; j++) r[j] = d[j * RP_L + c];                           \
         }                                                                                        \
     }                                                                                            \
 }                                                                                                \

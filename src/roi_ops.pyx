@@ -1323,6 +1323,26 @@ cdef inline Py_ssize_t _area(const Py_ssize_t* r) noexcept nogil:
     return (r[1] - r[0]) * (r[3] - r[2]) if (r[1] > r[0] and r[3] > r[2]) else 0
 
 
+cdef void _zero_outside(floating* p, Py_ssize_t plane, Py_ssize_t nc, Py_ssize_t H,
+                       Py_ssize_t W, const Py_ssize_t* r) noexcept nogil:
+    """Zero planes p + c * plane (c < nc) outside the rectangle r (everywhere if it is empty):
+    the parts of a unit's grad_x planes that its scratch does not write back."""
+    cdef Py_ssize_t c, y, i
+    cdef floating* q
+    cdef bint empty = _area(r) == 0
+    for c in range(nc):
+        q = p + c * plane
+        for y in range(H):
+            if empty or y < r[0] or y >= r[1]:
+                for i in range(W):
+                    q[y * W + i] = 0
+            else:
+                for i in range(r[2]):
+                    q[y * W + i] = 0
+                for i in range(r[3], W):
+                    q[y * W + i] = 0
+
+
 cdef void _pool_unit(const floating* x, const floating* dy, floating* out, floating* gx,
                      const Py_ssize_t* wins, Py_ssize_t wstride, const Py_ssize_t* order,
                      Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t C,
@@ -1340,14 +1360,18 @@ cdef void _pool_unit(const floating* x, const floating* dy, floating* out, float
     cdef floating* val = <floating*>malloc(nb * RP_L * sizeof(floating))
     cdef void* abuf = malloc(PW * RP_L * 8)
     cdef Py_ssize_t win[4]
+    cdef Py_ssize_t zr[4]
     cdef floating best
     cdef const floating* xn = x + (n * C + c0) * HW
     cdef const floating* g
     cdef bint whole = _area(urect) > 0 and _area(urect) <= cap
     cdef bint lanes
+    zr[0] = 0; zr[1] = 0; zr[2] = 0; zr[3] = 0
     if idx == NULL or val == NULL or abuf == NULL:
         cap = 0                                # the scalar loop only
         whole = False
+    if backward:                           # grad_x comes uninitialised (the output cache)
+        _zero_outside(gx + (n * C + c0) * HW, HW, nc, H, W, urect if whole else zr)
     if whole:
         _tr_in(xn, HW, nc, W, urect, xs)
         if backward:
@@ -1431,27 +1455,17 @@ cdef void _pool_unit(const floating* x, const floating* dy, floating* out, float
     free(abuf)
 
 
-cdef int _pool(const floating* x, const floating* dy, floating* out, floating* gx,
-               const floating* rois, const Py_ssize_t* order, const Py_ssize_t* seg,
-               Py_ssize_t K, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
-               Py_ssize_t PH, Py_ssize_t PW, double scale, bint backward,
-               int nthreads) noexcept nogil:
-    """RoIPool forward/backward over units (image, RP_L channels); -1 when out of memory."""
-    cdef Py_ssize_t ws_ = 4 + 2 * PH + 2 * PW, nblk = (C + RP_L - 1) // RP_L
-    cdef Py_ssize_t k, j, n, u, a, need = 0, ua
-    cdef Py_ssize_t cap = LANE_SCRATCH_BYTES // (RP_L * sizeof(floating) * (2 if backward else 1))
-    cdef Py_ssize_t* wins = <Py_ssize_t*>malloc(max(K * ws_, 1) * sizeof(Py_ssize_t))
-    cdef Py_ssize_t* urects = <Py_ssize_t*>malloc(max(4 * N, 1) * sizeof(Py_ssize_t))
+cdef Py_ssize_t _pool_prep(const floating* rois, const Py_ssize_t* order, const Py_ssize_t* seg,
+                           Py_ssize_t K, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH,
+                           Py_ssize_t PW, double scale, Py_ssize_t cap, Py_ssize_t* wins,
+                           Py_ssize_t* urects, int nthreads) noexcept nogil:
+    """Every RoI's windows (_pool_fill) into wins, each image's union rectangle into urects;
+    returns the most scratch pixels a unit uses (unions up to cap, else RoIs up to cap)."""
+    cdef Py_ssize_t ws_ = 4 + 2 * PH + 2 * PW, k, j, n, a, ua, need = 0
     cdef Py_ssize_t* r
-    cdef floating* xs
-    cdef floating* gs
-    if wins == NULL or urects == NULL:
-        free(wins)
-        free(urects)
-        return -1
     for k in prange(K, num_threads=nthreads, schedule="static"):
         _pool_fill(rois + 5 * k, scale, PH, PW, H, W, wins + k * ws_)
-    for n in range(N):                     # union rectangles; the largest scratch any unit uses
+    for n in range(N):
         r = urects + 4 * n
         r[0] = H; r[1] = 0; r[2] = W; r[3] = 0
         for j in range(seg[n], seg[n + 1]):
@@ -1467,20 +1481,63 @@ cdef int _pool(const floating* x, const floating* dy, floating* out, floating* g
                 a = _area(wins + order[j] * ws_)
                 if a <= cap:
                     need = max(need, a)
-    with parallel(num_threads=nthreads):
-        xs = <floating*>malloc(max(need, 1) * RP_L * sizeof(floating))
-        gs = <floating*>malloc(max(need, 1) * RP_L * sizeof(floating)) if backward else NULL
-        for u in prange(N * nblk, schedule="dynamic"):
-            n = u // nblk
-            _pool_unit(x, dy, out, gx, wins, ws_, order, seg[n], seg[n + 1], n,
-                       (u % nblk) * RP_L, C, H, W, PH, PW, urects + 4 * n,
-                       cap if (xs != NULL and (gs != NULL or not backward)) else 0, backward,
-                       xs, gs)
-        free(xs)
-        free(gs)
-    free(wins)
-    free(urects)
-    return 0
+    return need
+
+
+cdef void _pool(const floating* x, const floating* dy, floating* out, floating* gx,
+                const Py_ssize_t* wins, const Py_ssize_t* urects, const Py_ssize_t* order,
+                const Py_ssize_t* seg, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+                Py_ssize_t PH, Py_ssize_t PW, bint backward, Py_ssize_t cap, floating* scratch,
+                Py_ssize_t per_thread, int nthreads) noexcept nogil:
+    """RoIPool forward/backward over units (image, RP_L channels); scratch: per_thread elements
+    per thread (x's block, then grad_x's when backward)."""
+    cdef Py_ssize_t ws_ = 4 + 2 * PH + 2 * PW, nblk = (C + RP_L - 1) // RP_L, u, n
+    cdef floating* xs
+    for u in prange(N * nblk, num_threads=nthreads, schedule="dynamic"):
+        n = u // nblk
+        xs = scratch + threadid() * per_thread
+        _pool_unit(x, dy, out, gx, wins, ws_, order, seg[n], seg[n + 1], n, (u % nblk) * RP_L,
+                   C, H, W, PH, PW, urects + 4 * n, cap, backward, xs,
+                   xs + per_thread // 2 if backward else <floating*>NULL)
+
+
+def _pool_run(x, dy, rois, out, gx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+              Py_ssize_t PH, Py_ssize_t PW, double scale, bint backward, int nthreads):
+    """RoIPool: windows, union rectangles and the per-thread scratch (from the output cache, so
+    that repeated calls do not fault fresh pages in), then the units."""
+    cdef Py_ssize_t K = rois.shape[0], ws_ = 4 + 2 * PH + 2 * PW, need, per
+    order, seg = _segments(rois, N)
+    wins = _cache.empty((max(K, 1), ws_), np.intp)
+    urects = np.empty((max(N, 1), 4), np.intp)
+    cdef Py_ssize_t fs = x.dtype.itemsize
+    cdef Py_ssize_t cap = LANE_SCRATCH_BYTES // (RP_L * fs * (2 if backward else 1))
+    cdef void* pr = _p(rois)
+    cdef Py_ssize_t* pw_ = <Py_ssize_t*>_p(wins)
+    cdef Py_ssize_t* pu = <Py_ssize_t*>_p(urects)
+    cdef Py_ssize_t* po = <Py_ssize_t*>_p(order)
+    cdef Py_ssize_t* ps = <Py_ssize_t*>_p(seg)
+    cdef bint f32 = x.dtype == np.float32
+    with nogil:
+        if f32:
+            need = _pool_prep(<float*>pr, po, ps, K, N, H, W, PH, PW, scale, cap, pw_, pu,
+                              nthreads)
+        else:
+            need = _pool_prep(<double*>pr, po, ps, K, N, H, W, PH, PW, scale, cap, pw_, pu,
+                              nthreads)
+    per = max(need, 1) * RP_L * (2 if backward else 1)
+    scratch = _cache.empty((nthreads * per,), x.dtype)
+    cdef void* px = _p(x)
+    cdef void* pd = _p(dy)
+    cdef void* pout = _p(out)
+    cdef void* pg = _p(gx)
+    cdef void* psc = _p(scratch)
+    with nogil:
+        if f32:
+            _pool(<float*>px, <float*>pd, <float*>pout, <float*>pg, pw_, pu, po, ps, N, C, H, W,
+                  PH, PW, backward, cap, <float*>psc, per, nthreads)
+        else:
+            _pool(<double*>px, <double*>pd, <double*>pout, <double*>pg, pw_, pu, po, ps, N, C, H,
+                  W, PH, PW, backward, cap, <double*>psc, per, nthreads)
 
 
 # ---------------------------------------------------------------- deformable RoI pooling (mmcv)
@@ -1833,60 +1890,25 @@ def ps_roi_align_backward(grad_out, rois, input_shape, Py_ssize_t pooled_h, Py_s
 
 def roi_pool_forward(x, rois, Py_ssize_t pooled_h, Py_ssize_t pooled_w, double spatial_scale,
                      int nthreads):
-    cdef Py_ssize_t PH = pooled_h, PW = pooled_w
-    cdef double scale = spatial_scale
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = rois.shape[0]
-    out = _cache.empty((K, C, PH, PW), x.dtype)
+    out = _cache.empty((K, C, pooled_h, pooled_w), x.dtype)    # every element is written
     if out.size == 0:
         return out
-    order, seg = _segments(rois, N)
-    cdef void* px = _p(x)
-    cdef void* pr = _p(rois)
-    cdef void* po = _p(out)
-    cdef Py_ssize_t* pod = <Py_ssize_t*>_p(order)
-    cdef Py_ssize_t* ps = <Py_ssize_t*>_p(seg)
-    cdef bint f32 = x.dtype == np.float32
-    cdef int rc
-    with nogil:
-        if f32:
-            rc = _pool(<float*>px, <float*>NULL, <float*>po, <float*>NULL, <float*>pr, pod, ps,
-                       K, N, C, H, W, PH, PW, scale, False, nthreads)
-        else:
-            rc = _pool(<double*>px, <double*>NULL, <double*>po, <double*>NULL, <double*>pr, pod,
-                       ps, K, N, C, H, W, PH, PW, scale, False, nthreads)
-    if rc != 0:
-        raise MemoryError("roi_pool: out of memory for the bin windows")
+    _pool_run(x, None, rois, out, None, N, C, H, W, pooled_h, pooled_w, spatial_scale, False,
+              nthreads)
     return out
 
 
 def roi_pool_backward(grad_out, rois, x, Py_ssize_t pooled_h, Py_ssize_t pooled_w,
                       double spatial_scale, bint deterministic, int nthreads):
-    cdef Py_ssize_t PH = pooled_h, PW = pooled_w
-    cdef double scale = spatial_scale
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = rois.shape[0]
-    gx = np.zeros((N, C, H, W), dtype=x.dtype)
-    if gx.size == 0 or K == 0:
-        return gx
-    order, seg = _segments(rois, N)
-    cdef void* px = _p(x)
-    cdef void* pd = _p(grad_out)
-    cdef void* pr = _p(rois)
-    cdef void* pg = _p(gx)
-    cdef Py_ssize_t* po = <Py_ssize_t*>_p(order)
-    cdef Py_ssize_t* ps = <Py_ssize_t*>_p(seg)
-    cdef bint f32 = x.dtype == np.float32
-    cdef int rc
-    with nogil:
-        if f32:
-            rc = _pool(<float*>px, <float*>pd, <float*>NULL, <float*>pg, <float*>pr, po, ps, K,
-                       N, C, H, W, PH, PW, scale, True, nthreads)
-        else:
-            rc = _pool(<double*>px, <double*>pd, <double*>NULL, <double*>pg, <double*>pr, po, ps,
-                       K, N, C, H, W, PH, PW, scale, True, nthreads)
-    if rc != 0:
-        raise MemoryError("roi_pool: out of memory for the bin windows")
+    if N * C * H * W == 0 or K == 0:
+        return np.zeros((N, C, H, W), dtype=x.dtype)
+    gx = _cache.empty((N, C, H, W), x.dtype)     # every element is written (zeros included)
+    _pool_run(x, grad_out, rois, None, gx, N, C, H, W, pooled_h, pooled_w, spatial_scale, True,
+              nthreads)
     return gx
 
 

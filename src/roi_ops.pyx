@@ -1035,8 +1035,14 @@ cdef void _ps_lane_unit(const floating* x, const floating* dy, floating* out, fl
     cdef Py_ssize_t ph = bn // PW, pw = bn % PW, nb = PH * PW, HW = H * W, j, k, co, i
     cdef Py_ssize_t a0, a1, b0, b1, sw = ur[3] - ur[2]
     cdef Py_ssize_t base = (n * C + bn) * HW, cstride = nb * HW
-    if _area(ur) == 0:
-        return                             # nothing sampled in the map: zeros / no gradient
+    if backward:                           # grad_x comes uninitialised (the output cache)
+        _zero_outside(gx + base, cstride, CO, H, W, ur)
+    if _area(ur) == 0:                     # nothing sampled in the map: zeros / no gradient
+        if not backward:
+            for j in range(j0, j1):
+                for co in range(CO):
+                    out[(order[j] * CO + co) * nb + bn] = 0
+        return
     if not backward:
         if floating is float:
             rp_ps_in_f(x + base, cstride, CO, W, ur[0], ur[1], ur[2], ur[3], xs)
@@ -1048,6 +1054,9 @@ cdef void _ps_lane_unit(const floating* x, const floating* dy, floating* out, fl
     for j in range(j0, j1):
         k = order[j]
         if cnt[k] == 0:
+            if not backward:
+                for co in range(CO):
+                    out[(k * CO + co) * nb + bn] = 0
             continue
         a0 = rp[k * (PH + 1) + ph]
         a1 = rp[k * (PH + 1) + ph + 1]
@@ -1821,9 +1830,9 @@ def ps_roi_align_forward(x, rois, Py_ssize_t pooled_h, Py_ssize_t pooled_w,
     cdef int sr = sampling_ratio
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = rois.shape[0], CO = C // (PH * PW)
-    out = np.zeros((K, CO, PH, PW), dtype=x.dtype)
-    if out.size == 0 or H * W == 0:
-        return out
+    if K * CO * PH * PW == 0 or H * W == 0:
+        return np.zeros((K, CO, PH, PW), dtype=x.dtype)
+    out = _cache.empty((K, CO, PH, PW), x.dtype)     # every element is written
     order, seg = _segments(rois, N)
     cdef void* px = _p(x)
     cdef void* pr = _p(rois)
@@ -1836,13 +1845,16 @@ def ps_roi_align_forward(x, rois, Py_ssize_t pooled_h, Py_ssize_t pooled_w,
         if f32:
             rc = _ps_lanes(<float*>px, <float*>NULL, <float*>po, <float*>NULL, <float*>pr, pod,
                            ps, K, N, C, CO, H, W, PH, PW, scale, sr, False, nthreads)
-            if rc == 1:
-                _ps(<float*>px, <float*>NULL, <float*>po, <float*>NULL, <float*>pr, NULL, NULL,
-                    K, N, C, CO, H, W, PH, PW, scale, sr, False, min(CO, 64), nthreads)
         else:
             rc = _ps_lanes(<double*>px, <double*>NULL, <double*>po, <double*>NULL, <double*>pr,
                            pod, ps, K, N, C, CO, H, W, PH, PW, scale, sr, False, nthreads)
-            if rc == 1:
+    if rc == 1:                            # the per-RoI kernel
+        out[...] = 0
+        with nogil:
+            if f32:
+                _ps(<float*>px, <float*>NULL, <float*>po, <float*>NULL, <float*>pr, NULL, NULL,
+                    K, N, C, CO, H, W, PH, PW, scale, sr, False, min(CO, 64), nthreads)
+            else:
                 _ps(<double*>px, <double*>NULL, <double*>po, <double*>NULL, <double*>pr, NULL,
                     NULL, K, N, C, CO, H, W, PH, PW, scale, sr, False, min(CO, 64), nthreads)
     if rc < 0:
@@ -1857,9 +1869,9 @@ def ps_roi_align_backward(grad_out, rois, input_shape, Py_ssize_t pooled_h, Py_s
     cdef double scale = spatial_scale
     cdef int sr = sampling_ratio
     N, C, H, W = input_shape
-    gx = np.zeros((N, C, H, W), dtype=grad_out.dtype)
-    if gx.size == 0 or rois.shape[0] == 0:
-        return gx
+    if N * C * H * W == 0 or rois.shape[0] == 0:
+        return np.zeros((N, C, H, W), dtype=grad_out.dtype)
+    gx = _cache.empty((N, C, H, W), grad_out.dtype)   # every element is written
     cdef Py_ssize_t CO = C // (PH * PW), K = rois.shape[0]
     order, seg = _segments(rois, N)
     cdef Py_ssize_t cb = _bwd_block(N, CO, nthreads)
@@ -1874,13 +1886,16 @@ def ps_roi_align_backward(grad_out, rois, input_shape, Py_ssize_t pooled_h, Py_s
         if f32:
             rc = _ps_lanes(<float*>NULL, <float*>pd, <float*>NULL, <float*>pg, <float*>pr, po,
                            ps, K, N, C, CO, H, W, PH, PW, scale, sr, True, nthreads)
-            if rc == 1:
-                _ps(<float*>NULL, <float*>pd, <float*>NULL, <float*>pg, <float*>pr, po, ps, K, N,
-                    C, CO, H, W, PH, PW, scale, sr, True, cb, nthreads)
         else:
             rc = _ps_lanes(<double*>NULL, <double*>pd, <double*>NULL, <double*>pg, <double*>pr,
                            po, ps, K, N, C, CO, H, W, PH, PW, scale, sr, True, nthreads)
-            if rc == 1:
+    if rc == 1:                            # the per-RoI kernel scatters into a zeroed grad_x
+        gx[...] = 0
+        with nogil:
+            if f32:
+                _ps(<float*>NULL, <float*>pd, <float*>NULL, <float*>pg, <float*>pr, po, ps, K, N,
+                    C, CO, H, W, PH, PW, scale, sr, True, cb, nthreads)
+            else:
                 _ps(<double*>NULL, <double*>pd, <double*>NULL, <double*>pg, <double*>pr, po, ps,
                     K, N, C, CO, H, W, PH, PW, scale, sr, True, cb, nthreads)
     if rc < 0:

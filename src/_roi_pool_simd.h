@@ -50,9 +50,9 @@ typedef int64_t rp_vid __attribute__((vector_size(RP_VB), aligned(8), may_alias)
     } while (0)
 
 /* Whole-block transposes of one row (all RP_L lanes): pixels [0, n) of the channel rows
- * r + c * plane <-> d[pixel * RP_L + c], 8 pixels at a time with AVX 8 x 8 float transposes;
- * they return how many pixels they moved (the caller's scalar loops do the rest). Pure data
- * movement: the same bits as the scalar loops. */
+ * r + c * plane <-> d[pixel * RP_L + c], in blocks of 8 pixels with AVX 8 x 8 float transposes
+ * (4 pixels, 4 x 4 for double); they return how many pixels they moved (the caller's scalar loops
+ * do the rest). Pure data movement: the same bits as the scalar loops. */
 #if defined(__AVX__)
 #include <immintrin.h>
 RP_INLINE void rp_tr8(__m256* r) {
@@ -107,12 +107,46 @@ RP_INLINE ptrdiff_t rp_tr8_out_f(float* r, ptrdiff_t plane, ptrdiff_t n, const f
     (void)r; (void)plane; (void)n; (void)d; return 0;
 }
 #endif
+#if defined(__AVX__)
+/* 4 x 4 double transposes: pixels [0, n) in blocks of 4 */
+RP_INLINE void rp_tr4d(__m256d* r) {
+    __m256d t0 = _mm256_unpacklo_pd(r[0], r[1]), t1 = _mm256_unpackhi_pd(r[0], r[1]);
+    __m256d t2 = _mm256_unpacklo_pd(r[2], r[3]), t3 = _mm256_unpackhi_pd(r[2], r[3]);
+    r[0] = _mm256_permute2f128_pd(t0, t2, 0x20);
+    r[1] = _mm256_permute2f128_pd(t1, t3, 0x20);
+    r[2] = _mm256_permute2f128_pd(t0, t2, 0x31);
+    r[3] = _mm256_permute2f128_pd(t1, t3, 0x31);
+}
+RP_INLINE ptrdiff_t rp_tr8_in_d(const double* r, ptrdiff_t plane, ptrdiff_t n, double* d) {
+    ptrdiff_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int q = 0; q < RP_L / 4; q++) {
+            __m256d v[4];
+            for (int c = 0; c < 4; c++) v[c] = _mm256_loadu_pd(r + (q * 4 + c) * plane + i);
+            rp_tr4d(v);
+            for (int p = 0; p < 4; p++) _mm256_storeu_pd(d + (i + p) * RP_L + q * 4, v[p]);
+        }
+    return i;
+}
+RP_INLINE ptrdiff_t rp_tr8_out_d(double* r, ptrdiff_t plane, ptrdiff_t n, const double* d) {
+    ptrdiff_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int q = 0; q < RP_L / 4; q++) {
+            __m256d v[4];
+            for (int p = 0; p < 4; p++) v[p] = _mm256_loadu_pd(d + (i + p) * RP_L + q * 4);
+            rp_tr4d(v);
+            for (int c = 0; c < 4; c++) _mm256_storeu_pd(r + (q * 4 + c) * plane + i, v[c]);
+        }
+    return i;
+}
+#else
 RP_INLINE ptrdiff_t rp_tr8_in_d(const double* r, ptrdiff_t plane, ptrdiff_t n, double* d) {
     (void)r; (void)plane; (void)n; (void)d; return 0;
 }
 RP_INLINE ptrdiff_t rp_tr8_out_d(double* r, ptrdiff_t plane, ptrdiff_t n, const double* d) {
     (void)r; (void)plane; (void)n; (void)d; return 0;
 }
+#endif
 
 #define RP_DEFINE(T, V, VI, I, SFX)                                                              \
 /* One row of bins: bin pw's window is [h0, h1) x [ws[pw] - sx0, we[pw] - sx0) of the scratch; \

@@ -3,8 +3,8 @@
  * RoIPool: a unit of 16 channels works on a channel-block-last scratch s[pixel][16] (NCHW rows
  * transposed into it by rp_tr_in_*). A bin's max runs per lane in row-major pixel order with
  * "take v when v > m" -- the scalar kernel's comparison, so ties keep the first maximum, NaN is
- * never taken, signed zeros keep the first one seen -- and the argmax variant records the pixel
- * of each lane's maximum. The lanes are GCC/Clang vectors (compare + blend, no max instruction
+ * never taken, signed zeros keep the first one seen -- and (backward) records the pixel of each
+ * lane's maximum (rp_pool_row_*). The lanes are GCC/Clang vectors (compare + blend, no max instruction
  * whose operand order a compiler could swap), so results are those of the scalar loop, bit for
  * bit, on any CPU.
  *
@@ -15,7 +15,6 @@
 #ifndef FASTNORM_ROI_POOL_SIMD_H
 #define FASTNORM_ROI_POOL_SIMD_H
 #include <float.h>
-#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #if defined(__GNUC__) && !defined(__clang__)
@@ -149,14 +148,15 @@ RP_INLINE ptrdiff_t rp_tr8_out_d(double* r, ptrdiff_t plane, ptrdiff_t n, const 
 #endif
 
 #define RP_DEFINE(T, V, VI, I, SFX)                                                              \
-/* One row of bins: bin pw's window is [h0, h1) x [ws[pw] - sx0, we[pw] - sx0) of the scratch; \
- * out[pw * RP_L + l] gets lane l's maximum and (track) idx[...] its pixel, -1 for none, as      \
- * rp_argmax. The rows are swept once each, every bin's columns in turn (each bin still sees its \
- * pixels in row-major order). abuf: PW * RP_L index accumulators; px0, px1, ph1: unused. */                                                     \
+/* One row of bins: bin pw's window is [h0, h1) x [ws[pw] - sx0, we[pw] - sx0) of the scratch  \
+ * s (row stride sw pixels); out[pw * RP_L + l] gets lane l's maximum with the scalar kernel's   \
+ * semantics -- m starts at -FLT_MAX (0 for an empty window) and takes v when v > m, in          \
+ * row-major order -- and, when track, idx[pw * RP_L + l] the pixel h * sw + w it came from (-1  \
+ * when none was taken). The rows are swept once each, every bin's columns in turn, so each bin  \
+ * still sees its pixels in row-major order. abuf: PW * RP_L index accumulators. */              \
 RP_INLINE void rp_pool_row_##SFX(const T* s, ptrdiff_t sw, ptrdiff_t h0, ptrdiff_t h1,           \
                                  const ptrdiff_t* ws, const ptrdiff_t* we, ptrdiff_t PW,         \
-                                 ptrdiff_t sx0, ptrdiff_t px0, ptrdiff_t px1, ptrdiff_t ph1,     \
-                                 T* out, ptrdiff_t* idx, I* abuf, int track) {                   \
+                                 ptrdiff_t sx0, T* out, ptrdiff_t* idx, I* abuf, int track) {    \
     enum { NV = RP_L * sizeof(T) / RP_VB, VW = RP_VB / sizeof(T) };                              \
     for (ptrdiff_t pw = 0; pw < PW; pw++) {                                                      \
         const T init = (h1 <= h0 || we[pw] <= ws[pw]) ? (T)0 : (T)(-FLT_MAX);                    \

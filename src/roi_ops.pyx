@@ -1236,12 +1236,10 @@ cdef extern from "_roi_pool_simd.h" nogil:
     enum: RP_L
     void rp_pool_row_f(const float* s, Py_ssize_t sw, Py_ssize_t h0, Py_ssize_t h1,
                        const Py_ssize_t* ws, const Py_ssize_t* we, Py_ssize_t PW, Py_ssize_t sx0,
-                       Py_ssize_t px0, Py_ssize_t px1, Py_ssize_t ph1, float* out,
-                       Py_ssize_t* idx, void* abuf, int track)
+                       float* out, Py_ssize_t* idx, void* abuf, int track)
     void rp_pool_row_d(const double* s, Py_ssize_t sw, Py_ssize_t h0, Py_ssize_t h1,
                        const Py_ssize_t* ws, const Py_ssize_t* we, Py_ssize_t PW, Py_ssize_t sx0,
-                       Py_ssize_t px0, Py_ssize_t px1, Py_ssize_t ph1, double* out,
-                       Py_ssize_t* idx, void* abuf, int track)
+                       double* out, Py_ssize_t* idx, void* abuf, int track)
     void rp_tr_in_f(const float* x, Py_ssize_t plane, Py_ssize_t nc, Py_ssize_t W, Py_ssize_t y0,
                     Py_ssize_t y1, Py_ssize_t x0, Py_ssize_t x1, float* s)
     void rp_tr_in_d(const double* x, Py_ssize_t plane, Py_ssize_t nc, Py_ssize_t W,
@@ -1423,17 +1421,17 @@ cdef void _pool_unit(const floating* x, const floating* dy, floating* out, float
             if floating is float:
                 if backward:
                     rp_pool_row_f(xs, sw, hs[ph] - sy0, hs[PH + ph] - sy0, ws, ws + PW, PW, sx0,
-                                  0, 0, 0, val + ph * PW * RP_L, idx + ph * PW * RP_L, abuf, 1)
+                                  val + ph * PW * RP_L, idx + ph * PW * RP_L, abuf, 1)
                 else:
                     rp_pool_row_f(xs, sw, hs[ph] - sy0, hs[PH + ph] - sy0, ws, ws + PW, PW, sx0,
-                                  0, 0, 0, val + ph * PW * RP_L, idx, abuf, 0)
+                                  val + ph * PW * RP_L, idx, abuf, 0)
             else:
                 if backward:
                     rp_pool_row_d(xs, sw, hs[ph] - sy0, hs[PH + ph] - sy0, ws, ws + PW, PW, sx0,
-                                  0, 0, 0, val + ph * PW * RP_L, idx + ph * PW * RP_L, abuf, 1)
+                                  val + ph * PW * RP_L, idx + ph * PW * RP_L, abuf, 1)
                 else:
                     rp_pool_row_d(xs, sw, hs[ph] - sy0, hs[PH + ph] - sy0, ws, ws + PW, PW, sx0,
-                                  0, 0, 0, val + ph * PW * RP_L, idx, abuf, 0)
+                                  val + ph * PW * RP_L, idx, abuf, 0)
         if not backward:                       # the RoI's block of out is contiguous
             for l in range(nc):
                 for b in range(nb):

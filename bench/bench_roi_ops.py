@@ -5,7 +5,17 @@ output 7x7, sampling_ratio 2, aligned=True, spatial_scale 1/4; forward and backw
 threads for every implementation (default 2).
 
     python bench/bench_roi_ops.py [--threads N] [--torchvision-python PATH] [--no-write | --out DIR]
-                                  [--multi-scale-only] [--repeat R]
+                                  [--ops roi_align,roi_pool,ps_roi_align,...]
+
+``--ops`` picks the sections (default: all: roi_align, roi_pool, ps_roi_align, deform_roi_pool,
+multi_scale_roi_align).
+
+roi_pool (torchvision's RoIPool): the same FPN P2 map and RoIs, output 7x7, spatial_scale 1/4,
+forward and backward (grad_x, the argmax recomputed from x), NCHW (fastnorm's roi_pool has no
+channels-last layout). ps_roi_align (R-FCN's position-sensitive score maps): x (2, 490, 50, 68)
+float32 = 10 classes x 7 x 7 bins on the stride-16 map of the same 1088 x 800 image, the same
+1000 RoIs, output 7x7, sampling_ratio 2, spatial_scale 1/16, forward and backward. Both beside
+torchvision CPU (same method as roi_align; forward and gradient max diffs), with 1-thread rows.
 
 Peers
 -----
@@ -33,7 +43,10 @@ multi_scale_roi_align: the 4-level FPN P2-P5 of an 800 x 1088 image (2, 256, 200
 MultiScaleRoIAlign pools unaligned), forward and backward (grads of all four levels), against
 torchvision's ``MultiScaleRoIAlign`` (scales inferred from the image size, as in Faster R-CNN)
 in the torchvision interpreter, with the max deviations of its output and gradients.
-``--multi-scale-only`` runs just this case (with ``--repeat``: a quick check).
+
+deform_roi_pool (mmdet's modulated DeformRoIPoolPack): the same map and RoIs, offsets N(0, 0.1),
+gamma 0.1, mask in (0, 1), forward, grad_x, and all gradients (x, offset, mask), beside roi_align
+on the same RoIs and the PyTorch grid_sample way (forward; mmcv has no CPU kernel).
 
 Cost model (roi_align)
 ----------------------
@@ -45,6 +58,15 @@ against the FMA peak measured as the float32 GEMM rate of NumPy's BLAS (OpenBLAS
 threads (a 2048^3 matmul, 2 n^3 flops; a tuned SGEMM runs at ~90% of the FMA units' peak). The
 cost-model lines give, per case, samples/s, GB/s and GFLOP/s with their fractions of the two
 ceilings and the time bound max(bytes / bandwidth, flops / peak): the distance to the limit.
+
+Cost model (roi_pool, ps_roi_align)
+-----------------------------------
+roi_pool: the work is the bins' window pixels (summed over RoIs and bins) times C channels, one
+compare-and-select each (counted as 1 flop against the same peak: optimistic, a select is not an
+FMA); bytes: x read once + output written (forward), x + grad_out read + grad_x written
+(backward). ps_roi_align: K * CO * PH * PW * SR^2 bilinear samples, each 4 corners x 1 channel
+multiply-adds (2 flops each); bytes: x read once + output written (forward), grad_out read +
+grad_x written (backward).
 """
 import os
 import sys
@@ -238,29 +260,61 @@ def cost_model(rows, samples, flops, bw, peak):
     return out
 
 
+OPS = ("roi_align", "roi_pool", "ps_roi_align", "deform_roi_pool", "multi_scale_roi_align")
+
+
 def _options(p):
-    p.add_argument("--multi-scale-only", action="store_true",
-                   help="only the multi_scale_roi_align table (result file roi_ops_multi_scale)")
-    p.add_argument("--repeat", type=int, default=11, metavar="N",
-                   help="timing samples per case of --multi-scale-only (default: 11)")
+    p.add_argument("--ops", default=",".join(OPS), metavar="OP[,OP...]",
+                   help=f"the sections to run (default: all: {','.join(OPS)})")
 
 
 def main(argv=None):
     args = bench_args(__doc__, __file__, argv, torchvision=True, extra=_options)
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    bad = [o for o in ops if o not in OPS]
+    if bad:
+        raise SystemExit(f"--ops: unknown {bad}; choose from {', '.join(OPS)}")
     threads = args.threads
     fastnorm.set_num_threads(threads)                # also what the report's machine line says
-    if args.multi_scale_only:
-        table, tv = multi_scale_table(threads, args.torchvision_python, args.repeat)
-        tv_note = f"{tv['version']} timed {tv['where']}" if tv else "unavailable"
-        return finish(args, "roi_ops_multi_scale", [table],
-                      f"torchvision {tv_note}; best of {args.repeat} repeats.")
+    bw = copy_bandwidth()
+    peak, blas_ok = fma_peak(threads)
+    tables, notes = [], []
+    if "roi_align" in ops:
+        t, n = roi_align_section(args, bw, peak, blas_ok)
+        tables += t
+        notes.append(n)
+    for op, section in (("roi_pool", pool_section), ("ps_roi_align", ps_section)):
+        if op in ops:
+            t, n = section(args, bw, peak)
+            tables += t
+            notes.append(n)
+    if "deform_roi_pool" in ops:
+        x, rois = workload()
+        g = np.random.default_rng(1).standard_normal((len(rois), x.shape[1], PH, PW),
+                                                     dtype=np.float32)
+        t, lines = deform_table(x, rois, g, threads)
+        tables.append(t)
+        notes.append(f"deform_roi_pool targets (float32, {threads} threads):\n\n"
+                     + "\n".join(f"- {s}" for s in lines))
+    if "multi_scale_roi_align" in ops:
+        t, tv = multi_scale_table(threads, args.torchvision_python)
+        tables.append(t)
+        notes.append("multi_scale_roi_align: torchvision "
+                     + (f"{tv['version']} timed {tv['where']}" if tv else "unavailable") + ".")
+    notes.append("Load average during the run: " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+                 + f" (on a shared machine the {threads}-thread rows only scale when the load is "
+                 "low).")
+    return finish(args, "roi_ops", tables, "\n\n".join(notes))
+
+
+def roi_align_section(args, bw, peak, blas_ok):
+    """roi_align forward/backward tables, roi_align_rotated, CUDA, and the notes."""
+    threads = args.threads
     x, rois = workload()
     K, C = rois.shape[0], x.shape[1]
     rng = np.random.default_rng(1)
     g = rng.standard_normal((K, C, PH, PW), dtype=np.float32)
     out_bytes = K * C * PH * PW * 4
-    bw = copy_bandwidth()
-    peak, blas_ok = fma_peak(threads)
     fwd = Table("roi_align forward, FPN P2 (2, 256, 200, 272) float32, 1000 RoIs, 7x7, sr 2, "
                 f"aligned, {threads} threads (GB/s: x read + output written)", unit="GB/s",
                 ceiling=bw)
@@ -301,11 +355,7 @@ def main(argv=None):
                 fwd_bytes)
         bwd.add("P2", f"torchvision {tv['version']} CPU (autograd)", tv["bwd"],
                 out_bytes + x.nbytes)
-    deform, deform_lines = deform_table(x, rois, g, threads)
-    ms, tv_ms = multi_scale_table(threads, args.torchvision_python)
-    tables = [fwd, bwd, rotated_table(x, rois, g, threads), deform, ms]
-    if tv_ms is not None:
-        results["tv_ms_fwd"], results["tv_ms_bwd"] = tv_ms["fwd"], tv_ms["bwd"]
+    tables = [fwd, bwd, rotated_table(x, rois, g, threads)]
     cuda = cuda_tables(x, rois, g)
     tables += cuda
     checks = []
@@ -324,7 +374,6 @@ def main(argv=None):
     for name, r in (("forward", t_f1 / t_f), ("backward", t_b1 / t_b)):
         lines.append(f"{'PASS' if r >= 1.8 else 'MISS'}: {name} 1 -> {threads} thread "
                      f"scaling >= 1.8x (got {r:.2f}x)")
-    lines += deform_lines
     samples = K * PH * PW * SR * SR
     flops = samples * 4 * C * 2
     model = cost_model([("forward NCHW", t_f, fwd_bytes),
@@ -339,11 +388,140 @@ def main(argv=None):
              f"GFLOP; copy bandwidth {bw:.1f} GB/s, FMA peak {peak:.0f} GFLOP/s (float32 "
              f"2048^3 GEMM through NumPy's BLAS at {threads if blas_ok else 'its default'} "
              "threads)\n\n" + "\n".join(f"- {s}" for s in model)
-             + f"\n\ntorchvision {tv_note}"
-             " on the same inputs (see the script docstring). Load average during the run: "
-             + ", ".join(f"{v:.2f}" for v in os.getloadavg()) +
-             f" (on a shared machine the {threads}-thread rows only scale when the load is low).")
-    return finish(args, "roi_ops", tables, notes)
+             + f"\n\ntorchvision {tv_note} on the same inputs (see the script docstring).")
+    return tables, notes
+
+
+# roi_pool / ps_roi_align peers: forward and backward (autograd) with max diffs, both ways
+TV_OPS_SCRIPT = r"""
+def run(d, threads, op, ph, scale, sr, repeat):
+    import numpy as np, torch, torchvision
+    torch.set_num_threads(threads)
+    x = torch.from_numpy(np.load(d + "/x.npy"))
+    rois = torch.from_numpy(np.load(d + "/rois.npy"))
+    if op == "roi_pool":
+        f = lambda xx: torchvision.ops.roi_pool(xx, rois, ph, scale)
+    else:
+        f = lambda xx: torchvision.ops.ps_roi_align(xx, rois, ph, scale, sr)
+    err = float(np.abs(f(x).numpy() - np.load(d + "/y.npy")).max())
+    xg = x.clone().requires_grad_(True)
+    y = f(xg)
+    g = torch.from_numpy(np.load(d + "/g.npy"))
+    gerr = float(np.abs(torch.autograd.grad(y, xg, g, retain_graph=True)[0].numpy()
+                        - np.load(d + "/gx.npy")).max())
+
+    def bwd():
+        torch.autograd.grad(y, xg, g, retain_graph=True)
+    return {"fwd": timeit(lambda: f(x), repeat=repeat), "bwd": timeit(bwd, repeat=repeat),
+            "err": err, "gerr": gerr, "version": torchvision.__version__}
+"""
+
+
+def torchvision_op(op, arrays, threads, python, repeat, **kw):
+    """torchvision CPU forward/backward times and max diffs for roi_pool / ps_roi_align on
+    ``arrays`` (x, rois, y, g, gx: fastnorm's output and gradient), or None."""
+    with tempfile.TemporaryDirectory() as d:
+        for name, a in arrays.items():
+            np.save(f"{d}/{name}.npy", a)
+        return run_torchvision(TV_OPS_SCRIPT, d, threads, python, op=op, repeat=repeat, **kw)
+
+
+def pool_visits(rois, scale, H, W, ph=PH, pw=PW):
+    """Window pixels summed over RoIs and bins (torchvision's RoIPool windows), per channel."""
+    r = rois.astype(np.float64)
+    ok = np.isfinite(r[:, 1:]).all(1)
+    v = np.round(r[ok, 1:] * scale)
+    xs, ys, xe, ye = v.T
+    bh = np.maximum(ye - ys + 1, 1).astype(np.float32) / np.float32(ph)
+    bw = np.maximum(xe - xs + 1, 1).astype(np.float32) / np.float32(pw)
+
+    def span(b, s, n, L):
+        p = np.arange(n)[None, :]
+        lo = np.clip(np.floor(p * b[:, None]) + s[:, None], 0, L)
+        hi = np.clip(np.ceil((p + 1) * b[:, None]) + s[:, None], 0, L)
+        return np.maximum(hi - lo, 0).sum(1)
+    return int((span(bh, ys, ph, H) * span(bw, xs, pw, W)).sum())
+
+
+def _lane_section(name, args, bw, peak, x, rois, g, fwd_fn, bwd_fn, fwd_bytes, bwd_bytes,
+                  samples, flops, unit_note, tv_kw):
+    """Forward/backward tables (fastnorm at --threads and 1 thread, torchvision CPU), the cost
+    model and the 1 -> N thread scaling lines of one op."""
+    threads = args.threads
+    with fastnorm.threads(threads):
+        y = fwd_fn()
+        gx = bwd_fn()
+        t_f, t_b = timeit(fwd_fn), timeit(bwd_fn)
+    with fastnorm.threads(1):
+        t_f1, t_b1 = timeit(fwd_fn), timeit(bwd_fn)
+    fwd = Table(f"{name} forward, {threads} threads (GB/s: compulsory traffic, see the "
+                "docstring)", unit="GB/s", ceiling=bw)
+    bwd = Table(f"{name} backward (grad_x), same workload", unit="GB/s", ceiling=bw)
+    case = tv_kw.pop("case")
+    fwd.add(case, "fastnorm", t_f, fwd_bytes)
+    fwd.add(case, "fastnorm, 1 thread (scaling check)", t_f1, fwd_bytes)
+    bwd.add(case, "fastnorm", t_b, bwd_bytes)
+    bwd.add(case, "fastnorm, 1 thread (scaling check)", t_b1, bwd_bytes)
+    tv = torchvision_op(name, dict(x=x, rois=rois, y=y, g=g, gx=gx), threads,
+                        args.torchvision_python, **tv_kw)
+    lines = []
+    if tv is not None:
+        fwd.add(case, f"torchvision {tv['version']} CPU (max diff {tv['err']:.1e})", tv["fwd"],
+                fwd_bytes)
+        bwd.add(case, f"torchvision {tv['version']} CPU (autograd; grad_x max diff "
+                f"{tv['gerr']:.1e})", tv["bwd"], bwd_bytes)
+        lines += [f"forward {tv['fwd'] / t_f:.1f}x torchvision CPU",
+                  f"backward {tv['bwd'] / t_b:.1f}x torchvision CPU"]
+    for what, r in (("forward", t_f1 / t_f), ("backward", t_b1 / t_b)):
+        lines.append(f"{'PASS' if r >= 1.8 else 'MISS'}: {what} 1 -> {threads} thread scaling "
+                     f">= 1.8x (got {r:.2f}x)")
+    model = cost_model([("forward", t_f, fwd_bytes), ("backward", t_b, bwd_bytes)], samples,
+                       flops, bw, peak)
+    tv_note = f"{tv['version']} timed {tv['where']}" if tv else "unavailable"
+    notes = (f"{name} ({threads} threads): " + "; ".join(lines) + f".\n\nCost model of {name}: "
+             + unit_note + f" = {flops / 1e9:.2f} GFLOP; copy bandwidth {bw:.1f} GB/s, FMA peak "
+             f"{peak:.0f} GFLOP/s\n\n" + "\n".join(f"- {s}" for s in model)
+             + f"\n\ntorchvision {tv_note}.")
+    return [fwd, bwd], notes
+
+
+def pool_section(args, bw, peak):
+    """roi_pool on the FPN P2 workload (torchvision's RoIPool), NCHW."""
+    x, rois = workload()
+    K, (N, C, H, W) = len(rois), x.shape
+    g = np.random.default_rng(1).standard_normal((K, C, PH, PW), dtype=np.float32)
+    visits = pool_visits(rois, SCALE, H, W)
+    out_bytes = g.nbytes
+    return _lane_section(
+        "roi_pool", args, bw, peak, x, rois, g,
+        lambda: fastnorm.roi_pool(x, rois, PH, SCALE),
+        lambda: fastnorm.roi_pool_backward(g, rois, x.shape, PH, SCALE, x=x),
+        x.nbytes + out_bytes, 2 * x.nbytes + out_bytes, visits, visits * C,
+        f"{visits / 1e6:.2f} M window pixels x {C} channels, one compare each",
+        dict(case="P2 (2, 256, 200, 272), 7x7", ph=PH, scale=SCALE, sr=0, repeat=5))
+
+
+def ps_workload(seed=5):
+    """R-FCN position-sensitive score maps: (2, 10 * 7 * 7, 50, 68) float32 (stride 16 of the
+    workload's 1088 x 800 image), with the workload's RoIs."""
+    _, rois = workload()
+    x = np.random.default_rng(seed).standard_normal((2, 10 * PH * PW, 50, 68), dtype=np.float32)
+    return x, rois
+
+
+def ps_section(args, bw, peak):
+    """ps_roi_align on R-FCN-shaped score maps."""
+    x, rois = ps_workload()
+    K, CO, scale = len(rois), x.shape[1] // (PH * PW), 1 / 16
+    g = np.random.default_rng(6).standard_normal((K, CO, PH, PW), dtype=np.float32)
+    samples = K * CO * PH * PW * SR * SR
+    return _lane_section(
+        "ps_roi_align", args, bw, peak, x, rois, g,
+        lambda: fastnorm.ps_roi_align(x, rois, PH, scale, SR),
+        lambda: fastnorm.ps_roi_align_backward(g, rois, x.shape, PH, scale, SR),
+        x.nbytes + g.nbytes, x.nbytes + g.nbytes, samples, samples * 4 * 2,
+        f"{samples / 1e6:.2f} M samples x 4 corners x 1 channel",
+        dict(case="R-FCN (2, 490, 50, 68), 7x7, sr 2", ph=PH, scale=scale, sr=SR, repeat=11))
 
 
 def rotated(rois, seed=2):

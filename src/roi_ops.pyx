@@ -23,16 +23,17 @@ into a per-thread channel-block-last scratch band, then its RoIs run the channel
 on it. Backward units are (image, channel block) in both layouts: the unit scatters into the
 band in the fixed spatial RoI order and writes its whole part of grad_x back (grad_x comes
 from the caching allocator, so no page faults), so gradients are race-free and bitwise identical
-for any thread count. A band holds at most BAND_BYTES (4 MiB: a whole FPN P2 map); on wider or
-taller maps a unit's RoIs go in consecutive groups that each fit one band, and a RoI reading
+for any thread count. A band holds at most SCRATCH_BYTES (16 MiB: a whole FPN P2 map); on wider
+or taller maps a unit's RoIs go in consecutive groups that each fit one band, and a RoI reading
 more rows than a band holds is computed channel by channel on x / grad_x (same RoI order).
 Deformable RoI pooling runs on the same units with per-bin tables (each bin's samples shifted by
 its offset) and the mask folded into each bin's 1/count; its offset/mask gradients are a third
 pass of those units over x, with derivative tables, leaving per-(RoI, bin, channel block) sums
-that are then added in block order (deterministic). The other ops (max RoIAlign, RoIPool,
-PS-RoIAlign, rotated): forward units (RoI, channel block), backward units (image, channel
-block), RoIs in index order. The adaptive sampling grid is capped at
-``2 * L + 64`` samples per bin along an axis of length L (never reached by RoIs inside the map).
+that are then added in block order (deterministic). RoIPool and PS-RoIAlign have lane kernels
+of the same kind (their section below). The other ops (max and rotated RoIAlign): forward units
+(RoI, channel block), backward units (image, channel block), RoIs in index order. The adaptive
+sampling grid is capped at ``2 * L + 64`` samples per bin along an axis of length L (never
+reached by RoIs inside the map).
 Non-finite RoIs give zeros (and no gradient).
 """
 import numpy as np
@@ -239,6 +240,21 @@ cdef inline void _bin_scatter(floating* plane, Py_ssize_t W, const Tab* t, Py_ss
 # ---------------------------------------------------------------- RoIAlign kernels
 
 cdef Py_ssize_t TABLE_BYTES = 32 << 20   # separable tables are built for RoI chunks up to this
+# per-thread scratch of the channel-vector kernels, bytes: RoIAlign's bands of FN_RL-channel
+# rows, RoIPool's / PS-RoIAlign's lane images (beyond it they take their smaller fallbacks)
+cdef Py_ssize_t SCRATCH_BYTES = 16 << 20
+
+
+def _set_limits(scratch_bytes=None, table_bytes=None):
+    """Set SCRATCH_BYTES and TABLE_BYTES (None: unchanged); returns the old pair. A test hook:
+    small values send small inputs down the banded, direct, fallback and chunked paths."""
+    global SCRATCH_BYTES, TABLE_BYTES
+    old = SCRATCH_BYTES, TABLE_BYTES
+    if scratch_bytes is not None:
+        SCRATCH_BYTES = scratch_bytes
+    if table_bytes is not None:
+        TABLE_BYTES = table_bytes
+    return old
 
 
 cdef inline Py_ssize_t _al8(Py_ssize_t b) noexcept nogil:
@@ -778,21 +794,11 @@ cdef void _avg_unit(const floating* x, const floating* dy, floating* out, floati
 
 
 cdef Py_ssize_t CL_ROIS = 8       # channels-last forward: spatially sorted RoIs per unit
-cdef Py_ssize_t BAND_BYTES = 4 << 20   # a thread's scratch band of FN_RL-channel rows
-
-
-def _set_limits(band_bytes, table_bytes):
-    """Set BAND_BYTES and TABLE_BYTES (a test hook: small values exercise the banded, direct and
-    chunked paths on small inputs); returns the old pair."""
-    global BAND_BYTES, TABLE_BYTES
-    old = BAND_BYTES, TABLE_BYTES
-    BAND_BYTES, TABLE_BYTES = band_bytes, table_bytes
-    return old
 
 
 cdef inline Py_ssize_t _band_rows(Py_ssize_t H, Py_ssize_t W, Py_ssize_t fs) noexcept nogil:
     """Rows of FN_RL channels in a thread's scratch band (0: not one; every RoI goes direct)."""
-    return min(H, BAND_BYTES // max(1, W * FN_RL * fs))
+    return min(H, SCRATCH_BYTES // max(1, W * FN_RL * fs))
 
 
 cdef inline Py_ssize_t _cv_per(Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW,
@@ -1315,6 +1321,209 @@ cdef void _ps(const floating* x, const floating* dy, floating* out, floating* gx
                      min(CO, o0 + cb), C, CO, H, W, PH, PW, scale, sr, False)
 
 
+# Lane path: units (image, bin) own the input channels co * PH * PW + bin (co < CO) of their
+# image; those CO planes, over the rectangle the image's RoIs sample, are transposed into a
+# per-thread scratch s[pixel][CO], and each RoI's bin is one separable sum with the output channels
+# as vector lanes (rp_ps_dot / rp_ps_scatter in _roi_pool_simd.h), from per-RoI row tables per ph
+# and column tables per pw (the same entries as _tab_build's per-bin tables). Sums run in the
+# scalar kernel's order per channel; backward accumulates in RoI index order into the scratch and
+# transposes into the unit's own grad_x planes (race-free, identical for any thread count).
+
+cdef void _ps_fill(const floating* r, double scale, Py_ssize_t PH, Py_ssize_t PW, int sr,
+                   Py_ssize_t H, Py_ssize_t W, Py_ssize_t* rp, Py_ssize_t* cp, Py_ssize_t* ri,
+                   Py_ssize_t* ci, floating* rw, floating* cw, Py_ssize_t* rect,
+                   floating* cnt) noexcept nogil:
+    """One RoI's row tables (bin row ph: ri/rw[rp[ph]:rp[ph+1]]), column tables, count and the
+    rows [rect[0], rect[1]) and columns [rect[2], rect[3]) they touch (empty: 0, 0)."""
+    cdef floating g[6]
+    cdef Py_ssize_t grid[2]
+    cdef Py_ssize_t ph, pw, e, i
+    rect[0] = 0; rect[1] = 0; rect[2] = 0; rect[3] = 0
+    cnt[0] = 0
+    if not _geom(r, scale, 0.5, False, PH, PW, sr, H, W, g, grid) or grid[0] * grid[1] == 0:
+        for ph in range(PH):
+            rp[ph + 1] = rp[0]
+        for pw in range(PW):
+            cp[pw + 1] = cp[0]
+        return
+    cnt[0] = <floating>(grid[0] * grid[1])
+    e = rp[0]
+    for ph in range(PH):
+        e = _axis(g[0], g[2], ph, grid[0], H, False, ri, rw, e)
+        rp[ph + 1] = e
+    e = cp[0]
+    for pw in range(PW):
+        e = _axis(g[1], g[3], pw, grid[1], W, False, ci, cw, e)
+        cp[pw + 1] = e
+    if rp[PH] > rp[0]:
+        rect[0] = H
+        for i in range(rp[0], rp[PH]):
+            rect[0] = min(rect[0], ri[i])
+            rect[1] = max(rect[1], ri[i] + 1)
+    if cp[PW] > cp[0]:
+        rect[2] = W
+        for i in range(cp[0], cp[PW]):
+            rect[2] = min(rect[2], ci[i])
+            rect[3] = max(rect[3], ci[i] + 1)
+
+
+cdef void _ps_lane_unit(const floating* x, const floating* dy, floating* out, floating* gx,
+                        const Py_ssize_t* rp, const Py_ssize_t* cp, const Py_ssize_t* ri,
+                        const Py_ssize_t* ci, const floating* rw, const floating* cw,
+                        const floating* cnt, const Py_ssize_t* order, Py_ssize_t j0, Py_ssize_t j1,
+                        Py_ssize_t n, Py_ssize_t bn, Py_ssize_t C, Py_ssize_t CO, Py_ssize_t H,
+                        Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW, const Py_ssize_t* ur,
+                        bint backward, floating* xs, floating* u,
+                        floating* acc) noexcept nogil:
+    cdef Py_ssize_t ph = bn // PW, pw = bn % PW, nb = PH * PW, HW = H * W, j, k, co, i
+    cdef Py_ssize_t a0, a1, b0, b1, sw = ur[3] - ur[2]
+    cdef Py_ssize_t base = (n * C + bn) * HW, cstride = nb * HW
+    if backward:                           # grad_x comes uninitialised (the output cache)
+        _zero_outside(gx + base, cstride, CO, H, W, ur)
+    if _area(ur) == 0:                     # nothing sampled in the map: zeros / no gradient
+        if not backward:
+            for j in range(j0, j1):
+                for co in range(CO):
+                    out[(order[j] * CO + co) * nb + bn] = 0
+        return
+    if not backward:
+        if floating is float:
+            rp_ps_in_f(x + base, cstride, CO, W, ur[0], ur[1], ur[2], ur[3], xs)
+        else:
+            rp_ps_in_d(x + base, cstride, CO, W, ur[0], ur[1], ur[2], ur[3], xs)
+    else:
+        for i in range(_area(ur) * CO):
+            xs[i] = 0
+    for j in range(j0, j1):
+        k = order[j]
+        if cnt[k] == 0:
+            if not backward:
+                for co in range(CO):
+                    out[(k * CO + co) * nb + bn] = 0
+            continue
+        a0 = rp[k * (PH + 1) + ph]
+        a1 = rp[k * (PH + 1) + ph + 1]
+        b0 = cp[k * (PW + 1) + pw]
+        b1 = cp[k * (PW + 1) + pw + 1]
+        if not backward:
+            if floating is float:
+                rp_ps_dot_f(xs, sw, CO, ri + a0, rw + a0, a1 - a0, ci + b0, cw + b0, b1 - b0,
+                            ur[0], ur[2], acc, u)
+            else:
+                rp_ps_dot_d(xs, sw, CO, ri + a0, rw + a0, a1 - a0, ci + b0, cw + b0, b1 - b0,
+                            ur[0], ur[2], acc, u)
+            for co in range(CO):
+                out[(k * CO + co) * nb + bn] = acc[co] / cnt[k]
+        else:
+            for co in range(CO):
+                acc[co] = dy[(k * CO + co) * nb + bn] / cnt[k]
+            if floating is float:
+                rp_ps_scatter_f(xs, sw, CO, ri + a0, rw + a0, a1 - a0, ci + b0, cw + b0, b1 - b0,
+                                ur[0], ur[2], acc, u)
+            else:
+                rp_ps_scatter_d(xs, sw, CO, ri + a0, rw + a0, a1 - a0, ci + b0, cw + b0, b1 - b0,
+                                ur[0], ur[2], acc, u)
+    if backward:
+        if floating is float:
+            rp_ps_out_f(gx + base, cstride, CO, W, ur[0], ur[1], ur[2], ur[3], xs)
+        else:
+            rp_ps_out_d(gx + base, cstride, CO, W, ur[0], ur[1], ur[2], ur[3], xs)
+
+
+cdef int _ps_lanes(const floating* x, const floating* dy, floating* out, floating* gx,
+                   const floating* rois, const Py_ssize_t* order, const Py_ssize_t* seg,
+                   Py_ssize_t K, Py_ssize_t N, Py_ssize_t C, Py_ssize_t CO, Py_ssize_t H,
+                   Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW, double scale, int sr,
+                   bint backward, int nthreads) noexcept nogil:
+    """PS-RoIAlign over units (image, bin) (see above): 0 done, 1 when the tables or the scratch
+    would exceed the SCRATCH_BYTES bounds (the caller runs _ps), -1 out of memory."""
+    cdef floating g[6]
+    cdef Py_ssize_t grid[2]
+    cdef Py_ssize_t k, j, n, u, tr = 0, tc = 0, need = 0, nb = PH * PW, fs = sizeof(floating)
+    cdef Py_ssize_t* roff
+    cdef Py_ssize_t* coff
+    cdef Py_ssize_t* rp
+    cdef Py_ssize_t* cp
+    cdef Py_ssize_t* ri
+    cdef Py_ssize_t* ci
+    cdef Py_ssize_t* rects
+    cdef Py_ssize_t* urects
+    cdef Py_ssize_t* rr
+    cdef floating* rw
+    cdef floating* cw
+    cdef floating* cnt
+    cdef floating* xs
+    cdef floating* ub
+    cdef char* mem
+    cdef Py_ssize_t nbytes
+    if SCRATCH_BYTES <= 0 or CO <= 0:
+        return 1
+    roff = <Py_ssize_t*>malloc((2 * K + 2) * sizeof(Py_ssize_t))
+    if roff == NULL:
+        return -1
+    coff = roff + K + 1
+    roff[0] = 0
+    coff[0] = 0
+    for k in range(K):
+        roff[k + 1] = roff[k]
+        coff[k + 1] = coff[k]
+        if _geom(rois + 5 * k, scale, 0.5, False, PH, PW, sr, H, W, g, grid):
+            roff[k + 1] += PH * 2 * grid[0]
+            coff[k + 1] += PW * 2 * grid[1]
+    tr = roff[K]
+    tc = coff[K]
+    nbytes = ((tr + tc + K * (PH + PW + 6) + 4 * N) * sizeof(Py_ssize_t) + (tr + tc + K) * fs)
+    if nbytes > 4 * SCRATCH_BYTES:
+        free(roff)
+        return 1
+    mem = <char*>malloc(nbytes)
+    if mem == NULL:
+        free(roff)
+        return -1
+    ri = <Py_ssize_t*>mem
+    ci = ri + tr
+    rp = ci + tc
+    cp = rp + K * (PH + 1)
+    rects = cp + K * (PW + 1)
+    urects = rects + 4 * K
+    rw = <floating*>(urects + 4 * N)
+    cw = rw + tr
+    cnt = cw + tc
+    for k in prange(K, num_threads=nthreads, schedule="static"):
+        rp[k * (PH + 1)] = roff[k]
+        cp[k * (PW + 1)] = coff[k]
+        _ps_fill(rois + 5 * k, scale, PH, PW, sr, H, W, rp + k * (PH + 1), cp + k * (PW + 1),
+                 ri, ci, rw, cw, rects + 4 * k, cnt + k)
+    free(roff)
+    for n in range(N):                     # rows and columns any RoI of image n samples
+        rr = urects + 4 * n
+        rr[0] = H; rr[1] = 0; rr[2] = W; rr[3] = 0
+        for j in range(seg[n], seg[n + 1]):
+            k = order[j]
+            if rects[4 * k + 1] > rects[4 * k]:
+                rr[0] = min(rr[0], rects[4 * k]); rr[1] = max(rr[1], rects[4 * k + 1])
+            if rects[4 * k + 3] > rects[4 * k + 2]:
+                rr[2] = min(rr[2], rects[4 * k + 2]); rr[3] = max(rr[3], rects[4 * k + 3])
+        need = max(need, _area(rr))
+    if need * CO * fs > SCRATCH_BYTES:
+        free(mem)
+        return 1
+    nbytes = max(need, 1) * CO + 2 * CO            # per thread: scratch, u, acc
+    xs = <floating*>malloc(nthreads * nbytes * fs)
+    if xs == NULL:
+        free(mem)
+        return -1
+    for u in prange(N * nb, num_threads=nthreads, schedule="dynamic"):
+        n = u // nb
+        ub = xs + threadid() * nbytes
+        _ps_lane_unit(x, dy, out, gx, rp, cp, ri, ci, rw, cw, cnt, order, seg[n], seg[n + 1], n,
+                      u % nb, C, CO, H, W, PH, PW, urects + 4 * n, backward, ub,
+                      ub + max(need, 1) * CO, ub + max(need, 1) * CO + CO)
+    free(xs)
+    free(mem)
+    return 0
+
+
 # ---------------------------------------------------------------- RoIPool (torchvision)
 
 cdef inline bint _pool_window(const floating* r, double scale, Py_ssize_t ph, Py_ssize_t pw,
@@ -1356,49 +1565,316 @@ cdef inline Py_ssize_t _pool_argmax(const floating* plane, Py_ssize_t W, const P
     return arg
 
 
-cdef void _pool_unit(const floating* x, const floating* dy, floating* out, floating* gx,
-                     const floating* rois, const Py_ssize_t* order, Py_ssize_t k0, Py_ssize_t k1,
-                     Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
-                     Py_ssize_t PH, Py_ssize_t PW, double scale, bint backward) noexcept nogil:
-    cdef Py_ssize_t j, k, n, c, ph, pw, nb = PH * PW, arg
+# Units (image, RP_L = 16 channels): the rows and columns any of the image's RoIs reads (their
+# union rectangle) are transposed once into a per-thread channel-block-last scratch, and every bin
+# is a lane-parallel max over it (_roi_pool_simd.h), in the scalar kernel's order and comparison,
+# so values, argmaxes (first maximum in row-major order), NaN and signed-zero handling are those
+# of the scalar loop bit for bit. Backward gradients accumulate in a second scratch in RoI index
+# order (the scalar order) and are transposed into the unit's own grad_x planes: race-free and
+# bitwise identical for any thread count. A union larger than SCRATCH_BYTES falls back to
+# transposing each RoI's rectangle (scattering gradients straight into grad_x, same order), and a
+# RoI larger than that to the scalar loop over its planes.
+
+cdef extern from "_roi_pool_simd.h" nogil:
+    enum: RP_L
+    void rp_pool_row_f(const float* s, Py_ssize_t sw, Py_ssize_t h0, Py_ssize_t h1,
+                       const Py_ssize_t* ws, const Py_ssize_t* we, Py_ssize_t PW, Py_ssize_t sx0,
+                       float* out, Py_ssize_t* idx, void* abuf, int track)
+    void rp_pool_row_d(const double* s, Py_ssize_t sw, Py_ssize_t h0, Py_ssize_t h1,
+                       const Py_ssize_t* ws, const Py_ssize_t* we, Py_ssize_t PW, Py_ssize_t sx0,
+                       double* out, Py_ssize_t* idx, void* abuf, int track)
+    void rp_tr_in_f(const float* x, Py_ssize_t plane, Py_ssize_t nc, Py_ssize_t W, Py_ssize_t y0,
+                    Py_ssize_t y1, Py_ssize_t x0, Py_ssize_t x1, float* s)
+    void rp_tr_in_d(const double* x, Py_ssize_t plane, Py_ssize_t nc, Py_ssize_t W,
+                    Py_ssize_t y0, Py_ssize_t y1, Py_ssize_t x0, Py_ssize_t x1, double* s)
+    void rp_tr_out_f(float* x, Py_ssize_t plane, Py_ssize_t nc, Py_ssize_t W, Py_ssize_t y0,
+                     Py_ssize_t y1, Py_ssize_t x0, Py_ssize_t x1, const float* s)
+    void rp_tr_out_d(double* x, Py_ssize_t plane, Py_ssize_t nc, Py_ssize_t W, Py_ssize_t y0,
+                     Py_ssize_t y1, Py_ssize_t x0, Py_ssize_t x1, const double* s)
+    void rp_ps_in_f(const float* x, Py_ssize_t cstride, Py_ssize_t L, Py_ssize_t W,
+                    Py_ssize_t y0, Py_ssize_t y1, Py_ssize_t x0, Py_ssize_t x1, float* s)
+    void rp_ps_in_d(const double* x, Py_ssize_t cstride, Py_ssize_t L, Py_ssize_t W,
+                    Py_ssize_t y0, Py_ssize_t y1, Py_ssize_t x0, Py_ssize_t x1, double* s)
+    void rp_ps_out_f(float* x, Py_ssize_t cstride, Py_ssize_t L, Py_ssize_t W, Py_ssize_t y0,
+                     Py_ssize_t y1, Py_ssize_t x0, Py_ssize_t x1, const float* s)
+    void rp_ps_out_d(double* x, Py_ssize_t cstride, Py_ssize_t L, Py_ssize_t W, Py_ssize_t y0,
+                     Py_ssize_t y1, Py_ssize_t x0, Py_ssize_t x1, const double* s)
+    void rp_ps_dot_f(const float* s, Py_ssize_t sw, Py_ssize_t L, const Py_ssize_t* ri,
+                     const float* rw, Py_ssize_t nr, const Py_ssize_t* ci, const float* cw,
+                     Py_ssize_t ncol, Py_ssize_t y0, Py_ssize_t x0, float* acc, float* u)
+    void rp_ps_dot_d(const double* s, Py_ssize_t sw, Py_ssize_t L, const Py_ssize_t* ri,
+                     const double* rw, Py_ssize_t nr, const Py_ssize_t* ci, const double* cw,
+                     Py_ssize_t ncol, Py_ssize_t y0, Py_ssize_t x0, double* acc, double* u)
+    void rp_ps_scatter_f(float* s, Py_ssize_t sw, Py_ssize_t L, const Py_ssize_t* ri,
+                         const float* rw, Py_ssize_t nr, const Py_ssize_t* ci, const float* cw,
+                         Py_ssize_t ncol, Py_ssize_t y0, Py_ssize_t x0, const float* gg, float* u)
+    void rp_ps_scatter_d(double* s, Py_ssize_t sw, Py_ssize_t L, const Py_ssize_t* ri,
+                         const double* rw, Py_ssize_t nr, const Py_ssize_t* ci,
+                         const double* cw, Py_ssize_t ncol, Py_ssize_t y0, Py_ssize_t x0,
+                         const double* gg, double* u)
+
+
+cdef inline void _tr_in(const floating* x, Py_ssize_t plane, Py_ssize_t nc, Py_ssize_t W,
+                        const Py_ssize_t* r, floating* s) noexcept nogil:
+    if floating is float:
+        rp_tr_in_f(x, plane, nc, W, r[0], r[1], r[2], r[3], s)
+    else:
+        rp_tr_in_d(x, plane, nc, W, r[0], r[1], r[2], r[3], s)
+
+
+cdef void _pool_fill(const floating* r, double scale, Py_ssize_t PH, Py_ssize_t PW, Py_ssize_t H,
+                     Py_ssize_t W, Py_ssize_t* w) noexcept nogil:
+    """w = [y0, y1, x0, x1, hstart[PH], hend[PH], wstart[PW], wend[PW]] of one RoI, with
+    [y0, y1) x [x0, x1) the union of its non-empty bins (all 0: it reads nothing)."""
     cdef Py_ssize_t win[4]
+    cdef Py_ssize_t ph, pw, i
+    cdef Py_ssize_t* hs = w + 4
+    cdef Py_ssize_t* ws = w + 4 + 2 * PH
+    for i in range(4 + 2 * PH + 2 * PW):
+        w[i] = 0
+    if not _finite4(r):
+        return
+    for ph in range(PH):
+        _pool_window(r, scale, ph, 0, PH, PW, H, W, win)
+        hs[ph] = win[0]
+        hs[PH + ph] = win[1]
+    for pw in range(PW):
+        _pool_window(r, scale, 0, pw, PH, PW, H, W, win)
+        ws[pw] = win[2]
+        ws[PW + pw] = win[3]
+    w[0] = H
+    w[2] = W
+    for ph in range(PH):
+        if hs[PH + ph] > hs[ph]:
+            w[0] = min(w[0], hs[ph])
+            w[1] = max(w[1], hs[PH + ph])
+    for pw in range(PW):
+        if ws[PW + pw] > ws[pw]:
+            w[2] = min(w[2], ws[pw])
+            w[3] = max(w[3], ws[PW + pw])
+    if w[1] <= w[0] or w[3] <= w[2]:
+        w[0] = 0; w[1] = 0; w[2] = 0; w[3] = 0
+
+
+cdef inline Py_ssize_t _area(const Py_ssize_t* r) noexcept nogil:
+    return (r[1] - r[0]) * (r[3] - r[2]) if (r[1] > r[0] and r[3] > r[2]) else 0
+
+
+cdef void _zero_outside(floating* p, Py_ssize_t plane, Py_ssize_t nc, Py_ssize_t H,
+                       Py_ssize_t W, const Py_ssize_t* r) noexcept nogil:
+    """Zero planes p + c * plane (c < nc) outside the rectangle r (everywhere if it is empty):
+    the parts of a unit's grad_x planes that its scratch does not write back."""
+    cdef Py_ssize_t c, y, i
+    cdef floating* q
+    cdef bint empty = _area(r) == 0
+    for c in range(nc):
+        q = p + c * plane
+        for y in range(H):
+            if empty or y < r[0] or y >= r[1]:
+                for i in range(W):
+                    q[y * W + i] = 0
+            else:
+                for i in range(r[2]):
+                    q[y * W + i] = 0
+                for i in range(r[3], W):
+                    q[y * W + i] = 0
+
+
+cdef void _pool_unit(const floating* x, const floating* dy, floating* out, floating* gx,
+                     const Py_ssize_t* wins, Py_ssize_t wstride, const Py_ssize_t* order,
+                     Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t C,
+                     Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW,
+                     const Py_ssize_t* urect, Py_ssize_t cap, bint backward, floating* xs,
+                     floating* gs) noexcept nogil:
+    """Image n, channels [c0, c0 + RP_L) ∩ [0, C), RoIs order[j0:j1] (see above). cap: scratch
+    pixels (0: the scalar loop only)."""
+    cdef Py_ssize_t nc = min(<Py_ssize_t>RP_L, C - c0), HW = H * W, nb = PH * PW
+    cdef Py_ssize_t j, k, l, ph, pw, b, sw = 0, sy0 = 0, sx0 = 0, i, arg, y, xx
+    cdef const Py_ssize_t* w
+    cdef const Py_ssize_t* hs
+    cdef const Py_ssize_t* ws
+    cdef Py_ssize_t* idx = <Py_ssize_t*>malloc(nb * RP_L * sizeof(Py_ssize_t))
+    cdef floating* val = <floating*>malloc(nb * RP_L * sizeof(floating))
+    cdef void* abuf = malloc(PW * RP_L * 8)
+    cdef Py_ssize_t win[4]
+    cdef Py_ssize_t zr[4]
     cdef floating best
-    cdef bint ok
-    win[0] = 0; win[1] = 0; win[2] = 0; win[3] = 0
-    for j in range(k0, k1):
-        k = order[j] if order != NULL else j
-        n = <Py_ssize_t>rois[5 * k]
+    cdef const floating* xn = x + (n * C + c0) * HW
+    cdef const floating* g
+    cdef bint whole = _area(urect) > 0 and _area(urect) <= cap
+    cdef bint lanes
+    zr[0] = 0; zr[1] = 0; zr[2] = 0; zr[3] = 0
+    if idx == NULL or val == NULL or abuf == NULL:
+        cap = 0                                # the scalar loop only
+        whole = False
+    if backward:                           # grad_x comes uninitialised (the output cache)
+        _zero_outside(gx + (n * C + c0) * HW, HW, nc, H, W, urect if whole else zr)
+    if whole:
+        _tr_in(xn, HW, nc, W, urect, xs)
+        if backward:
+            for i in range(_area(urect) * RP_L):
+                gs[i] = 0
+    for j in range(j0, j1):
+        k = order[j]
+        w = wins + k * wstride
+        hs = w + 4
+        ws = w + 4 + 2 * PH
+        if _area(w) == 0:                      # reads nothing: zeros
+            if not backward:
+                for l in range(nc):
+                    for b in range(nb):
+                        out[(k * C + c0 + l) * nb + b] = 0
+            continue
+        lanes = True
+        if whole:
+            sy0 = urect[0]; sx0 = urect[2]; sw = urect[3] - urect[2]
+        elif _area(w) <= cap:
+            _tr_in(xn, HW, nc, W, w, xs)
+            sy0 = w[0]; sx0 = w[2]; sw = w[3] - w[2]
+        else:
+            lanes = False
+        if not lanes:
+            for ph in range(PH):
+                for pw in range(PW):
+                    b = ph * PW + pw
+                    win[0] = hs[ph]; win[1] = hs[PH + ph]; win[2] = ws[pw]; win[3] = ws[PW + pw]
+                    for l in range(nc):
+                        best = 0
+                        arg = _pool_argmax(xn + l * HW, W, win, &best)
+                        if backward:
+                            if arg >= 0:
+                                gx[(n * C + c0 + l) * HW + arg] += dy[(k * C + c0 + l) * nb + b]
+                        else:
+                            out[(k * C + c0 + l) * nb + b] = best
+            continue
         for ph in range(PH):
-            for pw in range(PW):
-                ok = _pool_window(rois + 5 * k, scale, ph, pw, PH, PW, H, W, win)
-                for c in range(c0, c1):
-                    best = 0
-                    arg = -1
-                    if ok:
-                        arg = _pool_argmax(x + (n * C + c) * H * W, W, win, &best)
-                    if backward:
-                        if arg >= 0:
-                            gx[(n * C + c) * H * W + arg] += dy[(k * C + c) * nb + ph * PW + pw]
-                    else:
-                        out[(k * C + c) * nb + ph * PW + pw] = best
+            if floating is float:
+                if backward:
+                    rp_pool_row_f(xs, sw, hs[ph] - sy0, hs[PH + ph] - sy0, ws, ws + PW, PW, sx0,
+                                  val + ph * PW * RP_L, idx + ph * PW * RP_L, abuf, 1)
+                else:
+                    rp_pool_row_f(xs, sw, hs[ph] - sy0, hs[PH + ph] - sy0, ws, ws + PW, PW, sx0,
+                                  val + ph * PW * RP_L, idx, abuf, 0)
+            else:
+                if backward:
+                    rp_pool_row_d(xs, sw, hs[ph] - sy0, hs[PH + ph] - sy0, ws, ws + PW, PW, sx0,
+                                  val + ph * PW * RP_L, idx + ph * PW * RP_L, abuf, 1)
+                else:
+                    rp_pool_row_d(xs, sw, hs[ph] - sy0, hs[PH + ph] - sy0, ws, ws + PW, PW, sx0,
+                                  val + ph * PW * RP_L, idx, abuf, 0)
+        if not backward:                       # the RoI's block of out is contiguous
+            for l in range(nc):
+                for b in range(nb):
+                    out[(k * C + c0 + l) * nb + b] = val[b * RP_L + l]
+            continue
+        # per channel, bins in order (the scalar accumulation order), grad_out read contiguously
+        for l in range(nc):
+            g = dy + (k * C + c0 + l) * nb
+            for b in range(nb):
+                i = idx[b * RP_L + l]
+                if i < 0:
+                    continue
+                if whole:
+                    gs[i * RP_L + l] += g[b]
+                else:
+                    y = sy0 + i // sw
+                    xx = sx0 + i % sw
+                    gx[(n * C + c0 + l) * HW + y * W + xx] += g[b]
+    if whole and backward:
+        if floating is float:
+            rp_tr_out_f(gx + (n * C + c0) * HW, HW, nc, W, urect[0], urect[1], urect[2],
+                        urect[3], gs)
+        else:
+            rp_tr_out_d(gx + (n * C + c0) * HW, HW, nc, W, urect[0], urect[1], urect[2],
+                        urect[3], gs)
+    free(idx)
+    free(val)
+    free(abuf)
+
+
+cdef Py_ssize_t _pool_prep(const floating* rois, const Py_ssize_t* order, const Py_ssize_t* seg,
+                           Py_ssize_t K, Py_ssize_t N, Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH,
+                           Py_ssize_t PW, double scale, Py_ssize_t cap, Py_ssize_t* wins,
+                           Py_ssize_t* urects, int nthreads) noexcept nogil:
+    """Every RoI's windows (_pool_fill) into wins, each image's union rectangle into urects;
+    returns the most scratch pixels a unit uses (unions up to cap, else RoIs up to cap)."""
+    cdef Py_ssize_t ws_ = 4 + 2 * PH + 2 * PW, k, j, n, a, ua, need = 0
+    cdef Py_ssize_t* r
+    for k in prange(K, num_threads=nthreads, schedule="static"):
+        _pool_fill(rois + 5 * k, scale, PH, PW, H, W, wins + k * ws_)
+    for n in range(N):
+        r = urects + 4 * n
+        r[0] = H; r[1] = 0; r[2] = W; r[3] = 0
+        for j in range(seg[n], seg[n + 1]):
+            k = order[j]
+            if _area(wins + k * ws_) > 0:
+                r[0] = min(r[0], wins[k * ws_]); r[1] = max(r[1], wins[k * ws_ + 1])
+                r[2] = min(r[2], wins[k * ws_ + 2]); r[3] = max(r[3], wins[k * ws_ + 3])
+        ua = _area(r)
+        if ua <= cap:
+            need = max(need, ua)
+        else:
+            for j in range(seg[n], seg[n + 1]):
+                a = _area(wins + order[j] * ws_)
+                if a <= cap:
+                    need = max(need, a)
+    return need
 
 
 cdef void _pool(const floating* x, const floating* dy, floating* out, floating* gx,
-                const floating* rois, const Py_ssize_t* order, const Py_ssize_t* seg,
-                Py_ssize_t K, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
-                Py_ssize_t PH, Py_ssize_t PW, double scale, bint backward, Py_ssize_t cb,
-                int nthreads) noexcept nogil:
-    cdef Py_ssize_t nblk = (C + cb - 1) // cb, u, m, c0
-    cdef Py_ssize_t units = (N if backward else K) * nblk
-    for u in prange(units, num_threads=nthreads, schedule="dynamic"):
-        m = u // nblk
-        c0 = (u % nblk) * cb
-        if backward:
-            _pool_unit(x, dy, out, gx, rois, order, seg[m], seg[m + 1], c0, min(C, c0 + cb), C,
-                       H, W, PH, PW, scale, True)
+                const Py_ssize_t* wins, const Py_ssize_t* urects, const Py_ssize_t* order,
+                const Py_ssize_t* seg, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+                Py_ssize_t PH, Py_ssize_t PW, bint backward, Py_ssize_t cap, floating* scratch,
+                Py_ssize_t per_thread, int nthreads) noexcept nogil:
+    """RoIPool forward/backward over units (image, RP_L channels); scratch: per_thread elements
+    per thread (x's block, then grad_x's when backward)."""
+    cdef Py_ssize_t ws_ = 4 + 2 * PH + 2 * PW, nblk = (C + RP_L - 1) // RP_L, u, n
+    cdef floating* xs
+    for u in prange(N * nblk, num_threads=nthreads, schedule="dynamic"):
+        n = u // nblk
+        xs = scratch + threadid() * per_thread
+        _pool_unit(x, dy, out, gx, wins, ws_, order, seg[n], seg[n + 1], n, (u % nblk) * RP_L,
+                   C, H, W, PH, PW, urects + 4 * n, cap, backward, xs,
+                   xs + per_thread // 2 if backward else <floating*>NULL)
+
+
+def _pool_run(x, dy, rois, out, gx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
+              Py_ssize_t PH, Py_ssize_t PW, double scale, bint backward, int nthreads):
+    """RoIPool: windows, union rectangles and the per-thread scratch (from the output cache, so
+    that repeated calls do not fault fresh pages in), then the units."""
+    cdef Py_ssize_t K = rois.shape[0], ws_ = 4 + 2 * PH + 2 * PW, need, per
+    order, seg = _segments(rois, N)
+    wins = _cache.empty((max(K, 1), ws_), np.intp)
+    urects = np.empty((max(N, 1), 4), np.intp)
+    cdef Py_ssize_t fs = x.dtype.itemsize
+    cdef Py_ssize_t cap = SCRATCH_BYTES // (RP_L * fs * (2 if backward else 1))
+    cdef void* pr = _p(rois)
+    cdef Py_ssize_t* pw_ = <Py_ssize_t*>_p(wins)
+    cdef Py_ssize_t* pu = <Py_ssize_t*>_p(urects)
+    cdef Py_ssize_t* po = <Py_ssize_t*>_p(order)
+    cdef Py_ssize_t* ps = <Py_ssize_t*>_p(seg)
+    cdef bint f32 = x.dtype == np.float32
+    with nogil:
+        if f32:
+            need = _pool_prep(<float*>pr, po, ps, K, N, H, W, PH, PW, scale, cap, pw_, pu,
+                              nthreads)
         else:
-            _pool_unit(x, dy, out, gx, rois, <Py_ssize_t*>NULL, m, m + 1, c0, min(C, c0 + cb),
-                       C, H, W, PH, PW, scale, False)
+            need = _pool_prep(<double*>pr, po, ps, K, N, H, W, PH, PW, scale, cap, pw_, pu,
+                              nthreads)
+    per = max(need, 1) * RP_L * (2 if backward else 1)
+    scratch = _cache.empty((nthreads * per,), x.dtype)
+    cdef void* px = _p(x)
+    cdef void* pd = _p(dy)
+    cdef void* pout = _p(out)
+    cdef void* pg = _p(gx)
+    cdef void* psc = _p(scratch)
+    with nogil:
+        if f32:
+            _pool(<float*>px, <float*>pd, <float*>pout, <float*>pg, pw_, pu, po, ps, N, C, H, W,
+                  PH, PW, backward, cap, <float*>psc, per, nthreads)
+        else:
+            _pool(<double*>px, <double*>pd, <double*>pout, <double*>pg, pw_, pu, po, ps, N, C, H,
+                  W, PH, PW, backward, cap, <double*>psc, per, nthreads)
 
 
 # ---------------------------------------------------------------- deformable RoI pooling (mmcv)
@@ -1641,20 +2117,35 @@ def ps_roi_align_forward(x, rois, Py_ssize_t pooled_h, Py_ssize_t pooled_w,
     cdef int sr = sampling_ratio
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = rois.shape[0], CO = C // (PH * PW)
-    out = np.zeros((K, CO, PH, PW), dtype=x.dtype)
-    if out.size == 0 or H * W == 0:
-        return out
+    if K * CO * PH * PW == 0 or H * W == 0:
+        return np.zeros((K, CO, PH, PW), dtype=x.dtype)
+    out = _cache.empty((K, CO, PH, PW), x.dtype)     # every element is written
+    order, seg = _segments(rois, N)
     cdef void* px = _p(x)
     cdef void* pr = _p(rois)
     cdef void* po = _p(out)
+    cdef Py_ssize_t* pod = <Py_ssize_t*>_p(order)
+    cdef Py_ssize_t* ps = <Py_ssize_t*>_p(seg)
     cdef bint f32 = x.dtype == np.float32
+    cdef int rc
     with nogil:
         if f32:
-            _ps(<float*>px, <float*>NULL, <float*>po, <float*>NULL, <float*>pr, NULL, NULL, K, N,
-                C, CO, H, W, PH, PW, scale, sr, False, min(CO, 64), nthreads)
+            rc = _ps_lanes(<float*>px, <float*>NULL, <float*>po, <float*>NULL, <float*>pr, pod,
+                           ps, K, N, C, CO, H, W, PH, PW, scale, sr, False, nthreads)
         else:
-            _ps(<double*>px, <double*>NULL, <double*>po, <double*>NULL, <double*>pr, NULL, NULL,
-                K, N, C, CO, H, W, PH, PW, scale, sr, False, min(CO, 64), nthreads)
+            rc = _ps_lanes(<double*>px, <double*>NULL, <double*>po, <double*>NULL, <double*>pr,
+                           pod, ps, K, N, C, CO, H, W, PH, PW, scale, sr, False, nthreads)
+    if rc == 1:                            # the per-RoI kernel
+        out[...] = 0
+        with nogil:
+            if f32:
+                _ps(<float*>px, <float*>NULL, <float*>po, <float*>NULL, <float*>pr, NULL, NULL,
+                    K, N, C, CO, H, W, PH, PW, scale, sr, False, min(CO, 64), nthreads)
+            else:
+                _ps(<double*>px, <double*>NULL, <double*>po, <double*>NULL, <double*>pr, NULL,
+                    NULL, K, N, C, CO, H, W, PH, PW, scale, sr, False, min(CO, 64), nthreads)
+    if rc < 0:
+        raise MemoryError("ps_roi_align: out of memory for the sampling tables")
     return out
 
 
@@ -1665,9 +2156,9 @@ def ps_roi_align_backward(grad_out, rois, input_shape, Py_ssize_t pooled_h, Py_s
     cdef double scale = spatial_scale
     cdef int sr = sampling_ratio
     N, C, H, W = input_shape
-    gx = np.zeros((N, C, H, W), dtype=grad_out.dtype)
-    if gx.size == 0 or rois.shape[0] == 0:
-        return gx
+    if N * C * H * W == 0 or rois.shape[0] == 0:
+        return np.zeros((N, C, H, W), dtype=grad_out.dtype)
+    gx = _cache.empty((N, C, H, W), grad_out.dtype)   # every element is written
     cdef Py_ssize_t CO = C // (PH * PW), K = rois.shape[0]
     order, seg = _segments(rois, N)
     cdef Py_ssize_t cb = _bwd_block(N, CO, nthreads)
@@ -1677,64 +2168,49 @@ def ps_roi_align_backward(grad_out, rois, input_shape, Py_ssize_t pooled_h, Py_s
     cdef Py_ssize_t* po = <Py_ssize_t*>_p(order)
     cdef Py_ssize_t* ps = <Py_ssize_t*>_p(seg)
     cdef bint f32 = grad_out.dtype == np.float32
+    cdef int rc
     with nogil:
         if f32:
-            _ps(<float*>NULL, <float*>pd, <float*>NULL, <float*>pg, <float*>pr, po, ps, K, N, C,
-                CO, H, W, PH, PW, scale, sr, True, cb, nthreads)
+            rc = _ps_lanes(<float*>NULL, <float*>pd, <float*>NULL, <float*>pg, <float*>pr, po,
+                           ps, K, N, C, CO, H, W, PH, PW, scale, sr, True, nthreads)
         else:
-            _ps(<double*>NULL, <double*>pd, <double*>NULL, <double*>pg, <double*>pr, po, ps, K,
-                N, C, CO, H, W, PH, PW, scale, sr, True, cb, nthreads)
+            rc = _ps_lanes(<double*>NULL, <double*>pd, <double*>NULL, <double*>pg, <double*>pr,
+                           po, ps, K, N, C, CO, H, W, PH, PW, scale, sr, True, nthreads)
+    if rc == 1:                            # the per-RoI kernel scatters into a zeroed grad_x
+        gx[...] = 0
+        with nogil:
+            if f32:
+                _ps(<float*>NULL, <float*>pd, <float*>NULL, <float*>pg, <float*>pr, po, ps, K, N,
+                    C, CO, H, W, PH, PW, scale, sr, True, cb, nthreads)
+            else:
+                _ps(<double*>NULL, <double*>pd, <double*>NULL, <double*>pg, <double*>pr, po, ps,
+                    K, N, C, CO, H, W, PH, PW, scale, sr, True, cb, nthreads)
+    if rc < 0:
+        raise MemoryError("ps_roi_align: out of memory for the sampling tables")
     return gx
 
 
 def roi_pool_forward(x, rois, Py_ssize_t pooled_h, Py_ssize_t pooled_w, double spatial_scale,
                      int nthreads):
-    cdef Py_ssize_t PH = pooled_h, PW = pooled_w
-    cdef double scale = spatial_scale
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = rois.shape[0]
-    out = np.zeros((K, C, PH, PW), dtype=x.dtype)
+    out = _cache.empty((K, C, pooled_h, pooled_w), x.dtype)    # every element is written
     if out.size == 0:
         return out
-    cdef void* px = _p(x)
-    cdef void* pr = _p(rois)
-    cdef void* po = _p(out)
-    cdef bint f32 = x.dtype == np.float32
-    with nogil:
-        if f32:
-            _pool(<float*>px, <float*>NULL, <float*>po, <float*>NULL, <float*>pr, NULL, NULL, K,
-                  N, C, H, W, PH, PW, scale, False, min(C, 64), nthreads)
-        else:
-            _pool(<double*>px, <double*>NULL, <double*>po, <double*>NULL, <double*>pr, NULL,
-                  NULL, K, N, C, H, W, PH, PW, scale, False, min(C, 64), nthreads)
+    _pool_run(x, None, rois, out, None, N, C, H, W, pooled_h, pooled_w, spatial_scale, False,
+              nthreads)
     return out
 
 
 def roi_pool_backward(grad_out, rois, x, Py_ssize_t pooled_h, Py_ssize_t pooled_w,
                       double spatial_scale, bint deterministic, int nthreads):
-    cdef Py_ssize_t PH = pooled_h, PW = pooled_w
-    cdef double scale = spatial_scale
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], H = x.shape[2], W = x.shape[3]
     cdef Py_ssize_t K = rois.shape[0]
-    gx = np.zeros((N, C, H, W), dtype=x.dtype)
-    if gx.size == 0 or K == 0:
-        return gx
-    order, seg = _segments(rois, N)
-    cdef Py_ssize_t cb = _bwd_block(N, C, nthreads)
-    cdef void* px = _p(x)
-    cdef void* pd = _p(grad_out)
-    cdef void* pr = _p(rois)
-    cdef void* pg = _p(gx)
-    cdef Py_ssize_t* po = <Py_ssize_t*>_p(order)
-    cdef Py_ssize_t* ps = <Py_ssize_t*>_p(seg)
-    cdef bint f32 = x.dtype == np.float32
-    with nogil:
-        if f32:
-            _pool(<float*>px, <float*>pd, <float*>NULL, <float*>pg, <float*>pr, po, ps, K, N, C,
-                  H, W, PH, PW, scale, True, cb, nthreads)
-        else:
-            _pool(<double*>px, <double*>pd, <double*>NULL, <double*>pg, <double*>pr, po, ps, K,
-                  N, C, H, W, PH, PW, scale, True, cb, nthreads)
+    if N * C * H * W == 0 or K == 0:
+        return np.zeros((N, C, H, W), dtype=x.dtype)
+    gx = _cache.empty((N, C, H, W), x.dtype)     # every element is written (zeros included)
+    _pool_run(x, grad_out, rois, None, gx, N, C, H, W, pooled_h, pooled_w, spatial_scale, True,
+              nthreads)
     return gx
 
 

@@ -1589,3 +1589,131 @@ def test_multi_scale_roi_align_matches_torchvision(backend, rng, tmp_path, dtype
         G, P, [f.shape for f in feats], 7, **kw))
     for i, a in enumerate(grads):
         np.testing.assert_allclose(a, z[f"g{i}"], **tol)
+
+
+# ---------------------------------------------------------------- CPU lane kernels (issue 17)
+# RoIPool and PS-RoIAlign run 16-channel (RoIPool) or output-channel (PS-RoIAlign) lanes over a
+# per-thread transposed scratch, falling back to per-RoI scratch and to the scalar loop when the
+# scratch bound (fastnorm._cpu.roi_ops._set_limits) is too small: every path and every
+# thread count must give the same bits.
+
+SCRATCH = {"default": None, "per-roi": 64 * 24, "scalar": 0}
+
+
+@pytest.fixture
+def lane_scratch():
+    from fastnorm._cpu import roi_ops as cpu_roi
+    old = cpu_roi._set_limits()
+
+    def set_(name):
+        cpu_roi._set_limits(old[0] if SCRATCH[name] is None else SCRATCH[name])
+    yield set_
+    cpu_roi._set_limits(*old)
+
+
+def _pool_scan(x, rois, PH, PW, scale, g=None):
+    """RoIPool in the scalar kernel's exact semantics (torchvision's CPU loop): m starts at
+    -FLT_MAX (0 for an empty bin) and takes v when v > m in row-major order (NaN never, ties keep
+    the first, -0/+0 the first seen); the gradient goes to that pixel, summed in RoI then bin order
+    in x's dtype."""
+    dt = x.dtype.type
+    K, (N, C, H, W) = len(rois), x.shape
+    out = np.zeros((K, C, PH, PW), x.dtype)
+    gx = np.zeros_like(x)
+    fmax = dt(-np.finfo(np.float32).max)
+    for k, r in enumerate(rois):
+        if not np.all(np.isfinite(r[1:])):
+            continue
+        n = int(r[0])
+        v = [min(max(np.round(float(c) * scale), -1e15), 1e15) for c in r[1:]]
+        xs, ys, xe, ye = (int(t) for t in v)
+        bh = dt(max(ye - ys + 1, 1)) / dt(PH)
+        bw = dt(max(xe - xs + 1, 1)) / dt(PW)
+        for ph in range(PH):
+            h0 = min(max(int(np.floor(ph * bh)) + ys, 0), H)
+            h1 = min(max(int(np.ceil((ph + 1) * bh)) + ys, 0), H)
+            for pw in range(PW):
+                w0 = min(max(int(np.floor(pw * bw)) + xs, 0), W)
+                w1 = min(max(int(np.ceil((pw + 1) * bw)) + xs, 0), W)
+                for c in range(C):
+                    m, arg = (dt(0) if (h1 <= h0 or w1 <= w0) else fmax), None
+                    for h in range(h0, h1):
+                        for w in range(w0, w1):
+                            if x[n, c, h, w] > m:
+                                m, arg = x[n, c, h, w], (h, w)
+                    out[k, c, ph, pw] = m
+                    if g is not None and arg is not None:
+                        gx[n, c, arg[0], arg[1]] += g[k, c, ph, pw]
+    return out, gx
+
+
+def _tie_case(rng, dtype, N, C, H, W, K):
+    """x full of ties, signed zeros, NaN and infinities; RoIs of every kind (tiny, huge, outside,
+    non-finite)."""
+    vals = np.array([0.0, -0.0, 1.0, -1.0, 2.0, np.nan, -np.inf, np.inf, -np.finfo(np.float32).max], dtype)
+    x = rng.choice(vals, size=(N, C, H, W), p=[.2, .2, .15, .15, .1, .08, .05, .02, .05])
+    x = np.where(rng.uniform(size=x.shape) < 0.3, rng.standard_normal(x.shape), x).astype(dtype)
+    if dtype == np.float64:
+        x.flat[::7] = -1e300                   # below -FLT_MAX: never taken
+    rois = random_rois(rng, K, N, H, W, 0.5).astype(dtype)
+    rois[0, 1:] = [-40, -40, 2 * W + 40, 2 * H + 40]
+    rois[1, 1:] = [4 * W, 4 * H, 4 * W + 9, 4 * H + 9]
+    rois[2, 2] = np.nan
+    rois[3, 1:] = [3, 3, 3, 3]
+    return x, rois
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("C", [5, 16, 37])
+def test_roi_pool_lanes_bitwise_scalar_semantics(rng, lane_scratch, dtype, C):
+    """Every path (whole-image scratch, per-RoI scratch, scalar), at 1 and 2 threads, gives the
+    sequential scan's values, argmaxes and sums bit for bit: ties, NaN, +-0, -inf, the channel
+    tail C % 16."""
+    x, rois = _tie_case(rng, dtype, 2, C, 13, 17, 24)
+    PH, PW, scale = 3, 4, 0.5
+    g = rng.standard_normal((len(rois), C, PH, PW)).astype(dtype)
+    want, gwant = _pool_scan(x, rois, PH, PW, scale, g)
+    for path in SCRATCH:
+        lane_scratch(path)
+        for t in (1, 2):
+            with fastnorm.threads(t):
+                y = fastnorm.roi_pool(x, rois, (PH, PW), scale)
+                gx = fastnorm.roi_pool_backward(g, rois, x.shape, (PH, PW), scale, x=x)
+            assert y.tobytes() == want.tobytes(), (path, t)
+            assert gx.tobytes() == gwant.tobytes(), (path, t)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("CO", [1, 3, 10])
+def test_ps_roi_align_lanes_paths_and_threads(rng, lane_scratch, dtype, CO):
+    """The lane path (units image x bin) is bitwise identical at 1 and 2 threads, forward and
+    backward, and matches the per-RoI scalar path (taken when the scratch bound is 0) and the
+    float64 oracle."""
+    PH, PW, N, H, W, K = 3, 2, 2, 15, 19, 40
+    x = rng.standard_normal((N, CO * PH * PW, H, W)).astype(dtype)
+    rois = random_rois(rng, K, N, H, W, 0.5).astype(dtype)
+    rois[0, 1:] = [-30, -30, 2 * W + 30, 2 * H + 30]
+    rois[1, 1:] = [4 * W, 4 * H, 4 * W + 9, 4 * H + 9]
+    rois[2, 3] = np.inf
+    g = rng.standard_normal((K, CO, PH, PW)).astype(dtype)
+    res = {}
+    for path in ("default", "scalar"):
+        lane_scratch(path)
+        for t in (1, 2):
+            with fastnorm.threads(t):
+                res[path, t] = (fastnorm.ps_roi_align(x, rois, (PH, PW), 0.5, 2),
+                                fastnorm.ps_roi_align_backward(g, rois, x.shape, (PH, PW), 0.5, 2))
+    for path in ("default", "scalar"):
+        for a, b in zip(res[path, 1], res[path, 2]):
+            assert a.tobytes() == b.tobytes(), path
+    want = ref.ps_roi_align(_f64(x), _f64(rois), PH, PW, 0.5, 2)
+    gwant = ref.ps_roi_align_backward(_f64(g), _f64(rois), _f64(x), PH, PW, 0.5, 2)
+    name = np.dtype(dtype).name
+    for path in ("default", "scalar"):
+        y, gx = res[path, 1]
+        _close(_CPU, y, want, name)
+        _close(_CPU, gx, gwant, name)
+
+
+class _CPU:
+    asnumpy = staticmethod(np.asarray)

@@ -679,17 +679,22 @@ cdef void _avg_band(const floating* x, const floating* dy, floating* out, floati
                 fn_roi_tile_in_f(dy + (k * C + c0) * nb, nb, nch, tile)
             else:
                 fn_roi_tile_in_d(dy + (k * C + c0) * nb, nb, nch, tile)
-            for b in range(nb):
-                _cv_scatter(Sb, FN_RL, W, t, _rbin(b, PW, dfm), _cbin(b, PW, dfm),
-                            _binv(inv, dfm, k * nb + b), tile + b * FN_RL)
+            for ph in range(PH):
+                for pw in range(PW):
+                    b = ph * PW + pw
+                    _cv_scatter(Sb, FN_RL, W, t, b if dfm != NULL else ph,
+                                b if dfm != NULL else pw, _binv(inv, dfm, k * nb + b),
+                                tile + b * FN_RL)
             continue
         if dfm != NULL and dfm.part != NULL:
             if t.cnt > 0:
                 _dfm_grads(Sb, dy, t, &dfm.dtabs[j - jc], dfm, k, c0, nch, C, W, nb, tile)
             continue
-        for b in range(nb):
-            _cv_bin(Sb, FN_RL, W, t, _rbin(b, PW, dfm), t, _cbin(b, PW, dfm),
-                    _binv(inv, dfm, k * nb + b), tile + b * FN_RL)
+        for ph in range(PH):
+            for pw in range(PW):
+                b = ph * PW + pw
+                _cv_bin(Sb, FN_RL, W, t, b if dfm != NULL else ph, t, b if dfm != NULL else pw,
+                        _binv(inv, dfm, k * nb + b), tile + b * FN_RL)
         if cl:
             for b in range(nb):
                 for c in range(nch):
@@ -733,7 +738,7 @@ cdef void _avg_direct(const floating* x, const floating* dy, floating* out, floa
         return
     for c in range(c0, c0 + nch):
         o = n * HW * C + c if cl else (n * C + c) * HW
-        for b in range(nb):
+        for b in range(nb):       # (rare RoIs: per-bin divisions are fine here)
             if backward:
                 _bin_scatter_ps(gx + o, W, ps, t, _rbin(b, PW, dfm), _cbin(b, PW, dfm),
                                 (dy[(k * nb + b) * C + c] if cl else dy[(k * C + c) * nb + b])

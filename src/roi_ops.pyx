@@ -332,7 +332,8 @@ cdef Py_ssize_t _sep_tables(const floating* rois, const Py_ssize_t* order, Py_ss
             d.ci = d.ri + nr
             d.rw = <void*>(d.ci + nc)
             d.cw = <void*>(<char*>d.rw + _al8(nr * fs))
-    for k in prange(k1 - k0, num_threads=nthreads, schedule="static"):
+    # a few RoIs: filled in this thread (a parallel region costs more than they do)
+    for k in prange(k1 - k0, num_threads=nthreads if k1 - k0 >= 64 else 1, schedule="static"):
         if dfm == NULL:
             _sep_fill(&tabs[k], rois + 5 * order[k0 + k], scale, off, clamp1, PH, PW, sr, H, W)
         else:
@@ -1931,25 +1932,118 @@ cdef void _dfm_reduce(const floating* rois, const floating* mask, const floating
 
 # ---------------------------------------------------------------- Python entry points
 
-SPATIAL_BAND = 16
+cdef double SPATIAL_BAND = 16     # feature rows per band of _segments' spatial order
+
+
+cdef struct SKey:
+    # a RoI's sort key in _segments: image, band of SPATIAL_BAND rows, centre column, index
+    Py_ssize_t b
+    double band
+    double xc
+    Py_ssize_t k
+
+
+cdef inline bint _nan_lt(double a, double b) noexcept nogil:
+    """a < b with NaN after every number (numpy's sort order)."""
+    if a != a:
+        return False
+    return b != b or a < b
+
+
+cdef inline bint _key_lt(const SKey* p, const SKey* q) noexcept nogil:
+    if p.b != q.b:
+        return p.b < q.b
+    if _nan_lt(p.band, q.band) or _nan_lt(q.band, p.band):
+        return _nan_lt(p.band, q.band)
+    if _nan_lt(p.xc, q.xc) or _nan_lt(q.xc, p.xc):
+        return _nan_lt(p.xc, q.xc)
+    return p.k < q.k
+
+
+cdef void _key_sort(SKey* a, SKey* t, Py_ssize_t n) noexcept nogil:
+    """Merge sort of a[0:n] by _key_lt (t: n elements of room); insertion sort below 16."""
+    cdef Py_ssize_t i, j, m, o
+    cdef SKey v
+    if n < 16:
+        for i in range(1, n):
+            v = a[i]
+            j = i
+            while j > 0 and _key_lt(&v, &a[j - 1]):
+                a[j] = a[j - 1]
+                j -= 1
+            a[j] = v
+        return
+    m = n // 2
+    _key_sort(a, t, m)
+    _key_sort(a + m, t, n - m)
+    i, j, o = 0, m, 0
+    while i < m and j < n:
+        if _key_lt(&a[j], &a[i]):
+            t[o] = a[j]
+            j += 1
+        else:
+            t[o] = a[i]
+            i += 1
+        o += 1
+    while i < m:
+        t[o] = a[i]
+        i += 1
+        o += 1
+    memcpy(a, t, o * sizeof(SKey))
+
+
+cdef int _order(const floating* rois, Py_ssize_t K, Py_ssize_t width, Py_ssize_t N, double scale,
+                bint spatial, Py_ssize_t* order, Py_ssize_t* seg) noexcept nogil:
+    """_segments' work: keys, a stable merge sort, per-image bounds; -1 out of memory. RoIs
+    are rows of ``width`` (5: boxes; 6: rotated, not sorted spatially)."""
+    cdef SKey* a = <SKey*>malloc(2 * max(K, 1) * sizeof(SKey))
+    cdef const floating* r
+    cdef Py_ssize_t k, n
+    if a == NULL:
+        return -1
+    for k in range(K):
+        r = rois + width * k
+        a[k].b = <Py_ssize_t>r[0]
+        a[k].k = k
+        a[k].band = 0
+        a[k].xc = 0
+        if spatial:
+            a[k].band = floor(((<double>r[2] + r[4]) * (0.5 * scale)) / SPATIAL_BAND)
+            a[k].xc = (<double>r[1] + r[3]) * (0.5 * scale)
+    _key_sort(a, a + K, K)
+    for n in range(N + 1):
+        seg[n] = 0
+    for k in range(K):
+        order[k] = a[k].k
+        seg[a[k].b + 1] += 1
+    for n in range(N):
+        seg[n + 1] += seg[n]
+    free(a)
+    return 0
 
 
 def _segments(rois, Py_ssize_t N, scale=None):
     """RoI indices grouped by image (stable) and the per-image segment bounds; with the spatial
-    scale, in spatial order within each image instead (deterministic: it depends on rois only)."""
-    b = rois[:, 0].astype(np.int64)
-    if scale is None:
-        order = np.argsort(b, kind="stable").astype(np.intp)
-    else:
-        # within an image: bands of SPATIAL_BAND feature rows by box centre, left to right in
-        # a band, so neighbouring RoIs share the pixels they read (cache reuse)
-        with np.errstate(invalid="ignore", over="ignore"):
-            yc = (rois[:, 2].astype(np.float64) + rois[:, 4]) * (0.5 * scale)
-            xc = (rois[:, 1].astype(np.float64) + rois[:, 3]) * (0.5 * scale)
-            band = np.floor(yc / SPATIAL_BAND)
-        order = np.lexsort((np.arange(len(b)), xc, band, b)).astype(np.intp)
-    seg = np.searchsorted(b[order], np.arange(N + 1)).astype(np.intp)
-    return np.ascontiguousarray(order), np.ascontiguousarray(seg)
+    scale, in spatial order within each image instead: by image, band of SPATIAL_BAND feature
+    rows of the box centre, then centre column, then index (so neighbouring RoIs share the
+    pixels they read; deterministic: it depends on rois only). rois: validated batch indices."""
+    cdef Py_ssize_t K = rois.shape[0], width = rois.shape[1]
+    order = np.empty(K, dtype=np.intp)
+    seg = np.empty(N + 1, dtype=np.intp)
+    cdef void* pr = _p(rois)
+    cdef Py_ssize_t* po = <Py_ssize_t*>_p(order)
+    cdef Py_ssize_t* ps = <Py_ssize_t*>_p(seg)
+    cdef double sc = 0 if scale is None else scale
+    cdef bint spatial = scale is not None and width == 5, f32 = rois.dtype == np.float32
+    cdef int rc
+    with nogil:
+        if f32:
+            rc = _order(<float*>pr, K, width, N, sc, spatial, po, ps)
+        else:
+            rc = _order(<double*>pr, K, width, N, sc, spatial, po, ps)
+    if rc != 0:
+        raise MemoryError("out of memory ordering the RoIs")
+    return order, seg
 
 
 def _bwd_block(Py_ssize_t N, Py_ssize_t C, int nthreads):

@@ -17,6 +17,7 @@
 #include <float.h>
 #include <stddef.h>
 #include <stdint.h>
+#include "_roi_simd.h"      /* fn_roi_tr8_regs */
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
@@ -53,36 +54,13 @@ typedef int64_t rp_vid __attribute__((vector_size(RP_VB), aligned(8), may_alias)
  * (4 pixels, 4 x 4 for double); they return how many pixels they moved (the caller's scalar loops
  * do the rest). Pure data movement: the same bits as the scalar loops. */
 #if defined(__AVX__)
-#include <immintrin.h>
-RP_INLINE void rp_tr8(__m256* r) {
-    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-    __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
-    __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
-    __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
-    __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
-    __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
-    __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
-    __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
-    __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
-    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
-    r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
-    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
-    r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
-    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
-    r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
-    r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
-}
 RP_INLINE ptrdiff_t rp_tr8_in_f(const float* r, ptrdiff_t plane, ptrdiff_t n, float* d) {
     ptrdiff_t i = 0;
     for (; i + 8 <= n; i += 8)
         for (int half = 0; half < RP_L / 8; half++) {
             __m256 v[8];
             for (int c = 0; c < 8; c++) v[c] = _mm256_loadu_ps(r + (half * 8 + c) * plane + i);
-            rp_tr8(v);
+            fn_roi_tr8_regs(v);
             for (int p = 0; p < 8; p++) _mm256_storeu_ps(d + (i + p) * RP_L + half * 8, v[p]);
         }
     return i;
@@ -93,7 +71,7 @@ RP_INLINE ptrdiff_t rp_tr8_out_f(float* r, ptrdiff_t plane, ptrdiff_t n, const f
         for (int half = 0; half < RP_L / 8; half++) {
             __m256 v[8];
             for (int p = 0; p < 8; p++) v[p] = _mm256_loadu_ps(d + (i + p) * RP_L + half * 8);
-            rp_tr8(v);
+            fn_roi_tr8_regs(v);
             for (int c = 0; c < 8; c++) _mm256_storeu_ps(r + (half * 8 + c) * plane + i, v[c]);
         }
     return i;

@@ -240,6 +240,13 @@ cdef inline void _bin_scatter(floating* plane, Py_ssize_t W, const Tab* t, Py_ss
 # ---------------------------------------------------------------- RoIAlign kernels
 
 cdef Py_ssize_t TABLE_BYTES = 32 << 20   # separable tables are built for RoI chunks up to this
+cdef Py_ssize_t SETUP_SERIAL = 64         # per-RoI setup (tables, windows) of fewer RoIs: serial
+
+
+cdef inline int _setup_threads(Py_ssize_t n, int nthreads) noexcept nogil:
+    """Threads for a per-RoI setup loop of n RoIs: one below SETUP_SERIAL (a parallel region
+    costs more than a few RoIs do)."""
+    return nthreads if n >= SETUP_SERIAL else 1
 # per-thread scratch of the channel-vector kernels, bytes: RoIAlign's bands of FN_RL-channel
 # rows, RoIPool's / PS-RoIAlign's lane images (beyond it they take their smaller fallbacks)
 cdef Py_ssize_t SCRATCH_BYTES = 16 << 20
@@ -332,8 +339,7 @@ cdef Py_ssize_t _sep_tables(const floating* rois, const Py_ssize_t* order, Py_ss
             d.ci = d.ri + nr
             d.rw = <void*>(d.ci + nc)
             d.cw = <void*>(<char*>d.rw + _al8(nr * fs))
-    # a few RoIs: filled in this thread (a parallel region costs more than they do)
-    for k in prange(k1 - k0, num_threads=nthreads if k1 - k0 >= 64 else 1, schedule="static"):
+    for k in prange(k1 - k0, num_threads=_setup_threads(k1 - k0, nthreads), schedule="static"):
         if dfm == NULL:
             _sep_fill(&tabs[k], rois + 5 * order[k0 + k], scale, off, clamp1, PH, PW, sr, H, W)
         else:
@@ -1495,7 +1501,7 @@ cdef int _ps_lanes(const floating* x, const floating* dy, floating* out, floatin
     rw = <floating*>(urects + 4 * N)
     cw = rw + tr
     cnt = cw + tc
-    for k in prange(K, num_threads=nthreads, schedule="static"):
+    for k in prange(K, num_threads=_setup_threads(K, nthreads), schedule="static"):
         rp[k * (PH + 1)] = roff[k]
         cp[k * (PW + 1)] = coff[k]
         _ps_fill(rois + 5 * k, scale, PH, PW, sr, H, W, rp + k * (PH + 1), cp + k * (PW + 1),
@@ -1806,7 +1812,7 @@ cdef Py_ssize_t _pool_prep(const floating* rois, const Py_ssize_t* order, const 
     returns the most scratch pixels a unit uses (unions up to cap, else RoIs up to cap)."""
     cdef Py_ssize_t ws_ = 4 + 2 * PH + 2 * PW, k, j, n, a, ua, need = 0
     cdef Py_ssize_t* r
-    for k in prange(K, num_threads=nthreads, schedule="static"):
+    for k in prange(K, num_threads=_setup_threads(K, nthreads), schedule="static"):
         _pool_fill(rois + 5 * k, scale, PH, PW, H, W, wins + k * ws_)
     for n in range(N):
         r = urects + 4 * n

@@ -223,18 +223,20 @@ cdef inline floating _bin_dot(const floating* plane, Py_ssize_t W, const Tab* tr
     return s
 
 
-cdef inline void _bin_scatter(floating* plane, Py_ssize_t W, const Tab* t, Py_ssize_t rb,
-                              Py_ssize_t cb, floating gg) noexcept nogil:
+cdef inline void _bin_scatter(floating* plane, Py_ssize_t W, Py_ssize_t ps, const Tab* t,
+                              Py_ssize_t rb, Py_ssize_t cb, floating gg) noexcept nogil:
+    """The adjoint of _bin_dot (row and column tables of bin rb / cb of ``t``) on a plane whose
+    pixels are ``ps`` apart (1; channels-last: C)."""
     cdef const floating* rw = <const floating*>t.rw
     cdef const floating* cw = <const floating*>t.cw
     cdef Py_ssize_t a, b
     cdef floating u
     cdef floating* row
     for a in range(t.rp[rb], t.rp[rb + 1]):
-        row = plane + t.ri[a] * W
+        row = plane + t.ri[a] * W * ps
         u = gg * rw[a]
         for b in range(t.cp[cb], t.cp[cb + 1]):
-            row[t.ci[b]] += u * cw[b]
+            row[t.ci[b] * ps] += u * cw[b]
 
 
 # ---------------------------------------------------------------- RoIAlign kernels
@@ -569,21 +571,6 @@ cdef void _cv_zero(floating* x, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t nch, Py_
         memset(x + (n * C + c0 + c) * HW + p0, 0, (p1 - p0) * sizeof(floating))
 
 
-cdef inline void _bin_scatter_ps(floating* plane, Py_ssize_t W, Py_ssize_t ps, const Tab* t,
-                                 Py_ssize_t rb, Py_ssize_t cb, floating gg) noexcept nogil:
-    """_bin_scatter on a plane whose pixels are ``ps`` apart (channels-last: ps = C)."""
-    cdef const floating* rw = <const floating*>t.rw
-    cdef const floating* cw = <const floating*>t.cw
-    cdef Py_ssize_t a, b
-    cdef floating u
-    cdef floating* row
-    for a in range(t.rp[rb], t.rp[rb + 1]):
-        row = plane + t.ri[a] * W * ps
-        u = gg * rw[a]
-        for b in range(t.cp[cb], t.cp[cb + 1]):
-            row[t.ci[b] * ps] += u * cw[b]
-
-
 cdef inline Py_ssize_t _rbin(Py_ssize_t b, Py_ssize_t PW, const Deform* dfm) noexcept nogil:
     """The row table of bin b: ph (separable) or b (deformable, per-bin tables)."""
     return b if dfm != NULL else b // PW
@@ -747,7 +734,7 @@ cdef void _avg_direct(const floating* x, const floating* dy, floating* out, floa
         o = n * HW * C + c if cl else (n * C + c) * HW
         for b in range(nb):       # (rare RoIs: per-bin divisions are fine here)
             if backward:
-                _bin_scatter_ps(gx + o, W, ps, t, _rbin(b, PW, dfm), _cbin(b, PW, dfm),
+                _bin_scatter(gx + o, W, ps, t, _rbin(b, PW, dfm), _cbin(b, PW, dfm),
                                 (dy[(k * nb + b) * C + c] if cl else dy[(k * C + c) * nb + b])
                                 * _binv(inv, dfm, k * nb + b))
             else:
@@ -1307,7 +1294,7 @@ cdef void _ps_unit(const floating* x, const floating* dy, floating* out, floatin
             for bn in range(nb):
                 ci = co * nb + bn
                 if backward:
-                    _bin_scatter(gx + (n * C + ci) * H * W, W, &t, bn, bn,
+                    _bin_scatter(gx + (n * C + ci) * H * W, W, 1, &t, bn, bn,
                                  dy[(k * CO + co) * nb + bn] / cnt)
                 else:
                     out[(k * CO + co) * nb + bn] = _bin_dot(x + (n * C + ci) * H * W, W, &t,
@@ -2106,10 +2093,23 @@ def roi_align_backward(grad_out, rois, x, input_shape, Py_ssize_t pooled_h,
 
 def _align(x, dy, rois, out, gx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,
            Py_ssize_t PH, Py_ssize_t PW, double scale, int sr, bint aligned, int mode, bint cl,
-           bint backward, int nthreads, subset=None):
+           bint backward, int nthreads, subset=None, deform=None):
     """The RoIAlign kernels on all of rois, or (MODE_AVG) on the rows ``subset`` only: outputs
-    and grad_out rows at those indices (multi_scale_roi_align: one pyramid level's RoIs)."""
+    and grad_out rows at those indices (multi_scale_roi_align: one pyramid level's RoIs).
+    ``deform`` (MODE_AVG, aligned, NCHW): (offset, mask, gamma, part), deformable RoI pooling's
+    per-bin tables and mask (Deform); with ``part`` its offset/mask gradient pass."""
     cdef Py_ssize_t K = rois.shape[0], cb
+    cdef Deform d
+    cdef Deform* pdf = NULL
+    if deform is not None:
+        offset, mask, gamma, part = deform
+        d.offset = _p(offset)
+        d.mask = _p(mask)
+        d.gamma = gamma
+        d.part = _p(part)
+        d.nblk = 0 if part is None else part.shape[2]
+        d.dtabs = NULL
+        pdf = &d
     if subset is None:
         order, seg = _segments(rois, N, None if mode == MODE_MAX else scale)
     else:
@@ -2148,13 +2148,14 @@ def _align(x, dy, rois, out, gx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ss
         elif f32:
             rc = _align_avg(<float*>px, <float*>pd, <float*>pr, <float*>po, <float*>pg, pod, ps,
                             K, N, C, H, W, PH, PW, scale, off, not aligned, sr, cl, backward,
-                            NULL, <float*>psc, nthreads)
+                            pdf, <float*>psc, nthreads)
         else:
             rc = _align_avg(<double*>px, <double*>pd, <double*>pr, <double*>po, <double*>pg, pod,
                             ps, K, N, C, H, W, PH, PW, scale, off, not aligned, sr, cl, backward,
-                            NULL, <double*>psc, nthreads)
+                            pdf, <double*>psc, nthreads)
     if rc != 0:
-        raise MemoryError("roi_align: out of memory for the sampling tables")
+        raise MemoryError(("roi_align" if deform is None else "deform_roi_pool")
+                          + ": out of memory for the sampling tables")
 
 
 def roi_align_rotated_forward(x, rois, Py_ssize_t pooled_h, Py_ssize_t pooled_w,
@@ -2329,8 +2330,9 @@ def deform_roi_pool_forward(x, rois, offset, mask, Py_ssize_t pooled_h, Py_ssize
     if H * W == 0:
         out[...] = 0
         return out
-    _deform(x, None, rois, offset, mask, out, None, N, C, H, W, pooled_h, pooled_w,
-            spatial_scale, sampling_ratio, gamma, nthreads)
+    _align(x, None, rois, out, None, N, C, H, W, pooled_h, pooled_w, spatial_scale,
+           sampling_ratio, True, MODE_AVG, False, False, nthreads,
+           deform=(offset, mask, gamma, None))
     return out
 
 
@@ -2348,13 +2350,13 @@ def deform_roi_pool_backward(grad_out, x, rois, offset, mask, Py_ssize_t pooled_
     if x.size == 0 or K == 0:
         return np.zeros(x.shape, dtype=x.dtype), goff, gm
     gx = _cache.empty(x.shape, x.dtype)          # every element written (_avg_unit)
-    _deform(x, grad_out, rois, offset, mask, None, gx, N, C, H, W, PH, PW, scale, sr, gamma,
-            nthreads)
+    _align(None, grad_out, rois, None, gx, N, C, H, W, PH, PW, scale, sr, True, MODE_AVG, False,
+           True, nthreads, deform=(offset, mask, gamma, None))
     if goff is None and gm is None:
         return gx, goff, gm
     part = np.zeros((K, PH * PW, (C + FN_RL - 1) // FN_RL, 3), dtype=x.dtype)
-    _deform(x, grad_out, rois, offset, mask, None, None, N, C, H, W, PH, PW, scale, sr, gamma,
-            nthreads, part)
+    _align(x, grad_out, rois, None, None, N, C, H, W, PH, PW, scale, sr, True, MODE_AVG, False,
+           False, nthreads, deform=(offset, mask, gamma, part))
     cdef void* pr = _p(rois)
     cdef void* pm = _p(mask)
     cdef void* pp = _p(part)
@@ -2371,45 +2373,6 @@ def deform_roi_pool_backward(grad_out, x, rois, offset, mask, Py_ssize_t pooled_
                 _dfm_reduce(<double*>pr, <double*>pm, <double*>pp, <double*>pgo, <double*>pgm,
                             k, nblk, H, W, PH, PW, scale, sr, gamma)
     return gx, goff, gm
-
-
-def _deform(x, dy, rois, offset, mask, out, gx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H,
-            Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW, double scale, int sr, double gamma,
-            int nthreads, part=None):
-    """Deformable RoI pooling's forward (out), grad_x (gx) or gradient pass of offset/mask
-    (``part``, Deform): the RoIAlign units (_align_avg) on per-bin tables shifted by the
-    offsets, scaled by the mask (aligned, NCHW)."""
-    cdef Py_ssize_t K = rois.shape[0]
-    order, seg = _segments(rois, N, scale)
-    scratch = _cache.empty((max(nthreads, 1), _cv_per(H, W, PH, PW, x.itemsize)), x.dtype)
-    cdef Deform d
-    d.offset = _p(offset)
-    d.mask = _p(mask)
-    d.gamma = gamma
-    d.part = _p(part)
-    d.nblk = 0 if part is None else part.shape[2]
-    d.dtabs = NULL
-    cdef void* px = _p(x)
-    cdef void* pd = _p(dy)
-    cdef void* pr = _p(rois)
-    cdef void* po = _p(out)
-    cdef void* pg = _p(gx)
-    cdef void* psc = _p(scratch)
-    cdef Py_ssize_t* pod = <Py_ssize_t*>_p(order)
-    cdef Py_ssize_t* ps = <Py_ssize_t*>_p(seg)
-    cdef bint backward = gx is not None, f32 = x.dtype == np.float32
-    cdef int rc
-    with nogil:
-        if f32:
-            rc = _align_avg(<float*>px, <float*>pd, <float*>pr, <float*>po, <float*>pg, pod, ps,
-                            K, N, C, H, W, PH, PW, scale, 0.5, False, sr, False, backward, &d,
-                            <float*>psc, nthreads)
-        else:
-            rc = _align_avg(<double*>px, <double*>pd, <double*>pr, <double*>po, <double*>pg,
-                            pod, ps, K, N, C, H, W, PH, PW, scale, 0.5, False, sr, False,
-                            backward, &d, <double*>psc, nthreads)
-    if rc != 0:
-        raise MemoryError("deform_roi_pool: out of memory for the sampling tables")
 
 
 # ---------------------------------------------------------------- multi-scale RoIAlign (FPN)

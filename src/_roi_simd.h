@@ -139,6 +139,58 @@ static inline void fn_roi_scatter_##SFX(T* S, ptrdiff_t ps, ptrdiff_t W, const p
         }                                                                                        \
     }                                                                                            \
 }                                                                                                \
+/* one RoI of the NCHW band path: tile[b][0:FN_RL] (bin b = ph * PW + pw) = its bins over the   \
+ * band S (pixel p at S[p * FN_RL]) times inv (times mask[b] when mask is given and inv != 0)    \
+ * with its tables: rows ri[rp[rb]:rp[rb + 1]], columns ci[cp[cb]:cp[cb + 1]], where rb = ph,    \
+ * cb = pw (separable tables) or rb = cb = b (per-bin tables: ``per_bin``, deformable pooling);   \
+ * per lane the arithmetic of fn_roi_bin_cl, on whole FN_RL-lane vectors, one call per RoI. */   \
+static inline void fn_roi_band_fwd_##SFX(const T* S, ptrdiff_t W, ptrdiff_t PH, ptrdiff_t PW,    \
+                                         const ptrdiff_t* rp, const ptrdiff_t* ri, const T* rw,  \
+                                         const ptrdiff_t* cp, const ptrdiff_t* ci, const T* cw,  \
+                                         int per_bin, T inv, const T* mask, T* tile) {           \
+    enum { L = 32 / sizeof(T), NV = FN_RL / L };                                                 \
+    for (ptrdiff_t ph = 0; ph < PH; ph++) {                                                      \
+        for (ptrdiff_t pw = 0; pw < PW; pw++) {                                                  \
+            const ptrdiff_t bin = ph * PW + pw, rb = per_bin ? bin : ph, cb = per_bin ? bin : pw; \
+            const ptrdiff_t r0 = rp[rb], nr = rp[rb + 1] - r0;                                   \
+            const ptrdiff_t c0 = cp[cb], nc = cp[cb + 1] - c0;                                   \
+            const T sc = mask != NULL && inv != 0 ? inv * mask[bin] : inv;                       \
+            V s[NV];                                                                             \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) s[v] = (V){0};                  \
+            if (nr == 4 && nc == 4) {   /* the common bin of sampling_ratio 2: unrolled */       \
+                _Pragma("GCC unroll 4") for (int a = 0; a < 4; a++) {                            \
+                    const T* row = S + ri[r0 + a] * W * FN_RL;                                   \
+                    V u[NV];                                                                     \
+                    _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) u[v] = (V){0};          \
+                    _Pragma("GCC unroll 4") for (int b = 0; b < 4; b++) {                        \
+                        const T* q = row + ci[c0 + b] * FN_RL;                                   \
+                        const T w = cw[c0 + b];                                                  \
+                        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                     \
+                            u[v] = u[v] + w * *(const V*)(q + v * L);                            \
+                    }                                                                            \
+                    _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                         \
+                        s[v] = s[v] + rw[r0 + a] * u[v];                                         \
+                }                                                                                \
+            } else {                                                                             \
+                for (ptrdiff_t a = 0; a < nr; a++) {                                             \
+                    const T* row = S + ri[r0 + a] * W * FN_RL;                                   \
+                    V u[NV];                                                                     \
+                    _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) u[v] = (V){0};          \
+                    for (ptrdiff_t b = 0; b < nc; b++) {                                         \
+                        const T* q = row + ci[c0 + b] * FN_RL;                                   \
+                        const T w = cw[c0 + b];                                                  \
+                        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                     \
+                            u[v] = u[v] + w * *(const V*)(q + v * L);                            \
+                    }                                                                            \
+                    _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                         \
+                        s[v] = s[v] + rw[r0 + a] * u[v];                                         \
+                }                                                                                \
+            }                                                                                    \
+            T* d = tile + bin * FN_RL;                                                           \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) *(V*)(d + v * L) = s[v] * sc;   \
+        }                                                                                        \
+    }                                                                                            \
+}                                                                                                \
 /* S[p][c] = x[c * HW + p] for p in [p0, p1), c < nch (lanes c >= nch: 0); x: nch planes */       \
 static inline void fn_roi_tr_in_s##SFX(const T* x, ptrdiff_t HW, ptrdiff_t nch, ptrdiff_t p0,     \
                                       ptrdiff_t p1, T* S) {                                      \

@@ -252,17 +252,29 @@ cdef inline int _setup_threads(Py_ssize_t n, int nthreads) noexcept nogil:
 # per-thread scratch of the channel-vector kernels, bytes: RoIAlign's bands of FN_RL-channel
 # rows, RoIPool's / PS-RoIAlign's lane images (beyond it they take their smaller fallbacks)
 cdef Py_ssize_t SCRATCH_BYTES = 16 << 20
+# RoIAlign NCHW forward: per-RoI rectangles (_avg_rects) instead of a band when they move less
+# than 1 / RECT_COST of its pixels (a short-row transpose costs about that many band pixels)
+cdef Py_ssize_t RECT_COST = 3
+# PS-RoIAlign: the lane path only when its transposes move at most LANE_READS times the elements
+# the scalar path reads (few RoIs on a large map: the scalar path)
+cdef Py_ssize_t LANE_READS = 6
 
 
-def _set_limits(scratch_bytes=None, table_bytes=None):
-    """Set SCRATCH_BYTES and TABLE_BYTES (None: unchanged); returns the old pair. A test hook:
-    small values send small inputs down the banded, direct, fallback and chunked paths."""
-    global SCRATCH_BYTES, TABLE_BYTES
-    old = SCRATCH_BYTES, TABLE_BYTES
+def _set_limits(scratch_bytes=None, table_bytes=None, rect_cost=None, lane_reads=None):
+    """Set SCRATCH_BYTES, TABLE_BYTES, RECT_COST and LANE_READS (None: unchanged); returns the
+    old values. A test hook: small values send small inputs down the banded, direct, fallback
+    and chunked paths; rect_cost 0 / huge forces RoIAlign's per-RoI rectangles / bands,
+    lane_reads 0 / huge PS-RoIAlign's scalar / lane path."""
+    global SCRATCH_BYTES, TABLE_BYTES, RECT_COST, LANE_READS
+    old = SCRATCH_BYTES, TABLE_BYTES, RECT_COST, LANE_READS
     if scratch_bytes is not None:
         SCRATCH_BYTES = scratch_bytes
     if table_bytes is not None:
         TABLE_BYTES = table_bytes
+    if rect_cost is not None:
+        RECT_COST = rect_cost
+    if lane_reads is not None:
+        LANE_READS = lane_reads
     return old
 
 
@@ -422,6 +434,14 @@ cdef extern from "_roi_simd.h" nogil:
     void fn_roi_scatter_d(double* S, Py_ssize_t ps, Py_ssize_t W, const Py_ssize_t* ri, const double* rw,
                           Py_ssize_t nr, const Py_ssize_t* ci, const double* cw, Py_ssize_t nc,
                           double inv, const double* g)
+    void fn_roi_band_fwd_f(const float* S, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW,
+                           const Py_ssize_t* rp, const Py_ssize_t* ri, const float* rw,
+                           const Py_ssize_t* cp, const Py_ssize_t* ci, const float* cw,
+                           int per_bin, float inv, const float* mask, float* tile)
+    void fn_roi_band_fwd_d(const double* S, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW,
+                           const Py_ssize_t* rp, const Py_ssize_t* ri, const double* rw,
+                           const Py_ssize_t* cp, const Py_ssize_t* ci, const double* cw,
+                           int per_bin, double inv, const double* mask, double* tile)
     void fn_roi_bin_cl_f(const float* x, Py_ssize_t C, Py_ssize_t W, const Py_ssize_t* ri,
                          const float* rw, Py_ssize_t nr, const Py_ssize_t* ci, const float* cw,
                          Py_ssize_t nc, float inv, float* dst)
@@ -623,6 +643,92 @@ cdef void _dfm_grads(const floating* Sb, const floating* dy, const Tab* t, const
         q[2] = s2
 
 
+cdef void _band_roi_fwd(const floating* Sb, Py_ssize_t W, const Tab* t, Py_ssize_t k,
+                        floating inv, const Deform* dfm, Py_ssize_t c0, Py_ssize_t nch,
+                        Py_ssize_t C, Py_ssize_t PH, Py_ssize_t PW, bint cl, floating* out,
+                        floating* tile) noexcept nogil:
+    """Forward of RoI k (tables t) over channels c0..c0+nch from a channel-block-last image Sb
+    of width W (pixel (r, c) at Sb[(r * W + c) * FN_RL]; fn_roi_band_fwd) into its outputs."""
+    cdef Py_ssize_t nb = PH * PW, b, c
+    cdef const floating* mask = NULL
+    if dfm != NULL and dfm.mask != NULL:
+        mask = <const floating*>dfm.mask + k * nb
+    if floating is float:
+        fn_roi_band_fwd_f(Sb, W, PH, PW, t.rp, t.ri, <const float*>t.rw, t.cp, t.ci,
+                          <const float*>t.cw, dfm != NULL, inv, mask, tile)
+    else:
+        fn_roi_band_fwd_d(Sb, W, PH, PW, t.rp, t.ri, <const double*>t.rw, t.cp, t.ci,
+                          <const double*>t.cw, dfm != NULL, inv, mask, tile)
+    if cl:
+        for b in range(nb):
+            for c in range(nch):
+                out[(k * nb + b) * C + c0 + c] = tile[b * FN_RL + c]
+    elif floating is float:
+        fn_roi_tile_out_f(tile, nb, nch, out + (k * C + c0) * nb)
+    else:
+        fn_roi_tile_out_d(tile, nb, nch, out + (k * C + c0) * nb)
+
+
+cdef inline Py_ssize_t _tab_cols(const Tab* t, Py_ssize_t ncb, Py_ssize_t* clo) noexcept nogil:
+    """The last column the column tables of ``ncb`` bins read; clo[0]: the first (none: -1, 0)."""
+    cdef Py_ssize_t i, chi = -1
+    clo[0] = 0
+    for i in range(t.cp[ncb]):
+        clo[0] = t.ci[i] if i == 0 else min(clo[0], t.ci[i])
+        chi = max(chi, t.ci[i])
+    return chi
+
+
+cdef bint _rect_mode(const Tab* tabs, Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t jc,
+                     Py_ssize_t ncb, Py_ssize_t band) noexcept nogil:
+    """True when the RoIs' own rectangles (rows lo..hi x the columns their tables read) add up to
+    less than 1 / RECT_COST of the band of ``band`` pixels that holds them all (few RoIs on a
+    large map: _avg_rects, which moves short rows, costs less than the band's transpose)."""
+    cdef Py_ssize_t j, clo, chi, total = 0
+    cdef const Tab* t
+    for j in range(j0, j1):
+        t = &tabs[j - jc]
+        if t.lo > t.hi:
+            continue
+        chi = _tab_cols(t, ncb, &clo)
+        if chi >= clo:
+            total += (t.hi - t.lo + 1) * (chi - clo + 1)
+        if RECT_COST * total >= band:
+            return False
+    return True
+
+
+cdef void _avg_rects(const floating* x, floating* out, const Tab* tabs, const Py_ssize_t* order,
+                     Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t jc, Py_ssize_t n, Py_ssize_t c0,
+                     Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW,
+                     const Deform* dfm, floating* S, floating* tile) noexcept nogil:
+    """NCHW forward of the RoIs order[j0:j1] (as _avg_band, which chose this: _rect_mode), each
+    from a transpose of only the rectangle its tables read into S."""
+    cdef Py_ssize_t nch = min(FN_RL, C - c0), HW = H * W, nb = PH * PW
+    cdef Py_ssize_t ncb = nb if dfm != NULL else PW
+    cdef Py_ssize_t j, k, r, clo, chi, w
+    cdef const floating* xn = x + (n * C + c0) * HW
+    cdef const Tab* t
+    cdef floating inv
+    for j in range(j0, j1):
+        k = order[j]
+        t = &tabs[j - jc]
+        inv = <floating>(1 / t.cnt) if t.cnt > 0 else 0
+        chi = _tab_cols(t, ncb, &clo)
+        if t.lo > t.hi or chi < clo:      # reads nothing: empty tables, zeros (S unused)
+            _band_roi_fwd(S, 0, t, k, inv, dfm, c0, nch, C, PH, PW, False, out, tile)
+            continue
+        w = min(W, (chi - clo + 8) // 8 * 8)   # whole 8-pixel transposes, inside the row
+        clo = min(clo, W - w)
+        for r in range(t.lo, t.hi + 1):
+            if floating is float:
+                fn_roi_tr_in_f(xn + r * W + clo, HW, nch, 0, w, S + (r - t.lo) * w * FN_RL)
+            else:
+                fn_roi_tr_in_d(xn + r * W + clo, HW, nch, 0, w, S + (r - t.lo) * w * FN_RL)
+        _band_roi_fwd(S - (t.lo * w + clo) * FN_RL, w, t, k, inv, dfm, c0, nch, C, PH, PW, False,
+                      out, tile)
+
+
 cdef void _avg_band(const floating* x, const floating* dy, floating* out, floating* gx,
                     const Tab* tabs, const Py_ssize_t* order, Py_ssize_t j0, Py_ssize_t j1,
                     Py_ssize_t jc, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t C,
@@ -641,6 +747,7 @@ cdef void _avg_band(const floating* x, const floating* dy, floating* out, floati
     cdef Py_ssize_t p0 = r0 * W if r1 > r0 else 0, p1 = r1 * W if r1 > r0 else 0
     cdef floating* Sb = S - p0 * FN_RL        # pixel p of the band at Sb[p * FN_RL]
     cdef const Tab* t
+    cdef const floating* mask
     cdef floating inv
     if backward:
         if fresh:
@@ -653,6 +760,10 @@ cdef void _avg_band(const floating* x, const floating* dy, floating* out, floati
         if p1 == p0:
             return
     elif p1 > p0:
+        if not cl and (dfm == NULL or dfm.part == NULL) and _rect_mode(
+                tabs, j0, j1, jc, nb if dfm != NULL else PW, p1 - p0):
+            _avg_rects(x, out, tabs, order, j0, j1, jc, n, c0, C, H, W, PH, PW, dfm, S, tile)
+            return
         _cv_load(x, Sb, n, c0, nch, C, HW, p0, p1, cl)
     for j in range(j0, j1):
         k = order[j]
@@ -684,19 +795,7 @@ cdef void _avg_band(const floating* x, const floating* dy, floating* out, floati
             if t.cnt > 0:
                 _dfm_grads(Sb, dy, t, &dfm.dtabs[j - jc], dfm, k, c0, nch, C, W, nb, tile)
             continue
-        for ph in range(PH):
-            for pw in range(PW):
-                b = ph * PW + pw
-                _cv_bin(Sb, FN_RL, W, t, b if dfm != NULL else ph, t, b if dfm != NULL else pw,
-                        _binv(inv, dfm, k * nb + b), tile + b * FN_RL)
-        if cl:
-            for b in range(nb):
-                for c in range(nch):
-                    out[(k * nb + b) * C + c0 + c] = tile[b * FN_RL + c]
-        elif floating is float:
-            fn_roi_tile_out_f(tile, nb, nch, out + (k * C + c0) * nb)
-        else:
-            fn_roi_tile_out_d(tile, nb, nch, out + (k * C + c0) * nb)
+        _band_roi_fwd(Sb, W, t, k, inv, dfm, c0, nch, C, PH, PW, cl, out, tile)
     if backward:
         _cv_store(Sb, gx, n, c0, nch, C, HW, p0, p1, cl)
 
@@ -1429,6 +1528,25 @@ cdef void _ps_lane_unit(const floating* x, const floating* dy, floating* out, fl
             rp_ps_out_d(gx + base, cstride, CO, W, ur[0], ur[1], ur[2], ur[3], xs)
 
 
+cdef inline double _ps_moves(const Py_ssize_t* urects, Py_ssize_t N,
+                            Py_ssize_t per) noexcept nogil:
+    """Elements the lane path's transposes move: per image, its rectangle x ``per``."""
+    cdef double m = 0
+    cdef Py_ssize_t n
+    for n in range(N):
+        m += <double>_area(urects + 4 * n) * per
+    return m
+
+
+cdef inline double _ps_reads(const floating* cnt, Py_ssize_t K, Py_ssize_t per) noexcept nogil:
+    """Elements the scalar path reads: per RoI, its samples per bin x ``per``."""
+    cdef double m = 0
+    cdef Py_ssize_t k
+    for k in range(K):
+        m += <double>cnt[k] * per
+    return m
+
+
 cdef int _ps_lanes(const floating* x, const floating* dy, floating* out, floating* gx,
                    const floating* rois, const Py_ssize_t* order, const Py_ssize_t* seg,
                    Py_ssize_t K, Py_ssize_t N, Py_ssize_t C, Py_ssize_t CO, Py_ssize_t H,
@@ -1504,7 +1622,8 @@ cdef int _ps_lanes(const floating* x, const floating* dy, floating* out, floatin
             if rects[4 * k + 3] > rects[4 * k + 2]:
                 rr[2] = min(rr[2], rects[4 * k + 2]); rr[3] = max(rr[3], rects[4 * k + 3])
         need = max(need, _area(rr))
-    if need * CO * fs > SCRATCH_BYTES:
+    if need * CO * fs > SCRATCH_BYTES or _ps_moves(urects, N, CO * nb) > LANE_READS * _ps_reads(
+            cnt, K, 4 * nb * CO):
         free(mem)
         return 1
     nbytes = max(need, 1) * CO + 2 * CO            # per thread: scratch, u, acc

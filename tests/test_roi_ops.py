@@ -345,20 +345,24 @@ def test_backward_deterministic_across_threads(rng, fn):
     assert np.array_equal(y1, y2)
 
 
-@pytest.mark.parametrize("rows, table_bytes", [(0, 1 << 25), (1, 1), (3, 1 << 25), (7, 3000)])
+@pytest.mark.parametrize("rows, table_bytes", [(0, 1 << 25), (1, 1), (3, 1 << 25), (7, 3000),
+                                               (None, 1 << 25)])
+@pytest.mark.parametrize("rects", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_roi_align_scratch_bands_and_chunks(rng, dtype, rows, table_bytes):
+def test_roi_align_scratch_bands_and_chunks(rng, dtype, rows, table_bytes, rects):
     """CPU: a per-thread scratch of only ``rows`` feature rows (maps wider than the budget, as in
-    test_huge.py) splits a unit's RoIs into bands and sends taller RoIs straight to x / grad_x;
-    small table budgets split the RoIs into chunks (1: one RoI each). Same results as the oracle
-    (RoIAlign and deformable RoI pooling, which shares its units), bitwise the same for any
-    thread count."""
+    test_huge.py; None: the default) splits a unit's RoIs into bands and sends taller RoIs
+    straight to x / grad_x; small table budgets split the RoIs into chunks (1: one RoI each);
+    ``rects``: the NCHW forward transposes each RoI's own rectangle instead of the band (as for
+    few RoIs on a large map). Same results as the oracle (RoIAlign and deformable RoI pooling,
+    which shares its units), bitwise the same for any thread count and either forward path."""
     from conftest import Backend
     cpu = pytest.importorskip("fastnorm._cpu.roi_ops")
     for sr in (2, -1):
         x, rois = _case(rng, dtype, N=2, C=19, H=23, W=17, K=40, scale=0.5)
         itemsize = np.dtype(_dtype(dtype)).itemsize
-        old = cpu._set_limits(rows * 17 * 16 * itemsize, table_bytes)
+        old = cpu._set_limits(None if rows is None else rows * 17 * 16 * itemsize, table_bytes,
+                              rect_cost=0 if rects else 1 << 40)
         try:
             _check_roi_align(Backend("cpu"), rng, dtype, True, sr, "avg", N=2, C=19, H=23, W=17,
                              K=40)
@@ -371,10 +375,13 @@ def test_roi_align_scratch_bands_and_chunks(rng, dtype, rows, table_bytes):
                     got.append((fastnorm.roi_align(x, rois, (3, 2), 0.5, sr, True),
                                 fastnorm.roi_align_backward(g, rois, x.shape, (3, 2), 0.5, sr,
                                                             True)))
+            cpu._set_limits(rect_cost=1 << 40 if rects else 0)     # the other forward path
+            other = fastnorm.roi_align(x, rois, (3, 2), 0.5, sr, True)
         finally:
             cpu._set_limits(*old)
         for y, gx in got[1:]:
             assert np.array_equal(y, got[0][0]) and np.array_equal(gx, got[0][1])
+        assert np.array_equal(other, got[0][0])
         want = fastnorm.roi_align_backward(g, rois, x.shape, (3, 2), 0.5, sr, True)
         np.testing.assert_allclose(got[0][1], want, **TOL[dtype])
 
@@ -1594,10 +1601,12 @@ def test_multi_scale_roi_align_matches_torchvision(backend, rng, tmp_path, dtype
 # ---------------------------------------------------------------- CPU lane kernels (issue 17)
 # RoIPool and PS-RoIAlign run 16-channel (RoIPool) or output-channel (PS-RoIAlign) lanes over a
 # per-thread transposed scratch, falling back to per-RoI scratch and to the scalar loop when the
-# scratch bound (fastnorm._cpu.roi_ops._set_limits) is too small: every path and every
-# thread count must give the same bits.
+# scratch bound (fastnorm._cpu.roi_ops._set_limits) is too small, and PS-RoIAlign to the scalar
+# loop when its RoIs read too little for the lanes' transposes: every path and every thread count
+# must give the same bits. Paths: (scratch bytes, lane_reads) for _set_limits (None: default).
 
-SCRATCH = {"default": None, "per-roi": 64 * 24, "scalar": 0}
+SCRATCH = {"auto": (None, None), "lanes": (None, 1 << 40), "per-roi": (64 * 24, 1 << 40),
+           "scalar": (0, None)}
 
 
 @pytest.fixture
@@ -1606,7 +1615,9 @@ def lane_scratch():
     old = cpu_roi._set_limits()
 
     def set_(name):
-        cpu_roi._set_limits(old[0] if SCRATCH[name] is None else SCRATCH[name])
+        scratch, reads = SCRATCH[name]
+        cpu_roi._set_limits(old[0] if scratch is None else scratch,
+                            lane_reads=old[3] if reads is None else reads)
     yield set_
     cpu_roi._set_limits(*old)
 
@@ -1687,8 +1698,8 @@ def test_roi_pool_lanes_bitwise_scalar_semantics(rng, lane_scratch, dtype, C):
 @pytest.mark.parametrize("CO", [1, 3, 10])
 def test_ps_roi_align_lanes_paths_and_threads(rng, lane_scratch, dtype, CO):
     """The lane path (units image x bin) is bitwise identical at 1 and 2 threads, forward and
-    backward, and matches the per-RoI scalar path (taken when the scratch bound is 0) and the
-    float64 oracle."""
+    backward, and matches the per-RoI scalar path (taken when the scratch bound is 0, or when
+    the RoIs read too little: "auto" with few RoIs) and the float64 oracle."""
     PH, PW, N, H, W, K = 3, 2, 2, 15, 19, 40
     x = rng.standard_normal((N, CO * PH * PW, H, W)).astype(dtype)
     rois = random_rois(rng, K, N, H, W, 0.5).astype(dtype)
@@ -1697,19 +1708,19 @@ def test_ps_roi_align_lanes_paths_and_threads(rng, lane_scratch, dtype, CO):
     rois[2, 3] = np.inf
     g = rng.standard_normal((K, CO, PH, PW)).astype(dtype)
     res = {}
-    for path in ("default", "scalar"):
+    for path in ("auto", "lanes", "scalar"):
         lane_scratch(path)
         for t in (1, 2):
             with fastnorm.threads(t):
                 res[path, t] = (fastnorm.ps_roi_align(x, rois, (PH, PW), 0.5, 2),
                                 fastnorm.ps_roi_align_backward(g, rois, x.shape, (PH, PW), 0.5, 2))
-    for path in ("default", "scalar"):
+    for path in ("auto", "lanes", "scalar"):
         for a, b in zip(res[path, 1], res[path, 2]):
             assert a.tobytes() == b.tobytes(), path
     want = ref.ps_roi_align(_f64(x), _f64(rois), PH, PW, 0.5, 2)
     gwant = ref.ps_roi_align_backward(_f64(g), _f64(rois), _f64(x), PH, PW, 0.5, 2)
     name = np.dtype(dtype).name
-    for path in ("default", "scalar"):
+    for path in ("auto", "lanes", "scalar"):
         y, gx = res[path, 1]
         _close(_CPU, y, want, name)
         _close(_CPU, gx, gwant, name)

@@ -17,6 +17,10 @@ float32 = 10 classes x 7 x 7 bins on the stride-16 map of the same 1088 x 800 im
 1000 RoIs, output 7x7, sampling_ratio 2, spatial_scale 1/16, forward and backward. Both beside
 torchvision CPU (same method as roi_align; forward and gradient max diffs), with 1-thread rows.
 
+The 1-thread rows ("scaling check") and the --threads rows they are compared with are timed in
+interleaved rounds (``thread_times``): on a shared machine a load change between the two would
+otherwise show up as a scaling change.
+
 Peers
 -----
 * ONNX Runtime ``RoiAlign`` (opset 16, ``coordinate_transformation_mode="half_pixel"`` = aligned,
@@ -77,7 +81,21 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastnorm  # noqa: E402
 from fastnorm._bench import (Table, bench_args, copy_bandwidth, cuda_device,  # noqa: E402
-                             finish, onnx_op, run_torchvision, timeit)
+                             finish, onnx_op, run_torchvision, timeit, timeit_many)
+
+
+def thread_times(fns, threads, rounds=4, repeat=3):
+    """Best seconds per call of each ``fns[name]()`` at ``threads`` and at 1 thread, keyed
+    (name, n): rounds that alternate the thread counts (timeit_many), so that the 1 -> N scaling
+    lines compare times taken under the same machine load."""
+    def at(n, fn):
+        def call():
+            with fastnorm.threads(n):
+                return fn()
+        return call
+    return timeit_many({(name, n): at(n, fn) for name, fn in fns.items() for n in (threads, 1)},
+                       rounds=rounds, repeat=repeat)
+
 
 PH = PW = 7
 SCALE, SR, ALIGNED = 0.25, 2, True
@@ -322,19 +340,16 @@ def roi_align_section(args, bw, peak, blas_ok):
                 "written)", unit="GB/s", ceiling=bw)
     with fastnorm.threads(threads):
         y = fastnorm.roi_align(x, rois, PH, SCALE, SR, ALIGNED)
-        t_f = timeit(lambda: fastnorm.roi_align(x, rois, PH, SCALE, SR, ALIGNED))
-        t_b = timeit(lambda: fastnorm.roi_align_backward(g, rois, x.shape, PH, SCALE, SR,
-                                                         ALIGNED))
         xl = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
         t_fl = timeit(lambda: fastnorm.roi_align(xl, rois, PH, SCALE, SR, ALIGNED,
                                                  channels_last=True))
         gl = np.ascontiguousarray(g.transpose(0, 2, 3, 1))
         t_bl = timeit(lambda: fastnorm.roi_align_backward(gl, rois, xl.shape, PH, SCALE, SR,
                                                           ALIGNED, channels_last=True))
-    with fastnorm.threads(1):
-        t_f1 = timeit(lambda: fastnorm.roi_align(x, rois, PH, SCALE, SR, ALIGNED))
-        t_b1 = timeit(lambda: fastnorm.roi_align_backward(g, rois, x.shape, PH, SCALE, SR,
-                                                          ALIGNED))
+    tt = thread_times({"f": lambda: fastnorm.roi_align(x, rois, PH, SCALE, SR, ALIGNED),
+                       "b": lambda: fastnorm.roi_align_backward(g, rois, x.shape, PH, SCALE, SR,
+                                                                ALIGNED)}, threads)
+    t_f, t_b, t_f1, t_b1 = tt["f", threads], tt["b", threads], tt["f", 1], tt["b", 1]
     fwd_bytes = out_bytes + x.nbytes
     fwd.add("P2", "fastnorm", t_f, fwd_bytes)
     fwd.add("P2", "fastnorm, 1 thread (scaling check)", t_f1, fwd_bytes)
@@ -451,9 +466,8 @@ def _lane_section(name, args, bw, peak, x, rois, g, fwd_fn, bwd_fn, fwd_bytes, b
     with fastnorm.threads(threads):
         y = fwd_fn()
         gx = bwd_fn()
-        t_f, t_b = timeit(fwd_fn), timeit(bwd_fn)
-    with fastnorm.threads(1):
-        t_f1, t_b1 = timeit(fwd_fn), timeit(bwd_fn)
+    tt = thread_times({"f": fwd_fn, "b": bwd_fn}, threads)
+    t_f, t_b, t_f1, t_b1 = tt["f", threads], tt["b", threads], tt["f", 1], tt["b", 1]
     fwd = Table(f"{name} forward, {threads} threads (GB/s: compulsory traffic, see the "
                 "docstring)", unit="GB/s", ceiling=bw)
     bwd = Table(f"{name} backward (grad_x), same workload", unit="GB/s", ceiling=bw)
@@ -643,15 +657,11 @@ def deform_table(x, rois, g, threads):
     b_out, b_x = g.nbytes, x.nbytes
     t = Table(f"deform_roi_pool (modulated, gamma 0.1), same workload, {threads} threads",
               unit="GB/s")
-    times = {}
-    for n in (threads, 1):
-        with fastnorm.threads(n):
-            times["fwd", n] = timeit(lambda: fastnorm.deform_roi_pool(
-                x, rois, off, PH, SCALE, SR, mask=mask))
-            times["gx", n] = timeit(lambda: fastnorm.deform_roi_pool_backward(
-                g, x, rois, None, PH, SCALE, SR))
-            times["all", n] = timeit(lambda: fastnorm.deform_roi_pool_backward(
-                g, x, rois, off, PH, SCALE, SR, mask=mask), repeat=3)
+    times = thread_times({
+        "fwd": lambda: fastnorm.deform_roi_pool(x, rois, off, PH, SCALE, SR, mask=mask),
+        "gx": lambda: fastnorm.deform_roi_pool_backward(g, x, rois, None, PH, SCALE, SR),
+        "all": lambda: fastnorm.deform_roi_pool_backward(g, x, rois, off, PH, SCALE, SR,
+                                                         mask=mask)}, threads)
     with fastnorm.threads(threads):
         y = fastnorm.deform_roi_pool(x, rois, off, PH, SCALE, SR, mask=mask)
         t_af = timeit(lambda: fastnorm.roi_align(x, rois, PH, SCALE, SR, True))

@@ -5,6 +5,7 @@ import functools
 
 import numpy as np
 
+from .._kernels import ROI_MODES
 from . import ctype, cupy, function, i64, instantiate, launch
 
 _NS = "fastnorm::roi_ops::"
@@ -12,6 +13,7 @@ _KERNELS = ("align_fwd", "align_bwd", "align_bwd_det", "deform_bwd_offmask", "po
             "pool_bwd", "pool_bwd_det")
 _EXPRS = tuple(e for k in _KERNELS for e in instantiate(_NS + k + "<{}>"))
 KIND_ALIGN, KIND_PS, KIND_DEFORM, KIND_ROTATED = 0, 1, 2, 3   # kernel family (KIND_* in roi_ops.cu)
+AVG = ROI_MODES["avg"]   # the RoIAlign mode of multi-scale RoIAlign and the PS / deformable kinds
 RB = 8      # rows of grad_x owned by one thread of the deterministic backward
 
 
@@ -165,7 +167,7 @@ def multi_scale_roi_align_forward(features, rois, pooled_h, pooled_w, spatial_sc
     L, K = len(features), rois.shape[0]
     if L == 1:                            # no level mapping (torchvision pools every RoI there)
         return roi_align_forward(features[0], rois, pooled_h, pooled_w, spatial_scales[0],
-                                 sampling_ratio, aligned, 0, channels_last, nthreads)
+                                 sampling_ratio, aligned, AVG, channels_last, nthreads)
     x0 = features[0]
     C = x0.shape[3] if channels_last else x0.shape[1]
     out = cp.empty((K, pooled_h, pooled_w, C) if channels_last else (K, C, pooled_h, pooled_w),
@@ -183,7 +185,7 @@ def multi_scale_roi_align_forward(features, rois, pooled_h, pooled_w, spatial_sc
         else:
             out[idx] = roi_align_forward(features[lvl], cp.ascontiguousarray(rois[idx]),
                                          pooled_h, pooled_w, spatial_scales[lvl], sampling_ratio,
-                                         aligned, 0, channels_last, nthreads)
+                                         aligned, AVG, channels_last, nthreads)
     return out
 
 
@@ -196,7 +198,7 @@ def multi_scale_roi_align_backward(grad_out, rois, input_shapes, pooled_h, poole
     L, K = len(input_shapes), rois.shape[0]
     if L == 1:
         return [roi_align_backward(grad_out, rois, None, input_shapes[0], pooled_h, pooled_w,
-                                   spatial_scales[0], sampling_ratio, aligned, 0, channels_last,
+                                   spatial_scales[0], sampling_ratio, aligned, AVG, channels_last,
                                    deterministic, nthreads)]
     if K == 0:
         return [cp.zeros(s, dtype=grad_out.dtype) for s in input_shapes]
@@ -211,7 +213,7 @@ def multi_scale_roi_align_backward(grad_out, rois, input_shapes, pooled_h, poole
         grads.append(roi_align_backward(cp.ascontiguousarray(grad_out[idx]),
                                         cp.ascontiguousarray(rois[idx]), None,
                                         input_shapes[lvl], pooled_h, pooled_w,
-                                        spatial_scales[lvl], sampling_ratio, aligned, 0,
+                                        spatial_scales[lvl], sampling_ratio, aligned, AVG,
                                         channels_last, deterministic, nthreads))
     return grads
 
@@ -220,7 +222,7 @@ def ps_roi_align_forward(x, rois, pooled_h, pooled_w, spatial_scale, sampling_ra
     N, C, H, W = x.shape
     CO = C // (pooled_h * pooled_w)
     prm = functools.partial(_params, rois.shape[0], N, C, CO, H, W, pooled_h, pooled_w,
-                            sampling_ratio, KIND_PS, 0, 1, scale=spatial_scale)
+                            sampling_ratio, KIND_PS, AVG, 1, scale=spatial_scale)
     return _align_forward(x, rois, None, None, pooled_h, pooled_w, CO, prm)
 
 
@@ -228,7 +230,7 @@ def ps_roi_align_backward(grad_out, rois, input_shape, pooled_h, pooled_w, spati
                           sampling_ratio, deterministic, nthreads):
     N, C, H, W = input_shape
     prm = functools.partial(_params, rois.shape[0], N, C, C // (pooled_h * pooled_w), H, W,
-                            pooled_h, pooled_w, sampling_ratio, KIND_PS, 0, 1,
+                            pooled_h, pooled_w, sampling_ratio, KIND_PS, AVG, 1,
                             scale=spatial_scale)
     return _align_backward(grad_out, None, rois, None, None, N, C, H, W, prm, deterministic)
 
@@ -237,7 +239,7 @@ def deform_roi_pool_forward(x, rois, offset, mask, pooled_h, pooled_w, spatial_s
                             sampling_ratio, gamma, nthreads):
     N, C, H, W = x.shape
     prm = functools.partial(_params, rois.shape[0], N, C, C, H, W, pooled_h, pooled_w,
-                            sampling_ratio, KIND_DEFORM, 0, 1, offset is not None,
+                            sampling_ratio, KIND_DEFORM, AVG, 1, offset is not None,
                             mask is not None, spatial_scale, gamma)
     return _align_forward(x, rois, offset, mask, pooled_h, pooled_w, C, prm)
 
@@ -247,7 +249,7 @@ def deform_roi_pool_backward(grad_out, x, rois, offset, mask, pooled_h, pooled_w
     cp = cupy()
     N, C, H, W = x.shape
     K, PH, PW = rois.shape[0], pooled_h, pooled_w
-    prm = functools.partial(_params, K, N, C, C, H, W, PH, PW, sampling_ratio, KIND_DEFORM, 0,
+    prm = functools.partial(_params, K, N, C, C, H, W, PH, PW, sampling_ratio, KIND_DEFORM, AVG,
                             1, offset is not None, mask is not None, spatial_scale, gamma)
     gx = _align_backward(grad_out, x, rois, offset, mask, N, C, H, W, prm, deterministic)
     goff = None if offset is None else cp.zeros((K, 2, PH, PW), dtype=x.dtype)

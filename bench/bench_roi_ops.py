@@ -319,10 +319,23 @@ def main(argv=None):
         tables.append(t)
         notes.append("multi_scale_roi_align: torchvision "
                      + (f"{tv['version']} timed {tv['where']}" if tv else "unavailable") + ".")
+    notes.append(stream_scaling(threads))
     notes.append("Load average during the run: " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
                  + f" (on a shared machine the {threads}-thread rows only scale when the load is "
                  "low).")
     return finish(args, "roi_ops", tables, "\n\n".join(notes))
+
+
+def stream_scaling(threads):
+    """The 1 -> N thread scaling of a pure streaming pass on the workload's map (group_norm:
+    read twice, written once, no reuse; timed as the scaling rows): how far memory bandwidth
+    lets the memory-bound parts of the RoI passes scale on this machine."""
+    x = workload()[0]
+    tt = thread_times({"gn": lambda: fastnorm.group_norm(x, 32)}, threads)
+    return (f"Streaming ceiling of the scaling lines: group_norm over the same (2, 256, 200, 272) "
+            f"map scales {tt['gn', 1] / tt['gn', threads]:.2f}x from 1 to {threads} threads here "
+            f"({tt['gn', 1] * 1e3:.1f} -> {tt['gn', threads] * 1e3:.1f} ms): the share of a "
+            "pass that streams memory scales no better.")
 
 
 def roi_align_section(args, bw, peak, blas_ok):

@@ -87,6 +87,34 @@ def test_multidimensional_indices_and_atomics():
     assert (hits.get() == 1).all() and total.get()[0] == 12 * 24
 
 
+def test_launch_counts_for_the_cost_model():
+    """emulator.counting() logs per launch the blocks and threads launched, the barriers each
+    block completes, the warp-synchronous calls each warp completes and every atomic operation
+    (the cost model's inputs), from the first run only (not the race-check re-run)."""
+    k = kernel(r"""
+    __global__ void steps(unsigned int* c, int rounds) {
+        for (int r = 0; r < rounds; ++r) {
+            if (threadIdx.x % 4 == 0) atomicAdd(c, 1u);
+            __syncthreads();
+        }
+        const unsigned v = __ballot_sync(0xffffffffu, threadIdx.x & 1);
+        if (threadIdx.x == 0) atomicCAS(c + 1, 0u, v);
+    }""", "steps")
+    c = emu.zeros(2, np.uint32)
+    with emu.counting() as n:
+        k((3, 2), (64,), (c, np.int32(5)))
+    (e,) = n.log
+    assert (e.kernel, e.blocks, e.threads) == ("steps", 6, 6 * 64)
+    assert e.barriers == 6 * 5                    # per block, not per thread
+    assert e.warp_syncs == 6 * 2                  # one ballot per warp
+    assert e.atomics == 6 * (5 * 16 + 1)          # 16 adders per round, one CAS
+    assert c.get()[0] == 6 * 5 * 16               # the first run's result, not doubled
+    assert n.total("barriers") == 30 and "barriers=30" in repr(n)
+    with emu.counting() as m:
+        k((1,), (32,), (c, np.int32(0)))
+    assert m.log[0][3:] == (0, 1, 1)
+
+
 def test_half_conversions_match_numpy_and_ml_dtypes(rng):
     ml_dtypes = pytest.importorskip("ml_dtypes")
     k = kernel(r"""

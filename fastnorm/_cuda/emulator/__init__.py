@@ -31,6 +31,7 @@ import math
 import os
 import threading
 import types
+from typing import NamedTuple
 
 import numpy as np
 from numpy.lib.mixins import NDArrayOperatorsMixin
@@ -154,16 +155,35 @@ cuda.runtime = types.SimpleNamespace(
 
 # ---------------------------------------------------------------- counters (for tests)
 
+class Launch(NamedTuple):
+    """What one kernel launch did (its first run; the cost model's inputs): ``blocks`` and
+    ``threads`` (all blocks') launched, ``barriers`` (``__syncthreads()`` completed, once per
+    block), ``warp_syncs`` (warp-synchronous calls completed, once per warp: shuffles, votes,
+    ``__syncwarp``) and ``atomics`` (atomic operations, once per thread)."""
+    kernel: str
+    blocks: int
+    threads: int
+    barriers: int
+    warp_syncs: int
+    atomics: int
+
+
 class Counts:
-    """Launches and host synchronisations seen inside a :func:`counting` block."""
+    """Launches and host synchronisations seen inside a :func:`counting` block; ``log``: one
+    :class:`Launch` per kernel launch, ``total(field)`` their sum."""
 
     def __init__(self):
         self.launches = 0
         self.syncs = 0
         self.kernels = []
+        self.log = []
+
+    def total(self, field):
+        return sum(getattr(e, field) for e in self.log)
 
     def __repr__(self):
-        return f"Counts(launches={self.launches}, syncs={self.syncs})"
+        return (f"Counts(launches={self.launches}, syncs={self.syncs}, "
+                f"barriers={self.total('barriers')}, atomics={self.total('atomics')})")
 
 
 _counters = []
@@ -530,4 +550,8 @@ class RawKernel:
             c.kernels.append(self.name)
         self._kernel.launch(grid, block, tuple(args), shared_mem, _current(),
                             check_races=_race_check())
+        if _counters:
+            entry = Launch(self.name, *self._kernel.last_counts)
+            for c in _counters:
+                c.log.append(entry)
 

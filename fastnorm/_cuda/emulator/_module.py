@@ -384,6 +384,11 @@ class Kernel:
                                                  ctypes.byref(atomics), ctypes.byref(res))
         if code:
             self._fail(self._describe(res, grid, block, members))
+        counts = (ctypes.c_longlong * 3)()
+        self.module._lib.fnemu_last_counts(counts)
+        nb = grid[0] * grid[1] * grid[2]
+        # blocks, threads, barriers, warp syncs, atomics (the first run; emulator.Launch)
+        self.last_counts = (nb, nb * block[0] * block[1] * block[2]) + tuple(counts)
         return bool(atomics.value)
 
     def _describe(self, res, grid, block, members):

@@ -60,6 +60,7 @@ void block_barrier(const char* file, int line);
 void warp_exchange(unsigned mask, const void* value, int src_lane, void* out, const char* what);
 unsigned warp_vote(unsigned mask, int pred, const char* what);
 void note_float_atomic();
+void note_atomic();
 
 inline void compiler_fence() { asm volatile("" ::: "memory"); }
 
@@ -139,21 +140,25 @@ inline int __all_sync(unsigned mask, int pred) {
 // ---------------------------------------------------------------- atomics
 // One block runs at a time and its threads switch only at barriers, so a plain read-modify-write
 // is atomic here. Floating-point atomics make a result depend on the order of the threads: the
-// runtime notes them, and the reverse-order re-run then accepts differing results.
+// runtime notes them, and the reverse-order re-run then accepts differing results. Every atomic
+// is counted (fnemu_last_counts: the cost model).
 #define FNEMU_ATOMIC(name, T, expr)                  \
     inline T name(T* p, T v) {                       \
+        fnemu::note_atomic();                        \
         T old = *p;                                  \
         *p = (expr);                                 \
         return old;                                  \
     }
 inline float atomicAdd(float* p, float v) {
     fnemu::note_float_atomic();
+    fnemu::note_atomic();
     const float o = *p;
     *p = o + v;
     return o;
 }
 inline double atomicAdd(double* p, double v) {
     fnemu::note_float_atomic();
+    fnemu::note_atomic();
     const double o = *p;
     *p = o + v;
     return o;
@@ -179,6 +184,7 @@ FNEMU_ATOMIC(atomicExch, unsigned long long, v)
 #undef FNEMU_ATOMIC
 template <typename T>
 inline T atomicCAS(T* p, T cmp, T v) {
+    fnemu::note_atomic();
     T old = *p;
     if (old == cmp) *p = v;
     return old;

@@ -288,6 +288,15 @@ static void fail(int code, const Fiber* f, const char* fmt, ...) {
 static bool g_float_atomics;
 void note_float_atomic() { g_float_atomics = true; }
 
+// What a launch does, counted in its first (forward) run only: the cost model's inputs
+// (fnemu_last_counts). Barriers: __syncthreads() completed by a block (once per block, not per
+// thread); warp_syncs: warp-synchronous calls completed by a warp (shuffles, votes, __syncwarp);
+// atomics: atomic operations issued by threads.
+enum { COUNT_BARRIERS, COUNT_WARP_SYNCS, COUNT_ATOMICS, N_COUNTS };
+static long long g_counts[N_COUNTS];
+static bool g_counting;
+void note_atomic() { if (g_counting) ++g_counts[COUNT_ATOMICS]; }
+
 __attribute__((noinline)) void block_barrier(const char* file, int line) {
     Fiber* f = g_cur;
     f->state = WAIT_BLOCK;
@@ -380,6 +389,7 @@ static int release_warp(int w) {
         }
         for (int m = 0; m < 32; ++m)
             if ((mask >> m) & 1u) g_fibers[first + m].state = READY;
+        if (g_counting) ++g_counts[COUNT_WARP_SYNCS];
         released = 1;
     }
     return released;
@@ -444,6 +454,7 @@ static bool run_block(bool reverse) {
                 return false;
             }
             for (int i = 0; i < n; ++i) g_fibers[i].state = READY;
+            if (g_counting) ++g_counts[COUNT_BARRIERS];
             continue;
         }
         // nothing can move: describe one blocked warp call
@@ -679,6 +690,10 @@ FNEMU_API long long fnemu_kernel_offset(int k) {
     return (const char*)fnemu_kernels[k].fn - (const char*)di.dli_fbase;
 }
 FNEMU_API int fnemu_result_size() { return (int)sizeof(fnemu::Result); }
+// the counts of the last launch's first run: barriers, warp syncs, atomics (see g_counts)
+FNEMU_API void fnemu_last_counts(long long out[3]) {
+    for (int i = 0; i < fnemu::N_COUNTS; ++i) out[i] = fnemu::g_counts[i];
+}
 
 // One run of the grid on fresh guarded copies of the groups: copy placement `mode`, canary
 // byte `canary`, blocks and threads in reverse order if `reverse`. Checks the canaries and the
@@ -774,7 +789,10 @@ FNEMU_API int fnemu_launch(int k, const unsigned grid[3], const unsigned block[3
             if (groups[g].writable)
                 runs[r][g] = (unsigned char*)malloc(groups[g].nbytes ? groups[g].nbytes : 1);
     }
+    memset(g_counts, 0, sizeof g_counts);
+    g_counting = true;
     run_pass(0, 0xFF, false, nargs, args, ngroups, groups, runs[0]);
+    g_counting = false;
     if (check_races && !res->code) {
         run_pass(1, 0x7F, true, nargs, args, ngroups, groups, runs[1]);
         long long off = 0;

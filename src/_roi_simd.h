@@ -139,6 +139,20 @@ static inline void fn_roi_scatter_##SFX(T* S, ptrdiff_t ps, ptrdiff_t W, const p
         }                                                                                        \
     }                                                                                            \
 }                                                                                                \
+/* one row of a band bin: s[0:NV] += wr * sum_b cw[b] * row[ci[b] * FN_RL + 0:FN_RL] (inlined:  \
+ * a constant nc unrolls) */                                                                    \
+static inline __attribute__((always_inline)) void fn_roi_band_row_##SFX(                        \
+        const T* row, const ptrdiff_t* ci, const T* cw, ptrdiff_t nc, T wr, V* s) {             \
+    enum { L = 32 / sizeof(T), NV = FN_RL / L };                                                 \
+    V u[NV];                                                                                     \
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) u[v] = (V){0};                          \
+    _Pragma("GCC unroll 4") for (ptrdiff_t b = 0; b < nc; b++) {                                 \
+        const T* q = row + ci[b] * FN_RL;                                                        \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                                     \
+            u[v] = u[v] + cw[b] * *(const V*)(q + v * L);                                        \
+    }                                                                                            \
+    _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) s[v] = s[v] + wr * u[v];                \
+}                                                                                                \
 /* one RoI of the NCHW band path: tile[b][0:FN_RL] (bin b = ph * PW + pw) = its bins over the   \
  * band S (pixel p at S[p * FN_RL]) times inv (times mask[b] when mask is given and inv != 0)    \
  * with its tables: rows ri[rp[rb]:rp[rb + 1]], columns ci[cp[cb]:cp[cb + 1]], where rb = ph,    \
@@ -158,33 +172,13 @@ static inline void fn_roi_band_fwd_##SFX(const T* S, ptrdiff_t W, ptrdiff_t PH, 
             V s[NV];                                                                             \
             _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) s[v] = (V){0};                  \
             if (nr == 4 && nc == 4) {   /* the common bin of sampling_ratio 2: unrolled */       \
-                _Pragma("GCC unroll 4") for (int a = 0; a < 4; a++) {                            \
-                    const T* row = S + ri[r0 + a] * W * FN_RL;                                   \
-                    V u[NV];                                                                     \
-                    _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) u[v] = (V){0};          \
-                    _Pragma("GCC unroll 4") for (int b = 0; b < 4; b++) {                        \
-                        const T* q = row + ci[c0 + b] * FN_RL;                                   \
-                        const T w = cw[c0 + b];                                                  \
-                        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                     \
-                            u[v] = u[v] + w * *(const V*)(q + v * L);                            \
-                    }                                                                            \
-                    _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                         \
-                        s[v] = s[v] + rw[r0 + a] * u[v];                                         \
-                }                                                                                \
+                _Pragma("GCC unroll 4") for (int a = 0; a < 4; a++)                              \
+                    fn_roi_band_row_##SFX(S + ri[r0 + a] * W * FN_RL, ci + c0, cw + c0, 4,      \
+                                          rw[r0 + a], s);                                        \
             } else {                                                                             \
-                for (ptrdiff_t a = 0; a < nr; a++) {                                             \
-                    const T* row = S + ri[r0 + a] * W * FN_RL;                                   \
-                    V u[NV];                                                                     \
-                    _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) u[v] = (V){0};          \
-                    for (ptrdiff_t b = 0; b < nc; b++) {                                         \
-                        const T* q = row + ci[c0 + b] * FN_RL;                                   \
-                        const T w = cw[c0 + b];                                                  \
-                        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                     \
-                            u[v] = u[v] + w * *(const V*)(q + v * L);                            \
-                    }                                                                            \
-                    _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++)                         \
-                        s[v] = s[v] + rw[r0 + a] * u[v];                                         \
-                }                                                                                \
+                for (ptrdiff_t a = 0; a < nr; a++)                                               \
+                    fn_roi_band_row_##SFX(S + ri[r0 + a] * W * FN_RL, ci + c0, cw + c0, nc,     \
+                                          rw[r0 + a], s);                                        \
             }                                                                                    \
             T* d = tile + bin * FN_RL;                                                           \
             _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) *(V*)(d + v * L) = s[v] * sc;   \

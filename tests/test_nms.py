@@ -384,6 +384,25 @@ def test_cuda_host_synchronisations_do_not_grow_with_the_input(rng):
     assert counts[0] == counts[1] and max(counts[0]) <= 3, counts
 
 
+def test_cuda_sweep_barriers_per_tile_not_per_kept_rank(rng):
+    """The sweep (nms_sweep) crosses three barriers per 64-rank tile of a segment, not one per
+    kept rank: 3000 scattered boxes (most kept) in one class, then in 5 classes."""
+    from fastnorm._cuda import emulator
+    n = 3000
+    xy = rng.uniform(0, 3000, (n, 2))
+    b = np.concatenate([xy, xy + rng.uniform(5, 30, (n, 2))], 1).astype(np.float32)
+    s = rng.uniform(0, 1, n).astype(np.float32)
+    bd, sd = emulator.asarray(b), emulator.asarray(s)
+    idxs = rng.integers(0, 5, n)
+    for f, tiles in ((lambda: fastnorm.nms(bd, sd, 0.5), -(-n // 64)),
+                     (lambda: fastnorm.batched_nms(bd, sd, emulator.asarray(idxs), 0.5),
+                      sum(-(-int(m) // 64) + 1 for m in np.bincount(idxs)))):
+        with emulator.counting() as c:
+            kept = len(f())
+        (sweep,) = [e for e in c.log if e.kernel.endswith("nms_sweep")]
+        assert kept > 2000 and sweep.barriers <= 3 * tiles + sweep.blocks, (kept, sweep)
+
+
 # ---------------------------------------------------------------- variants
 
 @pytest.mark.parametrize("dtype", DTYPES)

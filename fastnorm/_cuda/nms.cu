@@ -191,26 +191,55 @@ __global__ void nms_mask(const T* __restrict__ boxes, const i64* __restrict__ se
     mask[poff[p] + (r - pa[p]) * pw[p] + (w - (pa[p] >> 6))] = bits;
 }
 
-// Sweep of one chunk, a block per piece: the piece's ranks in order; a rank not yet removed is
-// kept (while the segment has kept fewer than `cap`) and ORs its mask row into `removed`. The
-// rank's own bit is read by every thread, and only this block sets bits of its segment, so all
-// threads agree on it; the barrier is needed only after a kept rank. count[s]: kept so far.
+// Sweep of one chunk, a block per piece: the piece's ranks in 64-rank tiles (one removed-bitmap
+// word each). Per tile: the block loads the tile's diagonal mask words (each rank's row at the
+// tile's own word) into shared memory; thread 0 resolves the tile's ranks in order in registers
+// (a rank not yet removed is kept, while the segment has kept fewer than `cap`, and ORs its
+// diagonal word into the tile's bits); then the block ORs the kept ranks' rows into `removed`
+// for the tile's word and the later ones (atomicOr: a word may hold two segments). Three
+// barriers per tile and no global load on the serial path, where a per-rank sweep crosses a
+// barrier and waits for a global load per kept rank. count[s]: kept so far.
 __global__ void nms_sweep(const u64* __restrict__ mask, const i64* __restrict__ pa,
                           const i64* __restrict__ pb, const i64* __restrict__ pe,
                           const i64* __restrict__ pw, const i64* __restrict__ poff,
                           const i64* __restrict__ pseg, i64 p0, i64 cap,
                           u64* __restrict__ removed, i64* __restrict__ count,
                           unsigned char* __restrict__ keep) {
-    const i64 p = p0 + blockIdx.x, a = pa[p], b = pb[p], W = pw[p], wa = a >> 6;
+    __shared__ u64 diag[64];
+    __shared__ u64 s_kept;
+    __shared__ i64 s_n;
+    const i64 p = p0 + blockIdx.x, a = pa[p], b = pb[p], W = pw[p];
     const i64 wend = (pe[p] + 63) >> 6;
-    i64 n = count[pseg[p]];
-    for (i64 r = a; r < b && n < cap; ++r) {
-        if ((removed[r >> 6] >> (r & 63)) & 1ULL) continue;
-        ++n;
-        if (threadIdx.x == 0) keep[r] = 1;
-        const u64* row = mask + poff[p] + (r - a) * W - wa;     // indexed by global word
-        for (i64 w = (r >> 6) + threadIdx.x; w < wend; w += blockDim.x)
-            if (row[w]) atomicOr(&removed[w], row[w]);          // words may hold two segments
+    const u64* rows = mask + poff[p] - (a >> 6);   // rank r's row: rows + (r - a) * W, by word
+    if (threadIdx.x == 0) s_n = count[pseg[p]];
+    __syncthreads();
+    i64 n = s_n;
+    for (i64 t = a >> 6; t <= (b - 1) >> 6 && n < cap; ++t) {
+        const i64 r0 = max(a, t << 6), r1 = min(b, (t + 1) << 6);
+        for (i64 i = threadIdx.x; i < r1 - r0; i += blockDim.x)
+            diag[i] = rows[(r0 + i - a) * W + t];
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            u64 cur = removed[t], kept = 0;
+            for (i64 r = r0; r < r1 && n < cap; ++r) {
+                if ((cur >> (r & 63)) & 1ULL) continue;
+                kept |= 1ULL << (r & 63);
+                keep[r] = 1;
+                ++n;
+                cur |= diag[r - r0];
+            }
+            s_kept = kept;
+            s_n = n;
+        }
+        __syncthreads();
+        const u64 kept = s_kept;
+        n = s_n;
+        for (i64 w = t + threadIdx.x; kept && w < wend; w += blockDim.x) {
+            u64 acc = 0;
+            for (u64 k = kept; k; k &= k - 1)
+                acc |= rows[((t << 6) + __ffsll((long long)k) - 1 - a) * W + w];
+            if (acc) atomicOr(&removed[w], acc);
+        }
         __syncthreads();
     }
     if (threadIdx.x == 0) count[pseg[p]] = n;

@@ -4,7 +4,8 @@ Ranking and output assembly are CuPy array operations on the device (stable sort
 key: score with NaN last, then class, then image). Greedy suppression (nms.cu) runs in chunks of
 ranks planned by :func:`_plan`: per chunk, ``nms_mask`` computes the suppression bits of each
 rank against the later ranks of its own segment (image x class) only, and ``nms_sweep`` sweeps
-the chunk's segments in parallel, a block each, carrying a removed-bitmap from chunk to chunk.
+the chunk's segments in parallel, a block each, in 64-rank tiles (three barriers per tile, the
+tile's ranks resolved in registers), carrying a removed-bitmap from chunk to chunk.
 Memory is O(m) plus one chunk's mask, at most about :data:`MASK_BYTES`; no host synchronisation
 but the sizes (candidates, segment table, kept boxes). weighted_nms adds ``nms_assign`` (each
 box's first kept suppressor) and ``weighted_fuse`` (per-cluster weighted mean in the CPU's

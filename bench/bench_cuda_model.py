@@ -10,7 +10,9 @@ gives the DRAM bytes and FLOPs the design needs (from its formula: inputs read o
 intermediates written and read once) and the H100 time they imply, next to the peers' published
 H100 figures. It is a lower bound: the sum of
 
-* ``LAUNCH_S`` per kernel launch and ``SYNC_S`` per host synchronisation (host overhead),
+* ``LAUNCH_S`` per kernel launch and per other CuPy device operation (``ops``: elementwise
+  operations, sorts, scans, fancy indexing, fills and copies, each a kernel or memset on a GPU)
+  and ``SYNC_S`` per host synchronisation (host overhead),
 * max(DRAM bytes / ``HBM_BPS``, FLOPs / ``FP32_FLOPS``) (the roofline),
 * per launch, max(atomics / ``ATOMIC_RATE``, serial barrier chain x ``BARRIER_S``): a block's
   barriers are serial (each waits for the slowest thread and, in the sweeps, a dependent global
@@ -59,9 +61,10 @@ PUBLISHED = {
 }
 
 
-def implied(log, syncs, nbytes, flops, scale=1):
-    """The model's H100 time (see the docstring) of one call that made the launches ``log``."""
-    t = len(log) * LAUNCH_S + syncs * SYNC_S + max(nbytes / HBM_BPS, flops / FP32_FLOPS)
+def implied(log, syncs, nbytes, flops, scale=1, ops=0):
+    """The model's H100 time (see the docstring) of one call that made the launches ``log``,
+    ``ops`` other CuPy device operations and ``syncs`` host synchronisations."""
+    t = (len(log) + ops) * LAUNCH_S + syncs * SYNC_S + max(nbytes / HBM_BPS, flops / FP32_FLOPS)
     for e in log:
         blocks = e.blocks * scale
         waves = max(1, math.ceil(blocks / (SMS * BLOCKS_PER_SM)))
@@ -122,26 +125,26 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     t = Table("CUDA cost model: implied H100 time, a lower bound (see the docstring; GB/s: the "
               "design's DRAM bytes over it)", unit="GB/s")
-    lines = ["| case | launches | host syncs | blocks | threads | occupancy | barriers per "
+    lines = ["| case | launches | CuPy ops | host syncs | blocks | threads | occupancy | barriers per "
              "block (max) | atomics | DRAM MB | GFLOP | implied H100 us (bound) | peer, "
-             "published H100 |", "|---" * 12 + "|"]
+             "published H100 |", "|---" * 13 + "|"]
     cases = [nms_cases(emu, rng)] + ([] if getattr(args, "quick", False) else
                                      [roi_cases(emu, rng), gn_cases(emu, rng)])
     for gen in cases:
         for name, c, nbytes, flops, scale in gen:
-            sec = implied(c.log, c.syncs, nbytes, flops, scale)
+            sec = implied(c.log, c.syncs, nbytes, flops, scale, c.ops)
             t.add(name, "fastnorm", sec, nbytes)
             who, peer_s = PUBLISHED.get(name, (None, None))
             peer = f"{who}: {peer_s * 1e3:.2f} ms" if who else ""
             threads = c.total("threads") * scale
             chain = max((e.barriers / max(e.blocks, 1) for e in c.log), default=0)
             lines.append(
-                f"| {name} | {c.launches} | {c.syncs} | {c.total('blocks') * scale} | "
+                f"| {name} | {c.launches} | {c.ops} | {c.syncs} | {c.total('blocks') * scale} | "
                 f"{threads} | {threads / RESIDENT_THREADS:.0%} | {chain:.0f} | "
                 f"{c.total('atomics') * scale} | {nbytes / 1e6:.1f} | {flops / 1e9:.2f} | "
                 f"{sec * 1e6:.0f} | {peer} |")
             for e in c.log:
-                lines.append(f"| &nbsp; {e.kernel} | 1 | | {e.blocks * scale} | "
+                lines.append(f"| &nbsp; {e.kernel} | 1 | | | {e.blocks * scale} | "
                              f"{e.threads * scale} | | {e.barriers / max(e.blocks, 1):.0f} | "
                              f"{e.atomics * scale} | | | | |")
     notes = ("Counts per call (emulator; `scale` applied), model constants: HBM "

@@ -196,17 +196,19 @@ def test_nms_suite_numpy_loops_and_ort_peer_keep_what_fastnorm_keeps(monkeypatch
 
 def test_cuda_cost_model_counts_on_the_emulator(tmp_path):
     """bench_cuda_model runs the NMS kernels on the emulator (--quick) and turns their counts into
-    implied H100 times: the single-class sweep's barrier chain bounds it well above the
-    per-class one, and more barriers or atomics never make a launch cheaper."""
+    implied H100 times: the single-class sweep's barrier chain bounds it above the per-class
+    one, and more barriers, atomics, CuPy operations or syncs never make a call cheaper."""
     pytest.importorskip("fastnorm._cuda.emulator")
     m = _load(BENCH / "bench_cuda_model.py")
     path = tmp_path / "model.json"
     m.main(["--quick", "--no-write", "--json", str(path)])
     (t,) = _bench.read_json(path)
     got = {case: s for case, impl, s, _ in t.rows}
-    assert got["nms 10k boxes"] > 5 * got["batched_nms 10k boxes, 80 classes"] > 0
+    assert got["nms 10k boxes"] > got["batched_nms 10k boxes, 80 classes"] > 0
     from fastnorm._cuda.emulator import Launch
     one = [Launch("k", 1, 256, 100, 0, 10)]
     assert m.implied(one, 0, 1e6, 1e6) < m.implied([one[0]._replace(barriers=200)], 0, 1e6, 1e6)
     assert m.implied(one, 0, 1e6, 1e6) < m.implied([one[0]._replace(atomics=10 ** 9)], 0, 1e6,
                                                    1e6)
+    assert m.implied(one, 0, 1e6, 1e6) < m.implied(one, 0, 1e6, 1e6, ops=5) < \
+        m.implied(one, 1, 1e6, 1e6, ops=5)

@@ -262,6 +262,9 @@ def test_cuda_paths_every_dtype_and_width(cuda_backend, rng, monkeypatch, dtype,
         launched = {k.split("::")[-1] for k in counts.kernels}
         assert launched == _expected_kernels(dtype, N, C, spatial, G, channels_last,
                                              misaligned)
+        # host work: its own kernels only (no zero-fills, copies or other CuPy operations, no
+        # synchronisation), forward 3 launches, backward 4
+        assert (counts.launches, counts.ops, counts.syncs) == (7, 0, 0), counts
     if reach in ("chunks", "tiles"):   # forward statistics and backward sums both split
         chosen = [n for _, n in splits["_split" if reach == "chunks" else "_tiles"]]
         assert len(chosen) == 2 and min(chosen) >= 2, chosen

@@ -381,7 +381,9 @@ def test_cuda_host_synchronisations_do_not_grow_with_the_input(rng):
                 f()
             row.append(c.syncs)
         counts.append(row)
-    assert counts[0] == counts[1] and max(counts[0]) <= 3, counts
+    # (data-dependent sizes count too: nms reads back the number of segments, the segment table
+    # and the kept count; combined_nms also the counts of its candidates and of top-k's)
+    assert counts[0] == counts[1] and max(counts[0][:5]) <= 3 and counts[0][5] <= 5, counts
 
 
 def test_cuda_sweep_barriers_per_tile_not_per_kept_rank(rng):

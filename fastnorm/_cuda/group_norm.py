@@ -105,6 +105,17 @@ def _tiles(N, S, C, Cg, v):
     return TP, cdiv(S, TP)
 
 
+def _workspace(cp, dtype, *sizes):
+    """Consecutive 1-D views of one fresh allocation of ``dtype``, one per size (one allocation
+    per call instead of one per buffer: allocations are most of a small call's host time)."""
+    ws = cp.empty(sum(sizes), dtype=dtype)
+    views, o = [], 0
+    for n in sizes:
+        views.append(ws[o:o + n])
+        o += n
+    return views
+
+
 def _apply(x, dy, out, cm, cs, k2, k3, b, N, C, S, channels_last, act, bwd):
     extent = C if channels_last else S
     arrays = (x, out) if dy is None else (x, out, dy)
@@ -123,18 +134,19 @@ def forward(x, weight, bias, num_groups, eps, channels_last, activation, nthread
     G = int(num_groups)
     sdt = _stats_dtype(x.dtype)
     y = cp.empty_like(x)
-    mean = cp.zeros((N, G), dtype=sdt)
-    rstd = cp.zeros((N, G), dtype=sdt)
     if N * C * S == 0:
+        mean = cp.zeros((N, G), dtype=sdt)
+        rstd = cp.zeros((N, G), dtype=sdt)
         if N * C > 0:
             rstd[...] = 1.0 / math.sqrt(eps)
         return y, mean, rstd
+    mean = cp.empty((N, G), dtype=sdt)              # gn_finalize writes every (n, g)
+    rstd = cp.empty((N, G), dtype=sdt)
     Cg, NG = C // G, N * G
     if channels_last:
         v = _vec_width(x.dtype, (x,), C)
         TP, nptile = _tiles(N, S, C, Cg, v)
-        pmean = cp.empty(N * nptile * C, dtype=np.float64)
-        pm2 = cp.empty_like(pmean)
+        pmean, pm2 = _workspace(cp, np.float64, N * nptile * C, N * nptile * C)
         run(_kernel(x.dtype, "gn_stats_nhwc", v),
             N * nptile, TILE_THREADS,
             (x, pmean, pm2, i64(S), i64(C), i64(TP), i64(nptile), i64(N * nptile)))
@@ -145,13 +157,12 @@ def forward(x, weight, bias, num_groups, eps, channels_last, activation, nthread
         r = 8 if v == 1 else 4
         block = _pow2_block(cdiv(M, v * r))
         L, nsplit = _split(M, NG, v, block, r)
-        pmean = cp.empty(NG * nsplit, dtype=np.float64)
-        pm2 = cp.empty_like(pmean)
+        pmean, pm2 = _workspace(cp, np.float64, NG * nsplit, NG * nsplit)
         run(_kernel(x.dtype, "gn_stats_nchw", v),
             NG * nsplit, block,
             (x, pmean, pm2, i64(M), i64(L), i64(nsplit), i64(NG * nsplit)))
         nparts = nsplit
-    cm, cl, cs = (cp.empty(N * C, dtype=sdt) for _ in range(3))
+    cm, cl, cs = _workspace(cp, sdt, N * C, N * C, N * C)
     run(_kernel(x.dtype, "gn_finalize"),
         NG, _pow2_block(nparts),
         (pmean, pm2, weight, mean, rstd, cm, cl, cs, i64(NG), i64(G), i64(C), i64(S), i64(L),
@@ -169,17 +180,16 @@ def backward(grad_out, x, mean, rstd, weight, bias, num_groups, channels_last, a
     G = int(num_groups)
     sdt = _stats_dtype(x.dtype)
     gx = cp.empty_like(x)
-    gw = cp.zeros(C, dtype=x.dtype)
-    gb = cp.zeros(C, dtype=x.dtype)
     if N * C * S == 0:
-        return gx, gw, gb
+        return gx, cp.zeros(C, dtype=x.dtype), cp.zeros(C, dtype=x.dtype)
+    gw = cp.empty(C, dtype=x.dtype)                  # gn_bwd_wb writes every channel
+    gb = cp.empty(C, dtype=x.dtype)
     Cg, NG = C // G, N * G
     act = np.int32(activation)
     if channels_last:
         v = _vec_width(x.dtype, (x, grad_out), C)
         TP, nk = _tiles(N, S, C, Cg, v)
-        p1 = cp.empty(N * nk * C, dtype=sdt)
-        p2 = cp.empty_like(p1)
+        p1, p2, cm, cs, k2, k3 = _workspace(cp, sdt, N * nk * C, N * nk * C, *(N * C,) * 4)
         run(_kernel(x.dtype, "gn_grad_nhwc", v),
             N * nk, TILE_THREADS,
             (grad_out, x, mean, rstd, weight, bias, p1, p2, i64(S), i64(C), i64(G), i64(TP),
@@ -189,15 +199,12 @@ def backward(grad_out, x, mean, rstd, weight, bias, num_groups, channels_last, a
         r = 8 if v == 1 else 4
         block = _pow2_block(cdiv(S, v * r))
         L, nk = _split(S, N * C, v, block, r)
-        p1 = cp.empty(N * C * nk, dtype=sdt)
-        p2 = cp.empty_like(p1)
+        p1, p2, cm, cs, k2, k3 = _workspace(cp, sdt, N * C * nk, N * C * nk, *(N * C,) * 4)
         run(_kernel(x.dtype, "gn_grad_nchw", v),
             N * C * nk, block,
             (grad_out, x, mean, rstd, weight, bias, p1, p2, i64(C), i64(S), i64(Cg), i64(L),
              i64(nk), i64(N * C * nk), act))
-    sdz = cp.empty(N * C, dtype=np.float64)
-    sdzx = cp.empty_like(sdz)
-    cm, cs, k2, k3 = (cp.empty(N * C, dtype=sdt) for _ in range(4))
+    sdz, sdzx = _workspace(cp, np.float64, N * C, N * C)
     run(_kernel(x.dtype, "gn_bwd_coeffs"),
         NG, min(256, 32 * Cg),
         (p1, p2, mean, rstd, weight, sdz, sdzx, cm, cs, k2, k3, i64(NG), i64(G), i64(C), i64(S),

@@ -169,12 +169,16 @@ class Launch(NamedTuple):
 
 
 class Counts:
-    """Launches and host synchronisations seen inside a :func:`counting` block; ``log``: one
-    :class:`Launch` per kernel launch, ``total(field)`` their sum."""
+    """Launches and host synchronisations seen inside a :func:`counting` block; ``ops``: the
+    other device operations, each a CuPy kernel, memset or transfer on a GPU (elementwise and
+    array functions, sorts, scans, fancy indexing and assignment, copies, ``zeros``/``full``
+    fills, host-to-device copies); ``log``: one :class:`Launch` per kernel launch,
+    ``total(field)`` their sum."""
 
     def __init__(self):
         self.launches = 0
         self.syncs = 0
+        self.ops = 0
         self.kernels = []
         self.log = []
 
@@ -182,7 +186,7 @@ class Counts:
         return sum(getattr(e, field) for e in self.log)
 
     def __repr__(self):
-        return (f"Counts(launches={self.launches}, syncs={self.syncs}, "
+        return (f"Counts(launches={self.launches}, ops={self.ops}, syncs={self.syncs}, "
                 f"barriers={self.total('barriers')}, atomics={self.total('atomics')})")
 
 
@@ -191,8 +195,10 @@ _counters = []
 
 @contextlib.contextmanager
 def counting():
-    """Count kernel launches and device-to-host synchronisations (``.get()``, ``bool()``,
-    ``int()``, ``float()``, ``.item()``, ``.tolist()``) in this block."""
+    """Count kernel launches, other device operations and device-to-host synchronisations
+    (``.get()``, ``bool()``, ``int()``, ``float()``, ``.item()``, ``.tolist()``, and the
+    operations whose output size depends on the data: ``nonzero``, ``flatnonzero``, boolean-mask
+    indexing, ...) in this block."""
     c = Counts()
     _counters.append(c)
     try:
@@ -204,6 +210,15 @@ def counting():
 def _note_sync():
     for c in _counters:
         c.syncs += 1
+
+
+# functions whose output size depends on the data: CuPy reads a count back (a synchronisation)
+_SIZED = {"nonzero", "flatnonzero", "argwhere", "unique", "compress", "extract"}
+
+
+def _note_op():
+    for c in _counters:
+        c.ops += 1
 
 
 # ---------------------------------------------------------------- arrays
@@ -364,6 +379,7 @@ class ndarray(NDArrayOperatorsMixin):
 
     # --- NumPy protocols: every operation runs "on the current device"
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        _note_op()
         out = kwargs.get("out")
         r = getattr(ufunc, method)(*_unwrap(inputs), **_unwrap(kwargs))
         if out is not None:
@@ -371,17 +387,26 @@ class ndarray(NDArrayOperatorsMixin):
         return _wrap(r)
 
     def __array_function__(self, func, types, args, kwargs):
+        _note_op()
+        if func.__name__ in _SIZED:
+            _note_sync()
         return _wrap(func(*_unwrap(args), **_stable(func.__name__, _unwrap(kwargs))))
 
     def __getitem__(self, key):
-        r = self._a[_unwrap(key)]
+        key = _unwrap(key)
+        if any(isinstance(k, np.ndarray) and k.dtype == np.bool_
+               for k in (key if isinstance(key, tuple) else (key,))):
+            _note_sync()                                # a boolean mask: the size is read back
+        r = self._a[key]
         if np.may_share_memory(r, self._a):             # a view: no kernel, stays put
             return ndarray._of(r, self._dev)
         _check_device(self._dev)
+        _note_op()
         return _wrap(r)
 
     def __setitem__(self, key, value):
         _check_device(self._dev)
+        _note_op()
         self._a[_unwrap(key)] = _unwrap(value)
 
     def __getattr__(self, name):
@@ -393,11 +418,14 @@ class ndarray(NDArrayOperatorsMixin):
 
         @functools.wraps(attr)
         def method(*args, **kwargs):
+            if name in _SIZED:
+                _note_sync()
             r = attr(*_unwrap(args), **_stable(name, _unwrap(kwargs)))
             if isinstance(r, np.ndarray) and np.may_share_memory(r, self._a):
                 return ndarray._of(r, self._dev)        # reshape, view, transpose, ...
             if r is not None:
                 _check_device(self._dev)
+                _note_op()
             return _wrap(r)
         return method
 
@@ -412,6 +440,7 @@ def empty(shape, dtype=float, order="C"):
 
 
 def zeros(shape, dtype=float, order="C"):
+    _note_op()                                      # a memset on the device
     a = _alloc(shape, dtype, poison=False)
     a.fill(0)
     return ndarray._of(a, _current())
@@ -424,6 +453,7 @@ def ones(shape, dtype=float, order="C"):
 def full(shape, fill_value, dtype=None, order="C"):
     if dtype is None:
         dtype = np.asarray(fill_value).dtype
+    _note_op()
     a = _alloc(shape, dtype, poison=False)
     a.fill(_unwrap(fill_value))
     return ndarray._of(a, _current())
@@ -449,6 +479,7 @@ def full_like(a, fill_value, dtype=None, order="K", shape=None):
 def _to_device(a, dtype=None):
     """Host data -> a fresh emulated array on the current device (an explicit transfer)."""
     a = np.asarray(a, dtype=dtype)
+    _note_op()                                      # a host-to-device copy
     out = _alloc(a.shape, a.dtype, poison=False)
     out[...] = a
     return ndarray._of(out, _current())
@@ -479,6 +510,7 @@ def ascontiguousarray(a, dtype=None):
     if a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
         return a
     _check_device(a._dev)
+    _note_op()
     return _wrap(np.ascontiguousarray(a._a, dtype=dtype))
 
 
@@ -514,6 +546,9 @@ def __getattr__(name):
 
     @functools.wraps(f)
     def kernel(*args, **kwargs):
+        _note_op()
+        if name in _SIZED:
+            _note_sync()
         return _wrap(f(*_unwrap(args), **_unwrap(kwargs)))
     return kernel
 

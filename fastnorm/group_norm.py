@@ -20,11 +20,26 @@ def _check(call, x, num_groups, weight, bias, channels_last, activation):
     return C, G
 
 
+# the default affine (ones, zeros) per (array module, device, C, dtype): made once, so that a
+# call without weight or bias runs no fill on the device (read-only: never returned)
+_IDENTITY = {}
+_IDENTITY_MAX = 64
+
+
 def _affine(call, x, C, weight, bias):
+    if weight is not None and bias is not None:
+        return weight, bias
     xp = call.xp
-    w = weight if weight is not None else xp.ones(C, dtype=x.dtype)
-    b = bias if bias is not None else xp.zeros(C, dtype=x.dtype)
-    return w, b
+    key = (xp.__name__, getattr(getattr(x, "device", None), "id", None), C, str(x.dtype))
+    pair = _IDENTITY.get(key)
+    if pair is None:
+        if len(_IDENTITY) >= _IDENTITY_MAX:
+            _IDENTITY.clear()
+        pair = (xp.ones(C, dtype=x.dtype), xp.zeros(C, dtype=x.dtype))
+        if hasattr(xp, "cuda"):            # filled before any stream (not only this one) reads
+            xp.cuda.get_current_stream().synchronize()
+        _IDENTITY[key] = pair
+    return (weight if weight is not None else pair[0]), (bias if bias is not None else pair[1])
 
 
 def _stats_dtype(x):

@@ -20,11 +20,11 @@ H100 figures. It is a lower bound: the sum of
   times the waves (``blocks / (SMS * BLOCKS_PER_SM)``, rounded up);
 
 loops inside a thread are not counted: where a design's threads are few (``occupancy``: threads
-launched / the 270k an H100 keeps resident) and loop long (the deterministic RoIAlign backward:
-each thread scans every RoI x bin pair of its image), the real time can be far above the bound,
-so a bound is never compared with a peer's time as a speed-up. Use the
-counts to compare designs (barriers per call before and after a sweep change, atomics of the
-atomic vs the deterministic backward); a GPU measures the times (``.ci/gpu-session bench``).
+launched / the 270k an H100 keeps resident) and loop long (the row-owner deterministic RoIAlign
+backward: each thread scans every RoI x bin pair of its image), the real time can be far above
+the bound, so a bound is never compared with a peer's time as a speed-up. Use the counts to
+compare designs (barriers per call before and after a sweep change, atomics of the atomic vs
+the deterministic backward); a GPU measures the times (``.ci/gpu-session bench``).
 
 Cases (counted on the emulator at the sizes given; ``scale`` multiplies counts that grow linearly
 with channels when a case is counted on fewer channels than its workload):
@@ -33,7 +33,9 @@ with channels when a case is counted on fewer channels than its workload):
   class; ``batched_nms``: the same boxes in 80 classes (torchvision's benchmark of vision#8925:
   batched_nms 10k boxes / 80 classes 1.41 ms on an H100).
 * ``roi_align`` backward on the FPN P2 workload (bench_roi_ops.py: 2 x 256 x 200 x 272, 1000
-  RoIs, 7x7, sampling_ratio 2): atomic and deterministic, counted on 1 channel, scale 256.
+  RoIs, 7x7, sampling_ratio 2): atomic, deterministic (records sorted by pixel + one block per
+  tile of grad_x) and the deterministic row-owner kernel it falls back to over its workspace
+  limit; counted on 1 channel, scale 256 (the records' kernels: 1, they serve every channel).
 * ``group_norm`` forward, (8, 256, 64, 64) float32, 32 groups, counted on batch 1, scale 8.
 """
 import math
@@ -61,19 +63,27 @@ PUBLISHED = {
 }
 
 
+def scaled(scale, e):
+    """The ``scale`` of launch ``e``: a number, or a function of the launch (kernels whose work
+    does not grow with the channels)."""
+    return scale(e) if callable(scale) else scale
+
+
 def implied(log, syncs, nbytes, flops, scale=1, ops=0):
     """The model's H100 time (see the docstring) of one call that made the launches ``log``,
     ``ops`` other CuPy device operations and ``syncs`` host synchronisations."""
     t = (len(log) + ops) * LAUNCH_S + syncs * SYNC_S + max(nbytes / HBM_BPS, flops / FP32_FLOPS)
     for e in log:
-        blocks = e.blocks * scale
+        blocks = e.blocks * scaled(scale, e)
         waves = max(1, math.ceil(blocks / (SMS * BLOCKS_PER_SM)))
         chain = e.barriers / max(e.blocks, 1) * waves
-        t += max(e.atomics * scale / ATOMIC_RATE, chain * BARRIER_S)
+        t += max(e.atomics * scaled(scale, e) / ATOMIC_RATE, chain * BARRIER_S)
     return t
 
 
 def count(emu, call):
+    """The counts of a warm call (the first one compiles kernels and fills caches)."""
+    call()
     with emu.counting() as c:
         call()
     return c
@@ -99,17 +109,29 @@ def nms_cases(emu, rng, n=10_000):
 def roi_cases(emu, rng):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_roi_ops import workload
+    from fastnorm._cuda import roi_ops as cuda_roi_ops
     _, rois = workload()
     C, K, nb = 256, len(rois), 49
     g = emu.asarray(rng.standard_normal((K, 1, 7, 7)).astype(np.float32))
     r = emu.asarray(rois)
     nbytes = (K * C * nb + 2 * C * 200 * 272) * 4       # grad_out read, grad_x written
     flops = K * nb * 4 * 4 * C * 2                       # 4 samples x 4 corners x C, mul-add
-    for det in (False, True):
-        c = count(emu, lambda: fastnorm.roi_align_backward(g, r, (2, 1, 200, 272), 7, 0.25, 2,
-                                                           True, deterministic=det))
-        yield (f"roi_align backward FPN P2, {'deterministic' if det else 'atomic'}", c, nbytes,
-               flops, C)
+    records = K * nb * 4 * 72          # the tiled backward's records, written, sorted, read
+
+    def call(det):
+        return lambda: fastnorm.roi_align_backward(g, r, (2, 1, 200, 272), 7, 0.25, 2, True,
+                                                   deterministic=det)
+    yield "roi_align backward FPN P2, atomic", count(emu, call(False)), nbytes, flops, C
+    # the records do not depend on the channels: only the tiles scale with them
+    yield ("roi_align backward FPN P2, deterministic (records + tiles)", count(emu, call(True)),
+           nbytes + records, flops, lambda e: C if "align_bwd_tile" in e.kernel else 1)
+    limit = cuda_roi_ops.DET_WORKSPACE_BYTES
+    cuda_roi_ops.DET_WORKSPACE_BYTES = 0               # the row-owner kernel it falls back to
+    try:
+        c = count(emu, call(True))
+    finally:
+        cuda_roi_ops.DET_WORKSPACE_BYTES = limit
+    yield "roi_align backward FPN P2, deterministic row-owner fallback", c, nbytes, flops, C
 
 
 def gn_cases(emu, rng):
@@ -136,17 +158,18 @@ def main(argv=None):
             t.add(name, "fastnorm", sec, nbytes)
             who, peer_s = PUBLISHED.get(name, (None, None))
             peer = f"{who}: {peer_s * 1e3:.2f} ms" if who else ""
-            threads = c.total("threads") * scale
+            blocks, threads, atomics = (sum(getattr(e, f) * scaled(scale, e) for e in c.log)
+                                        for f in ("blocks", "threads", "atomics"))
             chain = max((e.barriers / max(e.blocks, 1) for e in c.log), default=0)
             lines.append(
-                f"| {name} | {c.launches} | {c.ops} | {c.syncs} | {c.total('blocks') * scale} | "
-                f"{threads} | {threads / RESIDENT_THREADS:.0%} | {chain:.0f} | "
-                f"{c.total('atomics') * scale} | {nbytes / 1e6:.1f} | {flops / 1e9:.2f} | "
-                f"{sec * 1e6:.0f} | {peer} |")
+                f"| {name} | {c.launches} | {c.ops} | {c.syncs} | {blocks} | {threads} | "
+                f"{threads / RESIDENT_THREADS:.0%} | {chain:.0f} | {atomics} | "
+                f"{nbytes / 1e6:.1f} | {flops / 1e9:.2f} | {sec * 1e6:.0f} | {peer} |")
             for e in c.log:
-                lines.append(f"| &nbsp; {e.kernel} | 1 | | | {e.blocks * scale} | "
-                             f"{e.threads * scale} | | {e.barriers / max(e.blocks, 1):.0f} | "
-                             f"{e.atomics * scale} | | | | |")
+                k = scaled(scale, e)
+                lines.append(f"| &nbsp; {e.kernel} | 1 | | | {e.blocks * k} | "
+                             f"{e.threads * k} | | {e.barriers / max(e.blocks, 1):.0f} | "
+                             f"{e.atomics * k} | | | | |")
     notes = ("Counts per call (emulator; `scale` applied), model constants: HBM "
              f"{HBM_BPS / 1e12:.1f} TB/s, FP32 {FP32_FLOPS / 1e12:.0f} TFLOP/s, launch "
              f"{LAUNCH_S * 1e6:.0f} us, host sync {SYNC_S * 1e6:.0f} us, barrier step "

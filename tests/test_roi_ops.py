@@ -299,19 +299,120 @@ def test_deterministic_backward_is_bitwise_repeatable(cuda_backend, rng, fn):
 
 @pytest.mark.emulated
 def test_deterministic_backward_launches_its_own_kernels(rng):
-    """deterministic=True really takes the owner-computes kernels (no atomics) on CUDA."""
+    """deterministic=True really takes its own kernels (no atomics) on CUDA: RoIAlign's tiles,
+    RoIPool's row owners."""
     emu = pytest.importorskip("fastnorm._cuda.emulator")
     x, rois = _case(rng, "float32", K=10)
     X, R = emu.asarray(x), emu.asarray(rois)
     G = emu.asarray(rng.standard_normal((10, 5, 2, 2)).astype(np.float32))
-    for d, want in ((False, "align_bwd<float>"), (True, "align_bwd_det<float>")):
+    for d, want in ((False, "align_bwd<float>"), (True, "align_bwd_tile<float>")):
         with emu.counting() as c:
             fastnorm.roi_align_backward(G, R, x.shape, 2, deterministic=d)
         assert want in {k.split("::")[-1] for k in c.kernels}
+        assert c.total("atomics") == 0 or not d
     for d, want in ((False, "pool_bwd<float>"), (True, "pool_bwd_det<float>")):
         with emu.counting() as c:
             fastnorm.roi_pool_backward(G, R, x.shape, 2, x=X, deterministic=d)
         assert want in {k.split("::")[-1] for k in c.kernels}
+
+
+def _tile_case(rng, N=3, C=40, H=23, W=37, K=70):
+    """float64 inputs for the deterministic RoIAlign backward's tiles: C = 40 gives two channel
+    groups of 32 lanes (32-pixel tiles, so most RoIs straddle tiles), image 2 has no RoIs (all
+    its tiles empty), and RoIs sit outside the map, on its last row and column (clamped
+    corners), inside one pixel and across the whole map."""
+    x = rng.standard_normal((N, C, H, W))
+    rois = random_rois(rng, K, N - 1, H, W, 1.0)
+    rois[:6, 1:] = [[-30, -30, -5, -5], [W + 3, 0, W + 9, 4], [W - 3, H - 3, W + 1, H + 1],
+                    [W - 1.2, 0, W - 1, H], [4.2, 5.1, 4.4, 5.3], [-2, -2, W + 2, H + 2]]
+    return x, rois
+
+
+@pytest.mark.parametrize("fn", ["align", "align_adaptive", "align_max", "ps", "deform",
+                                "rotated"])
+def test_deterministic_backward_tiles(cuda_backend, rng, fn):
+    """The tiled deterministic backward (every RoIAlign kind) equals the atomic one to rounding
+    in float64, on a case with many tiles per plane, empty tiles and edge RoIs, and repeats its
+    bits (the emulator also re-runs every launch in reverse order)."""
+    x, rois = _tile_case(rng)
+    K, (N, C, H, W) = len(rois), x.shape
+    g = rng.standard_normal((K, C, 3, 2))
+    gp = rng.standard_normal((K, C // 6, 3, 2))
+    off = rng.normal(0, 0.5, (K, 2, 3, 2))
+    mask = rng.uniform(0, 1, (K, 1, 3, 2))
+    rr = np.concatenate([rois[:, :1], (rois[:, 1:3] + rois[:, 3:5]) / 2,
+                         np.abs(rois[:, 3:5] - rois[:, 1:3]) + 1,
+                         rng.uniform(-180, 180, (K, 1))], 1)
+    xp = x[:, :36]
+    X, R, G, GP, O, M, RR = cuda_backend.asarray([x, rois, g, gp, off, mask, rr])
+    calls = {
+        "align": lambda d: fastnorm.roi_align_backward(G, R, x.shape, (3, 2), 1.0, 2, True,
+                                                       deterministic=d),
+        "align_adaptive": lambda d: fastnorm.roi_align_backward(G, R, x.shape, (3, 2), 0.5, -1,
+                                                                deterministic=d),
+        "align_max": lambda d: fastnorm.roi_align_backward(G, R, x.shape, (3, 2), 1.0, -1,
+                                                           mode="max", x=X, deterministic=d),
+        "ps": lambda d: fastnorm.ps_roi_align_backward(GP[:, :6], R, xp.shape, (3, 2), 1.0, 2,
+                                                       deterministic=d),
+        "deform": lambda d: fastnorm.deform_roi_pool_backward(G, X, R, O, (3, 2), 1.0, 0,
+                                                              mask=M, deterministic=d)[0],
+        "rotated": lambda d: fastnorm.roi_align_rotated_backward(G, RR, x.shape, (3, 2), 1.0, 2,
+                                                                 deterministic=d),
+    }
+    a, b, c = (cuda_backend.asnumpy(calls[fn](d)) for d in (False, True, True))
+    assert np.any(a) and not np.any(b[2])
+    np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
+    assert np.array_equal(b.view(np.uint64), c.view(np.uint64))
+
+
+@pytest.mark.emulated
+def test_deterministic_backward_host_syncs_and_kernels(rng):
+    """The tiled backward syncs with the host only to size the records of adaptive sampling;
+    records of RoIs without geometry (non-finite) leave every tile empty: zeros."""
+    emu = pytest.importorskip("fastnorm._cuda.emulator")
+    x, rois = _tile_case(rng, C=3, K=12)
+    G, R, X = (emu.asarray(a) for a in (rng.standard_normal((12, 3, 2, 2)), rois, x))
+    for kw, syncs in ((dict(sampling_ratio=2), 0), (dict(mode="max", x=X), 0),
+                      (dict(sampling_ratio=0), 1)):
+        with emu.counting() as base:          # the op layer's own checks
+            fastnorm.roi_align_backward(G, R, x.shape, 2, deterministic=False, **kw)
+        with emu.counting() as c:
+            fastnorm.roi_align_backward(G, R, x.shape, 2, deterministic=True, **kw)
+        assert c.syncs == base.syncs + syncs
+        assert [k.split("::")[-1] for k in c.kernels][-2:] == ["align_bwd_records<double>",
+                                                              "align_bwd_tile<double>"]
+        assert c.total("atomics") == 0
+    bad = rois.copy()
+    bad[:, 3] = np.nan
+    for sr in (0, 2):
+        gx = fastnorm.roi_align_backward(G, emu.asarray(bad), x.shape, 2, 1.0, sr,
+                                         deterministic=True).get()
+        assert gx.shape == x.shape and not gx.any()
+
+
+def test_deterministic_backward_over_the_workspace_limit(cuda_backend, rng, monkeypatch):
+    """Records that would pass DET_WORKSPACE_BYTES: the row-owner kernel instead, same results
+    to rounding, same bits on every run."""
+    from fastnorm._cuda import roi_ops as cuda_roi_ops
+    x, rois = _tile_case(rng, C=5, K=30)
+    G, R, X = cuda_backend.asarray([rng.standard_normal((30, 5, 2, 2)), rois, x])
+
+    def run():
+        return [cuda_backend.asnumpy(fastnorm.roi_align_backward(
+            G, R, x.shape, 2, 1.0, sr, mode=mode, x=X, deterministic=True))
+            for sr, mode in ((2, "avg"), (0, "avg"), (-1, "max"))]
+    tiles = run()
+    monkeypatch.setattr(cuda_roi_ops, "DET_WORKSPACE_BYTES", 1000)
+    rows, again = run(), run()
+    for a, b, c in zip(tiles, rows, again):
+        assert np.any(a)
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
+        assert np.array_equal(b.view(np.uint64), c.view(np.uint64))
+    if cuda_backend.name == "cuda-emulated":
+        emu = cuda_backend.xp
+        with emu.counting() as c:
+            fastnorm.roi_align_backward(G, R, x.shape, 2, deterministic=True)
+        assert "align_bwd_det<double>" in {k.split("::")[-1] for k in c.kernels}
 
 
 @pytest.mark.parametrize("fn", ["align", "align_max", "align_cl", "pool", "ps", "deform"])
@@ -904,7 +1005,7 @@ def test_roi_align_rotated_backward_is_adjoint(backend, rng):
 
 
 def test_roi_align_rotated_deterministic_backward(cuda_backend, rng):
-    """CUDA: deterministic=True takes the owner-computes kernel, agrees with the atomics to
+    """CUDA: deterministic=True takes the tiled kernels, agrees with the atomics to
     rounding and gives the same bits on every run."""
     x, r = _rcase(rng, "float32", N=3, C=4, H=20, W=24, K=80)
     g = rng.standard_normal((80, 4, 2, 3)).astype(np.float32)
@@ -924,7 +1025,7 @@ def test_roi_align_rotated_deterministic_backward_launches_its_own_kernel(rng):
     emu = pytest.importorskip("fastnorm._cuda.emulator")
     x, r = _rcase(rng, "float32", K=10)
     G, R = emu.asarray(rng.standard_normal((10, 4, 2, 2)).astype(np.float32)), emu.asarray(r)
-    for d, want in ((False, "align_bwd<float>"), (True, "align_bwd_det<float>")):
+    for d, want in ((False, "align_bwd<float>"), (True, "align_bwd_tile<float>")):
         with emu.counting() as c:
             fastnorm.roi_align_rotated_backward(G, R, x.shape, 2, deterministic=d)
         assert want in {k.split("::")[-1] for k in c.kernels}

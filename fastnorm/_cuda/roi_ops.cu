@@ -4,9 +4,13 @@
 // semantics, see fastnorm/roi_ops.py). Backward:
 //  * default: one thread per grad_out element, atomics into an accumulation buffer of type
 //    acc<T> (float for float/half types, double for double) that the launcher casts to T;
-//  * deterministic: one thread per (image, channel, block of RB rows) owns those rows of grad_x
-//    and visits the RoIs of its image in index order (order/seg), adding only the corners that
-//    fall into its rows: no atomics, bitwise reproducible; every thread scans its image's RoIs.
+//  * deterministic (RoIAlign, all kinds): records of the samples sorted by the pixel they land
+//    on, then one block per tile of grad_x sums its pixels' records in a fixed order (see
+//    "deterministic backward" below): no atomics, bitwise reproducible;
+//  * deterministic, when those records would exceed the launcher's workspace limit, and RoIPool:
+//    one thread per (image, channel, block of RB rows) owns those rows of grad_x and visits the
+//    RoIs of its image in index order (order/seg), adding only the corners that fall into its
+//    rows: no atomics, bitwise reproducible; every thread scans its image's RoIs.
 // The grad_offset / grad_mask of deformable pooling are always one thread per (RoI, bin).
 // Rotated RoIAlign (KIND_ROTATED, detectron2) is RoIAlign whose samples are placed by a rotation
 // about the RoI's centre; its deterministic backward bounds a bin's rows by the bin's rotated
@@ -231,11 +235,12 @@ __global__ void align_fwd(const T* __restrict__ x, const T* __restrict__ rois,
     }
 }
 
-// Scatter one bin's gradient gv to its bilinear corners through add(offset_in_plane, value);
-// max mode: only the argmax sample's corners.
+// Visit the samples of bin (ph, pw) that its gradient flows to, in order: visit(inside, o, wt)
+// with the sample's bilinear corners (roi_bilinear; inside false: off the map, o and wt 0);
+// avg mode: all gh x gw samples row-major, max mode: only the argmax sample.
 template <typename T, typename A, typename F>
-__device__ void bin_scatter(const T* xplane, const Geo<A>& g, int ph, int pw, A sy, A sx, i64 H,
-                            i64 W, int mode, A gv, F add) {
+__device__ void bin_samples(const T* xplane, const Geo<A>& g, int ph, int pw, A sy, A sx, i64 H,
+                            i64 W, int mode, F visit) {
     i64 y0 = 0, y1 = g.gh, x0 = 0, x1 = g.gw;      // the samples [y0, y1) x [x0, x1)
     if (mode == MODE_MAX) {
         i64 arg;
@@ -244,8 +249,6 @@ __device__ void bin_scatter(const T* xplane, const Geo<A>& g, int ph, int pw, A 
         x0 = arg % g.gw;
         y1 = y0 + 1;
         x1 = x0 + 1;
-    } else {
-        gv = gv / A(g.gh * g.gw);
     }
     for (i64 iy = y0; iy < y1; ++iy) {
         const A yy = sample_y(g, ph, sy, iy);
@@ -253,10 +256,23 @@ __device__ void bin_scatter(const T* xplane, const Geo<A>& g, int ph, int pw, A 
             A wt[4], y, x;
             i64 o[4];
             place(g, yy, sample_x(g, pw, sx, ix), y, x);
-            if (!roi_bilinear(y, x, H, W, o, wt)) continue;
-            for (int c = 0; c < 4; ++c) add(o[c], gv * wt[c]);
+            const bool inside = roi_bilinear(y, x, H, W, o, wt);
+            visit(inside, o, wt);
         }
     }
+}
+
+// Scatter one bin's gradient gv to its bilinear corners through add(offset_in_plane, value);
+// max mode: only the argmax sample's corners.
+template <typename T, typename A, typename F>
+__device__ void bin_scatter(const T* xplane, const Geo<A>& g, int ph, int pw, A sy, A sx, i64 H,
+                            i64 W, int mode, A gv, F add) {
+    if (mode != MODE_MAX) gv = gv / A(g.gh * g.gw);
+    bin_samples<T, A>(xplane, g, ph, pw, sy, sx, H, W, mode,
+                      [&](bool inside, const i64* o, const A* wt) {
+                          if (inside)
+                              for (int c = 0; c < 4; ++c) add(o[c], gv * wt[c]);
+                      });
 }
 
 template <typename T>
@@ -330,6 +346,166 @@ __global__ void align_bwd_det(const T* __restrict__ dy, const T* __restrict__ x,
                 bin_scatter<T, A>(x + base, g, ph, pw, sy, sx, p.H, p.W, p.mode, gv, add);
             }
         }
+    }
+}
+
+// ------------------------------------------------- deterministic backward (records and tiles)
+// grad_x as a gather: every sample the gradient flows to becomes a record in a slot fixed by its
+// (RoI, bin, sample) index, holding its anchor (top-left bilinear corner, as a (plane, pixel)
+// key), the grad_out row it reads and its 4 corner weights. Sorting the records by (anchor, slot)
+// lists, for every pixel, the samples anchored there in slot order; a pixel's corners come from
+// the samples anchored at it and at its left, upper and upper-left neighbours (roi_bilinear: the
+// other corners are +1 row / column, or the same one at the last). One block per tile of grad_x
+// (pixels x channels) sums those four lists in that fixed order, channel per lane: no atomics,
+// the same bits on every run, each grad_x element written once.
+//
+// Records are keyed per "plane": shared by all channels of an image (avg), by the channels that
+// read one bin (PS: channel ci reads bin ci % (PH PW)), or per channel (max: the argmax sample
+// depends on the channel). det_plane(p, p.N, 0) is the number of planes.
+__device__ __forceinline__ i64 det_plane(const Params& p, i64 n, i64 ci) {
+    const i64 nb = (i64)p.PH * p.PW;
+    if (p.mode == MODE_MAX) return n * p.C + ci;
+    if (p.kind == KIND_PS) return n * nb + ci % nb;
+    return n;
+}
+
+// record groups: (RoI, bin) with gh x gw records (avg), (RoI, channel, bin) with one (max)
+__device__ __forceinline__ i64 det_groups(const Params& p) {
+    return (p.mode == MODE_MAX ? p.K * p.CO : p.K) * p.PH * p.PW;
+}
+
+// records per (RoI, bin) group (avg mode, adaptive sampling: the launcher's prefix sum)
+template <typename T>
+__global__ void align_bwd_count(const T* __restrict__ rois, const T* __restrict__ offset,
+                                i64* __restrict__ count, PARAM_ARGS) {
+    PARAM_INIT;
+    typedef typename acc<T>::type A;
+    const i64 nb = (i64)p.PH * p.PW, total = det_groups(p);
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total;
+         i += (i64)blockDim.x * gridDim.x) {
+        Geo<A> g;
+        A sy, sx;
+        const int ph = int(i % nb / p.PW), pw = int(i % nb % p.PW);
+        count[i] = bin_geom<T, A>(rois, offset, p, i / nb, ph, pw, g, sy, sx) ? g.gh * g.gw : 0;
+    }
+}
+
+// Group i's records fill slots [start[i], start[i + 1]) (R = start[groups] in all): key[s] =
+// anchor * R + s (unique keys, so the sort's order does not depend on its stability; anchor =
+// plane * H * W + pixel, or planes * H * W for a sample off the map or a bin without geometry),
+// src[s] = RoI * PH * PW + bin (the row of grad_out as (K, PH PW, CO)), wt[4 s + c] = corner c's
+// weight times the bin's factor (1 / samples for avg, times the mask for deformable pooling).
+template <typename T>
+__global__ void align_bwd_records(const T* __restrict__ x, const T* __restrict__ rois,
+                                  const T* __restrict__ offset, const T* __restrict__ mask,
+                                  const i64* __restrict__ start, i64* __restrict__ key,
+                                  i64* __restrict__ src, typename acc<T>::type* __restrict__ wt,
+                                  PARAM_ARGS) {
+    PARAM_INIT;
+    typedef typename acc<T>::type A;
+    const i64 nb = (i64)p.PH * p.PW, total = det_groups(p), HW = p.H * p.W;
+    const i64 R = start[total], none = det_plane(p, p.N, 0) * HW;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total;
+         i += (i64)blockDim.x * gridDim.x) {
+        const i64 b = i % nb, k = i / nb / (p.mode == MODE_MAX ? p.CO : 1);
+        const i64 co = p.mode == MODE_MAX ? i / nb % p.CO : 0;
+        const int ph = int(b / p.PW), pw = int(b % p.PW);
+        i64 s = start[i];
+        Geo<A> g;
+        A sy, sx;
+        if (bin_geom<T, A>(rois, offset, p, k, ph, pw, g, sy, sx)) {
+            const i64 ci = in_channel(p, co, ph, pw), plane = det_plane(p, g.n, ci);
+            A f = p.mode == MODE_MAX ? A(1) : A(1) / A(g.gh * g.gw);
+            if (p.kind == KIND_DEFORM && p.has_mask) f *= load(mask + k * nb + b);
+            bin_samples<T, A>(x + (g.n * p.C + ci) * HW, g, ph, pw, sy, sx, p.H, p.W, p.mode,
+                              [&](bool inside, const i64* o, const A* w) {
+                                  key[s] = (inside ? plane * HW + o[0] : none) * R + s;
+                                  src[s] = k * nb + b;
+                                  for (int c = 0; c < 4; ++c) wt[4 * s + c] = w[c] * f;
+                                  ++s;
+                              });
+        }
+        for (; s < start[i + 1]; ++s) {       // a bin without geometry: its slots stay empty
+            key[s] = none * R + s;
+            src[s] = 0;
+            for (int c = 0; c < 4; ++c) wt[4 * s + c] = A(0);
+        }
+    }
+}
+
+// the tile: blockDim.x channel lanes x TILE_PIXELS * blockDim.y pixels of one plane of grad_x
+enum { TILE_THREADS = 256, TILE_PIXELS = 4 };
+
+// channel groups of blockDim.x lanes per image; PS groups hold the channels of one bin, so that
+// a group's lanes share their records
+__device__ __forceinline__ i64 tile_groups(const Params& p, int TC) {
+    return p.kind == KIND_PS ? (i64)p.PH * p.PW * ((p.CO + TC - 1) / TC) : (p.C + TC - 1) / TC;
+}
+
+// lane of channel group cg: grad_x channel ci, grad_out channel co (false: past the last)
+__device__ __forceinline__ bool tile_channel(const Params& p, i64 cg, int lane, int TC, i64& ci,
+                                             i64& co) {
+    if (p.kind == KIND_PS) {
+        const i64 nb = (i64)p.PH * p.PW;
+        co = cg / nb * TC + lane;
+        ci = co * nb + cg % nb;
+        return co < p.CO;
+    }
+    ci = co = cg * TC + lane;
+    return ci < p.C;
+}
+
+// One block per tile (grid-stride over n, channel group, pixel range): thread (lane, y) sums
+// TILE_PIXELS pixels of channel lane from the sorted records (perm: slots by key; bounds[a]:
+// the first sorted record of anchor a); dyt: grad_out as (K, PH PW, CO), so the lanes of a
+// record read adjacent values. The tile leaves through shared memory, pixel-contiguous.
+template <typename T>
+__global__ void align_bwd_tile(const T* __restrict__ dyt, const i64* __restrict__ perm,
+                               const i64* __restrict__ bounds, const i64* __restrict__ src,
+                               const typename acc<T>::type* __restrict__ wt, T* __restrict__ gx,
+                               PARAM_ARGS) {
+    PARAM_INIT;
+    typedef typename acc<T>::type A;
+    __shared__ A tile[TILE_THREADS * TILE_PIXELS + 32];     // [lane][pixel], rows padded by 1
+    const int TC = blockDim.x, TP = TILE_PIXELS * blockDim.y, lane = threadIdx.x;
+    const int tid = threadIdx.y * TC + lane, nt = TC * blockDim.y;
+    const i64 HW = p.H * p.W, npt = (HW + TP - 1) / TP, CG = tile_groups(p, TC);
+    const i64 tiles = p.N * CG * npt;
+    for (i64 t = blockIdx.x; t < tiles; t += gridDim.x) {
+        const i64 p0 = t % npt * TP, cg = t / npt % CG, n = t / npt / CG;
+        i64 ci, co;
+        const bool ok = tile_channel(p, cg, lane, TC, ci, co);
+        const i64 plane = ok ? det_plane(p, n, ci) : 0;
+        for (int j = threadIdx.y; j < TP; j += blockDim.y) {
+            const i64 pix = p0 + j, r = pix / p.W, c = pix % p.W;
+            A v = A(0);
+            if (ok && pix < HW) {
+                // anchors up-left, up, left, here; a sample's corners in roi_bilinear's order
+                for (i64 ay = r - 1; ay <= r; ++ay)
+                    for (i64 ax = c - 1; ax <= c; ++ax) {
+                        if (ay < 0 || ax < 0) continue;
+                        const i64 y1 = ay < p.H - 1 ? ay + 1 : ay, x1 = ax < p.W - 1 ? ax + 1 : ax;
+                        const bool on[4] = {ay == r && ax == c, ay == r && x1 == c,
+                                            y1 == r && ax == c, y1 == r && x1 == c};
+                        const i64 a = plane * HW + ay * p.W + ax;
+                        for (i64 q = bounds[a]; q < bounds[a + 1]; ++q) {
+                            const i64 s = perm[q];
+                            const A gv = load(dyt + src[s] * p.CO + co);
+                            for (int m = 0; m < 4; ++m)
+                                if (on[m]) v += gv * wt[4 * s + m];
+                        }
+                    }
+            }
+            tile[lane * (TP + 1) + j] = v;
+        }
+        __syncthreads();
+        for (int e = tid; e < TC * TP; e += nt) {
+            const int l = e / TP, j = e % TP;
+            i64 cl, col;
+            if (tile_channel(p, cg, l, TC, cl, col) && p0 + j < HW)
+                store(gx + (n * p.C + cl) * HW + p0 + j, tile[l * (TP + 1) + j]);
+        }
+        __syncthreads();
     }
 }
 

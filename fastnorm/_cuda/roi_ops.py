@@ -6,15 +6,25 @@ import functools
 import numpy as np
 
 from .._kernels import ROI_MODES
-from . import ctype, cupy, function, i64, instantiate, launch
+from . import MAX_GRID, cdiv, ctype, cupy, function, i64, instantiate, launch, run
 
 _NS = "fastnorm::roi_ops::"
-_KERNELS = ("align_fwd", "align_bwd", "align_bwd_det", "deform_bwd_offmask", "pool_fwd",
-            "pool_bwd", "pool_bwd_det")
+_KERNELS = ("align_fwd", "align_bwd", "align_bwd_count", "align_bwd_records", "align_bwd_tile",
+            "align_bwd_det", "deform_bwd_offmask", "pool_fwd", "pool_bwd", "pool_bwd_det")
 _EXPRS = tuple(e for k in _KERNELS for e in instantiate(_NS + k + "<{}>"))
 KIND_ALIGN, KIND_PS, KIND_DEFORM, KIND_ROTATED = 0, 1, 2, 3   # kernel family (KIND_* in roi_ops.cu)
 AVG = ROI_MODES["avg"]   # the RoIAlign mode of multi-scale RoIAlign and the PS / deformable kinds
-RB = 8      # rows of grad_x owned by one thread of the deterministic backward
+MAX = ROI_MODES["max"]
+RB = 8      # rows of grad_x owned by one thread of the row-owner deterministic backward
+TILE_THREADS, TILE_PIXELS = 256, 4   # the tiles of align_bwd_tile (TILE_* in roi_ops.cu)
+# Bytes the deterministic RoIAlign backward may allocate for its records; past it the row-owner
+# kernel align_bwd_det runs instead (same determinism, far fewer threads). The workspace is
+# R x (32 + 4 x acc bytes) (a sort key, its sorted copy and permutation, the grad_out row and 4
+# weights per record) + 16 bytes per anchor (planes x H x W + 1) + a transposed grad_out, with
+# R = K x PH x PW x sr^2 records (avg; adaptive sampling: the bins' sample counts, summed) or
+# K x C x PH x PW (max); planes = N (avg), N x PH x PW (PS), N x C (max). FPN P2 (1000 RoIs,
+# 7x7, sr 2, 2 x 200 x 272, 256 channels): 196k records, ~61 MB with grad_out. Tests shrink it.
+DET_WORKSPACE_BYTES = 1 << 30
 
 
 def _k(name, dtype):
@@ -68,13 +78,17 @@ def _align_forward(x, rois, offset, mask, PH, PW, CO, prm):
 def _align_backward(dy, x, rois, offset, mask, N, C, H, W, prm, deterministic):
     cp = cupy()
     dtype = dy.dtype
-    gacc = cp.zeros((N, C, H, W), dtype=_acc_dtype(dtype))
-    if gacc.size == 0 or rois.shape[0] == 0:
-        return gacc.astype(dtype, copy=False)
+    if N * C * H * W == 0 or rois.shape[0] == 0:
+        return cp.zeros((N, C, H, W), dtype=_acc_dtype(dtype)).astype(dtype, copy=False)
     d = _dummy(cp, dtype)
     xa = d if x is None else x
     off = d if offset is None else offset
     msk = d if mask is None else mask
+    if deterministic:
+        gx = _align_backward_tiles(dy, xa, rois, off, msk, prm)
+        if gx is not None:
+            return gx
+    gacc = cp.zeros((N, C, H, W), dtype=_acc_dtype(dtype))
     if deterministic:
         order, seg = _segments(cp, rois, N)
         nrb = (H + RB - 1) // RB
@@ -83,6 +97,53 @@ def _align_backward(dy, x, rois, offset, mask, N, C, H, W, prm, deterministic):
     else:
         launch(_k("align_bwd", dtype), dy.size, (dy, xa, rois, off, msk, gacc) + prm())
     return gacc.astype(dtype, copy=False)
+
+
+def _align_backward_tiles(dy, x, rois, offset, mask, prm):
+    """The deterministic RoIAlign backward (all kinds) as records sorted by the pixel they land
+    on, summed per tile of grad_x in a fixed order (roi_ops.cu, "deterministic backward"); None
+    when the workspace would exceed DET_WORKSPACE_BYTES (or the sort keys 63 bits). One host
+    synchronisation (the record count) with adaptive sampling in avg mode, none otherwise."""
+    cp = cupy()
+    K, N, C, CO, H, W, PH, PW, sr, kind, mode = (int(v) for v in prm()[:11])
+    dtype, nb = dy.dtype, PH * PW
+    planes = N * C if mode == MAX else N * nb if kind == KIND_PS else N   # det_plane in the .cu
+    anchors = planes * H * W
+    groups = K * CO * nb if mode == MAX else K * nb                      # det_groups
+    if mode == MAX or sr > 0:            # sr x sr samples per bin (max: one)
+        per = 1 if mode == MAX else sr * sr
+        start = cp.arange(groups + 1, dtype=cp.int64) * per
+        R = groups * per
+    else:
+        count = cp.empty(groups, dtype=cp.int64)
+        launch(_k("align_bwd_count", dtype), groups, (rois, offset, count) + prm())
+        start = cp.zeros(groups + 1, dtype=cp.int64)
+        start[1:] = cp.cumsum(count)
+        R = int(start[-1])
+    acc = np.dtype(_acc_dtype(dtype))
+    need = R * (4 * 8 + 4 * acc.itemsize) + (anchors + 1) * 16 + dy.nbytes + start.nbytes
+    if need > DET_WORKSPACE_BYTES or (anchors + 1) * max(R, 1) >= 2**63:
+        return None
+    gx = cp.empty((N, C, H, W), dtype=dtype)
+    if R == 0:
+        gx[...] = 0
+        return gx
+    key = cp.empty(R, dtype=cp.int64)
+    src = cp.empty(R, dtype=cp.int64)
+    wt = cp.empty(4 * R, dtype=acc)
+    launch(_k("align_bwd_records", dtype), groups,
+           (x, rois, offset, mask, start, key, src, wt) + prm())
+    perm = cp.ascontiguousarray(cp.argsort(key).astype(cp.int64))    # unique keys
+    bounds = cp.searchsorted(key[perm], cp.arange(anchors + 1, dtype=cp.int64) * R)
+    bounds = cp.ascontiguousarray(bounds.astype(cp.int64))
+    dyt = cp.ascontiguousarray(dy.reshape(K, CO, nb).transpose(0, 2, 1))
+    TC = min(32, 1 << ((CO if kind == KIND_PS else C) - 1).bit_length())   # channel lanes
+    by = TILE_THREADS // TC
+    groups_per_image = nb * cdiv(CO, TC) if kind == KIND_PS else cdiv(C, TC)  # tile_groups
+    tiles = N * groups_per_image * cdiv(H * W, TILE_PIXELS * by)
+    run(_k("align_bwd_tile", dtype), min(tiles, MAX_GRID[0]), (TC, by),
+        (dyt, perm, bounds, src, wt, gx) + prm())
+    return gx
 
 
 def _nchw(cp, a, channels_last):

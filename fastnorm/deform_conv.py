@@ -2,17 +2,18 @@
 
 Semantics are torchvision's ``torchvision.ops.deform_conv2d`` (= ONNX ``DeformConv``).
 
-Memory: the CUDA kernels and the CPU backward sample into an im2col workspace of
-``C_in * kh * kw`` rows that is filled chunk by chunk, whole samples at a time when a sample fits
-in :data:`WORKSPACE_BYTES`, otherwise blocks of output rows of one sample. Any batch size works
-and the extra memory stays about ``WORKSPACE_BYTES`` (at least one output row's columns), plus on
-the CPU a channels-last copy of the chunk's samples (and of their gradient in the backward). The
-CPU forward is fused: each thread samples a block of output positions into its own column tile
-(about 512 KiB) and multiplies it by the weight at once, so it needs only those tiles, a packed
-copy of the weight and the channels-last copy of a chunk of samples. This workspace and the
-output come from the CPU output cache, so repeated calls do not page fresh memory in; it is
-bounded and released by :func:`fastnorm.set_cache_limit` / :func:`fastnorm.empty_cache` and
-counted by :func:`fastnorm.cached_bytes`.
+Memory: the CUDA kernels and the CPU backward sample into an im2col workspace of ``C_in * kh * kw``
+rows (in the input type) that is filled chunk by chunk, whole samples at a time when a sample fits
+in :data:`WORKSPACE_BYTES`, otherwise blocks of output rows of one sample. Any batch size works and
+the extra memory stays about ``WORKSPACE_BYTES`` (at least one output row's columns), plus on CUDA a
+copy of grad_out's chunk in the backward when a chunk holds several samples (``C_out`` rows beside
+the columns' ``C_in * kh * kw``) and on the CPU a channels-last copy of the chunk's samples (and of
+their gradient in the backward). The CPU forward is fused: each thread samples a block of output
+positions into its own column tile (about 512 KiB) and multiplies it by the weight at once, so it
+needs only those tiles, a packed copy of the weight and the channels-last copy of a chunk of
+samples. This workspace and the output come from the CPU output cache, so repeated calls do not page
+fresh memory in; it is bounded and released by :func:`fastnorm.set_cache_limit` /
+:func:`fastnorm.empty_cache` and counted by :func:`fastnorm.cached_bytes`.
 
 Threads: the CPU kernels use :func:`fastnorm.set_num_threads` threads (OpenMP); the forward's
 matrix products run on these threads too (fastnorm's own micro-kernel, for the build's
@@ -23,6 +24,17 @@ reduction in a fixed order, so no BLAS thread pool competes with the OpenMP thre
 result does not depend on the thread count); on CUDA they run through CuPy (cuBLAS).
 
 On CUDA, grad_x is accumulated with atomics, so it is not bitwise reproducible run to run.
+
+CUDA precision: the columns are sampled in float32 (float64 for float64 input) and stored in the
+input type; the GEMMs run in cuBLAS on the input type with float32 sums (float64 for float64).
+float16/bfloat16 therefore run on tensor cores: products of half values, float32 sums, one
+rounding of each result, the bias added in float32 before it (the columns and the backward's
+column gradient are rounded to the half type too, grad_weight only once at the end). float32 is
+full float32 by default; ``FASTNORM_TF32=1`` in the environment (read at each call, the format
+of CuPy's ``CUPY_TF32``, which does not affect these GEMMs) lets its GEMMs use TF32 tensor cores
+(inputs rounded to 10 mantissa bits, float32 sums: about float16's accuracy, several times
+faster). Below compute capability 8.0 (no bfloat16 GEMMs in cuBLAS) bfloat16 operands are widened
+to float32 copies for the GEMMs (same results, slower, more memory).
 """
 from . import _validation as v
 from ._cpu import deform_conv as cpu
@@ -79,8 +91,8 @@ def _check(call, x, offset, weight, bias, mask, stride, padding, dilation):
     if bias is not None:
         v.float_array(call, "bias", bias, ndim=1)
         v.shape("bias", bias, (Cout,))
-    # the columns are float32 for float16/bfloat16 input (CUDA accumulates in float32)
-    rows = max(1, WORKSPACE_BYTES // max(1, C * K * Wo * max(x.dtype.itemsize, 4)))
+    # the columns are in the input type (half columns for half input on CUDA)
+    rows = max(1, WORKSPACE_BYTES // max(1, C * K * Wo * x.dtype.itemsize))
     return dict(stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), chunk_rows=rows), \
         (N, Cout, Ho, Wo)
 
@@ -96,7 +108,8 @@ def deform_conv2d(x, offset, weight, bias=None, *, mask=None, stride=1, padding=
     Parameters
     ----------
     x : array (N, C_in, H, W)
-        NumPy, CuPy or DLPack tensor; float32/float64 (and float16/bfloat16 on CUDA).
+        NumPy, CuPy or DLPack tensor; float32/float64 (and float16/bfloat16 on CUDA: tensor-core
+        GEMMs with float32 sums; see the module docstring for the precision of each dtype).
     offset : array (N, 2 * G * kh * kw, Ho, Wo)
         (dy, dx) per kernel point, kernel points in row-major order, for G offset groups
         (G = offset.shape[1] // (2 * kh * kw) must divide C_in).

@@ -360,3 +360,100 @@ def test_misaligned_vector_access():
 def test_compile_errors_are_reported():
     fails(r"(?s)host compiler rejected.*NAN", kernel,
           "__global__ void k(float* x) { x[0] = NAN; }", "k")
+
+
+# ---------------------------------------------------------------- cuBLAS (GemmEx)
+
+def gemm(c, a, b, m, n, k, *, lda, ldb, ldc, transa=0, transb=0, batch=1, strides=(0, 0, 0),
+         beta=0.0, compute=emu.CUBLAS_COMPUTE_32F, handle=None, offsets=(0, 0, 0)):
+    """cublasGemmStridedBatchedEx on emulated arrays (column-major, as cuBLAS), types from the
+    arrays' dtypes."""
+    types = {"float16": emu.CUDA_R_16F, "bfloat16": emu.CUDA_R_16BF, "float32": emu.CUDA_R_32F,
+             "float64": emu.CUDA_R_64F}
+    scalar = np.float64 if compute == emu.CUBLAS_COMPUTE_64F else np.float32
+    one, bt = np.ones((), scalar), np.full((), beta, scalar)
+    ptr = [x.data.ptr + o * x.itemsize for x, o in zip((a, b, c), offsets)]
+    emu.cuda.cublas.gemmStridedBatchedEx(
+        emu.cuda.get_cublas_handle() if handle is None else handle, transa, transb, m, n, k,
+        one.ctypes.data, ptr[0], types[str(a.dtype)], lda, strides[0], ptr[1],
+        types[str(b.dtype)], ldb, strides[1], bt.ctypes.data, ptr[2], types[str(c.dtype)], ldc,
+        strides[2], batch, compute, emu.cuda.cublas.CUBLAS_GEMM_DEFAULT)
+
+
+def _bf16():
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_gemm_half_products_float32_sums_one_rounding(half):
+    # 1 + u + u (u: half the half type's ulp at 1) is 1 + 2u exactly in float32 and representable
+    # in the half type; summed in the half type it would stay 1 (each + u ties to even)
+    t = np.dtype(half) if half == "float16" else _bf16()
+    u = 2.0**-11 if half == "float16" else 2.0**-8
+    a = emu.asarray(np.ones((1, 3)).astype(t))                   # column-major 3 x 1 = row 1 x 3
+    b = emu.asarray(np.array([1, u, u]).astype(t))
+    for c_type in (t, np.float32):
+        c = emu.empty((1,), c_type)                               # NaN: beta = 0 must not read it
+        gemm(c, a, b, 1, 1, 3, lda=3, ldb=3, ldc=1, transa=emu.CUBLAS_OP_T)
+        assert c.get().astype(np.float64)[0] == 1 + 2 * u
+        gemm(c, a, b, 1, 1, 3, lda=3, ldb=3, ldc=1, transa=emu.CUBLAS_OP_T, beta=1.0)
+        assert c.get().astype(np.float64)[0] == 2 + 4 * u         # C added in float32
+
+
+def test_gemm_transposes_strides_and_batches_match_numpy(rng):
+    # C_i = op(A_i) op(B_i) + C_i on column-major matrices inside bigger arrays (leading
+    # dimensions past the rows, batch strides, a broadcast B with stride 0), float64 exact
+    m, n, k, batch = 5, 4, 3, 3
+    for transa in (0, 1):
+        for transb in (0, 1):
+            ar, ac = (m, k) if transa == 0 else (k, m)
+            br, bc = (k, n) if transb == 0 else (n, k)
+            A = rng.integers(-4, 4, (batch, ac, ar + 2)).astype(np.float64)  # column-major, ld+2
+            B = rng.integers(-4, 4, (bc, br + 1)).astype(np.float64)
+            C = rng.integers(-4, 4, (batch, n, m + 3)).astype(np.float64)
+            c = emu.asarray(C)
+            gemm(c, emu.asarray(A), emu.asarray(B), m, n, k, lda=ar + 2, ldb=br + 1, ldc=m + 3,
+                 transa=transa, transb=transb, batch=batch,
+                 strides=(ac * (ar + 2), 0, n * (m + 3)), beta=1.0, compute=emu.CUBLAS_COMPUTE_64F)
+            opa = A[:, :, :ar].transpose(0, 2, 1)
+            opa = opa if transa == 0 else opa.transpose(0, 2, 1)
+            opb = B[:, :br].T if transb == 0 else B[:, :br]
+            want = C.copy()
+            want[:, :, :m] += (opa @ opb).transpose(0, 2, 1)
+            np.testing.assert_array_equal(c.get(), want)
+
+
+def test_gemm_tf32_rounds_float32_inputs():
+    a = emu.asarray(np.full((1,), 1 + 2.0**-12, np.float32))    # below half a TF32 ulp: 1
+    b = emu.asarray(np.full((1,), 1 + 2.0**-10 + 2.0**-11, np.float32))   # a tie: away from 0
+    c = emu.empty((1,), np.float32)
+    gemm(c, a, b, 1, 1, 1, lda=1, ldb=1, ldc=1)
+    assert c.get()[0] == np.float32(1 + 2.0**-12) * np.float32(1 + 2.0**-10 + 2.0**-11)
+    gemm(c, a, b, 1, 1, 1, lda=1, ldb=1, ldc=1, compute=emu.CUBLAS_COMPUTE_32F_FAST_TF32)
+    assert c.get()[0] == 1 + 2.0**-9
+
+
+def test_gemm_checks():
+    a, b = emu.asarray(np.ones(6, np.float32)), emu.asarray(np.ones(6, np.float32))
+    c = emu.zeros(4, np.float32)
+    args = (2, 2, 3)
+    kw = dict(lda=2, ldb=3, ldc=2)
+    fails(r"not inside one device allocation", gemm, c, a, b, *args, **dict(kw, ldb=4))
+    fails(r"ldC = 1 < max\(1, 2\)", gemm, c, a, b, *args, **dict(kw, ldc=1))
+    fails(r"not supported", gemm, c, emu.asarray(np.ones(6, np.float16)),
+          emu.asarray(np.ones(6, np.float16)), *args, **kw,
+          compute=emu.CUBLAS_COMPUTE_32F_FAST_TF32)
+    fails(r"not supported", gemm, emu.zeros(4), a, b, *args, **kw)       # float32 -> float64
+    fails(r"C overlaps A", gemm, a, a, b, *args, **dict(kw, ldc=2))
+    fails(r"C matrices of the batch overlap", gemm, c, a, b, 2, 1, 3, lda=2, ldb=3, ldc=2,
+          batch=2, strides=(0, 0, 1))
+    fails(r"not the current device's", gemm, c, a, b, *args, **kw,
+          handle=emu.cuda.get_cublas_handle() + 1)
+    with emu.Device(1):
+        c1 = emu.zeros(4, np.float32)
+    fails(r"memory of device 1 used on device 0", gemm, c1, a, b, *args, **kw)
+    with emu.counting() as n:
+        gemm(c, a, b, *args, **kw)
+    assert n.launches == 0 and [(g.m, g.n, g.k, g.batch) for g in n.gemms] == [(2, 2, 3, 1)]
+    np.testing.assert_array_equal(c.get(), np.full(4, 3, np.float32))

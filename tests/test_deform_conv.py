@@ -307,13 +307,13 @@ def test_zero_offsets_equal_convolution(backend, rng):
 ])
 def test_chunked_workspace_gives_same_results(backend, rng, monkeypatch, cap_rows, chunks):
     # WORKSPACE_BYTES bounds the im2col columns of one chunk (C * K rows of Wo columns per output
-    # row, in the accumulation type): the kernels see blocks of rows (hb < Ho) or of samples
+    # row, in the input type): the kernels see blocks of rows (hb < Ho) or of samples
     d, geo = _case(rng, N=3, C=4, H=7, W=6, goff=2)     # Ho = 7, Wo = 6
     gy = rng.standard_normal(_out_shape(d, geo))
     for dtype in backend.floats:
         dt = _cast(d, dtype)
         full_y, full_g = _run(backend, dt, geo, gy)
-        item = max(dt["x"].itemsize, 4)                 # float32 columns for half types
+        item = dt["x"].itemsize                         # columns in the input type
         with monkeypatch.context() as mp:
             mp.setattr(dc_mod, "WORKSPACE_BYTES", cap_rows * 4 * 9 * 6 * item)
             with _counting(backend) as c:
@@ -347,11 +347,11 @@ def test_no_host_synchronisation(cuda_backend, rng, monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_workspace_stays_within_budget(cuda_backend, rng, monkeypatch, dtype):
-    # the columns of a half-precision call are float32: WORKSPACE_BYTES counts them at 4 bytes
-    # an entry (sized by the 2-byte input type, a chunk would take twice the budget); a budget
-    # of one sample's float32 columns gives one sample per chunk
+    # the columns of a half-precision call are in the half type (the GEMMs take them as they
+    # are): WORKSPACE_BYTES counts them at 2 bytes an entry, so a budget of one sample's half
+    # columns gives one sample per chunk and no buffer beyond it
     d, geo = _case(rng, N=3, C=4, H=7, W=6, goff=2)     # Ho = 7, Wo = 6
-    budget = 4 * 9 * 6 * 7 * 4
+    budget = 4 * 9 * 6 * 7 * 2
     monkeypatch.setattr(dc_mod, "WORKSPACE_BYTES", budget)
     xp, allocs = cuda_backend.xp, []
     empty = xp.empty
@@ -369,23 +369,130 @@ def test_half_workspace_stays_within_budget(cuda_backend, rng, monkeypatch, dtyp
     assert column_buffers and max(column_buffers) <= budget, (allocs, budget)
 
 
-def test_grad_weight_is_one_product_per_chunk(cuda_backend, rng, monkeypatch):
-    # grad_weight sums the chunk's samples in one GEMM (not one per sample): the number of matrix
-    # products of a call does not grow with the samples of a chunk
-    xp = cuda_backend.xp
-    matmul, calls = xp.matmul, []
+def _recording_gemms(backend, monkeypatch):
+    """Record every cuBLAS call of the CUDA launcher (real or emulated): a list of dicts of its
+    (column-major) m, n, k, batch count, A/C data types and compute type, by CuPy's names."""
+    cublas, rt = backend.xp.cuda.cublas, backend.xp.cuda.runtime
+    names = {getattr(rt, t): t for t in ("CUDA_R_16F", "CUDA_R_16BF", "CUDA_R_32F", "CUDA_R_64F")}
+    names.update({getattr(cublas, t): t for t in (
+        "CUBLAS_COMPUTE_32F", "CUBLAS_COMPUTE_32F_FAST_TF32", "CUBLAS_COMPUTE_64F")})
+    gemm, calls = cublas.gemmStridedBatchedEx, []
 
-    def counting_matmul(*args, **kwargs):
-        calls.append(args[0].shape)
-        return matmul(*args, **kwargs)
-    monkeypatch.setattr(xp, "matmul", counting_matmul, raising=False)
-    counts = []
-    for N in (1, 5):
-        d, geo = _case(rng, N=N, C=6, Cout=4, groups=2, goff=3)
+    def recording(*args):
+        (_, _, _, m, n, k, _, _, a_type, _, _, _, b_type, _, _, _, _, c_type, _, _, batch,
+         compute, _) = args
+        calls.append(dict(m=m, n=n, k=k, batch=batch, a=names[a_type], b=names[b_type],
+                          c=names[c_type], compute=names[compute]))
+        return gemm(*args)
+    monkeypatch.setattr(cublas, "gemmStridedBatchedEx", recording)
+    return calls
+
+
+@pytest.mark.parametrize("N, groups, forward", [(1, 1, 1), (1, 2, 1), (5, 1, 1), (5, 2, 2)])
+def test_gemms_per_call(cuda_backend, rng, monkeypatch, N, groups, forward):
+    # one chunk (the whole batch): the forward is one batched GEMM per weight group or per sample
+    # (whichever is fewer), the backward two: grad_weight reduces over all samples and positions
+    # of all weight groups in one call (k = N * Ho * Wo), the column gradient is one more
+    calls = _recording_gemms(cuda_backend, monkeypatch)
+    d, geo = _case(rng, N=N, C=6, Cout=4, groups=groups, goff=3)
+    _check_all(cuda_backend, d, geo, rng)
+    assert len(calls) == forward + 2, calls
+    grad_w, grad_cols = calls[forward:]
+    NL, CgK, Cog = N * 7 * 6, 6 // groups * 9, 4 // groups     # cuBLAS's column-major sizes:
+    assert (grad_w["m"], grad_w["n"], grad_w["k"], grad_w["batch"]) == (CgK, Cog, NL, groups)
+    assert (grad_cols["m"], grad_cols["n"], grad_cols["k"]) == (NL, CgK, Cog), grad_cols
+    assert grad_cols["batch"] == groups, grad_cols
+
+
+@pytest.mark.parametrize("dtype, ab, c_grad_w", [
+    ("float16", "CUDA_R_16F", "CUDA_R_32F"), ("bfloat16", "CUDA_R_16BF", "CUDA_R_32F"),
+    ("float32", "CUDA_R_32F", "CUDA_R_32F"), ("float64", "CUDA_R_64F", "CUDA_R_64F")])
+def test_gemm_operand_types(cuda_backend, rng, monkeypatch, dtype, ab, c_grad_w):
+    # half inputs: half columns, weights and grad_out go to cuBLAS as they are (tensor cores),
+    # summed in float32 (CUBLAS_COMPUTE_32F); y and the column gradient come out in the half
+    # type, grad_weight in float32 (rounded once at the end). float32 runs in full float32 by
+    # default (no TF32), float64 in float64
+    monkeypatch.delenv("FASTNORM_TF32", raising=False)
+    calls = _recording_gemms(cuda_backend, monkeypatch)
+    d, geo = _case(rng, N=2, C=4, Cout=6)
+    _check_all(cuda_backend, d, geo, rng, dtype)
+    compute = "CUBLAS_COMPUTE_64F" if dtype == "float64" else "CUBLAS_COMPUTE_32F"
+    assert [(c["a"], c["b"], c["c"], c["compute"]) for c in calls] == [
+        (ab, ab, ab, compute), (ab, ab, c_grad_w, compute), (ab, ab, ab, compute)], calls
+
+
+@pytest.mark.parametrize("env, tf32", [(None, False), ("0", False), ("1", True)])
+def test_tf32_is_an_explicit_opt_in(cuda_backend, rng, monkeypatch, env, tf32):
+    # float32 GEMMs use TF32 tensor cores only with FASTNORM_TF32=1 (CuPy's CUPY_TF32 does not
+    # switch them); half and float64 GEMMs are not affected
+    from fastnorm._cuda import deform_conv as launcher
+    monkeypatch.setenv("CUPY_TF32", "1")
+    if env is None:
+        monkeypatch.delenv(launcher.TF32_ENV, raising=False)
+    else:
+        monkeypatch.setenv(launcher.TF32_ENV, env)
+    calls = _recording_gemms(cuda_backend, monkeypatch)
+    # inputs with more mantissa bits than TF32 keeps (10): TF32 rounding shows in the results
+    d, geo = _case(rng, N=2, C=8, Cout=8, std=0.7)
+    d = {k: None if a is None else a * (1 + 2.0**-12) for k, a in d.items()}
+    gy = rng.standard_normal(_out_shape(d, geo)).astype(np.float32)
+    d32 = _cast(d, np.float32)
+    y, g = _run(cuda_backend, d32, geo, gy)
+    want = "CUBLAS_COMPUTE_32F_FAST_TF32" if tf32 else "CUBLAS_COMPUTE_32F"
+    assert {c["compute"] for c in calls} == {want}, calls
+    ref_y, ref_g = _ref(d32, geo), _ref_bwd(gy, d32, geo)
+    if not tf32:
+        _close(y, ref_y, "float32", "y")
+        for name, a, r in zip(GRADS, g, ref_g):
+            _close(a, r, "float32", "grad_" + name)
+        return
+    # TF32: the inputs of the GEMMs rounded to 11 significant bits (float16's precision), sums
+    # in float32: within float16's tolerance of the oracle
+    _close(y, ref_y, "float16", "y")
+    for name, a, r in zip(GRADS, g, ref_g):
+        _close(a, r, "float16", "grad_" + name)
+    if cuda_backend.name == "cuda-emulated":       # the emulator always rounds to TF32
+        assert np.abs(y - ref_y).max() > 1e-5 * np.abs(ref_y).max()
+    calls.clear()
+    _run(cuda_backend, d, geo, gy)                  # float64: never TF32
+    assert {c["compute"] for c in calls} == {"CUBLAS_COMPUTE_64F"}, calls
+
+
+def test_bfloat16_below_compute_capability_8(cuda_backend, rng, monkeypatch):
+    # cuBLAS has no bfloat16 GEMMs before Ampere: the launcher widens the operands to float32
+    # there (the emulated cuBLAS refuses bfloat16 on an emulated 7.0 device, as cuBLAS does)
+    if cuda_backend.name != "cuda-emulated":
+        pytest.skip("needs an emulated device of compute capability 7.0")
+    monkeypatch.setitem(cuda_backend.xp.ATTRIBUTES, "ComputeCapabilityMajor", 7)
+    assert cuda_backend.xp.cuda.Device().compute_capability == "70"
+    calls = _recording_gemms(cuda_backend, monkeypatch)
+    d, geo = _case(rng, N=2, C=6, Cout=4, groups=2, goff=3)
+    _check_all(cuda_backend, d, geo, rng, "bfloat16")
+    assert calls and {(c["a"], c["c"]) for c in calls} == {("CUDA_R_32F", "CUDA_R_32F")}, calls
+
+
+def test_grad_weight_one_gemm_equals_chunked(cuda_backend, rng, monkeypatch):
+    # grad_weight of the whole batch in one GEMM equals its sum over chunks (one GEMM each,
+    # accumulating into it with beta = 1): chunks of 2 samples, of 1 sample, of 3 output rows
+    calls = _recording_gemms(cuda_backend, monkeypatch)
+    d, geo = _case(rng, N=5, C=6, Cout=4, groups=2, goff=3)      # Ho = 7, Wo = 6
+    gy = rng.standard_normal(_out_shape(d, geo))
+
+    def grad_w_gemms():                 # cuBLAS m = C_in/groups * K rows of grad_weight
+        return [c for c in calls if c["m"] == 3 * 9]
+    for dtype in cuda_backend.floats:
+        dt = _cast(d, dtype)
         calls.clear()
-        _check_all(cuda_backend, d, geo, rng)
-        counts.append(len(calls))
-    assert counts == [3, 3], counts                     # forward 1, backward 2 (grad_w, columns)
+        _, (_, _, _, one_gemm, _) = _run(cuda_backend, dt, geo, gy)
+        assert [c["k"] for c in grad_w_gemms()] == [5 * 7 * 6], calls
+        _close(one_gemm, _ref_bwd(gy.astype(dt["x"].dtype), dt, geo)[3], dtype, "grad_weight")
+        for rows, ks in ((14, [84, 84, 42]), (7, [42] * 5), (3, [18, 18, 6] * 5)):
+            with monkeypatch.context() as mp:
+                mp.setattr(dc_mod, "WORKSPACE_BYTES", rows * 6 * 9 * 6 * dt["x"].itemsize)
+                calls.clear()
+                _, (_, _, _, chunked, _) = _run(cuda_backend, dt, geo, gy)
+            assert [c["k"] for c in grad_w_gemms()] == ks, calls
+            _close(chunked, one_gemm, dtype, "grad_weight")
 
 
 @pytest.mark.parametrize("case", ["empty_batch", "no_output_channels", "empty_map", "tiny_map",

@@ -1,13 +1,15 @@
 // Deformable convolution (DCN v1/v2) on CUDA: im2col / col2im / coordinate-gradient kernels.
-// The GEMMs run in cuBLAS through CuPy (fastnorm/_cuda/deform_conv.py).
+// The GEMMs run in cuBLAS (fastnorm/_cuda/deform_conv.py: GemmEx on the columns as they are).
 //
-// Columns of a chunk of nb samples and hb output rows: A cols[C*K][nb*hb*Wo] (A = float for
-// float/half/bfloat16, double for double), row index c*K + k, column (sample in chunk) * hb*Wo
-// + (row in chunk) * Wo + wo: the samples lie side by side, so that each GEMM of a chunk (and
-// grad_weight's reduction over its samples and positions) is one product. One thread handles one
+// Columns of a chunk of nb samples and hb output rows: T cols[C*K][nb*hb*Wo] in the input type
+// (half columns for half input, so that cuBLAS multiplies them on tensor cores; each entry is
+// one rounding of its float32 value), row index c*K + k, column (sample in chunk) * hb*Wo +
+// (row in chunk) * Wo + wo: the samples lie side by side, so that each GEMM of a chunk (and
+// grad_weight's reduction over its samples and positions) is one product. The backward's column
+// gradient overwrites the columns in place (same type and layout). One thread handles one
 // (sample, offset group, kernel point, output position) and loops over the group's channels, so
 // the bilinear corners/weights are computed once and reused; consecutive threads take consecutive
-// output positions (coalesced column reads/writes).
+// output positions (coalesced column reads/writes). Sums are in A = acc<T>::type.
 #include "common.cuh"
 
 namespace fastnorm {
@@ -74,7 +76,7 @@ __device__ __forceinline__ void dc_position(const DcGeo& g, const T* off, i64 n,
 
 template <typename T>
 __global__ void dc_im2col(const T* __restrict__ x, const T* __restrict__ off,
-                          const T* __restrict__ msk, typename acc<T>::type* __restrict__ cols,
+                          const T* __restrict__ msk, T* __restrict__ cols,
                           i64 n0, i64 nb, i64 ho0, i64 hb, int has_mask, DC_GEO_ARGS) {
     typedef typename acc<T>::type A;
     DC_GEO_INIT;
@@ -88,23 +90,22 @@ __global__ void dc_im2col(const T* __restrict__ x, const T* __restrict__ off,
     const int b = dc_corners<A>(y, xx, g.H, g.W, o, wt, nullptr, nullptr);
     const A mk = has_mask ? load(msk + im) : A(1);
     const T* xs = x + (n * g.C + go * g.Cpg) * HW;
-    A* col = cols + (go * g.Cpg * g.K + k) * NL + nl * L + r * g.Wo + wo;
+    T* col = cols + (go * g.Cpg * g.K + k) * NL + nl * L + r * g.Wo + wo;
     for (i64 c = 0; c < g.Cpg; ++c) {
         const T* xc = xs + c * HW;
         A s = A(0);
         #pragma unroll
         for (int q = 0; q < 4; ++q)
             if ((b >> q) & 1) s += wt[q] * load(xc + o[q]);
-        col[c * g.K * NL] = s * mk;
+        store(col + c * g.K * NL, s * mk);
     }
 }
 
 // grad_x (accumulated with atomics into an A buffer: not bitwise deterministic).
 template <typename T>
 __global__ void dc_col2im(const T* __restrict__ off, const T* __restrict__ msk,
-                          const typename acc<T>::type* __restrict__ gcols,
-                          typename acc<T>::type* __restrict__ gx, i64 n0, i64 nb, i64 ho0, i64 hb,
-                          int has_mask, DC_GEO_ARGS) {
+                          const T* __restrict__ gcols, typename acc<T>::type* __restrict__ gx,
+                          i64 n0, i64 nb, i64 ho0, i64 hb, int has_mask, DC_GEO_ARGS) {
     typedef typename acc<T>::type A;
     DC_GEO_INIT;
     i64 nl, go, k, r, wo;
@@ -118,9 +119,9 @@ __global__ void dc_col2im(const T* __restrict__ off, const T* __restrict__ msk,
     if (b == 0) return;
     const A mk = has_mask ? load(msk + im) : A(1);
     A* gxs = gx + (n * g.C + go * g.Cpg) * HW;
-    const A* gc = gcols + (go * g.Cpg * g.K + k) * NL + nl * L + r * g.Wo + wo;
+    const T* gc = gcols + (go * g.Cpg * g.K + k) * NL + nl * L + r * g.Wo + wo;
     for (i64 c = 0; c < g.Cpg; ++c) {
-        const A v = gc[c * g.K * NL] * mk;
+        const A v = load(gc + c * g.K * NL) * mk;
         #pragma unroll
         for (int q = 0; q < 4; ++q)
             if ((b >> q) & 1) atomic_add(gxs + c * HW + o[q], wt[q] * v);
@@ -130,7 +131,7 @@ __global__ void dc_col2im(const T* __restrict__ off, const T* __restrict__ msk,
 // grad_offset and grad_mask: one thread per (sample, offset group, kernel point, position).
 template <typename T>
 __global__ void dc_coord(const T* __restrict__ x, const T* __restrict__ off,
-                         const T* __restrict__ msk, const typename acc<T>::type* __restrict__ gcols,
+                         const T* __restrict__ msk, const T* __restrict__ gcols,
                          T* __restrict__ goff, T* __restrict__ gmask, i64 n0, i64 nb, i64 ho0,
                          i64 hb, int has_mask, DC_GEO_ARGS) {
     typedef typename acc<T>::type A;
@@ -146,13 +147,13 @@ __global__ void dc_coord(const T* __restrict__ x, const T* __restrict__ off,
     A ay = A(0), ax = A(0), am = A(0);
     if (b != 0) {
         const T* xs = x + (n * g.C + go * g.Cpg) * HW;
-        const A* gc = gcols + (go * g.Cpg * g.K + k) * NL + nl * L + r * g.Wo + wo;
+        const T* gc = gcols + (go * g.Cpg * g.K + k) * NL + nl * L + r * g.Wo + wo;
         for (i64 c = 0; c < g.Cpg; ++c) {
             const T* xc = xs + c * HW;
             A v[4];
             #pragma unroll
             for (int q = 0; q < 4; ++q) v[q] = ((b >> q) & 1) ? load(xc + o[q]) : A(0);
-            const A gv = gc[c * g.K * NL];
+            const A gv = load(gc + c * g.K * NL);
             ay += gv * (dwy[0] * v[0] + dwy[1] * v[1] + dwy[2] * v[2] + dwy[3] * v[3]);
             ax += gv * (dwx[0] * v[0] + dwx[1] * v[1] + dwx[2] * v[2] + dwx[3] * v[3]);
             am += gv * (wt[0] * v[0] + wt[1] * v[1] + wt[2] * v[2] + wt[3] * v[3]);

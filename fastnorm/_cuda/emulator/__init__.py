@@ -3,14 +3,15 @@
 This module stands in for the part of CuPy that fastnorm's CUDA launchers use, backed by NumPy:
 device arrays (:class:`ndarray`, host memory that fastnorm treats as device memory), ``Device``
 contexts (two emulated devices shaped like an H100: 132 SMs, 48 KiB of shared memory per block),
-array functions, and ``RawModule``. A ``RawModule`` compiles the *unmodified* ``.cu`` source with
-the host C++ compiler against a small CUDA header (``fnemu.h``) and runs every CUDA thread of a
-block as a fiber, so ``__syncthreads()`` and warp shuffles keep their meaning. Every launch is
-checked for what CuPy never checks (see :mod:`._module`): launch limits, argument types against
-the kernel's parameters, out-of-bounds accesses (guard pages and canaries around copies of the
-buffers), races (a second run in reverse block and thread order must give the same bits, unless
-the kernel does floating-point atomics), barrier and warp misuse. Failures raise
-:class:`EmulatorError`.
+array functions, ``RawModule``, and the one cuBLAS call the launchers make
+(``cuda.cublas.gemmStridedBatchedEx``, see :func:`_gemm_strided_batched_ex`). A ``RawModule``
+compiles the *unmodified* ``.cu`` source with the host C++ compiler against a small CUDA header
+(``fnemu.h``) and runs every CUDA thread of a block as a fiber, so ``__syncthreads()`` and warp
+shuffles keep their meaning. Every launch is checked for what CuPy never checks (see
+:mod:`._module`): launch limits, argument types against the kernel's parameters, out-of-bounds
+accesses (guard pages and canaries around copies of the buffers), races (a second run in reverse
+block and thread order must give the same bits, unless the kernel does floating-point atomics),
+barrier and warp misuse. Failures raise :class:`EmulatorError`.
 
 Arrays made here go through fastnorm's public functions like CuPy arrays, on the CUDA backend::
 
@@ -26,11 +27,13 @@ What the emulator cannot check (the GPU memory model, FMA contraction, fast-math
 flush-to-zero, occupancy, register limits, speed) is listed in docs/robustness.md.
 """
 import contextlib
+import ctypes
 import functools
 import math
 import os
 import threading
 import types
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -55,7 +58,7 @@ inf, nan, newaxis, pi = np.inf, np.nan, np.newaxis, np.pi
 dtype = np.dtype
 
 __all__ = ["EmulatorError", "ndarray", "Device", "RawModule", "asarray", "asnumpy", "cuda",
-           "counting"]
+           "counting", "Gemm"]
 
 
 def _race_check():
@@ -168,12 +171,25 @@ class Launch(NamedTuple):
     atomics: int
 
 
+class Gemm(NamedTuple):
+    """One emulated cuBLAS GEMM call: sizes (cuBLAS's column-major m, n, k and the batch count)
+    and the cudaDataType / cublasComputeType numbers it was called with."""
+    m: int
+    n: int
+    k: int
+    batch: int
+    a_type: int
+    c_type: int
+    compute: int
+
+
 class Counts:
     """Launches and host synchronisations seen inside a :func:`counting` block; ``ops``: the
     other device operations, each a CuPy kernel, memset or transfer on a GPU (elementwise and
     array functions, sorts, scans, fancy indexing and assignment, copies, ``zeros``/``full``
     fills, host-to-device copies); ``log``: one :class:`Launch` per kernel launch,
-    ``total(field)`` their sum."""
+    ``total(field)`` their sum; ``gemms``: one :class:`Gemm` per cuBLAS call (counted in
+    neither ``launches`` nor ``ops``)."""
 
     def __init__(self):
         self.launches = 0
@@ -181,12 +197,14 @@ class Counts:
         self.ops = 0
         self.kernels = []
         self.log = []
+        self.gemms = []
 
     def total(self, field):
         return sum(getattr(e, field) for e in self.log)
 
     def __repr__(self):
-        return (f"Counts(launches={self.launches}, ops={self.ops}, syncs={self.syncs}, "
+        return (f"Counts(launches={self.launches}, ops={self.ops}, gemms={len(self.gemms)}, "
+                f"syncs={self.syncs}, "
                 f"barriers={self.total('barriers')}, atomics={self.total('atomics')})")
 
 
@@ -223,6 +241,13 @@ def _note_op():
 
 # ---------------------------------------------------------------- arrays
 
+# Device memory by address, for the library calls that take raw pointers (cuBLAS): every
+# allocation of _alloc (its raw host block, by address), and every array whose ``.data.ptr`` a
+# launcher took (the only way it gets a pointer), by the start address of its memory.
+_raw_blocks = weakref.WeakValueDictionary()
+_pointed = weakref.WeakValueDictionary()     # (start address, device) -> owner
+
+
 def _alloc(shape, dtype, poison):
     """Host memory standing in for a fresh device allocation (256-byte aligned, like CuPy's;
     ``empty`` is filled with 0xFF bytes: NaN for floats, -1 for integers)."""
@@ -232,9 +257,35 @@ def _alloc(shape, dtype, poison):
     raw = np.empty(n + ALIGNMENT, np.uint8)
     off = (-raw.__array_interface__["data"][0]) % ALIGNMENT
     buf = raw[off:off + n]
+    _raw_blocks[raw.__array_interface__["data"][0]] = raw
     if poison:
         buf.fill(0xFF)
     return buf.view(dtype).reshape(shape)
+
+
+def _allocation(a):
+    """(start address, size in bytes, owner) of the memory holding NumPy array ``a``: the block
+    of the _alloc call that made it (without its alignment padding), else NumPy's own block."""
+    root = a
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    addr = root.__array_interface__["data"][0]
+    if _raw_blocks.get(addr) is root:
+        return addr + (-addr) % ALIGNMENT, root.nbytes - ALIGNMENT, root
+    return addr, root.nbytes, root
+
+
+def _device_memory(ptr, nbytes, what):
+    """The allocation (start, owner) holding the ``nbytes`` bytes at ``ptr``, which must be memory
+    of the current device that a launcher took a pointer to; EmulatorError otherwise."""
+    for (start, dev), owner in list(_pointed.items()):
+        size = _allocation(owner)[1]
+        if start <= ptr and ptr + nbytes <= start + size:
+            if dev != _current():
+                raise EmulatorError(f"{what}: memory of device {dev} used on device {_current()}")
+            return start, owner
+    raise EmulatorError(f"{what}: the {nbytes} bytes at {ptr:#x} are not inside one device "
+                        f"allocation (out of bounds, or not a pointer taken from an array)")
 
 
 class _MemoryPointer:
@@ -326,6 +377,9 @@ class ndarray(NDArrayOperatorsMixin):
     @property
     def data(self):
         ptr = self._a.__array_interface__["data"][0] if self._a.nbytes else 0
+        if ptr:
+            start, _, owner = _allocation(self._a)
+            _pointed[start, self._dev] = owner
         return _MemoryPointer(ptr, self._dev)
 
     @property
@@ -590,3 +644,146 @@ class RawKernel:
             for c in _counters:
                 c.log.append(entry)
 
+
+# ---------------------------------------------------------------- cuBLAS
+
+# cudaDataType (library_types.h) and cuBLAS enum values, as CuPy exposes them
+# (cupy.cuda.runtime.CUDA_R_*, cupy.cuda.cublas.*)
+CUDA_R_32F, CUDA_R_64F, CUDA_R_16F, CUDA_R_16BF = 0, 1, 2, 14
+CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
+CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_COMPUTE_64F = 68, 69, 70
+CUBLAS_COMPUTE_32F_FAST_TF32 = 77
+CUBLAS_GEMM_DEFAULT, CUBLAS_GEMM_DEFAULT_TENSOR_OP = -1, 99
+
+
+def _bfloat16():
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+_CUDA_TYPES = {CUDA_R_32F: lambda: np.dtype(np.float32), CUDA_R_64F: lambda: np.dtype(np.float64),
+               CUDA_R_16F: lambda: np.dtype(np.float16), CUDA_R_16BF: _bfloat16}
+# (A and B type, C type) -> the compute types cublasGemmEx accepts for them (the subset of its
+# table that the emulator runs); bfloat16 inputs need compute capability 8.0
+_GEMM_EX = {(CUDA_R_16F, CUDA_R_16F): (CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_PEDANTIC),
+            (CUDA_R_16F, CUDA_R_32F): (CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_PEDANTIC),
+            (CUDA_R_16BF, CUDA_R_16BF): (CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_PEDANTIC),
+            (CUDA_R_16BF, CUDA_R_32F): (CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_PEDANTIC),
+            (CUDA_R_32F, CUDA_R_32F): (CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_PEDANTIC,
+                                       CUBLAS_COMPUTE_32F_FAST_TF32),
+            (CUDA_R_64F, CUDA_R_64F): (CUBLAS_COMPUTE_64F,)}
+
+
+def _cublas_handle():
+    """``cupy.cuda.get_cublas_handle()``: the current device's handle (a number here)."""
+    return 0xB1A5 + _current()
+
+
+def _tf32(a):
+    """float32 -> TF32 (10 explicit mantissa bits, round to nearest, ties away from zero, as
+    ``cvt.rna.tf32.f32``), kept in float32; inf and NaN unchanged."""
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32)
+    finite = (u & 0x7F800000) != 0x7F800000
+    return np.where(finite, (u + np.uint32(0x1000)) & np.uint32(0xFFFFE000), u).view(np.float32)
+
+
+def _matrices(ptr, dtype, rows, cols, ld, stride, count, what):
+    """The ``count`` column-major ``rows`` x ``cols`` matrices at ``ptr`` (leading dimension
+    ``ld``, ``stride`` elements apart) as a NumPy view (count, rows, cols), and the byte range
+    they span, after checking that it lies inside one allocation of the current device."""
+    if ld < max(1, rows):
+        raise EmulatorError(f"cuBLAS: ld{what} = {ld} < max(1, {rows}) "
+                            f"(CUBLAS_STATUS_INVALID_VALUE)")
+    if stride < 0:
+        raise EmulatorError(f"cuBLAS: stride{what} = {stride} < 0")
+    isz = dtype.itemsize
+    span = ((count - 1) * stride + (cols - 1) * ld + rows) * isz
+    _device_memory(ptr, span, f"cuBLAS {what}")
+    mem = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(ptr))
+    view = np.lib.stride_tricks.as_strided(mem.view(dtype), shape=(count, rows, cols),
+                                           strides=(stride * isz, isz, ld * isz))
+    return view, (ptr, ptr + span)
+
+
+def _gemm_strided_batched_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, strideA, B,
+                             Btype, ldb, strideB, beta, C, Ctype, ldc, strideC, batchCount,
+                             computeType, algo):
+    """``cupy.cuda.cublas.gemmStridedBatchedEx`` (cublasGemmStridedBatchedEx), column-major as
+    in cuBLAS: ``C_i = alpha op(A_i) op(B_i) + beta C_i`` for i < batchCount. Computed as the
+    device does for the supported types: the inputs widened exactly to the compute type (float32
+    or float64; TF32 compute rounds float32 inputs to TF32 first), products summed in it (the
+    order of the sums is cuBLAS's business), alpha and beta applied in it, one rounding to the
+    C type; C is not read when beta == 0 (it may hold garbage). Checks what cuBLAS would refuse
+    or leave undefined: unsupported type/compute combinations, bad leading dimensions, memory
+    outside an allocation of the current device, C overlapping A or B, overlapping C matrices.
+    """
+    if handle != _cublas_handle():
+        raise EmulatorError(f"cuBLAS: handle {handle} is not the current device's "
+                            f"({_cublas_handle()}): use get_cublas_handle() on the current device")
+    if (Atype != Btype or (Atype, Ctype) not in _GEMM_EX
+            or computeType not in _GEMM_EX[Atype, Ctype]):
+        raise EmulatorError(f"cuBLAS: GemmEx with A/B/C types {Atype}/{Btype}/{Ctype} and compute "
+                            f"type {computeType} is not supported (CUBLAS_STATUS_NOT_SUPPORTED)")
+    if Atype == CUDA_R_16BF and ATTRIBUTES["ComputeCapabilityMajor"] < 8:
+        raise EmulatorError("cuBLAS: bfloat16 GEMMs need compute capability 8.0 "
+                            "(CUBLAS_STATUS_ARCH_MISMATCH)")
+    if transa not in (CUBLAS_OP_N, CUBLAS_OP_T) or transb not in (CUBLAS_OP_N, CUBLAS_OP_T):
+        raise EmulatorError(f"cuBLAS: transa/transb {transa}/{transb} (only N and T are real)")
+    if min(m, n, k, batchCount) < 0:
+        raise EmulatorError(f"cuBLAS: negative size m={m} n={n} k={k} batch={batchCount}")
+    for c in _counters:
+        c.gemms.append(Gemm(m, n, k, batchCount, Atype, Ctype, computeType))
+    if m == 0 or n == 0 or batchCount == 0:
+        return
+    f = np.float64 if computeType == CUBLAS_COMPUTE_64F else np.float32   # also alpha's type
+    alpha_v = ctypes.cast(alpha, ctypes.POINTER(np.ctypeslib.as_ctypes_type(f)))[0]
+    beta_v = ctypes.cast(beta, ctypes.POINTER(np.ctypeslib.as_ctypes_type(f)))[0]
+    ab, c_t = _CUDA_TYPES[Atype](), _CUDA_TYPES[Ctype]()
+    c, rc = _matrices(C, c_t, m, n, ldc, strideC, batchCount, "C")
+    if k:                                    # k = 0: C = beta C, A and B are not read
+        a, ra = _matrices(A, ab, *((m, k) if transa == CUBLAS_OP_N else (k, m)), lda, strideA,
+                          batchCount, "A")
+        b, rb = _matrices(B, ab, *((k, n) if transb == CUBLAS_OP_N else (n, k)), ldb, strideB,
+                          batchCount, "B")
+        for r, name in ((ra, "A"), (rb, "B")):
+            if r[0] < rc[1] and rc[0] < r[1]:
+                raise EmulatorError(f"cuBLAS: C overlaps {name} (undefined)")
+    if batchCount > 1 and strideC < (n - 1) * ldc + m:
+        offsets = (np.arange(batchCount)[:, None, None] * strideC + np.arange(m)[:, None]
+                   + np.arange(n) * ldc)
+        if np.unique(offsets).size != offsets.size:
+            raise EmulatorError("cuBLAS: the C matrices of the batch overlap (a race)")
+    if k:
+        a = a.astype(f) if transa == CUBLAS_OP_N else a.transpose(0, 2, 1).astype(f)
+        b = b.astype(f) if transb == CUBLAS_OP_N else b.transpose(0, 2, 1).astype(f)
+        if computeType == CUBLAS_COMPUTE_32F_FAST_TF32:
+            a, b = _tf32(a), _tf32(b)
+        r = np.matmul(a, b)
+    else:
+        r = np.zeros((batchCount, m, n), f)
+    r *= f(alpha_v)
+    if beta_v != 0:
+        r += f(beta_v) * c.astype(f)
+    c[...] = r.astype(c_t)
+
+
+cuda.get_cublas_handle = _cublas_handle
+cuda.device = types.SimpleNamespace(get_cublas_handle=_cublas_handle, Device=Device)
+cuda.cublas = types.ModuleType(__name__ + ".cuda.cublas",
+                               "The emulated cupy.cuda.cublas (the calls fastnorm makes).")
+for _name in ("CUBLAS_OP_N", "CUBLAS_OP_T", "CUBLAS_COMPUTE_32F", "CUBLAS_COMPUTE_32F_PEDANTIC",
+              "CUBLAS_COMPUTE_64F", "CUBLAS_COMPUTE_32F_FAST_TF32", "CUBLAS_GEMM_DEFAULT",
+              "CUBLAS_GEMM_DEFAULT_TENSOR_OP"):
+    setattr(cuda.cublas, _name, globals()[_name])
+cuda.cublas.gemmStridedBatchedEx = _gemm_strided_batched_ex
+
+
+def _set_stream(handle, stream):
+    """``cupy.cuda.cublas.setStream``: launches run in order here; the handle is checked."""
+    if handle != _cublas_handle():
+        raise EmulatorError(f"cuBLAS: setStream on handle {handle}, not the current device's")
+
+
+cuda.cublas.setStream = _set_stream
+for _name in ("CUDA_R_32F", "CUDA_R_64F", "CUDA_R_16F", "CUDA_R_16BF"):
+    setattr(cuda.runtime, _name, globals()[_name])

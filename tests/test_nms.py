@@ -386,6 +386,41 @@ def test_cuda_host_synchronisations_do_not_grow_with_the_input(rng):
     assert counts[0] == counts[1] and max(counts[0][:5]) <= 3 and counts[0][5] <= 5, counts
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_ranking_order_signed_zeros_infinities_nan(backend, dtype):
+    """The ranking (CUDA: one stable sort of score keys): decreasing score, -0 and +0 equal
+    (ties by index), +inf first, -inf after every number, NaN after -inf; disjoint boxes keep
+    all, in that order."""
+    if backend.name == "cpu" and dtype in ("float16", "bfloat16"):
+        pytest.skip("half types are CUDA-only")
+    vals = [0.0, -0.0, np.inf, -np.inf, np.nan, 1.5, -1.5, -0.0, 0.0, np.nan, 2.0 ** -14]
+    n = len(vals)
+    b = np.array([[10 * i, 0, 10 * i + 5, 5] for i in range(n)], np.float64)
+    (bd, s), _ = rounded(dtype, b, np.array(vals))
+    want = [2, 5, 10, 0, 1, 7, 8, 6, 3, 4, 9]
+    got = backend.asnumpy(fastnorm.nms(*backend.asarray((bd, s)), 0.5))
+    np.testing.assert_array_equal(got, want)
+    cls = np.array([1, 0] * (n // 2) + [1])
+    got = backend.asnumpy(fastnorm.batched_nms(*backend.asarray((bd, s, cls)), 0.5))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_cuda_nms_host_work(rng):
+    """Host work per call (emulator counts): nms ranks with one sort of score keys and needs no
+    segment table read-back (one synchronisation: the kept count); batched_nms reads its segment
+    table back once (two)."""
+    from fastnorm._cuda import emulator
+    b, s = clusters(rng, 500, np.float32)
+    bd, sd = emulator.asarray(b), emulator.asarray(s)
+    idxs = emulator.asarray(rng.integers(0, 5, 500))
+    for f, syncs, ops in ((lambda: fastnorm.nms(bd, sd, 0.5), 1, 10),
+                          (lambda: fastnorm.batched_nms(bd, sd, idxs, 0.5), 2, 27)):
+        f()
+        with emulator.counting() as c:
+            f()
+        assert c.syncs == syncs and c.ops <= ops, c
+
+
 def test_cuda_sweep_barriers_per_tile_not_per_kept_rank(rng):
     """The sweep (nms_sweep) crosses three barriers per 64-rank tile of a segment, not one per
     kept rank: 3000 scattered boxes (most kept) in one class, then in 5 classes."""

@@ -143,6 +143,49 @@ __device__ __forceinline__ void load_box(const T* boxes, i64 r, double* out, int
 __device__ __forceinline__ double quiet_nan() { return __longlong_as_double(0x7ff8000000000000LL); }
 __device__ __forceinline__ double infinity() { return __longlong_as_double(0x7ff0000000000000LL); }
 
+// ------------------------------------------------------------------ ranking
+//
+// keys[i] for candidate i (input index cand[i], or i without cand): an unsigned key whose
+// ascending order is the ranking's score order -- decreasing score, -0 equal to +0, NaN after
+// everything -- so that one stable sort (ties: lower index first) ranks the boxes. The key of a
+// value v is the order-preserving map of -v's bits (negative: all bits flipped; otherwise the
+// sign bit set), in double for double scores and in float for the others (exact).
+__device__ __forceinline__ u64 desc_key(double v) {
+    if (v != v) return ~0ULL;
+    const double w = v == 0.0 ? 0.0 : -v;                   // -0 and +0: one key
+    const u64 b = (u64)__double_as_longlong(w);
+    return (b >> 63) ? ~b : b | (1ULL << 63);
+}
+__device__ __forceinline__ u64 desc_key(float v) {
+    if (v != v) return ~0ULL;
+    const float w = v == 0.0f ? 0.0f : -v;
+    const unsigned b = (unsigned)__float_as_int(w);
+    return (u64)((b >> 31) ? ~b : b | 0x80000000u);
+}
+
+template <typename T>
+__global__ void score_keys(const T* __restrict__ scores, const i64* __restrict__ cand, i64 m,
+                           u64* __restrict__ keys) {
+    typedef typename acc<T>::type A;                        // float, or double for double
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < m; i += stride)
+        keys[i] = desc_key((A)load(scores + (cand ? cand[i] : i)));
+}
+
+// flags[r] = 1 where rank r starts a segment: r == 0, or its image (batch) or class differs
+// from rank r - 1's (keys read through the ranking order; a null key array: absent)
+__global__ void segment_flags(const i64* __restrict__ batch, const i64* __restrict__ classes,
+                              const i64* __restrict__ order, i64 m,
+                              unsigned char* __restrict__ flags) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 r = blockIdx.x * (i64)blockDim.x + threadIdx.x; r < m; r += stride) {
+        bool f = r == 0;
+        if (!f && batch) f = batch[order[r]] != batch[order[r - 1]];
+        if (!f && classes) f = classes[order[r]] != classes[order[r - 1]];
+        flags[r] = f;
+    }
+}
+
 // ------------------------------------------------------------------ greedy NMS
 //
 // The ranks are processed in chunks (planned by the launcher, nms.py `_plan`); each chunk holds

@@ -24,11 +24,12 @@ from .._kernels import CRITERIA, DECAYS
 from . import ctype, cupy, function, i64, instantiate, launch, run
 
 _NS = "fastnorm::nms::"
-_KERNELS = ("nms_mask<{}>", "nms_assign<{}>", "box_metric<{}>", "matrix_comp<{}>",
+_KERNELS = ("score_keys<{}>", "nms_mask<{}>", "nms_assign<{}>", "box_metric<{}>", "matrix_comp<{}>",
             "matrix_decay<{}>", "weighted_fuse<{}>", "soft_nms_seg<{}>", "softer_nms_seg<{}>",
             "cluster_max<{}>", "combined_flag<{}>", "combined_gather<{}>",
             "rotated_prepare<{}>", "box_iou_rotated<{}>")
-_EXPRS = [_NS + e for k in _KERNELS for e in instantiate(k)] + [_NS + "nms_sweep"]
+_EXPRS = [_NS + e for k in _KERNELS for e in instantiate(k)] + [_NS + "nms_sweep",
+                                                                 _NS + "segment_flags"]
 SOFT_THREADS = 256          # SOFT_THREADS in nms.cu
 ROT_W = 8                   # ROT_W in nms.cu: doubles per prepared rotated box
 _SWEEP_THREADS = 256
@@ -45,31 +46,39 @@ def _fn(expr, dtype=None):
 
 
 def _rank(cp, scores, batch, classes, score_threshold):
-    """Ranking: (order, seg, rstart) -- input index of each rank, its segment (image x class),
-    and the first rank of each segment followed by m (device arrays, int64). Only boxes with
-    score > score_threshold (when not None) are ranked."""
+    """Ranking: (order, seg, rstart, starts) -- input index of each rank, its segment (image x
+    class), the first rank of each segment followed by m (device arrays, int64), and that table
+    on the host (``starts``; one read-back of the segment flags with batch or classes, none
+    without). Only boxes with score > score_threshold (when not None) are ranked. One stable sort
+    of score keys (score_keys: decreasing, NaN last, ties by index), then one stable sort per
+    segment key."""
     n = scores.shape[0]
-    cand = (cp.arange(n, dtype=cp.int64) if score_threshold is None
+    cand = (None if score_threshold is None
             else cp.flatnonzero(scores.astype(cp.float64) > score_threshold))
-    s = scores[cand].astype(cp.float64 if scores.dtype == cp.float64 else cp.float32)
-    nan = cp.isnan(s)
-    order = cp.argsort(cp.where(nan, cp.inf, -s))            # CuPy sorts are stable
-    order = order[cp.argsort(nan[order].astype(cp.uint8))]
+    m = n if cand is None else int(cand.shape[0])
+    keys = cp.empty(m, dtype=cp.uint64)
+    launch(_fn("score_keys<{}>", scores.dtype), m,
+           (scores, cp.empty(0, dtype=cp.int64) if cand is None else cand, i64(m), keys))
+    order = cp.argsort(keys)                                 # CuPy sorts are stable
+    if cand is not None:
+        order = cand[order]
     for key in (classes, batch):
         if key is not None:
-            order = order[cp.argsort(key[cand][order])]
-    order = cand[order].astype(cp.int64)
-    m = order.shape[0]
-    change = cp.zeros(m, dtype=cp.bool_)
-    if m:
-        change[0] = True
-        for key in (batch, classes):
-            if key is not None:
-                k = key[order]
-                change[1:] |= k[1:] != k[:-1]
-    seg = (cp.cumsum(change) - 1).astype(cp.int64)
-    rstart = cp.concatenate([cp.flatnonzero(change), cp.full(1, m, dtype=cp.int64)])
-    return order, seg, rstart.astype(cp.int64)
+            order = order[cp.argsort(key[order])]
+    order = order.astype(cp.int64, copy=False)
+    if batch is None and classes is None:                    # one segment
+        return (order, cp.zeros(m, dtype=cp.int64), cp.asarray(np.array([0, m], np.int64)),
+                np.array([0, m], np.int64))
+    # the segment table: where the image or class changes along the ranking (segment_flags),
+    # read back once, and the segment of every rank computed from it on the host
+    flags = cp.empty(m, dtype=cp.uint8)
+    none = cp.empty(0, dtype=cp.int64)
+    launch(_fn("segment_flags"), m, (none if batch is None else batch,
+                                     none if classes is None else classes, order, i64(m), flags))
+    f = flags.get()
+    starts = np.append(np.flatnonzero(f), m).astype(np.int64)
+    seg = np.cumsum(f, dtype=np.int64) - 1
+    return order, cp.asarray(seg), cp.asarray(starts), starts
 
 
 def _plan(starts, budget_words):
@@ -130,12 +139,11 @@ def _greedy(cp, boxes, scores, batch, classes, iou_threshold, score_threshold, c
     """Ranking and greedy suppression: (order, seg, rstart, keep (uint8 per rank)). With
     ``densities``, each kept box suppresses above its own threshold (adaptive NMS). Criterion
     "rotated": boxes are (N, 5) rotated boxes, angles times ``angle_scale`` in radians."""
-    order, seg, rstart = _rank(cp, scores, batch, classes, score_threshold)
+    order, seg, rstart, starts = _rank(cp, scores, batch, classes, score_threshold)
     m = order.shape[0]
     keep = cp.zeros(m, dtype=cp.uint8)
     if m == 0:
         return order, seg, rstart, keep
-    starts = rstart.get()                        # the segment table (one synchronisation)
     pieces, chunks = _plan(starts, MASK_BYTES // 8)
     words = max(c[5] for c in chunks)
     try:
@@ -145,8 +153,7 @@ def _greedy(cp, boxes, scores, batch, classes, iou_threshold, score_threshold, c
             f"nms on CUDA: the suppression mask of {m} boxes needs {8 * words} bytes per chunk "
             f"(fastnorm._cuda.nms.MASK_BYTES = {MASK_BYTES}; a segment of n boxes needs at "
             f"least 8 * n bytes)") from e
-    pa, pb, pe, pw, poff, pseg = (cp.asarray(np.ascontiguousarray(pieces[:, i]))
-                                  for i in range(6))
+    pa, pb, pe, pw, poff, pseg = cp.asarray(np.ascontiguousarray(pieces.T))   # one transfer
     rb = cp.ascontiguousarray(boxes[order])
     if criterion == CRITERIA["rotated"]:
         rb = _prepare_rotated(cp, rb, angle_scale)
@@ -259,7 +266,7 @@ def _soft(cp, boxes, scores, batch, method, sigma, iou_threshold, score_threshol
     """soft_nms_seg, one block per image (adaptive NMS's decays with ``densities``), or
     softer_nms_seg with ``variances``: (indices, scores at selection), or (indices, voted boxes,
     scores at selection) with variances."""
-    order, seg, rstart = _rank(cp, scores, batch, None, None)
+    order, seg, rstart, _ = _rank(cp, scores, batch, None, None)
     m = order.shape[0]
     sel = cp.empty(0, dtype=cp.int64)
     out_rank = cp.empty(m, dtype=cp.int64)
@@ -291,7 +298,7 @@ def _soft(cp, boxes, scores, batch, method, sigma, iou_threshold, score_threshol
 
 def matrix_nms(boxes, scores, batch, kernel, sigma, nthreads):
     cp = cupy()
-    order, seg, rstart = _rank(cp, scores, batch, None, None)
+    order, seg, rstart, _ = _rank(cp, scores, batch, None, None)
     m = order.shape[0]
     out = cp.empty_like(scores)
     if m:

@@ -37,6 +37,9 @@ with channels when a case is counted on fewer channels than its workload):
   tile of grad_x) and the deterministic row-owner kernel it falls back to over its workspace
   limit; counted on 1 channel, scale 256 (the records' kernels: 1, they serve every channel).
 * ``group_norm`` forward, (8, 256, 64, 64) float32, 32 groups, counted on batch 1, scale 8.
+* ``deform_conv2d`` (DCNv2) forward and backward, (2, 64, 64, 64) 3x3 -> 64, float32 and float16:
+  the GEMM FLOPs from the cuBLAS calls the emulator logs, float16 at the tensor-core rate
+  ``FP16_TC_FLOPS``.
 """
 import math
 import os
@@ -51,6 +54,7 @@ from fastnorm._bench import Table, bench_args, finish  # noqa: E402
 # the H100 (SXM) the model implies times for
 HBM_BPS = 3.0e12          # ~90% of the 3.35 TB/s HBM3 peak
 FP32_FLOPS = 67e12        # SIMT float32 (no tensor cores)
+FP16_TC_FLOPS = 989e12    # float16 / bfloat16 tensor cores, float32 accumulation (dense)
 SMS, BLOCKS_PER_SM, RESIDENT_THREADS = 132, 8, 132 * 2048
 LAUNCH_S = 3e-6           # back-to-back kernel launch from Python (CuPy) per kernel
 SYNC_S = 10e-6            # one device-to-host synchronisation (a read-back)
@@ -69,10 +73,11 @@ def scaled(scale, e):
     return scale(e) if callable(scale) else scale
 
 
-def implied(log, syncs, nbytes, flops, scale=1, ops=0):
+def implied(log, syncs, nbytes, flops, scale=1, ops=0, rate=FP32_FLOPS):
     """The model's H100 time (see the docstring) of one call that made the launches ``log``,
-    ``ops`` other CuPy device operations and ``syncs`` host synchronisations."""
-    t = (len(log) + ops) * LAUNCH_S + syncs * SYNC_S + max(nbytes / HBM_BPS, flops / FP32_FLOPS)
+    ``ops`` other CuPy device operations and ``syncs`` host synchronisations; its FLOPs run at
+    ``rate`` (float32 SIMT, or tensor cores for half GEMMs)."""
+    t = (len(log) + ops) * LAUNCH_S + syncs * SYNC_S + max(nbytes / HBM_BPS, flops / rate)
     for e in log:
         blocks = e.blocks * scaled(scale, e)
         waves = max(1, math.ceil(blocks / (SMS * BLOCKS_PER_SM)))
@@ -141,20 +146,49 @@ def gn_cases(emu, rng):
            nbytes, 8 * 256 * 64 * 64 * 8, 8)
 
 
+def dcn_cases(emu, rng, N=2, C=64, H=64, W=64, O=64):
+    """deform_conv2d 3x3 (DCNv2: offsets and mask), float32 and float16, forward and backward:
+    the GEMMs' FLOPs from the cuBLAS calls the emulator logs (float16 on tensor cores); DRAM:
+    inputs and outputs once, the column buffer written and read (backward: the columns and the
+    column gradient over them)."""
+    HW, K = H * W, 9
+    for dt in (np.float32, np.float16):
+        isz = np.dtype(dt).itemsize
+        x = emu.asarray(rng.standard_normal((N, C, H, W)).astype(dt))
+        off = emu.asarray((rng.standard_normal((N, 2 * K, H, W)) * 0.5).astype(dt))
+        m = emu.asarray(rng.uniform(0, 1, (N, K, H, W)).astype(dt))
+        w = emu.asarray((rng.standard_normal((O, C, 3, 3)) * 0.05).astype(dt))
+        g = emu.asarray(rng.standard_normal((N, O, H, W)).astype(dt))
+        io = (N * (C + 3 * K) * HW + O * C * K) * isz        # x, offsets, mask, weight
+        cols = N * C * K * HW * isz
+        rate = FP16_TC_FLOPS if dt == np.float16 else FP32_FLOPS
+        for name, call, nbytes in (
+                ("forward", lambda: fastnorm.deform_conv2d(x, off, w, mask=m, padding=1),
+                 io + N * O * HW * isz + 2 * cols),
+                ("backward", lambda: fastnorm.deform_conv2d_backward(g, x, off, w, mask=m,
+                                                                    padding=1),
+                 2 * io + N * O * HW * isz + 4 * cols)):
+            c = count(emu, call)
+            flops = sum(2 * e.m * e.n * e.k * e.batch for e in c.gemms)
+            yield (f"deform_conv2d {name} ({N}, {C}, {H}, {W}) 3x3 -> {O}, {np.dtype(dt).name}",
+                   c, nbytes, flops, 1, rate)
+
+
 def main(argv=None):
     args = bench_args(__doc__, __file__, argv, quick=True)
     from fastnorm._cuda import emulator as emu
     rng = np.random.default_rng(0)
     t = Table("CUDA cost model: implied H100 time, a lower bound (see the docstring; GB/s: the "
               "design's DRAM bytes over it)", unit="GB/s")
-    lines = ["| case | launches | CuPy ops | host syncs | blocks | threads | occupancy | barriers per "
+    lines = ["| case | launches (kernels + cuBLAS GEMMs) | CuPy ops | host syncs | blocks | threads | occupancy | barriers per "
              "block (max) | atomics | DRAM MB | GFLOP | implied H100 us (bound) | peer, "
              "published H100 |", "|---" * 13 + "|"]
     cases = [nms_cases(emu, rng)] + ([] if getattr(args, "quick", False) else
-                                     [roi_cases(emu, rng), gn_cases(emu, rng)])
+                                     [roi_cases(emu, rng), gn_cases(emu, rng),
+                                      dcn_cases(emu, rng)])
     for gen in cases:
-        for name, c, nbytes, flops, scale in gen:
-            sec = implied(c.log, c.syncs, nbytes, flops, scale, c.ops)
+        for name, c, nbytes, flops, scale, *rate in gen:
+            sec = implied(c.log, c.syncs, nbytes, flops, scale, c.ops + len(c.gemms), *rate)
             t.add(name, "fastnorm", sec, nbytes)
             who, peer_s = PUBLISHED.get(name, (None, None))
             peer = f"{who}: {peer_s * 1e3:.2f} ms" if who else ""
@@ -162,7 +196,8 @@ def main(argv=None):
                                         for f in ("blocks", "threads", "atomics"))
             chain = max((e.barriers / max(e.blocks, 1) for e in c.log), default=0)
             lines.append(
-                f"| {name} | {c.launches} | {c.ops} | {c.syncs} | {blocks} | {threads} | "
+                f"| {name} | {c.launches + len(c.gemms)} | {c.ops} | {c.syncs} | {blocks} | "
+                f"{threads} | "
                 f"{threads / RESIDENT_THREADS:.0%} | {chain:.0f} | {atomics} | "
                 f"{nbytes / 1e6:.1f} | {flops / 1e9:.2f} | {sec * 1e6:.0f} | {peer} |")
             for e in c.log:

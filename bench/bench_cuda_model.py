@@ -36,6 +36,9 @@ with channels when a case is counted on fewer channels than its workload):
   RoIs, 7x7, sampling_ratio 2): atomic, deterministic (records sorted by pixel + one block per
   tile of grad_x) and the deterministic row-owner kernel it falls back to over its workspace
   limit; counted on 1 channel, scale 256 (the records' kernels: 1, they serve every channel).
+* ``roi_pool`` backward on the same workload (7x7, spatial_scale 0.25): atomic, deterministic
+  (one record per (RoI, channel, bin) keyed by its argmax pixel, sorted, then one thread per
+  grad_x element) and the row-owner fallback; counted on 1 channel, scale 256.
 * ``group_norm`` forward, (8, 256, 64, 64) float32, 32 groups, counted on batch 1, scale 8.
 * ``deform_conv2d`` (DCNv2) forward and backward, (2, 64, 64, 64) 3x3 -> 64, float32 and float16:
   the GEMM FLOPs from the cuBLAS calls the emulator logs, float16 at the tensor-core rate
@@ -115,7 +118,7 @@ def roi_cases(emu, rng):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_roi_ops import workload
     from fastnorm._cuda import roi_ops as cuda_roi_ops
-    _, rois = workload()
+    x, rois = workload()
     C, K, nb = 256, len(rois), 49
     g = emu.asarray(rng.standard_normal((K, 1, 7, 7)).astype(np.float32))
     r = emu.asarray(rois)
@@ -137,6 +140,23 @@ def roi_cases(emu, rng):
     finally:
         cuda_roi_ops.DET_WORKSPACE_BYTES = limit
     yield "roi_align backward FPN P2, deterministic row-owner fallback", c, nbytes, flops, C
+    # roi_pool backward on the same RoIs, 7x7, spatial_scale 0.25: every kernel scales with C
+    x1 = emu.asarray(np.ascontiguousarray(x[:, :1]))
+    nbytes = (K * C * nb + 2 * 2 * C * 200 * 272) * 4   # grad_out, x read; grad_x written
+    records = K * C * nb * 32          # keys written, sorted (read, written), read by the gather
+
+    def pool(det):
+        return lambda: fastnorm.roi_pool_backward(g, r, x1.shape, 7, 0.25, x=x1,
+                                                  deterministic=det)
+    yield "roi_pool backward FPN P2, atomic", count(emu, pool(False)), nbytes, 0, C
+    yield ("roi_pool backward FPN P2, deterministic (records + gather)", count(emu, pool(True)),
+           nbytes + records, 0, C)
+    cuda_roi_ops.DET_WORKSPACE_BYTES = 0
+    try:
+        c = count(emu, pool(True))
+    finally:
+        cuda_roi_ops.DET_WORKSPACE_BYTES = limit
+    yield "roi_pool backward FPN P2, deterministic row-owner fallback", c, nbytes, 0, C
 
 
 def gn_cases(emu, rng):

@@ -300,7 +300,7 @@ def test_deterministic_backward_is_bitwise_repeatable(cuda_backend, rng, fn):
 @pytest.mark.emulated
 def test_deterministic_backward_launches_its_own_kernels(rng):
     """deterministic=True really takes its own kernels (no atomics) on CUDA: RoIAlign's tiles,
-    RoIPool's row owners."""
+    RoIPool's records and gather."""
     emu = pytest.importorskip("fastnorm._cuda.emulator")
     x, rois = _case(rng, "float32", K=10)
     X, R = emu.asarray(x), emu.asarray(rois)
@@ -310,10 +310,11 @@ def test_deterministic_backward_launches_its_own_kernels(rng):
             fastnorm.roi_align_backward(G, R, x.shape, 2, deterministic=d)
         assert want in {k.split("::")[-1] for k in c.kernels}
         assert c.total("atomics") == 0 or not d
-    for d, want in ((False, "pool_bwd<float>"), (True, "pool_bwd_det<float>")):
+    for d, want in ((False, "pool_bwd<float>"), (True, "pool_bwd_gather<float>")):
         with emu.counting() as c:
             fastnorm.roi_pool_backward(G, R, x.shape, 2, x=X, deterministic=d)
         assert want in {k.split("::")[-1] for k in c.kernels}
+        assert c.total("atomics") == 0 or not d
 
 
 def _tile_case(rng, N=3, C=40, H=23, W=37, K=70):
@@ -413,6 +414,111 @@ def test_deterministic_backward_over_the_workspace_limit(cuda_backend, rng, monk
         with emu.counting() as c:
             fastnorm.roi_align_backward(G, R, x.shape, 2, deterministic=True)
         assert "align_bwd_det<double>" in {k.split("::")[-1] for k in c.kernels}
+
+
+def _pool_records_case(rng, dtype, N=3, C=7, H=23, W=37, K=60):
+    """RoIPool inputs for the deterministic backward's records: x full of ties, +-0, NaN and
+    infinities (_tie_case), image N - 1 without RoIs (its grad_x all zeros), RoIs off the map
+    (every window empty), inside one pixel, across the whole map, non-finite, and bins of small
+    RoIs whose windows are empty at 5 x 4 bins; N C H W = 17.8k grad_x elements: 70 blocks."""
+    x, rois = _tie_case(rng, dtype, N, C, H, W, K)
+    rois[:, 0] = rng.integers(0, N - 1, K)
+    rois[4:10, 1:] = [[-60, -60, -10, -10], [2 * W + 6, 0, 2 * W + 20, 8],
+                      [0, 2 * H + 4, 10, 2 * H + 30], [8.2, 10.1, 8.6, 10.5],
+                      [2 * W - 2, 2 * H - 2, 2 * W + 4, 2 * H + 4], [-4, -4, 2 * W + 4, 2 * H + 4]]
+    return x, rois
+
+
+def _pool_det(backend, G, R, shape, X, PH=5, PW=4):
+    return backend.asnumpy(fastnorm.roi_pool_backward(G, R, shape, (PH, PW), 0.5, x=X,
+                                                      deterministic=True))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_roi_pool_deterministic_backward_records(cuda_backend, rng, monkeypatch, dtype):
+    """The deterministic RoIPool backward (records keyed by their argmax pixel, one thread per
+    grad_x element) adds each pixel's gradients in RoI, then bin order, from 0, as the row-owner
+    kernel it falls back to and the CPU's sequential scan do: the same bits as both (ties, NaN,
+    infinities, empty windows, RoIs off the map, an image without RoIs), on every run, and the
+    atomic path's values to rounding."""
+    from fastnorm._cuda import roi_ops as cuda_roi_ops
+    x, rois = _pool_records_case(rng, _dtype(dtype))
+    PH, PW = 5, 4
+    g = rng.standard_normal((len(rois), x.shape[1], PH, PW)).astype(x.dtype)
+    _, gwant = _pool_scan(x, rois, PH, PW, 0.5, g)
+    X, R, G = cuda_backend.asarray([x, rois, g])
+    a, b = _pool_det(cuda_backend, G, R, x.shape, X), _pool_det(cuda_backend, G, R, x.shape, X)
+    assert np.any(a) and not np.any(a[-1])
+    assert a.tobytes() == b.tobytes() == gwant.tobytes()
+    atomic = fastnorm.roi_pool_backward(G, R, x.shape, (PH, PW), 0.5, x=X, deterministic=False)
+    np.testing.assert_allclose(a, cuda_backend.asnumpy(atomic), rtol=TOL[dtype]["rtol"],
+                               atol=TOL[dtype]["atol"])
+    monkeypatch.setattr(cuda_roi_ops, "DET_WORKSPACE_BYTES", 1000)
+    assert _pool_det(cuda_backend, G, R, x.shape, X).tobytes() == a.tobytes()
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_roi_pool_deterministic_backward_records_half(cuda_backend, rng, monkeypatch, dtype):
+    """Half types: float32 sums rounded once, the row-owner fallback's bits, repeated."""
+    from fastnorm._cuda import roi_ops as cuda_roi_ops
+    x, rois = _pool_records_case(rng, np.float32)
+    with np.errstate(over="ignore"):          # -FLT_MAX: -inf in float16
+        x, rois = x.astype(_dtype(dtype)), rois.astype(_dtype(dtype))
+    g = rng.standard_normal((len(rois), x.shape[1], 5, 4)).astype(x.dtype)
+    X, R, G = cuda_backend.asarray([x, rois, g])
+    a, b = _pool_det(cuda_backend, G, R, x.shape, X), _pool_det(cuda_backend, G, R, x.shape, X)
+    assert np.any(a.astype(np.float32)) and not np.any(a[-1].astype(np.float32))
+    assert a.tobytes() == b.tobytes()
+    monkeypatch.setattr(cuda_roi_ops, "DET_WORKSPACE_BYTES", 1000)
+    assert _pool_det(cuda_backend, G, R, x.shape, X).tobytes() == a.tobytes()
+
+
+def test_roi_pool_deterministic_backward_workspace_limit(cuda_backend, rng, monkeypatch):
+    """Records up to DET_WORKSPACE_BYTES (POOL_RECORD_BYTES each) take the records' kernels,
+    one byte less the row-owner kernel: the same bits either way."""
+    from fastnorm._cuda import roi_ops as cuda_roi_ops
+    x, rois = _pool_records_case(rng, np.float64, C=3, K=20)
+    g = rng.standard_normal((20, 3, 5, 4))
+    X, R, G = cuda_backend.asarray([x, rois, g])
+    limit = g.size * cuda_roi_ops.POOL_RECORD_BYTES
+    got = {}
+    for lim, kernel in ((limit, "pool_bwd_gather<double>"), (limit - 1, "pool_bwd_det<double>")):
+        monkeypatch.setattr(cuda_roi_ops, "DET_WORKSPACE_BYTES", lim)
+        got[lim] = _pool_det(cuda_backend, G, R, x.shape, X)
+        if cuda_backend.name == "cuda-emulated":
+            with cuda_backend.xp.counting() as c:
+                _pool_det(cuda_backend, G, R, x.shape, X)
+            assert kernel in {k.split("::")[-1] for k in c.kernels}
+            assert c.total("atomics") == 0
+    assert np.any(got[limit])
+    assert got[limit].tobytes() == got[limit - 1].tobytes()
+
+
+@pytest.mark.emulated
+def test_roi_pool_deterministic_backward_syncs_and_kernels(rng):
+    """The records' backward adds no host synchronisation to the atomic path's (the op layer's
+    own checks), launches records, sort and gather, and gives zeros where no record lands (all
+    RoIs non-finite, or every window off the map)."""
+    emu = pytest.importorskip("fastnorm._cuda.emulator")
+    x, rois = _pool_records_case(rng, np.float32, C=2, K=12)
+    G, R, X = (emu.asarray(a) for a in (rng.standard_normal((12, 2, 5, 4)).astype(np.float32),
+                                         rois, x))
+    with emu.counting() as base:
+        fastnorm.roi_pool_backward(G, R, x.shape, (5, 4), 0.5, x=X, deterministic=False)
+    with emu.counting() as c:
+        fastnorm.roi_pool_backward(G, R, x.shape, (5, 4), 0.5, x=X, deterministic=True)
+    assert c.syncs == base.syncs
+    assert [k.split("::")[-1] for k in c.kernels] == ["pool_bwd_records<float>",
+                                                     "pool_bwd_gather<float>"]
+    assert c.total("atomics") == 0
+    for bad in (np.nan, 1e6):
+        r = rois.copy()
+        r[:, 1] = bad
+        if bad == 1e6:
+            r[:, 3] = 2e6
+        gx = fastnorm.roi_pool_backward(G, emu.asarray(r), x.shape, (5, 4), 0.5, x=X,
+                                        deterministic=True).get()
+        assert gx.shape == x.shape and not gx.any()
 
 
 @pytest.mark.parametrize("fn", ["align", "align_max", "align_cl", "pool", "ps", "deform"])

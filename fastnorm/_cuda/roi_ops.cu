@@ -7,9 +7,12 @@
 //  * deterministic (RoIAlign, all kinds): records of the samples sorted by the pixel they land
 //    on, then one block per tile of grad_x sums its pixels' records in a fixed order (see
 //    "deterministic backward" below): no atomics, bitwise reproducible;
-//  * deterministic, when those records would exceed the launcher's workspace limit, and RoIPool:
-//    one thread per (image, channel, block of RB rows) owns those rows of grad_x and visits the
-//    RoIs of its image in index order (order/seg), adding only the corners that fall into its
+//  * deterministic RoIPool: one record per (RoI, channel, bin), keyed by its argmax pixel, sorted;
+//    one thread per grad_x element sums its records in slot order (see "RoIPool deterministic
+//    backward" below);
+//  * deterministic, when those records would exceed the launcher's workspace limit: one thread
+//    per (image, channel, block of RB rows) owns those rows of grad_x and visits the RoIs of its
+//    image in index order (order/seg), adding only the corners (argmaxes) that fall into its
 //    rows: no atomics, bitwise reproducible; every thread scans its image's RoIs.
 // The grad_offset / grad_mask of deformable pooling are always one thread per (RoI, bin).
 // Rotated RoIAlign (KIND_ROTATED, detectron2) is RoIAlign whose samples are placed by a rotation
@@ -685,6 +688,62 @@ __global__ void pool_bwd_det(const T* __restrict__ dy, const T* __restrict__ x,
                         gx[base + arg] += load(dy + ((k * p.C + c) * p.PH + ph) * p.PW + pw);
                 }
         }
+    }
+}
+
+// ------------------------------------------------- RoIPool deterministic backward (records)
+// The gradient of bin (k, c, ph, pw) flows to one pixel, the argmax of its window in channel c
+// (pool_window / pool_argmax: pool_bwd's pixel, ties to the first in row-major order, NaN never
+// taken); an empty window, a window of values all <= -FLT_MAX or NaN, or a non-finite RoI sends
+// it nowhere. Record i (the grad_out element i = ((k C + c) PH + ph) PW + pw) is the key
+// anchor * R + i, R = K C PH PW, anchor = the grad_x element it lands on, or N C H W for
+// nowhere: unique keys, so the sorted keys are the same whatever the sort, and each key holds
+// both its destination and its grad_out element. After the sort a grad_x element e's records
+// are the keys in [e R, (e + 1) R), in slot order: for a fixed channel that is RoI index, then
+// bin row-major -- the order in which pool_bwd_det (and the CPU kernel) add them.
+template <typename T>
+__global__ void pool_bwd_records(const T* __restrict__ x, const T* __restrict__ rois,
+                                 i64* __restrict__ key, PARAM_ARGS) {
+    PARAM_INIT;
+    typedef typename acc<T>::type A;
+    const i64 total = p.K * p.C * p.PH * p.PW, HW = p.H * p.W, none = p.N * p.C * HW;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total;
+         i += (i64)blockDim.x * gridDim.x) {
+        const int pw = int(i % p.PW), ph = int((i / p.PW) % p.PH);
+        const i64 c = (i / ((i64)p.PW * p.PH)) % p.C, k = i / ((i64)p.PW * p.PH * p.C);
+        i64 n, win[4], anchor = none;
+        A best;
+        if (pool_window(rois + 5 * k, p.scale, ph, pw, p.PH, p.PW, p.H, p.W, n, win)) {
+            const i64 base = (n * p.C + c) * HW;
+            const i64 arg = pool_argmax(x + base, p.W, win, best);
+            if (arg >= 0) anchor = base + arg;
+        }
+        key[i] = anchor * total + i;
+    }
+}
+
+// One thread per grad_x element e (grid-stride: a block's threads take consecutive elements,
+// so their writes coalesce and their binary searches walk nearly the same path): the first
+// sorted key >= e R, then the run of keys below (e + 1) R, summed in that (slot) order from 0
+// in acc<T> and written once. No atomics, no shared memory, no barriers. (A bounds array from
+// searchsorted would cost the same searches plus 16 bytes per grad_x element.)
+template <typename T>
+__global__ void pool_bwd_gather(const T* __restrict__ dy, const i64* __restrict__ skey,
+                                T* __restrict__ gx, PARAM_ARGS) {
+    PARAM_INIT;
+    typedef typename acc<T>::type A;
+    const i64 R = p.K * p.C * p.PH * p.PW, total = p.N * p.C * p.H * p.W;
+    for (i64 e = blockIdx.x * (i64)blockDim.x + threadIdx.x; e < total;
+         e += (i64)blockDim.x * gridDim.x) {
+        const i64 lo = e * R, hi = lo + R;
+        i64 a = 0, b = R;
+        while (a < b) {
+            const i64 m = a + (b - a) / 2;
+            if (skey[m] < lo) a = m + 1; else b = m;
+        }
+        A v = A(0);
+        for (; a < R && skey[a] < hi; ++a) v += load(dy + (skey[a] - lo));
+        store(gx + e, v);
     }
 }
 

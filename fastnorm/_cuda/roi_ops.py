@@ -10,7 +10,8 @@ from . import MAX_GRID, cdiv, ctype, cupy, function, i64, instantiate, launch, r
 
 _NS = "fastnorm::roi_ops::"
 _KERNELS = ("align_fwd", "align_bwd", "align_bwd_count", "align_bwd_records", "align_bwd_tile",
-            "align_bwd_det", "deform_bwd_offmask", "pool_fwd", "pool_bwd", "pool_bwd_det")
+            "align_bwd_det", "deform_bwd_offmask", "pool_fwd", "pool_bwd", "pool_bwd_det",
+            "pool_bwd_records", "pool_bwd_gather")
 _EXPRS = tuple(e for k in _KERNELS for e in instantiate(_NS + k + "<{}>"))
 KIND_ALIGN, KIND_PS, KIND_DEFORM, KIND_ROTATED = 0, 1, 2, 3   # kernel family (KIND_* in roi_ops.cu)
 AVG = ROI_MODES["avg"]   # the RoIAlign mode of multi-scale RoIAlign and the PS / deformable kinds
@@ -24,7 +25,11 @@ TILE_THREADS, TILE_PIXELS = 256, 4   # the tiles of align_bwd_tile (TILE_* in ro
 # R = K x PH x PW x sr^2 records (avg; adaptive sampling: the bins' sample counts, summed) or
 # K x C x PH x PW (max); planes = N (avg), N x PH x PW (PS), N x C (max). FPN P2 (1000 RoIs,
 # 7x7, sr 2, 2 x 200 x 272, 256 channels): 196k records, ~61 MB with grad_out. Tests shrink it.
+# The deterministic RoIPool backward (_pool_backward_records) keeps to the same limit with
+# POOL_RECORD_BYTES per record, R = K x C x PH x PW records; past it pool_bwd_det runs instead.
+# FPN P2 at 256 channels: 12.5M records, ~400 MB.
 DET_WORKSPACE_BYTES = 1 << 30
+POOL_RECORD_BYTES = 32    # its int64 sort key, the sorted copy and the sort's scratch, with room
 
 
 def _k(name, dtype):
@@ -335,15 +340,40 @@ def roi_pool_forward(x, rois, pooled_h, pooled_w, spatial_scale, nthreads):
     return out
 
 
+def _pool_backward_records(grad_out, rois, x, prm):
+    """The deterministic RoIPool backward as one record per (RoI, channel, bin), a sort key that
+    holds the grad_x element it lands on (its bin's argmax) and its grad_out element, sorted;
+    then one thread per grad_x element sums its records in slot order (roi_ops.cu, "RoIPool
+    deterministic backward"): the bits of pool_bwd_det, which adds them in the same order. None
+    when the workspace would exceed DET_WORKSPACE_BYTES or the keys 63 bits. No host
+    synchronisation."""
+    cp = cupy()
+    N, C, H, W = x.shape
+    R = grad_out.size
+    if R * POOL_RECORD_BYTES > DET_WORKSPACE_BYTES or (N * C * H * W + 1) * R >= 2**63:
+        return None
+    key = cp.empty(R, dtype=cp.int64)
+    launch(_k("pool_bwd_records", x.dtype), R, (x, rois, key) + prm)
+    skey = cp.sort(key)                     # unique keys: the same order from any sort
+    gx = cp.empty((N, C, H, W), dtype=x.dtype)
+    launch(_k("pool_bwd_gather", x.dtype), gx.size, (grad_out, skey, gx) + prm)
+    return gx
+
+
 def roi_pool_backward(grad_out, rois, x, pooled_h, pooled_w, spatial_scale, deterministic,
                       nthreads):
     cp = cupy()
     N, C, H, W = x.shape
     K = rois.shape[0]
+    if deterministic and N * C * H * W and K:
+        prm = _params(K, N, C, C, H, W, pooled_h, pooled_w, scale=spatial_scale)
+        gx = _pool_backward_records(grad_out, rois, x, prm)
+        if gx is not None:
+            return gx
     gacc = cp.zeros((N, C, H, W), dtype=_acc_dtype(x.dtype))
     if gacc.size and K:
         prm = _params(K, N, C, C, H, W, pooled_h, pooled_w, scale=spatial_scale)
-        if deterministic:
+        if deterministic:           # over the workspace limit: the row owners
             order, seg = _segments(cp, rois, N)
             launch(_k("pool_bwd_det", x.dtype), N * C * ((H + RB - 1) // RB),
                    (grad_out, x, rois, order, seg, gacc, np.int32(RB)) + prm)

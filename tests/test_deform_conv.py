@@ -345,6 +345,27 @@ def test_no_host_synchronisation(cuda_backend, rng, monkeypatch):
         assert c.syncs == 0 and c.launches == (4 if rows is None else 4 * 9), c
 
 
+@pytest.mark.parametrize("cpg, goff", [(9, 1), (6, 2), (1, 1)])
+def test_cuda_channel_slices(cuda_backend, rng, monkeypatch, cpg, goff):
+    # im2col / col2im split each offset group's channels into slices across threads while the
+    # grid is small (SPLIT_THREADS): the columns, hence y, grad_offset, grad_mask and
+    # grad_weight, are bitwise those of one thread per point looping over all its channels;
+    # grad_x (atomics) agrees to rounding
+    from fastnorm._cuda import deform_conv as cuda_dc
+    d, geo = _case(rng, N=2, C=cpg * goff, H=6, W=5, Cout=4, goff=goff)
+    b = _on(cuda_backend, d)
+    gy = cuda_backend.asarray(rng.standard_normal(_out_shape(d, geo)))
+    runs = []
+    for split in (cuda_dc.SPLIT_THREADS, 1):
+        monkeypatch.setattr(cuda_dc, "SPLIT_THREADS", split)
+        runs.append([cuda_backend.asnumpy(a) for a in (_fwd(b, geo), *_bwd(gy, b, geo))])
+    (y, gx, *rest), (y1, gx1, *rest1) = runs
+    assert y.tobytes() == y1.tobytes()
+    for a, a1 in zip(rest, rest1):
+        assert a is None and a1 is None or a.tobytes() == a1.tobytes()
+    np.testing.assert_allclose(gx, gx1, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_workspace_stays_within_budget(cuda_backend, rng, monkeypatch, dtype):
     # the columns of a half-precision call are in the half type (the GEMMs take them as they

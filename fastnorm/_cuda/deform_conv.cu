@@ -7,9 +7,11 @@
 // (row in chunk) * Wo + wo: the samples lie side by side, so that each GEMM of a chunk (and
 // grad_weight's reduction over its samples and positions) is one product. The backward's column
 // gradient overwrites the columns in place (same type and layout). One thread handles one
-// (sample, offset group, kernel point, output position) and loops over the group's channels, so
-// the bilinear corners/weights are computed once and reused; consecutive threads take consecutive
-// output positions (coalesced column reads/writes). Sums are in A = acc<T>::type.
+// (sample, offset group, kernel point, output position) and loops over a slice of `cpt` of the
+// group's channels (im2col / col2im: slices chosen by the launcher so that the grid fills the
+// GPU; dc_coord, a sum over the channels: all of them), so the bilinear corners/weights are
+// computed once per slice and reused; consecutive threads take consecutive output positions
+// (coalesced column reads/writes). Sums are in A = acc<T>::type.
 #include "common.cuh"
 
 namespace fastnorm {
@@ -50,12 +52,18 @@ __device__ __forceinline__ int dc_corners(A y, A x, i64 H, i64 W, i64 o[4], A wt
     return b;
 }
 
-// Decode a thread index into (sample in chunk, offset group, kernel point, row in chunk, column);
-// false past the end.
-__device__ __forceinline__ bool dc_point(const DcGeo& g, i64 nb, i64 hb, i64 t,
-                                         i64& nl, i64& go, i64& k, i64& r, i64& wo) {
-    i64 total = nb * g.G * g.K * hb * g.Wo;
-    if (t >= total) return false;
+// Decode a thread index into (sample in chunk, offset group, kernel point, row in chunk, column)
+// and its channels [c0, c1) of the group: the group's channels are split into slices of `cpt`
+// (the slowest index, so that consecutive threads still take consecutive positions); false past
+// the end.
+__device__ __forceinline__ bool dc_point(const DcGeo& g, i64 nb, i64 hb, i64 cpt, i64 t,
+                                         i64& nl, i64& go, i64& k, i64& r, i64& wo, i64& c0,
+                                         i64& c1) {
+    const i64 points = nb * g.G * g.K * hb * g.Wo, slices = (g.Cpg + cpt - 1) / cpt;
+    if (t >= points * slices) return false;
+    c0 = t / points * cpt;
+    c1 = min(g.Cpg, c0 + cpt);
+    t %= points;
     wo = t % g.Wo; t /= g.Wo;
     r = t % hb; t /= hb;
     k = t % g.K; t /= g.K;
@@ -77,12 +85,13 @@ __device__ __forceinline__ void dc_position(const DcGeo& g, const T* off, i64 n,
 template <typename T>
 __global__ void dc_im2col(const T* __restrict__ x, const T* __restrict__ off,
                           const T* __restrict__ msk, T* __restrict__ cols,
-                          i64 n0, i64 nb, i64 ho0, i64 hb, int has_mask, DC_GEO_ARGS) {
+                          i64 n0, i64 nb, i64 ho0, i64 hb, int has_mask, i64 cpt,
+                          DC_GEO_ARGS) {
     typedef typename acc<T>::type A;
     DC_GEO_INIT;
-    i64 nl, go, k, r, wo;
+    i64 nl, go, k, r, wo, c0, c1;
     const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (!dc_point(g, nb, hb, t, nl, go, k, r, wo)) return;
+    if (!dc_point(g, nb, hb, cpt, t, nl, go, k, r, wo, c0, c1)) return;
     const i64 n = n0 + nl, L = hb * g.Wo, NL = nb * L, HW = g.H * g.W;
     A y, xx; i64 iy, im;
     dc_position<T, A>(g, off, n, go, k, ho0 + r, wo, y, xx, iy, im);
@@ -91,7 +100,7 @@ __global__ void dc_im2col(const T* __restrict__ x, const T* __restrict__ off,
     const A mk = has_mask ? load(msk + im) : A(1);
     const T* xs = x + (n * g.C + go * g.Cpg) * HW;
     T* col = cols + (go * g.Cpg * g.K + k) * NL + nl * L + r * g.Wo + wo;
-    for (i64 c = 0; c < g.Cpg; ++c) {
+    for (i64 c = c0; c < c1; ++c) {
         const T* xc = xs + c * HW;
         A s = A(0);
         #pragma unroll
@@ -105,12 +114,13 @@ __global__ void dc_im2col(const T* __restrict__ x, const T* __restrict__ off,
 template <typename T>
 __global__ void dc_col2im(const T* __restrict__ off, const T* __restrict__ msk,
                           const T* __restrict__ gcols, typename acc<T>::type* __restrict__ gx,
-                          i64 n0, i64 nb, i64 ho0, i64 hb, int has_mask, DC_GEO_ARGS) {
+                          i64 n0, i64 nb, i64 ho0, i64 hb, int has_mask, i64 cpt,
+                          DC_GEO_ARGS) {
     typedef typename acc<T>::type A;
     DC_GEO_INIT;
-    i64 nl, go, k, r, wo;
+    i64 nl, go, k, r, wo, c0, c1;
     const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (!dc_point(g, nb, hb, t, nl, go, k, r, wo)) return;
+    if (!dc_point(g, nb, hb, cpt, t, nl, go, k, r, wo, c0, c1)) return;
     const i64 n = n0 + nl, L = hb * g.Wo, NL = nb * L, HW = g.H * g.W;
     A y, xx; i64 iy, im;
     dc_position<T, A>(g, off, n, go, k, ho0 + r, wo, y, xx, iy, im);
@@ -120,7 +130,7 @@ __global__ void dc_col2im(const T* __restrict__ off, const T* __restrict__ msk,
     const A mk = has_mask ? load(msk + im) : A(1);
     A* gxs = gx + (n * g.C + go * g.Cpg) * HW;
     const T* gc = gcols + (go * g.Cpg * g.K + k) * NL + nl * L + r * g.Wo + wo;
-    for (i64 c = 0; c < g.Cpg; ++c) {
+    for (i64 c = c0; c < c1; ++c) {
         const A v = load(gc + c * g.K * NL) * mk;
         #pragma unroll
         for (int q = 0; q < 4; ++q)
@@ -133,12 +143,12 @@ template <typename T>
 __global__ void dc_coord(const T* __restrict__ x, const T* __restrict__ off,
                          const T* __restrict__ msk, const T* __restrict__ gcols,
                          T* __restrict__ goff, T* __restrict__ gmask, i64 n0, i64 nb, i64 ho0,
-                         i64 hb, int has_mask, DC_GEO_ARGS) {
+                         i64 hb, int has_mask, i64 cpt, DC_GEO_ARGS) {
     typedef typename acc<T>::type A;
     DC_GEO_INIT;
-    i64 nl, go, k, r, wo;
+    i64 nl, go, k, r, wo, c0, c1;           // cpt = Cpg: every thread sums all its channels
     const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (!dc_point(g, nb, hb, t, nl, go, k, r, wo)) return;
+    if (!dc_point(g, nb, hb, cpt, t, nl, go, k, r, wo, c0, c1)) return;
     const i64 n = n0 + nl, L = hb * g.Wo, NL = nb * L, HW = g.H * g.W;
     A y, xx; i64 iy, im;
     dc_position<T, A>(g, off, n, go, k, ho0 + r, wo, y, xx, iy, im);
@@ -148,7 +158,7 @@ __global__ void dc_coord(const T* __restrict__ x, const T* __restrict__ off,
     if (b != 0) {
         const T* xs = x + (n * g.C + go * g.Cpg) * HW;
         const T* gc = gcols + (go * g.Cpg * g.K + k) * NL + nl * L + r * g.Wo + wo;
-        for (i64 c = 0; c < g.Cpg; ++c) {
+        for (i64 c = c0; c < c1; ++c) {
             const T* xc = xs + c * HW;
             A v[4];
             #pragma unroll

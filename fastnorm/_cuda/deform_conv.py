@@ -36,6 +36,10 @@ _NS = "fastnorm::deform_conv::"
 _KERNELS = ("dc_im2col", "dc_col2im", "dc_coord")
 _EXPRS = {k: instantiate(_NS + k + "<{}>") for k in _KERNELS}
 
+#: threads at which im2col / col2im stop splitting channels across threads (an H100 keeps about
+#: 270k resident; below, each thread loops over a slice of its offset group's channels)
+SPLIT_THREADS = 1 << 19
+
 #: environment variable that opts float32 GEMMs into TF32 tensor cores (``1``; CUPY_TF32's format)
 TF32_ENV = "FASTNORM_TF32"
 
@@ -149,10 +153,17 @@ class _Setup:
         self.gemm = _Gemm(cp, x.dtype)
 
     def run(self, name, args, n0, nb, ho0, hb):
-        total = nb * self.G * self.K * hb * self.Wo
-        launch(_kernel(name, self.dtype), total,
-               tuple(args) + (i64(n0), i64(nb), i64(ho0), i64(hb), np.int32(self.has_mask))
-               + self.geometry)
+        """Launch kernel ``name`` on a chunk: one thread per (point, channel slice); im2col and
+        col2im split each offset group's channels into slices (cpt channels each) until the grid
+        has about SPLIT_THREADS threads, dc_coord (a sum over them) does not."""
+        points = nb * self.G * self.K * hb * self.Wo
+        cpg = self.C // self.G
+        cpt = cpg
+        if name != "dc_coord" and points < SPLIT_THREADS:
+            cpt = max(1, -(-cpg // min(cpg, -(-SPLIT_THREADS // points))))
+        launch(_kernel(name, self.dtype), points * -(-cpg // cpt),
+               tuple(args) + (i64(n0), i64(nb), i64(ho0), i64(hb), np.int32(self.has_mask),
+                              i64(cpt)) + self.geometry)
 
     def workspace(self, plan):
         """The column buffer of the largest chunk, in the input type: (groups, C_in/groups * K,

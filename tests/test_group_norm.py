@@ -280,6 +280,22 @@ def test_cuda_paths_every_dtype_and_width(cuda_backend, rng, monkeypatch, dtype,
     _check_backward(dtype, got, dy, x, rstd, G, w, b, channels_last, activation)
 
 
+def test_cuda_launch_plans_are_cached(rng):
+    # a repeated call (same shape, dtype, layout, device) reuses its launch plans: no planning,
+    # kernel lookup or scalar packing per call; another shape gets its own plans
+    from fastnorm._cuda import emulator as emu
+    x = emu.asarray(rng.standard_normal((2, 8, 5, 5)).astype(np.float32))
+    fastnorm.group_norm(x, 4)
+    before = (gn_cuda._stats_plan.cache_info(), gn_cuda._apply_plan.cache_info())
+    y = fastnorm.group_norm(x, 4)
+    after = (gn_cuda._stats_plan.cache_info(), gn_cuda._apply_plan.cache_info())
+    assert [a.hits - b.hits for a, b in zip(after, before)] == [1, 1]
+    assert [a.misses - b.misses for a, b in zip(after, before)] == [0, 0]
+    fastnorm.group_norm(x.reshape(2, 8, 25), 2)
+    assert gn_cuda._stats_plan.cache_info().misses == after[0].misses + 1
+    np.testing.assert_allclose(y.get(), fastnorm.group_norm(x.get(), 4), rtol=1e-5, atol=1e-5)
+
+
 def test_paths_cover_every_kernel_and_width():
     # every instantiation the launcher can pick, for every dtype, is what some PATHS case expects
     # (test_cuda_paths_every_dtype_and_width checks that the case really launches it)

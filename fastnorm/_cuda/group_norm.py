@@ -11,6 +11,10 @@ the elementwise pass split into its rounded value and the remainder, so a large 
 costs no accuracy. Backward: per-(n, c) partial sums -> ``gn_bwd_coeffs`` and ``gn_bwd_wb`` ->
 ``gn_apply``. Work is split so that a few groups still fill the GPU, and every reduction has a
 fixed order, so results are deterministic.
+
+Host work per call: the launch plans (kernels, grids, scalars) are cached per shape, dtype,
+layout, vector width and device (``_stats_plan``, ``_apply_plan``); outputs the kernels write
+whole are ``empty`` (no fills); the workspaces are one allocation per dtype; no synchronisation.
 """
 import functools
 import math
@@ -116,15 +120,63 @@ def _workspace(cp, dtype, *sizes):
     return views
 
 
-def _apply(x, dy, out, cm, cs, k2, k3, b, N, C, S, channels_last, act, bwd):
-    extent = C if channels_last else S
-    arrays = (x, out) if dy is None else (x, out, dy)
-    v = _vec_width(x.dtype, arrays, extent)
+@functools.lru_cache(maxsize=512)
+def _stats_plan(backend, device_id, dtype, N, C, S, G, channels_last, v, backward):
+    """The launch plan of one call's partial-sum kernel and of what reduces them, per (array
+    module, device, dtype, shape, layout, vector width, direction): (kernel, grid, block, its
+    trailing scalars), the partials per plane and their count, cached so that a repeated call
+    does no planning, kernel lookup or scalar packing."""
+    Cg, NG = C // G, N * G
+    if channels_last:
+        TP, nparts = _tiles(N, S, C, Cg, v)
+        kern = _kernel(dtype, "gn_grad_nhwc" if backward else "gn_stats_nhwc", v)
+        parts = N * nparts * C
+        if backward:
+            scal = (i64(S), i64(C), i64(G), i64(TP), i64(nparts), i64(N * nparts))
+        else:
+            scal = (i64(S), i64(C), i64(TP), i64(nparts), i64(N * nparts))
+        stats = (kern, N * nparts, TILE_THREADS, scal)
+        L, nfin = TP, nparts * Cg
+    else:
+        M = S if backward else Cg * S
+        rows = N * C if backward else NG
+        r = 8 if v == 1 else 4
+        block = _pow2_block(cdiv(M, v * r))
+        L, nparts = _split(M, rows, v, block, r)
+        kern = _kernel(dtype, "gn_grad_nchw" if backward else "gn_stats_nchw", v)
+        parts = rows * nparts
+        if backward:
+            scal = (i64(C), i64(S), i64(Cg), i64(L), i64(nparts), i64(parts))
+        else:
+            scal = (i64(M), i64(L), i64(nparts), i64(parts))
+        stats = (kern, parts, block, scal)
+        nfin = nparts
+    if backward:
+        reduce_ = (_kernel(dtype, "gn_bwd_coeffs"), NG, min(256, 32 * Cg),
+                   (i64(NG), i64(G), i64(C), i64(S), i64(nparts), np.int32(channels_last)))
+    else:
+        reduce_ = (_kernel(dtype, "gn_finalize"), NG, _pow2_block(nfin),
+                   (i64(NG), i64(G), i64(C), i64(S), i64(L), i64(nfin),
+                    np.int32(channels_last)))
+    return stats, parts, reduce_
+
+
+@functools.lru_cache(maxsize=512)
+def _apply_plan(backend, device_id, dtype, N, C, S, channels_last, act, v, bwd):
+    """gn_apply's (kernel, grid, scalars) for one shape, dtype, vector width and direction."""
     nvec = N * C * S // v
-    kern = _kernel(x.dtype, "gn_apply", (v, bwd))
-    run(kern, min(cdiv(nvec, 256), _sms() * 8), 256,
-         (x, x if dy is None else dy, out, cm, cs, k2, k3, b, i64(nvec), i64(S), i64(C),
-          np.float64(1.0 / S), np.float64(1.0 / C), np.int32(channels_last), np.int32(act)))
+    return (_kernel(dtype, "gn_apply", (v, bwd)), min(cdiv(nvec, 256), _sms() * 8),
+            (i64(nvec), i64(S), i64(C), np.float64(1.0 / S), np.float64(1.0 / C),
+             np.int32(channels_last), np.int32(act)))
+
+
+def _apply(x, dy, out, cm, cs, k2, k3, b, N, C, S, channels_last, act, bwd):
+    cp = cupy()
+    arrays = (x, out) if dy is None else (x, out, dy)
+    v = _vec_width(x.dtype, arrays, C if channels_last else S)
+    kern, grid, scal = _apply_plan(cp, cp.cuda.Device().id, x.dtype, N, C, S, channels_last,
+                                   act, v, bwd)
+    run(kern, grid, 256, (x, x if dy is None else dy, out, cm, cs, k2, k3, b) + scal)
 
 
 def forward(x, weight, bias, num_groups, eps, channels_last, activation, nthreads):
@@ -142,31 +194,14 @@ def forward(x, weight, bias, num_groups, eps, channels_last, activation, nthread
         return y, mean, rstd
     mean = cp.empty((N, G), dtype=sdt)              # gn_finalize writes every (n, g)
     rstd = cp.empty((N, G), dtype=sdt)
-    Cg, NG = C // G, N * G
-    if channels_last:
-        v = _vec_width(x.dtype, (x,), C)
-        TP, nptile = _tiles(N, S, C, Cg, v)
-        pmean, pm2 = _workspace(cp, np.float64, N * nptile * C, N * nptile * C)
-        run(_kernel(x.dtype, "gn_stats_nhwc", v),
-            N * nptile, TILE_THREADS,
-            (x, pmean, pm2, i64(S), i64(C), i64(TP), i64(nptile), i64(N * nptile)))
-        L, nparts = TP, nptile * Cg
-    else:
-        M = Cg * S
-        v = _vec_width(x.dtype, (x,), M)
-        r = 8 if v == 1 else 4
-        block = _pow2_block(cdiv(M, v * r))
-        L, nsplit = _split(M, NG, v, block, r)
-        pmean, pm2 = _workspace(cp, np.float64, NG * nsplit, NG * nsplit)
-        run(_kernel(x.dtype, "gn_stats_nchw", v),
-            NG * nsplit, block,
-            (x, pmean, pm2, i64(M), i64(L), i64(nsplit), i64(NG * nsplit)))
-        nparts = nsplit
+    v = _vec_width(x.dtype, (x,), C if channels_last else (C // G) * S)
+    (kern, grid, block, scal), parts, (fin, fgrid, fblock, fscal) = _stats_plan(
+        cp, cp.cuda.Device().id, x.dtype, N, C, S, G, channels_last, v, False)
+    pmean, pm2 = _workspace(cp, np.float64, parts, parts)
+    run(kern, grid, block, (x, pmean, pm2) + scal)
     cm, cl, cs = _workspace(cp, sdt, N * C, N * C, N * C)
-    run(_kernel(x.dtype, "gn_finalize"),
-        NG, _pow2_block(nparts),
-        (pmean, pm2, weight, mean, rstd, cm, cl, cs, i64(NG), i64(G), i64(C), i64(S), i64(L),
-         i64(nparts), np.int32(channels_last), np.float64(eps)))
+    run(fin, fgrid, fblock,
+        (pmean, pm2, weight, mean, rstd, cm, cl, cs) + fscal + (np.float64(eps),))
     _apply(x, None, y, cm, cs, cl, cs, bias, N, C, S, channels_last, activation, False)
     return y, mean, rstd
 
@@ -184,31 +219,14 @@ def backward(grad_out, x, mean, rstd, weight, bias, num_groups, channels_last, a
         return gx, cp.zeros(C, dtype=x.dtype), cp.zeros(C, dtype=x.dtype)
     gw = cp.empty(C, dtype=x.dtype)                  # gn_bwd_wb writes every channel
     gb = cp.empty(C, dtype=x.dtype)
-    Cg, NG = C // G, N * G
-    act = np.int32(activation)
-    if channels_last:
-        v = _vec_width(x.dtype, (x, grad_out), C)
-        TP, nk = _tiles(N, S, C, Cg, v)
-        p1, p2, cm, cs, k2, k3 = _workspace(cp, sdt, N * nk * C, N * nk * C, *(N * C,) * 4)
-        run(_kernel(x.dtype, "gn_grad_nhwc", v),
-            N * nk, TILE_THREADS,
-            (grad_out, x, mean, rstd, weight, bias, p1, p2, i64(S), i64(C), i64(G), i64(TP),
-             i64(nk), i64(N * nk), act))
-    else:
-        v = _vec_width(x.dtype, (x, grad_out), S)
-        r = 8 if v == 1 else 4
-        block = _pow2_block(cdiv(S, v * r))
-        L, nk = _split(S, N * C, v, block, r)
-        p1, p2, cm, cs, k2, k3 = _workspace(cp, sdt, N * C * nk, N * C * nk, *(N * C,) * 4)
-        run(_kernel(x.dtype, "gn_grad_nchw", v),
-            N * C * nk, block,
-            (grad_out, x, mean, rstd, weight, bias, p1, p2, i64(C), i64(S), i64(Cg), i64(L),
-             i64(nk), i64(N * C * nk), act))
+    v = _vec_width(x.dtype, (x, grad_out), C if channels_last else S)
+    (kern, grid, block, scal), parts, (coef, cgrid, cblock, cscal) = _stats_plan(
+        cp, cp.cuda.Device().id, x.dtype, N, C, S, G, channels_last, v, True)
+    p1, p2, cm, cs, k2, k3 = _workspace(cp, sdt, parts, parts, *(N * C,) * 4)
+    run(kern, grid, block, (grad_out, x, mean, rstd, weight, bias, p1, p2) + scal
+        + (np.int32(activation),))
     sdz, sdzx = _workspace(cp, np.float64, N * C, N * C)
-    run(_kernel(x.dtype, "gn_bwd_coeffs"),
-        NG, min(256, 32 * Cg),
-        (p1, p2, mean, rstd, weight, sdz, sdzx, cm, cs, k2, k3, i64(NG), i64(G), i64(C), i64(S),
-         i64(nk), np.int32(channels_last)))
+    run(coef, cgrid, cblock, (p1, p2, mean, rstd, weight, sdz, sdzx, cm, cs, k2, k3) + cscal)
     run(_kernel(x.dtype, "gn_bwd_wb"), cdiv(C * 32, 256), 256,
         (sdz, sdzx, gw, gb, i64(N), i64(C)))
     _apply(x, grad_out, gx, cm, cs, k2, k3, bias, N, C, S, channels_last, activation, True)

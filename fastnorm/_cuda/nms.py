@@ -45,6 +45,17 @@ def _fn(expr, dtype=None):
                     _EXPRS)
 
 
+def _score_order(cp, scores, cand=None):
+    """Positions 0..m-1 of the candidates (input indices ``cand``, or all) in the ranking's
+    score order: decreasing, -0 equal to +0, NaN last, ties in candidate order (one stable sort
+    of score_keys)."""
+    m = scores.shape[0] if cand is None else cand.shape[0]
+    keys = cp.empty(m, dtype=cp.uint64)
+    launch(_fn("score_keys<{}>", scores.dtype), m,
+           (scores, cp.empty(0, dtype=cp.int64) if cand is None else cand, i64(m), keys))
+    return cp.argsort(keys)                                  # CuPy sorts are stable
+
+
 def _rank(cp, scores, batch, classes, score_threshold):
     """Ranking: (order, seg, rstart, starts) -- input index of each rank, its segment (image x
     class), the first rank of each segment followed by m (device arrays, int64), and that table
@@ -52,20 +63,16 @@ def _rank(cp, scores, batch, classes, score_threshold):
     without). Only boxes with score > score_threshold (when not None) are ranked. One stable sort
     of score keys (score_keys: decreasing, NaN last, ties by index), then one stable sort per
     segment key."""
-    n = scores.shape[0]
     cand = (None if score_threshold is None
             else cp.flatnonzero(scores.astype(cp.float64) > score_threshold))
-    m = n if cand is None else int(cand.shape[0])
-    keys = cp.empty(m, dtype=cp.uint64)
-    launch(_fn("score_keys<{}>", scores.dtype), m,
-           (scores, cp.empty(0, dtype=cp.int64) if cand is None else cand, i64(m), keys))
-    order = cp.argsort(keys)                                 # CuPy sorts are stable
+    order = _score_order(cp, scores, cand)
     if cand is not None:
         order = cand[order]
     for key in (classes, batch):
         if key is not None:
             order = order[cp.argsort(key[order])]
     order = order.astype(cp.int64, copy=False)
+    m = order.shape[0]
     if batch is None and classes is None:                    # one segment
         return (order, cp.zeros(m, dtype=cp.int64), cp.asarray(np.array([0, m], np.int64)),
                 np.array([0, m], np.int64))
@@ -178,11 +185,8 @@ def _assemble(cp, idx, scores, batch, cap, merge, extras=()):
     (ties: lower index first; ``merge`` re-sorts the kept boxes of several classes), at most
     ``cap`` per image; ``extras`` follow their indices."""
     if merge and idx.shape[0] > 1:
-        s = scores[idx].astype(cp.float64)
-        nan = cp.isnan(s)
-        o = cp.argsort(idx)
-        o = o[cp.argsort(cp.where(nan, cp.inf, -s)[o])]
-        o = o[cp.argsort(nan[o].astype(cp.uint8))]
+        o = cp.argsort(idx)                                  # ties: lower index first
+        o = o[_score_order(cp, scores, cp.ascontiguousarray(idx[o]))]
         if batch is not None:
             o = o[cp.argsort(batch[idx][o])]
         idx = idx[o]

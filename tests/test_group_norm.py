@@ -280,6 +280,20 @@ def test_cuda_paths_every_dtype_and_width(cuda_backend, rng, monkeypatch, dtype,
     _check_backward(dtype, got, dy, x, rstd, G, w, b, channels_last, activation)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float32_deviations_whose_squares_overflow(backend, rng, channels_last):
+    # finite float32 data whose deviations square past FLT_MAX (|d| > ~1.8e19): the moments are
+    # redone in double, not rstd = 0 (which gave y = bias)
+    x = np.array([[[1.26e29, -1.32e29, 3e28, -2.5e29]]], np.float32)       # (1, 1, 4)
+    x = np.concatenate([x, x * np.float32(1e-30)], 1)                       # and a normal channel
+    if channels_last:
+        x = np.ascontiguousarray(x.transpose(0, 2, 1))
+    y = backend.asnumpy(fastnorm.group_norm(backend.asarray(x), 2, channels_last=channels_last))
+    want, _, _ = ref.group_norm(x.astype(np.float64), 2, channels_last=channels_last)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    assert np.abs(y).max() > 1
+
+
 def test_cuda_launch_plans_are_cached(rng):
     # a repeated call (same shape, dtype, layout, device) reuses its launch plans: no planning,
     # kernel lookup or scalar packing per call; another shape gets its own plans

@@ -120,26 +120,49 @@ __device__ __forceinline__ void chan_shifted(Mom& st, double n, A k, A sd, A q) 
     chan(st, n, (double)k + dsd / n, (double)q - dsd * dsd / n);
 }
 
-// mean / M2 of the first `nv` rows of v[R][V] (compute type), merged into st
-template <typename A, int R, int V>
-__device__ __forceinline__ void batch_moments(const A v[R][V], int nv, Mom& st) {
-    if (nv == 0) return;
-    A s = A(0);
+// shifted sums (see chan_shifted) of the first `nv` rows of the columns [c0, c1) of v[R][V] in
+// type B: mean mu of the values, then sd = sum of (v - mu) and q of its squares
+template <typename B, typename A, int R, int V>
+__device__ __forceinline__ void batch_sums(const A v[R][V], int nv, int c0, int c1, B& mu,
+                                           B& sd, B& q) {
+    B s = B(0);
 #pragma unroll
     for (int i = 0; i < R; ++i)
 #pragma unroll
-        for (int j = 0; j < V; ++j) s += i < nv ? v[i][j] : A(0);
-    const A cnt = A(nv * V), mu = s / cnt;
-    A sd = A(0), q = A(0);
+        for (int j = 0; j < V; ++j) s += i < nv && j >= c0 && j < c1 ? B(v[i][j]) : B(0);
+    mu = s / B(nv * (c1 - c0));
+    sd = B(0);
+    q = B(0);
 #pragma unroll
     for (int i = 0; i < R; ++i)
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-            A d = i < nv ? v[i][j] - mu : A(0);
+            const B d = i < nv && j >= c0 && j < c1 ? B(v[i][j]) - mu : B(0);
             sd += d;
             q += d * d;
         }
-    chan_shifted(st, (double)cnt, mu, sd, q);
+}
+
+// the moments of those values merged into st: summed in the compute type A, or in double when
+// A's squares overflow (float: deviations beyond ~1.8e19; finite data must not give rstd 0)
+template <typename A, int R, int V>
+__device__ __forceinline__ void batch_merge(const A v[R][V], int nv, int c0, int c1, Mom& st) {
+    A mu, sd, q;
+    batch_sums<A, A, R, V>(v, nv, c0, c1, mu, sd, q);
+    if (!isfinite((double)q)) {
+        double dm, dsd, dq;
+        batch_sums<double, A, R, V>(v, nv, c0, c1, dm, dsd, dq);
+        chan_shifted(st, (double)(nv * (c1 - c0)), dm, dsd, dq);
+        return;
+    }
+    chan_shifted(st, (double)(nv * (c1 - c0)), mu, sd, q);
+}
+
+// mean / M2 of the first `nv` rows of v[R][V] (compute type), merged into st
+template <typename A, int R, int V>
+__device__ __forceinline__ void batch_moments(const A v[R][V], int nv, Mom& st) {
+    if (nv == 0) return;
+    batch_merge<A, R, V>(v, nv, 0, V, st);
 }
 
 // ------------------------------------------------------------------ forward step 1, NCHW
@@ -219,23 +242,9 @@ gn_stats_nhwc(const T* __restrict__ x, double* pmean, double* pm2, i64 S, i64 C,
                         const i64 pi = p + (i64)i * t.trows;
                         if (pi < P) { load_vec<T, V>(xb + pi * C + cv * V, v[i]); ++nv; }
                     }
-                    // per-channel shifted sums over the batch (see chan_shifted); counts are
-                    // equal across channels
-                    const A inv = A(1) / A(nv);
+                    // per-channel shifted sums over the batch (see chan_shifted)
 #pragma unroll
-                    for (int c = 0; c < V; ++c) {
-                        A s = A(0), sd = A(0), q = A(0);
-#pragma unroll
-                        for (int i = 0; i < R; ++i) s += i < nv ? v[i][c] : A(0);
-                        const A mu = s * inv;
-#pragma unroll
-                        for (int i = 0; i < R; ++i) {
-                            A d = i < nv ? v[i][c] - mu : A(0);
-                            sd += d;
-                            q += d * d;
-                        }
-                        chan_shifted(st[c], (double)nv, mu, sd, q);
-                    }
+                    for (int c = 0; c < V; ++c) batch_merge<A, R, V>(v, nv, c, c + 1, st[c]);
                 }
             }
 #pragma unroll

@@ -26,14 +26,6 @@ TILE_THREADS, TILE_PIXELS = 256, 4   # the tiles of align_bwd_tile (TILE_* in ro
 # K x C x PH x PW (max); planes = N (avg), N x PH x PW (PS), N x C (max). FPN P2 (1000 RoIs,
 # 7x7, sr 2, 2 x 200 x 272, 256 channels): 196k records, ~61 MB with grad_out. Tests shrink it.
 DET_WORKSPACE_BYTES = 1 << 30
-# The forward (align_fwd): one block of at most FWD_THREADS threads per (RoI, block of channels),
-# about FWD_OUTPUTS outputs per block; the RoI's samples' corners and weights are tabled in
-# FWD_TABLE_BYTES of shared memory (FWD_* in roi_ops.cu). 32-bit index arithmetic when every
-# index into x and out (and a block's stride past the last) is at most INDEX32_MAX.
-FWD_THREADS, FWD_TABLE_BYTES, FWD_OUTPUTS = 256, 16384, 1024
-INDEX32_MAX = 2**31 - 1 - FWD_THREADS
-# align_fwd_thread: the previous forward (one thread per output), the bitwise reference (tests)
-_EXPRS += tuple(instantiate(_NS + "align_fwd_thread<{}>"))
 
 
 def _k(name, dtype):
@@ -67,6 +59,16 @@ def _segments(cp, rois, N):
 
 def _dummy(cp, dtype):
     return cp.zeros(1, dtype=dtype)
+
+
+# The forward (align_fwd): one block of at most FWD_THREADS threads per (RoI, block of channels),
+# about FWD_OUTPUTS outputs per block; the RoI's samples' corners and weights are tabled in
+# FWD_TABLE_BYTES of shared memory (FWD_* in roi_ops.cu). 32-bit index arithmetic when every
+# index into x and out (and a block's stride past the last) is at most INDEX32_MAX.
+FWD_THREADS, FWD_TABLE_BYTES, FWD_OUTPUTS = 256, 16384, 1024
+INDEX32_MAX = 2**31 - 1 - FWD_THREADS
+# align_fwd_thread: the previous forward (one thread per output), the bitwise reference (tests)
+_EXPRS += tuple(instantiate(_NS + "align_fwd_thread<{}>"))
 
 
 def _align_forward(x, rois, offset, mask, PH, PW, CO, prm, *, channels_last=False, out=None,

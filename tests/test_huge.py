@@ -84,3 +84,54 @@ def test_roi_align_over_2_31_elements():
         # the crop ends where the map ends, so border handling is the same
         want = ref(crop, rr[None], 5, 5, 1.0, 2, True, False)
         np.testing.assert_allclose(out[k], want[0], rtol=0, atol=2e-3, err_msg=f"roi {k}")
+
+
+def test_roi_align_over_2_31_elements_cuda_emulated(monkeypatch):
+    """The CUDA forward (align_fwd) on the emulator past 2**31 elements, NCHW and channels-last:
+    the launcher must take its 64-bit index path (channels-last, a pixel's offset times C passes
+    2**31: a wrapped 32-bit index reads before the buffer, which the emulator's guard pages
+    report, or elsewhere in the map). float16 (4.3 GiB, about twice that at the launch: the
+    emulator's guarded copy), one layout at a time, without the reverse-order re-run."""
+    emu = pytest.importorskip("fastnorm._cuda.emulator")
+    from reference.roi_ops import roi_align as ref
+    C, H, W = 2, 32800, 32800
+    _need(2 * C * H * W * 2)
+    monkeypatch.setenv("FASTNORM_EMULATOR_RACECHECK", "0")
+    col = np.cos(np.arange(W) / 53)
+
+    def rows(c, h0):          # x[c, h0:h0 + 2048, :] = 100 c + sin(h / 37) + cos(w / 53)
+        row = np.sin(np.arange(h0, min(h0 + 2048, H)) / 37) + 100 * c
+        return (row[:, None] + col[None, :]).astype(np.float16)
+
+    rois = np.array([[0, 10.3, 20.7, 40.2, 45.9],
+                     [0, W - 40.5, H - 30.2, W - 2.1, H - 1.4],
+                     [0, W / 2, H - 20, W / 2 + 17, H + 5],
+                     [0, W - 9, 0.5, W + 3, 12.25]], np.float16)
+    R = emu.asarray(rois)
+    want = []
+    for cl in (False, True):
+        X = emu.empty((1, H, W, C) if cl else (1, C, H, W), np.float16)
+        for c in range(C):
+            for h0 in range(0, H, 2048):
+                if cl:
+                    X[0, h0:h0 + 2048, :, c] = emu.asarray(rows(c, h0))
+                else:
+                    X[0, c, h0:h0 + 2048] = emu.asarray(rows(c, h0))
+        out = fastnorm.roi_align(X, R, 5, 1.0, 2, True, channels_last=cl).get()
+        del X
+        if cl:
+            out = np.moveaxis(out, -1, 1)
+        assert out.shape == (4, C, 5, 5) and out.dtype == np.float16
+        for k, r in enumerate(rois.astype(np.float64)):
+            x0, y0 = max(int(r[1]) - 4, 0), max(int(r[2]) - 4, 0)
+            x1, y1 = min(int(r[3]) + 6, W), min(int(r[4]) + 6, H)
+            if not cl:
+                crop = np.stack([np.concatenate([rows(c, h0)[:, x0:x1] for h0 in
+                                                 range(y0 - y0 % 2048, y1, 2048)])
+                                 [y0 % 2048:y0 % 2048 + y1 - y0] for c in range(C)])[None]
+                rr = r.copy()
+                rr[[1, 3]] -= x0
+                rr[[2, 4]] -= y0
+                want.append(ref(crop.astype(np.float64), rr[None], 5, 5, 1.0, 2, True, False))
+            np.testing.assert_allclose(out[k].astype(np.float64), want[k][0], rtol=0, atol=0.1,
+                                       err_msg=f"roi {k}, channels_last {cl}")

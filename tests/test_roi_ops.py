@@ -1654,6 +1654,177 @@ def test_multi_scale_roi_align_launches_per_level(rng):
     assert c.syncs == c0.syncs + 1
 
 
+# ---------------------------------------------------------------- the CUDA forward (align_fwd)
+# align_fwd: one block per (RoI, block of channels), the RoI's geometry and sample table in
+# shared memory, 32-bit indices where they fit, channels-last and the multi-scale levels' RoI
+# rows handled in the kernel. Its results must be bitwise those of the previous forward, one
+# thread per output (align_fwd_thread, kept in roi_ops.cu as the reference).
+
+def _previous_forward(x, rois, offset, mask, PH, PW, CO, prm, *, channels_last=False, out=None,
+                      index=None):
+    """The launcher's _align_forward as it was: channels-last transposed around the NCHW
+    per-thread kernel, the multi-scale levels' RoIs gathered and their rows scattered back."""
+    from fastnorm._cuda import roi_ops as L
+    cp = L.cupy()
+    if channels_last:
+        x = cp.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    y = L._align_forward_thread(x, rois if index is None else cp.ascontiguousarray(rois[index]),
+                                offset, mask, PH, PW, CO, prm)
+    if channels_last:
+        y = cp.ascontiguousarray(y.transpose(0, 2, 3, 1))
+    if index is None:
+        return y
+    out[index] = y
+    return out
+
+
+def _fwd_cases(rng, dtype):
+    """(name, call) pairs: every kind and mode of the forward, both layouts of RoIAlign, fixed
+    and adaptive sampling. The table holds at most 512 samples per RoI (float; 256 for double
+    with 64-bit indices): sr 2 fits it, sr 12 never does (the per-thread path), and adaptive
+    sampling mixes both (the big RoIs below have up to ~900 samples per bin)."""
+    dt = _dtype(dtype)
+    N, C, H, W = 2, 3, 11, 14
+    x = rng.standard_normal((N, C, H, W)).astype(dt)
+    rois = random_rois(rng, 16, N, H, W, 0.5)
+    extra = np.array([[0, -40, -30, 90, 70], [1, 3, 4, 60, 50], [1, np.nan, 2, 5, 6],
+                      [0, 1, 2, np.inf, 6], [1, 500, 500, 520, 530], [0, 5, 6, 5, 6]])
+    rois = np.concatenate([rois, extra]).astype(dt)
+    rot = np.concatenate([ref.random_rotated_rois(rng, 14, N, H, W, 0.5),
+                          [[0, 10, 12, 80, 60, 30], [1, 5, 5, np.nan, 4, 0]]]).astype(dt)
+    K = len(rois)
+    xl = _nhwc(x)
+    for PH, PW in ((2, 3), (1, 1), (4, 2)):
+        for sr in (-1, 2, 12):
+            for aligned in (False, True):
+                for mode in ("avg", "max"):
+                    yield (f"roi_align {PH}x{PW} sr {sr} aligned {aligned} {mode}",
+                           lambda A, a=(PH, PW), s=sr, al=aligned, m=mode:
+                           fastnorm.roi_align(A(x), A(rois), a, 0.5, s, al, mode=m))
+                    yield (f"roi_align NHWC {PH}x{PW} sr {sr} aligned {aligned} {mode}",
+                           lambda A, a=(PH, PW), s=sr, al=aligned, m=mode:
+                           fastnorm.roi_align(A(xl), A(rois), a, 0.5, s, al, mode=m,
+                                              channels_last=True))
+                yield (f"roi_align_rotated {PH}x{PW} sr {sr} aligned {aligned}",
+                       lambda A, a=(PH, PW), s=sr, al=aligned:
+                       fastnorm.roi_align_rotated(A(x), A(rot), a, 0.5, s, al))
+            xp = rng.standard_normal((N, 2 * PH * PW, H, W)).astype(dt)
+            yield (f"ps_roi_align {PH}x{PW} sr {sr}",
+                   lambda A, a=(PH, PW), s=sr, xp=xp: fastnorm.ps_roi_align(A(xp), A(rois), a,
+                                                                            0.5, s))
+            off = (0.3 * rng.standard_normal((K, 2, PH, PW))).astype(dt)
+            msk = rng.random((K, 1, PH, PW)).astype(dt)
+            for o, m in ((None, None), (off, None), (off, msk), (None, msk)):
+                yield (f"deform_roi_pool {PH}x{PW} sr {sr} offset {o is not None} "
+                       f"mask {m is not None}",
+                       lambda A, a=(PH, PW), s=sr, o=o, m=m:
+                       fastnorm.deform_roi_pool(A(x), A(rois), None if o is None else A(o), a,
+                                                0.5, s, mask=None if m is None else A(m)))
+    for cl in (False, True):
+        feats, mrois, scales = _ms_case(rng, dtype, K=30)
+        mrois = np.concatenate([mrois, np.array([[0, np.nan, 1, 2, 3], [1, 9, 9, 2, 3]],
+                                                mrois.dtype)])
+        if cl:
+            feats = [_nhwc(f) for f in feats]
+        for sr in (-1, 2):
+            yield (f"multi_scale_roi_align channels_last {cl} sr {sr}",
+                   lambda A, f=feats, r=mrois, s=sr, cl=cl, sc=scales:
+                   fastnorm.multi_scale_roi_align([A(a) for a in f], A(r), (3, 2),
+                                                  spatial_scales=sc, sampling_ratio=s,
+                                                  channels_last=cl, **MS_KW))
+
+
+def _bits(backend, y):
+    y = backend.asnumpy(y)
+    return y.view(np.dtype(f"u{y.dtype.itemsize}"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_forward_bitwise_equals_previous_kernel(cuda_backend, rng, dtype, monkeypatch):
+    """align_fwd, with 32-bit and with 64-bit indices, gives the bits of the per-thread
+    forward, for every kind, mode and layout, table or not."""
+    from fastnorm._cuda import roi_ops as L
+    monkeypatch.setenv("FASTNORM_EMULATOR_RACECHECK", "0")   # (each launch run once: faster)
+    cases = list(_fwd_cases(rng, dtype))
+    got = [_bits(cuda_backend, call(cuda_backend.asarray)) for _, call in cases]
+    monkeypatch.setattr(L, "INDEX32_MAX", -1)            # every launch takes 64-bit indices
+    got64 = [_bits(cuda_backend, call(cuda_backend.asarray)) for _, call in cases]
+    monkeypatch.setattr(L, "_align_forward", _previous_forward)
+    for (name, call), a, b in zip(cases, got, got64):
+        want = _bits(cuda_backend, call(cuda_backend.asarray))
+        assert a.shape == want.shape and np.array_equal(a, want), name
+        assert np.array_equal(b, want), name + " (64-bit indices)"
+    assert any(np.any(w != 0) for w in got)
+
+
+@pytest.mark.emulated
+def test_forward_units_beyond_the_grid(rng, monkeypatch):
+    """More units (RoI, channel block) than blocks: each block loops over several, reusing its
+    shared geometry and table (the emulator checks races, bounds, shared-memory poison and
+    barriers on every launch)."""
+    emu = pytest.importorskip("fastnorm._cuda.emulator")
+    from fastnorm._cuda import roi_ops as L
+    x = rng.standard_normal((2, 40, 9, 12)).astype(np.float32)
+    rois = np.concatenate([random_rois(rng, 9, 2, 9, 12, 0.5),
+                           [[1, -30, -30, 60, 60]]]).astype(np.float32)
+    X, XL, R = emu.asarray(x), emu.asarray(_nhwc(x)), emu.asarray(rois)
+    want = fastnorm.roi_align(X, R, 3, 0.5, -1).get()
+    monkeypatch.setattr(L, "MAX_GRID", (3, 1, 1))
+    with emu.counting() as c:
+        y = fastnorm.roi_align(X, R, 3, 0.5, -1).get()
+        yl = fastnorm.roi_align(XL, R, 3, 0.5, -1, channels_last=True).get()
+    assert [e.blocks for e in c.log] == [3, 3]
+    np.testing.assert_array_equal(y, want)
+    np.testing.assert_array_equal(yl, _nhwc(want))
+
+
+@pytest.mark.emulated
+def test_forward_launches_and_device_operations(rng):
+    """Each forward is one launch and no other device operation or host synchronisation: the
+    7 operations and 1 synchronisation counted are the op layer's batch-index check
+    (_validation.py), the multi-scale forward adds the level mapping (_fpn_groups: 14
+    operations, 1 read-back of the level counts) and launches once per level with RoIs. Before
+    the per-RoI forward: roi_align (1, 8, 1), channels-last (1, 10, 1), multi-scale 4 levels
+    (4, 40, 2), channels-last (4, 48, 2). FPN P2 layout (7 x 7, sr 2): one block of 256 threads
+    per (RoI, 21 channels), 32 channels when channels-last."""
+    emu = pytest.importorskip("fastnorm._cuda.emulator")
+    N, C, H, W, K = 2, 8, 20, 27, 6
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    rois = random_rois(rng, K, N, H, W, 0.25).astype(np.float32)
+    X, XL, R = emu.asarray(x), emu.asarray(_nhwc(x)), emu.asarray(rois)
+    XP = emu.asarray(rng.standard_normal((N, 2 * 9, H, W)).astype(np.float32))
+    OFF = emu.asarray((0.1 * rng.standard_normal((K, 2, 7, 7))).astype(np.float32))
+    MSK = emu.asarray(rng.random((K, 1, 7, 7)).astype(np.float32))
+    feats, mrois, scales = _ms_case(rng, "float32", K=40)
+    F, FL, MR = [emu.asarray(f) for f in feats], [emu.asarray(_nhwc(f)) for f in feats], \
+        emu.asarray(mrois)
+    ms = dict(spatial_scales=scales, sampling_ratio=2, **MS_KW)
+    calls = [(lambda: fastnorm.roi_align(X, R, 7, 0.25, 2), (1, 7, 1)),
+             (lambda: fastnorm.roi_align(XL, R, 7, 0.25, 2, channels_last=True), (1, 7, 1)),
+             (lambda: fastnorm.roi_align(X, R, 7, 0.25, 2, mode="max"), (1, 7, 1)),
+             (lambda: fastnorm.ps_roi_align(XP, R, 3, 0.25, 2), (1, 7, 1)),
+             (lambda: fastnorm.deform_roi_pool(X, R, OFF, 7, 0.25, 2, mask=MSK), (1, 7, 1)),
+             (lambda: fastnorm.multi_scale_roi_align(F, MR, 7, **ms), (4, 28, 2)),
+             (lambda: fastnorm.multi_scale_roi_align(FL, MR, 7, channels_last=True, **ms),
+              (4, 28, 2))]
+    for i, (call, counts) in enumerate(calls):
+        call()                                             # warm (module build)
+        with emu.counting() as c:
+            call()
+        assert (c.launches, c.ops, c.syncs) == counts, (i, c)
+        assert all(e.barriers > 0 and e.atomics == 0 for e in c.log), (i, c.log)
+    with emu.counting() as c:
+        fastnorm.roi_align(X, R, 7, 0.25, 2)
+        fastnorm.roi_align(XL, R, 7, 0.25, 2, channels_last=True)
+    assert [(e.blocks, e.threads) for e in c.log] == [(K, K * 256), (K, K * 256)]
+    # the launcher itself: one launch, nothing else
+    from fastnorm._cuda import roi_ops as L, using
+    with using(emu), emu.counting() as c:
+        L.roi_align_forward(X, R, 7, 7, 0.25, 2, False, 0, False, 1)
+        L.roi_align_forward(XL, R, 7, 7, 0.25, 2, False, 0, True, 1)
+    assert (c.launches, c.ops, c.syncs) == (2, 0, 0)
+
+
 def test_multi_scale_roi_align_inputs_not_modified(backend, rng):
     feats, rois, scales = _ms_case(rng, "float32")
     g = np.ones((len(rois), 3, 2, 2), np.float32)

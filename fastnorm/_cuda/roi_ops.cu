@@ -1,7 +1,9 @@
 // RoIAlign (avg/max, rotated), PS-RoIAlign, deformable RoI pooling and RoIPool on CUDA.
 //
-// One thread per output element computes its RoI geometry and samples (torchvision / mmcv
-// semantics, see fastnorm/roi_ops.py). Backward:
+// Forward (torchvision / mmcv semantics, see fastnorm/roi_ops.py): one block per (RoI, block of
+// output channels) computes the RoI's geometry and its samples' bilinear corners and weights once
+// in shared memory, and its threads sum their outputs' bins from them (align_fwd); NCHW or NHWC.
+// Backward:
 //  * default: one thread per grad_out element, atomics into an accumulation buffer of type
 //    acc<T> (float for float/half types, double for double) that the launcher casts to T;
 //  * deterministic (RoIAlign, all kinds): records of the samples sorted by the pixel they land
@@ -117,18 +119,21 @@ struct Params {
     has_mask, scale, gamma, angle_scale}
 #define NEG_FLT_MAX (-3.402823466e+38f)
 
-// geometry + per-bin shift (deformable) for RoI k, bin (ph, pw)
+// geometry of RoI k (per RoI: the forward computes it once per block)
 template <typename T, typename A>
-__device__ bool bin_geom(const T* rois, const T* offset, const Params& p, i64 k, int ph, int pw,
-                         Geo<A>& g, A& sy, A& sx) {
+__device__ bool roi_geometry(const T* rois, const Params& p, i64 k, Geo<A>& g) {
     const bool al = (p.kind != KIND_ALIGN && p.kind != KIND_ROTATED) || p.aligned;
-    if (p.kind == KIND_ROTATED) {
-        sy = sx = A(0);
+    if (p.kind == KIND_ROTATED)
         return rot_geom<T, A>(rois + 6 * k, p.scale, al ? 0.5 : 0.0, !al, p.angle_scale, p.PH,
                               p.PW, p.sr, p.H, p.W, g);
-    }
-    if (!roi_geom<T, A>(rois + 5 * k, p.scale, al ? 0.5 : 0.0, !al, p.PH, p.PW, p.sr, p.H, p.W, g))
-        return false;
+    return roi_geom<T, A>(rois + 5 * k, p.scale, al ? 0.5 : 0.0, !al, p.PH, p.PW, p.sr, p.H, p.W,
+                          g);
+}
+
+// per-bin shift (sy, sx) of bin (ph, pw) of RoI k: the deformable offset, else 0
+template <typename T, typename A>
+__device__ __forceinline__ void bin_shift(const T* offset, const Params& p, const Geo<A>& g,
+                                          i64 k, int ph, int pw, A& sy, A& sx) {
     sy = A(0);
     sx = A(0);
     if (p.kind == KIND_DEFORM && p.has_offset) {
@@ -136,6 +141,14 @@ __device__ bool bin_geom(const T* rois, const T* offset, const Params& p, i64 k,
         sx = A(p.gamma) * g.rw * load(offset + (2 * k) * nb + b);
         sy = A(p.gamma) * g.rh * load(offset + (2 * k + 1) * nb + b);
     }
+}
+
+// geometry + per-bin shift (deformable) for RoI k, bin (ph, pw)
+template <typename T, typename A>
+__device__ bool bin_geom(const T* rois, const T* offset, const Params& p, i64 k, int ph, int pw,
+                         Geo<A>& g, A& sy, A& sx) {
+    if (!roi_geometry<T, A>(rois, p, k, g)) return false;
+    bin_shift<T, A>(offset, p, g, k, ph, pw, sy, sx);
     return true;
 }
 
@@ -215,10 +228,156 @@ __device__ __forceinline__ i64 in_channel(const Params& p, i64 co, int ph, int p
     return p.kind == KIND_PS ? (co * p.PH + ph) * p.PW + pw : co;
 }
 
+// ------------------------------------------------------------------ RoIAlign forward
+// All kinds (plain avg/max, PS, deformable, rotated). One block per unit (RoI, block of `cb`
+// output channels), grid-stride over the units: thread 0 computes the RoI's geometry
+// (roi_geometry) into shared memory; when the RoI's PH x PW x gh x gw samples fit the table
+// (FWD_TABLE_BYTES), the block computes every sample's bilinear corners (offsets in x, already
+// multiplied by the pixel stride) and weights once into shared memory and each thread sums its
+// outputs' bins from it; otherwise each thread walks its bins' samples from the shared geometry.
+// Layouts: NCHW, or NHWC (channels_last: x (N, H, W, C), out (K, PH, PW, CO)). `index` (when
+// has_index): the RoIs of this launch, p.K of them, are rois[index[j]] and write out row
+// index[j] (multi-scale RoIAlign: one launch per level, no gather/scatter). Index arithmetic in
+// I: int when every index of x and out fits (idx32, chosen by the launcher), else 64 bits.
+// Per output, the values computed and the order of the sums are those of the one-thread-per-
+// output kernel align_fwd_thread (kept as the reference): the results are bitwise identical.
+#define FWD_THREADS 256
+#define FWD_TABLE_BYTES 16384
+
+// average or max over bin (ph, pw)'s samples, each read at src + o * ps (bin_value with a pixel
+// stride; the path for RoIs whose samples do not fit the table)
+template <typename T, typename A>
+__device__ A bin_value_strided(const T* src, i64 ps, const Geo<A>& g, int ph, int pw, A sy, A sx,
+                               i64 H, i64 W, int mode) {
+    A acc = A(0), best = A(0);
+    i64 s = 0;
+    for (i64 iy = 0; iy < g.gh; ++iy) {
+        const A yy = sample_y(g, ph, sy, iy);
+        A row = A(0);
+        for (i64 ix = 0; ix < g.gw; ++ix, ++s) {
+            A wt[4], y, x;
+            i64 o[4];
+            A v = A(0);
+            place(g, yy, sample_x(g, pw, sx, ix), y, x);
+            if (roi_bilinear(y, x, H, W, o, wt))
+                v = wt[0] * load(src + o[0] * ps) + wt[1] * load(src + o[1] * ps) +
+                    wt[2] * load(src + o[2] * ps) + wt[3] * load(src + o[3] * ps);
+            row += v;
+            if (s == 0 || v > best) best = v;
+        }
+        acc += row;
+    }
+    return mode == MODE_MAX ? best : acc / A(g.gh * g.gw);
+}
+
+template <typename T, typename A, typename I>
+__device__ void align_fwd_units(const T* __restrict__ x, const T* __restrict__ rois,
+                                const T* __restrict__ offset, const T* __restrict__ mask,
+                                const i64* __restrict__ index, T* __restrict__ out,
+                                bool has_index, bool cl, I cb, const Params& p, Geo<A>& sg,
+                                int& sok, unsigned char* tab) {
+    // the table: cap entries of 4 weights, then cap entries of 4 offsets (-1 first: off the map)
+    const int cap = FWD_TABLE_BYTES / (4 * int(sizeof(A) + sizeof(I)));
+    A* const tw = reinterpret_cast<A*>(tab);
+    I* const to = reinterpret_cast<I*>(tab + 4 * sizeof(A) * cap);
+    const int PW = p.PW;
+    const I nb = I(p.PH) * PW, HW = I(p.H) * I(p.W), C = I(p.C), CO = I(p.CO);
+    const I ps = cl ? C : I(1), chs = cl ? I(1) : HW;     // pixel and channel strides of x
+    const I nchunk = (CO + cb - 1) / cb, units = I(p.K) * nchunk;
+    for (i64 uu = blockIdx.x; uu < units; uu += gridDim.x) {   // (u + gridDim.x may pass 2**31)
+        const I u = I(uu), c0 = (u % nchunk) * cb, nc = CO - c0 < cb ? CO - c0 : cb;
+        const I k = has_index ? I(index[u / nchunk]) : u / nchunk;
+        if (threadIdx.x == 0) sok = roi_geometry<T, A>(rois, p, k, sg);
+        __syncthreads();
+        const bool ok = sok;
+        Geo<A> g;
+        if (ok) g = sg;
+        // gh, gw <= cap first: their product (up to (2 L + 64)^2) cannot overflow
+        const bool table = ok && g.gh <= cap && g.gw <= cap && g.gh * g.gw * nb <= cap;
+        const I ns = table ? I(g.gh * g.gw) : I(0);
+        if (table) {
+            for (I e = threadIdx.x; e < nb * ns; e += blockDim.x) {
+                const I b = e / ns, q = e % ns;
+                const int ph = int(b / PW), pw = int(b % PW);
+                A sy, sx, wt[4], y, xx;
+                i64 o[4];
+                bin_shift<T, A>(offset, p, g, k, ph, pw, sy, sx);
+                const A yy = sample_y(g, ph, sy, (i64)(q / I(g.gw)));
+                place(g, yy, sample_x(g, pw, sx, (i64)(q % I(g.gw))), y, xx);
+                const bool inside = roi_bilinear(y, xx, p.H, p.W, o, wt);
+                for (int c = 0; c < 4; ++c) {
+                    tw[4 * e + c] = wt[c];
+                    to[4 * e + c] = I(o[c]) * ps;
+                }
+                if (!inside) to[4 * e] = I(-1);
+            }
+            __syncthreads();
+        }
+        for (I j = threadIdx.x; j < nc * nb; j += blockDim.x) {
+            // NHWC: channels fastest (a warp reads consecutive channels of one pixel)
+            const I c = c0 + (cl ? j % nc : j / nb), b = cl ? j / nc : j % nb;
+            const int ph = int(b / PW), pw = int(b % PW);
+            A v = A(0);
+            if (ok) {
+                const I cin = p.kind == KIND_PS ? (c * p.PH + ph) * PW + pw : c;
+                const T* src = x + I(g.n) * C * HW + cin * chs;
+                if (table) {
+                    const A* w = tw + 4 * b * ns;
+                    const I* o = to + 4 * b * ns;
+                    A acc = A(0), best = A(0);
+                    I s = 0;
+                    for (i64 iy = 0; iy < g.gh; ++iy) {
+                        A row = A(0);
+                        for (i64 ix = 0; ix < g.gw; ++ix, ++s, w += 4, o += 4) {
+                            A vs = A(0);
+                            if (o[0] >= 0)
+                                vs = w[0] * load(src + o[0]) + w[1] * load(src + o[1]) +
+                                     w[2] * load(src + o[2]) + w[3] * load(src + o[3]);
+                            row += vs;
+                            if (s == 0 || vs > best) best = vs;
+                        }
+                        acc += row;
+                    }
+                    v = p.mode == MODE_MAX ? best : acc / A(g.gh * g.gw);
+                } else {
+                    A sy, sx;
+                    bin_shift<T, A>(offset, p, g, k, ph, pw, sy, sx);
+                    v = bin_value_strided<T, A>(src, ps, g, ph, pw, sy, sx, p.H, p.W, p.mode);
+                }
+                if (p.kind == KIND_DEFORM && p.has_mask) v *= load(mask + k * nb + b);
+            }
+            store(out + (cl ? (k * nb + b) * CO + c : (k * CO + c) * nb + b), v);
+        }
+        __syncthreads();          // the next unit overwrites the geometry and the table
+    }
+}
+
 template <typename T>
-__global__ void align_fwd(const T* __restrict__ x, const T* __restrict__ rois,
-                          const T* __restrict__ offset, const T* __restrict__ mask,
-                          T* __restrict__ out, PARAM_ARGS) {
+__global__ void __launch_bounds__(FWD_THREADS)
+align_fwd(const T* __restrict__ x, const T* __restrict__ rois, const T* __restrict__ offset,
+          const T* __restrict__ mask, const i64* __restrict__ index, T* __restrict__ out,
+          int has_index, int channels_last, int cb, int idx32, PARAM_ARGS) {
+    PARAM_INIT;
+    typedef typename acc<T>::type A;
+    __shared__ Geo<A> sg;
+    __shared__ int sok;
+    __shared__ double tab[FWD_TABLE_BYTES / sizeof(double)];     // (8-byte aligned)
+    if (idx32)
+        align_fwd_units<T, A, int>(x, rois, offset, mask, index, out, has_index != 0,
+                                   channels_last != 0, cb, p, sg, sok,
+                                   reinterpret_cast<unsigned char*>(tab));
+    else
+        align_fwd_units<T, A, i64>(x, rois, offset, mask, index, out, has_index != 0,
+                                   channels_last != 0, (i64)cb, p, sg, sok,
+                                   reinterpret_cast<unsigned char*>(tab));
+}
+
+// The previous forward, one thread per output element recomputing its RoI's geometry: the
+// bitwise reference of align_fwd (tests), NCHW only.
+template <typename T>
+__global__ void align_fwd_thread(const T* __restrict__ x, const T* __restrict__ rois,
+                                 const T* __restrict__ offset, const T* __restrict__ mask,
+                                 T* __restrict__ out, PARAM_ARGS) {
     PARAM_INIT;
     typedef typename acc<T>::type A;
     const i64 total = p.K * p.CO * p.PH * p.PW;

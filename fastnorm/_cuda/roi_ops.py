@@ -1,6 +1,7 @@
 """CUDA launchers of roi_ops.cu: the entry points of ``fastnorm._kernels`` (RoiAlignForward, ...),
-as ``fastnorm._cpu.roi_ops`` (the trailing ``nthreads`` is ignored). The kernels are NCHW:
-channels-last RoIAlign arrays are transposed around them here."""
+as ``fastnorm._cpu.roi_ops`` (the trailing ``nthreads`` is ignored). The RoIAlign forward reads
+and writes channels-last arrays as they lie; the backward kernels are NCHW: channels-last arrays
+are transposed around them here."""
 import functools
 
 import numpy as np
@@ -65,18 +66,59 @@ def _dummy(cp, dtype):
     return cp.zeros(1, dtype=dtype)
 
 
-def _align_forward(x, rois, offset, mask, PH, PW, CO, prm):
+# The forward (align_fwd): one block of at most FWD_THREADS threads per (RoI, block of channels),
+# about FWD_OUTPUTS outputs per block; the RoI's samples' corners and weights are tabled in
+# FWD_TABLE_BYTES of shared memory (FWD_* in roi_ops.cu). 32-bit index arithmetic when every
+# index into x and out (and a block's stride past the last) is at most INDEX32_MAX.
+FWD_THREADS, FWD_TABLE_BYTES, FWD_OUTPUTS = 256, 16384, 1024
+INDEX32_MAX = 2**31 - 1 - FWD_THREADS
+# align_fwd_thread: the previous forward (one thread per output), the bitwise reference (tests)
+_EXPRS += tuple(instantiate(_NS + "align_fwd_thread<{}>"))
+
+
+def _align_forward(x, rois, offset, mask, PH, PW, CO, prm, *, channels_last=False, out=None,
+                   index=None):
+    """align_fwd on x (NCHW, or NHWC when channels_last) into a new (K, CO, PH, PW) array (NHWC:
+    (K, PH, PW, CO)), or, with ``index`` (int64 RoI rows), into those rows of ``out``, reading
+    those rows of ``rois``; prm() gives the kernel's parameters (its K: the RoIs launched).
+    No device operation besides the launch (absent arguments are empty arrays: NULL)."""
     cp = cupy()
-    K = rois.shape[0]
-    out = cp.empty((K, CO, PH, PW), dtype=x.dtype)
-    if out.size == 0:
+    if out is None:
+        K = rois.shape[0]
+        out = cp.empty((K, PH, PW, CO) if channels_last else (K, CO, PH, PW), dtype=x.dtype)
+        if out.size == 0:
+            return out
+    if x.size == 0:                       # an empty map (N, C > 0 here): every output is 0
+        if index is None:
+            out[...] = 0
+        else:
+            out[index] = 0
         return out
-    if x.shape[2] * x.shape[3] == 0:
-        out[...] = 0
-        return out
+    nb = PH * PW
+    cb = min(CO, cdiv(FWD_OUTPUTS, nb))
+    if channels_last and cb < CO:         # whole warps of channels
+        cb = min(CO, cdiv(cb, 32) * 32)
+    K = rois.shape[0] if index is None else index.size
+    units = K * cdiv(CO, cb)
+    threads = min(FWD_THREADS, cdiv(cb * nb, 32) * 32)
+    none, noidx = cp.empty(0, dtype=x.dtype), cp.empty(0, dtype=cp.int64)
+    idx32 = max(x.size, out.size) <= INDEX32_MAX
+    run(_k("align_fwd", x.dtype), min(units, MAX_GRID[0]), threads,
+        (x, rois, none if offset is None else offset, none if mask is None else mask,
+         noidx if index is None else index, out, np.int32(index is not None),
+         np.int32(channels_last), np.int32(cb), np.int32(idx32)) + prm(K))
+    return out
+
+
+def _align_forward_thread(x, rois, offset, mask, PH, PW, CO, prm):
+    """The previous forward (align_fwd_thread: one thread per output, NCHW): the bitwise
+    reference of align_fwd in the tests."""
+    cp = cupy()
+    out = cp.zeros((rois.shape[0], CO, PH, PW), dtype=x.dtype)
     d = _dummy(cp, x.dtype)
-    launch(_k("align_fwd", x.dtype), out.size,
-           (x, rois, d if offset is None else offset, d if mask is None else mask, out) + prm())
+    launch(_k("align_fwd_thread", x.dtype), out.size if x.size else 0,
+           (x, rois, d if offset is None else offset, d if mask is None else mask, out) +
+           prm(rois.shape[0]))
     return out
 
 
@@ -152,7 +194,7 @@ def _align_backward_tiles(dy, x, rois, offset, mask, prm):
 
 
 def _nchw(cp, a, channels_last):
-    """The kernels are NCHW: channels-last arrays are transposed around them."""
+    """The backward kernels are NCHW: channels-last arrays are transposed around them."""
     return cp.ascontiguousarray(a.transpose(0, 3, 1, 2)) if channels_last else a
 
 
@@ -164,13 +206,21 @@ def _nhwc(cp, a, channels_last):
 
 def roi_align_forward(x, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, mode,
                       channels_last, nthreads):
-    cp = cupy()
-    x = _nchw(cp, x, channels_last)
-    N, C, H, W = x.shape
-    prm = functools.partial(_params, rois.shape[0], N, C, C, H, W, pooled_h, pooled_w,
-                            sampling_ratio, KIND_ALIGN, mode, int(aligned), scale=spatial_scale)
-    out = _align_forward(x, rois, None, None, pooled_h, pooled_w, C, prm)
-    return _nhwc(cp, out, channels_last)
+    return _roi_align(x, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, mode,
+                      channels_last)
+
+
+def _roi_align(x, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, mode,
+               channels_last, out=None, index=None):
+    """RoIAlign forward (out, index: a multi-scale level's launch, see _align_forward). The
+    kernel reads and writes channels-last arrays as they lie."""
+    N, H, W, C = x.shape if channels_last else (x.shape[i] for i in (0, 2, 3, 1))
+
+    def prm(K):
+        return _params(K, N, C, C, H, W, pooled_h, pooled_w, sampling_ratio, KIND_ALIGN, mode,
+                       int(aligned), scale=spatial_scale)
+    return _align_forward(x, rois, None, None, pooled_h, pooled_w, C, prm,
+                          channels_last=channels_last, out=out, index=index)
 
 
 def roi_align_backward(grad_out, rois, x, input_shape, pooled_h, pooled_w, spatial_scale,
@@ -188,9 +238,9 @@ def roi_align_backward(grad_out, rois, x, input_shape, pooled_h, pooled_w, spati
 def roi_align_rotated_forward(x, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio,
                               aligned, angle_scale, nthreads):
     N, C, H, W = x.shape
-    prm = functools.partial(_params, rois.shape[0], N, C, C, H, W, pooled_h, pooled_w,
-                            sampling_ratio, KIND_ROTATED, 0, int(aligned), scale=spatial_scale,
-                            angle_scale=angle_scale)
+    prm = functools.partial(_params, N=N, C=C, CO=C, H=H, W=W, PH=pooled_h, PW=pooled_w,
+                            sr=sampling_ratio, kind=KIND_ROTATED, mode=0, aligned=int(aligned),
+                            scale=spatial_scale, angle_scale=angle_scale)
     return _align_forward(x, rois, None, None, pooled_h, pooled_w, C, prm)
 
 
@@ -228,7 +278,8 @@ def _fpn_groups(cp, rois, L, level_min, canonical_scale, canonical_level):
 def multi_scale_roi_align_forward(features, rois, pooled_h, pooled_w, spatial_scales, level_min,
                                   canonical_scale, canonical_level, sampling_ratio, aligned,
                                   channels_last, nthreads):
-    """Each level's RoIs through roi_align_forward, rows scattered back to RoI order."""
+    """One RoIAlign launch per level that has RoIs, on that level's RoI indices: it
+    reads those rows of `rois` and writes those rows of the result (no gather, no scatter)."""
     cp = cupy()
     L, K = len(features), rois.shape[0]
     if L == 1:                            # no level mapping (torchvision pools every RoI there)
@@ -249,9 +300,8 @@ def multi_scale_roi_align_forward(features, rois, pooled_h, pooled_w, spatial_sc
         if lvl == L:
             out[idx] = 0
         else:
-            out[idx] = roi_align_forward(features[lvl], cp.ascontiguousarray(rois[idx]),
-                                         pooled_h, pooled_w, spatial_scales[lvl], sampling_ratio,
-                                         aligned, AVG, channels_last, nthreads)
+            _roi_align(features[lvl], rois, pooled_h, pooled_w, spatial_scales[lvl],
+                       sampling_ratio, aligned, AVG, channels_last, out=out, index=idx)
     return out
 
 
@@ -287,8 +337,9 @@ def multi_scale_roi_align_backward(grad_out, rois, input_shapes, pooled_h, poole
 def ps_roi_align_forward(x, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, nthreads):
     N, C, H, W = x.shape
     CO = C // (pooled_h * pooled_w)
-    prm = functools.partial(_params, rois.shape[0], N, C, CO, H, W, pooled_h, pooled_w,
-                            sampling_ratio, KIND_PS, AVG, 1, scale=spatial_scale)
+    prm = functools.partial(_params, N=N, C=C, CO=CO, H=H, W=W, PH=pooled_h, PW=pooled_w,
+                            sr=sampling_ratio, kind=KIND_PS, mode=AVG, aligned=1,
+                            scale=spatial_scale)
     return _align_forward(x, rois, None, None, pooled_h, pooled_w, CO, prm)
 
 
@@ -304,9 +355,10 @@ def ps_roi_align_backward(grad_out, rois, input_shape, pooled_h, pooled_w, spati
 def deform_roi_pool_forward(x, rois, offset, mask, pooled_h, pooled_w, spatial_scale,
                             sampling_ratio, gamma, nthreads):
     N, C, H, W = x.shape
-    prm = functools.partial(_params, rois.shape[0], N, C, C, H, W, pooled_h, pooled_w,
-                            sampling_ratio, KIND_DEFORM, AVG, 1, offset is not None,
-                            mask is not None, spatial_scale, gamma)
+    prm = functools.partial(_params, N=N, C=C, CO=C, H=H, W=W, PH=pooled_h, PW=pooled_w,
+                            sr=sampling_ratio, kind=KIND_DEFORM, mode=AVG, aligned=1,
+                            has_offset=offset is not None, has_mask=mask is not None,
+                            scale=spatial_scale, gamma=gamma)
     return _align_forward(x, rois, offset, mask, pooled_h, pooled_w, C, prm)
 
 

@@ -173,11 +173,12 @@ __device__ __forceinline__ void place(const Geo<A>& g, A yy, A xx, A& y, A& x) {
     }
 }
 
-// average (mode 0) or max (mode 1, *arg = argmax sample, first on ties) over a bin's samples;
-// the sum goes row by row (a float sum of more than 2**24 samples would stall)
+// average (mode 0) or max (mode 1, *arg = argmax sample, first on ties) over a bin's samples,
+// pixel o of the plane at plane[o * ps] (ps: 1, or C for a channels-last map); the sum goes row
+// by row (a float sum of more than 2**24 samples would stall)
 template <typename T, typename A>
-__device__ A bin_value(const T* plane, const Geo<A>& g, int ph, int pw, A sy, A sx, i64 H, i64 W,
-                       int mode, i64* arg) {
+__device__ A bin_value(const T* plane, i64 ps, const Geo<A>& g, int ph, int pw, A sy, A sx, i64 H,
+                       i64 W, int mode, i64* arg) {
     A acc = A(0), best = A(0);
     i64 a = 0, s = 0;
     for (i64 iy = 0; iy < g.gh; ++iy) {
@@ -189,8 +190,8 @@ __device__ A bin_value(const T* plane, const Geo<A>& g, int ph, int pw, A sy, A 
             A v = A(0);
             place(g, yy, sample_x(g, pw, sx, ix), y, x);
             if (roi_bilinear(y, x, H, W, o, wt))
-                v = wt[0] * load(plane + o[0]) + wt[1] * load(plane + o[1]) +
-                    wt[2] * load(plane + o[2]) + wt[3] * load(plane + o[3]);
+                v = wt[0] * load(plane + o[0] * ps) + wt[1] * load(plane + o[1] * ps) +
+                    wt[2] * load(plane + o[2] * ps) + wt[3] * load(plane + o[3] * ps);
             row += v;
             if (s == 0 || v > best) { best = v; a = s; }
         }
@@ -243,32 +244,6 @@ __device__ __forceinline__ i64 in_channel(const Params& p, i64 co, int ph, int p
 // output kernel align_fwd_thread (kept as the reference): the results are bitwise identical.
 #define FWD_THREADS 256
 #define FWD_TABLE_BYTES 16384
-
-// average or max over bin (ph, pw)'s samples, each read at src + o * ps (bin_value with a pixel
-// stride; the path for RoIs whose samples do not fit the table)
-template <typename T, typename A>
-__device__ A bin_value_strided(const T* src, i64 ps, const Geo<A>& g, int ph, int pw, A sy, A sx,
-                               i64 H, i64 W, int mode) {
-    A acc = A(0), best = A(0);
-    i64 s = 0;
-    for (i64 iy = 0; iy < g.gh; ++iy) {
-        const A yy = sample_y(g, ph, sy, iy);
-        A row = A(0);
-        for (i64 ix = 0; ix < g.gw; ++ix, ++s) {
-            A wt[4], y, x;
-            i64 o[4];
-            A v = A(0);
-            place(g, yy, sample_x(g, pw, sx, ix), y, x);
-            if (roi_bilinear(y, x, H, W, o, wt))
-                v = wt[0] * load(src + o[0] * ps) + wt[1] * load(src + o[1] * ps) +
-                    wt[2] * load(src + o[2] * ps) + wt[3] * load(src + o[3] * ps);
-            row += v;
-            if (s == 0 || v > best) best = v;
-        }
-        acc += row;
-    }
-    return mode == MODE_MAX ? best : acc / A(g.gh * g.gw);
-}
 
 template <typename T, typename A, typename I>
 __device__ void align_fwd_units(const T* __restrict__ x, const T* __restrict__ rois,
@@ -342,7 +317,7 @@ __device__ void align_fwd_units(const T* __restrict__ x, const T* __restrict__ r
                 } else {
                     A sy, sx;
                     bin_shift<T, A>(offset, p, g, k, ph, pw, sy, sx);
-                    v = bin_value_strided<T, A>(src, ps, g, ph, pw, sy, sx, p.H, p.W, p.mode);
+                    v = bin_value<T, A>(src, ps, g, ph, pw, sy, sx, p.H, p.W, p.mode, nullptr);
                 }
                 if (p.kind == KIND_DEFORM && p.has_mask) v *= load(mask + k * nb + b);
             }
@@ -389,7 +364,7 @@ __global__ void align_fwd_thread(const T* __restrict__ x, const T* __restrict__ 
         A sy, sx, v = A(0);
         if (bin_geom<T, A>(rois, offset, p, k, ph, pw, g, sy, sx)) {
             const T* plane = x + (g.n * p.C + in_channel(p, co, ph, pw)) * p.H * p.W;
-            v = bin_value<T, A>(plane, g, ph, pw, sy, sx, p.H, p.W, p.mode, nullptr);
+            v = bin_value<T, A>(plane, 1, g, ph, pw, sy, sx, p.H, p.W, p.mode, nullptr);
             if (p.kind == KIND_DEFORM && p.has_mask)
                 v *= load(mask + k * p.PH * p.PW + (i64)ph * p.PW + pw);
         }
@@ -406,7 +381,7 @@ __device__ void bin_samples(const T* xplane, const Geo<A>& g, int ph, int pw, A 
     i64 y0 = 0, y1 = g.gh, x0 = 0, x1 = g.gw;      // the samples [y0, y1) x [x0, x1)
     if (mode == MODE_MAX) {
         i64 arg;
-        bin_value<T, A>(xplane, g, ph, pw, sy, sx, H, W, MODE_MAX, &arg);
+        bin_value<T, A>(xplane, 1, g, ph, pw, sy, sx, H, W, MODE_MAX, &arg);
         y0 = arg / g.gw;
         x0 = arg % g.gw;
         y1 = y0 + 1;

@@ -103,31 +103,19 @@ cdef enum:
     PILOT_ROWS = 8  # positions (channels-last) likewise
 
 
-cdef void _dev_sums_double(const float* x, Py_ssize_t n, double k, double* sd,
-                           double* sq) noexcept nogil:
-    """fn_dev_sums_f in double (the slow path for deviations whose float squares overflow;
-    non-finite data stays non-finite)."""
+cdef void _dev_sums_double(const float* x, Py_ssize_t n, Py_ssize_t stride, double k,
+                           double* sd, double* sq) noexcept nogil:
+    """fn_dev_sums_f (stride 1) or one channel of fn_coldev_f (stride C) in double: sums of
+    d = x[i * stride] - k and of d * d, i < n (the slow path for deviations whose float squares
+    overflow; non-finite data stays non-finite)."""
     cdef Py_ssize_t i
     cdef double d
     sd[0] = 0
     sq[0] = 0
     for i in range(n):
-        d = x[i] - k
+        d = x[i * stride] - k
         sd[0] += d
         sq[0] += d * d
-
-
-cdef void _coldev_double(const float* x, Py_ssize_t P, Py_ssize_t C, Py_ssize_t c, double k,
-                         double* s1, double* s2) noexcept nogil:
-    """Channel c's fn_coldev_f sums over P rows of C channels, in double (as _dev_sums_double)."""
-    cdef Py_ssize_t p
-    cdef double d
-    s1[0] = 0
-    s2[0] = 0
-    for p in range(P):
-        d = x[p * C + c] - k
-        s1[0] += d
-        s2[0] += d * d
 
 
 cdef inline void _moments(const floating* x, Py_ssize_t n, double* mean, double* m2) noexcept nogil:
@@ -149,7 +137,7 @@ cdef inline void _moments(const floating* x, Py_ssize_t n, double* mean, double*
         if floating is float:
             fn_dev_sums_f(x, n, K, &sd, &sq)
             if not isfinite(sq):        # float squares overflowed (|d| > ~1.8e19): in double
-                _dev_sums_double(x, n, K, &sd, &sq)
+                _dev_sums_double(x, n, 1, K, &sd, &sq)
         else:
             fn_dev_sums_d(x, n, K, &sd, &sq)
         mu = K + sd / n
@@ -322,7 +310,7 @@ cdef void _nhwc_unit_stats(const floating* x, Py_ssize_t u, Py_ssize_t C, Py_ssi
             fn_coldev_f(xb, P, C, k, s1, s2)
             for c in range(C):          # float squares overflowed (|d| > ~1.8e19): in double
                 if not isfinite(s2[c]):
-                    _coldev_double(xb, P, C, c, k[c], s1 + c, s2 + c)
+                    _dev_sums_double(xb + c, P, C, k[c], s1 + c, s2 + c)
         else:
             fn_coldev_d(xb, P, C, k, s1, s2)
         redo = False

@@ -747,7 +747,6 @@ cdef void _avg_band(const floating* x, const floating* dy, floating* out, floati
     cdef Py_ssize_t p0 = r0 * W if r1 > r0 else 0, p1 = r1 * W if r1 > r0 else 0
     cdef floating* Sb = S - p0 * FN_RL        # pixel p of the band at Sb[p * FN_RL]
     cdef const Tab* t
-    cdef const floating* mask
     cdef floating inv
     if backward:
         if fresh:

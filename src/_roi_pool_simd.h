@@ -4,9 +4,9 @@
  * transposed into it by rp_tr_in_*). A bin's max runs per lane in row-major pixel order with
  * "take v when v > m" -- the scalar kernel's comparison, so ties keep the first maximum, NaN is
  * never taken, signed zeros keep the first one seen -- and (backward) records the pixel of each
- * lane's maximum (rp_pool_row_*). The lanes are GCC/Clang vectors (compare + blend, no max instruction
- * whose operand order a compiler could swap), so results are those of the scalar loop, bit for
- * bit, on any CPU.
+ * lane's maximum (rp_pool_row_*: two chains per bin, merged exactly). The lanes are GCC/Clang
+ * vectors (compare + blend, no max instruction whose operand order a compiler could swap), so
+ * results are those of the scalar loop, bit for bit, on any CPU.
  *
  * PS-RoIAlign: a unit (image, bin) transposes its output channels' input planes (channel
  * co * PH * PW + bin) into s[pixel][CO]; a bin's separable sum then runs over the output channels
@@ -130,37 +130,51 @@ RP_INLINE ptrdiff_t rp_tr8_out_d(double* r, ptrdiff_t plane, ptrdiff_t n, const 
  * s (row stride sw pixels); out[pw * RP_L + l] gets lane l's maximum with the scalar kernel's   \
  * semantics -- m starts at -FLT_MAX (0 for an empty window) and takes v when v > m, in          \
  * row-major order -- and, when track, idx[pw * RP_L + l] the pixel h * sw + w it came from (-1  \
- * when none was taken). The rows are swept once each, every bin's columns in turn, so each bin  \
- * still sees its pixels in row-major order. abuf: PW * RP_L index accumulators. */              \
+ * when none was taken). Each bin runs as two chains over the two halves of its rows (upper     \
+ * [h0, hm), lower [hm, h1)), interleaved, so that a lane's compare-and-blend latency and the   \
+ * loads of two rows overlap; the lower chain starts from -FLT_MAX and is merged into the upper \
+ * with the same "take when greater" step, which is exactly the row-major sweep: a lower pixel  \
+ * wins only when it beats every upper one, and among the lower ones the first maximum wins. */ \
 RP_INLINE void rp_pool_row_##SFX(const T* s, ptrdiff_t sw, ptrdiff_t h0, ptrdiff_t h1,           \
                                  const ptrdiff_t* ws, const ptrdiff_t* we, ptrdiff_t PW,         \
-                                 ptrdiff_t sx0, T* out, ptrdiff_t* idx, I* abuf, int track) {    \
+                                 ptrdiff_t sx0, T* out, ptrdiff_t* idx, int track) {             \
     enum { NV = RP_L * sizeof(T) / RP_VB, VW = RP_VB / sizeof(T) };                              \
+    const ptrdiff_t half = h1 > h0 ? (h1 - h0) / 2 : 0, hm = h0 + half;                          \
     for (ptrdiff_t pw = 0; pw < PW; pw++) {                                                      \
-        const T init = (h1 <= h0 || we[pw] <= ws[pw]) ? (T)0 : (T)(-FLT_MAX);                    \
-        for (int l = 0; l < RP_L; l++) { out[pw * RP_L + l] = init; abuf[pw * RP_L + l] = -1; } \
-    }                                                                                            \
-    for (ptrdiff_t h = h0; h < h1; h++) {                                                        \
-        const T* row = s + h * sw * RP_L;                                                        \
-        for (ptrdiff_t pw = 0; pw < PW; pw++) {                                                  \
-            const ptrdiff_t w0 = ws[pw] - sx0, w1 = we[pw] - sx0;                                \
-            if (w1 <= w0) continue;                                                              \
-            V m[NV];                                                                             \
-            VI a[NV];                                                                            \
-            for (int q = 0; q < NV; q++) {                                                       \
-                m[q] = *(const V*)(out + pw * RP_L + q * VW);                                    \
-                if (track) a[q] = *(const VI*)(abuf + pw * RP_L + q * VW);                       \
+        const ptrdiff_t w0 = ws[pw] - sx0, w1 = we[pw] - sx0;                                    \
+        const int empty = h1 <= h0 || w1 <= w0;                                                  \
+        V m[NV], mb[NV];                                                                         \
+        VI a[NV], ab[NV];                                                                        \
+        for (int q = 0; q < NV; q++) {                                                           \
+            m[q] = (V){0} + (empty ? (T)0 : (T)(-FLT_MAX));                                      \
+            mb[q] = (V){0} + (T)(-FLT_MAX);                                                      \
+            a[q] = (VI){0} - 1;                                                                  \
+            ab[q] = a[q];                                                                        \
+        }                                                                                        \
+        if (!empty) {                                                                            \
+            for (ptrdiff_t i = 0; i < half; i++) {                                               \
+                const T* ru = s + (h0 + i) * sw * RP_L;                                          \
+                const T* rl = s + (hm + i) * sw * RP_L;                                          \
+                for (ptrdiff_t w = w0; w < w1; w++) {                                            \
+                    RP_STEP(V, VI, I, m, a, ru + w * RP_L, (h0 + i) * sw + w, track);            \
+                    RP_STEP(V, VI, I, mb, ab, rl + w * RP_L, (hm + i) * sw + w, track);          \
+                }                                                                                \
             }                                                                                    \
-            for (ptrdiff_t w = w0; w < w1; w++)                                                  \
-                RP_STEP(V, VI, I, m, a, row + w * RP_L, h * sw + w, track);                      \
+            for (ptrdiff_t h = hm + half; h < h1; h++)     /* the odd row: the lower chain's */  \
+                for (ptrdiff_t w = w0; w < w1; w++)                                              \
+                    RP_STEP(V, VI, I, mb, ab, s + (h * sw + w) * RP_L, h * sw + w, track);       \
             for (int q = 0; q < NV; q++) {                                                       \
-                *(V*)(out + pw * RP_L + q * VW) = m[q];                                          \
-                if (track) *(VI*)(abuf + pw * RP_L + q * VW) = a[q];                             \
+                const VI k_ = mb[q] > m[q];                                                      \
+                m[q] = (V)(((VI)mb[q] & k_) | ((VI)m[q] & ~k_));                                 \
+                if (track) a[q] = (ab[q] & k_) | (a[q] & ~k_);                                   \
             }                                                                                    \
         }                                                                                        \
+        for (int q = 0; q < NV; q++) {                                                           \
+            *(V*)(out + pw * RP_L + q * VW) = m[q];                                              \
+            if (track)                                                                           \
+                for (int l = 0; l < VW; l++) idx[pw * RP_L + q * VW + l] = (ptrdiff_t)a[q][l];   \
+        }                                                                                        \
     }                                                                                            \
-    if (track)                                                                                   \
-        for (ptrdiff_t i = 0; i < PW * RP_L; i++) idx[i] = (ptrdiff_t)abuf[i];                   \
 }                                                                                                \
 /* s[((y - y0) * (x1 - x0) + x - x0) * RP_L + c] = x[c * plane + y * W + x] for c < nc, 0 for   \
  * the lanes nc..RP_L-1 (x points at the first channel's plane) */                               \

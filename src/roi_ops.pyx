@@ -1696,10 +1696,10 @@ cdef extern from "_roi_pool_simd.h" nogil:
     enum: RP_L
     void rp_pool_row_f(const float* s, Py_ssize_t sw, Py_ssize_t h0, Py_ssize_t h1,
                        const Py_ssize_t* ws, const Py_ssize_t* we, Py_ssize_t PW, Py_ssize_t sx0,
-                       float* out, Py_ssize_t* idx, void* abuf, int track)
+                       float* out, Py_ssize_t* idx, int track)
     void rp_pool_row_d(const double* s, Py_ssize_t sw, Py_ssize_t h0, Py_ssize_t h1,
                        const Py_ssize_t* ws, const Py_ssize_t* we, Py_ssize_t PW, Py_ssize_t sx0,
-                       double* out, Py_ssize_t* idx, void* abuf, int track)
+                       double* out, Py_ssize_t* idx, int track)
     void rp_tr_in_f(const float* x, Py_ssize_t plane, Py_ssize_t nc, Py_ssize_t W, Py_ssize_t y0,
                     Py_ssize_t y1, Py_ssize_t x0, Py_ssize_t x1, float* s)
     void rp_tr_in_d(const double* x, Py_ssize_t plane, Py_ssize_t nc, Py_ssize_t W,
@@ -1812,7 +1812,6 @@ cdef void _pool_unit(const floating* x, const floating* dy, floating* out, float
     cdef const Py_ssize_t* ws
     cdef Py_ssize_t* idx = <Py_ssize_t*>malloc(nb * RP_L * sizeof(Py_ssize_t))
     cdef floating* val = <floating*>malloc(nb * RP_L * sizeof(floating))
-    cdef void* abuf = malloc(PW * RP_L * 8)
     cdef Py_ssize_t win[4]
     cdef Py_ssize_t zr[4]
     cdef floating best
@@ -1821,7 +1820,7 @@ cdef void _pool_unit(const floating* x, const floating* dy, floating* out, float
     cdef bint whole = _area(urect) > 0 and _area(urect) <= cap
     cdef bint lanes
     zr[0] = 0; zr[1] = 0; zr[2] = 0; zr[3] = 0
-    if idx == NULL or val == NULL or abuf == NULL:
+    if idx == NULL or val == NULL:
         cap = 0                                # the scalar loop only
         whole = False
     if backward:                           # grad_x comes uninitialised (the output cache)
@@ -1868,17 +1867,17 @@ cdef void _pool_unit(const floating* x, const floating* dy, floating* out, float
             if floating is float:
                 if backward:
                     rp_pool_row_f(xs, sw, hs[ph] - sy0, hs[PH + ph] - sy0, ws, ws + PW, PW, sx0,
-                                  val + ph * PW * RP_L, idx + ph * PW * RP_L, abuf, 1)
+                                  val + ph * PW * RP_L, idx + ph * PW * RP_L, 1)
                 else:
                     rp_pool_row_f(xs, sw, hs[ph] - sy0, hs[PH + ph] - sy0, ws, ws + PW, PW, sx0,
-                                  val + ph * PW * RP_L, idx, abuf, 0)
+                                  val + ph * PW * RP_L, idx, 0)
             else:
                 if backward:
                     rp_pool_row_d(xs, sw, hs[ph] - sy0, hs[PH + ph] - sy0, ws, ws + PW, PW, sx0,
-                                  val + ph * PW * RP_L, idx + ph * PW * RP_L, abuf, 1)
+                                  val + ph * PW * RP_L, idx + ph * PW * RP_L, 1)
                 else:
                     rp_pool_row_d(xs, sw, hs[ph] - sy0, hs[PH + ph] - sy0, ws, ws + PW, PW, sx0,
-                                  val + ph * PW * RP_L, idx, abuf, 0)
+                                  val + ph * PW * RP_L, idx, 0)
         if not backward:                       # the RoI's block of out is contiguous
             for l in range(nc):
                 for b in range(nb):
@@ -1906,7 +1905,6 @@ cdef void _pool_unit(const floating* x, const floating* dy, floating* out, float
                         urect[3], gs)
     free(idx)
     free(val)
-    free(abuf)
 
 
 cdef Py_ssize_t _pool_prep(const floating* rois, const Py_ssize_t* order, const Py_ssize_t* seg,
@@ -1960,7 +1958,9 @@ def _pool_run(x, dy, rois, out, gx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py
     """RoIPool: windows, union rectangles and the per-thread scratch (from the output cache, so
     that repeated calls do not fault fresh pages in), then the units."""
     cdef Py_ssize_t K = rois.shape[0], ws_ = 4 + 2 * PH + 2 * PW, need, per
-    order, seg = _segments(rois, N)
+    # forward: neighbouring RoIs in turn (they share the scratch rows they read); backward: index
+    # order, the scalar scan's order of the grad_x sums
+    order, seg = _segments(rois, N, None if backward else scale)
     wins = _cache.empty((max(K, 1), ws_), np.intp)
     urects = np.empty((max(N, 1), 4), np.intp)
     cdef Py_ssize_t fs = x.dtype.itemsize

@@ -17,6 +17,7 @@
 #include <float.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include "_roi_simd.h"      /* fn_roi_tr8_regs */
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -171,8 +172,12 @@ RP_INLINE void rp_pool_row_##SFX(const T* s, ptrdiff_t sw, ptrdiff_t h0, ptrdiff
         }                                                                                        \
         for (int q = 0; q < NV; q++) {                                                           \
             *(V*)(out + pw * RP_L + q * VW) = m[q];                                              \
-            if (track)                                                                           \
-                for (int l = 0; l < VW; l++) idx[pw * RP_L + q * VW + l] = (ptrdiff_t)a[q][l];   \
+            if (track) {   /* lanes via memcpy: a subscript of a may_alias vector was seen */    \
+                           /* miscompiled by GCC after inlining (strict aliasing)   */    \
+                I t_[VW];                                                                        \
+                memcpy(t_, &a[q], sizeof t_);                                                    \
+                for (int l = 0; l < VW; l++) idx[pw * RP_L + q * VW + l] = (ptrdiff_t)t_[l];     \
+            }                                                                                    \
         }                                                                                        \
     }                                                                                            \
 }                                                                                                \

@@ -13,6 +13,7 @@
 #ifndef FASTNORM_SIMD_H
 #define FASTNORM_SIMD_H
 #include <stddef.h>
+#include <string.h>
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"   /* vectors wider than the baseline ABI, inline only */
 #endif
@@ -114,9 +115,13 @@ FN_INLINE void fn_##NAME##_tile_##SFX(const T* x, ptrdiff_t P, ptrdiff_t C, ptrd
                 a1[j] += f1; a2[j] += f2;                                                        \
             }                                                                                    \
         }                                                                                        \
-        for (int j = 0; j < nv; j++)                                                             \
-            for (int l = 0; l < W; l++) { s1[c0 + j * W + l] += a1[j][l];                        \
-                                          s2[c0 + j * W + l] += a2[j][l]; }                      \
+        for (int j = 0; j < nv; j++) {  /* lanes via memcpy, not subscripts of the may_alias */  \
+            T t1[W], t2[W];             /* vectors (seen miscompiled: _roi_pool_simd.h)       */  \
+            memcpy(t1, &a1[j], sizeof t1);                                                       \
+            memcpy(t2, &a2[j], sizeof t2);                                                       \
+            for (int l = 0; l < W; l++) { s1[c0 + j * W + l] += t1[l];                           \
+                                          s2[c0 + j * W + l] += t2[l]; }                         \
+        }                                                                                        \
     }                                                                                            \
 }                                                                                                \
 static inline void fn_##NAME##_##SFX(const T* x, ptrdiff_t P, ptrdiff_t C, PARAMS,               \

@@ -515,7 +515,7 @@ def _lane_section(name, args, bw, peak, x, rois, g, fwd_fn, bwd_fn, fwd_bytes, b
 def pool_section(args, bw, peak):
     """roi_pool on the FPN P2 workload (torchvision's RoIPool), NCHW."""
     x, rois = workload()
-    K, (N, C, H, W) = len(rois), x.shape
+    K, (_, C, H, W) = len(rois), x.shape
     g = np.random.default_rng(1).standard_normal((K, C, PH, PW), dtype=np.float32)
     visits = pool_visits(rois, SCALE, H, W)
     out_bytes = g.nbytes

@@ -4,7 +4,7 @@ import pytest
 
 import fastnorm
 from reference.nms import (adaptive, batched, box_metric, combined, greedy_nms, iou_guided,
-                           matrix, merge_by_score, soft, softer, weighted)
+                           matrix, soft, softer, weighted)
 
 DTYPES = [np.float32, np.float64]
 
@@ -1527,7 +1527,6 @@ def test_box_iou_rotated_edge_cases(backend):
         b = np.asarray(b, np.float64).reshape(-1, 5)
         return B.asnumpy(fastnorm.box_iou_rotated(*B.asarray((a, b)), **kw))
 
-    box = [3.0, 4.0, 6.0, 2.0, 30.0]
     # identical, at any angle and position (huge coordinates too)
     for ang in (0.0, 30.0, 45.0, 90.0, -137.5, 1000.0):
         for off in (0.0, 1e7):

@@ -336,7 +336,7 @@ def test_deterministic_backward_tiles(cuda_backend, rng, fn):
     in float64, on a case with many tiles per plane, empty tiles and edge RoIs, and repeats its
     bits (the emulator also re-runs every launch in reverse order)."""
     x, rois = _tile_case(rng)
-    K, (N, C, H, W) = len(rois), x.shape
+    K, C = len(rois), x.shape[1]
     g = rng.standard_normal((K, C, 3, 2))
     gp = rng.standard_normal((K, C // 6, 3, 2))
     off = rng.normal(0, 0.5, (K, 2, 3, 2))
@@ -2006,7 +2006,7 @@ def _pool_scan(x, rois, PH, PW, scale, g=None):
     the first, -0/+0 the first seen); the gradient goes to that pixel, summed in RoI then bin order
     in x's dtype."""
     dt = x.dtype.type
-    K, (N, C, H, W) = len(rois), x.shape
+    K, (_, C, H, W) = len(rois), x.shape
     out = np.zeros((K, C, PH, PW), x.dtype)
     gx = np.zeros_like(x)
     fmax = dt(-np.finfo(np.float32).max)

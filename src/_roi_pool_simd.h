@@ -172,9 +172,8 @@ RP_INLINE void rp_pool_row_##SFX(const T* s, ptrdiff_t sw, ptrdiff_t h0, ptrdiff
         }                                                                                        \
         for (int q = 0; q < NV; q++) {                                                           \
             *(V*)(out + pw * RP_L + q * VW) = m[q];                                              \
-            if (track) {   /* lanes via memcpy: a subscript of a may_alias vector was seen */    \
-                           /* miscompiled by GCC after inlining (strict aliasing)   */    \
-                I t_[VW];                                                                        \
+            if (track) {   /* lanes via memcpy: GCC was seen to miscompile a subscript of a */  \
+                I t_[VW];  /* may_alias vector here after inlining (strict aliasing)        */  \
                 memcpy(t_, &a[q], sizeof t_);                                                    \
                 for (int l = 0; l < VW; l++) idx[pw * RP_L + q * VW + l] = (ptrdiff_t)t_[l];     \
             }                                                                                    \

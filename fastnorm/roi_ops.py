@@ -15,7 +15,8 @@ Common conventions
   reach the cap, huge ones cannot make a call loop or allocate without bound. An explicit
   ``sampling_ratio`` is capped the same way.
 * Backward passes are deterministic on the CPU (each thread owns whole channel planes of grad_x
-  and visits the RoIs in index order: bitwise identical for any thread count). On CUDA the default
+  and visits the RoIs in a fixed order -- average RoIAlign and deformable pooling: spatial, by
+  image and box centre; the others: index order -- so bitwise identical for any thread count). On CUDA the default
   accumulates with atomics; ``deterministic=True`` gives bitwise reproducible gradients without
   atomics: the gradient's contributions become records sorted by the grad_x pixel they land on
   (RoIAlign kinds: the samples; RoIPool: one per (RoI, channel, bin), at its argmax), and each

@@ -24,6 +24,7 @@
 #endif
 
 #define RP_L 16     /* channels per RoIPool unit (lanes) */
+_Static_assert(RP_L == FN_RL, "RoIPool's output tiles go through fn_roi_tile_out");
 #define RP_INLINE static inline __attribute__((always_inline))
 
 #if defined(__AVX512F__)

@@ -268,19 +268,53 @@ static inline void fn_roi_tr8(const float* src, ptrdiff_t ss, float* dst, ptrdif
 }
 #endif
 
+/* dst[0:n] = src[0:n] with non-temporal stores where dst is 32-byte aligned (results that are
+ * not read again soon, e.g. RoIAlign's large outputs: no read-for-ownership of the lines, half
+ * the output's DRAM traffic); fn_roi_sfence() orders them before the unit ends. */
+static inline void fn_roi_stream_f(float* dst, const float* src, ptrdiff_t n) {
+    ptrdiff_t i = 0;
+#if defined(__AVX__)
+    if (((size_t)dst & 31) == 0)
+        for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+#endif
+    for (; i < n; i++) dst[i] = src[i];
+}
+static inline void fn_roi_stream_d(double* dst, const double* src, ptrdiff_t n) {
+    ptrdiff_t i = 0;
+#if defined(__AVX__)
+    if (((size_t)dst & 31) == 0)
+        for (; i + 4 <= n; i += 4) _mm256_stream_pd(dst + i, _mm256_loadu_pd(src + i));
+#endif
+    for (; i < n; i++) dst[i] = src[i];
+}
+static inline void fn_roi_sfence(void) {
+#if defined(__SSE__) && (defined(__x86_64__) || defined(__i386__))
+    _mm_sfence();
+#endif
+}
+
 /* NCHW outputs of one RoI and channel block: out[c * nb + b] = tile[b][c] (c < nch, b < nb),
- * and the reverse for grad_out (tile lanes c >= nch are left alone) */
-static inline void fn_roi_tile_out_f(const float* tile, ptrdiff_t nb, ptrdiff_t nch, float* out) {
+ * and the reverse for grad_out (tile lanes c >= nch are left alone). stream (outputs too large
+ * to stay in cache): the block, nch * nb contiguous values, is transposed into an L1 buffer and
+ * written with non-temporal stores (fn_roi_stream; the caller fences before other threads read
+ * them). */
+#define FN_STREAM_NB 256  /* bins of the largest streamed block (16 KB of float32 buffer) */
+static inline void fn_roi_tile_out_f(const float* tile, ptrdiff_t nb, ptrdiff_t nch, float* out,
+                                     int stream) {
+    float buf[FN_STREAM_NB * FN_RL] __attribute__((aligned(64)));
+    float* d = stream && nb <= FN_STREAM_NB ? buf : out;
     ptrdiff_t b = 0;
 #if defined(__AVX2__)
     if (nch == FN_RL)
         for (; b + 8 <= nb; b += 8) {
             for (int q = 0; q < FN_RL; q += 8)
-                fn_roi_tr8(tile + b * FN_RL + q, FN_RL, out + q * nb + b, nb);
+                fn_roi_tr8(tile + b * FN_RL + q, FN_RL, d + q * nb + b, nb);
         }
 #endif
     for (; b < nb; b++)
-        for (ptrdiff_t c = 0; c < nch; c++) out[c * nb + b] = tile[b * FN_RL + c];
+        for (ptrdiff_t c = 0; c < nch; c++) d[c * nb + b] = tile[b * FN_RL + c];
+    if (d == buf)
+        fn_roi_stream_f(out, buf, nch * nb);
 }
 
 static inline void fn_roi_tile_in_f(const float* g, ptrdiff_t nb, ptrdiff_t nch, float* tile) {
@@ -297,9 +331,13 @@ static inline void fn_roi_tile_in_f(const float* g, ptrdiff_t nb, ptrdiff_t nch,
 }
 
 static inline void fn_roi_tile_out_d(const double* tile, ptrdiff_t nb, ptrdiff_t nch,
-                                     double* out) {
+                                     double* out, int stream) {
+    double buf[FN_STREAM_NB * FN_RL / 2] __attribute__((aligned(64)));
+    double* d = stream && 2 * nb <= FN_STREAM_NB ? buf : out;
     for (ptrdiff_t b = 0; b < nb; b++)
-        for (ptrdiff_t c = 0; c < nch; c++) out[c * nb + b] = tile[b * FN_RL + c];
+        for (ptrdiff_t c = 0; c < nch; c++) d[c * nb + b] = tile[b * FN_RL + c];
+    if (d == buf)
+        fn_roi_stream_d(out, buf, nch * nb);
 }
 
 static inline void fn_roi_tile_in_d(const double* g, ptrdiff_t nb, ptrdiff_t nch, double* tile) {
@@ -329,12 +367,31 @@ static inline void fn_roi_tr_in_d(const double* x, ptrdiff_t HW, ptrdiff_t nch, 
     fn_roi_tr_in_sd(x, HW, nch, p0, p1, S);
 }
 
-/* x[c * HW + p] = S[p][c] for p in [p0, p1), c < nch (the inverse of fn_roi_tr_in) */
+/* x[c * HW + p] = S[p][c] for p in [p0, p1), c < nch (the inverse of fn_roi_tr_in). stream
+ * (grad_x too large to stay in cache): whole 64-byte lines of every plane, 16 pixels per step,
+ * with non-temporal stores (when the planes share their alignment, HW % 16 == 0; the caller
+ * fences before other threads read them) */
 static inline void fn_roi_tr_out_f(const float* S, ptrdiff_t HW, ptrdiff_t nch, ptrdiff_t p0,
-                                   ptrdiff_t p1, float* x) {
+                                   ptrdiff_t p1, float* x, int stream) {
 #if defined(__AVX2__)
     if (nch == FN_RL) {
         ptrdiff_t p = p0;
+        const ptrdiff_t a = p0 + (ptrdiff_t)((-(size_t)(x + p0) & 63) / sizeof(float));
+        if (stream && HW % 16 == 0 && ((size_t)x & 3) == 0 && a + 16 <= p1) {
+            fn_roi_tr_out_sf(S, HW, nch, p0, a, x);            /* up to the first whole line */
+            for (p = a; p + 16 <= p1; p += 16)
+                for (int q = 0; q < FN_RL; q += 8) {
+                    __m256 r[8], t[8];
+                    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(S + (p + i) * FN_RL + q);
+                    for (int i = 0; i < 8; i++) t[i] = _mm256_loadu_ps(S + (p + 8 + i) * FN_RL + q);
+                    fn_roi_tr8_regs(r);
+                    fn_roi_tr8_regs(t);
+                    for (int i = 0; i < 8; i++) {
+                        _mm256_stream_ps(x + (q + i) * HW + p, r[i]);
+                        _mm256_stream_ps(x + (q + i) * HW + p + 8, t[i]);
+                    }
+                }
+        }
         for (; p + 8 <= p1; p += 8) {
             for (int q = 0; q < FN_RL; q += 8)
                 fn_roi_tr8(S + p * FN_RL + q, FN_RL, x + q * HW + p, HW);
@@ -347,33 +404,9 @@ static inline void fn_roi_tr_out_f(const float* S, ptrdiff_t HW, ptrdiff_t nch, 
 }
 
 static inline void fn_roi_tr_out_d(const double* S, ptrdiff_t HW, ptrdiff_t nch, ptrdiff_t p0,
-                                   ptrdiff_t p1, double* x) {
+                                   ptrdiff_t p1, double* x, int stream) {
+    (void)stream;                       /* float64 grad_x: ordinary stores */
     fn_roi_tr_out_sd(S, HW, nch, p0, p1, x);
-}
-
-/* dst[0:n] = src[0:n] with non-temporal stores where dst is 32-byte aligned (results that are
- * not read again soon, e.g. RoIAlign's channels-last output: no read-for-ownership of the lines,
- * half the output's DRAM traffic); fn_roi_sfence() orders them before the unit ends. */
-static inline void fn_roi_stream_f(float* dst, const float* src, ptrdiff_t n) {
-    ptrdiff_t i = 0;
-#if defined(__AVX__)
-    if (((size_t)dst & 31) == 0)
-        for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
-#endif
-    for (; i < n; i++) dst[i] = src[i];
-}
-static inline void fn_roi_stream_d(double* dst, const double* src, ptrdiff_t n) {
-    ptrdiff_t i = 0;
-#if defined(__AVX__)
-    if (((size_t)dst & 31) == 0)
-        for (; i + 4 <= n; i += 4) _mm256_stream_pd(dst + i, _mm256_loadu_pd(src + i));
-#endif
-    for (; i < n; i++) dst[i] = src[i];
-}
-static inline void fn_roi_sfence(void) {
-#if defined(__SSE__) && (defined(__x86_64__) || defined(__i386__))
-    _mm_sfence();
-#endif
 }
 
 #endif

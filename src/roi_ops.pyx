@@ -258,15 +258,22 @@ cdef Py_ssize_t RECT_COST = 3
 # PS-RoIAlign: the lane path only when its transposes move at most LANE_READS times the elements
 # the scalar path reads (few RoIs on a large map: the scalar path)
 cdef Py_ssize_t LANE_READS = 6
+# RoIAlign / RoIPool: outputs (forward) and RoIAlign's grad_x (backward) of at least this many
+# bytes, too large to be read back from cache, are written with non-temporal stores (no
+# read-for-ownership of their lines: a quarter less DRAM traffic for the NCHW forward); smaller
+# ones stay in cache for the caller
+cdef Py_ssize_t STREAM_BYTES = 8 << 20
 
 
-def _set_limits(scratch_bytes=None, table_bytes=None, rect_cost=None, lane_reads=None):
-    """Set SCRATCH_BYTES, TABLE_BYTES, RECT_COST and LANE_READS (None: unchanged); returns the
-    old values. A test hook: small values send small inputs down the banded, direct, fallback
-    and chunked paths; rect_cost 0 / huge forces RoIAlign's per-RoI rectangles / bands,
-    lane_reads 0 / huge PS-RoIAlign's scalar / lane path."""
-    global SCRATCH_BYTES, TABLE_BYTES, RECT_COST, LANE_READS
-    old = SCRATCH_BYTES, TABLE_BYTES, RECT_COST, LANE_READS
+def _set_limits(scratch_bytes=None, table_bytes=None, rect_cost=None, lane_reads=None,
+                stream_bytes=None):
+    """Set SCRATCH_BYTES, TABLE_BYTES, RECT_COST, LANE_READS and STREAM_BYTES (None:
+    unchanged); returns the old values. A test hook: small values send small inputs down the
+    banded, direct, fallback and chunked paths; rect_cost 0 / huge forces RoIAlign's per-RoI
+    rectangles / bands, lane_reads 0 / huge PS-RoIAlign's scalar / lane path, stream_bytes 0
+    the non-temporal stores of RoIAlign and RoIPool."""
+    global SCRATCH_BYTES, TABLE_BYTES, RECT_COST, LANE_READS, STREAM_BYTES
+    old = SCRATCH_BYTES, TABLE_BYTES, RECT_COST, LANE_READS, STREAM_BYTES
     if scratch_bytes is not None:
         SCRATCH_BYTES = scratch_bytes
     if table_bytes is not None:
@@ -275,6 +282,8 @@ def _set_limits(scratch_bytes=None, table_bytes=None, rect_cost=None, lane_reads
         RECT_COST = rect_cost
     if lane_reads is not None:
         LANE_READS = lane_reads
+    if stream_bytes is not None:
+        STREAM_BYTES = stream_bytes
     return old
 
 
@@ -451,8 +460,10 @@ cdef extern from "_roi_simd.h" nogil:
     void fn_roi_stream_f(float* dst, const float* src, Py_ssize_t n)
     void fn_roi_stream_d(double* dst, const double* src, Py_ssize_t n)
     void fn_roi_sfence()
-    void fn_roi_tile_out_f(const float* tile, Py_ssize_t nb, Py_ssize_t nch, float* out)
-    void fn_roi_tile_out_d(const double* tile, Py_ssize_t nb, Py_ssize_t nch, double* out)
+    void fn_roi_tile_out_f(const float* tile, Py_ssize_t nb, Py_ssize_t nch, float* out,
+                           int stream)
+    void fn_roi_tile_out_d(const double* tile, Py_ssize_t nb, Py_ssize_t nch, double* out,
+                           int stream)
     void fn_roi_tile_in_f(const float* g, Py_ssize_t nb, Py_ssize_t nch, float* tile)
     void fn_roi_tile_in_d(const double* g, Py_ssize_t nb, Py_ssize_t nch, double* tile)
     void fn_roi_tr_in_f(const float* x, Py_ssize_t HW, Py_ssize_t nch, Py_ssize_t p0,
@@ -460,9 +471,9 @@ cdef extern from "_roi_simd.h" nogil:
     void fn_roi_tr_in_d(const double* x, Py_ssize_t HW, Py_ssize_t nch, Py_ssize_t p0,
                         Py_ssize_t p1, double* S)
     void fn_roi_tr_out_f(const float* S, Py_ssize_t HW, Py_ssize_t nch, Py_ssize_t p0,
-                         Py_ssize_t p1, float* x)
+                         Py_ssize_t p1, float* x, int stream)
     void fn_roi_tr_out_d(const double* S, Py_ssize_t HW, Py_ssize_t nch, Py_ssize_t p0,
-                         Py_ssize_t p1, double* x)
+                         Py_ssize_t p1, double* x, int stream)
 
 
 cdef inline void _cv_bin(const floating* x, Py_ssize_t C, Py_ssize_t W, const Tab* tr,
@@ -499,10 +510,10 @@ cdef enum:
 cdef void _cl_fwd_rois(const floating* x, floating* out, const Tab* tabs,
                        const Py_ssize_t* order, Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t jc,
                        Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH,
-                       Py_ssize_t PW) noexcept nogil:
+                       Py_ssize_t PW, bint stream) noexcept nogil:
     """Channels-last forward of the RoIs order[j0:j1] (spatially sorted: neighbours share
     corners in cache; their tables at tabs[j - jc]), straight from x: every bin one pass over
-    its corners' contiguous channel vectors (fn_roi_bin_cl)."""
+    its corners' contiguous channel vectors (fn_roi_bin_cl); ``stream``: non-temporal stores."""
     cdef Py_ssize_t nb = PH * PW, j, k, ph, pw
     cdef const Tab* t
     cdef floating inv
@@ -515,7 +526,7 @@ cdef void _cl_fwd_rois(const floating* x, floating* out, const Tab* tabs,
         for ph in range(PH):
             for pw in range(PW):
                 o = out + (k * nb + ph * PW + pw) * C
-                if C > CL_STREAM:
+                if C > CL_STREAM or not stream:
                     _cv_bin(x + t.n * H * W * C, C, W, t, ph, t, pw, inv, o)
                     continue
                 # through a small buffer to non-temporal stores: the output is not read back
@@ -524,7 +535,6 @@ cdef void _cl_fwd_rois(const floating* x, floating* out, const Tab* tabs,
                     fn_roi_stream_f(o, v, C)
                 else:
                     fn_roi_stream_d(o, v, C)
-    fn_roi_sfence()
 
 
 cdef void _cv_load(const floating* x, floating* S, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t nch,
@@ -552,23 +562,28 @@ cdef void _cv_load(const floating* x, floating* S, Py_ssize_t n, Py_ssize_t c0, 
 
 cdef void _cv_store(const floating* S, floating* x, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t nch,
                     Py_ssize_t C, Py_ssize_t HW, Py_ssize_t p0, Py_ssize_t p1,
-                    bint cl) noexcept nogil:
-    """The inverse of _cv_load."""
+                    bint cl, bint stream) noexcept nogil:
+    """The inverse of _cv_load (``stream``: non-temporal stores; this thread's later loads see
+    them, other threads after the unit's fence)."""
     cdef Py_ssize_t p, c
     cdef floating* dst
     if not cl:
         if floating is float:
-            fn_roi_tr_out_f(S, HW, nch, p0, p1, x + (n * C + c0) * HW)
+            fn_roi_tr_out_f(S, HW, nch, p0, p1, x + (n * C + c0) * HW, stream)
         else:
-            fn_roi_tr_out_d(S, HW, nch, p0, p1, x + (n * C + c0) * HW)
-        return
-    for p in range(p0, p1):
-        dst = x + (n * HW + p) * C + c0
-        if nch == FN_RL:
-            memcpy(dst, S + p * FN_RL, FN_RL * sizeof(floating))
-            continue
-        for c in range(nch):
-            dst[c] = S[p * FN_RL + c]
+            fn_roi_tr_out_d(S, HW, nch, p0, p1, x + (n * C + c0) * HW, stream)
+    else:
+        for p in range(p0, p1):
+            dst = x + (n * HW + p) * C + c0
+            if nch < FN_RL:
+                for c in range(nch):
+                    dst[c] = S[p * FN_RL + c]
+            elif not stream:
+                memcpy(dst, S + p * FN_RL, FN_RL * sizeof(floating))
+            elif floating is float:
+                fn_roi_stream_f(dst, S + p * FN_RL, FN_RL)
+            else:
+                fn_roi_stream_d(dst, S + p * FN_RL, FN_RL)
 
 
 cdef void _cv_zero(floating* x, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t nch, Py_ssize_t C,
@@ -646,9 +661,10 @@ cdef void _dfm_grads(const floating* Sb, const floating* dy, const Tab* t, const
 cdef void _band_roi_fwd(const floating* Sb, Py_ssize_t W, const Tab* t, Py_ssize_t k,
                         floating inv, const Deform* dfm, Py_ssize_t c0, Py_ssize_t nch,
                         Py_ssize_t C, Py_ssize_t PH, Py_ssize_t PW, bint cl, floating* out,
-                        floating* tile) noexcept nogil:
+                        floating* tile, bint stream) noexcept nogil:
     """Forward of RoI k (tables t) over channels c0..c0+nch from a channel-block-last image Sb
-    of width W (pixel (r, c) at Sb[(r * W + c) * FN_RL]; fn_roi_band_fwd) into its outputs."""
+    of width W (pixel (r, c) at Sb[(r * W + c) * FN_RL]; fn_roi_band_fwd) into its outputs
+    (NCHW ``stream``: non-temporal stores)."""
     cdef Py_ssize_t nb = PH * PW, b, c
     cdef const floating* mask = NULL
     if dfm != NULL and dfm.mask != NULL:
@@ -664,9 +680,9 @@ cdef void _band_roi_fwd(const floating* Sb, Py_ssize_t W, const Tab* t, Py_ssize
             for c in range(nch):
                 out[(k * nb + b) * C + c0 + c] = tile[b * FN_RL + c]
     elif floating is float:
-        fn_roi_tile_out_f(tile, nb, nch, out + (k * C + c0) * nb)
+        fn_roi_tile_out_f(tile, nb, nch, out + (k * C + c0) * nb, stream)
     else:
-        fn_roi_tile_out_d(tile, nb, nch, out + (k * C + c0) * nb)
+        fn_roi_tile_out_d(tile, nb, nch, out + (k * C + c0) * nb, stream)
 
 
 cdef inline Py_ssize_t _tab_cols(const Tab* t, Py_ssize_t ncb, Py_ssize_t* clo) noexcept nogil:
@@ -701,7 +717,7 @@ cdef bint _rect_mode(const Tab* tabs, Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t j
 cdef void _avg_rects(const floating* x, floating* out, const Tab* tabs, const Py_ssize_t* order,
                      Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t jc, Py_ssize_t n, Py_ssize_t c0,
                      Py_ssize_t C, Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW,
-                     const Deform* dfm, floating* S, floating* tile) noexcept nogil:
+                     const Deform* dfm, floating* S, floating* tile, bint stream) noexcept nogil:
     """NCHW forward of the RoIs order[j0:j1] (as _avg_band, which chose this: _rect_mode), each
     from a transpose of only the rectangle its tables read into S."""
     cdef Py_ssize_t nch = min(FN_RL, C - c0), HW = H * W, nb = PH * PW
@@ -716,7 +732,7 @@ cdef void _avg_rects(const floating* x, floating* out, const Tab* tabs, const Py
         inv = <floating>(1 / t.cnt) if t.cnt > 0 else 0
         chi = _tab_cols(t, ncb, &clo)
         if t.lo > t.hi or chi < clo:      # reads nothing: empty tables, zeros (S unused)
-            _band_roi_fwd(S, 0, t, k, inv, dfm, c0, nch, C, PH, PW, False, out, tile)
+            _band_roi_fwd(S, 0, t, k, inv, dfm, c0, nch, C, PH, PW, False, out, tile, stream)
             continue
         w = min(W, (chi - clo + 8) // 8 * 8)   # whole 8-pixel transposes, inside the row
         clo = min(clo, W - w)
@@ -726,7 +742,7 @@ cdef void _avg_rects(const floating* x, floating* out, const Tab* tabs, const Py
             else:
                 fn_roi_tr_in_d(xn + r * W + clo, HW, nch, 0, w, S + (r - t.lo) * w * FN_RL)
         _band_roi_fwd(S - (t.lo * w + clo) * FN_RL, w, t, k, inv, dfm, c0, nch, C, PH, PW, False,
-                      out, tile)
+                      out, tile, stream)
 
 
 cdef void _avg_band(const floating* x, const floating* dy, floating* out, floating* gx,
@@ -734,7 +750,7 @@ cdef void _avg_band(const floating* x, const floating* dy, floating* out, floati
                     Py_ssize_t jc, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t C,
                     Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW, bint cl,
                     bint backward, const Deform* dfm, Py_ssize_t r0, Py_ssize_t r1, bint fresh,
-                    floating* S, floating* tile) noexcept nogil:
+                    floating* S, floating* tile, bint stream) noexcept nogil:
     """The RoIs order[j0:j1] (tables at tabs[j - jc]), all of whose rows lie in r0..r1-1, on
     image n, channels c0..c0+FN_RL (fewer at the end). Those rows are brought
     channel-block-last into the scratch S (NCHW: a transpose; channels-last: a strided copy),
@@ -761,7 +777,8 @@ cdef void _avg_band(const floating* x, const floating* dy, floating* out, floati
     elif p1 > p0:
         if not cl and (dfm == NULL or dfm.part == NULL) and _rect_mode(
                 tabs, j0, j1, jc, nb if dfm != NULL else PW, p1 - p0):
-            _avg_rects(x, out, tabs, order, j0, j1, jc, n, c0, C, H, W, PH, PW, dfm, S, tile)
+            _avg_rects(x, out, tabs, order, j0, j1, jc, n, c0, C, H, W, PH, PW, dfm, S, tile,
+                       stream)
             return
         _cv_load(x, Sb, n, c0, nch, C, HW, p0, p1, cl)
     for j in range(j0, j1):
@@ -794,9 +811,9 @@ cdef void _avg_band(const floating* x, const floating* dy, floating* out, floati
             if t.cnt > 0:
                 _dfm_grads(Sb, dy, t, &dfm.dtabs[j - jc], dfm, k, c0, nch, C, W, nb, tile)
             continue
-        _band_roi_fwd(Sb, W, t, k, inv, dfm, c0, nch, C, PH, PW, cl, out, tile)
+        _band_roi_fwd(Sb, W, t, k, inv, dfm, c0, nch, C, PH, PW, cl, out, tile, stream)
     if backward:
-        _cv_store(Sb, gx, n, c0, nch, C, HW, p0, p1, cl)
+        _cv_store(Sb, gx, n, c0, nch, C, HW, p0, p1, cl, stream)
 
 
 cdef void _avg_direct(const floating* x, const floating* dy, floating* out, floating* gx,
@@ -846,7 +863,7 @@ cdef void _avg_unit(const floating* x, const floating* dy, floating* out, floati
                     Py_ssize_t jc, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t C,
                     Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW, bint cl,
                     bint backward, const Deform* dfm, Py_ssize_t cap, floating* S,
-                    floating* tile) noexcept nogil:
+                    floating* tile, bint stream) noexcept nogil:
     """One unit: image n, channels c0..c0+FN_RL, the RoIs order[j0:j1] (spatially sorted,
     _segments; tables at tabs[j - jc], the chunk starting at jc), with a scratch of ``cap``
     rows. Usually one band holds every row they read (_avg_band); otherwise they go in
@@ -864,7 +881,7 @@ cdef void _avg_unit(const floating* x, const floating* dy, floating* out, floati
             big = big or t.hi - t.lo >= cap
     if not big and hi - lo < cap:
         _avg_band(x, dy, out, gx, tabs, order, j0, j1, jc, n, c0, C, H, W, PH, PW, cl,
-                  backward, dfm, lo, hi + 1, jc == 0, S, tile)
+                  backward, dfm, lo, hi + 1, jc == 0, S, tile, stream)
         return
     if backward and jc == 0:
         _cv_zero(gx, n, c0, min(FN_RL, C - c0), C, H * W, 0, H * W, cl)
@@ -882,7 +899,7 @@ cdef void _avg_unit(const floating* x, const floating* dy, floating* out, floati
                 ghi = max(ghi, t.hi)
             j += 1
         _avg_band(x, dy, out, gx, tabs, order, jg, j, jc, n, c0, C, H, W, PH, PW, cl,
-                  backward, dfm, glo, ghi + 1, False, S, tile)
+                  backward, dfm, glo, ghi + 1, False, S, tile, stream)
         if j < j1 and tabs[j - jc].hi - tabs[j - jc].lo >= cap:
             _avg_direct(x, dy, out, gx, &tabs[j - jc], order[j], n, c0, C, H, W, PH, PW, cl,
                         backward, dfm,
@@ -916,7 +933,8 @@ cdef int _align_avg(const floating* x, const floating* dy, const floating* rois,
     FN_RL channels) (_avg_unit), in chunks of order whose tables fit TABLE_BYTES;
     channels-last forward reads x in place, CL_ROIS RoIs per unit (_cl_fwd_rois). Each thread
     owns a band of _band_rows rows and a tile of PH x PW x FN_RL outputs in ``scratch``
-    (nthreads x _cv_per elements, from the caching allocator: no page faults per call)."""
+    (nthreads x _cv_per elements, from the caching allocator: no page faults per call). Outputs
+    or grad_x of STREAM_BYTES or more are written with non-temporal stores, fenced per unit."""
     cdef bint grads = dfm != NULL and dfm.part != NULL
     cdef Tab* tabs = <Tab*>malloc(max(K, 1) * (2 if grads else 1) * sizeof(Tab))
     cdef Deform dd                     # dfm with room for the derivative tables
@@ -924,6 +942,7 @@ cdef int _align_avg(const floating* x, const floating* dy, const floating* rois,
     cdef Py_ssize_t k0 = 0, k1, nblk = (C + FN_RL - 1) // FN_RL, u, n, tid
     cdef Py_ssize_t fs = sizeof(floating), cap = _band_rows(H, W, fs)
     cdef Py_ssize_t per = _cv_per(H, W, PH, PW, fs)
+    cdef bint stream = (N * C * H * W if backward else K * C * PH * PW) * fs >= STREAM_BYTES
     if tabs == NULL:
         return -1
     if dfm != NULL:
@@ -940,7 +959,8 @@ cdef int _align_avg(const floating* x, const floating* dy, const floating* rois,
             for u in prange((k1 - k0 + CL_ROIS - 1) // CL_ROIS, num_threads=nthreads,
                             schedule="dynamic"):
                 _cl_fwd_rois(x, out, tabs, order, k0 + u * CL_ROIS,
-                             min(k1, k0 + (u + 1) * CL_ROIS), k0, C, H, W, PH, PW)
+                             min(k1, k0 + (u + 1) * CL_ROIS), k0, C, H, W, PH, PW, stream)
+                fn_roi_sfence()
             free(mem)
             k0 = k1
             continue
@@ -950,7 +970,8 @@ cdef int _align_avg(const floating* x, const floating* dy, const floating* rois,
             _avg_unit(x, dy, out, gx, tabs, order, max(seg[n], k0),
                       max(min(seg[n + 1], k1), max(seg[n], k0)), k0, n, (u % nblk) * FN_RL, C,
                       H, W, PH, PW, cl, backward, dfm, cap, scratch + tid * per,
-                      scratch + tid * per + cap * W * FN_RL)
+                      scratch + tid * per + cap * W * FN_RL, stream)
+            fn_roi_sfence()
         free(mem)
         k0 = k1
     free(tabs)
@@ -1803,9 +1824,9 @@ cdef void _pool_unit(const floating* x, const floating* dy, floating* out, float
                      Py_ssize_t j0, Py_ssize_t j1, Py_ssize_t n, Py_ssize_t c0, Py_ssize_t C,
                      Py_ssize_t H, Py_ssize_t W, Py_ssize_t PH, Py_ssize_t PW,
                      const Py_ssize_t* urect, Py_ssize_t cap, bint backward, floating* xs,
-                     floating* gs) noexcept nogil:
+                     floating* gs, bint stream) noexcept nogil:
     """Image n, channels [c0, c0 + RP_L) ∩ [0, C), RoIs order[j0:j1] (see above). cap: scratch
-    pixels (0: the scalar loop only)."""
+    pixels (0: the scalar loop only); ``stream``: outputs with non-temporal stores."""
     cdef Py_ssize_t nc = min(<Py_ssize_t>RP_L, C - c0), HW = H * W, nb = PH * PW
     cdef Py_ssize_t j, k, l, ph, pw, b, sw = 0, sy0 = 0, sx0 = 0, i, arg, y, xx
     cdef const Py_ssize_t* w
@@ -1880,9 +1901,10 @@ cdef void _pool_unit(const floating* x, const floating* dy, floating* out, float
                     rp_pool_row_d(xs, sw, hs[ph] - sy0, hs[PH + ph] - sy0, ws, ws + PW, PW, sx0,
                                   val + ph * PW * RP_L, idx, 0)
         if not backward:                       # the RoI's block of out is contiguous
-            for l in range(nc):
-                for b in range(nb):
-                    out[(k * C + c0 + l) * nb + b] = val[b * RP_L + l]
+            if floating is float:
+                fn_roi_tile_out_f(val, nb, nc, out + (k * C + c0) * nb, stream)
+            else:
+                fn_roi_tile_out_d(val, nb, nc, out + (k * C + c0) * nb, stream)
             continue
         # per channel, bins in order (the scalar accumulation order), grad_out read contiguously
         for l in range(nc):
@@ -1943,15 +1965,19 @@ cdef void _pool(const floating* x, const floating* dy, floating* out, floating* 
                 Py_ssize_t PH, Py_ssize_t PW, bint backward, Py_ssize_t cap, floating* scratch,
                 Py_ssize_t per_thread, int nthreads) noexcept nogil:
     """RoIPool forward/backward over units (image, RP_L channels); scratch: per_thread elements
-    per thread (x's block, then grad_x's when backward)."""
+    per thread (x's block, then grad_x's when backward). Outputs of STREAM_BYTES or more: non-
+    temporal stores, fenced per unit."""
     cdef Py_ssize_t ws_ = 4 + 2 * PH + 2 * PW, nblk = (C + RP_L - 1) // RP_L, u, n
+    cdef Py_ssize_t fs = sizeof(floating)
+    cdef bint stream = not backward and seg[N] * C * PH * PW * fs >= STREAM_BYTES
     cdef floating* xs
     for u in prange(N * nblk, num_threads=nthreads, schedule="dynamic"):
         n = u // nblk
         xs = scratch + threadid() * per_thread
         _pool_unit(x, dy, out, gx, wins, ws_, order, seg[n], seg[n + 1], n, (u % nblk) * RP_L,
                    C, H, W, PH, PW, urects + 4 * n, cap, backward, xs,
-                   xs + per_thread // 2 if backward else <floating*>NULL)
+                   xs + per_thread // 2 if backward else <floating*>NULL, stream)
+        fn_roi_sfence()
 
 
 def _pool_run(x, dy, rois, out, gx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,

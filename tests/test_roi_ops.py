@@ -593,6 +593,58 @@ def test_roi_align_scratch_bands_and_chunks(rng, dtype, rows, table_bytes, rects
         np.testing.assert_allclose(got[0][1], want, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("C", [32, 35])
+def test_roi_align_streamed_stores_bitwise(rng, dtype, C):
+    """CPU: outputs and grad_x of STREAM_BYTES or more are written with non-temporal stores
+    (NCHW forward through an L1 buffer; NCHW grad_x in whole 64-byte lines of every plane after
+    an unaligned head, HW % 16 == 0 here; channels-last pixel vectors). Forced on for these
+    inputs (stream_bytes 0), every path gives the same bits as ordinary stores, also with a
+    partial last channel block (C = 35), at any thread count: RoIAlign and deformable RoI
+    pooling, forward and backward, NCHW and channels-last, band and per-RoI-rectangle forward,
+    and RoIPool's forward,
+    one band per unit or bands of 9 rows (rows of 24 pixels: bands starting on odd rows start
+    half a line into grad_x's planes). The outputs (>= 1 MiB) get cached blocks full of NaN,
+    so an element left unwritten shows."""
+    cpu = pytest.importorskip("fastnorm._cpu.roi_ops")
+    pool = pytest.importorskip("fastnorm._cpu._pool")
+    K = 200
+    x, rois = _case(rng, dtype, N=2, C=C, H=176, W=24, K=K, scale=0.5)
+    g = rng.standard_normal((K, C, 7, 7)).astype(x.dtype)
+    off = rng.normal(0, 0.1, (K, 2, 7, 7)).astype(x.dtype)
+    xl, gl = (np.ascontiguousarray(a.transpose(0, 2, 3, 1)) for a in (x, g))
+
+    def run():
+        return (fastnorm.roi_align(x, rois, 7, 0.5, 2, True),
+                fastnorm.roi_align_backward(g, rois, x.shape, 7, 0.5, 2, True),
+                fastnorm.roi_align(xl, rois, 7, 0.5, 2, True, channels_last=True),
+                fastnorm.roi_align_backward(gl, rois, xl.shape, 7, 0.5, 2, True,
+                                            channels_last=True),
+                fastnorm.deform_roi_pool(x, rois, off, 7, 0.5, 2),
+                fastnorm.deform_roi_pool_backward(g, x, rois, off, 7, 0.5, 2)[0],
+                fastnorm.roi_pool(x, rois, 7, 0.5))
+    old = cpu._set_limits()
+    try:
+        for rect_cost, rows in ((0, None), (1 << 40, None), (1 << 40, 9)):
+            cpu._set_limits(old[0] if rows is None else rows * 24 * 16 * x.itemsize,
+                            rect_cost=rect_cost, stream_bytes=1 << 62)
+            want = run()
+            assert all(a.nbytes >= 1 << 20 for a in want)
+            cpu._set_limits(stream_bytes=0)
+            for n in (1, 3):
+                fastnorm.empty_cache()
+                junk = [pool.empty(a.shape, a.dtype) for a in want]
+                for a in junk:
+                    a.fill(np.nan)
+                del junk, a
+                with fastnorm.threads(n):
+                    got = run()
+                for a, b in zip(got, want):
+                    assert np.array_equal(a, b)
+    finally:
+        cpu._set_limits(*old)
+
+
 # ---------------------------------------------------------------- edge cases
 
 def test_list_rois_equal_array_rois(backend, rng):

@@ -960,7 +960,8 @@ cdef int _align_avg(const floating* x, const floating* dy, const floating* rois,
                             schedule="dynamic"):
                 _cl_fwd_rois(x, out, tabs, order, k0 + u * CL_ROIS,
                              min(k1, k0 + (u + 1) * CL_ROIS), k0, C, H, W, PH, PW, stream)
-                fn_roi_sfence()
+                if stream:
+                    fn_roi_sfence()
             free(mem)
             k0 = k1
             continue
@@ -971,7 +972,8 @@ cdef int _align_avg(const floating* x, const floating* dy, const floating* rois,
                       max(min(seg[n + 1], k1), max(seg[n], k0)), k0, n, (u % nblk) * FN_RL, C,
                       H, W, PH, PW, cl, backward, dfm, cap, scratch + tid * per,
                       scratch + tid * per + cap * W * FN_RL, stream)
-            fn_roi_sfence()
+            if stream:
+                fn_roi_sfence()
         free(mem)
         k0 = k1
     free(tabs)
@@ -1977,7 +1979,8 @@ cdef void _pool(const floating* x, const floating* dy, floating* out, floating* 
         _pool_unit(x, dy, out, gx, wins, ws_, order, seg[n], seg[n + 1], n, (u % nblk) * RP_L,
                    C, H, W, PH, PW, urects + 4 * n, cap, backward, xs,
                    xs + per_thread // 2 if backward else <floating*>NULL, stream)
-        fn_roi_sfence()
+        if stream:
+            fn_roi_sfence()
 
 
 def _pool_run(x, dy, rois, out, gx, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H, Py_ssize_t W,

@@ -16,13 +16,13 @@ Common conventions
   ``sampling_ratio`` is capped the same way.
 * Backward passes are deterministic on the CPU (each thread owns whole channel planes of grad_x
   and visits the RoIs in a fixed order -- average RoIAlign and deformable pooling: spatial, by
-  image and box centre; the others: index order -- so bitwise identical for any thread count). On CUDA the default
-  accumulates with atomics; ``deterministic=True`` gives bitwise reproducible gradients without
-  atomics: the gradient's contributions become records sorted by the grad_x pixel they land on
-  (RoIAlign kinds: the samples; RoIPool: one per (RoI, channel, bin), at its argmax), and each
-  pixel sums its records in a fixed order; past a workspace limit, each thread owns a block of
-  grad_x rows and visits the RoIs of its image in order (slower: every thread scans all RoIs of
-  its image).
+  image and box centre; the others: index order -- so bitwise identical for any thread count).
+  On CUDA the default accumulates with atomics; ``deterministic=True`` gives bitwise
+  reproducible gradients without atomics: the gradient's contributions become records sorted by
+  the grad_x pixel they land on (RoIAlign kinds: the samples; RoIPool: one per (RoI, channel,
+  bin), at its argmax), and each pixel sums its records in a fixed order; past a workspace
+  limit, each thread owns a block of grad_x rows and visits the RoIs of its image in order
+  (slower: every thread scans all RoIs of its image).
 * :func:`multi_scale_roi_align` pools each RoI on one level of a feature pyramid (torchvision's
   ``MultiScaleRoIAlign``); on CUDA it reads the per-level RoI counts back once (the per-level
   launches need their sizes).

@@ -1711,8 +1711,9 @@ cdef inline Py_ssize_t _pool_argmax(const floating* plane, Py_ssize_t W, const P
 # so values, argmaxes (first maximum in row-major order), NaN and signed-zero handling are those
 # of the scalar loop bit for bit. The forward visits an image's RoIs in spatial order (_segments:
 # neighbours share the scratch rows they read; each output is independent of the order).
-# Backward gradients accumulate in a second scratch in RoI index order (the scalar order) and are transposed into the unit's own grad_x planes: race-free and
-# bitwise identical for any thread count. A union larger than SCRATCH_BYTES falls back to
+# Backward gradients accumulate in a second scratch in RoI index order (the scalar order) and
+# are transposed into the unit's own grad_x planes: race-free and bitwise identical for any
+# thread count. A union larger than SCRATCH_BYTES falls back to
 # transposing each RoI's rectangle (scattering gradients straight into grad_x, same order), and a
 # RoI larger than that to the scalar loop over its planes.
 

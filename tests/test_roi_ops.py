@@ -602,10 +602,9 @@ def test_roi_align_streamed_stores_bitwise(rng, dtype, C):
     inputs (stream_bytes 0), every path gives the same bits as ordinary stores, also with a
     partial last channel block (C = 35), at any thread count: RoIAlign and deformable RoI
     pooling, forward and backward, NCHW and channels-last, band and per-RoI-rectangle forward,
-    and RoIPool's forward,
-    one band per unit or bands of 9 rows (rows of 24 pixels: bands starting on odd rows start
-    half a line into grad_x's planes). The outputs (>= 1 MiB) get cached blocks full of NaN,
-    so an element left unwritten shows."""
+    and RoIPool's forward; one band per unit or bands of 9 rows (rows of 24 pixels: bands
+    starting on odd rows start half a line into grad_x's planes). The outputs (>= 1 MiB) get
+    cached blocks full of NaN, so an element left unwritten shows."""
     cpu = pytest.importorskip("fastnorm._cpu.roi_ops")
     pool = pytest.importorskip("fastnorm._cpu._pool")
     K = 200

@@ -101,6 +101,9 @@ def onnxruntime_session(x, w, b, off, mask, threads):
 def main(argv=None):
     args = bench_args(__doc__, __file__, argv, torchvision=True)
     threads = args.threads
+    if args.cuda_only:
+        gpu = cuda_tables()
+        return finish(args, "deform_conv-cuda", [gpu] if gpu is not None else [])
     import torch
     torch.set_num_threads(threads)
     fastnorm.set_num_threads(threads)
@@ -164,22 +167,54 @@ def main(argv=None):
 
 
 def cuda_tables():
+    """fastnorm on CuPy arrays against torchvision's CUDA deform_conv2d (its autograd for the
+    backward: grads of x, offset, weight, mask and bias), same inputs, with the peer's max
+    deviation from our output."""
     dev = cuda_device()
     if dev is None:
         return None
     cupy, sync = dev
-    t = Table("deform_conv2d on CUDA, float32", unit="GFLOP/s")
+    try:
+        import torch
+        import torchvision
+        assert torch.cuda.is_available(), "torch sees no GPU"
+        ts = torch.cuda.synchronize
+    except Exception as e:
+        print("torchvision CUDA not timed:", type(e).__name__, e, file=sys.stderr)
+        torchvision = None
+    t = Table("deform_conv2d on CUDA, float32 (backward: every gradient)", unit="GFLOP/s")
     for name, shape in CASES:
-        x, w, b, off, mask, gy = (cupy.asarray(a) for a in workload(shape))
+        host = workload(shape)
+        x, w, b, off, mask, gy = (cupy.asarray(a) for a in host)
         N, C, H, W = shape
         flops = 2.0 * N * C * H * W * C * 9
         for v, m in (("v1", None), ("v2", mask)):
+            y = cupy.asnumpy(fastnorm.deform_conv2d(x, off, w, b, padding=1, mask=m))
             t.add(f"{name} {v} fwd", "fastnorm",
                   timeit(lambda: fastnorm.deform_conv2d(x, off, w, b, padding=1, mask=m),
                          sync=sync), flops)
             t.add(f"{name} {v} bwd", "fastnorm",
                   timeit(lambda: fastnorm.deform_conv2d_backward(gy, x, off, w, padding=1,
                                                                  mask=m), sync=sync), 2 * flops)
+            if torchvision is None:
+                continue
+            xt, wt, bt, ot, mt, gt = (torch.as_tensor(a, device="cuda") for a in host)
+            mt = mt if v == "v2" else None
+            leaves = [a.clone().requires_grad_(True) for a in (xt, ot, wt, bt)] + \
+                ([mt.clone().requires_grad_(True)] if mt is not None else [])
+            xl, ol, wl, bl = leaves[:4]
+            ml = leaves[4] if mt is not None else None
+
+            def peer(a=xt, o=ot, wgt=wt, bias=bt, msk=mt):
+                return torchvision.ops.deform_conv2d(a, o, wgt, bias, padding=1, mask=msk)
+            err = float(np.abs(peer().cpu().numpy() - y).max())
+            with torch.no_grad():
+                t.add(f"{name} {v} fwd", f"torchvision CUDA (max diff {err:.1e})",
+                      timeit(peer, sync=ts), flops)
+            yt = peer(xl, ol, wl, bl, ml)
+            t.add(f"{name} {v} bwd", "torchvision CUDA (autograd)",
+                  timeit(lambda: torch.autograd.grad(yt, leaves, gt, retain_graph=True),
+                         sync=ts), 2 * flops)
     return t
 
 

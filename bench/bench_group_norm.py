@@ -204,7 +204,7 @@ def cuda_tables(quick=False):
 
 def main(argv=None):
     args = bench_args(__doc__, __file__, argv, quick=True)
-    tables, checks = cpu_tables(args.threads, args.quick)
+    tables, checks = ([], []) if args.cuda_only else cpu_tables(args.threads, args.quick)
     t2, c2 = cuda_tables(args.quick)
     tables += t2
     checks += c2

@@ -10,8 +10,10 @@ Run it in the environment that has fastnorm built (plus onnxruntime, onnx and
 opencv-python-headless and shapely for those peers). torchvision is timed in this process when it imports
 here; otherwise in the interpreter named by --torchvision-python or $FASTNORM_TV_PYTHON (a second
 environment, see the README's "Benchmarks"), as a subprocess on the very same inputs saved as
-.npy files. Every peer's output is checked against fastnorm's (same kept indices) before it is
-timed. The Mbox/s column counts input boxes per second / 1e6.
+.npy files. Every CPU peer's output is checked against fastnorm's (same kept indices) before it
+is timed; on CUDA, fastnorm's kept set is checked against its CPU backend's and torchvision
+CUDA's differences from it are counted in the table. The Mbox/s column counts input boxes per
+second / 1e6.
 """
 import os
 import sys
@@ -90,6 +92,8 @@ def main(argv=None):
         inputs[f"nms_{n}"] = clustered_boxes(n)
     b, s = clustered_boxes(20_000, seed=1)
     inputs["batched_20000"] = (b, s, np.random.default_rng(2).integers(0, 80, 20_000))
+    if args.cuda_only:
+        return finish(args, "nms-cuda", cuda_tables(inputs))
     with tempfile.TemporaryDirectory() as tmp:
         for case, arrs in inputs.items():
             for suffix, a in zip("bsi", arrs):
@@ -528,7 +532,8 @@ CUDA_TARGETS = ("nms_1000", "nms_10000", "nms_100000", "batched_20000")
 
 
 def cuda_tables(inputs):
-    """fastnorm on CuPy arrays vs torchvision CUDA, same inputs, same kept sets (needs a GPU)."""
+    """fastnorm on CuPy arrays vs torchvision CUDA, same inputs (needs a GPU); fastnorm's kept
+    set is checked against its CPU backend's, torchvision's differences from it are counted."""
     dev = cuda_device()
     if dev is None:
         return []
@@ -549,13 +554,19 @@ def cuda_tables(inputs):
         fn = (lambda: fastnorm.batched_nms(*dev, IOU)) if len(dev) == 3 else \
             (lambda: fastnorm.nms(*dev, IOU))
         ours = cupy.asnumpy(fn())
+        cpu = fastnorm.batched_nms(*arrs, IOU) if len(arrs) == 3 else fastnorm.nms(*arrs, IOU)
+        assert np.array_equal(np.sort(ours), np.sort(cpu)), case     # the CPU's decisions
         t.add(f"{case} ({len(ours)} kept)", "fastnorm", timeit(fn, sync=sync, **_timer(n)), n)
         if torchvision is not None:
             tt = [torch.as_tensor(a, device="cuda") for a in arrs]
             tfn = (lambda: torchvision.ops.batched_nms(*tt, IOU)) if len(tt) == 3 else \
                 (lambda: torchvision.ops.nms(*tt, IOU))
-            assert np.array_equal(np.sort(tfn().cpu().numpy()), np.sort(ours)), case
-            t.add(f"{case} ({len(ours)} kept)", "torchvision CUDA",
+            # torchvision's CUDA kernel decides IoU > threshold in its own float arithmetic: on
+            # an H100 its batched_20000 kept set differed from its own CPU's (and ours) in one
+            # box, so the difference is reported, not asserted
+            diff = len(np.setxor1d(tfn().cpu().numpy(), ours))
+            t.add(f"{case} ({len(ours)} kept)",
+                  "torchvision CUDA" + (f" ({diff} boxes differ)" if diff else ""),
                   timeit(tfn, sync=ts, **_timer(n)), n)
     return [t]
 

@@ -294,6 +294,11 @@ def main(argv=None):
         raise SystemExit(f"--ops: unknown {bad}; choose from {', '.join(OPS)}")
     threads = args.threads
     fastnorm.set_num_threads(threads)                # also what the report's machine line says
+    if args.cuda_only:
+        x, rois = workload()
+        g = np.random.default_rng(1).standard_normal((len(rois), x.shape[1], PH, PW),
+                                                     dtype=np.float32)
+        return finish(args, "roi_ops-cuda", cuda_tables(x, rois, g))
     bw = copy_bandwidth()
     peak, blas_ok = fma_peak(threads)
     tables, notes = [], []
@@ -709,32 +714,95 @@ def deform_table(x, rois, g, threads):
 
 
 def cuda_tables(x, rois, g):
+    """fastnorm on CuPy arrays against torchvision CUDA (its autograd for the backwards), same
+    inputs and timing, with the max deviation of each peer's result from ours: roi_align,
+    roi_pool and ps_roi_align on their CPU workloads, multi_scale_roi_align on the pyramid."""
     dev = cuda_device()
     if dev is None:
         return []
     cupy, sync = dev
-    xd, rd, gd = cupy.asarray(x), cupy.asarray(rois), cupy.asarray(g)
-    t = Table("roi_align on CUDA, same workload", unit="GB/s")
-    ob = g.nbytes
-    t.add("forward", "fastnorm", timeit(lambda: fastnorm.roi_align(xd, rd, PH, SCALE, SR,
-                                                                   ALIGNED), sync=sync), ob)
-    t.add("backward", "fastnorm", timeit(lambda: fastnorm.roi_align_backward(
-        gd, rd, x.shape, PH, SCALE, SR, ALIGNED), sync=sync), ob + x.nbytes)
-    t.add("backward det.", "fastnorm", timeit(lambda: fastnorm.roi_align_backward(
-        gd, rd, x.shape, PH, SCALE, SR, ALIGNED, deterministic=True), sync=sync), ob + x.nbytes)
     try:
+        import collections
         import torch
         import torchvision
-        xt, rt, gt = (torch.as_tensor(a, device="cuda") for a in (x, rois, g))
+        assert torch.cuda.is_available(), "torch sees no GPU"
         ts = torch.cuda.synchronize
-        t.add("forward", "torchvision CUDA", timeit(lambda: torchvision.ops.roi_align(
-            xt, rt, PH, SCALE, SR, ALIGNED), sync=ts), ob)
-        xg = xt.clone().requires_grad_(True)
-        yt = torchvision.ops.roi_align(xg, rt, PH, SCALE, SR, ALIGNED)
-        t.add("backward", "torchvision CUDA", timeit(lambda: torch.autograd.grad(
-            yt, xg, gt, retain_graph=True), sync=ts), ob + x.nbytes)
     except Exception as e:  # torchvision CUDA not available
         print("torchvision CUDA not timed:", type(e).__name__, e, file=sys.stderr)
+        torchvision = None
+    tvo = torchvision.ops if torchvision is not None else None
+    xp, rp = ps_workload()
+    gp = np.random.default_rng(6).standard_normal((len(rp), xp.shape[1] // (PH * PW), PH, PW),
+                                                  dtype=np.float32)
+    sp = 1 / 16
+    cases = [   # name, x, rois, grad_out, ours(x, rois), ours_backward(g, rois, x), peer(x, rois)
+        ("roi_align", x, rois, g,
+         lambda a, r: fastnorm.roi_align(a, r, PH, SCALE, SR, ALIGNED),
+         lambda d, r, a: fastnorm.roi_align_backward(d, r, a.shape, PH, SCALE, SR, ALIGNED),
+         lambda a, r: tvo.roi_align(a, r, PH, SCALE, SR, ALIGNED)),
+        ("roi_align deterministic", x, rois, g, None,
+         lambda d, r, a: fastnorm.roi_align_backward(d, r, a.shape, PH, SCALE, SR, ALIGNED,
+                                                     deterministic=True), None),
+        ("roi_pool", x, rois, g,
+         lambda a, r: fastnorm.roi_pool(a, r, PH, SCALE),
+         lambda d, r, a: fastnorm.roi_pool_backward(d, r, a.shape, PH, SCALE, x=a),
+         lambda a, r: tvo.roi_pool(a, r, PH, SCALE)),
+        ("ps_roi_align", xp, rp, gp,
+         lambda a, r: fastnorm.ps_roi_align(a, r, PH, sp, SR),
+         lambda d, r, a: fastnorm.ps_roi_align_backward(d, r, a.shape, PH, sp, SR),
+         lambda a, r: tvo.ps_roi_align(a, r, PH, sp, SR)),
+    ]
+    t = Table("RoI ops on CUDA, float32, the CPU tables' workloads (GB/s: input read + output "
+              "written)", unit="GB/s")
+    for name, a, r, d, fwd, bwd, peer in cases:
+        ad, rd, dd = cupy.asarray(a), cupy.asarray(r), cupy.asarray(d)
+        nbytes = a.nbytes + d.nbytes
+        if fwd is not None:
+            y = cupy.asnumpy(fwd(ad, rd))
+            t.add(f"{name} forward", "fastnorm", timeit(lambda: fwd(ad, rd), sync=sync), nbytes)
+        t.add(f"{name} backward", "fastnorm", timeit(lambda: bwd(dd, rd, ad), sync=sync), nbytes)
+        if peer is None or tvo is None:
+            continue
+        at, rt, dt = (torch.as_tensor(v, device="cuda") for v in (a, r, d))
+        err = float(np.abs(peer(at, rt).cpu().numpy() - y).max())
+        t.add(f"{name} forward", f"torchvision CUDA (max diff {err:.1e})",
+              timeit(lambda: peer(at, rt), sync=ts), nbytes)
+        ag = at.clone().requires_grad_(True)
+        yt = peer(ag, rt)
+        t.add(f"{name} backward", "torchvision CUDA (autograd)",
+              timeit(lambda: torch.autograd.grad(yt, ag, dt, retain_graph=True), sync=ts),
+              nbytes)
+    feats, rois_ms = pyramid_workload()
+    fd, rd = [cupy.asarray(f) for f in feats], cupy.asarray(rois_ms)
+    kw = dict(spatial_scales=[0.25, 0.125, 0.0625, 0.03125], sampling_ratio=SR, aligned=False)
+    gm = cupy.asarray(np.random.default_rng(5).standard_normal(
+        (len(rois_ms), feats[0].shape[1], PH, PW), dtype=np.float32))
+    shapes = [f.shape for f in feats]
+    nbytes = sum(f.nbytes for f in feats) + gm.nbytes
+    y = cupy.asnumpy(fastnorm.multi_scale_roi_align(fd, rd, PH, **kw))
+    t.add("multi_scale_roi_align forward", "fastnorm",
+          timeit(lambda: fastnorm.multi_scale_roi_align(fd, rd, PH, **kw), sync=sync), nbytes)
+    t.add("multi_scale_roi_align backward", "fastnorm", timeit(
+        lambda: fastnorm.multi_scale_roi_align_backward(gm, rd, shapes, PH, **kw), sync=sync),
+        nbytes)
+    if tvo is not None:
+        names = ["p2", "p3", "p4", "p5"]
+        leaves = [torch.as_tensor(f, device="cuda").requires_grad_(True) for f in feats]
+        rt = torch.as_tensor(rois_ms, device="cuda")
+        boxes = [rt[rt[:, 0] == i, 1:] for i in range(feats[0].shape[0])]
+        sizes = [IMAGE] * len(boxes)
+        m = tvo.MultiScaleRoIAlign(names, PH, SR)
+        fm = lambda: m(collections.OrderedDict(zip(names, leaves)), boxes, sizes)  # noqa: E731
+        yt = fm()
+        err = float(np.abs(yt.detach().cpu().numpy() - y).max())
+        gt = torch.as_tensor(cupy.asnumpy(gm), device="cuda")
+        with torch.no_grad():
+            t.add("multi_scale_roi_align forward",
+                  f"torchvision MultiScaleRoIAlign CUDA (max diff {err:.1e})",
+                  timeit(fm, sync=ts), nbytes)
+        t.add("multi_scale_roi_align backward", "torchvision MultiScaleRoIAlign CUDA (autograd)",
+              timeit(lambda: torch.autograd.grad(yt, leaves, gt, retain_graph=True), sync=ts),
+              nbytes)
     return [t]
 
 

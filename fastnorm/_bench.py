@@ -179,9 +179,11 @@ def machine():
                     break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, fastnorm {fastnorm.__version__} "
-            f"({fastnorm.get_num_threads()} threads), numpy {np.__version__}, "
-            f"python {platform.python_version()}")
+    info = fastnorm.info()
+    gpu = info["cuda_device"] if info.get("cuda_backend") else None
+    return (f"{cpu}, {os.cpu_count()} cores, " + (f"GPU {gpu}, " if gpu else "")
+            + f"fastnorm {fastnorm.__version__} ({fastnorm.get_num_threads()} threads), "
+            f"numpy {np.__version__}, python {platform.python_version()}")
 
 
 def peer_versions():
@@ -287,6 +289,9 @@ def bench_args(doc, script, argv=None, *, quick=False, torchvision=False, extra=
     where.add_argument("--out", metavar="DIR",
                        help="write the result file to DIR instead of results/ beside the script")
     p.add_argument("--json", metavar="PATH", help="also write the tables as JSON to PATH")
+    p.add_argument("--cuda-only", action="store_true",
+                   help="only the CUDA tables, against torch/torchvision CUDA (a GPU session: "
+                        "needs CuPy and a GPU)")
     if quick:
         p.add_argument("--quick", action="store_true", help="one shape only")
     if torchvision:

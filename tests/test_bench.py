@@ -212,3 +212,29 @@ def test_cuda_cost_model_counts_on_the_emulator(tmp_path):
                                                    1e6)
     assert m.implied(one, 0, 1e6, 1e6) < m.implied(one, 0, 1e6, 1e6, ops=5) < \
         m.implied(one, 1, 1e6, 1e6, ops=5)
+
+
+@pytest.mark.parametrize("name", ["roi_ops", "nms", "deform_conv", "group_norm"])
+def test_cuda_only_runs_only_the_cuda_tables(name, monkeypatch, tmp_path):
+    """``--cuda-only`` (a GPU session's bench stage) skips every CPU table and peer. The CUDA
+    tables run here on a stand-in device whose arrays are NumPy's (fastnorm's CPU backend, no
+    timing): each fastnorm row is there, with the torchvision CUDA rows where torch sees a GPU.
+    Without a GPU, group_norm's CUDA tables (torch tensors on the device) are left out."""
+    import numpy as np
+    suite = _load(BENCH / f"bench_{name}.py")
+    fake = types.SimpleNamespace(asarray=np.asarray, asnumpy=np.asarray)
+    monkeypatch.setattr(suite, "cuda_device", lambda: (fake, lambda: None))
+    monkeypatch.setattr(suite, "timeit", lambda fn, **kw: (fn(), 1e-3)[1])
+    for cpu_part in ("cpu_tables", "roi_align_section", "variant_table", "torchvision_cpu"):
+        if hasattr(suite, cpu_part):
+            monkeypatch.setattr(suite, cpu_part, None)      # called: a TypeError
+    path = tmp_path / "t.json"
+    suite.main(["--cuda-only", "--no-write", "--json", str(path)])
+    tables = _bench.read_json(path)
+    if name == "group_norm":
+        assert tables == []
+        return
+    assert tables and all("CUDA" in t.title for t in tables)
+    cases = {case for t in tables for case, impl, _, _ in t.rows if impl == "fastnorm"}
+    want = {"roi_ops": 9, "nms": 4, "deform_conv": 8}[name]
+    assert len(cases) == want, sorted(cases)

@@ -1793,7 +1793,14 @@ def _bits(backend, y):
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 def test_forward_bitwise_equals_previous_kernel(cuda_backend, rng, dtype, monkeypatch):
     """align_fwd, with 32-bit and with 64-bit indices, gives the bits of the per-thread
-    forward, for every kind, mode and layout, table or not."""
+    forward, for every kind, mode and layout, table or not.
+
+    On a GPU the two kernels' bits may differ by a rounding: NVRTC contracts a * b + c into
+    fused multiply-adds (CuPy compiles with --fmad=true) wherever it sees fit, and the two
+    kernels' code gives it different chances (seen on an H100: 2 ulp of one float64 output).
+    There they must agree to a few roundings of the output type; the emulator computes every
+    operation separately (no contraction) and checks the bits. 32- and 64-bit indices run the
+    same arithmetic and must agree bitwise everywhere."""
     from fastnorm._cuda import roi_ops as L
     monkeypatch.setenv("FASTNORM_EMULATOR_RACECHECK", "0")   # (each launch run once: faster)
     cases = list(_fwd_cases(rng, dtype))
@@ -1801,10 +1808,18 @@ def test_forward_bitwise_equals_previous_kernel(cuda_backend, rng, dtype, monkey
     monkeypatch.setattr(L, "INDEX32_MAX", -1)            # every launch takes 64-bit indices
     got64 = [_bits(cuda_backend, call(cuda_backend.asarray)) for _, call in cases]
     monkeypatch.setattr(L, "_align_forward", _previous_forward)
+    contracted = cuda_backend.name == "cuda"
+    eps = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
+    tol = (2 if dtype in HALF else 16) * eps[dtype]
     for (name, call), a, b in zip(cases, got, got64):
         want = _bits(cuda_backend, call(cuda_backend.asarray))
-        assert a.shape == want.shape and np.array_equal(a, want), name
-        assert np.array_equal(b, want), name + " (64-bit indices)"
+        assert np.array_equal(a, b), name + " (64-bit indices)"
+        assert a.shape == want.shape, name
+        if not contracted:
+            assert np.array_equal(a, want), name
+            continue
+        av, wv = (v.view(_dtype(dtype)).astype(np.float64) for v in (a, want))
+        np.testing.assert_allclose(av, wv, rtol=tol, atol=tol, equal_nan=True, err_msg=name)
     assert any(np.any(w != 0) for w in got)
 
 

@@ -33,8 +33,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastnorm  # noqa: E402
-from fastnorm._bench import (Table, bench_args, cuda_device, finish, onnx_op,  # noqa: E402
-                             run_torchvision, timeit, timeit_many)
+from fastnorm._bench import (Table, bench_args, cuda_device, cuda_profile, finish,  # noqa: E402
+                             onnx_op, run_torchvision, timeit, timeit_many)
 
 CASES = [("2x64x64x64", (2, 64, 64, 64)), ("8x256x28x28", (8, 256, 28, 28))]
 
@@ -190,12 +190,13 @@ def cuda_tables():
         flops = 2.0 * N * C * H * W * C * 9
         for v, m in (("v1", None), ("v2", mask)):
             y = cupy.asnumpy(fastnorm.deform_conv2d(x, off, w, b, padding=1, mask=m))
-            t.add(f"{name} {v} fwd", "fastnorm",
-                  timeit(lambda: fastnorm.deform_conv2d(x, off, w, b, padding=1, mask=m),
-                         sync=sync), flops)
-            t.add(f"{name} {v} bwd", "fastnorm",
-                  timeit(lambda: fastnorm.deform_conv2d_backward(gy, x, off, w, padding=1,
-                                                                 mask=m), sync=sync), 2 * flops)
+            for what, fn, work in (
+                    ("fwd", lambda: fastnorm.deform_conv2d(x, off, w, b, padding=1, mask=m),
+                     flops),
+                    ("bwd", lambda: fastnorm.deform_conv2d_backward(gy, x, off, w, padding=1,
+                                                                    mask=m), 2 * flops)):
+                t.add(f"{name} {v} {what}", "fastnorm", timeit(fn, sync=sync), work)
+                t.notes.append(f"{name} {v} {what}: " + cuda_profile(fn, sync))
             if torchvision is None:
                 continue
             xt, wt, bt, ot, mt, gt = (torch.as_tensor(a, device="cuda") for a in host)

@@ -18,8 +18,8 @@ import sys
 import numpy as np
 
 import fastnorm
-from fastnorm._bench import (Table, bench_args, copy_bandwidth, cuda_device, finish, onnx_op,
-                             timeit, timeit_many)
+from fastnorm._bench import (Table, bench_args, copy_bandwidth, cuda_device, cuda_profile, finish,
+                             onnx_op, timeit, timeit_many)
 
 SHAPES = [((8, 256, 64, 64), 32), ((1, 512, 128, 128), 32), ((2, 64, 8, 56, 56), 32),
           ((1, 64, 256, 256), 2)]
@@ -189,6 +189,9 @@ def cuda_tables(quick=False):
                 def fb_torch():
                     torch.nn.functional.group_norm(xg, G, wg, bg).backward(dyt)
                     xg.grad = wg.grad = bg.grad = None
+                fwd.notes.append(f"{case} fastnorm: " + cuda_profile(
+                    lambda: fastnorm.group_norm(xs, G, wt, bt, channels_last=cl), sync))
+                fb.notes.append(f"{case} fastnorm: " + cuda_profile(fb_ours, sync))
                 t_ours_fb = timeit(fb_ours, sync=sync)
                 t_torch_fb = timeit(fb_torch, sync=sync)
                 fb.add(case, "fastnorm", t_ours_fb, 5 * nbytes)

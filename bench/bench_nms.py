@@ -22,8 +22,8 @@ import tempfile
 import numpy as np
 
 import fastnorm
-from fastnorm._bench import (Table, bench_args, cuda_device, finish, onnx_op, run_torchvision,
-                             timeit)
+from fastnorm._bench import (Table, bench_args, cuda_device, cuda_profile, finish, onnx_op,
+                             run_torchvision, timeit)
 
 IOU = 0.5
 SIZES = (1000, 10_000, 50_000, 100_000)
@@ -557,6 +557,7 @@ def cuda_tables(inputs):
         cpu = fastnorm.batched_nms(*arrs, IOU) if len(arrs) == 3 else fastnorm.nms(*arrs, IOU)
         assert np.array_equal(np.sort(ours), np.sort(cpu)), case     # the CPU's decisions
         t.add(f"{case} ({len(ours)} kept)", "fastnorm", timeit(fn, sync=sync, **_timer(n)), n)
+        t.notes.append(f"{case}: " + cuda_profile(fn, sync))
         if torchvision is not None:
             tt = [torch.as_tensor(a, device="cuda") for a in arrs]
             tfn = (lambda: torchvision.ops.batched_nms(*tt, IOU)) if len(tt) == 3 else \

@@ -81,7 +81,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastnorm  # noqa: E402
 from fastnorm._bench import (Table, bench_args, copy_bandwidth, cuda_device,  # noqa: E402
-                             finish, onnx_op, run_torchvision, timeit, timeit_many)
+                             cuda_profile, finish, onnx_op, run_torchvision, timeit,
+                             timeit_many)
 
 
 def thread_times(fns, threads, rounds=4, repeat=3):
@@ -760,7 +761,9 @@ def cuda_tables(x, rois, g):
         if fwd is not None:
             y = cupy.asnumpy(fwd(ad, rd))
             t.add(f"{name} forward", "fastnorm", timeit(lambda: fwd(ad, rd), sync=sync), nbytes)
+            t.notes.append(f"{name} forward: " + cuda_profile(lambda: fwd(ad, rd), sync))
         t.add(f"{name} backward", "fastnorm", timeit(lambda: bwd(dd, rd, ad), sync=sync), nbytes)
+        t.notes.append(f"{name} backward: " + cuda_profile(lambda: bwd(dd, rd, ad), sync))
         if peer is None or tvo is None:
             continue
         at, rt, dt = (torch.as_tensor(v, device="cuda") for v in (a, r, d))
@@ -780,11 +783,11 @@ def cuda_tables(x, rois, g):
     shapes = [f.shape for f in feats]
     nbytes = sum(f.nbytes for f in feats) + gm.nbytes
     y = cupy.asnumpy(fastnorm.multi_scale_roi_align(fd, rd, PH, **kw))
-    t.add("multi_scale_roi_align forward", "fastnorm",
-          timeit(lambda: fastnorm.multi_scale_roi_align(fd, rd, PH, **kw), sync=sync), nbytes)
-    t.add("multi_scale_roi_align backward", "fastnorm", timeit(
-        lambda: fastnorm.multi_scale_roi_align_backward(gm, rd, shapes, PH, **kw), sync=sync),
-        nbytes)
+    for what, fn in (("forward", lambda: fastnorm.multi_scale_roi_align(fd, rd, PH, **kw)),
+                     ("backward", lambda: fastnorm.multi_scale_roi_align_backward(
+                         gm, rd, shapes, PH, **kw))):
+        t.add(f"multi_scale_roi_align {what}", "fastnorm", timeit(fn, sync=sync), nbytes)
+        t.notes.append(f"multi_scale_roi_align {what}: " + cuda_profile(fn, sync))
     if tvo is not None:
         names = ["p2", "p3", "p4", "p5"]
         leaves = [torch.as_tensor(f, device="cuda").requires_grad_(True) for f in feats]

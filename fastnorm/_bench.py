@@ -52,6 +52,32 @@ def timeit(fn, *, repeat=11, min_time=0.1, sync=None):
     return float(min(samples))
 
 
+def cuda_profile(fn, sync, repeat=20):
+    """Where the time of one CUDA call ``fn()`` goes, as one line of text: its host time (the
+    median over ``repeat`` calls, each timed without waiting for the device, then waited for
+    so that the launch queue never fills) and its device time per fastnorm kernel (CUDA events,
+    ``fastnorm._cuda.profile``); "other" is the rest of the call's device time: cuBLAS, CuPy's
+    own operations and the gaps between launches. A call whose host time exceeds its device
+    time is bound by the host."""
+    from fastnorm import _cuda
+    fn()
+    sync()
+    host = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - t0)
+        sync()
+    with _cuda.profile() as p:
+        fn()
+    kernels = sorted(p.by_kernel().items(), key=lambda kv: -kv[1][1])
+    parts = [f"{name} {ms * 1e3:.0f}" + (f" (x{n})" if n > 1 else "")
+             for name, (n, ms) in kernels]
+    other = max(p.total_ms - sum(ms for _, (_, ms) in kernels), 0.0)
+    return (f"host {float(np.median(host)) * 1e6:.0f} us per call; device {p.total_ms * 1e3:.0f}"
+            f" us: " + ", ".join(parts + [f"other {other * 1e3:.0f}"]))
+
+
 def timeit_many(fns, *, rounds=4, repeat=3, min_time=0.1, sync=None):
     """Best seconds per call of each ``fns[name]()``, timed in interleaved rounds (each round
     times every function with ``timeit(repeat=repeat)``): on a shared machine, slow periods then
@@ -204,14 +230,15 @@ class Table:
     """Rows of (case, impl, seconds, work); ratios are peer time / fastnorm time.
 
     ``unit`` names the rate column: ``"GB/s"`` (work in bytes), ``"GFLOP/s"`` (flops) or
-    ``"Mbox/s"`` (boxes); ``ceiling`` is the measured limit in that unit, if any.
+    ``"Mbox/s"`` (boxes); ``ceiling`` is the measured limit in that unit, if any. ``notes``:
+    lines printed under the table (e.g. :func:`cuda_profile`'s breakdowns).
     """
 
     def __init__(self, title, unit="GB/s", ceiling=None):
         if unit not in UNITS:
             raise ValueError(f"`unit` must be one of {sorted(UNITS)}, got {unit!r}")
         self.title, self.unit, self.ceiling = title, unit, ceiling
-        self.rows = []
+        self.rows, self.notes = [], []
 
     def add(self, case, impl, seconds, work=None):
         """``work``: what one call moves or does, in the unit's base quantity (bytes, flops or
@@ -231,13 +258,14 @@ class Table:
 
     def to_dict(self):
         return {"title": self.title, "unit": self.unit, "ceiling": self.ceiling,
-                "rows": [list(r) for r in self.rows]}
+                "rows": [list(r) for r in self.rows], "notes": list(self.notes)}
 
     @classmethod
     def from_dict(cls, d):
         t = cls(d["title"], d["unit"], d["ceiling"])
         for row in d["rows"]:
             t.add(*row)
+        t.notes = list(d.get("notes", []))
         return t
 
     def markdown(self):
@@ -259,6 +287,9 @@ class Table:
         if self.ceiling:
             lines.append("")
             lines.append(f"Ceiling: {self.ceiling:.1f} {self.unit} (measured).")
+        if self.notes:
+            lines.append("")
+            lines += [f"- {n}" for n in self.notes]
         return "\n".join(lines)
 
 

@@ -41,15 +41,17 @@ def test_tables_round_trip_through_json_and_nothing_is_written_unasked(tmp_path,
     t = Table("t", "GFLOP/s", ceiling=100.0)
     t.add("case", "fastnorm", 0.1, 2e9)
     t.add("case", "peer", 0.3, 2e9)
+    t.notes.append("case fastnorm: host 9 us per call")
     text = _bench.write_results("demo", [t], "notes")
-    assert "### t" in text and "notes" in text
+    assert "### t" in text and "notes" in text and "\n- case fastnorm: host 9 us" in text
     assert list(tmp_path.iterdir()) == []           # no directory named: no file
     path = tmp_path / "t.json"
     _bench.write_results("demo", [t], out=str(tmp_path / "res"), json_path=str(path))
     assert [p.name for p in (tmp_path / "res").iterdir()] == \
         [f"{datetime.date.today().isoformat()}-demo.md"]
     (back,) = _bench.read_json(path)
-    assert (back.title, back.unit, back.ceiling, back.rows) == (t.title, t.unit, t.ceiling, t.rows)
+    assert (back.title, back.unit, back.ceiling, back.rows, back.notes) == \
+        (t.title, t.unit, t.ceiling, t.rows, t.notes)
     assert back.speedups() == [("case", "peer", pytest.approx(3.0))]
 
 
@@ -218,13 +220,16 @@ def test_cuda_cost_model_counts_on_the_emulator(tmp_path):
 def test_cuda_only_runs_only_the_cuda_tables(name, monkeypatch, tmp_path):
     """``--cuda-only`` (a GPU session's bench stage) skips every CPU table and peer. The CUDA
     tables run here on a stand-in device whose arrays are NumPy's (fastnorm's CPU backend, no
-    timing): each fastnorm row is there, with the torchvision CUDA rows where torch sees a GPU.
+    timing): each fastnorm row is there with its time breakdown, and the torchvision CUDA rows
+    where torch sees a GPU.
     Without a GPU, group_norm's CUDA tables (torch tensors on the device) are left out."""
     import numpy as np
     suite = _load(BENCH / f"bench_{name}.py")
     fake = types.SimpleNamespace(asarray=np.asarray, asnumpy=np.asarray)
     monkeypatch.setattr(suite, "cuda_device", lambda: (fake, lambda: None))
     monkeypatch.setattr(suite, "timeit", lambda fn, **kw: (fn(), 1e-3)[1])
+    if hasattr(suite, "cuda_profile"):
+        monkeypatch.setattr(suite, "cuda_profile", lambda fn, sync: "profiled")
     for cpu_part in ("cpu_tables", "roi_align_section", "variant_table", "torchvision_cpu"):
         if hasattr(suite, cpu_part):
             monkeypatch.setattr(suite, cpu_part, None)      # called: a TypeError
@@ -238,3 +243,21 @@ def test_cuda_only_runs_only_the_cuda_tables(name, monkeypatch, tmp_path):
     cases = {case for t in tables for case, impl, _, _ in t.rows if impl == "fastnorm"}
     want = {"roi_ops": 9, "nms": 4, "deform_conv": 8}[name]
     assert len(cases) == want, sorted(cases)
+    notes = [n for t in tables for n in t.notes]        # a breakdown per fastnorm row
+    assert len(notes) == want and all(n.endswith(": profiled") for n in notes)
+
+
+def test_cuda_profile_breaks_a_call_down_by_kernel():
+    """cuda_profile's line: the host time per call, the device time, each fastnorm kernel the
+    call launched (on the emulator here), and the rest."""
+    emu = pytest.importorskip("fastnorm._cuda.emulator")
+    import numpy as np
+    import fastnorm
+    from fastnorm import _cuda
+    x = emu.asarray(np.random.default_rng(0).standard_normal((2, 8, 6, 6)).astype(np.float32))
+    with _cuda.using(emu):
+        line = _bench.cuda_profile(lambda: fastnorm.group_norm(x, 4), lambda: None, repeat=2)
+    assert re.fullmatch(r"host \d+ us per call; device \d+ us: (gn_\w+<[^>]+> \d+, ){3}"
+                        r"other \d+", line), line
+    assert {"gn_stats_nchw<float, 4>", "gn_finalize<float>"} < set(re.findall(r"gn_\w+<[^>]+>",
+                                                                            line))

@@ -457,3 +457,26 @@ def test_gemm_checks():
         gemm(c, a, b, *args, **kw)
     assert n.launches == 0 and [(g.m, g.n, g.k, g.batch) for g in n.gemms] == [(2, 2, 3, 1)]
     np.testing.assert_array_equal(c.get(), np.full(4, 3, np.float32))
+
+
+def test_profile_times_every_launch_of_a_call(rng):
+    """fastnorm._cuda.profile() records each kernel a call launches, by name and in launch order
+    (the same launches the emulator counts), each with its event-timed milliseconds, and the
+    whole block's device time; outside the block nothing is recorded."""
+    import fastnorm
+    from fastnorm import _cuda
+    x = emu.asarray(rng.standard_normal((2, 8, 5, 7)).astype(np.float32))
+    with emu.counting() as c, _cuda.profile(emu) as p:
+        fastnorm.group_norm(x, 4)
+        fastnorm.roi_align(x, emu.asarray(np.array([[1, 0, 0, 4, 3]], np.float32)), 2)
+    names = [name for name, _ in p.launches]
+    assert names == [k.split("::")[-1] for k in c.kernels] and len(names) == 4
+    assert names[0].startswith("gn_stats_nchw<float") and names[-1] == "align_fwd<float>"
+    assert all(ms >= 0 for _, ms in p.launches)
+    assert p.total_ms >= sum(ms for _, ms in p.launches) > 0
+    assert p.by_kernel()["align_fwd<float>"][0] == 1
+    assert sum(n for n, _ in p.by_kernel().values()) == 4
+    assert _cuda._profile.get() is None
+    with emu.counting() as c2:
+        fastnorm.group_norm(x, 4)
+    assert len(c2.kernels) == 3 and len(p.launches) == 4

@@ -91,10 +91,74 @@ def _module(backend, name, device_id, name_expressions):
                              name_expressions=name_expressions)
 
 
+class Kernel:
+    """A compiled kernel and its name (CuPy's kernel objects carry none): what :func:`run`
+    launches."""
+
+    __slots__ = ("fn", "name")
+
+    def __init__(self, fn, name):
+        self.fn, self.name = fn, name
+
+
+@functools.lru_cache(maxsize=None)
+def _function(backend, name, device_id, name_expressions, expr):
+    fn = _module(backend, name, device_id, name_expressions).get_function(expr)
+    return Kernel(fn, expr.rsplit("::", 1)[-1])
+
+
 def function(name, expr, name_expressions):
     """Kernel ``expr`` (e.g. ``"gn_stats<float>"``) of ``<name>.cu`` on the current device."""
     cp = cupy()
-    return _module(cp, name, cp.cuda.Device().id, tuple(name_expressions)).get_function(expr)
+    return _function(cp, name, cp.cuda.Device().id, tuple(name_expressions), expr)
+
+
+# the launches recorded by the innermost profile() block (None: not profiling)
+_profile = contextvars.ContextVar("fastnorm_cuda_profile", default=None)
+
+
+class Profile:
+    """What :func:`profile` measured: ``launches``, ``(kernel, milliseconds)`` per launch in
+    launch order, and ``total_ms``, the device time from the block's start to its end (kernels,
+    cuBLAS GEMMs, CuPy's own operations and the gaps between them)."""
+
+    def __init__(self):
+        self.launches, self.total_ms = [], None
+
+    def by_kernel(self):
+        """``{kernel: (launches, milliseconds)}`` summed over the block."""
+        out = {}
+        for name, ms in self.launches:
+            n, t = out.get(name, (0, 0.0))
+            out[name] = (n + 1, t + ms)
+        return out
+
+
+@contextlib.contextmanager
+def profile(xp=None):
+    """Time every fastnorm kernel launched inside the block with CUDA events on the current
+    stream, and the whole block (a development aid: the events cost a little each; results are
+    ready after the block). ``xp``: the CuPy module (default: CuPy, or the emulator inside
+    :func:`using`)::
+
+        with fastnorm._cuda.profile() as p:
+            fastnorm.group_norm(x, 32)
+        print(p.total_ms, p.by_kernel())
+    """
+    xp = xp or cupy()
+    p, events = Profile(), []
+    token = _profile.set(events)
+    start = xp.cuda.Event()
+    start.record()
+    try:
+        yield p
+    finally:
+        _profile.reset(token)
+        end = xp.cuda.Event()
+        end.record()
+        end.synchronize()
+        p.total_ms = xp.cuda.get_elapsed_time(start, end)
+        p.launches = [(name, m.cuda.get_elapsed_time(a, b)) for name, m, a, b in events]
 
 
 # launch limits of every device fastnorm supports (compute capability >= 7.0)
@@ -115,21 +179,31 @@ def _dims(v):
 
 
 def run(kernel, grid, block, args, shared_mem=0):
-    """Launch ``kernel`` on ``grid`` x ``block`` (ints or tuples). A configuration the device
-    would refuse raises ValueError naming the kernel (not a CUDA error at some later call)."""
+    """Launch ``kernel`` (a :class:`Kernel`) on ``grid`` x ``block`` (ints or tuples). A
+    configuration the device would refuse raises ValueError naming the kernel (not a CUDA error
+    at some later call)."""
     grid, block = _dims(grid), _dims(block)
     bad = [f"grid {grid}" for g, m in zip(grid, MAX_GRID) if not 1 <= g <= m] + \
         [f"block {block}" for b, m in zip(block, MAX_BLOCK) if not 1 <= b <= m]
     if bad or int(np.prod(block)) > MAX_THREADS_PER_BLOCK:
-        raise ValueError(f"fastnorm: invalid launch of {getattr(kernel, 'name', kernel)}: "
+        raise ValueError(f"fastnorm: invalid launch of {kernel.name}: "
                          f"{', '.join(bad) or f'{int(np.prod(block))} threads per block'}")
-    kernel(tuple(int(g) for g in grid), tuple(int(b) for b in block), args,
-           shared_mem=shared_mem)
+    events = _profile.get()
+    if events is not None:
+        xp = cupy()
+        before = xp.cuda.Event()
+        before.record()
+    kernel.fn(tuple(int(g) for g in grid), tuple(int(b) for b in block), args,
+              shared_mem=shared_mem)
+    if events is not None:
+        after = xp.cuda.Event()
+        after.record()
+        events.append((kernel.name, xp, before, after))
     if SYNC:
         try:
             cupy().cuda.get_current_stream().synchronize()
         except Exception as e:
-            raise RuntimeError(f"fastnorm: kernel {getattr(kernel, 'name', kernel)} failed: "
+            raise RuntimeError(f"fastnorm: kernel {kernel.name} failed: "
                                f"{e}") from e
 
 

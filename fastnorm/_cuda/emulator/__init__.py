@@ -32,6 +32,7 @@ import functools
 import math
 import os
 import threading
+import time
 import types
 import weakref
 from typing import NamedTuple
@@ -140,6 +141,29 @@ class _Stream:
 _Stream.null = _Stream()
 
 
+class _Event:
+    """A CUDA event: the host time of its record() (every launch here is synchronous)."""
+
+    def __init__(self, *args, **kwargs):
+        self.time = None
+
+    def record(self, stream=None):
+        self.time = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    @property
+    def done(self):
+        return self.time is not None
+
+
+def _elapsed_ms(start, end):
+    if start.time is None or end.time is None:
+        raise EmulatorError("get_elapsed_time: an event was never recorded")
+    return (end.time - start.time) * 1e3
+
+
 def _properties(i):
     Device(i)                                  # validates the ordinal
     return {"name": DEVICE_NAME.encode(), "multiProcessorCount": ATTRIBUTES["MultiProcessorCount"],
@@ -151,6 +175,8 @@ cuda = types.ModuleType(__name__ + ".cuda", "The emulated cupy.cuda namespace.")
 cuda.Device = Device
 cuda.Stream = cuda.ExternalStream = _Stream
 cuda.get_current_stream = lambda device=None: _Stream.null
+cuda.Event = _Event
+cuda.get_elapsed_time = _elapsed_ms
 cuda.runtime = types.SimpleNamespace(
     getDeviceCount=lambda: NUM_DEVICES, getDevice=_current, getDeviceProperties=_properties,
     deviceSynchronize=lambda: None, CUDARuntimeError=EmulatorError)

@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastnorm  # noqa: E402
 from fastnorm._bench import (Table, bench_args, cuda_device, cuda_profile, finish,  # noqa: E402
-                             onnx_op, run_torchvision, timeit, timeit_many)
+                             onnx_op, run_torchvision, timeit, timeit_many, torchvision_cuda)
 
 CASES = [("2x64x64x64", (2, 64, 64, 64)), ("8x256x28x28", (8, 256, 28, 28))]
 
@@ -174,14 +174,9 @@ def cuda_tables():
     if dev is None:
         return None
     cupy, sync = dev
-    try:
-        import torch
-        import torchvision
-        assert torch.cuda.is_available(), "torch sees no GPU"
-        ts = torch.cuda.synchronize
-    except Exception as e:
-        print("torchvision CUDA not timed:", type(e).__name__, e, file=sys.stderr)
-        torchvision = None
+    peer = torchvision_cuda()
+    if peer is not None:
+        torch, torchvision, ts = peer
     t = Table("deform_conv2d on CUDA, float32 (backward: every gradient)", unit="GFLOP/s")
     for name, shape in CASES:
         host = workload(shape)
@@ -197,7 +192,7 @@ def cuda_tables():
                                                                     mask=m), 2 * flops)):
                 t.add(f"{name} {v} {what}", "fastnorm", timeit(fn, sync=sync), work)
                 t.notes.append(f"{name} {v} {what}: " + cuda_profile(fn, sync))
-            if torchvision is None:
+            if peer is None:
                 continue
             xt, wt, bt, ot, mt, gt = (torch.as_tensor(a, device="cuda") for a in host)
             mt = mt if v == "v2" else None
@@ -206,13 +201,13 @@ def cuda_tables():
             xl, ol, wl, bl = leaves[:4]
             ml = leaves[4] if mt is not None else None
 
-            def peer(a=xt, o=ot, wgt=wt, bias=bt, msk=mt):
+            def tv(a=xt, o=ot, wgt=wt, bias=bt, msk=mt):
                 return torchvision.ops.deform_conv2d(a, o, wgt, bias, padding=1, mask=msk)
-            err = float(np.abs(peer().cpu().numpy() - y).max())
+            err = float(np.abs(tv().cpu().numpy() - y).max())
             with torch.no_grad():
                 t.add(f"{name} {v} fwd", f"torchvision CUDA (max diff {err:.1e})",
-                      timeit(peer, sync=ts), flops)
-            yt = peer(xl, ol, wl, bl, ml)
+                      timeit(tv, sync=ts), flops)
+            yt = tv(xl, ol, wl, bl, ml)
             t.add(f"{name} {v} bwd", "torchvision CUDA (autograd)",
                   timeit(lambda: torch.autograd.grad(yt, leaves, gt, retain_graph=True),
                          sync=ts), 2 * flops)

@@ -16,14 +16,13 @@ CUDA's differences from it are counted in the table. The Mbox/s column counts in
 second / 1e6.
 """
 import os
-import sys
 import tempfile
 
 import numpy as np
 
 import fastnorm
 from fastnorm._bench import (Table, bench_args, cuda_device, cuda_profile, finish, onnx_op,
-                             run_torchvision, timeit)
+                             run_torchvision, timeit, torchvision_cuda)
 
 IOU = 0.5
 SIZES = (1000, 10_000, 50_000, 100_000)
@@ -539,14 +538,9 @@ def cuda_tables(inputs):
         return []
     cupy, sync = dev
     t = Table(f"nms / batched_nms on CUDA, float32, IoU {IOU}", unit="Mbox/s")
-    try:
-        import torch
-        import torchvision
-        assert torch.cuda.is_available(), "torch sees no GPU"
-        ts = torch.cuda.synchronize
-    except Exception as e:
-        print("torchvision CUDA not timed:", type(e).__name__, e, file=sys.stderr)
-        torchvision = None
+    peer = torchvision_cuda()
+    if peer is not None:
+        torch, torchvision, ts = peer
     for case in CUDA_TARGETS:
         arrs = inputs[case]
         n = len(arrs[0])
@@ -558,7 +552,7 @@ def cuda_tables(inputs):
         assert np.array_equal(np.sort(ours), np.sort(cpu)), case     # the CPU's decisions
         t.add(f"{case} ({len(ours)} kept)", "fastnorm", timeit(fn, sync=sync, **_timer(n)), n)
         t.notes.append(f"{case}: " + cuda_profile(fn, sync))
-        if torchvision is not None:
+        if peer is not None:
             tt = [torch.as_tensor(a, device="cuda") for a in arrs]
             tfn = (lambda: torchvision.ops.batched_nms(*tt, IOU)) if len(tt) == 3 else \
                 (lambda: torchvision.ops.nms(*tt, IOU))

@@ -82,7 +82,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastnorm  # noqa: E402
 from fastnorm._bench import (Table, bench_args, copy_bandwidth, cuda_device,  # noqa: E402
                              cuda_profile, finish, onnx_op, run_torchvision, timeit,
-                             timeit_many)
+                             timeit_many, torchvision_cuda)
 
 
 def thread_times(fns, threads, rounds=4, repeat=3):
@@ -722,16 +722,11 @@ def cuda_tables(x, rois, g):
     if dev is None:
         return []
     cupy, sync = dev
-    try:
-        import collections
-        import torch
-        import torchvision
-        assert torch.cuda.is_available(), "torch sees no GPU"
-        ts = torch.cuda.synchronize
-    except Exception as e:  # torchvision CUDA not available
-        print("torchvision CUDA not timed:", type(e).__name__, e, file=sys.stderr)
-        torchvision = None
-    tvo = torchvision.ops if torchvision is not None else None
+    peer = torchvision_cuda()
+    tvo = None
+    if peer is not None:
+        torch, torchvision, ts = peer
+        tvo = torchvision.ops
     xp, rp = ps_workload()
     gp = np.random.default_rng(6).standard_normal((len(rp), xp.shape[1] // (PH * PW), PH, PW),
                                                   dtype=np.float32)
@@ -795,7 +790,7 @@ def cuda_tables(x, rois, g):
         boxes = [rt[rt[:, 0] == i, 1:] for i in range(feats[0].shape[0])]
         sizes = [IMAGE] * len(boxes)
         m = tvo.MultiScaleRoIAlign(names, PH, SR)
-        fm = lambda: m(collections.OrderedDict(zip(names, leaves)), boxes, sizes)  # noqa: E731
+        fm = lambda: m(dict(zip(names, leaves)), boxes, sizes)  # noqa: E731
         yt = fm()
         err = float(np.abs(yt.detach().cpu().numpy() - y).max())
         gt = torch.as_tensor(cupy.asnumpy(gm), device="cuda")

@@ -28,6 +28,20 @@ def cuda_device():
     return cupy, cupy.cuda.Device().synchronize
 
 
+def torchvision_cuda():
+    """``(torch, torchvision, torch.cuda.synchronize)`` when torch sees a GPU and torchvision
+    imports, else None (the CUDA tables' torchvision rows are left out, saying why)."""
+    try:
+        import torch
+        import torchvision
+        if not torch.cuda.is_available():
+            raise RuntimeError("torch sees no GPU")
+    except Exception as e:
+        print("torchvision CUDA not timed:", type(e).__name__, e, file=sys.stderr)
+        return None
+    return torch, torchvision, torch.cuda.synchronize
+
+
 def timeit(fn, *, repeat=11, min_time=0.1, sync=None):
     """Best (minimum) seconds per call of ``fn()`` over ``repeat`` samples, each looping until
     ``min_time``; ``sync`` (e.g. a CUDA synchronise) ends each sample. The minimum is the least

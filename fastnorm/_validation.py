@@ -6,6 +6,8 @@ names the argument and says what was expected and what came.
 import math
 import numbers
 
+import numpy as np
+
 from ._kernels import ANGLE_UNITS
 
 CPU_FLOATS = ("float32", "float64")
@@ -161,9 +163,13 @@ def rois(call, rois, ref, ref_name, N, width=4):
         raise TypeError(f"`rois` must have the dtype of `{ref_name}` ({ref.dtype}), "
                         f"got {rois.dtype}")
     if rois.shape[0]:
-        xp = call.xp
-        b = rois[:, 0]
-        if not bool(((b == xp.floor(b)) & (b >= 0) & (b < N)).all()):
+        if call.backend == "cuda":
+            from ._cuda.roi_ops import batch_indices_ok
+            ok = batch_indices_ok(rois, N)
+        else:
+            b = rois[:, 0]
+            ok = bool(((b == np.floor(b)) & (b >= 0) & (b < N)).all())
+        if not ok:
             raise ValueError(f"`rois` batch indices (column 0) must be integers in [0, {N}) "
                              f"(the batch size of `{ref_name}`)")
 

@@ -508,7 +508,8 @@ def test_roi_pool_deterministic_backward_syncs_and_kernels(rng):
     with emu.counting() as c:
         fastnorm.roi_pool_backward(G, R, x.shape, (5, 4), 0.5, x=X, deterministic=True)
     assert c.syncs == base.syncs
-    assert [k.split("::")[-1] for k in c.kernels] == ["pool_bwd_records<float>",
+    assert [k.split("::")[-1] for k in c.kernels] == ["rois_check<float>",
+                                                     "pool_bwd_records<float>",
                                                      "pool_bwd_gather<float>"]
     assert c.total("atomics") == 0
     for bad in (np.nan, 1e6):
@@ -915,6 +916,19 @@ def test_bad_batch_indices(backend):
     r4 = backend.asarray(np.zeros((1, 4), np.float32))
     with pytest.raises(ValueError, match="`rois`"):
         fastnorm.roi_align(x, [r4] * 3, 2)
+    # many RoIs, the bad one past the first 1024 (CUDA: the check's one block loops over them),
+    # axis-aligned and rotated (a row stride of 5 and of 6), in every dtype
+    for dtype in backend.floats:
+        dt = _dtype(dtype)
+        xd = backend.asarray(np.zeros((2, 1, 4, 4), dt))
+        for width, f in ((5, fastnorm.roi_align), (6, fastnorm.roi_align_rotated)):
+            many = np.zeros((2500, width), dt)
+            many[:, 0] = np.arange(2500) % 2
+            many[:, 3:5] = 1
+            assert f(xd, backend.asarray(many), 2).shape == (2500, 1, 2, 2)
+            many[2300, 0] = 2
+            with pytest.raises(ValueError, match="`rois`"):
+                f(xd, backend.asarray(many), 2)
 
 
 def test_bad_arguments(backend):
@@ -1701,7 +1715,8 @@ def test_multi_scale_roi_align_launches_per_level(rng):
         fastnorm.roi_align(F[0], R, 2)
     with emu.counting() as c:
         fastnorm.multi_scale_roi_align(F, R, 2, **kw)
-    assert [k.split("::")[-1] for k in c.kernels] == ["align_fwd<float>"] * 4
+    assert [k.split("::")[-1] for k in c.kernels] == ["rois_check<float>"] + \
+        ["align_fwd<float>"] * 4
     assert c.syncs == c0.syncs + 1
 
 
@@ -1839,7 +1854,7 @@ def test_forward_units_beyond_the_grid(rng, monkeypatch):
     with emu.counting() as c:
         y = fastnorm.roi_align(X, R, 3, 0.5, -1).get()
         yl = fastnorm.roi_align(XL, R, 3, 0.5, -1, channels_last=True).get()
-    assert [e.blocks for e in c.log] == [3, 3]
+    assert [e.blocks for e in c.log] == [1, 3] * 2        # the batch-index check, the forward
     np.testing.assert_array_equal(y, want)
     np.testing.assert_array_equal(yl, _nhwc(want))
 
@@ -1847,11 +1862,12 @@ def test_forward_units_beyond_the_grid(rng, monkeypatch):
 @pytest.mark.emulated
 def test_forward_launches_and_device_operations(rng):
     """Each forward is one launch and no other device operation or host synchronisation: the
-    7 operations and 1 synchronisation counted are the op layer's batch-index check
-    (_validation.py), the multi-scale forward adds the level mapping (_fpn_groups: 14
-    operations, 1 read-back of the level counts) and launches once per level with RoIs. Before
-    the per-RoI forward: roi_align (1, 8, 1), channels-last (1, 10, 1), multi-scale 4 levels
-    (4, 40, 2), channels-last (4, 48, 2). FPN P2 layout (7 x 7, sr 2): one block of 256 threads
+    other launch and the synchronisation counted are the op layer's batch-index check
+    (_validation.py: one rois_check launch, its flag read back; 7 array operations before it),
+    the multi-scale forward adds the level mapping (_fpn_groups: 21 operations, 1 read-back of
+    the level counts) and launches once per level with RoIs. Before the per-RoI forward:
+    roi_align (1, 8, 1), channels-last (1, 10, 1), multi-scale 4 levels (4, 40, 2),
+    channels-last (4, 48, 2). FPN P2 layout (7 x 7, sr 2): one block of 256 threads
     per (RoI, 21 channels), 32 channels when channels-last."""
     emu = pytest.importorskip("fastnorm._cuda.emulator")
     N, C, H, W, K = 2, 8, 20, 27, 6
@@ -1865,14 +1881,14 @@ def test_forward_launches_and_device_operations(rng):
     F, FL, MR = [emu.asarray(f) for f in feats], [emu.asarray(_nhwc(f)) for f in feats], \
         emu.asarray(mrois)
     ms = dict(spatial_scales=scales, sampling_ratio=2, **MS_KW)
-    calls = [(lambda: fastnorm.roi_align(X, R, 7, 0.25, 2), (1, 7, 1)),
-             (lambda: fastnorm.roi_align(XL, R, 7, 0.25, 2, channels_last=True), (1, 7, 1)),
-             (lambda: fastnorm.roi_align(X, R, 7, 0.25, 2, mode="max"), (1, 7, 1)),
-             (lambda: fastnorm.ps_roi_align(XP, R, 3, 0.25, 2), (1, 7, 1)),
-             (lambda: fastnorm.deform_roi_pool(X, R, OFF, 7, 0.25, 2, mask=MSK), (1, 7, 1)),
-             (lambda: fastnorm.multi_scale_roi_align(F, MR, 7, **ms), (4, 28, 2)),
+    calls = [(lambda: fastnorm.roi_align(X, R, 7, 0.25, 2), (2, 0, 1)),
+             (lambda: fastnorm.roi_align(XL, R, 7, 0.25, 2, channels_last=True), (2, 0, 1)),
+             (lambda: fastnorm.roi_align(X, R, 7, 0.25, 2, mode="max"), (2, 0, 1)),
+             (lambda: fastnorm.ps_roi_align(XP, R, 3, 0.25, 2), (2, 0, 1)),
+             (lambda: fastnorm.deform_roi_pool(X, R, OFF, 7, 0.25, 2, mask=MSK), (2, 0, 1)),
+             (lambda: fastnorm.multi_scale_roi_align(F, MR, 7, **ms), (5, 21, 2)),
              (lambda: fastnorm.multi_scale_roi_align(FL, MR, 7, channels_last=True, **ms),
-              (4, 28, 2))]
+              (5, 21, 2))]
     for i, (call, counts) in enumerate(calls):
         call()                                             # warm (module build)
         with emu.counting() as c:
@@ -1882,7 +1898,7 @@ def test_forward_launches_and_device_operations(rng):
     with emu.counting() as c:
         fastnorm.roi_align(X, R, 7, 0.25, 2)
         fastnorm.roi_align(XL, R, 7, 0.25, 2, channels_last=True)
-    assert [(e.blocks, e.threads) for e in c.log] == [(K, K * 256), (K, K * 256)]
+    assert [(e.blocks, e.threads) for e in c.log] == [(1, 32), (K, K * 256)] * 2
     # the launcher itself: one launch, nothing else
     from fastnorm._cuda import roi_ops as L, using
     with using(emu), emu.counting() as c:

@@ -881,5 +881,23 @@ __global__ void pool_bwd_gather(const T* __restrict__ dy, const i64* __restrict_
     }
 }
 
+// ------------------------------------------------------------------ argument check
+// ok[0] = 1 when every batch index rois[k * stride] (k < K) is an integer in [0, N) (NaN and
+// infinities are not), else 0: the RoI ops' validation in one launch of one block, instead of
+// an array operation per condition. The block's threads only ever write 1 to `bad`.
+template <typename T>
+__global__ void rois_check(const T* __restrict__ rois, i64 K, i64 stride, i64 N,
+                           int* __restrict__ ok) {
+    __shared__ int bad;
+    if (threadIdx.x == 0) bad = 0;
+    __syncthreads();
+    for (i64 k = threadIdx.x; k < K; k += blockDim.x) {
+        const double b = (double)load(rois + k * stride);
+        if (!(b == floor(b) && b >= 0.0 && b < (double)N)) bad = 1;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) ok[0] = !bad;
+}
+
 }  // namespace roi_ops
 }  // namespace fastnorm

@@ -12,7 +12,7 @@ from . import MAX_GRID, cdiv, ctype, cupy, function, i64, instantiate, launch, r
 _NS = "fastnorm::roi_ops::"
 _KERNELS = ("align_fwd", "align_bwd", "align_bwd_count", "align_bwd_records", "align_bwd_tile",
             "align_bwd_det", "deform_bwd_offmask", "pool_fwd", "pool_bwd", "pool_bwd_det",
-            "pool_bwd_records", "pool_bwd_gather")
+            "pool_bwd_records", "pool_bwd_gather", "rois_check")
 _EXPRS = tuple(e for k in _KERNELS for e in instantiate(_NS + k + "<{}>"))
 KIND_ALIGN, KIND_PS, KIND_DEFORM, KIND_ROTATED = 0, 1, 2, 3   # kernel family (KIND_* in roi_ops.cu)
 AVG = ROI_MODES["avg"]   # the RoIAlign mode of multi-scale RoIAlign and the PS / deformable kinds
@@ -45,6 +45,21 @@ def _params(K, N, C, CO, H, W, PH, PW, sr=0, kind=0, mode=0, aligned=0, has_offs
     return (i64(K), i64(N), i64(C), i64(CO), i64(H), i64(W), i32(PH), i32(PW), i32(sr),
             i32(kind), i32(mode), i32(aligned), i32(has_offset), i32(has_mask),
             np.float64(scale), np.float64(gamma), np.float64(angle_scale))
+
+
+CHECK_THREADS = 1024      # the one block of rois_check
+
+
+def batch_indices_ok(rois, N):
+    """Whether every batch index of ``rois`` (column 0 of a non-empty 2-D array) is an integer in
+    [0, N): one launch (rois_check) and one flag read back (a synchronisation)."""
+    cp = cupy()
+    rois = cp.ascontiguousarray(rois)                    # (a copy only when it is not)
+    ok = cp.empty(1, dtype=np.int32)                     # rois_check writes it
+    K = rois.shape[0]
+    run(_k("rois_check", rois.dtype), 1, min(CHECK_THREADS, cdiv(K, 32) * 32),
+        (rois, i64(K), i64(rois.shape[1]), i64(N), ok))
+    return bool(ok.get()[0])
 
 
 def _acc_dtype(dtype):

@@ -236,9 +236,10 @@ __device__ __forceinline__ i64 in_channel(const Params& p, i64 co, int ph, int p
 // (FWD_TABLE_BYTES), the block computes every sample's bilinear corners (offsets in x, already
 // multiplied by the pixel stride) and weights once into shared memory and each thread sums its
 // outputs' bins from it; otherwise each thread walks its bins' samples from the shared geometry.
-// Layouts: NCHW, or NHWC (channels_last: x (N, H, W, C), out (K, PH, PW, CO)). `index` (when
-// has_index): the RoIs of this launch, p.K of them, are rois[index[j]] and write out row
-// index[j] (multi-scale RoIAlign: one launch per level, no gather/scatter). Index arithmetic in
+// Layouts: NCHW, or NHWC (channels_last: x (N, H, W, C), out (K, PH, PW, CO)). `level` >= 0
+// (multi-scale RoIAlign: one launch per level, no gather, scatter or read-back): a unit whose
+// RoI k has lev[k] != level is skipped, whole blocks at once, except that the level-0 launch
+// writes zeros for the RoIs of level nlev (pooled nowhere, fpn_levels). Index arithmetic in
 // I: int when every index of x and out fits (idx32, chosen by the launcher), else 64 bits.
 // Per output, the values computed and the order of the sums are those of the one-thread-per-
 // output kernel align_fwd_thread (kept as the reference): the results are bitwise identical.
@@ -248,8 +249,8 @@ __device__ __forceinline__ i64 in_channel(const Params& p, i64 co, int ph, int p
 template <typename T, typename A, typename I>
 __device__ void align_fwd_units(const T* __restrict__ x, const T* __restrict__ rois,
                                 const T* __restrict__ offset, const T* __restrict__ mask,
-                                const i64* __restrict__ index, T* __restrict__ out,
-                                bool has_index, bool cl, I cb, const Params& p, Geo<A>& sg,
+                                const i64* __restrict__ lev, T* __restrict__ out, int level,
+                                int nlev, bool cl, I cb, const Params& p, Geo<A>& sg,
                                 int& sok, unsigned char* tab) {
     // the table: cap entries of 4 weights, then cap entries of 4 offsets (-1 first: off the map)
     const int cap = FWD_TABLE_BYTES / (4 * int(sizeof(A) + sizeof(I)));
@@ -261,8 +262,10 @@ __device__ void align_fwd_units(const T* __restrict__ x, const T* __restrict__ r
     const I nchunk = (CO + cb - 1) / cb, units = I(p.K) * nchunk;
     for (i64 uu = blockIdx.x; uu < units; uu += gridDim.x) {   // (u + gridDim.x may pass 2**31)
         const I u = I(uu), c0 = (u % nchunk) * cb, nc = CO - c0 < cb ? CO - c0 : cb;
-        const I k = has_index ? I(index[u / nchunk]) : u / nchunk;
-        if (threadIdx.x == 0) sok = roi_geometry<T, A>(rois, p, k, sg);
+        const I k = u / nchunk;
+        const bool mine = level < 0 || lev[k] == level;
+        if (!mine && !(level == 0 && lev[k] == nlev)) continue;   // (the whole block)
+        if (threadIdx.x == 0) sok = mine && roi_geometry<T, A>(rois, p, k, sg);
         __syncthreads();
         const bool ok = sok;
         Geo<A> g;
@@ -330,19 +333,19 @@ __device__ void align_fwd_units(const T* __restrict__ x, const T* __restrict__ r
 template <typename T>
 __global__ void __launch_bounds__(FWD_THREADS)
 align_fwd(const T* __restrict__ x, const T* __restrict__ rois, const T* __restrict__ offset,
-          const T* __restrict__ mask, const i64* __restrict__ index, T* __restrict__ out,
-          int has_index, int channels_last, int cb, int idx32, PARAM_ARGS) {
+          const T* __restrict__ mask, const i64* __restrict__ lev, T* __restrict__ out,
+          int level, int nlev, int channels_last, int cb, int idx32, PARAM_ARGS) {
     PARAM_INIT;
     typedef typename acc<T>::type A;
     __shared__ Geo<A> sg;
     __shared__ int sok;
     __shared__ double tab[FWD_TABLE_BYTES / sizeof(double)];     // (8-byte aligned)
     if (idx32)
-        align_fwd_units<T, A, int>(x, rois, offset, mask, index, out, has_index != 0,
+        align_fwd_units<T, A, int>(x, rois, offset, mask, lev, out, level, nlev,
                                    channels_last != 0, cb, p, sg, sok,
                                    reinterpret_cast<unsigned char*>(tab));
     else
-        align_fwd_units<T, A, i64>(x, rois, offset, mask, index, out, has_index != 0,
+        align_fwd_units<T, A, i64>(x, rois, offset, mask, lev, out, level, nlev,
                                    channels_last != 0, (i64)cb, p, sg, sok,
                                    reinterpret_cast<unsigned char*>(tab));
 }
@@ -878,6 +881,26 @@ __global__ void pool_bwd_gather(const T* __restrict__ dy, const i64* __restrict_
         A v = A(0);
         for (; a < R && skey[a] < hi; ++a) v += load(dy + (skey[a] - lo));
         store(gx + e, v);
+    }
+}
+
+// ------------------------------------------------------------------ multi-scale levels
+// torchvision's LevelMapper per RoI, as fastnorm._cpu.roi_ops._fpn_levels computes it (the
+// compute type, sqrt and log2 in double rounded to it): lev[k] = floor(lvl0 + log2(sqrt(area)
+// / s0) + 1e-6) clamped to [kmin, kmin + L - 1], minus kmin; L for a NaN level (a non-finite
+// coordinate or a negative area: pooled on no level).
+template <typename T>
+__global__ void fpn_levels(const T* __restrict__ rois, i64 K, double s0, double lvl0,
+                           double kmin, int L, i64* __restrict__ lev) {
+    typedef typename acc<T>::type A;
+    for (i64 k = blockIdx.x * (i64)blockDim.x + threadIdx.x; k < K;
+         k += (i64)blockDim.x * gridDim.x) {
+        const T* r = rois + 5 * k;
+        const A area = (load(r + 3) - load(r + 1)) * (load(r + 4) - load(r + 2));
+        const A q = A(sqrt((double)area)) / A(s0);
+        const A v = A(A(lvl0) + A(log2((double)q))) + A(1e-6);
+        const double l = floor((double)v);
+        lev[k] = l != l ? L : l <= kmin ? 0 : l >= kmin + (L - 1) ? L - 1 : i64(l - kmin);
     }
 }
 

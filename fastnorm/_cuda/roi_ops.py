@@ -12,7 +12,7 @@ from . import MAX_GRID, cdiv, ctype, cupy, function, i64, instantiate, launch, r
 _NS = "fastnorm::roi_ops::"
 _KERNELS = ("align_fwd", "align_bwd", "align_bwd_count", "align_bwd_records", "align_bwd_tile",
             "align_bwd_det", "deform_bwd_offmask", "pool_fwd", "pool_bwd", "pool_bwd_det",
-            "pool_bwd_records", "pool_bwd_gather", "rois_check")
+            "pool_bwd_records", "pool_bwd_gather", "rois_check", "fpn_levels")
 _EXPRS = tuple(e for k in _KERNELS for e in instantiate(_NS + k + "<{}>"))
 KIND_ALIGN, KIND_PS, KIND_DEFORM, KIND_ROTATED = 0, 1, 2, 3   # kernel family (KIND_* in roi_ops.cu)
 AVG = ROI_MODES["avg"]   # the RoIAlign mode of multi-scale RoIAlign and the PS / deformable kinds
@@ -92,36 +92,40 @@ _EXPRS += tuple(instantiate(_NS + "align_fwd_thread<{}>"))
 
 
 def _align_forward(x, rois, offset, mask, PH, PW, CO, prm, *, channels_last=False, out=None,
-                   index=None):
+                   level=None):
     """align_fwd on x (NCHW, or NHWC when channels_last) into a new (K, CO, PH, PW) array (NHWC:
-    (K, PH, PW, CO)), or, with ``index`` (int64 RoI rows), into those rows of ``out``, reading
-    those rows of ``rois``; prm() gives the kernel's parameters (its K: the RoIs launched).
-    No device operation besides the launch (absent arguments are empty arrays: NULL)."""
+    (K, PH, PW, CO)), or, with ``level`` = (lev, l, L) (a multi-scale level's launch: lev the
+    RoIs' levels from fpn_levels), into the rows of ``out`` whose RoIs have level l (l = 0
+    also writes zeros into the rows of level L); prm() gives the kernel's parameters (its K:
+    the RoIs launched). No device operation besides the launch (absent arguments are empty
+    arrays: NULL)."""
     cp = cupy()
     if out is None:
         K = rois.shape[0]
         out = cp.empty((K, PH, PW, CO) if channels_last else (K, CO, PH, PW), dtype=x.dtype)
         if out.size == 0:
             return out
+    lev, lvl, L = level if level is not None else (cp.empty(0, dtype=cp.int64), -1, 0)
     if x.size == 0:                       # an empty map (N, C > 0 here): every output is 0
-        if index is None:
+        if level is None:
             out[...] = 0
         else:
-            out[index] = 0
+            rows = (lev == lvl) | ((lev == L) if lvl == 0 else False)
+            out[...] = cp.where(rows.reshape((-1,) + (1,) * (out.ndim - 1)), 0, out)
         return out
     nb = PH * PW
     cb = min(CO, cdiv(FWD_OUTPUTS, nb))
     if channels_last and cb < CO:         # whole warps of channels
         cb = min(CO, cdiv(cb, 32) * 32)
-    K = rois.shape[0] if index is None else index.size
+    K = rois.shape[0]
     units = K * cdiv(CO, cb)
     threads = min(FWD_THREADS, cdiv(cb * nb, 32) * 32)
-    none, noidx = cp.empty(0, dtype=x.dtype), cp.empty(0, dtype=cp.int64)
+    none = cp.empty(0, dtype=x.dtype)
     idx32 = max(x.size, out.size) <= INDEX32_MAX
     run(_k("align_fwd", x.dtype), min(units, MAX_GRID[0]), threads,
-        (x, rois, none if offset is None else offset, none if mask is None else mask,
-         noidx if index is None else index, out, np.int32(index is not None),
-         np.int32(channels_last), np.int32(cb), np.int32(idx32)) + prm(K))
+        (x, rois, none if offset is None else offset, none if mask is None else mask, lev, out,
+         np.int32(lvl), np.int32(L), np.int32(channels_last), np.int32(cb), np.int32(idx32))
+        + prm(K))
     return out
 
 
@@ -226,8 +230,8 @@ def roi_align_forward(x, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio
 
 
 def _roi_align(x, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, mode,
-               channels_last, out=None, index=None):
-    """RoIAlign forward (out, index: a multi-scale level's launch, see _align_forward). The
+               channels_last, out=None, level=None):
+    """RoIAlign forward (out, level: a multi-scale level's launch, see _align_forward). The
     kernel reads and writes channels-last arrays as they lie."""
     N, H, W, C = x.shape if channels_last else (x.shape[i] for i in (0, 2, 3, 1))
 
@@ -235,7 +239,7 @@ def _roi_align(x, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, align
         return _params(K, N, C, C, H, W, pooled_h, pooled_w, sampling_ratio, KIND_ALIGN, mode,
                        int(aligned), scale=spatial_scale)
     return _align_forward(x, rois, None, None, pooled_h, pooled_w, C, prm,
-                          channels_last=channels_last, out=out, index=index)
+                          channels_last=channels_last, out=out, level=level)
 
 
 def roi_align_backward(grad_out, rois, x, input_shape, pooled_h, pooled_w, spatial_scale,
@@ -268,22 +272,23 @@ def roi_align_rotated_backward(grad_out, rois, input_shape, pooled_h, pooled_w, 
     return _align_backward(grad_out, None, rois, None, None, N, C, H, W, prm, deterministic)
 
 
-def _fpn_groups(cp, rois, L, level_min, canonical_scale, canonical_level):
-    """torchvision's LevelMapper, as fastnorm._cpu.roi_ops computes it: ``floor(lvl0 +
-    log2(sqrt(area) / s0) + 1e-6)`` in the RoIs' dtype (float32 for half types, whose areas
-    overflow), clamped to the levels; a NaN level (a non-finite coordinate or a negative area)
-    gives L, pooled nowhere. Returns (order, bounds): the RoI indices grouped by level, in RoI
-    order within a level (unique sort keys), and the group bounds on the host -- the per-level
-    launches need their sizes: one read-back of L + 2 integers."""
+def _fpn_levels(cp, rois, L, level_min, canonical_scale, canonical_level):
+    """Each RoI's level (fpn_levels: torchvision's LevelMapper, as fastnorm._cpu.roi_ops
+    computes it; L for a NaN level, pooled nowhere), an int64 device array: one launch."""
     K = rois.shape[0]
-    r = rois if rois.dtype in (np.float32, np.float64) else rois.astype(np.float32)
-    dt = r.dtype.type
-    with np.errstate(all="ignore"):       # the emulator's NumPy warns on sqrt(-1), log2(0)
-        area = (r[:, 3] - r[:, 1]) * (r[:, 4] - r[:, 2])
-        lev = cp.floor(dt(canonical_level) + cp.log2(cp.sqrt(area) / dt(canonical_scale))
-                       + dt(1e-6))
-        lev = cp.clip(lev, dt(level_min), dt(level_min + L - 1)) - dt(level_min)
-        lev = cp.nan_to_num(lev, nan=L).astype(cp.int64)
+    lev = cp.empty(K, dtype=cp.int64)                    # fpn_levels writes every entry
+    launch(_k("fpn_levels", rois.dtype), K,
+           (rois, i64(K), np.float64(canonical_scale), np.float64(canonical_level),
+            np.float64(level_min), np.int32(L), lev))
+    return lev
+
+
+def _fpn_groups(cp, rois, L, level_min, canonical_scale, canonical_level):
+    """(order, bounds): the RoI indices grouped by level (_fpn_levels), in RoI order within a
+    level (unique sort keys), and the group bounds on the host -- one read-back of L + 2
+    integers."""
+    K = rois.shape[0]
+    lev = _fpn_levels(cp, rois, L, level_min, canonical_scale, canonical_level)
     order = cp.argsort(lev * K + cp.arange(K, dtype=cp.int64))
     bounds = cp.zeros(L + 2, dtype=cp.int64)
     bounds[1:] = cp.cumsum(cp.bincount(lev, minlength=L + 1))
@@ -293,8 +298,9 @@ def _fpn_groups(cp, rois, L, level_min, canonical_scale, canonical_level):
 def multi_scale_roi_align_forward(features, rois, pooled_h, pooled_w, spatial_scales, level_min,
                                   canonical_scale, canonical_level, sampling_ratio, aligned,
                                   channels_last, nthreads):
-    """One RoIAlign launch per level that has RoIs, on that level's RoI indices: it
-    reads those rows of `rois` and writes those rows of the result (no gather, no scatter)."""
+    """The RoIs' levels (one launch), then one RoIAlign launch per level over all the RoIs,
+    each pooling those of its level into their rows of the result: no gather, scatter or
+    read-back."""
     cp = cupy()
     L, K = len(features), rois.shape[0]
     if L == 1:                            # no level mapping (torchvision pools every RoI there)
@@ -306,17 +312,10 @@ def multi_scale_roi_align_forward(features, rois, pooled_h, pooled_w, spatial_sc
                    dtype=x0.dtype)
     if out.size == 0:
         return out
-    order, bounds = _fpn_groups(cp, rois, L, level_min, canonical_scale, canonical_level)
-    for lvl in range(L + 1):
-        a, b = bounds[lvl], bounds[lvl + 1]
-        if a == b:
-            continue
-        idx = order[a:b]
-        if lvl == L:
-            out[idx] = 0
-        else:
-            _roi_align(features[lvl], rois, pooled_h, pooled_w, spatial_scales[lvl],
-                       sampling_ratio, aligned, AVG, channels_last, out=out, index=idx)
+    lev = _fpn_levels(cp, rois, L, level_min, canonical_scale, canonical_level)
+    for lvl in range(L):
+        _roi_align(features[lvl], rois, pooled_h, pooled_w, spatial_scales[lvl], sampling_ratio,
+                   aligned, AVG, channels_last, out=out, level=(lev, lvl, L))
     return out
 
 

@@ -1706,7 +1706,8 @@ def test_multi_scale_roi_align_deterministic_cuda(cuda_backend, rng):
 @pytest.mark.emulated
 def test_multi_scale_roi_align_launches_per_level(rng):
     """CUDA: the batch-index check, the levels (fpn_levels), one roi_align launch per level over
-    all the RoIs, and nothing else: no device operation, no read-back besides the check's."""
+    all the RoIs, and nothing else: no device operation, no read-back besides the check's. The
+    atomic backward likewise (one align_bwd per level; its gradients' zero fills besides)."""
     emu = pytest.importorskip("fastnorm._cuda.emulator")
     feats, rois, scales = _ms_case(rng, "float32", K=40)
     F, R = [emu.asarray(f) for f in feats], emu.asarray(rois)
@@ -1719,6 +1720,13 @@ def test_multi_scale_roi_align_launches_per_level(rng):
                                                      "fpn_levels<float>"] + \
         ["align_fwd<float>"] * 4
     assert c.syncs == c0.syncs and c.ops == c0.ops == 0
+    g = emu.asarray(rng.standard_normal((40, feats[0].shape[1], 2, 2)).astype(np.float32))
+    with emu.counting() as c:
+        fastnorm.multi_scale_roi_align_backward(g, R, [f.shape for f in feats], 2, **kw)
+    assert [k.split("::")[-1] for k in c.kernels] == ["rois_check<float>",
+                                                     "fpn_levels<float>"] + \
+        ["align_bwd<float>"] * 4
+    assert c.syncs == c0.syncs
 
 
 # ---------------------------------------------------------------- the CUDA forward (align_fwd)

@@ -415,11 +415,14 @@ __device__ void bin_scatter(const T* xplane, const Geo<A>& g, int ph, int pw, A 
                       });
 }
 
+// The atomic backward: one thread per output (RoI, channel, bin) scatters its gradient.
+// `level` >= 0 (multi-scale RoIAlign: one launch per level's map): only the RoIs k with
+// lev[k] == level (fpn_levels).
 template <typename T>
 __global__ void align_bwd(const T* __restrict__ dy, const T* __restrict__ x,
                           const T* __restrict__ rois, const T* __restrict__ offset,
                           const T* __restrict__ mask, typename acc<T>::type* __restrict__ gx,
-                          PARAM_ARGS) {
+                          const i64* __restrict__ lev, int level, PARAM_ARGS) {
     PARAM_INIT;
     typedef typename acc<T>::type A;
     const i64 total = p.K * p.CO * p.PH * p.PW;
@@ -427,6 +430,7 @@ __global__ void align_bwd(const T* __restrict__ dy, const T* __restrict__ x,
          i += (i64)blockDim.x * gridDim.x) {
         const int pw = int(i % p.PW), ph = int((i / p.PW) % p.PH);
         const i64 co = (i / ((i64)p.PW * p.PH)) % p.CO, k = i / ((i64)p.PW * p.PH * p.CO);
+        if (level >= 0 && lev[k] != level) continue;      // multi-scale: another level's RoI
         Geo<A> g;
         A sy, sx;
         if (!bin_geom<T, A>(rois, offset, p, k, ph, pw, g, sy, sx)) continue;

@@ -141,7 +141,9 @@ def _align_forward_thread(x, rois, offset, mask, PH, PW, CO, prm):
     return out
 
 
-def _align_backward(dy, x, rois, offset, mask, N, C, H, W, prm, deterministic):
+def _align_backward(dy, x, rois, offset, mask, N, C, H, W, prm, deterministic, level=None):
+    """grad_x (N, C, H, W) of the RoIAlign kinds (NCHW). ``level`` = (lev, l): a multi-scale
+    level's atomic backward over all the RoIs, those of level l only (not deterministic)."""
     cp = cupy()
     dtype = dy.dtype
     if N * C * H * W == 0 or rois.shape[0] == 0:
@@ -161,7 +163,9 @@ def _align_backward(dy, x, rois, offset, mask, N, C, H, W, prm, deterministic):
         launch(_k("align_bwd_det", dtype), N * C * nrb,
                (dy, xa, rois, off, msk, order, seg, gacc, np.int32(RB)) + prm())
     else:
-        launch(_k("align_bwd", dtype), dy.size, (dy, xa, rois, off, msk, gacc) + prm())
+        lev, lvl = level if level is not None else (cp.empty(0, dtype=cp.int64), -1)
+        launch(_k("align_bwd", dtype), dy.size,
+               (dy, xa, rois, off, msk, gacc, lev, np.int32(lvl)) + prm())
     return gacc.astype(dtype, copy=False)
 
 
@@ -323,7 +327,9 @@ def multi_scale_roi_align_backward(grad_out, rois, input_shapes, pooled_h, poole
                                    spatial_scales, level_min, canonical_scale, canonical_level,
                                    sampling_ratio, aligned, channels_last, deterministic,
                                    nthreads):
-    """Each level's grad_out rows (gathered) through roi_align_backward."""
+    """Atomic: the RoIs' levels (one launch), then one align_bwd launch per level over all the
+    RoIs, each scattering those of its level (no gather, no read-back). Deterministic: each
+    level's grad_out rows gathered (the grouping read back) through roi_align_backward."""
     cp = cupy()
     L, K = len(input_shapes), rois.shape[0]
     if L == 1:
@@ -332,6 +338,19 @@ def multi_scale_roi_align_backward(grad_out, rois, input_shapes, pooled_h, poole
                                    deterministic, nthreads)]
     if K == 0:
         return [cp.zeros(s, dtype=grad_out.dtype) for s in input_shapes]
+    if not deterministic:
+        lev = _fpn_levels(cp, rois, L, level_min, canonical_scale, canonical_level)
+        dy = _nchw(cp, grad_out, channels_last)
+        grads = []
+        for lvl, shape in enumerate(input_shapes):
+            N, C, H, W = (shape[i] for i in ((0, 3, 1, 2) if channels_last else range(4)))
+            prm = functools.partial(_params, K, N, C, C, H, W, pooled_h, pooled_w,
+                                    sampling_ratio, KIND_ALIGN, AVG, int(aligned),
+                                    scale=spatial_scales[lvl])
+            gx = _align_backward(dy, None, rois, None, None, N, C, H, W, prm, False,
+                                 level=(lev, lvl))
+            grads.append(_nhwc(cp, gx, channels_last))
+        return grads
     order, bounds = _fpn_groups(cp, rois, L, level_min, canonical_scale, canonical_level)
     grads = []
     for lvl in range(L):
@@ -344,7 +363,7 @@ def multi_scale_roi_align_backward(grad_out, rois, input_shapes, pooled_h, poole
                                         cp.ascontiguousarray(rois[idx]), None,
                                         input_shapes[lvl], pooled_h, pooled_w,
                                         spatial_scales[lvl], sampling_ratio, aligned, AVG,
-                                        channels_last, deterministic, nthreads))
+                                        channels_last, True, nthreads))
     return grads
 
 

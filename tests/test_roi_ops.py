@@ -1732,8 +1732,9 @@ def test_multi_scale_roi_align_launches_per_level(rng):
 # ---------------------------------------------------------------- the CUDA forward (align_fwd)
 # align_fwd: one block per (RoI, block of channels), the RoI's geometry and sample table in
 # shared memory, 32-bit indices where they fit, channels-last and the multi-scale levels' RoI
-# rows handled in the kernel. Its results must be bitwise those of the previous forward, one
-# thread per output (align_fwd_thread, kept in roi_ops.cu as the reference).
+# rows handled in the kernel. Its results must be those of the previous forward, one thread per
+# output (align_fwd_thread, kept in roi_ops.cu as the reference): bitwise on the emulator, within
+# roundings on a GPU (FMA contraction).
 
 def _previous_forward(x, rois, offset, mask, PH, PW, CO, prm, *, channels_last=False, out=None,
                       level=None):
@@ -1883,8 +1884,8 @@ def test_forward_launches_and_device_operations(rng):
     the multi-scale forward adds the level mapping (one fpn_levels launch; before it, 21
     operations and a read-back of the level counts) and launches once per level over all the
     RoIs. Before the per-RoI forward: roi_align (1, 8, 1), channels-last (1, 10, 1),
-    multi-scale 4 levels (4, 40, 2), channels-last (4, 48, 2). FPN P2 layout (7 x 7, sr 2): one block of 256 threads
-    per (RoI, 21 channels), 32 channels when channels-last."""
+    multi-scale 4 levels (4, 40, 2), channels-last (4, 48, 2). FPN P2 layout (7 x 7, sr 2):
+    one block of 256 threads per (RoI, 21 channels), 32 channels when channels-last."""
     emu = pytest.importorskip("fastnorm._cuda.emulator")
     N, C, H, W, K = 2, 8, 20, 27, 6
     x = rng.standard_normal((N, C, H, W)).astype(np.float32)

@@ -242,7 +242,9 @@ __device__ __forceinline__ i64 in_channel(const Params& p, i64 co, int ph, int p
 // writes zeros for the RoIs of level nlev (pooled nowhere, fpn_levels). Index arithmetic in
 // I: int when every index of x and out fits (idx32, chosen by the launcher), else 64 bits.
 // Per output, the values computed and the order of the sums are those of the one-thread-per-
-// output kernel align_fwd_thread (kept as the reference): the results are bitwise identical.
+// output kernel align_fwd_thread (kept as the reference): bitwise identical results where every
+// operation rounds on its own (the emulator); on a GPU, NVRTC's FMA contraction can differ
+// between the two by a rounding (seen: 2 ulp of a float64 output on an H100).
 #define FWD_THREADS 256
 #define FWD_TABLE_BYTES 16384
 
@@ -351,7 +353,7 @@ align_fwd(const T* __restrict__ x, const T* __restrict__ rois, const T* __restri
 }
 
 // The previous forward, one thread per output element recomputing its RoI's geometry: the
-// bitwise reference of align_fwd (tests), NCHW only.
+// reference of align_fwd (tests; bitwise on the emulator), NCHW only.
 template <typename T>
 __global__ void align_fwd_thread(const T* __restrict__ x, const T* __restrict__ rois,
                                  const T* __restrict__ offset, const T* __restrict__ mask,

@@ -87,7 +87,7 @@ def _dummy(cp, dtype):
 # index into x and out (and a block's stride past the last) is at most INDEX32_MAX.
 FWD_THREADS, FWD_TABLE_BYTES, FWD_OUTPUTS = 256, 16384, 1024
 INDEX32_MAX = 2**31 - 1 - FWD_THREADS
-# align_fwd_thread: the previous forward (one thread per output), the bitwise reference (tests)
+# align_fwd_thread: the previous forward (one thread per output), the reference (tests)
 _EXPRS += tuple(instantiate(_NS + "align_fwd_thread<{}>"))
 
 
@@ -130,8 +130,8 @@ def _align_forward(x, rois, offset, mask, PH, PW, CO, prm, *, channels_last=Fals
 
 
 def _align_forward_thread(x, rois, offset, mask, PH, PW, CO, prm):
-    """The previous forward (align_fwd_thread: one thread per output, NCHW): the bitwise
-    reference of align_fwd in the tests."""
+    """The previous forward (align_fwd_thread: one thread per output, NCHW): the reference of
+    align_fwd in the tests (bitwise on the emulator)."""
     cp = cupy()
     out = cp.zeros((rois.shape[0], CO, PH, PW), dtype=x.dtype)
     d = _dummy(cp, x.dtype)

@@ -249,12 +249,21 @@ def _roi_align(x, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, align
 def roi_align_backward(grad_out, rois, x, input_shape, pooled_h, pooled_w, spatial_scale,
                        sampling_ratio, aligned, mode, channels_last, deterministic, nthreads):
     cp = cupy()
+    return _roi_align_backward(_nchw(cp, grad_out, channels_last),
+                               None if x is None else _nchw(cp, x, channels_last), rois,
+                               input_shape, pooled_h, pooled_w, spatial_scale, sampling_ratio,
+                               aligned, mode, channels_last, deterministic)
+
+
+def _roi_align_backward(dy, x, rois, input_shape, pooled_h, pooled_w, spatial_scale,
+                        sampling_ratio, aligned, mode, channels_last, deterministic, level=None):
+    """roi_align_backward with grad_out (dy) and x already NCHW (``level``: a multi-scale
+    level's launch, see _align_backward); grad_x in the layout of ``input_shape``."""
+    cp = cupy()
     N, C, H, W = (input_shape[i] for i in ((0, 3, 1, 2) if channels_last else range(4)))
     prm = functools.partial(_params, rois.shape[0], N, C, C, H, W, pooled_h, pooled_w,
                             sampling_ratio, KIND_ALIGN, mode, int(aligned), scale=spatial_scale)
-    gx = _align_backward(_nchw(cp, grad_out, channels_last), None if x is None else
-                         _nchw(cp, x, channels_last), rois, None, None, N, C, H, W, prm,
-                         deterministic)
+    gx = _align_backward(dy, x, rois, None, None, N, C, H, W, prm, deterministic, level)
     return _nhwc(cp, gx, channels_last)
 
 
@@ -340,17 +349,11 @@ def multi_scale_roi_align_backward(grad_out, rois, input_shapes, pooled_h, poole
         return [cp.zeros(s, dtype=grad_out.dtype) for s in input_shapes]
     if not deterministic:
         lev = _fpn_levels(cp, rois, L, level_min, canonical_scale, canonical_level)
-        dy = _nchw(cp, grad_out, channels_last)
-        grads = []
-        for lvl, shape in enumerate(input_shapes):
-            N, C, H, W = (shape[i] for i in ((0, 3, 1, 2) if channels_last else range(4)))
-            prm = functools.partial(_params, K, N, C, C, H, W, pooled_h, pooled_w,
-                                    sampling_ratio, KIND_ALIGN, AVG, int(aligned),
-                                    scale=spatial_scales[lvl])
-            gx = _align_backward(dy, None, rois, None, None, N, C, H, W, prm, False,
-                                 level=(lev, lvl))
-            grads.append(_nhwc(cp, gx, channels_last))
-        return grads
+        dy = _nchw(cp, grad_out, channels_last)                  # once for every level
+        return [_roi_align_backward(dy, None, rois, shape, pooled_h, pooled_w,
+                                    spatial_scales[lvl], sampling_ratio, aligned, AVG,
+                                    channels_last, False, level=(lev, lvl))
+                for lvl, shape in enumerate(input_shapes)]
     order, bounds = _fpn_groups(cp, rois, L, level_min, canonical_scale, canonical_level)
     grads = []
     for lvl in range(L):
